@@ -1,0 +1,1 @@
+"""gpuflow: MiniFlow graphs on any array-API backend."""
