@@ -1,1 +1,23 @@
-"""gpuflow: MiniFlow graphs on any array-API backend."""
+"""gpuflow: MiniFlow's graph of nodes, on NumPy, CuPy, PyTorch or any array-API library.
+
+    from gpuflow import *
+    X, W, b = Input(), Input(), Input()
+    graph = topological_sort({X: x, W: w, b: b0}, device="cpu")   # or "cuda", "auto", ...
+
+`import gpuflow` never imports CuPy or torch: a backend is loaded when its device is asked for.
+"""
+
+from .backends import Device, LEDGER, available_devices, get_device
+from .errors import (CheckpointError, DataError, DeviceError, GpuflowError, GraphError,
+                     TransferError)
+from .graph import (SortedGraph, forward_and_backward, forward_pass, sgd_update,
+                    topological_sort)
+from .nodes import MSE, Input, Linear, Node, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
+    "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
+    "get_device", "available_devices", "Device", "DeviceError", "GraphError",
+]

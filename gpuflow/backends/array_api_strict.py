@@ -1,0 +1,70 @@
+"""array_api_strict: a CPU library that allows only the array API standard.
+
+It has three devices, 'CPU_DEVICE', 'device1' and 'device2', and refuses to combine arrays from two
+of them or to hand a non-CPU array to NumPy: the test suite uses 'device1' to catch code that
+calls a non-standard function or creates an array on the wrong device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import DeviceError
+from . import Device, missing_library
+
+EXAMPLE_SPECS = ("array_api_strict", "array_api_strict:device1")
+import_problem = missing_library("array_api_strict")
+_NAMES = {"": "CPU_DEVICE", "cpu": "CPU_DEVICE", "cpu_device": "CPU_DEVICE",
+          "device1": "device1", "device2": "device2"}
+
+
+class StrictDevice(Device):
+    """One of array_api_strict's devices."""
+
+    backend = "array_api_strict"
+
+    def __init__(self, name: str, xp: Any, native: Any) -> None:
+        super().__init__(name, xp, native)
+        # Only CPU_DEVICE arrays convert to NumPy; the others count as real transfers.
+        self.is_host = False
+
+    def owns(self, value: Any) -> bool:
+        return _is_strict_array(value) and value.device == self.native
+
+    def describe(self) -> str:
+        return f"array_api_strict {self.xp.__version__}, {self.native}"
+
+    def _put(self, host: Any, dtype: Any) -> Any:
+        return self.xp.asarray(host, dtype=dtype, device=self.native)
+
+    def _to_host(self, value: Any) -> Any:
+        import numpy
+        return numpy.asarray(value.to_device(self.xp.Device("CPU_DEVICE")))
+
+
+def make_device(rest: str, spec: str) -> StrictDevice:
+    """'array_api_strict', 'array_api_strict:device1' or ':device2'."""
+    import array_api_strict
+    native = _NAMES.get(rest.lower())
+    if native is None:
+        raise DeviceError(f"unknown device spec {spec!r}: array_api_strict has the devices "
+                          "CPU_DEVICE, device1 and device2.\n"
+                          "help: pass 'array_api_strict' or 'array_api_strict:device1'.")
+    name = "array_api_strict" if native == "CPU_DEVICE" else f"array_api_strict:{native}"
+    return StrictDevice(name, array_api_strict, array_api_strict.Device(native))
+
+
+def candidate_specs() -> list[str]:
+    return ["array_api_strict", "array_api_strict:device1", "array_api_strict:device2"]
+
+
+def array_device_name(value: Any) -> str | None:
+    """The spec of an array_api_strict array's device, None for anything else."""
+    if not _is_strict_array(value):
+        return None
+    native = str(getattr(value.device, "_device", value.device))
+    return "array_api_strict" if "CPU_DEVICE" in native else f"array_api_strict:{native}"
+
+
+def _is_strict_array(value: Any) -> bool:
+    return type(value).__module__.startswith("array_api_strict")

@@ -1,0 +1,92 @@
+"""CuPy on NVIDIA GPUs: the 'cuda', 'cuda:N', 'cupy' and 'cupy:N' devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import DeviceError
+from . import Device, missing_library
+
+EXAMPLE_SPECS = ("cuda:0",)
+import_problem = missing_library("cupy")
+
+
+class CupyDevice(Device):
+    """One CUDA GPU, through CuPy."""
+
+    backend = "cupy"
+    is_gpu = True
+    is_host = False
+
+    def __init__(self, name: str, xp: Any, index: int) -> None:
+        import cupy
+        super().__init__(name, xp, cupy.cuda.Device(index))
+        self.index = index
+        self._cupy = cupy
+
+    def owns(self, value: Any) -> bool:
+        return isinstance(value, self._cupy.ndarray) and value.device.id == self.index
+
+    def scope(self) -> Any:
+        return self.native  # cupy.cuda.Device is a context manager that makes it current
+
+    def describe(self) -> str:
+        cupy = self._cupy
+        props = cupy.cuda.runtime.getDeviceProperties(self.index)
+        gpu = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        free, total = self.native.mem_info
+        cuda = cupy.cuda.runtime.runtimeGetVersion()
+        return (f"CuPy {cupy.__version__} (CUDA runtime {cuda // 1000}.{cuda % 1000 // 10}), "
+                f"GPU {self.index}: {gpu}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free)")
+
+    def _put(self, host: Any, dtype: Any) -> Any:
+        with self.native:
+            return self._cupy.asarray(host, dtype=dtype)
+
+    def _to_host(self, value: Any) -> Any:
+        return self._cupy.asnumpy(value)
+
+    def _synchronize(self) -> None:
+        self.native.synchronize()
+
+
+def gpu_count() -> tuple[int, str]:
+    """(number of GPUs CuPy sees, why none when it is 0)."""
+    import cupy
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # noqa: BLE001 - CUDARuntimeError, or a driver library missing
+        return 0, f"CuPy {cupy.__version__} is installed but found no CUDA driver/GPU ({exc})"
+    if count == 0:
+        return 0, f"CuPy {cupy.__version__} is installed but sees 0 CUDA GPUs"
+    return count, ""
+
+
+def make_device(rest: str, spec: str) -> CupyDevice:
+    """'cuda', 'cuda:N', 'cupy', 'cupy:N'."""
+    import array_api_compat.cupy as xp
+    try:
+        index = int(rest) if rest else 0
+    except ValueError:
+        raise DeviceError(f"unknown device spec {spec!r}: the GPU index must be an integer.\n"
+                          "help: pass 'cuda' or 'cuda:0'.") from None
+    count, why = gpu_count()
+    if count == 0:
+        raise DeviceError(f"no CUDA device found for {spec!r}: {why}.\n"
+                          "help: pass device='cpu' (or 'auto' to use a GPU only when there is "
+                          "one), or run on a machine with an NVIDIA GPU and driver.")
+    if not 0 <= index < count:
+        raise DeviceError(f"no CUDA device {index} for {spec!r}: this machine has {count} GPU(s) "
+                          f"(cuda:0 .. cuda:{count - 1}).\nhelp: pass one of those.")
+    return CupyDevice(f"cuda:{index}", xp, index)
+
+
+def candidate_specs() -> list[str]:
+    count, _ = gpu_count()
+    return [f"cuda:{i}" for i in range(count)] or ["cuda:0"]
+
+
+def array_device_name(value: Any) -> str | None:
+    """'cuda:N' for a CuPy array, None for anything else."""
+    import cupy
+    return f"cuda:{value.device.id}" if isinstance(value, cupy.ndarray) else None

@@ -1,0 +1,89 @@
+"""PyTorch tensors: the 'torch:cpu' and 'torch:cuda[:N]' devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import DeviceError
+from . import Device, missing_library
+
+EXAMPLE_SPECS = ("torch:cpu",)
+import_problem = missing_library("torch")
+
+
+class TorchDevice(Device):
+    """One torch device (the CPU or one CUDA GPU)."""
+
+    backend = "torch"
+
+    def __init__(self, name: str, xp: Any, native: Any) -> None:
+        import torch
+        super().__init__(name, xp, native)
+        self._torch = torch
+        self.is_gpu = native.type == "cuda"
+        self.is_host = not self.is_gpu
+
+    def owns(self, value: Any) -> bool:
+        return isinstance(value, self._torch.Tensor) and value.device == self.native
+
+    def scope(self) -> Any:
+        return self._torch.cuda.device(self.native) if self.is_gpu else super().scope()
+
+    def describe(self) -> str:
+        torch = self._torch
+        if not self.is_gpu:
+            return f"PyTorch {torch.__version__} on the CPU ({torch.get_num_threads()} threads)"
+        props = torch.cuda.get_device_properties(self.native)
+        return (f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}), GPU "
+                f"{self.native.index}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
+
+    def _put(self, host: Any, dtype: Any) -> Any:
+        return self._torch.as_tensor(host, dtype=dtype, device=self.native)
+
+    def _to_host(self, value: Any) -> Any:
+        return value.detach().to("cpu").numpy()
+
+    def _synchronize(self) -> None:
+        self._torch.cuda.synchronize(self.native)
+
+
+def make_device(rest: str, spec: str) -> TorchDevice:
+    """'torch' / 'torch:cpu', 'torch:cuda', 'torch:cuda:N'."""
+    import array_api_compat.torch as xp
+    import torch
+    kind, _, index = rest.lower().partition(":")
+    if kind in ("", "cpu") and not index:
+        return TorchDevice("torch:cpu", xp, torch.device("cpu"))
+    if kind != "cuda":
+        raise DeviceError(f"unknown device spec {spec!r}.\n"
+                          "help: pass 'torch:cpu', 'torch:cuda' or 'torch:cuda:N'.")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise DeviceError(f"no CUDA device found for {spec!r}: PyTorch {torch.__version__} "
+                          f"(CUDA build: {torch.version.cuda or 'no, a CPU-only build'}) sees no GPU."
+                          "\nhelp: pass 'torch:cpu' or 'cpu', or install a CUDA build of torch "
+                          "on a machine with an NVIDIA GPU.")
+    try:
+        n = int(index) if index else 0
+    except ValueError:
+        raise DeviceError(f"unknown device spec {spec!r}: the GPU index must be an integer.\n"
+                          "help: pass 'torch:cuda:0'.") from None
+    if not 0 <= n < count:
+        raise DeviceError(f"no CUDA device {n} for {spec!r}: torch sees {count} GPU(s).\n"
+                          f"help: pass one of torch:cuda:0 .. torch:cuda:{count - 1}.")
+    return TorchDevice(f"torch:cuda:{n}", xp, torch.device("cuda", n))
+
+
+def candidate_specs() -> list[str]:
+    import torch
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["torch:cpu"] + ([f"torch:cuda:{i}" for i in range(count)] or ["torch:cuda:0"])
+
+
+def array_device_name(value: Any) -> str | None:
+    """'torch:cpu' or 'torch:cuda:N' for a tensor, None for anything else."""
+    import torch
+    if not isinstance(value, torch.Tensor):
+        return None
+    d = value.device
+    return "torch:cpu" if d.type == "cpu" else f"torch:{d.type}:{d.index or 0}"

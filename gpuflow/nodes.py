@@ -1,0 +1,256 @@
+"""The MiniFlow nodes: each one small class whose `backward` mirrors its `forward`.
+
+Node code calls `self.xp`, the array namespace of the graph's device, and never imports NumPy or
+CuPy. A node's `backward` starts from `self.upstream_gradient()`, the sum of what every outbound
+node sent back to it, and stores one gradient per inbound node in `self.gradients`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from .errors import GraphError
+
+_ids = itertools.count(1)
+
+
+class Node:
+    """Base class: keeps `inbound_nodes`, `outbound_nodes`, `value` and `gradients`."""
+
+    xp: Any = None       # the array namespace of the graph's device, set when the graph is built
+    device: Any = None   # the gpuflow Device the graph was built for
+    is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
+    integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
+
+    def __init__(self, inbound_nodes: "list[Node] | None" = None, *, name: str | None = None):
+        self.inbound_nodes = list(inbound_nodes) if inbound_nodes is not None else []
+        self.outbound_nodes: list[Node] = []
+        self.value = None
+        self.gradients: dict[Node, Any] = {}
+        self.name = name
+        self._id = next(_ids)
+        for i, n in enumerate(self.inbound_nodes):
+            if not isinstance(n, Node):
+                raise GraphError(f"{self.label}: inbound node {i} is {type(n).__name__} "
+                                 f"{n!r:.60}, not a gpuflow Node.\nhelp: wrap data in an Input() "
+                                 "and feed it through feed_dict.")
+            n.outbound_nodes.append(self)
+        # Set by the executor when a graph is built (see graph.py):
+        self.needs_grad = (True,) * len(self.inbound_nodes)  # which inbound gradients to compute
+        self._senders: tuple[Node, ...] = ()    # outbound nodes that send a gradient back
+        self._seed: Any = None                  # 1.0 for the graph's loss
+
+    @property
+    def label(self) -> str:
+        """How errors name this node: "Linear 'hidden'" or "Linear #3"."""
+        kind = type(self).__name__
+        return f"{kind} '{self.name}'" if self.name else f"{kind} #{self._id}"
+
+    def __repr__(self) -> str:
+        return f"<{self.label}>"
+
+    def forward(self) -> None:
+        """Compute `self.value` from the inbound nodes' values."""
+        raise NotImplementedError(f"{self.label} must implement forward()")
+
+    def backward(self) -> None:
+        """Store in `self.gradients[n]` the gradient of the loss for each inbound node `n`."""
+        raise NotImplementedError(f"{self.label} must implement backward()")
+
+    def upstream_gradient(self) -> Any:
+        """The sum of the gradients every outbound node sent back (zeros if none did)."""
+        total = self._seed
+        for n in self._senders:
+            g = n.gradients[self]
+            total = g if total is None else total + g
+        if total is None:  # a dead end (MiniFlow gives such nodes zero gradient)
+            total = self.xp.zeros_like(self.value)
+        return total
+
+
+class Input(Node):
+    """A leaf whose value is fed: data, labels, or (MiniFlow style) weights.
+
+    Once a graph is built, `node.value = array` puts a host array on the graph's device (and
+    in its dtype); an array already on another device is a `DeviceError`.
+    """
+
+    def __init__(self, *, name: str | None = None):
+        self._value = None
+        self._float_dtype = None     # the graph's dtype for floating data (None keeps the fed one)
+        self._keep_integers = False  # labels keep their integer dtype; other data becomes float
+        Node.__init__(self, name=name)
+
+    @property
+    def value(self) -> Any:
+        return self._value
+
+    @value.setter
+    def value(self, value: Any) -> None:
+        device = self.device
+        if value is None or device is None:
+            self._value = value
+        elif device.owns(value) and (
+                value.dtype == self._float_dtype
+                or (self._float_dtype is None and device.is_floating(value.dtype))):
+            self._value = value  # the common case: already in place
+        else:
+            self._value = device.place(value, self._float_dtype, self._keep_integers,
+                                       what=f"{self.label}.value")
+
+    def forward(self) -> None:
+        """Nothing to compute: the value was fed."""
+
+    def backward(self) -> None:
+        """Sum what every outbound node computed for this input."""
+        self.gradients[self] = self.upstream_gradient()
+
+
+class Linear(Node):
+    """`X @ W + b`: X (batch, n_in), W (n_in, n_out), b (n_out,)."""
+
+    def __init__(self, X: Node, W: Node, b: Node, *, name: str | None = None):
+        Node.__init__(self, [X, W, b], name=name)
+
+    def forward(self) -> None:
+        X, W, b = self.inbound_nodes
+        x, w = X.value, W.value
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+            raise GraphError(
+                f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
+                "X must be 2-D (batch, n_in), W 2-D (n_in, n_out), X.shape[1] == W.shape[0].\n"
+                f"help: check the sizes of {X.label} and {W.label}.")
+        self.value = x @ w + b.value
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        X, W, b = self.inbound_nodes
+        grad_X, grad_W, grad_b = self.needs_grad
+        if grad_X:
+            self.gradients[X] = G @ W.value.T
+        if grad_W:
+            self.gradients[W] = X.value.T @ G
+        if grad_b:
+            self.gradients[b] = self.xp.reshape(self.xp.sum(G, axis=0), b.value.shape)
+
+
+class Sigmoid(Node):
+    """The logistic function, computed as (tanh(x/2) + 1) / 2: no overflow at any |x|."""
+
+    def __init__(self, node: Node, *, name: str | None = None):
+        Node.__init__(self, [node], name=name)
+
+    def _sigmoid(self, x: Any) -> Any:
+        return 0.5 * self.xp.tanh(0.5 * x) + 0.5
+
+    def forward(self) -> None:
+        self.value = self._sigmoid(self.inbound_nodes[0].value)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        s = self.value
+        self.gradients[self.inbound_nodes[0]] = G * (s * (1.0 - s))
+
+
+class Tanh(Node):
+    """Hyperbolic tangent."""
+
+    def __init__(self, node: Node, *, name: str | None = None):
+        Node.__init__(self, [node], name=name)
+
+    def forward(self) -> None:
+        self.value = self.xp.tanh(self.inbound_nodes[0].value)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        t = self.value
+        self.gradients[self.inbound_nodes[0]] = G * (1.0 - t * t)
+
+
+class ReLU(Node):
+    """max(x, 0)."""
+
+    def __init__(self, node: Node, *, name: str | None = None):
+        Node.__init__(self, [node], name=name)
+
+    def forward(self) -> None:
+        self.value = self.xp.clip(self.inbound_nodes[0].value, min=0.0)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        self.gradients[self.inbound_nodes[0]] = self.xp.where(self.value > 0.0, G, 0.0)
+
+
+class MSE(Node):
+    """Mean of (y - a)^2 over all elements; y and a are flattened to columns, as in MiniFlow."""
+
+    is_loss = True
+
+    def __init__(self, y: Node, a: Node, *, name: str | None = None):
+        Node.__init__(self, [y, a], name=name)
+
+    def forward(self) -> None:
+        y, a = self.inbound_nodes
+        xp = self.xp
+        yv = xp.reshape(y.value, (-1, 1))
+        av = xp.reshape(a.value, (-1, 1))
+        if yv.shape[0] != av.shape[0]:
+            raise GraphError(
+                f"{self.label}: y has shape {tuple(y.value.shape)} ({yv.shape[0]} values) but a "
+                f"has shape {tuple(a.value.shape)} ({av.shape[0]} values); they must have "
+                f"as many elements.\nhelp: check {y.label} and {a.label}.")
+        self.m = yv.shape[0]
+        self.diff = yv - av
+        self.value = xp.sum(self.diff * self.diff) / self.m
+
+    def backward(self) -> None:
+        g = self.upstream_gradient()
+        y, a = self.inbound_nodes
+        scale = (2.0 / self.m) * g
+        if self.needs_grad[0]:
+            self.gradients[y] = self.xp.reshape(scale * self.diff, y.value.shape)
+        if self.needs_grad[1]:
+            self.gradients[a] = self.xp.reshape(-scale * self.diff, a.value.shape)
+
+
+class SoftmaxCrossEntropy(Node):
+    """Mean over the batch of -log softmax(logits)[label], via log-sum-exp.
+
+    labels: integer class indices, shape (batch,); logits: (batch, classes).
+    """
+
+    is_loss = True
+    integer_inputs = (0,)
+
+    def __init__(self, labels: Node, logits: Node, *, name: str | None = None):
+        Node.__init__(self, [labels, logits], name=name)
+
+    def forward(self) -> None:
+        labels, logits = self.inbound_nodes
+        xp = self.xp
+        z, y = logits.value, labels.value
+        if z.ndim != 2 or y.ndim != 1 or y.shape[0] != z.shape[0]:
+            raise GraphError(
+                f"{self.label}: labels have shape {tuple(y.shape)} and logits "
+                f"{tuple(z.shape)}; expected labels (batch,) and logits (batch, classes).\n"
+                f"help: feed {labels.label} one integer class per row of {logits.label}.")
+        if xp.isdtype(y.dtype, "real floating"):
+            raise GraphError(
+                f"{self.label}: labels have dtype {y.dtype}; expected integer class indices.\n"
+                f"help: feed {labels.label} an integer array (e.g. y.astype('int64')).")
+        n, k = z.shape
+        shifted = z - xp.max(z, axis=1, keepdims=True)
+        exp = xp.exp(shifted)
+        total = xp.sum(exp, axis=1, keepdims=True)
+        self.probs = exp / total
+        classes = xp.arange(k, dtype=y.dtype, device=self.device.native)
+        self.onehot = xp.astype(xp.reshape(y, (-1, 1)) == classes, z.dtype)
+        self.n = n
+        self.value = -xp.sum(self.onehot * (shifted - xp.log(total))) / n
+
+    def backward(self) -> None:
+        g = self.upstream_gradient()
+        labels, logits = self.inbound_nodes
+        if self.needs_grad[1]:
+            self.gradients[logits] = (self.probs - self.onehot) * (g / self.n)
