@@ -10,8 +10,9 @@
 from .backends import Device, LEDGER, available_devices, get_device
 from .errors import (CheckpointError, DataError, DeviceError, GpuflowError, GraphError,
                      TransferError)
-from .graph import (SortedGraph, forward_and_backward, forward_pass, sgd_update,
+from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
                     topological_sort)
+from .layers import Parameter, dense, mlp
 from .nodes import MSE, Input, Linear, Node, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
 
 __version__ = "0.1.0"
@@ -20,4 +21,5 @@ __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
+    "Graph", "Parameter", "dense", "mlp",
 ]

@@ -12,8 +12,8 @@ import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
-from .backends import Device, get_device
-from .errors import DeviceError, GraphError
+from .backends import LEDGER, Device, TransferLedger, get_device
+from .errors import GpuflowError, GraphError
 from .nodes import Input, Node
 
 
@@ -107,8 +107,12 @@ def _find_cycle(stuck: list[Node]) -> list[Node]:
     return cycle[::-1]
 
 
-def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict) -> None:
-    """Bind every node to `device`, and put every Input's value there, checked, in `dtype`."""
+def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
+         require_values: bool = True) -> None:
+    """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
+
+    With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
+    """
     float_dtype = device.dtype(dtype)
     if float_dtype is not None and not device.is_floating(float_dtype):
         raise GraphError(f"dtype {dtype!r} is not a floating dtype.\n"
@@ -125,13 +129,20 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict) -> 
         node._keep_integers = bool(consumers) and all(
             i in m.integer_inputs for m, i in consumers)
         value = feed_dict[node] if node in feed_dict else node.value
-        if value is None:
+        if value is None and (node in feed_dict or require_values):
             users = ", ".join(m.label for m, _ in consumers) or "no node"
             where = "in feed_dict" if node in feed_dict else "no value"
             raise GraphError(f"{node.label} has {where}: None (it feeds {users}).\n"
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
         node.value = value
+
+
+def _missing_feed(node: Input) -> GraphError:
+    users = ", ".join(m.label for m in node.outbound_nodes) or "no node"
+    return GraphError(f"{node.label} has no value (it feeds {users}).\n"
+                      f"help: feed {node.label} a batch, e.g. graph.step({{{node.label}: array}}) "
+                      "or in the order of Graph(inputs=...).")
 
 
 def plan_backward(order: Sequence[Node], loss: Node | None,
@@ -184,8 +195,7 @@ def _ancestors(node: Node, members: set) -> set:
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
     """Run forward over `sorted_nodes`; return `output_node.value`."""
     with _scope(sorted_nodes):
-        for node in sorted_nodes:
-            _run(node, "forward")
+        run_forward(sorted_nodes)
     return output_node.value
 
 
@@ -193,35 +203,52 @@ def forward_and_backward(graph: Sequence[Node]) -> None:
     """Forward over the sorted nodes, then backward in reverse order."""
     backward_order = graph.backward_order if isinstance(graph, SortedGraph) else graph[::-1]
     with _scope(graph):
-        for node in graph:
-            _run(node, "forward")
-        for node in backward_order:
-            _run(node, "backward")
+        run_forward(graph)
+        run_backward(backward_order)
 
 
-def _run(node: Node, method: str) -> None:
+def run_forward(nodes: Iterable[Node]) -> None:
+    """`forward()` on each node; an error gets a note naming the node."""
+    node = None
     try:
-        getattr(node, method)()
-    except (GraphError, DeviceError):
-        raise
+        for node in nodes:
+            node.forward()
     except Exception as exc:
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
+        _note(exc, node, "forward")
         raise
+
+
+def run_backward(nodes: Iterable[Node]) -> None:
+    """`backward()` on each node; an error gets a note naming the node."""
+    node = None
+    try:
+        for node in nodes:
+            node.backward()
+    except Exception as exc:
+        _note(exc, node, "backward")
+        raise
+
+
+def _note(exc: Exception, node: Node | None, method: str) -> None:
+    if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
+        exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
 
 
 def _scope(graph: Sequence[Node]) -> Any:
     device = graph.device if isinstance(graph, SortedGraph) else (
         graph[0].device if graph and graph[0].device is not None else None)
-    return device.scope() if device is not None else _NoScope()
+    return device.scope() if device is not None else _NULL
 
 
-class _NoScope:
+class _Null:
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+_NULL = _Null()
 
 
 def check_learning_rate(learning_rate: float) -> float:
@@ -246,3 +273,136 @@ def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
                              "forward_and_backward(graph) before sgd_update(trainables).")
         value = t.value
         value -= lr * grad
+
+
+class Graph:
+    """A graph built for training: sorted once, bound to one device, its backward planned.
+
+    loss: the node to minimise. device: a spec or Device (None: GPUFLOW_DEVICE, else 'cpu').
+    dtype: the floating dtype of every value ('float32' by default; 'float64' for checks).
+    inputs: the data Inputs in the order `step`/`run` take positional batches (default: every
+    Input under the loss that is not trainable, in sorted order). parameters: what gradients
+    are computed for (default: every node with `trainable = True`, e.g. `Parameter`).
+    outputs: extra nodes to run for inference (e.g. logits for predictions).
+    strict: after the first step, refuse every host<->device transfer or synchronisation
+    except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
+
+    `step` runs forward and backward and returns the loss as a device scalar; `run` runs
+    forward only, without gradient work; `item` reads a device scalar as a float (the one
+    place that synchronises).
+    """
+
+    def __init__(self, loss: Node, *, device: "str | Device | None" = None,
+                 dtype: Any = "float32", inputs: Sequence[Input] | None = None,
+                 parameters: Sequence[Node] | None = None, outputs: Sequence[Node] = (),
+                 strict: bool | None = None) -> None:
+        if not isinstance(loss, Node):
+            raise GraphError(f"Graph needs a loss node, got {type(loss).__name__}.")
+        self.loss = loss
+        self.device = get_device(device)
+        self.nodes = kahn_sort(_upstream([loss, *outputs]))
+        bind(self.nodes, self.device, dtype, {}, require_values=False)
+        self.dtype = self.device.dtype(dtype)
+        self.parameters = list(parameters) if parameters is not None else sorted(
+            (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
+        self.inputs = list(inputs) if inputs is not None else [
+            n for n in self.nodes if isinstance(n, Input) and n not in set(self.parameters)]
+        stray = [n.label for n in self.inputs + self.parameters if n not in set(self.nodes)]
+        if stray:
+            raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
+                             "help: pass only Inputs and parameters the loss depends on.")
+        self._compute = [n for n in self.nodes if not isinstance(n, Input)]
+        self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
+        self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
+        self.strict = TransferLedger.strict_default() if strict is None else strict
+        self.steps = 0
+
+    def named_parameters(self) -> dict[str, Node]:
+        """{name: parameter} in graph order; every parameter needs a unique name."""
+        named: dict[str, Node] = {}
+        for p in self.parameters:
+            key = p.name or p.label
+            if key in named:
+                raise GraphError(f"two parameters are named {key!r}.\n"
+                                 "help: give every Parameter a unique name.")
+            named[key] = p
+        return named
+
+    def step(self, *batches: Any) -> Any:
+        """Feed the batches, run forward and backward; return the loss (a device scalar).
+
+        batches: one array per data Input, in the order of `self.inputs`, or one dict
+        {Input: array}. Gradients land in `parameter.gradients[parameter]`.
+        """
+        self._feed(batches, self.inputs)
+        with self.device.scope():
+            if self.strict and self.steps > 0:
+                with LEDGER.enforcing(), self.device.forbid_sync():
+                    self._forward_backward()
+            else:
+                self._forward_backward()
+        self.steps += 1
+        return self.loss.value
+
+    def _forward_backward(self) -> None:
+        run_forward(self._compute)
+        run_backward(self._backward)
+
+    def run(self, output: Node | None = None, *batches: Any) -> Any:
+        """Forward only (no gradient work) up to `output` (default: the loss); its value.
+
+        batches: one array per data Input that `output` depends on, in `self.inputs` order,
+        or one dict {Input: array}.
+        """
+        output = self.loss if output is None else output
+        if output not in self._run_orders:
+            if output not in set(self.nodes):
+                raise GraphError(f"{output.label} is not in this graph.\n"
+                                 "help: pass it as Graph(..., outputs=[node]).")
+            needed = set(_upstream([output]))
+            self._run_orders[output] = (
+                [n for n in self._compute if n in needed],
+                [n for n in self.inputs if n in needed])
+        compute, inputs = self._run_orders[output]
+        self._feed(batches, inputs)
+        with self.device.scope():
+            run_forward(compute)
+        return output.value
+
+    def item(self, value: Any) -> float:
+        """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""
+        with LEDGER.allowed():
+            return self.device.item(value, what="loss read")
+
+    def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
+        if len(batches) == 1 and isinstance(batches[0], dict):
+            pairs = list(batches[0].items())
+            unknown = [n for n, _ in pairs if n not in set(self.nodes)]
+            if unknown:
+                raise GraphError(f"{unknown[0]!r} is fed but is not in this graph.\n"
+                                 "help: feed the graph's own Input nodes.")
+        elif len(batches) == len(inputs):
+            pairs = list(zip(inputs, batches))
+        else:
+            raise GraphError(
+                f"got {len(batches)} batch(es) for the inputs "
+                f"[{', '.join(n.label for n in inputs)}].\n"
+                "help: pass one array per input, in that order, or a dict {Input: array}.")
+        with LEDGER.allowed():  # the batch upload: the one transfer a step is meant to make
+            for node, value in pairs:
+                node.value = value
+        for node in inputs:
+            if node.value is None:
+                raise _missing_feed(node)
+
+
+def _upstream(nodes: Sequence[Node]) -> list[Node]:
+    """`nodes` and everything they depend on, in discovery order."""
+    seen = dict.fromkeys(nodes)
+    queue = deque(nodes)
+    while queue:
+        for n in queue.popleft().inbound_nodes:
+            if n not in seen:
+                seen[n] = None
+                queue.append(n)
+    return list(seen)

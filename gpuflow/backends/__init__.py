@@ -35,9 +35,15 @@ class TransferLedger:
     """
 
     def __init__(self) -> None:
-        self.strict = os.environ.get("GPUFLOW_STRICT_TRANSFERS", "") not in ("", "0")
-        self._allowed = 0
+        self._allowed = 0    # > 0 inside a batch upload or a loss read
+        self._enforcing = 0  # > 0 inside a strict step after warm-up
+        self.where = ""      # the node running now, for the error message
         self.reset()
+
+    @staticmethod
+    def strict_default() -> bool:
+        """Whether GPUFLOW_STRICT_TRANSFERS asks for strict mode."""
+        return os.environ.get("GPUFLOW_STRICT_TRANSFERS", "") not in ("", "0")
 
     def reset(self) -> None:
         """Zero every counter."""
@@ -50,16 +56,22 @@ class TransferLedger:
         return {"h2d_calls": self.h2d_calls, "h2d_bytes": self.h2d_bytes,
                 "d2h_calls": self.d2h_calls, "d2h_bytes": self.d2h_bytes, "syncs": self.syncs}
 
-    def allowed(self) -> "_Allow":
+    def allowed(self) -> "_Count":
         """Context in which strict mode lets transfers through (a batch upload, a loss read)."""
-        return _Allow(self)
+        return _Count(self, "_allowed")
+
+    def enforcing(self) -> "_Count":
+        """Context in which every transfer or sync not `allowed` raises (strict mode)."""
+        return _Count(self, "_enforcing")
 
     def record(self, kind: str, nbytes: int, device: "Device", what: str) -> None:
         """Count one transfer or sync; in strict mode, refuse it unless allowed."""
-        if self.strict and not self._allowed:
+        if self._enforcing and not self._allowed:
+            where = f" in {self.where}" if self.where else ""
             raise TransferError(
-                f"strict transfer mode: {kind} of {nbytes} bytes on {device.name} ({what}) "
-                "outside a batch upload or loss read; this stalls a GPU training loop.\n"
+                f"strict transfer mode: {kind} of {nbytes} bytes on {device.name}{where} "
+                f"({what}), outside a batch upload or loss read; this stalls a GPU training "
+                "loop.\n"
                 "help: keep values on the device, feed batches through Input.value or "
                 "Graph.step, read the loss once per step, or turn strict mode off "
                 "(GPUFLOW_STRICT_TRANSFERS=0).")
@@ -73,15 +85,16 @@ class TransferLedger:
             self.syncs += 1
 
 
-class _Allow:
-    def __init__(self, ledger: TransferLedger) -> None:
+class _Count:
+    def __init__(self, ledger: TransferLedger, counter: str) -> None:
         self.ledger = ledger
+        self.counter = counter
 
     def __enter__(self) -> None:
-        self.ledger._allowed += 1
+        setattr(self.ledger, self.counter, getattr(self.ledger, self.counter) + 1)
 
     def __exit__(self, *exc: object) -> None:
-        self.ledger._allowed -= 1
+        setattr(self.ledger, self.counter, getattr(self.ledger, self.counter) - 1)
 
 
 LEDGER = TransferLedger()
@@ -204,6 +217,11 @@ class Device:
 
     def scope(self) -> Any:
         """A context manager that makes this device current (CUDA); a no-op elsewhere."""
+        return _NULL_SCOPE
+
+    def forbid_sync(self) -> Any:
+        """A context manager in which the library itself refuses implicit synchronisation
+        (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
         return _NULL_SCOPE
 
     def describe(self) -> str:

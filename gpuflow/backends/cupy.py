@@ -30,6 +30,10 @@ class CupyDevice(Device):
     def scope(self) -> Any:
         return self.native  # cupy.cuda.Device is a context manager that makes it current
 
+    def forbid_sync(self) -> Any:
+        import cupyx
+        return cupyx.allow_synchronize(False)
+
     def describe(self) -> str:
         cupy = self._cupy
         props = cupy.cuda.runtime.getDeviceProperties(self.index)

@@ -73,3 +73,8 @@ def host_array(value: Any, what: str) -> numpy.ndarray:
 def host_rng(seed: int | None) -> numpy.random.Generator:
     """The seeded host generator that initial weights are drawn from on every device."""
     return numpy.random.default_rng(seed)
+
+
+def host_zeros(shape: tuple[int, ...]) -> numpy.ndarray:
+    """A float64 host array of zeros."""
+    return numpy.zeros(shape)

@@ -1,0 +1,123 @@
+"""Trainable parameters with seeded initialisers, and the dense-layer / MLP builders.
+
+Initial weights are drawn in float64 from a seeded host generator and only then moved to the
+graph's device (and cast to its dtype), so one seed gives bit-identical weights on every device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+from .backends.numpy import host_rng, host_zeros
+from .errors import GraphError
+from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
+
+
+def zeros(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """All zeros."""
+    return host_zeros(shape)
+
+
+def normal(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int, std: float = 0.01) -> Any:
+    """N(0, std^2), std 0.01 by default."""
+    return rng.standard_normal(size=shape) * std
+
+
+def xavier(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """Xavier/Glorot uniform: U(-a, a) with a = sqrt(6 / (fan_in + fan_out))."""
+    a = math.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-a, a, size=shape)
+
+
+def he(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """He/Kaiming normal: N(0, 2 / fan_in), for ReLU layers."""
+    return rng.standard_normal(size=shape) * math.sqrt(2.0 / fan_in)
+
+
+INITIALIZERS: dict[str, Callable[..., Any]] = {
+    "zeros": zeros, "normal": normal, "xavier": xavier, "glorot": xavier, "he": he,
+    "kaiming": he}
+
+
+class Parameter(Input):
+    """A trainable Input: a named array that optimizers update.
+
+    shape: the array's shape; init: 'zeros', 'normal', 'xavier' (= 'glorot'), 'he'
+    (= 'kaiming') or a function (rng, shape, fan_in, fan_out) -> host array; rng: a seeded
+    host generator (gpuflow.layers.host_rng(seed)) or a seed.
+    """
+
+    trainable = True
+
+    def __init__(self, shape: Sequence[int], init: "str | Callable[..., Any]" = "xavier", *,
+                 name: str, rng: Any = 0, fan_in: int | None = None,
+                 fan_out: int | None = None) -> None:
+        Input.__init__(self, name=name)
+        shape = tuple(int(s) for s in shape)
+        if not shape or min(shape) < 1:
+            raise GraphError(f"Parameter '{name}': shape {shape} must have positive sizes.")
+        if isinstance(init, str):
+            if init not in INITIALIZERS:
+                raise GraphError(f"Parameter '{name}': unknown initialiser {init!r}.\n"
+                                 f"help: use one of {sorted(INITIALIZERS)} or a function.")
+            init = INITIALIZERS[init]
+        if not hasattr(rng, "standard_normal"):
+            rng = host_rng(rng)
+        fan_in = fan_in if fan_in is not None else shape[0]
+        fan_out = fan_out if fan_out is not None else shape[-1]
+        value = init(rng, shape, fan_in, fan_out)
+        if tuple(value.shape) != shape:
+            raise GraphError(f"Parameter '{name}': the initialiser returned shape "
+                             f"{tuple(value.shape)}, expected {shape}.")
+        self.shape = shape
+        self.value = value
+
+
+ACTIVATIONS: dict[str, Callable[..., Node]] = {
+    "relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
+
+
+def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = 0,
+          init: "str | Callable[..., Any] | None" = None,
+          activation: str | None = None) -> tuple[Node, dict[str, Parameter]]:
+    """One fully connected layer `activation(x @ W + b)`.
+
+    Returns (output node, {"<name>.W": W, "<name>.b": b}). W is (n_in, n_out), initialised
+    with He for ReLU and Xavier otherwise (unless `init` says); b starts at zero.
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise GraphError(f"dense '{name}': unknown activation {activation!r}.\n"
+                         f"help: use one of {sorted(ACTIVATIONS)} or None.")
+    if not hasattr(rng, "standard_normal"):
+        rng = host_rng(rng)
+    init = init or ("he" if activation == "relu" else "xavier")
+    W = Parameter((n_in, n_out), init, name=f"{name}.W", rng=rng)
+    b = Parameter((n_out,), "zeros", name=f"{name}.b", rng=rng)
+    out: Node = Linear(x, W, b, name=name)
+    if activation is not None:
+        out = ACTIVATIONS[activation](out, name=f"{name}.{activation}")
+    return out, {W.name: W, b.name: b}
+
+
+def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 0,
+        name: str = "layer") -> tuple[Node, dict[str, Parameter]]:
+    """A multi-layer perceptron: sizes = [n_in, hidden..., n_out].
+
+    Every layer but the last applies `activation`; the last returns raw outputs (logits).
+    Returns (output node, {parameter name: Parameter}) in layer order. One `seed` gives the
+    same weights on every device.
+    """
+    sizes = [int(s) for s in sizes]
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise GraphError(f"mlp: sizes {sizes} must list at least an input and an output size, "
+                         "all positive.\nhelp: e.g. mlp(X, [64, 128, 10]).")
+    rng = host_rng(seed)
+    params: dict[str, Parameter] = {}
+    out = x
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
+        last = i == len(sizes) - 1
+        out, p = dense(out, n_in, n_out, name=f"{name}{i}", rng=rng,
+                       activation=None if last else activation)
+        params.update(p)
+    return out, params

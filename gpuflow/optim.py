@@ -1,0 +1,159 @@
+"""Optimizers written once in array-namespace code: SGD (momentum, Nesterov, weight decay),
+Adam and AdamW, with PyTorch's update rules. Their state lives on the parameters' device and
+is updated in place."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from .errors import CheckpointError, GraphError
+from .graph import Graph, check_learning_rate
+from .nodes import Node
+
+
+class Optimizer:
+    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place."""
+
+    def __init__(self, params: "Graph | Iterable[Node]", lr: float) -> None:
+        self.params = list(params.parameters if isinstance(params, Graph) else params)
+        if not self.params:
+            raise GraphError(f"{type(self).__name__}: no parameters to optimise.\n"
+                             "help: pass graph.parameters (Parameter nodes), or a Graph.")
+        self.lr = check_learning_rate(lr)
+        self.t = 0  # steps taken
+        self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+
+    def step(self) -> None:
+        """One update of every parameter from its current gradient."""
+        self.lr = check_learning_rate(self.lr)
+        self.t += 1
+        for p in self.params:
+            grad = p.gradients.get(p)
+            if grad is None:
+                raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
+                                 "(forward and backward) before optimizer.step().")
+            self.update(p.xp, p.value, grad, self.state[p])
+
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
+        """Update `value` in place from `grad`; `state` holds this parameter's buffers."""
+        raise NotImplementedError
+
+    # -- state, for checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """{'t': steps, '<param name>/<buffer>': host array, ...}."""
+        out: dict[str, Any] = {"t": self.t}
+        for p in self.params:
+            for key, buf in self.state[p].items():
+                out[f"{p.name}/{key}"] = p.device.to_host(buf, what=f"optimizer state {key}")
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output onto the parameters' device (checked first)."""
+        names = {p.name: p for p in self.params}
+        new: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+        for key, host in state.items():
+            if key == "t":
+                continue
+            name, _, buf = key.rpartition("/")
+            p = names.get(name)
+            if p is None:
+                raise CheckpointError(f"optimizer state names parameter {name!r}, which this "
+                                      f"model lacks (it has {sorted(names)}).")
+            if tuple(host.shape) != tuple(p.value.shape):
+                raise CheckpointError(f"optimizer state {key!r} has shape {tuple(host.shape)}, "
+                                      f"but {p.label} has shape {tuple(p.value.shape)}.")
+            new[p][buf] = p.device.put(host, p.value.dtype, what=f"optimizer state {key}")
+        self.state = new
+        self.t = int(state.get("t", 0))
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional momentum, Nesterov momentum and weight decay
+    (PyTorch's rule: buf = momentum * buf + g; step along g + momentum * buf if Nesterov)."""
+
+    def __init__(self, params: "Graph | Iterable[Node]", lr: float = 1e-2, *,
+                 momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr)
+        if momentum < 0 or weight_decay < 0:
+            raise ValueError(f"SGD: momentum ({momentum}) and weight_decay ({weight_decay}) "
+                             "must be >= 0.")
+        if nesterov and momentum == 0:
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0.")
+        self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
+
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
+        if self.weight_decay:
+            grad = grad + self.weight_decay * value
+        if self.momentum:
+            buf = state.get("momentum")
+            if buf is None:
+                buf = state["momentum"] = xp.asarray(grad, copy=True)
+            else:
+                buf *= self.momentum
+                buf += grad
+            grad = grad + self.momentum * buf if self.nesterov else buf
+        value -= self.lr * grad
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), PyTorch's formulation; weight_decay adds an L2 term to the gradient."""
+
+    decoupled = False
+
+    def __init__(self, params: "Graph | Iterable[Node]", lr: float = 1e-3, *,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, lr)
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps <= 0 or weight_decay < 0:
+            raise ValueError(f"{type(self).__name__}: need 0 <= betas < 1 (got {betas}), "
+                             f"eps > 0 (got {eps}) and weight_decay >= 0 (got {weight_decay}).")
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
+        b1, b2 = self.betas
+        if self.weight_decay and self.decoupled:
+            value *= 1.0 - self.lr * self.weight_decay
+        elif self.weight_decay:
+            grad = grad + self.weight_decay * value
+        if "m" not in state:
+            state["m"] = xp.zeros_like(value)
+            state["v"] = xp.zeros_like(value)
+        m, v = state["m"], state["v"]
+        m *= b1
+        m += (1.0 - b1) * grad
+        v *= b2
+        v += (1.0 - b2) * (grad * grad)
+        bias1 = 1.0 - b1 ** self.t
+        bias2 = 1.0 - b2 ** self.t
+        denom = xp.sqrt(v) / math.sqrt(bias2) + self.eps
+        value -= (self.lr / bias1) * (m / denom)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): value *= 1 - lr * weight_decay."""
+
+    decoupled = True
+
+    def __init__(self, params: "Graph | Iterable[Node]", lr: float = 1e-3, *,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2) -> None:
+        super().__init__(params, lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "momentum": SGD, "nesterov": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def make_optimizer(name: str, params: "Graph | Iterable[Node]", lr: float,
+                   **options: Any) -> Optimizer:
+    """An optimizer by name: 'sgd', 'momentum' (SGD, 0.9), 'nesterov', 'adam', 'adamw'."""
+    key = name.lower()
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}.")
+    if key == "momentum":
+        options.setdefault("momentum", 0.9)
+    if key == "nesterov":
+        options.setdefault("momentum", 0.9)
+        options["nesterov"] = True
+    return OPTIMIZERS[key](params, lr, **options)
