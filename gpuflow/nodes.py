@@ -175,7 +175,8 @@ class ReLU(Node):
         Node.__init__(self, [node], name=name)
 
     def forward(self) -> None:
-        self.value = self.xp.clip(self.inbound_nodes[0].value, min=0.0)
+        # maximum, not clip: array-api-compat's clip for CuPy masks, and so synchronises.
+        self.value = self.xp.maximum(self.inbound_nodes[0].value, 0.0)
 
     def backward(self) -> None:
         G = self.upstream_gradient()

@@ -39,9 +39,7 @@ class CupyDevice(Device):
         allow = getattr(cupyx, "allow_synchronize", None)
         if allow is None:
             return super().forbid_sync()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return allow(False)
+        return _QuietForbid(allow, warnings)
 
     def describe(self) -> str:
         cupy = self._cupy
@@ -61,6 +59,22 @@ class CupyDevice(Device):
 
     def _synchronize(self) -> None:
         self.native.synchronize()
+
+
+class _QuietForbid:
+    """cupyx.allow_synchronize(False), without its deprecation warning at every step."""
+
+    def __init__(self, allow: Any, warnings: Any) -> None:
+        self._context = allow(False)
+        self._warnings = warnings
+
+    def __enter__(self) -> None:
+        with self._warnings.catch_warnings():
+            self._warnings.simplefilter("ignore")
+            self._context.__enter__()
+
+    def __exit__(self, *exc: Any) -> Any:
+        return self._context.__exit__(*exc)
 
 
 def gpu_count() -> tuple[int, str]:
