@@ -121,7 +121,9 @@ class Linear(Node):
                 f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
                 "X must be 2-D (batch, n_in), W 2-D (n_in, n_out), X.shape[1] == W.shape[0].\n"
                 f"help: check the sizes of {X.label} and {W.label}.")
-        self.value = x @ w + b.value
+        out = x @ w
+        out += b.value  # in place: one new array per forward, not two
+        self.value = out
 
     def backward(self) -> None:
         G = self.upstream_gradient()
@@ -132,7 +134,8 @@ class Linear(Node):
         if grad_W:
             self.gradients[W] = X.value.T @ G
         if grad_b:
-            self.gradients[b] = self.xp.reshape(self.xp.sum(G, axis=0), b.value.shape)
+            db = self.xp.sum(G, axis=0)
+            self.gradients[b] = db if b.value.ndim == 1 else self.xp.reshape(db, b.value.shape)
 
 
 class Sigmoid(Node):
@@ -142,7 +145,10 @@ class Sigmoid(Node):
         Node.__init__(self, [node], name=name)
 
     def _sigmoid(self, x: Any) -> Any:
-        return 0.5 * self.xp.tanh(0.5 * x) + 0.5
+        s = self.xp.tanh(0.5 * x)
+        s *= 0.5
+        s += 0.5
+        return s
 
     def forward(self) -> None:
         self.value = self._sigmoid(self.inbound_nodes[0].value)
@@ -150,7 +156,10 @@ class Sigmoid(Node):
     def backward(self) -> None:
         G = self.upstream_gradient()
         s = self.value
-        self.gradients[self.inbound_nodes[0]] = G * (s * (1.0 - s))
+        grad = 1.0 - s   # s (1 - s) G, in one new array
+        grad *= s
+        grad *= G
+        self.gradients[self.inbound_nodes[0]] = grad
 
 
 class Tanh(Node):
@@ -165,7 +174,9 @@ class Tanh(Node):
     def backward(self) -> None:
         G = self.upstream_gradient()
         t = self.value
-        self.gradients[self.inbound_nodes[0]] = G * (1.0 - t * t)
+        grad = 1.0 - t * t
+        grad *= G
+        self.gradients[self.inbound_nodes[0]] = grad
 
 
 class ReLU(Node):

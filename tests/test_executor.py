@@ -1,0 +1,142 @@
+"""The executor: gradients only where needed, the transfer ledger and its strict mode, and no
+growth of memory across steps."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from gpuflow.backends import LEDGER
+from gpuflow.optim import SGD
+
+
+def _classifier(seed=0, sizes=(8, 16, 4)):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, list(sizes), seed=seed)
+    loss = gf.SoftmaxCrossEntropy(y, logits)
+    return X, y, logits, loss, params
+
+
+def _batch(n=6, sizes=(8, 16, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, sizes[0])), rng.integers(0, sizes[-1], n)
+
+
+def test_graph_computes_no_gradient_for_data(device):
+    X, y, logits, loss, params = _classifier()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    graph.step(*_batch())
+    assert X not in graph.nodes[-1].gradients
+    first = next(n for n in graph.nodes if isinstance(n, gf.Linear))
+    assert X not in first.gradients, "dX of the data was computed though nothing trains X"
+    assert set(graph.parameters) == set(params.values())
+    for p in graph.parameters:
+        assert p in p.gradients and device.owns(p.gradients[p])
+
+
+def test_graph_and_miniflow_give_the_same_gradients(device):
+    xb, yb = _batch()
+    X, y, logits, loss, params = _classifier()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    graph.step(xb, yb)
+    lean = {name: device.to_host(p.gradients[p]) for name, p in params.items()}
+    sorted_nodes = gf.topological_sort({X: xb, y: yb}, device=device, dtype="float64")
+    gf.forward_and_backward(sorted_nodes)
+    for name, p in params.items():
+        np.testing.assert_allclose(device.to_host(p.gradients[p]), lean[name], rtol=1e-13)
+    assert X.gradients[X].shape == xb.shape, "MiniFlow mode computes every Input's gradient"
+
+
+def test_run_does_no_gradient_work(device):
+    X, y, logits, loss, params = _classifier()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y], outputs=[logits])
+    xb, yb = _batch()
+    out = graph.run(logits, xb)
+    assert tuple(out.shape) == (6, 4)
+    assert all(not p.gradients for p in params.values())
+    ref = graph.run(logits, {X: xb})
+    np.testing.assert_array_equal(device.to_host(out), device.to_host(ref))
+
+
+def test_ledger_counts_one_upload_per_batch_input_and_one_loss_read():
+    device = gf.get_device("array_api_strict:device1")
+    X, y, logits, loss, params = _classifier()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    opt = SGD(graph, 0.1)
+    xb, yb = _batch()
+    graph.step(xb, yb)
+    opt.step()
+    LEDGER.reset()
+    for _ in range(5):
+        graph.item(graph.step(xb, yb))
+        opt.step()
+    counts = LEDGER.snapshot()
+    assert counts["h2d_calls"] == 10 and counts["h2d_bytes"] == 5 * (xb.nbytes + yb.nbytes)
+    assert counts["d2h_calls"] == 5 and counts["syncs"] == 0, counts
+
+
+class _Leaky(gf.Node):
+    """A custom node that (wrongly) round-trips its input through the host every step."""
+
+    def __init__(self, node):
+        gf.Node.__init__(self, [node], name="leaky")
+
+    def forward(self):
+        host = self.device.to_host(self.inbound_nodes[0].value)
+        self.value = self.device.put(host)
+
+    def backward(self):
+        self.gradients[self.inbound_nodes[0]] = self.upstream_gradient()
+
+
+def test_strict_mode_names_the_node_that_transfers():
+    device = gf.get_device("array_api_strict:device1")
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(_Leaky(X), [8, 4], seed=0)
+    loss = gf.SoftmaxCrossEntropy(y, logits)
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y], strict=True)
+    xb, yb = _batch(sizes=(8, 4))
+    graph.step(xb, yb)  # warm-up step: allowed
+    with pytest.raises(gf.TransferError, match=r"d2h of 384 bytes on array_api_strict:device1"):
+        graph.step(xb, yb)
+
+
+def test_strict_mode_allows_batch_upload_and_loss_read(monkeypatch):
+    monkeypatch.setenv("GPUFLOW_STRICT_TRANSFERS", "1")
+    device = gf.get_device("array_api_strict:device1")
+    X, y, logits, loss, params = _classifier()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    assert graph.strict
+    opt = SGD(graph, 0.1)
+    xb, yb = _batch()
+    losses = []
+    for _ in range(4):
+        losses.append(graph.item(graph.step(xb, yb)))
+        opt.step()
+    assert losses[-1] < losses[0]
+
+
+def test_memory_does_not_grow_across_steps():
+    X, y, logits, loss, params = _classifier(sizes=(32, 64, 10))
+    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y])
+    opt = SGD(graph, 0.01, momentum=0.9)
+    xb, yb = _batch(n=16, sizes=(32, 64, 10))
+    for _ in range(20):
+        graph.step(xb, yb)
+        opt.step()
+    tracemalloc.start()
+    try:
+        for _ in range(10):
+            graph.step(xb, yb)
+            opt.step()
+        before, _ = tracemalloc.get_traced_memory()
+        for _ in range(300):
+            graph.step(xb, yb)
+            opt.step()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 4096, f"memory grew by {after - before} bytes over 300 steps"
