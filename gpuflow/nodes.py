@@ -80,6 +80,7 @@ class Input(Node):
         self._value = None
         self._float_dtype = None     # the graph's dtype for floating data (None keeps the fed one)
         self._keep_integers = False  # labels keep their integer dtype; other data becomes float
+        self._classes = None         # for labels: the number of classes, once known
         Node.__init__(self, name=name)
 
     @property
@@ -91,13 +92,35 @@ class Input(Node):
         device = self.device
         if value is None or device is None:
             self._value = value
-        elif device.owns(value) and (
+            return
+        if not (device.owns(value) and (
                 value.dtype == self._float_dtype
-                or (self._float_dtype is None and device.is_floating(value.dtype))):
-            self._value = value  # the common case: already in place
-        else:
-            self._value = device.place(value, self._float_dtype, self._keep_integers,
-                                       what=f"{self.label}.value")
+                or (self._float_dtype is None and device.is_floating(value.dtype)))):
+            if self._keep_integers and not device.owns(value):
+                self._check_labels(value)
+            value = device.place(value, self._float_dtype, self._keep_integers,
+                                 what=f"{self.label}.value")
+        if value.ndim and value.shape[0] == 0:
+            raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
+                             "help: feed at least one row; drop empty batches before the step.")
+        self._value = value
+
+    def _check_labels(self, value: Any) -> None:
+        """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
+        from .backends.numpy import host_array, host_range
+        host = host_array(value, f"{self.label}.value")
+        if host.dtype.kind == "f":
+            raise GraphError(f"{self.label}: labels have dtype {host.dtype}; expected integer "
+                             "class indices.\nhelp: feed an integer array "
+                             "(e.g. y.astype('int64')).")
+        if host.size:
+            lo, hi = host_range(host)
+            classes = self._classes
+            if lo < 0 or (classes is not None and hi >= classes):
+                limit = f"0 .. {classes - 1}" if classes is not None else ">= 0"
+                raise GraphError(f"{self.label}: labels range from {lo} to {hi}, but must be in "
+                                 f"{limit}.\nhelp: check the labels, or the number of outputs "
+                                 "of the last layer.")
 
     def forward(self) -> None:
         """Nothing to compute: the value was fed."""
@@ -252,6 +275,9 @@ class SoftmaxCrossEntropy(Node):
                 f"{self.label}: labels have dtype {y.dtype}; expected integer class indices.\n"
                 f"help: feed {labels.label} an integer array (e.g. y.astype('int64')).")
         n, k = z.shape
+        if labels._classes != k:  # first forward: check these labels here, later ones on feed
+            labels._classes = k
+            self._check_labels_on_device(y, k)
         shifted = z - xp.max(z, axis=1, keepdims=True)
         exp = xp.exp(shifted)
         total = xp.sum(exp, axis=1, keepdims=True)
@@ -260,6 +286,17 @@ class SoftmaxCrossEntropy(Node):
         self.onehot = xp.astype(xp.reshape(y, (-1, 1)) == classes, z.dtype)
         self.n = n
         self.value = -xp.sum(self.onehot * (shifted - xp.log(total))) / n
+
+    def _check_labels_on_device(self, y: Any, k: int) -> None:
+        from .backends import LEDGER
+        xp = self.xp
+        with LEDGER.allowed():  # once, at the first step
+            lo = self.device.item(xp.min(y), what="label check")
+            hi = self.device.item(xp.max(y), what="label check")
+        if lo < 0 or hi >= k:
+            raise GraphError(f"{self.label}: labels range from {lo:g} to {hi:g}, but the logits "
+                             f"have {k} classes (0 .. {k - 1}).\nhelp: check the labels, or "
+                             "the number of outputs of the last layer.")
 
     def backward(self) -> None:
         g = self.upstream_gradient()

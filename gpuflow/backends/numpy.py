@@ -8,7 +8,7 @@ import array_api_compat
 import array_api_compat.numpy as xp
 import numpy
 
-from ..errors import DeviceError
+from ..errors import DeviceError, GraphError
 from . import Device, missing_library
 
 EXAMPLE_SPECS = ("cpu",)
@@ -56,18 +56,23 @@ def is_host_value(value: Any) -> bool:
 
 
 def host_array(value: Any, what: str) -> numpy.ndarray:
-    """`value` as a NumPy array; DeviceError if it is not numeric data."""
+    """`value` as a NumPy array; GraphError if it is not numeric data."""
     if value is None:
-        raise DeviceError(f"{what} is None.\nhelp: feed an array (or set .value) first.")
+        raise GraphError(f"{what} is None.\nhelp: feed an array (or set .value) first.")
     try:
         array = numpy.asarray(value)
     except (ValueError, TypeError) as exc:
-        raise DeviceError(f"{what} cannot be made into an array: {exc}.\n"
-                          "help: feed a rectangular NumPy array or list of numbers.") from None
+        raise GraphError(f"{what} cannot be made into an array: {exc}.\n"
+                         "help: feed a rectangular NumPy array or list of numbers.") from None
     if array.dtype.kind not in "biuf":
-        raise DeviceError(f"{what} has dtype {array.dtype}, not numbers.\n"
-                          "help: feed a float (or integer label) NumPy array.")
+        raise GraphError(f"{what} has dtype {array.dtype}, not numbers.\n"
+                         "help: feed a float (or integer label) NumPy array.")
     return array
+
+
+def host_range(value: Any) -> tuple[Any, Any]:
+    """(min, max) of a non-empty host array."""
+    return value.min(), value.max()
 
 
 def host_rng(seed: int | None) -> numpy.random.Generator:
