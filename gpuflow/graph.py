@@ -253,10 +253,15 @@ _NULL = _Null()
 
 def check_learning_rate(learning_rate: float) -> float:
     """`learning_rate` as a float; ValueError unless it is finite and positive."""
+    # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
+    not_a_number = isinstance(learning_rate, (str, bytes, bool))
     try:
         lr = float(learning_rate)
     except (TypeError, ValueError):
-        raise ValueError(f"learning_rate must be a number, got {learning_rate!r}.") from None
+        not_a_number = True
+    if not_a_number:
+        raise ValueError(f"learning_rate must be a number, got {learning_rate!r}.\n"
+                         "help: pass e.g. learning_rate=1e-2 (a float).")
     if not (math.isfinite(lr) and lr > 0.0):
         raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.\n"
                          "help: pass e.g. learning_rate=1e-2.")

@@ -183,6 +183,10 @@ class Device:
 
     def _refuse_foreign(self, value: Any, what: str) -> None:
         foreign = foreign_device_name(value)
+        if foreign is not None and foreign.startswith("an unknown library"):
+            raise DeviceError(
+                f"{what} is {type(value).__name__} from {foreign}, which gpuflow cannot place "
+                f"on {self.name}.\nhelp: pass a NumPy array (e.g. numpy.asarray(value)).")
         if foreign is not None:
             raise DeviceError(
                 f"{what} is an array on {foreign}, but the graph is on {self.name}.\n"

@@ -21,7 +21,9 @@ class NumpyDevice(Device):
     backend = "numpy"
 
     def owns(self, value: Any) -> bool:
-        return type(value) is numpy.ndarray or array_api_compat.is_numpy_array(value)
+        # Only numeric arrays: an object or string array must go through host_array's check.
+        return ((type(value) is numpy.ndarray or array_api_compat.is_numpy_array(value))
+                and value.dtype.kind in "biuf")
 
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
@@ -51,8 +53,12 @@ def array_device_name(value: Any) -> str | None:
 
 
 def is_host_value(value: Any) -> bool:
-    """Whether `value` is a host value: a NumPy array or scalar, a Python scalar or list."""
-    return isinstance(value, (numpy.ndarray, numpy.generic, int, float, bool, list, tuple))
+    """Whether `value` is a host value: a NumPy array or scalar, a Python scalar or list.
+
+    None and strings count too, so that `host_array` reports them as what they are.
+    """
+    return value is None or isinstance(
+        value, (numpy.ndarray, numpy.generic, int, float, bool, list, tuple, str, bytes))
 
 
 def host_array(value: Any, what: str) -> numpy.ndarray:

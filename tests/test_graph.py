@@ -1,0 +1,557 @@
+"""Building and running graphs: Kahn's sort, gradient accumulation, custom MiniFlow-style nodes,
+error messages, device placement, training loops across devices, agreement with torch autograd,
+and sgd_update."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from conftest import assert_on_device, host
+
+
+# -- custom nodes written the way the MiniFlow lessons write them --------------------------------
+class Add(gf.Node):
+    """MiniFlow's Add: forward sums the inputs; backward loops over the outbound nodes."""
+
+    def __init__(self, *inputs):
+        gf.Node.__init__(self, list(inputs))
+
+    def forward(self):
+        total = self.inbound_nodes[0].value
+        for n in self.inbound_nodes[1:]:
+            total = total + n.value
+        self.value = total
+
+    def backward(self):
+        self.gradients = {n: self.xp.zeros_like(n.value) for n in self.inbound_nodes}
+        for n in self.outbound_nodes:
+            grad_cost = n.gradients[self]
+            for inbound in self.inbound_nodes:
+                self.gradients[inbound] += grad_cost
+
+
+class SumLosses(gf.Node):
+    """The sum of scalar losses: the end of the graph, so its own gradient is 1."""
+
+    def __init__(self, *losses):
+        gf.Node.__init__(self, list(losses))
+
+    def forward(self):
+        self.value = self.xp.sum(self.xp.stack([n.value for n in self.inbound_nodes]))
+
+    def backward(self):
+        for n in self.inbound_nodes:
+            self.gradients[n] = self.xp.ones_like(n.value)
+
+
+class NumpyAdd(gf.Node):
+    """An Add that calls NumPy directly, as old MiniFlow code does: fine on the CPU."""
+
+    def __init__(self, x, y):
+        gf.Node.__init__(self, [x, y])
+
+    def forward(self):
+        self.value = np.add(self.inbound_nodes[0].value, self.inbound_nodes[1].value)
+
+    def backward(self):
+        self.gradients = {n: np.zeros_like(n.value) for n in self.inbound_nodes}
+        for n in self.outbound_nodes:
+            for inbound in self.inbound_nodes:
+                self.gradients[inbound] += n.gradients[self]
+
+
+def _mlp_weights(rng, sizes):
+    return [(rng.normal(size=(a, b)) / math.sqrt(a), rng.normal(size=b) * 0.1)
+            for a, b in zip(sizes[:-1], sizes[1:])]
+
+
+# -- Kahn's sort ---------------------------------------------------------------------------------
+def test_sort_puts_every_node_after_its_inputs():
+    rng = np.random.default_rng(0)
+    X, W1, b1, W2, b2, y = (gf.Input(name=n) for n in ("X", "W1", "b1", "W2", "b2", "y"))
+    h = gf.Linear(X, W1, b1, name="h")
+    s = gf.Sigmoid(h, name="s")
+    t = gf.Tanh(h, name="t")
+    both = Add(s, t)
+    out = gf.Linear(both, W2, b2, name="out")
+    cost = gf.MSE(y, out, name="cost")
+    # Fed in an order unlike the topological one; W2 and b2 are set through .value beforehand,
+    # as MiniFlow's weights may be, so they are reachable only through inbound edges.
+    W2.value = rng.normal(size=(4, 1))
+    b2.value = np.zeros(1)
+    graph = gf.topological_sort({y: rng.normal(size=(3, 1)), b1: np.zeros(4),
+                                 X: rng.normal(size=(3, 2)), W1: rng.normal(size=(2, 4))})
+    expected = {X, W1, b1, W2, b2, y, h, s, t, both, out, cost}
+    assert set(graph) == expected, f"missing {expected - set(graph)}"
+    assert len(graph) == len(expected), f"duplicates in {graph}"
+    position = {n: i for i, n in enumerate(graph)}
+    for node in graph:
+        for n in node.inbound_nodes:
+            assert position[n] < position[node], f"{n.label} sorted after {node.label}: {graph}"
+    assert graph[-1] is cost
+    gf.forward_and_backward(graph)
+    assert W2.gradients[W2].shape == (4, 1)
+
+
+def test_sort_handles_a_node_using_one_input_twice(device):
+    x = gf.Input(name="x")
+    double = Add(x, x)
+    graph = gf.topological_sort({x: np.array([1.0, 2.0])}, device=device)
+    assert graph == [x, double]
+    np.testing.assert_array_equal(host(device, gf.forward_pass(double, graph)), [2.0, 4.0])
+
+
+def test_feed_dict_key_must_be_an_input():
+    X, W, b = gf.Input(), gf.Input(), gf.Input()
+    lin = gf.Linear(X, W, b, name="hidden")
+    with pytest.raises(gf.GraphError, match=r"Linear 'hidden'.*not an Input(.|\n)*help:"):
+        gf.topological_sort({X: np.ones((1, 1)), lin: np.ones((1, 1))})
+    with pytest.raises(gf.GraphError, match="feed_dict must be a dict"):
+        gf.topological_sort([(X, np.ones((1, 1)))])
+
+
+def test_feed_of_none_names_the_input():
+    X, W, b = gf.Input(name="X"), gf.Input(name="weights"), gf.Input(name="b")
+    gf.Linear(X, W, b, name="hidden")
+    with pytest.raises(gf.GraphError) as info:
+        gf.topological_sort({X: np.ones((2, 3)), W: None, b: np.zeros(1)})
+    msg = str(info.value)
+    assert "Input 'weights'" in msg and "Linear 'hidden'" in msg and "help:" in msg, msg
+
+
+def test_missing_feed_names_the_input_and_its_user():
+    X, W = gf.Input(name="X"), gf.Input(name="W")
+    b = gf.Input(name="b")  # used by the Linear, never fed, no value
+    gf.Linear(X, W, b, name="hidden")
+    with pytest.raises(gf.GraphError) as info:
+        gf.topological_sort({X: np.ones((2, 3)), W: np.ones((3, 1))})
+    msg = str(info.value)
+    assert "Input 'b'" in msg and "Linear 'hidden'" in msg, msg
+    assert "help:" in msg and "feed_dict" in msg, msg
+
+
+def test_cycle_is_reported_as_a_cycle():
+    X = gf.Input(name="X")
+    s = gf.Sigmoid(X, name="s")
+    t = gf.Tanh(s, name="t")
+    r = gf.ReLU(t, name="r")
+    # Close the loop r -> s by hand: s now depends on its own output.
+    s.inbound_nodes.append(r)
+    r.outbound_nodes.append(s)
+    with pytest.raises(gf.GraphError) as info:
+        gf.topological_sort({X: np.ones(3)})
+    msg = str(info.value)
+    assert "cycle" in msg, msg
+    for label in ("Sigmoid 's'", "Tanh 't'", "ReLU 'r'"):
+        assert label in msg, f"{label} missing from: {msg}"
+    assert "Input 'X'" not in msg.split("\n")[0], f"X is not on the cycle: {msg}"
+
+
+# -- shape errors, when the graph runs -----------------------------------------------------------
+def test_linear_shape_mismatch_names_node_and_shapes(device):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    hidden = gf.Linear(X, W, b, name="hidden")
+    graph = gf.topological_sort({X: np.ones((32, 5)), W: np.ones((4, 10)), b: np.zeros(10)},
+                                device=device)
+    with pytest.raises(gf.GraphError) as info:
+        gf.forward_pass(hidden, graph)
+    msg = str(info.value)
+    for part in ("Linear 'hidden'", "(32, 5)", "(4, 10)", "help:"):
+        assert part in msg, f"{part} missing from: {msg}"
+
+
+def test_mse_length_mismatch_names_both_shapes(device):
+    y, a = gf.Input(name="y"), gf.Input(name="a")
+    cost = gf.MSE(y, a, name="cost")
+    graph = gf.topological_sort({y: np.ones((5, 1)), a: np.ones((4, 1))}, device=device)
+    with pytest.raises(gf.GraphError) as info:
+        gf.forward_pass(cost, graph)
+    msg = str(info.value)
+    for part in ("MSE 'cost'", "(5, 1)", "(4, 1)", "Input 'y'", "Input 'a'"):
+        assert part in msg, f"{part} missing from: {msg}"
+
+
+# -- gradients summed over outbound nodes, custom nodes ------------------------------------------
+def test_two_outbound_nodes_get_the_sum_of_gradients(device):
+    rng = np.random.default_rng(3)
+    x, y_ = rng.normal(size=(6, 3)), rng.normal(size=(6, 1))
+    w1, b1_, w2, b2_ = (rng.normal(size=(3, 1)), rng.normal(size=1),
+                        rng.normal(size=(3, 1)), rng.normal(size=1))
+    X, y, W1, b1, W2, b2 = (gf.Input(name=n) for n in ("X", "y", "W1", "b1", "W2", "b2"))
+    total = Add(gf.Linear(X, W1, b1), gf.Linear(X, W2, b2))   # X has two outbound nodes
+    cost = gf.MSE(y, total)
+    graph = gf.topological_sort({X: x, y: y_, W1: w1, b1: b1_, W2: w2, b2: b2_}, device=device)
+    gf.forward_and_backward(graph)
+
+    a = x @ w1 + b1_ + x @ w2 + b2_
+    G = -2.0 * (y_ - a) / y_.size               # d cost / d a
+    expected = {X: G @ w1.T + G @ w2.T, W1: x.T @ G, W2: x.T @ G,
+                b1: G.sum(axis=0), b2: G.sum(axis=0), y: -G}
+    np.testing.assert_allclose(float(host(device, cost.value)), np.mean((y_ - a) ** 2),
+                               rtol=1e-12)
+    for node, want in expected.items():
+        got = host(device, node.gradients[node])
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-14,
+                                   err_msg=f"d cost / d {node.label} on {device.name}")
+        assert_on_device(device, node.gradients[node], f"{node.label}.gradients")
+
+
+def test_an_input_feeding_two_losses_gets_both_gradients(device):
+    rng = np.random.default_rng(4)
+    x, y1_, y2_ = rng.normal(size=(5, 2)), rng.normal(size=(5, 1)), rng.normal(size=(5, 3))
+    w1, w2 = rng.normal(size=(2, 1)), rng.normal(size=(2, 3))
+    b1_, b2_ = np.zeros(1), np.zeros(3)
+    X, W1, W2, b1, b2, y1, y2 = (gf.Input(name=n)
+                                 for n in ("X", "W1", "W2", "b1", "b2", "y1", "y2"))
+    loss1 = gf.MSE(y1, gf.Linear(X, W1, b1))
+    loss2 = gf.MSE(y2, gf.Sigmoid(gf.Linear(X, W2, b2)))
+    total = SumLosses(loss1, loss2)
+    graph = gf.topological_sort({X: x, W1: w1, W2: w2, b1: b1_, b2: b2_, y1: y1_, y2: y2_},
+                                device=device)
+    assert graph[-1] is total
+    gf.forward_and_backward(graph)
+
+    a1 = x @ w1 + b1_
+    z2 = x @ w2 + b2_
+    s2 = 1 / (1 + np.exp(-z2))
+    G1 = -2.0 * (y1_ - a1) / y1_.size
+    G2 = -2.0 * (y2_ - s2) / y2_.size * s2 * (1 - s2)
+    np.testing.assert_allclose(float(host(device, total.value)),
+                               np.mean((y1_ - a1) ** 2) + np.mean((y2_ - s2) ** 2), rtol=1e-12)
+    np.testing.assert_allclose(host(device, X.gradients[X]), G1 @ w1.T + G2 @ w2.T,
+                               rtol=1e-10, err_msg=device.name)
+    np.testing.assert_allclose(host(device, W1.gradients[W1]), x.T @ G1, rtol=1e-10)
+    np.testing.assert_allclose(host(device, W2.gradients[W2]), x.T @ G2, rtol=1e-10)
+
+
+def test_numeric_gradient_through_custom_nodes(device):
+    """The hand-derived gradients above, checked against central differences too."""
+    rng = np.random.default_rng(5)
+    x, w = rng.normal(size=(4, 3)), rng.normal(size=(3, 2))
+    X, W, b, y = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b"), gf.Input(name="y")
+    lin = gf.Linear(X, W, b)
+    cost = SumLosses(gf.MSE(y, Add(gf.Tanh(lin), gf.Sigmoid(lin))), gf.MSE(y, lin))
+    feed = {X: x, W: w, b: np.zeros(2), y: rng.normal(size=(4, 2))}
+    graph = gf.topological_sort(feed, device=device)
+    gf.forward_and_backward(graph)
+    analytic = host(device, W.gradients[W])
+    numeric = np.zeros_like(w)
+    h = 1e-6
+    for i in np.ndindex(*w.shape):
+        for sign in (1.0, -1.0):
+            wp = w.copy()
+            wp[i] += sign * h
+            W.value = wp
+            numeric[i] += sign * float(host(device, gf.forward_pass(cost, graph)))
+        numeric[i] /= 2 * h
+    np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9, err_msg=device.name)
+
+
+def test_custom_node_calling_numpy_works_on_cpu():
+    x, y = gf.Input(name="x"), gf.Input(name="y")
+    s = NumpyAdd(x, y)
+    target = gf.Input(name="target")
+    cost = gf.MSE(target, s)
+    graph = gf.topological_sort({x: np.array([1.0, 2.0]), y: np.array([3.0, 5.0]),
+                                 target: np.array([4.0, 4.0])}, device="cpu")
+    gf.forward_and_backward(graph)
+    np.testing.assert_array_equal(s.value, [4.0, 7.0])
+    assert float(cost.value) == 4.5
+    np.testing.assert_allclose(x.gradients[x], [0.0, 3.0])
+    np.testing.assert_allclose(y.gradients[y], [0.0, 3.0])
+
+
+# -- feeds: MiniFlow's scalars and lists, values set after the graph is built --------------------
+def test_lesson_add_with_python_scalars(device):
+    x, y = gf.Input(), gf.Input()
+    f = Add(x, y)
+    graph = gf.topological_sort({x: 10, y: 5}, device=device)
+    out = gf.forward_pass(f, graph)
+    assert float(host(device, out)) == 15.0
+    assert_on_device(device, out, "x + y")
+
+
+def test_lists_as_feeds(device):
+    x, y, z = gf.Input(), gf.Input(), gf.Input()
+    f = Add(x, y, z)
+    graph = gf.topological_sort({x: [1, 2], y: [3.5, 4], z: 1}, device=device)
+    np.testing.assert_array_equal(host(device, gf.forward_pass(f, graph)), [5.5, 7.0])
+    x.value = [10, 20]
+    np.testing.assert_array_equal(host(device, gf.forward_pass(f, graph)), [14.5, 25.0])
+
+
+def test_value_set_later_lands_on_the_device_in_its_dtype(device):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    L = gf.Input(name="labels")
+    logits = gf.Linear(X, W, b)
+    loss = gf.SoftmaxCrossEntropy(L, logits)
+    rng = np.random.default_rng(0)
+    graph = gf.topological_sort({X: rng.normal(size=(4, 3)), W: rng.normal(size=(3, 2)),
+                                 b: np.zeros(2), L: np.array([0, 1, 1, 0])},
+                                device=device, dtype="float32")
+    f32 = device.dtype("float32")
+    assert W.value.dtype == f32
+
+    X.value = rng.normal(size=(5, 3))                     # float64 host array
+    assert device.owns(X.value), f"X.value is {type(X.value).__name__}, not on {device.name}"
+    assert X.value.dtype == f32, f"float64 batch kept {X.value.dtype} on a float32 graph"
+
+    X.value = np.arange(15).reshape(5, 3)                 # integer data becomes float
+    assert device.owns(X.value) and X.value.dtype == f32, X.value.dtype
+
+    L.value = np.array([1, 0, 1, 1, 0], dtype=np.int64)   # labels stay integer
+    assert device.owns(L.value)
+    assert not device.xp.isdtype(L.value.dtype, "real floating"), L.value.dtype
+    gf.forward_and_backward(graph)
+    assert loss.value.dtype == f32
+    assert X.gradients[X].shape == (5, 3) and W.gradients[W].dtype == f32
+    np.testing.assert_array_equal(host(device, L.value), [1, 0, 1, 1, 0])
+
+
+def test_value_set_later_keeps_float64_by_default(device):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    gf.Linear(X, W, b)
+    gf.topological_sort({X: np.ones((2, 2)), W: np.ones((2, 1)), b: np.zeros(1)}, device=device)
+    X.value = np.arange(4).reshape(2, 2)
+    assert device.owns(X.value) and X.value.dtype == device.dtype("float64"), X.value.dtype
+    X.value = np.ones((2, 2), dtype=np.float32)  # no graph dtype: a float feed keeps its own
+    assert device.owns(X.value) and X.value.dtype == device.dtype("float32"), X.value.dtype
+
+
+# -- arrays that live on another device are refused, never moved silently ------------------------
+def test_torch_tensor_fed_to_a_cpu_graph_is_refused():
+    torch = pytest.importorskip("torch")
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    gf.Linear(X, W, b)
+    with pytest.raises(gf.DeviceError) as info:
+        gf.topological_sort({X: torch.ones(2, 3, dtype=torch.float64), W: np.ones((3, 1)),
+                             b: np.zeros(1)}, device="cpu")
+    msg = str(info.value)
+    for part in ("Input 'X'", "torch:cpu", "graph is on cpu", "help:"):
+        assert part in msg, f"{part} missing from: {msg}"
+
+    graph = gf.topological_sort({X: np.ones((2, 3)), W: np.ones((3, 1)), b: np.zeros(1)})
+    with pytest.raises(gf.DeviceError, match=r"Input 'X'(.|\n)*torch:cpu(.|\n)*help:"):
+        X.value = torch.ones(2, 3, dtype=torch.float64)
+    assert isinstance(graph[0].value, np.ndarray)
+
+
+def test_device1_array_fed_to_a_cpu_graph_is_refused():
+    pytest.importorskip("array_api_strict")
+    d1 = gf.get_device("array_api_strict:device1")
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    gf.Linear(X, W, b)
+    gf.topological_sort({X: np.ones((2, 3)), W: np.ones((3, 1)), b: np.zeros(1)}, device="cpu")
+    with pytest.raises(gf.DeviceError) as info:
+        W.value = d1.put(np.ones((3, 1)))
+    msg = str(info.value)
+    for part in ("Input 'W'", "array_api_strict:device1", "cpu", "help:"):
+        assert part in msg, f"{part} missing from: {msg}"
+
+
+def test_strict_cpu_array_fed_to_a_device1_graph_is_refused():
+    pytest.importorskip("array_api_strict")
+    strict_cpu = gf.get_device("array_api_strict")
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    gf.Linear(X, W, b)
+    with pytest.raises(gf.DeviceError) as info:
+        gf.topological_sort({X: strict_cpu.put(np.ones((2, 3))), W: np.ones((3, 1)),
+                             b: np.zeros(1)}, device="array_api_strict:device1")
+    msg = str(info.value)
+    assert "Input 'X'" in msg and "array_api_strict:device1" in msg, msg
+    assert "is an array on array_api_strict," in msg and "help:" in msg, msg
+
+
+# -- training loops ------------------------------------------------------------------------------
+def _regression_graph(device, dtype=None, seed=0):
+    """MiniFlow's nn.py network (Linear-Sigmoid-Linear-MSE) on seeded host data."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(40, 4))
+    y_ = x @ rng.normal(size=(4, 1)) + 0.1 * rng.normal(size=(40, 1))
+    w1, b1_ = rng.normal(size=(4, 6)), np.zeros(6)
+    w2, b2_ = rng.normal(size=(6, 1)), np.zeros(1)
+    X, y, W1, b1, W2, b2 = (gf.Input(name=n) for n in ("X", "y", "W1", "b1", "W2", "b2"))
+    cost = gf.MSE(y, gf.Linear(gf.Sigmoid(gf.Linear(X, W1, b1)), W2, b2))
+    # Copies: on the CPU the graph uses the fed arrays themselves and sgd_update changes them.
+    feed = {X: x[:8], y: y_[:8], W1: w1.copy(), b1: b1_.copy(), W2: w2.copy(), b2: b2_.copy()}
+    graph = gf.topological_sort(feed, device=device, dtype=dtype)
+    return graph, (X, y), (W1, b1, W2, b2), (x, y_), cost
+
+
+def _train(device, steps, check=None):
+    graph, (X, y), trainables, (x, y_), cost = _regression_graph(device)
+    losses = []
+    for step in range(steps):
+        rows = slice(8 * step % 40, 8 * step % 40 + 8)
+        X.value = x[rows]
+        y.value = y_[rows]
+        gf.forward_and_backward(graph)
+        gf.sgd_update(trainables, learning_rate=0.1)
+        losses.append(float(host(graph.device, graph[-1].value)))
+        if check is not None:
+            check(graph, step)
+    return losses
+
+
+def test_training_on_device1_keeps_everything_on_device1():
+    pytest.importorskip("array_api_strict")
+    device = gf.get_device("array_api_strict:device1")
+
+    def check(graph, step):
+        for node in graph:
+            assert_on_device(device, node.value, f"step {step}: {node.label}.value")
+            for target, g in node.gradients.items():
+                assert_on_device(device, g, f"step {step}: {node.label}.gradients"
+                                            f"[{target.label}]")
+
+    losses = _train(device, 20, check)
+    assert losses[-1] < losses[0], losses
+
+
+def test_same_losses_on_every_device(device):
+    expected = _train("cpu", 12)
+    got = _train(device, 12)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, err_msg=f"{device.name} vs cpu")
+    assert expected[-1] < expected[0]
+
+
+def test_float32_training_runs_in_float32(device):
+    graph, (X, y), trainables, (x, y_), cost = _regression_graph(device, dtype="float32")
+    f32 = device.dtype("float32")
+    for step in range(3):
+        X.value, y.value = x[8 * step:8 * step + 8], y_[8 * step:8 * step + 8]
+        gf.forward_and_backward(graph)
+        gf.sgd_update(trainables)
+    for node in graph:
+        assert node.value.dtype == f32, f"{node.label}.value is {node.value.dtype}"
+    for t in trainables:
+        assert t.gradients[t].dtype == f32, f"{t.label} gradient is {t.gradients[t].dtype}"
+
+
+def test_gradients_match_torch_autograd(device):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(7)
+    sizes = [5, 8, 6, 4]
+    weights = _mlp_weights(rng, sizes)
+    x = rng.normal(size=(10, 5))
+    labels = rng.integers(0, 4, size=10)
+
+    X, L = gf.Input(name="X"), gf.Input(name="labels")
+    params = [(gf.Input(name=f"W{i}"), gf.Input(name=f"b{i}")) for i in range(3)]
+    h = gf.ReLU(gf.Linear(X, *params[0]))
+    h = gf.Tanh(gf.Linear(h, *params[1]))
+    loss = gf.SoftmaxCrossEntropy(L, gf.Linear(h, *params[2]))
+    feed = {X: x, L: labels}
+    for (W, b), (w, b_) in zip(params, weights):
+        feed[W], feed[b] = w, b_
+    graph = gf.topological_sort(feed, device=device, dtype="float64")
+    gf.forward_and_backward(graph)
+
+    def t(a):
+        return torch.tensor(a, dtype=torch.float64, requires_grad=True)
+    tx = t(x)
+    tw = [(t(w), t(b_)) for w, b_ in weights]
+    th = torch.relu(tx @ tw[0][0] + tw[0][1])
+    th = torch.tanh(th @ tw[1][0] + tw[1][1])
+    tloss = torch.nn.functional.cross_entropy(th @ tw[2][0] + tw[2][1], torch.tensor(labels))
+    tloss.backward()
+
+    np.testing.assert_allclose(float(host(device, loss.value)), tloss.item(), rtol=1e-12)
+    pairs = [(X, tx)] + [(n, tn) for p, tp in zip(params, tw) for n, tn in zip(p, tp)]
+    for node, tnode in pairs:
+        np.testing.assert_allclose(host(device, node.gradients[node]), tnode.grad.numpy(),
+                                   rtol=1e-9, atol=1e-15,
+                                   err_msg=f"d loss / d {node.label} on {device.name}")
+
+
+# -- sgd_update ----------------------------------------------------------------------------------
+def _one_step_graph(device="cpu"):
+    graph, (X, y), trainables, _, cost = _regression_graph(device)
+    gf.forward_and_backward(graph)
+    return graph, trainables
+
+
+@pytest.mark.parametrize("lr, why", [
+    (-0.1, "> 0"), (0.0, "> 0"), (0, "> 0"), (float("nan"), "> 0"), (float("inf"), "> 0"),
+    ("0.1", "number"), (None, "number"), ([0.1], "number"), (True, "number"),
+])
+def test_sgd_update_refuses_bad_learning_rates(lr, why):
+    graph, trainables = _one_step_graph()
+    before = [t.value.copy() for t in trainables]
+    with pytest.raises(ValueError, match=why) as info:
+        gf.sgd_update(trainables, learning_rate=lr)
+    assert "learning_rate" in str(info.value) and repr(lr) in str(info.value)
+    for t, b in zip(trainables, before):
+        np.testing.assert_array_equal(t.value, b, err_msg=f"{t.label} changed on refusal")
+
+
+def test_sgd_update_accepts_numpy_scalars():
+    graph, trainables = _one_step_graph()
+    gf.sgd_update(trainables, learning_rate=np.float32(0.01))
+
+
+def test_sgd_update_without_gradient_names_the_trainable():
+    graph, trainables = _one_step_graph()
+    stray = gf.Input(name="stray")
+    stray.value = np.ones(3)
+    with pytest.raises(gf.GraphError) as info:
+        gf.sgd_update(list(trainables) + [stray])
+    msg = str(info.value)
+    assert "Input 'stray'" in msg and "forward_and_backward" in msg, msg
+
+    graph, (X, y), trainables, _, cost = _regression_graph("cpu")  # built, never run
+    with pytest.raises(gf.GraphError, match="Input 'W1' has no gradient"):
+        gf.sgd_update(trainables)
+
+
+def test_sgd_update_steps_by_minus_lr_times_gradient(device):
+    graph, trainables = _one_step_graph(device)
+    before = [host(device, t.value).copy() for t in trainables]
+    grads = [host(device, t.gradients[t]).copy() for t in trainables]
+    assert all(np.abs(g).max() > 0 for g in grads)
+    gf.sgd_update(trainables, learning_rate=0.25)
+    for t, b, g in zip(trainables, before, grads):
+        assert_on_device(device, t.value, t.label)
+        np.testing.assert_allclose(host(device, t.value), b - 0.25 * g, rtol=1e-13,
+                                   err_msg=f"{t.label} on {device.name}")
+
+
+def test_sgd_update_default_learning_rate_is_1e_2():
+    graph, trainables = _one_step_graph()
+    W1 = trainables[0]
+    before, grad = W1.value.copy(), W1.gradients[W1].copy()
+    gf.sgd_update(trainables)
+    np.testing.assert_allclose(W1.value, before - 1e-2 * grad, rtol=1e-13)
+
+
+# -- forward_and_backward on any list ------------------------------------------------------------
+def test_forward_and_backward_on_a_plain_list(device):
+    graph, (X, y), trainables, _, cost = _regression_graph(device)
+    gf.forward_and_backward(graph)
+    expected = [host(device, t.gradients[t]).copy() for t in trainables]
+    loss = float(host(device, cost.value))
+    plain = list(graph)
+    assert type(plain) is list
+    gf.forward_and_backward(plain)
+    assert float(host(device, cost.value)) == loss
+    for t, want in zip(trainables, expected):
+        np.testing.assert_array_equal(host(device, t.gradients[t]), want, err_msg=t.label)
+    assert float(host(device, gf.forward_pass(cost, plain))) == loss
+
+
+def test_one_node_in_two_slots_of_a_linear_gets_both_gradients(device):
+    """Linear(X, X, b) is X @ X + b: d/dX is G Xᵀ + Xᵀ G, not just the last slot's term."""
+    rng = np.random.default_rng(8)
+    x, y_ = rng.normal(size=(3, 3)), rng.normal(size=(3, 3))
+    X, b, y = gf.Input(name="X"), gf.Input(name="b"), gf.Input(name="y")
+    gf.MSE(y, gf.Linear(X, X, b))
+    graph = gf.topological_sort({X: x, b: np.zeros(3), y: y_}, device=device)
+    for _ in range(2):  # twice: nothing may carry over from one backward pass to the next
+        gf.forward_and_backward(graph)
+        G = -2.0 * (y_ - x @ x) / y_.size
+        np.testing.assert_allclose(host(device, X.gradients[X]), G @ x.T + x.T @ G,
+                                   rtol=1e-12, err_msg=device.name)
