@@ -152,13 +152,12 @@ class Linear(Node):
         G = self.upstream_gradient()
         X, W, b = self.inbound_nodes
         grad_X, grad_W, grad_b = self.needs_grad
-        self.gradients = {}
         if grad_X:
             self.gradients[X] = G @ W.value.T
         if grad_W:
             dW = X.value.T @ G
             # Linear(X, X, b) computes X @ X: both uses' gradients add up.
-            self.gradients[W] = self.gradients[W] + dW if W in self.gradients else dW
+            self.gradients[W] = self.gradients[X] + dW if W is X else dW
         if grad_b:
             db = self.xp.sum(G, axis=0)
             self.gradients[b] = db if b.value.ndim == 1 else self.xp.reshape(db, b.value.shape)

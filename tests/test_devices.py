@@ -228,7 +228,7 @@ def test_put_of_lists_and_scalars(device):
     (None, "is None"),
 ])
 def test_put_refuses_non_numbers(device, bad, why):
-    with pytest.raises(gf.DeviceError, match=why) as info:
+    with pytest.raises(gf.GraphError, match=why) as info:
         device.put(bad, what="thing")
     assert "thing" in str(info.value) and "help:" in str(info.value)
 
@@ -264,14 +264,12 @@ def test_ledger_counts_nothing_on_cpu():
 
 @pytest.fixture
 def strict_ledger():
-    """LEDGER in strict mode for one test, restored afterwards."""
-    saved = LEDGER.strict
-    LEDGER.strict = True
+    """LEDGER enforcing strict mode for one test, restored afterwards."""
     LEDGER.reset()
     try:
-        yield LEDGER
+        with LEDGER.enforcing():
+            yield LEDGER
     finally:
-        LEDGER.strict = saved
         LEDGER.reset()
 
 
