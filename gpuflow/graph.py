@@ -12,7 +12,7 @@ import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
-from .backends import LEDGER, Device, TransferLedger, get_device
+from .backends import LEDGER, Device, TransferLedger, _dtype_name, get_device
 from .errors import GpuflowError, GraphError
 from .nodes import Input, Node
 
@@ -118,11 +118,17 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
         raise GraphError(f"dtype {dtype!r} is not a floating dtype.\n"
                          "help: pass dtype='float32' or 'float64' (or None to keep the fed one).")
     for node in order:
+        if node.device is not None and node.device is not device:
+            raise GraphError(
+                f"{node.label} already belongs to a graph on {node.device.name}; this graph is "
+                f"on {device.name}, and a node lives on one device.\nhelp: build the model "
+                f"again for {device.name} (the same seed gives the same initial weights), or "
+                "save a checkpoint and load it into the new model.")
+    for node in order:
         node.device = device
         node.xp = device.xp
-    for node in order:
-        if not isinstance(node, Input):
-            continue
+    inputs = [node for node in order if isinstance(node, Input)]
+    for node in inputs:
         node._float_dtype = float_dtype
         consumers = [(m, i) for m in node.outbound_nodes
                      for i, n in enumerate(m.inbound_nodes) if n is node]
@@ -136,6 +142,26 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
         node.value = value
+    if float_dtype is None:
+        _one_float_dtype(inputs, device)
+
+
+def _one_float_dtype(inputs: Sequence[Input], device: Device) -> None:
+    """With no dtype given, the fed floating values must agree; later feeds take that dtype.
+
+    Mixed float32 and float64 values would silently promote the float32 ones to float64.
+    """
+    floats = {n: n.value.dtype for n in inputs
+              if n.value is not None and device.is_floating(n.value.dtype)}
+    kinds = set(floats.values())
+    if len(kinds) > 1:
+        listing = ", ".join(f"{n.label}: {_dtype_name(d)}" for n, d in floats.items())
+        raise GraphError(f"the fed values mix floating dtypes ({listing}); float32 values "
+                         "would be promoted to float64 silently.\nhelp: pass dtype='float32' "
+                         "or dtype='float64' to topological_sort, and every feed is converted.")
+    common = next(iter(kinds)) if kinds else None
+    for node in inputs:
+        node._float_dtype = common
 
 
 def _missing_feed(node: Input) -> GraphError:
@@ -291,6 +317,8 @@ class Graph:
     outputs: extra nodes to run for inference (e.g. logits for predictions).
     strict: after the first step, refuse every host<->device transfer or synchronisation
     except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
+    check_finite: after every step, check every value and gradient for NaN or Inf and raise
+    a GraphError naming the node where one first appeared (one extra read per step).
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
     forward only, without gradient work; `item` reads a device scalar as a float (the one
@@ -300,9 +328,12 @@ class Graph:
     def __init__(self, loss: Node, *, device: "str | Device | None" = None,
                  dtype: Any = "float32", inputs: Sequence[Input] | None = None,
                  parameters: Sequence[Node] | None = None, outputs: Sequence[Node] = (),
-                 strict: bool | None = None) -> None:
+                 strict: bool | None = None, check_finite: bool = False) -> None:
         if not isinstance(loss, Node):
             raise GraphError(f"Graph needs a loss node, got {type(loss).__name__}.")
+        if dtype is None:
+            raise GraphError("Graph(dtype=None): a Graph fixes one floating dtype for every "
+                             "value.\nhelp: pass dtype='float32' (training) or 'float64'.")
         self.loss = loss
         self.device = get_device(device)
         self.nodes = kahn_sort(_upstream([loss, *outputs]))
@@ -320,6 +351,7 @@ class Graph:
         self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
+        self.check_finite = check_finite
         self.steps = 0
 
     def named_parameters(self) -> dict[str, Node]:
@@ -346,12 +378,31 @@ class Graph:
                     self._forward_backward()
             else:
                 self._forward_backward()
+            if self.check_finite:
+                self._check_finite()
         self.steps += 1
         return self.loss.value
 
     def _forward_backward(self) -> None:
         run_forward(self._compute)
         run_backward(self._backward)
+
+    def _check_finite(self) -> None:
+        """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
+        xp = self.device.xp
+        arrays = [(n, "value", n.value) for n in self._compute]
+        arrays += [(n, f"gradient for {target.label}", g) for n in self._backward
+                   for target, g in n.gradients.items() if not isinstance(g, float)]
+        flags = xp.stack([xp.all(xp.isfinite(a)) for _, _, a in arrays])
+        if self.item(xp.all(flags)):
+            return
+        with LEDGER.allowed():
+            host = self.device.to_host(flags, what="finite check")
+        node, what, array = arrays[[bool(f) for f in host].index(False)]
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}'s "
+                         f"{what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
+                         "lower the learning rate, check the inputs for NaN/Inf, or use a "
+                         "float64 graph to see whether it is an overflow.")
 
     def run(self, output: Node | None = None, *batches: Any) -> Any:
         """Forward only (no gradient work) up to `output` (default: the loss); its value.

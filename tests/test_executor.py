@@ -140,3 +140,25 @@ def test_memory_does_not_grow_across_steps():
     finally:
         tracemalloc.stop()
     assert after - before < 4096, f"memory grew by {after - before} bytes over 300 steps"
+
+
+def test_check_finite_names_the_node_and_step(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    hidden, _ = gf.dense(X, 4, 3, name="hidden", activation="tanh", rng=0)
+    logits, _ = gf.dense(hidden, 3, 2, name="out", rng=1)
+    loss = gf.SoftmaxCrossEntropy(y, logits)
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y], check_finite=True)
+    xb, yb = np.ones((3, 4)), np.array([0, 1, 1])
+    graph.step(xb, yb)
+    graph.step(xb, yb)
+    bad = xb.copy()
+    bad[1, 2] = np.nan
+    with pytest.raises(gf.GraphError, match=r"first appeared in Linear 'hidden''s value "
+                                            r"\(shape \(3, 3\)\) at step 2"):
+        graph.step(bad, yb)
+
+
+def test_graph_needs_a_dtype():
+    X, y, logits, loss, params = _classifier()
+    with pytest.raises(gf.GraphError, match="dtype=None(.|\n)*help: pass dtype='float32'"):
+        gf.Graph(loss, dtype=None)

@@ -312,14 +312,37 @@ def test_value_set_later_lands_on_the_device_in_its_dtype(device):
     np.testing.assert_array_equal(host(device, L.value), [1, 0, 1, 1, 0])
 
 
-def test_value_set_later_keeps_float64_by_default(device):
+def test_value_set_later_takes_the_fed_float_dtype_by_default(device):
     X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
     gf.Linear(X, W, b)
     gf.topological_sort({X: np.ones((2, 2)), W: np.ones((2, 1)), b: np.zeros(1)}, device=device)
     X.value = np.arange(4).reshape(2, 2)
     assert device.owns(X.value) and X.value.dtype == device.dtype("float64"), X.value.dtype
-    X.value = np.ones((2, 2), dtype=np.float32)  # no graph dtype: a float feed keeps its own
-    assert device.owns(X.value) and X.value.dtype == device.dtype("float32"), X.value.dtype
+    X.value = np.ones((2, 2), dtype=np.float32)  # no dtype given: the fed one (float64) wins
+    assert device.owns(X.value) and X.value.dtype == device.dtype("float64"), X.value.dtype
+
+
+def test_mixed_float_dtypes_without_a_graph_dtype_are_reported(device):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    gf.Linear(X, W, b)
+    feed = {X: np.ones((2, 2), dtype=np.float32), W: np.ones((2, 1)), b: np.zeros(1)}
+    with pytest.raises(gf.GraphError, match=r"Input 'X': float32(.|\n)*Input 'W': float64"
+                                            r"(.|\n)*help: pass dtype="):
+        gf.topological_sort(feed, device=device)
+    graph = gf.topological_sort(feed, device=device, dtype="float32")
+    assert all(n.value.dtype == device.dtype("float32") for n in graph if isinstance(n, gf.Input))
+
+
+def test_a_node_lives_on_one_device():
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    f = gf.Linear(X, W, b, name="hidden")
+    feed = {X: np.ones((2, 2)), W: np.ones((2, 1)), b: np.zeros(1)}
+    gf.topological_sort(feed, device="cpu")
+    gf.topological_sort(feed, device="cpu")  # sorting again on the same device is fine
+    with pytest.raises(gf.GraphError, match=r"already belongs to a graph on cpu(.|\n)*"
+                                            r"array_api_strict:device1(.|\n)*help:"):
+        gf.topological_sort(feed, device="array_api_strict:device1")
+    assert f.device.name == "cpu"
 
 
 # -- arrays that live on another device are refused, never moved silently ------------------------
