@@ -357,12 +357,12 @@ def _check_optimizer(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarr
     saved = meta["optimizer"]
     cls = type(optimizer).__name__
     if saved is None:
-        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state, but a {cls} was "
-                              "passed to load.\nhelp: pass optimizer=None to load only the "
+        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state, but load was "
+                              f"given {cls}.\nhelp: pass optimizer=None to load only the "
                               "parameters.")
     if saved["class"] != cls:
-        raise CheckpointError(f"checkpoint {path!r} holds the state of a {saved['class']} "
-                              f"optimizer, but a {cls} was passed to load.\n"
+        raise CheckpointError(f"checkpoint {path!r} holds optimizer state of class "
+                              f"{saved['class']}, but load was given {cls}.\n"
                               f"help: build a {saved['class']} (hyper-parameters "
                               f"{saved['hyper']}), or pass optimizer=None.")
     params = {p.name: p for p in optimizer.params}
