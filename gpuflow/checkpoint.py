@@ -254,7 +254,8 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: {_describe_head(head)}.\n"
                               "help: pass a file written by gpuflow.checkpoint.save.")
     try:
-        with np.load(path, allow_pickle=False) as z:
+        # our own handle: numpy leaks the one it opens when the zip directory is unreadable
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             return {key: z[key] for key in z.files}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
