@@ -1,0 +1,652 @@
+"""Checkpoints: resume equals an uninterrupted run, cross-device and cross-dtype loads, atomic
+writes (also under SIGKILL), and errors that name the file and leave the model untouched."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pathlib
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from gpuflow import checkpoint
+from gpuflow.checkpoint import CHECKPOINT_FORMAT, load, save
+from gpuflow.data import Batches, load_digits
+from gpuflow.errors import CheckpointError
+from gpuflow.layers import mlp
+from gpuflow.optim import SGD, Adam, AdamW
+
+N_STEPS, M_STEPS = 7, 5
+OPTIMIZERS = {
+    "adam": lambda graph: Adam(graph, lr=1e-2),
+    "sgd-momentum": lambda graph: SGD(graph, lr=0.1, momentum=0.9),
+}
+
+
+def build(device="cpu", *, seed=0, dtype="float64", sizes=(64, 32, 10), name="layer"):
+    """The digits classifier: mlp logits, softmax cross-entropy, a Graph on `device`."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(X, list(sizes), seed=seed, name=name)
+    loss = gf.SoftmaxCrossEntropy(y, logits, name="loss")
+    return gf.Graph(loss, device=device, dtype=dtype, inputs=[X, y])
+
+
+@functools.lru_cache(maxsize=None)
+def digits(n=160):
+    X, y = load_digits()
+    return X[:n], y[:n]
+
+
+def make_batches(seed=3):
+    """160 samples in batches of 32: 5 per epoch, so 7 + 5 steps cross two epoch ends."""
+    X, y = digits()
+    return Batches(X, y, 32, seed=seed)
+
+
+def stream(batches, index):
+    """(batch index, batch) from batch `index` of the current epoch on, epoch after epoch."""
+    while True:
+        for i, batch in enumerate(batches):
+            if i >= index:
+                yield i, batch
+        index = 0
+
+
+def train(graph, optimizer, batches, n, index=0):
+    """n steps; returns the losses and the index of the next batch in the current epoch."""
+    losses, i = [], index - 1
+    it = stream(batches, index)
+    for _ in range(n):
+        i, (xb, yb) = next(it)
+        losses.append(graph.item(graph.step(xb, yb)))
+        optimizer.step()
+    return losses, i + 1
+
+
+def host_params(graph):
+    return {name: np.array(graph.device.to_host(p.value), copy=True)
+            for name, p in graph.named_parameters().items()}
+
+
+def host_optim(optimizer):
+    return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v)
+            for k, v in optimizer.state_dict().items()}
+
+
+def assert_same(actual, expected, *, exact, what):
+    assert actual.keys() == expected.keys(), f"{what}: keys {sorted(actual)} != {sorted(expected)}"
+    for key in expected:
+        a, e = np.asarray(actual[key]), np.asarray(expected[key])
+        if exact:
+            assert np.array_equal(a, e), (
+                f"{what} {key}: max |diff| {np.max(np.abs(a - e))}; first values {a.ravel()[:3]} "
+                f"vs {e.ravel()[:3]}")
+        else:
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=0, err_msg=f"{what} {key}")
+
+
+# -- resume ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+def test_resume_equals_uninterrupted(device, tmp_path, opt_name):
+    exact = device.name == "cpu"
+    make_opt = OPTIMIZERS[opt_name]
+
+    graph = build(device)
+    opt = make_opt(graph)
+    full_losses, _ = train(graph, opt, make_batches(), N_STEPS + M_STEPS)
+    expected_params, expected_optim = host_params(graph), host_optim(opt)
+
+    graph = build(device)
+    opt = make_opt(graph)
+    batches = make_batches()
+    first_losses, index = train(graph, opt, batches, N_STEPS)
+    state = {f"batches.{k}": v for k, v in batches.state_dict().items()}
+    state["batches.index"] = index
+    path = tmp_path / "run.npz"
+    save(path, graph, opt, step=N_STEPS, epoch=batches.epoch, state=state)
+
+    # a fresh process would build everything anew: other initial weights, other batch seed
+    graph = build(device, seed=1)
+    opt = make_opt(graph)
+    batches = make_batches(seed=99)
+    fresh = host_params(graph)
+    info = load(path, graph, opt)
+    assert info["step"] == N_STEPS and info["epoch"] == 1, info
+    assert opt.t == N_STEPS
+    batches.load_state_dict({"epoch": info["state"]["batches.epoch"],
+                             "seed": info["state"]["batches.seed"]})
+    assert (batches.epoch, batches.seed) == (1, 3)
+    last_losses, _ = train(graph, opt, batches, M_STEPS, index=info["state"]["batches.index"])
+
+    assert not np.array_equal(fresh["layer1.W"], expected_params["layer1.W"])
+    assert_same(host_params(graph), expected_params, exact=exact, what="parameter")
+    assert_same(host_optim(opt), expected_optim, exact=exact, what="optimizer state")
+    resumed = np.array(first_losses + last_losses)
+    if exact:
+        assert resumed.tolist() == full_losses, (resumed.tolist(), full_losses)
+    else:
+        np.testing.assert_allclose(resumed, full_losses, rtol=1e-12, atol=0)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path):
+    """The resume test above can fail: a fresh Adam (t = 0, no moments) gives other weights."""
+    graph = build()
+    opt = Adam(graph, lr=1e-2)
+    train(graph, opt, make_batches(), N_STEPS + M_STEPS)
+    expected = host_params(graph)
+
+    graph = build()
+    opt = Adam(graph, lr=1e-2)
+    batches = make_batches()
+    _, index = train(graph, opt, batches, N_STEPS)
+    save(tmp_path / "c.npz", graph, opt)
+    graph = build(seed=1)
+    opt = Adam(graph, lr=1e-2)
+    load(tmp_path / "c.npz", graph)  # parameters only
+    batches.epoch = 1
+    train(graph, opt, batches, M_STEPS, index=index)
+    assert not np.array_equal(host_params(graph)["layer1.W"], expected["layer1.W"])
+
+
+# -- devices and dtypes ---------------------------------------------------------------------------
+def trained(device="cpu", *, dtype="float64", steps=3, make_opt=OPTIMIZERS["adam"]):
+    graph = build(device, dtype=dtype)
+    opt = make_opt(graph)
+    train(graph, opt, make_batches(), steps)
+    return graph, opt
+
+
+def assert_all_on(graph, opt, device):
+    for name, p in graph.named_parameters().items():
+        assert device.owns(p.value), f"{name} is {type(p.value).__name__}, not on {device.name}"
+        assert p.value.dtype == graph.dtype, f"{name} has dtype {p.value.dtype}"
+    for p in opt.params:
+        assert opt.state[p], f"no optimizer state for {p.name}"
+        for key, buf in opt.state[p].items():
+            assert device.owns(buf), f"optimizer {p.name}/{key} not on {device.name}"
+            assert buf.dtype == graph.dtype, f"optimizer {p.name}/{key} has dtype {buf.dtype}"
+
+
+def test_load_onto_each_device_and_back(device, tmp_path):
+    src, src_opt = trained("cpu")
+    save(tmp_path / "cpu.npz", src, src_opt, step=3)
+    graph = build(device, seed=1)
+    opt = Adam(graph, lr=1e-2)
+    load(tmp_path / "cpu.npz", graph, opt)
+    assert_all_on(graph, opt, device)
+    assert_same(host_params(graph), host_params(src), exact=True, what="parameter")
+    assert_same(host_optim(opt), host_optim(src_opt), exact=True, what="optimizer state")
+
+    save(str(tmp_path / "dev.npz"), graph, opt, step=3)
+    back = build("cpu", seed=2)
+    back_opt = Adam(back, lr=1e-2)
+    assert load(str(tmp_path / "dev.npz"), back, back_opt)["meta"]["device"] == device.name
+    assert_same(host_params(back), host_params(src), exact=True, what="parameter")
+    assert_same(host_optim(back_opt), host_optim(src_opt), exact=True, what="optimizer state")
+
+
+def test_chain_cpu_strict_device1_torch_cpu(tmp_path):
+    pytest.importorskip("array_api_strict")
+    src, src_opt = trained("cpu", make_opt=OPTIMIZERS["sgd-momentum"])
+    expected, expected_optim = host_params(src), host_optim(src_opt)
+    specs = ["array_api_strict:device1", "torch:cpu", "cpu"]
+    if not any(d.startswith("torch") for d in gf.available_devices()):
+        specs.remove("torch:cpu")
+    path = tmp_path / "hop0.npz"
+    save(path, src, src_opt)
+    for hop, spec in enumerate(specs, start=1):
+        device = gf.get_device(spec)
+        graph = build(device, seed=hop)
+        opt = SGD(graph, lr=0.1, momentum=0.9)
+        load(path, graph, opt)
+        assert_all_on(graph, opt, device)
+        assert_same(host_params(graph), expected, exact=True, what=f"{spec} parameter")
+        assert_same(host_optim(opt), expected_optim, exact=True, what=f"{spec} optimizer")
+        path = tmp_path / f"hop{hop}.npz"
+        save(path, graph, opt)
+
+
+def test_float64_checkpoint_loads_as_float32(device, tmp_path):
+    src, src_opt = trained("cpu", dtype="float64")
+    save(tmp_path / "f64.npz", src, src_opt)
+    graph = build(device, seed=1, dtype="float32")
+    opt = Adam(graph, lr=1e-2)
+    info = load(tmp_path / "f64.npz", graph, opt)
+    assert info["meta"]["dtype"] == "float64"
+    assert_all_on(graph, opt, device)
+    got = host_params(graph)
+    for name, value in host_params(src).items():
+        assert got[name].dtype == np.float32, f"{name}: {got[name].dtype}"
+        assert np.array_equal(got[name], value.astype(np.float32)), name
+    for key, value in host_optim(src_opt).items():
+        if key != "t":
+            assert np.array_equal(host_optim(opt)[key], value.astype(np.float32)), key
+
+
+def test_float32_checkpoint_loads_as_float64(tmp_path):
+    src, src_opt = trained("cpu", dtype="float32")
+    save(tmp_path / "f32.npz", src, src_opt)
+    graph = build("cpu", seed=1, dtype="float64")
+    load(tmp_path / "f32.npz", graph)
+    for name, value in host_params(src).items():
+        got = host_params(graph)[name]
+        assert got.dtype == np.float64 and np.array_equal(got, value.astype(np.float64)), name
+
+
+# -- file layout and extra state ------------------------------------------------------------------
+def test_file_layout_and_metadata(tmp_path):
+    graph, opt = trained("cpu")
+    path = tmp_path / "c.npz"
+    save(path, graph, opt, step=3, epoch=0, state={"note": "x", "a": np.arange(2)})
+    with np.load(path, allow_pickle=False) as z:
+        files = set(z.files)
+        meta = json.loads(z["__gpuflow__"].tobytes().decode("utf-8"))
+    names = list(graph.named_parameters())
+    assert files == ({"__gpuflow__", "state/a"} | {f"param/{n}" for n in names}
+                     | {f"optim/{n}/{b}" for n in names for b in ("m", "v")})
+    assert meta["format"] == "gpuflow-checkpoint"
+    assert meta["format_version"] == CHECKPOINT_FORMAT == checkpoint.CHECKPOINT_FORMAT
+    assert meta["gpuflow_version"] == gf.__version__
+    assert meta["dtype"] == "float64"
+    assert [p["name"] for p in meta["parameters"]] == names
+    assert meta["parameters"][0]["shape"] == [64, 32]
+    assert meta["optimizer"]["class"] == "Adam" and meta["optimizer"]["t"] == 3
+    assert meta["optimizer"]["hyper"] == {"lr": 1e-2, "betas": [0.9, 0.999], "eps": 1e-8,
+                                          "weight_decay": 0.0}
+    assert (meta["step"], meta["epoch"]) == (3, 0)
+    assert load(path, build(seed=1))["meta"] == meta
+
+
+def test_extra_state_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    rng.random(3)
+    rng_state = rng.bit_generator.state
+    state = {
+        "int": 7, "negative": -5, "big": 2**100 + 1, "zero": 0, "flag": True, "off": False,
+        "float": 0.1, "third": 1 / 3, "tiny": 5e-324, "neg_zero": -0.0, "inf": float("inf"),
+        "nan": float("nan"),
+        "str": "héllo ✓", "empty": "", "np_int": np.int64(9), "np_float": np.float32(0.5),
+        "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "u64": np.array([2**64 - 1, 0], dtype=np.uint64),
+        "scalar0d": np.array(3.25), "bools": np.array([True, False]),
+        "names": np.array(["a", "béta"]), "none_yet": np.zeros((0, 4)),
+        "rng/state": rng_state["state"]["state"], "rng/inc": rng_state["state"]["inc"],
+        "rng/bit_generator": rng_state["bit_generator"],
+    }
+    save(pathlib.Path(tmp_path) / "s.npz", build(), state=state, step=11, epoch=2)
+    info = load(pathlib.Path(tmp_path) / "s.npz", build(seed=1))
+    got = info["state"]
+    assert (info["step"], info["epoch"]) == (11, 2)
+    assert got.keys() == state.keys()
+    for key, want in state.items():
+        value = got[key]
+        if isinstance(want, np.ndarray):
+            assert isinstance(value, np.ndarray), key
+            assert value.dtype == want.dtype and value.shape == want.shape, (key, value)
+            assert np.array_equal(value, want), key
+        elif isinstance(want, float) and np.isnan(want):
+            assert isinstance(value, float) and np.isnan(value)
+        else:
+            expected_type = type(want.item()) if isinstance(want, np.generic) else type(want)
+            assert type(value) is expected_type, (key, type(value))
+            assert value == want, key
+    assert str(got["neg_zero"]) == "-0.0"
+    again = np.random.Generator(getattr(np.random, got["rng/bit_generator"])())
+    again.bit_generator.state = {"bit_generator": got["rng/bit_generator"],
+                                 "state": {"state": got["rng/state"], "inc": got["rng/inc"]},
+                                 "has_uint32": 0, "uinteger": 0}
+    assert np.array_equal(again.random(4), rng.random(4))
+
+
+@pytest.mark.parametrize("value, kind", [
+    ({"nested": 1}, "dict"), ([1, 2], "list"), (None, "NoneType"),
+    (np.array([object()], dtype=object), "dtype object")])
+def test_state_values_that_need_pickle_are_refused(tmp_path, value, kind):
+    with pytest.raises(CheckpointError, match=f"state\\['bad'\\] is .*{kind}.*without pickling"):
+        save(tmp_path / "c.npz", build(), state={"bad": value})
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_step_and_path_types(tmp_path):
+    with pytest.raises(CheckpointError, match="step must be an int, got 1.5"):
+        save(tmp_path / "c.npz", build(), step=1.5)
+    with pytest.raises(CheckpointError, match="str or os.PathLike, got int"):
+        save(3, build())
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*no_such_dir"):
+        save(tmp_path / "no_such_dir" / "c.npz", build())
+
+
+# -- atomic writes --------------------------------------------------------------------------------
+def saved_pair(tmp_path):
+    """A graph with a checkpoint of its current values at path, then changed values."""
+    graph, opt = trained("cpu")
+    path = tmp_path / "c.npz"
+    save(path, graph, opt, step=3)
+    old = host_params(graph)
+    train(graph, opt, make_batches(), 2)
+    return graph, opt, path, old
+
+
+def assert_holds(path, expected):
+    graph = build(seed=1)
+    load(path, graph)
+    assert_same(host_params(graph), expected, exact=True, what=f"{path.name} parameter")
+
+
+def test_failed_replace_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    graph, opt, path, old = saved_pair(tmp_path)
+
+    def fail(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint .*No space left.*"
+                                              "previous file there .* is untouched"):
+        save(path, graph, opt, step=5)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert_holds(path, old)
+    save(path, graph, opt, step=5)  # and a later save works
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert_holds(path, host_params(graph))
+
+
+@pytest.mark.parametrize("error", [RuntimeError("writer broke"), KeyboardInterrupt()])
+def test_writer_dying_midway_keeps_previous_checkpoint(tmp_path, monkeypatch, error):
+    graph, opt, path, old = saved_pair(tmp_path)
+    real_savez = np.savez
+
+    def half_then_fail(f, **arrays):
+        real_savez(f, **arrays)
+        f.truncate(f.tell() // 2)
+        raise error
+
+    monkeypatch.setattr(np, "savez", half_then_fail)
+    with pytest.raises(type(error)):
+        save(path, graph, opt, step=5)
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert_holds(path, old)
+
+
+def test_failed_fsync_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    graph, opt, path, old = saved_pair(tmp_path)
+
+    def fail(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(CheckpointError, match="Input/output error"):
+        save(path, graph, opt)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.npz"]
+    assert_holds(path, old)
+
+
+def test_saved_file_has_ordinary_permissions(tmp_path):
+    save(tmp_path / "c.npz", build())
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert os.stat(tmp_path / "c.npz").st_mode & 0o777 == 0o666 & ~umask
+
+
+_SAVER = """
+import sys
+import numpy as np
+import gpuflow as gf
+from gpuflow.checkpoint import save
+from gpuflow.layers import mlp
+
+path, gen = sys.argv[1], int(sys.argv[2])
+X, y = gf.Input(name="X"), gf.Input(name="y")
+logits, _ = mlp(X, [256, 512, 10], seed=0)
+graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", dtype="float64", inputs=[X, y])
+big = np.empty(400_000)
+while True:
+    gen += 1
+    for p in graph.parameters:
+        p.value = np.full(p.shape, float(gen))
+    big[:] = gen
+    save(path, graph, step=gen, state={"gen": gen, "big": big})
+    print(gen, flush=True)
+"""
+
+
+def saver_graph():
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(X, [256, 512, 10], seed=1)
+    return gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", dtype="float64",
+                    inputs=[X, y])
+
+
+def assert_consistent_generation(path, graph):
+    """The file is one whole checkpoint: step, extra state and every value from one save."""
+    info = load(path, graph)
+    gen = info["step"]
+    assert info["state"]["gen"] == gen
+    assert np.all(info["state"]["big"] == gen), f"big array mixes generations (step {gen})"
+    for name, value in host_params(graph).items():
+        assert np.all(value == gen), f"{name} is not all {gen}: {np.unique(value)[:5]}"
+    return gen
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
+def test_sigkill_during_save_leaves_old_or_new_checkpoint(tmp_path):
+    script = tmp_path / "saver.py"
+    script.write_text(_SAVER)
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    path = ckdir / "c.npz"
+    graph = saver_graph()
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(gf.__file__).parents[1]))
+    rng = np.random.default_rng(0)
+    gen = 0
+    for _ in range(10):
+        proc = subprocess.Popen([sys.executable, str(script), str(path), str(gen)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        try:
+            first = proc.stdout.readline()  # one whole save done: the loop is running
+            assert first, f"saver died: {proc.stderr.read()}"
+            time.sleep(rng.uniform(0.0, 0.05))
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.communicate()
+        new_gen = assert_consistent_generation(path, graph)
+        assert new_gen >= int(first) > gen, (gen, first, new_gen)
+        gen = new_gen
+    # a SIGKILL cannot clean up; what it leaves is only hidden temp files, never at `path`
+    assert all(n == "c.npz" or (n.startswith(".c.npz.") and n.endswith(".tmp"))
+               for n in os.listdir(ckdir)), os.listdir(ckdir)
+
+
+# -- errors: nothing changes ----------------------------------------------------------------------
+def snapshot(graph, opt):
+    return {"objects": {n: p.value for n, p in graph.named_parameters().items()},
+            "values": host_params(graph), "state_obj": opt.state, "t": opt.t,
+            "buffers": {(p.name, k): b for p in opt.params for k, b in opt.state[p].items()},
+            "optim": host_optim(opt)}
+
+
+def assert_unchanged(graph, opt, before):
+    after = snapshot(graph, opt)
+    for name, obj in before["objects"].items():
+        assert after["objects"][name] is obj, f"{name} was reassigned by a failed load"
+    assert_same(after["values"], before["values"], exact=True, what="parameter")
+    assert opt.state is before["state_obj"] and opt.t == before["t"]
+    assert after["buffers"].keys() == before["buffers"].keys()
+    for key, obj in before["buffers"].items():
+        assert after["buffers"][key] is obj, f"optimizer buffer {key} was replaced"
+    assert_same(after["optim"], before["optim"], exact=True, what="optimizer state")
+
+
+def good_bytes(tmp_path):
+    path = tmp_path / "good.npz"
+    graph, opt = trained("cpu", steps=1)
+    save(path, graph, opt, state={"big": np.arange(2000.0)})
+    return path.read_bytes()
+
+
+def write_meta_npz(path, meta, **arrays):
+    text = json.dumps(meta).encode("utf-8")
+    np.savez(path, __gpuflow__=np.frombuffer(text, dtype=np.uint8), **arrays)
+
+
+def make_truncated(path, tmp_path):
+    data = good_bytes(tmp_path)
+    path.write_bytes(data[: len(data) // 2])
+
+
+def make_corrupted(path, tmp_path):
+    data = bytearray(good_bytes(tmp_path))
+    mid = len(data) // 2
+    data[mid:mid + 16] = bytes(16)  # inside a member: its CRC no longer matches
+    data[mid + 16:mid + 32] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+
+
+def good_contents(tmp_path):
+    """A good checkpoint's metadata and arrays, to rewrite with one thing wrong."""
+    good_bytes(tmp_path)
+    with np.load(tmp_path / "good.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    return json.loads(arrays.pop("__gpuflow__").tobytes().decode()), arrays
+
+
+def make_newer_format(path, tmp_path):
+    meta, arrays = good_contents(tmp_path)
+    meta["format_version"] = CHECKPOINT_FORMAT + 1
+    write_meta_npz(path, meta, **arrays)
+
+
+def make_missing_member(path, tmp_path):
+    meta, arrays = good_contents(tmp_path)
+    del arrays["param/layer2.b"]
+    write_meta_npz(path, meta, **arrays)
+
+
+def make_npy(path, tmp_path):
+    with open(path, "wb") as f:
+        np.save(f, np.ones(3))
+
+
+def make_plain_npz(path, tmp_path):
+    np.savez(path, W=np.ones((64, 32)))
+
+
+def make_bad_json(path, tmp_path):
+    np.savez(path, __gpuflow__=np.frombuffer(b"{not json", dtype=np.uint8))
+
+
+def make_from(path, **build_args):
+    graph = build(**build_args)
+    save(path, graph, Adam(graph))
+
+
+BAD_FILES = {
+    "missing": (lambda p, t: None, ["does not exist"]),
+    "directory": (lambda p, t: p.mkdir(), ["is a directory"]),
+    "empty": (lambda p, t: p.write_bytes(b""), ["not a gpuflow checkpoint", "empty (0 bytes)"]),
+    "truncated": (make_truncated, ["is damaged (truncated or corrupted?)"]),
+    "corrupted": (make_corrupted, ["is damaged (truncated or corrupted?)"]),
+    "garbage": (lambda p, t: p.write_bytes(np.random.default_rng(1).bytes(4096)),
+                ["not a gpuflow checkpoint", "not an .npz (zip) archive"]),
+    "pickle": (lambda p, t: p.write_bytes(pickle.dumps({"layer1.W": np.ones((64, 32))})),
+               ["not a gpuflow checkpoint", "Python pickle"]),
+    "npy": (make_npy, ["single .npy array"]),
+    "plain-npz": (make_plain_npz, ["not a gpuflow checkpoint",
+                                   "without the '__gpuflow__' metadata", "[W]"]),
+    "bad-metadata": (make_bad_json, ["metadata is unreadable"]),
+    "other-format": (lambda p, t: write_meta_npz(p, {"format": "something-else"}),
+                     ["not a gpuflow checkpoint", "'something-else'"]),
+    "newer-format": (make_newer_format, [f"format version {CHECKPOINT_FORMAT + 1}",
+                                         f"reads versions 1..{CHECKPOINT_FORMAT}"]),
+    "member-missing": (make_missing_member, ["damaged", "lists 'param/layer2.b'"]),
+    "other-shapes": (lambda p, t: make_from(p, sizes=(64, 16, 10)),
+                     ["does not fit this model", "'layer1.W': expected shape (64, 32) "
+                      "(this model), actual (64, 16)", "'layer2.W': expected shape (32, 10)"]),
+    "other-names": (lambda p, t: make_from(p, name="enc"),
+                    ["'layer1.W' (shape (64, 32)) is missing from the checkpoint",
+                     "'enc2.b' (shape (10,)) is in the checkpoint but not in this model"]),
+    "extra-layer": (lambda p, t: make_from(p, sizes=(64, 32, 10, 10)),
+                    ["'layer3.W' (shape (10, 10)) is in the checkpoint but not in this model",
+                     "'layer3.b' (shape (10,)) is in the checkpoint but not in this model"]),
+    "fewer-layers": (lambda p, t: make_from(p, sizes=(64, 10)),
+                     ["'layer2.W' (shape (32, 10)) is missing from the checkpoint",
+                      "'layer1.W': expected shape (64, 32) (this model), actual (64, 10)"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_a_checkpoint_error_and_changes_nothing(tmp_path, case):
+    make, messages = BAD_FILES[case]
+    path = tmp_path / f"{case}.npz"
+    make(path, tmp_path)
+    graph, opt = trained("cpu", steps=2)
+    before = snapshot(graph, opt)
+    with pytest.raises(CheckpointError) as info:
+        load(path, graph, opt)
+    message = str(info.value)
+    assert str(path) in message, message
+    for text in messages:
+        assert text in message, f"{text!r} not in {message!r}"
+    assert_unchanged(graph, opt, before)
+
+
+@pytest.mark.parametrize("saved, given, message", [
+    (Adam, SGD, "optimizer state of class Adam, but load was given SGD"),
+    (Adam, AdamW, "optimizer state of class Adam, but load was given AdamW"),
+    (SGD, Adam, "optimizer state of class SGD, but load was given Adam"),
+    (None, Adam, "holds no optimizer state, but load was given Adam"),
+])
+def test_other_optimizer_class_is_refused(tmp_path, saved, given, message):
+    src, src_opt = trained("cpu", make_opt=(lambda g: saved(g, lr=0.1)) if saved else
+                           OPTIMIZERS["adam"])
+    save(tmp_path / "c.npz", src, src_opt if saved else None)
+    graph, opt = trained("cpu", steps=2, make_opt=lambda g: given(g, lr=0.1))
+    before = snapshot(graph, opt)
+    with pytest.raises(CheckpointError, match=message):
+        load(tmp_path / "c.npz", graph, opt)
+    assert_unchanged(graph, opt, before)
+
+
+def test_optimizer_none_loads_parameters_only(tmp_path):
+    src, src_opt = trained("cpu")
+    save(tmp_path / "c.npz", src, src_opt)
+    graph, opt = trained("cpu", steps=1, make_opt=OPTIMIZERS["sgd-momentum"])
+    before = snapshot(graph, opt)
+    load(tmp_path / "c.npz", graph)
+    assert_same(host_params(graph), host_params(src), exact=True, what="parameter")
+    assert opt.t == before["t"] and opt.state is before["state_obj"]
+
+
+@pytest.mark.parametrize("fail_at", [1, 3, 4, 5, 12])
+def test_failure_while_moving_to_device_changes_nothing(tmp_path, monkeypatch, fail_at):
+    """Puts 1-4 are the parameters, 5-12 Adam's buffers: whichever fails, nothing is assigned."""
+    src, src_opt = trained("cpu")
+    save(tmp_path / "c.npz", src, src_opt)
+    graph, opt = trained("cpu", steps=2)
+    before = snapshot(graph, opt)
+    device, calls = graph.device, []
+    real_put = device.put
+
+    def put(value, dtype=None, *, what="array"):
+        calls.append(what)
+        if len(calls) == fail_at:
+            raise gf.DeviceError(f"out of memory putting {what}")
+        return real_put(value, dtype, what=what)
+
+    monkeypatch.setattr(device, "put", put)
+    with pytest.raises(gf.DeviceError, match="out of memory"):
+        load(tmp_path / "c.npz", graph, opt)
+    assert_unchanged(graph, opt, before)
+    monkeypatch.undo()
+    load(tmp_path / "c.npz", graph, opt)
+    assert_same(host_params(graph), host_params(src), exact=True, what="parameter")
