@@ -124,6 +124,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     if opts.resume is not None and not Path(opts.resume).is_file():
         raise CheckpointError(f"--resume {opts.resume}: no such file; pass a checkpoint "
                               "written by --save.")
+    checkpoint = _checkpoint_module() if opts.save or opts.resume else None
 
     # Data: host arrays (float32 in [0, 1], int64 labels).
     if opts.data is None:
@@ -151,7 +152,6 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     accuracies: list[float] = []
     start_epoch = 0
     if opts.resume is not None:
-        from . import checkpoint
         restored = checkpoint.load(opts.resume, graph, optimizer)
         start_epoch, state = int(restored["epoch"]), restored["state"] or {}
         batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
@@ -198,13 +198,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
             print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
                   f"test accuracy {accuracies[-1]:.4f}  ({time.perf_counter() - epoch_start:.2f} s)")
         if opts.save is not None:
-            from . import checkpoint
-            import numpy as np
-            checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1, state={
-                "batches_epoch": batches.state_dict()["epoch"],
-                "batches_seed": batches.state_dict()["seed"],
-                "losses": np.asarray(losses, dtype=np.float64),
-                "accuracies": np.asarray(accuracies, dtype=np.float64)})
+            checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
+                            state=_checkpoint_state(batches, losses, accuracies))
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
     seconds = time.perf_counter() - started
@@ -221,6 +216,26 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         "parameters": {name: device.to_host(p.value, what=name)
                        for name, p in graph.named_parameters().items()},
     }
+
+
+def _checkpoint_module() -> Any:
+    """gpuflow.checkpoint, imported only for --save / --resume."""
+    try:
+        return importlib.import_module("gpuflow.checkpoint")
+    except ModuleNotFoundError as exc:
+        if exc.name != "gpuflow.checkpoint":
+            raise
+        raise CommandError("--save/--resume need gpuflow.checkpoint, which is missing from "
+                           "this install; reinstall gpuflow or drop --save/--resume.") from None
+
+
+def _checkpoint_state(batches: Any, losses: list[float], accuracies: list[float]) -> dict:
+    """What a resumed run needs besides parameters and optimizer: the batch order and history."""
+    import numpy as np
+    order = batches.state_dict()
+    return {"batches_epoch": order["epoch"], "batches_seed": order["seed"],
+            "losses": np.asarray(losses, dtype=np.float64),
+            "accuracies": np.asarray(accuracies, dtype=np.float64)}
 
 
 def held_out_accuracy(graph: Any, logits: Any, X: Any, y: Any, chunk: int = EVAL_CHUNK) -> float:
@@ -361,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args and args[0] == "bench":  # everything after 'bench' belongs to gpuflow.bench
             return bench(args[1:])
-        ns = build_parser().parse_args(args)
+        try:
+            ns = build_parser().parse_args(args)
+        except SystemExit as exc:  # --help (0) or a usage error already reported (2)
+            return exc.code if isinstance(exc.code, int) else 2
         if ns.command == "devices":
             return devices()
         train(ns)
