@@ -195,8 +195,9 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         losses.append(graph.item(total) / batches.num_samples)
         accuracies.append(accuracy())
         if not opts.quiet:
+            seconds = time.perf_counter() - epoch_start
             print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
-                  f"test accuracy {accuracies[-1]:.4f}  ({time.perf_counter() - epoch_start:.2f} s)")
+                  f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
         if opts.save is not None:
             checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
                             state=_checkpoint_state(batches, losses, accuracies))
