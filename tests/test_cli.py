@@ -1,0 +1,304 @@
+"""The `gpuflow` command: train, devices, bench dispatch, and one-line errors for user mistakes.
+
+Most tests call `main([...])` in-process and read stdout/stderr with capsys; two go through
+`python -m gpuflow` in a subprocess. The --save/--resume tests need gpuflow.checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpuflow import LEDGER, Graph, Input, SoftmaxCrossEntropy, get_device, mlp
+from gpuflow.cli import TrainOptions, held_out_accuracy, main, train
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--hidden", "16"]   # keeps in-process runs to a fraction of a second
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _one_error_line(err: str) -> str:
+    """The single stderr line of a failed command, checked to be a gpuflow error."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
+    assert lines[0].startswith("gpuflow: error: "), lines[0]
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def _gpuflow_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file: magic (0, 0, 0x08 = uint8, ndim), big-endian dims, bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    path.write_bytes(header + array.tobytes())
+
+
+def write_tiny_mnist(folder: Path, n_train: int = 60, n_test: int = 20, seed: int = 0) -> Path:
+    """A synthetic MNIST-layout folder: class k is a bright 4x4 square at a k-dependent spot."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 40, size=(n, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            r, c = 2 + 2 * int(k), 4 + 2 * int(k)
+            images[i, r:r + 4, c:c + 4] = 255
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels)
+    return folder
+
+
+# -- train ---------------------------------------------------------------------------------------
+def test_train_two_epochs_quiet(capsys):
+    assert main(["train", "--epochs", "2", "--quiet", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "final test accuracy: " in out
+    assert "device: " in out and "time: " in out
+    assert "epoch   1/2" not in out  # --quiet keeps only the summary
+
+
+def test_train_prints_one_line_per_epoch(capsys):
+    assert main(["train", "--epochs", "3", "--device", "cpu", *SMALL]) == 0
+    out = capsys.readouterr().out
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 3
+    assert all("train loss" in line and "test accuracy" in line for line in epoch_lines)
+    assert "device: cpu (NumPy" in out
+
+
+def test_default_run_reaches_95_percent():
+    """`gpuflow train` with no arguments: >= 0.95 held-out accuracy in well under a minute."""
+    result = train()
+    print(f"default run: accuracy {result['accuracy']:.4f} in {result['seconds']:.2f} s "
+          f"on {result['device']}")
+    assert result["accuracy"] >= 0.95
+    assert result["seconds"] < 30.0
+    assert len(result["losses"]) == len(result["accuracies"]) == TrainOptions().epochs
+    assert result["losses"][-1] < result["losses"][0]
+
+
+def test_train_on_strict_second_device_float64(capsys):
+    argv = ["train", "--device", "array_api_strict:device1", "--dtype", "float64",
+            "--epochs", "2", "--quiet", *SMALL]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "device: array_api_strict:device1" in out
+
+
+def test_same_weights_and_losses_on_cpu_and_strict():
+    """Seeded weights and batch order are device-independent, so float64 runs agree closely."""
+    opts = dict(epochs=2, dtype="float64", hidden=(16,), quiet=True)
+    cpu = train({**opts, "device": "cpu"})
+    strict = train({**opts, "device": "array_api_strict:device1"})
+    np.testing.assert_allclose(cpu["losses"], strict["losses"], rtol=1e-10)
+    assert cpu["accuracies"] == strict["accuracies"]
+
+
+def test_optimizers_and_hidden_layers(capsys):
+    for name, lr in (("sgd", "0.1"), ("momentum", "0.05"), ("nesterov", "0.05"),
+                     ("adamw", "0.001")):
+        argv = ["train", "--device", "cpu", "--epochs", "1", "--quiet", "--optimizer", name,
+                "--lr", lr, "--hidden", "32", "16"]
+        assert main(argv) == 0, name
+    assert capsys.readouterr().out.count("final test accuracy") == 4
+
+
+def test_train_on_mnist_idx_folder(tmp_path, capsys):
+    folder = write_tiny_mnist(tmp_path / "mnist")
+    argv = ["train", "--data", str(folder), "--device", "cpu", "--epochs", "2",
+            "--batch-size", "16", *SMALL]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "784-16-10 MLP" in out and "(60 train, 20 test)" in out
+
+
+def test_accuracy_is_counted_on_the_device():
+    """held_out_accuracy reads one scalar back, not the logits."""
+    device = get_device("array_api_strict:device1")
+    X, y = Input(name="X"), Input(name="y")
+    logits, _ = mlp(X, [8, 5, 3], seed=1)
+    graph = Graph(SoftmaxCrossEntropy(y, logits), device=device, dtype="float64",
+                  inputs=[X, y], outputs=[logits])
+    rng = np.random.default_rng(0)
+    X_dev = device.put(rng.standard_normal((50, 8)), graph.dtype)
+    y_dev = device.put(rng.integers(0, 3, size=50))
+    LEDGER.reset()
+    acc = held_out_accuracy(graph, logits, X_dev, y_dev, chunk=16)  # 4 chunks, one read
+    assert LEDGER.d2h_calls == 1 and LEDGER.d2h_bytes <= 8
+    assert LEDGER.h2d_calls == 0
+    scores = device.to_host(graph.run(logits, X_dev))
+    expected = np.mean(np.argmax(scores, axis=1) == device.to_host(y_dev))
+    assert acc == pytest.approx(expected)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def test_save_then_resume_equals_uninterrupted_run(tmp_path):
+    """Two epochs, save, resume to four: the same parameters, bit for bit, as four at once."""
+    opts = dict(device="cpu", dtype="float64", hidden=(16,), quiet=True)
+    whole = train({**opts, "epochs": 4})
+    ckpt = tmp_path / "run.ckpt"
+    first = train({**opts, "epochs": 2, "save": str(ckpt)})
+    assert ckpt.is_file() and first["epoch"] == 2
+    resumed = train({**opts, "epochs": 4, "resume": str(ckpt)})
+    assert resumed["start_epoch"] == 2
+    assert resumed["parameters"].keys() == whole["parameters"].keys()
+    for name, value in whole["parameters"].items():
+        assert np.array_equal(resumed["parameters"][name], value), name
+    assert resumed["losses"] == whole["losses"]          # history carried in the checkpoint
+    assert resumed["accuracies"] == whole["accuracies"]
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    ckpt = str(tmp_path / "cli.ckpt")
+    base = ["train", "--device", "cpu", "--dtype", "float64", "--optimizer", "momentum",
+            "--lr", "0.05", *SMALL]
+    assert main([*base, "--epochs", "1", "--quiet", "--save", ckpt]) == 0
+    assert main([*base, "--epochs", "3", "--resume", ckpt, "--save", ckpt]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} at epoch 1" in out
+    assert "epoch   2/3" in out and "epoch   3/3" in out and "epoch   1/3" not in out
+    assert main([*base, "--epochs", "3", "--resume", ckpt]) == 0  # nothing left to do
+    assert "nothing to train" in capsys.readouterr().out
+
+
+# -- user mistakes: one line, exit 2 -------------------------------------------------------------
+BAD_ARGUMENTS = {
+    "unknown option": (["train", "--bogus"], "unrecognized arguments: --bogus"),
+    "unknown command": (["frobnicate"], "invalid choice"),
+    "no command": ([], "required"),
+    "negative epochs": (["train", "--epochs", "-1"], "--epochs"),
+    "zero epochs": (["train", "--epochs", "0"], "--epochs"),
+    "epochs not a number": (["train", "--epochs", "ten"], "--epochs"),
+    "zero lr": (["train", "--lr", "0"], "--lr"),
+    "negative lr": (["train", "--lr", "-0.5"], "--lr"),
+    "nan lr": (["train", "--lr", "nan"], "--lr"),
+    "zero batch": (["train", "--batch-size", "0"], "--batch-size"),
+    "zero hidden": (["train", "--hidden", "64", "0"], "--hidden"),
+    "bad dtype": (["train", "--dtype", "float16"], "--dtype"),
+    "bad optimizer": (["train", "--optimizer", "rmsprop"], "--optimizer"),
+    "unknown device": (["train", "--device", "tpu"], "'tpu'"),
+}
+
+
+@pytest.mark.parametrize("argv, expected", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert expected in line
+
+
+@pytest.mark.skipif(_has("cupy"), reason="CuPy is installed: 'cuda' may be a real device here")
+def test_cuda_without_a_gpu(capsys):
+    assert main(["train", "--device", "cuda", "--epochs", "1"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "'cuda'" in line and "help:" in line
+
+
+def test_missing_data_path(tmp_path, capsys):
+    missing = tmp_path / "no-such-mnist"
+    assert main(["train", "--device", "cpu", "--data", str(missing)]) == 2
+    assert str(missing) in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_missing_file(tmp_path, capsys):
+    missing = tmp_path / "missing.ckpt"
+    assert main(["train", "--device", "cpu", "--resume", str(missing)]) == 2
+    assert str(missing) in _one_error_line(capsys.readouterr().err)
+
+
+def test_resume_corrupt_file(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"this is not a checkpoint\n" * 10)
+    assert main(["train", "--device", "cpu", "--resume", str(bad)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "missing from this install" not in line  # the file was rejected, not the module
+
+
+def test_save_into_missing_folder(tmp_path, capsys):
+    target = tmp_path / "nope" / "run.ckpt"
+    assert main(["train", "--device", "cpu", "--epochs", "1", "--save", str(target)]) == 2
+    assert "does not exist" in _one_error_line(capsys.readouterr().err)
+
+
+# -- plot ----------------------------------------------------------------------------------------
+def test_plot_writes_a_png(tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (gpuflow[plot])")
+    png = tmp_path / "curves.png"
+    assert main(["train", "--device", "cpu", "--epochs", "2", "--quiet", *SMALL,
+                 "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    png = tmp_path / "curves.png"
+    assert main(["train", "--device", "cpu", "--epochs", "1", "--plot", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert "matplotlib" in _one_error_line(captured.err)
+    assert "final test accuracy" not in captured.out and not png.exists()
+
+
+# -- devices and bench ---------------------------------------------------------------------------
+def test_devices_lists_every_backend(capsys):
+    assert main(["devices"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        fields = line.split(maxsplit=3)
+        if len(fields) >= 3 and fields[2] in ("yes", "no"):
+            rows[fields[1]] = (fields[0], fields[2])
+    assert rows["cpu"] == ("numpy", "yes")
+    assert rows["array_api_strict:device1"] == ("array_api_strict", "yes")
+    assert rows["torch:cpu"][1] == ("yes" if _has("torch") else "no")
+    cupy_rows = [avail for backend, avail in rows.values() if backend == "cupy"]
+    assert cupy_rows, "no cupy row"
+    if not _has("cupy"):
+        assert cupy_rows == ["no"]
+
+
+def test_bench_is_dispatched_with_its_arguments(monkeypatch):
+    seen = []
+    fake = types.ModuleType("gpuflow.bench")
+    fake.main = lambda argv: seen.append(list(argv)) or 3
+    monkeypatch.setitem(sys.modules, "gpuflow.bench", fake)
+    assert main(["bench", "--steps", "5", "--device", "cpu"]) == 3
+    assert seen == [["--steps", "5", "--device", "cpu"]]
+
+
+def test_bench_missing_module(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gpuflow.bench", None)  # as if bench.py were absent
+    assert main(["bench"]) == 2
+    assert "bench" in _one_error_line(capsys.readouterr().err)
+
+
+# -- python -m gpuflow ---------------------------------------------------------------------------
+def test_python_m_gpuflow_train():
+    proc = subprocess.run([sys.executable, "-m", "gpuflow", "train", "--epochs", "1", "--quiet"],
+                          cwd=REPO, env=_gpuflow_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "final test accuracy" in proc.stdout and "time: " in proc.stdout
+
+
+def test_python_m_gpuflow_error_has_no_traceback():
+    proc = subprocess.run([sys.executable, "-m", "gpuflow", "train", "--device", "tpu"],
+                          cwd=REPO, env=_gpuflow_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    _one_error_line(proc.stderr)
