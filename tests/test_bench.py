@@ -1,0 +1,91 @@
+"""gpuflow.bench: the quick run writes a complete JSON whose loss cross-check passed.
+
+No timed assertions: these check that the benchmark runs and measures the same maths, never
+how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+import gpuflow as gf
+from gpuflow import bench
+
+
+def _run(tmp_path, *args):
+    path = tmp_path / "bench.json"
+    rc = bench.main(["--quick", *args, "--json", str(path)])
+    return rc, json.loads(path.read_text())
+
+
+def test_bench_quick_cpu_json(tmp_path, capsys):
+    rc, out = _run(tmp_path, "--workloads", "W1,W2")
+    assert rc == 0
+    assert out["check_ok"] is True
+    assert set(out["workloads"]) == {"W1", "W2"}
+    torch_ok = "torch" in sys.modules or out["machine"]["torch"] is not None
+    for name, w in out["workloads"].items():
+        assert w["check"]["ok"], w["check"]["mismatches"]
+        timing = w["timing"]
+        expected = {"floor", "graph", "miniflow"} | ({"torch"} if torch_ok else set())
+        assert set(timing["median_s"]) == expected
+        for variant, median in timing["median_s"].items():
+            assert median > 0, (name, variant)
+            assert len(timing["samples_s"][variant]) == out["rounds"]
+            assert all(s > 0 for s in timing["samples_s"][variant])
+        assert w["ratios"]["graph/floor"] > 0 and w["ratios"]["miniflow/floor"] > 0
+        for variant in ("graph", "miniflow"):
+            ledger = timing["ledger_per_step"][variant]
+            assert set(ledger) >= {"h2d_calls", "d2h_calls", "syncs"}
+            assert ledger["syncs"] == 0  # the cpu device never synchronises
+        for variant in ("floor", "graph", "miniflow"):
+            assert w["memory"][variant]["bytes"] > 0
+        losses = w["check"]["losses"]
+        assert len(losses["graph"]) == bench.CHECK_STEPS
+    machine = out["machine"]
+    assert machine["device"] == "cpu" and machine["numpy"]
+    printed = capsys.readouterr().out
+    assert "Graph/floor" in printed and "W2" in printed and "passed" in printed
+
+
+def test_bench_quick_strict_device1(tmp_path):
+    try:
+        gf.get_device("array_api_strict:device1")
+    except gf.DeviceError as exc:
+        pytest.skip(f"array_api_strict:device1 unavailable: {str(exc).splitlines()[0]}")
+    rc, out = _run(tmp_path, "--device", "array_api_strict:device1", "--workloads", "W1")
+    assert rc == 0 and out["check_ok"] is True
+    w = out["workloads"]["W1"]
+    assert all(m > 0 for m in w["timing"]["median_s"].values())
+    # device1 is not host memory: each gpuflow step uploads X and y, and reads nothing back.
+    for variant in ("graph", "miniflow"):
+        ledger = w["timing"]["ledger_per_step"][variant]
+        assert ledger["h2d_calls"] == 2 and ledger["d2h_calls"] == 0
+
+
+def test_bench_refuses_gpu_only_workload_on_cpu(capsys):
+    assert bench.main(["--quick", "--workloads", "W4"]) == 2
+    assert "only on GPU" in capsys.readouterr().err
+
+
+def test_bench_reports_a_loss_mismatch(tmp_path, monkeypatch, capsys):
+    real = bench.NdarrayFloor.step
+
+    def wrong(self):
+        return real(self) * 1.01  # a floor whose loss is off by 1%
+
+    monkeypatch.setattr(bench.NdarrayFloor, "step", wrong)
+    rc, out = _run(tmp_path, "--workloads", "W1")
+    assert rc == 1 and out["check_ok"] is False
+    assert out["workloads"]["W1"]["check"]["mismatches"]
+    assert "LOSS MISMATCH" in capsys.readouterr().err
+
+
+def test_bench_float64_variants_do_not_share_weights(tmp_path):
+    # Regression: in float64 on the CPU, topological_sort keeps a fed NumPy array as is, so the
+    # MiniFlow variant and the floor once updated the same weight arrays and disagreed.
+    rc, out = _run(tmp_path, "--workloads", "W1", "--dtype", "float64")
+    assert rc == 0 and out["check_ok"] is True
