@@ -432,13 +432,13 @@ class Graph:
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
         if len(batches) == 1 and isinstance(batches[0], dict):
-            pairs = list(batches[0].items())
-            unknown = [n for n, _ in pairs if n not in set(self.nodes)]
+            pairs: Iterable = batches[0].items()
+            unknown = [n for n in batches[0] if n not in set(self.nodes)]
             if unknown:
                 raise GraphError(f"{unknown[0]!r} is fed but is not in this graph.\n"
                                  "help: feed the graph's own Input nodes.")
         elif len(batches) == len(inputs):
-            pairs = list(zip(inputs, batches))
+            pairs = zip(inputs, batches)
         else:
             raise GraphError(
                 f"got {len(batches)} batch(es) for the inputs "
@@ -448,7 +448,7 @@ class Graph:
             for node, value in pairs:
                 node.value = value
         for node in inputs:
-            if node.value is None:
+            if node._value is None:
                 raise _missing_feed(node)
 
 

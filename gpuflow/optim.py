@@ -20,13 +20,14 @@ class Optimizer:
         if not self.params:
             raise GraphError(f"{type(self).__name__}: no parameters to optimise.\n"
                              "help: pass graph.parameters (Parameter nodes), or a Graph.")
-        self.lr = check_learning_rate(lr)
+        self.lr = self._checked_lr = check_learning_rate(lr)
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
 
     def step(self) -> None:
         """One update of every parameter from its current gradient."""
-        self.lr = check_learning_rate(self.lr)
+        if self.lr is not self._checked_lr:  # someone set a new rate: check it once
+            self.lr = self._checked_lr = check_learning_rate(self.lr)
         self.t += 1
         for p in self.params:
             grad = p.gradients.get(p)

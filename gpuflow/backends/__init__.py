@@ -37,6 +37,9 @@ class TransferLedger:
     def __init__(self) -> None:
         self._allowed = 0    # > 0 inside a batch upload or a loss read
         self._enforcing = 0  # > 0 inside a strict step after warm-up
+        # One reusable (re-entrant) context object each: a step enters them every time.
+        self._allow_context = _Count(self, "_allowed")
+        self._enforce_context = _Count(self, "_enforcing")
         self.where = ""      # the node running now, for the error message
         self.reset()
 
@@ -58,11 +61,11 @@ class TransferLedger:
 
     def allowed(self) -> "_Count":
         """Context in which strict mode lets transfers through (a batch upload, a loss read)."""
-        return _Count(self, "_allowed")
+        return self._allow_context
 
     def enforcing(self) -> "_Count":
         """Context in which every transfer or sync not `allowed` raises (strict mode)."""
-        return _Count(self, "_enforcing")
+        return self._enforce_context
 
     def record(self, kind: str, nbytes: int, device: "Device", what: str) -> None:
         """Count one transfer or sync; in strict mode, refuse it unless allowed."""
