@@ -55,7 +55,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *, s
     epoch = _check_int(epoch, "epoch", path)
     arrays: dict[str, np.ndarray] = {}
     params = graph.named_parameters()
-    dtype = _dtype_name(graph.dtype) if graph.dtype is not None else None
+    dtype = dtype_name(graph.dtype) if graph.dtype is not None else None
     for name, p in params.items():
         arrays[f"param/{name}"] = np.asarray(
             graph.device.to_host(p.value, what=f"checkpoint of {p.label}"))
@@ -417,8 +417,8 @@ def _check_int(value: Any, name: str, path: str) -> int:
     return int(value)
 
 
-def _dtype_name(dtype: Any) -> str:
-    from .backends import _dtype_name as name
+def dtype_name(dtype: Any) -> str:
+    from .backends import dtype_name as name
     return name(dtype)
 
 

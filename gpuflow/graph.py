@@ -12,7 +12,7 @@ import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
-from .backends import LEDGER, Device, TransferLedger, _dtype_name, get_device
+from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
 from .errors import GpuflowError, GraphError
 from .nodes import Input, Node
 
@@ -155,7 +155,7 @@ def _one_float_dtype(inputs: Sequence[Input], device: Device) -> None:
               if n.value is not None and device.is_floating(n.value.dtype)}
     kinds = set(floats.values())
     if len(kinds) > 1:
-        listing = ", ".join(f"{n.label}: {_dtype_name(d)}" for n, d in floats.items())
+        listing = ", ".join(f"{n.label}: {dtype_name(d)}" for n, d in floats.items())
         raise GraphError(f"the fed values mix floating dtypes ({listing}); float32 values "
                          "would be promoted to float64 silently.\nhelp: pass dtype='float32' "
                          "or dtype='float64' to topological_sort, and every feed is converted.")
@@ -235,46 +235,29 @@ def forward_and_backward(graph: Sequence[Node]) -> None:
 
 def run_forward(nodes: Iterable[Node]) -> None:
     """`forward()` on each node; an error gets a note naming the node."""
-    node = None
-    try:
-        for node in nodes:
-            node.forward()
-    except Exception as exc:
-        _note(exc, node, "forward")
-        raise
+    _run(nodes, "forward")
 
 
 def run_backward(nodes: Iterable[Node]) -> None:
     """`backward()` on each node; an error gets a note naming the node."""
+    _run(nodes, "backward")
+
+
+def _run(nodes: Iterable[Node], method: str) -> None:
     node = None
     try:
         for node in nodes:
-            node.backward()
+            getattr(node, method)()
     except Exception as exc:
-        _note(exc, node, "backward")
+        if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
+            exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
         raise
-
-
-def _note(exc: Exception, node: Node | None, method: str) -> None:
-    if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
-        exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
 
 
 def _scope(graph: Sequence[Node]) -> Any:
     device = graph.device if isinstance(graph, SortedGraph) else (
         graph[0].device if graph and graph[0].device is not None else None)
-    return device.scope() if device is not None else _NULL
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NULL = _Null()
+    return device.scope() if device is not None else NULL_SCOPE
 
 
 def check_learning_rate(learning_rate: float) -> float:

@@ -133,7 +133,7 @@ class Device:
         """This namespace's dtype for a name ("float32"), a NumPy dtype or a namespace dtype."""
         if spec is None:
             return None
-        name = spec if isinstance(spec, str) else _dtype_name(spec)
+        name = spec if isinstance(spec, str) else dtype_name(spec)
         try:
             return self._dtypes[name]
         except KeyError:
@@ -224,12 +224,12 @@ class Device:
 
     def scope(self) -> Any:
         """A context manager that makes this device current (CUDA); a no-op elsewhere."""
-        return _NULL_SCOPE
+        return NULL_SCOPE
 
     def forbid_sync(self) -> Any:
         """A context manager in which the library itself refuses implicit synchronisation
         (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
-        return _NULL_SCOPE
+        return NULL_SCOPE
 
     def describe(self) -> str:
         """A one-line description: library version, device name, memory."""
@@ -253,10 +253,10 @@ class _NullScope:
         return None
 
 
-_NULL_SCOPE = _NullScope()
+NULL_SCOPE = _NullScope()
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     """'float32' for numpy.float32, numpy.dtype('float32'), torch.float32, strict's float32."""
     if isinstance(dtype, type):
         return dtype.__name__
