@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointError
+from .backends import dtype_name
 
 CHECKPOINT_FORMAT = 1
 _META_KEY = "__gpuflow__"
@@ -415,11 +416,6 @@ def _check_int(value: Any, name: str, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise CheckpointError(f"checkpoint {path!r}: {name} must be an int, got {value!r}.")
     return int(value)
-
-
-def dtype_name(dtype: Any) -> str:
-    from .backends import dtype_name as name
-    return name(dtype)
 
 
 def _version() -> str:
