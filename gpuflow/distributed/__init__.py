@@ -16,6 +16,7 @@ never imported. The MPI specifics live in `mpi.py`, the NCCL ones in `nccl.py`.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from typing import Any, Iterator
 
@@ -128,7 +129,6 @@ class Context:
     def _nccl_problem(self, device: Any) -> str | None:
         """None if NCCL can be used on every rank, else why not (the same answer everywhere)."""
         from .nccl import nccl_problem
-        import socket
         mine = (nccl_problem(), socket.gethostname(), device.name)
         everyone = self.comm.allgather(mine)
         problems = [f"rank {r}: {p}" for r, (p, _, _) in enumerate(everyone) if p]
