@@ -8,8 +8,8 @@
 """
 
 from .backends import Device, LEDGER, available_devices, get_device
-from .errors import (CheckpointError, DataError, DeviceError, GpuflowError, GraphError,
-                     TransferError)
+from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
+                     GraphError, TransferError)
 from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
                     topological_sort)
 from .layers import Parameter, dense, mlp
@@ -23,3 +23,5 @@ __all__ = [
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
     "Graph", "Parameter", "dense", "mlp",
 ]
+
+from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

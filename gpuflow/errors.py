@@ -23,3 +23,7 @@ class CheckpointError(GpuflowError, ValueError):
 
 class TransferError(GpuflowError, RuntimeError):
     """A host/device transfer or synchronisation that strict mode forbids."""
+
+
+class DistributedError(GpuflowError, RuntimeError):
+    """A multi-process run that cannot go on: a failed collective, a rank that died, a bad shard."""
