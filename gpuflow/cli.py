@@ -107,6 +107,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     call began (> 0 after --resume), "parameters": {name: NumPy array}}.
     Raises ValueError, DeviceError, DataError or CheckpointError for user mistakes.
     """
+    from . import distributed
     from .data import Batches, load_digits, load_mnist, train_test_split
     from .graph import Graph
     from .layers import mlp
@@ -138,15 +139,20 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         source = str(opts.data)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
 
+    # Under mpiexec: one rank per device, each a slice of every global batch (else a no-op).
+    ctx = distributed.init()
+    say = not opts.quiet and ctx.is_root
     # Model: X -> MLP -> logits -> softmax cross-entropy with y.
-    device = get_device(opts.device, verbose=not opts.quiet)
+    device = get_device(ctx.device_spec(opts.device), verbose=say)
     X_in, y_in = Input(name="X"), Input(name="y")
     sizes = [X_train.shape[1], *opts.hidden, n_classes]
     logits, _ = mlp(X_in, sizes, seed=opts.seed)
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits])
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
-    batches = Batches(X_train, y_train, opts.batch_size, seed=opts.seed)
+    ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
+    batches = (ctx.batches(X_train, y_train, opts.batch_size, seed=opts.seed) if ctx.size > 1
+               else Batches(X_train, y_train, opts.batch_size, seed=opts.seed))
 
     losses: list[float] = []
     accuracies: list[float] = []
@@ -166,14 +172,18 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     def accuracy() -> float:
         return held_out_accuracy(graph, logits, X_test_dev, y_test_dev)
 
-    if not opts.quiet:
+    devices = ctx.allgather(device.name)
+    if say:
         arch = "-".join(str(s) for s in sizes)
         print(f"training a {arch} MLP on {source} ({len(X_train)} train, {len(X_test)} test) "
               f"on {device.name}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
               f"batch {opts.batch_size}")
+        if ctx.size > 1:
+            print(f"data-parallel over {ctx.size} MPI ranks, devices {', '.join(devices)}; "
+                  f"each rank takes a slice of every batch of {opts.batch_size}")
         if start_epoch:
             print(f"resumed from {opts.resume} at epoch {start_epoch}")
-    if start_epoch >= opts.epochs and not opts.quiet:
+    if start_epoch >= opts.epochs and say:
         print(f"the checkpoint is already at epoch {start_epoch} >= --epochs {opts.epochs}; "
               "nothing to train")
 
@@ -181,10 +191,11 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     for epoch in range(start_epoch, opts.epochs):
         epoch_start = time.perf_counter()
         total = None  # sum of batch losses weighted by batch size, kept on the device
-        bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", opts.quiet)
+        bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", not say)
         refresh = max(1, len(batches) // 10)
         for i, (Xb, yb) in enumerate(bar):
             value = graph.step(Xb, yb)
+            ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
             optimizer.step()
             step += 1
             weighted = value * len(yb)
@@ -192,24 +203,25 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
             if not bar.disable and i % refresh == 0:  # one sync now and then, for the bar
                 bar.set_postfix(loss=f"{graph.item(value):.4f}", refresh=False)
         bar.close()
-        losses.append(graph.item(total) / batches.num_samples)
+        losses.append(ctx.sum_scalar(graph.item(total)) / batches.num_samples)
         accuracies.append(accuracy())
-        if not opts.quiet:
+        if say:
             seconds = time.perf_counter() - epoch_start
             print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
                   f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
-        if opts.save is not None:
+        if opts.save is not None and ctx.is_root:  # every rank holds the same state
             checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
                             state=_checkpoint_state(batches, losses, accuracies))
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
     seconds = time.perf_counter() - started
-    if opts.plot is not None:
+    if opts.plot is not None and ctx.is_root:
         plot_curves(opts.plot, losses, accuracies)
-    print(f"final test accuracy: {final:.4f}")
-    print(f"device: {device.name} ({device.describe()})")
-    print(f"time: {seconds:.2f} s for {max(0, opts.epochs - start_epoch)} epoch(s)"
-          + (f"; curves saved to {opts.plot}" if opts.plot else ""))
+    ctx.print(f"final test accuracy: {final:.4f}")
+    ctx.print(f"device: {device.name} ({device.describe()})"
+              + (f"; {ctx.size} ranks on {', '.join(devices)}" if ctx.size > 1 else ""))
+    ctx.print(f"time: {seconds:.2f} s for {max(0, opts.epochs - start_epoch)} epoch(s)"
+              + (f"; curves saved to {opts.plot}" if opts.plot else ""))
     return {
         "accuracy": final, "losses": losses, "accuracies": accuracies,
         "device": device.name, "device_description": device.describe(),

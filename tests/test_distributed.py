@@ -53,6 +53,11 @@ def run(*args: str, ranks: int | None = 2) -> subprocess.CompletedProcess:
     command = [sys.executable, SCRIPT, *args]
     if ranks is not None:
         command = [MPIEXEC, "-n", str(ranks), *command]
+    return launch(command)
+
+
+def launch(command: list[str]) -> subprocess.CompletedProcess:
+    """Run `command` bounded by TIMEOUT_S, killing its whole process group on a timeout."""
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=_clean_env(), start_new_session=True)
     try:
@@ -192,3 +197,23 @@ def test_a_raising_rank_aborts_the_others_with_a_clear_message():
     assert "RuntimeError: rank 1 fails on purpose" in result.stdout
     assert "gpuflow.distributed: rank 1 of 2 stopped on RuntimeError" in result.stdout
     assert "MPI_Abort" in result.stdout
+
+
+@needs_mpi
+def test_gpuflow_train_under_mpiexec_matches_one_process(tmp_path):
+    args = ["-m", "gpuflow", "train", "--epochs", "2", "--dtype", "float64", "--hidden", "16",
+            "--device", "cpu", "--quiet"]
+    two = launch([MPIEXEC, "-n", "2", sys.executable, *args[:-1], "--save",
+                  str(tmp_path / "two.npz")])
+    one = launch([sys.executable, *args[:-1], "--save", str(tmp_path / "one.npz")])
+    check(two)
+    check(one)
+    assert "data-parallel over 2 MPI ranks, devices cpu, cpu" in two.stdout, two.stdout
+    assert two.stdout.count("final test accuracy") == 1, "only rank 0 prints"
+    final = [line for line in one.stdout.splitlines() if line.startswith("final")]
+    assert final and final[0] in two.stdout, (one.stdout, two.stdout)
+    with np.load(tmp_path / "two.npz") as a, np.load(tmp_path / "one.npz") as b:
+        names = [k for k in a.files if k.startswith("param/")]
+        assert names and sorted(names) == sorted(k for k in b.files if k.startswith("param/"))
+        for k in names:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-15, err_msg=k)

@@ -96,6 +96,9 @@ class Context:
         s = spec.strip()
         if self.size == 1:
             return s
+        if s.lower() == "auto":  # auto picks GPU 0 for everyone: make it this rank's GPU
+            from ..backends import get_device
+            s = "cuda" if get_device("auto").is_gpu else "cpu"
         if s.lower() in ("cuda", "gpu", "cupy", "torch:cuda"):
             return f"{s}:{self.local_rank}"
         return s
@@ -189,6 +192,14 @@ class Context:
         n, total = self._counts if self._counts else (1, self.size)
         return self.comm.allreduce(x * n) / total
 
+    def sum_scalar(self, x: float) -> float:
+        """The sum of `x` over every rank (e.g. summed batch losses)."""
+        return float(x) if self.size == 1 else self.comm.allreduce(float(x))
+
+    def allgather(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order (e.g. device names, for the log)."""
+        return [obj] if self.size == 1 else self.comm.allgather(obj)
+
     # -- data ----------------------------------------------------------------------------------
     def shard(self, xb: Any, yb: Any) -> tuple[Any, Any]:
         """This rank's contiguous slice of a global batch (sizes differ by at most one).
@@ -246,6 +257,11 @@ class ShardedBatches:
     @property
     def epoch(self) -> int:
         return self.global_batches.epoch
+
+    @property
+    def num_samples(self) -> int:
+        """Samples per epoch over all ranks."""
+        return self.global_batches.num_samples
 
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         for xb, yb in self.global_batches:
