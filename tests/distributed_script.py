@@ -18,6 +18,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpuflow as gf  # noqa: E402
+import gpuflow.checkpoint  # noqa: E402
 from gpuflow.optim import SGD, Adam  # noqa: E402
 
 N_SAMPLES, N_IN, N_CLASSES, INIT_SEED, DATA_SEED = 35, 6, 3, 100, 1
@@ -54,23 +55,14 @@ def parameters(graph: gf.Graph) -> dict[str, np.ndarray]:
 
 
 def save(path: str, graph: gf.Graph, optimizer, batches) -> None:
-    """A tiny npz checkpoint (gpuflow/checkpoint.py is not on this branch yet)."""
-    arrays = {f"param/{k}": v for k, v in parameters(graph).items()}
-    arrays.update({f"opt/{k}": np.asarray(v) for k, v in optimizer.state_dict().items()})
-    arrays.update({f"batches/{k}": np.asarray(v) for k, v in batches.state_dict().items()})
-    np.savez(path, **arrays)
+    """gpuflow's checkpoint, with the batch order in its extra state."""
+    state = {f"batches.{k}": v for k, v in batches.state_dict().items()}
+    gpuflow.checkpoint.save(path, graph, optimizer, state=state)
 
 
 def load(path: str, graph: gf.Graph, optimizer, batches) -> None:
-    with np.load(path) as f:
-        named = graph.named_parameters()
-        for key in f.files:
-            kind, _, name = key.partition("/")
-            if kind == "param":
-                named[name].value = f[key]
-        optimizer.load_state_dict({k[4:]: (int(f[k]) if k == "opt/t" else f[k])
-                                   for k in f.files if k.startswith("opt/")})
-        batches.load_state_dict({k[8:]: f[k] for k in f.files if k.startswith("batches/")})
+    state = gpuflow.checkpoint.load(path, graph, optimizer)["state"]
+    batches.load_state_dict({k[len("batches."):]: v for k, v in state.items()})
 
 
 def main(argv: list[str]) -> None:
