@@ -286,7 +286,9 @@ def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
             raise GraphError(f"{t.label} has no gradient yet.\nhelp: run "
                              "forward_and_backward(graph) before sgd_update(trainables).")
         value = t.value
-        value -= lr * grad
+        value -= lr * grad  # in place; a scalar (immutable) comes back as a new object
+        if value is not t.value:
+            t.value = value
 
 
 class Graph:

@@ -15,7 +15,7 @@ import importlib
 import os
 from typing import Any, Callable
 
-from ..errors import DeviceError, TransferError
+from ..errors import DeviceError, GraphError, TransferError
 
 BACKENDS = ("numpy", "cupy", "torch", "array_api_strict")
 INSTALL_HINTS = {
@@ -40,7 +40,6 @@ class TransferLedger:
         # One reusable (re-entrant) context object each: a step enters them every time.
         self._allow_context = _Count(self, "_allowed")
         self._enforce_context = _Count(self, "_enforcing")
-        self.where = ""      # the node running now, for the error message
         self.reset()
 
     @staticmethod
@@ -70,9 +69,8 @@ class TransferLedger:
     def record(self, kind: str, nbytes: int, device: "Device", what: str) -> None:
         """Count one transfer or sync; in strict mode, refuse it unless allowed."""
         if self._enforcing and not self._allowed:
-            where = f" in {self.where}" if self.where else ""
             raise TransferError(
-                f"strict transfer mode: {kind} of {nbytes} bytes on {device.name}{where} "
+                f"strict transfer mode: {kind} of {nbytes} bytes on {device.name} "
                 f"({what}), outside a batch upload or loss read; this stalls a GPU training "
                 "loop.\n"
                 "help: keep values on the device, feed batches through Input.value or "
@@ -106,8 +104,8 @@ LEDGER = TransferLedger()
 class Device:
     """One device of one array library: its namespace `xp`, its canonical `name`, and transfers.
 
-    Subclasses (one per backend module) implement `_put`, `_to_host`, `owns`, `array_device`,
-    `_synchronize` and `describe`.
+    Subclasses (one per backend module) implement `_put`, `_to_host`, `owns`, `_synchronize`
+    and `describe`; the module beside each gives `array_device_name`.
     """
 
     backend: str = ""
@@ -137,9 +135,9 @@ class Device:
         try:
             return self._dtypes[name]
         except KeyError:
-            raise DeviceError(
+            raise GraphError(
                 f"unknown dtype {spec!r} for device {self.name}; "
-                f"expected one of {sorted(self._dtypes)}") from None
+                f"expected one of {sorted(self._dtypes)}.\nhelp: pass e.g. 'float32'.") from None
 
     def is_floating(self, dtype: Any) -> bool:
         """Whether `dtype` is a real floating dtype."""

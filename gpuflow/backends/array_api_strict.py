@@ -39,7 +39,7 @@ class StrictDevice(Device):
 
     def _to_host(self, value: Any) -> Any:
         import numpy
-        return numpy.asarray(value.to_device(self.xp.Device("CPU_DEVICE")))
+        return numpy.array(value.to_device(self.xp.Device("CPU_DEVICE")), copy=True)
 
 
 def make_device(rest: str, spec: str) -> StrictDevice:

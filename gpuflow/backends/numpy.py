@@ -56,17 +56,22 @@ class NumpyDevice(Device):
 
     def owns(self, value: Any) -> bool:
         # Only numeric arrays: an object or string array must go through host_array's check.
-        return ((type(value) is numpy.ndarray or array_api_compat.is_numpy_array(value))
-                and value.dtype.kind in "biuf")
+        # NumPy arrays and (immutable, see _put) scalars of numbers: an object or string array
+        # must go through host_array's check.
+        return isinstance(value, (numpy.ndarray, numpy.generic)) and value.dtype.kind in "biuf"
 
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
 
     def _put(self, host: Any, dtype: Any) -> Any:
-        return host if dtype is None or host.dtype == dtype else host.astype(dtype)
+        out = host if dtype is None or host.dtype == dtype else host.astype(dtype)
+        # A fed scalar stays an immutable NumPy scalar, as MiniFlow's Python scalars were:
+        # a lesson node doing `self.value = bias.value; self.value += x * w` must not change
+        # the bias in place.
+        return out[()] if out.ndim == 0 else out
 
     def _to_host(self, value: Any) -> Any:
-        return numpy.asarray(value)
+        return numpy.array(value, copy=True)  # a snapshot, never the live array
 
 
 def make_device(rest: str, spec: str) -> NumpyDevice:

@@ -41,7 +41,8 @@ class TorchDevice(Device):
         return self._torch.as_tensor(host, dtype=dtype, device=self.native)
 
     def _to_host(self, value: Any) -> Any:
-        return value.detach().to("cpu").numpy()
+        host = value.detach().to("cpu").numpy()
+        return host.copy() if value.device.type == "cpu" else host  # never the live tensor
 
     def _synchronize(self) -> None:
         self._torch.cuda.synchronize(self.native)
