@@ -21,8 +21,10 @@ class NumpyDevice(Device):
     backend = "numpy"
 
     def owns(self, value: Any) -> bool:
-        # Only numeric arrays: an object or string array must go through host_array's check.
-        return ((type(value) is numpy.ndarray or array_api_compat.is_numpy_array(value))
+        # Only plain numeric arrays: an object or string array must go through host_array's
+        # check, and a subclass (np.matrix, where * is a matrix product; a masked array) is
+        # converted or refused there.
+        return ((type(value) is numpy.ndarray or isinstance(value, numpy.generic))
                 and value.dtype.kind in "biuf")
 
     def describe(self) -> str:
@@ -65,6 +67,9 @@ def host_array(value: Any, what: str) -> numpy.ndarray:
     """`value` as a NumPy array; GraphError if it is not numeric data."""
     if value is None:
         raise GraphError(f"{what} is None.\nhelp: feed an array (or set .value) first.")
+    if isinstance(value, numpy.ma.MaskedArray):
+        raise GraphError(f"{what} is a masked array; gpuflow would ignore its mask.\n"
+                         "help: feed value.filled(fill_value) or drop the masked rows.")
     try:
         array = numpy.asarray(value)
     except (ValueError, TypeError) as exc:
