@@ -466,7 +466,8 @@ def test_sigkill_during_save_leaves_old_or_new_checkpoint(tmp_path):
         gen = new_gen
     # a SIGKILL cannot clean up; what it leaves is only hidden temp files, never at `path`
     names = os.listdir(ckdir)
-    print(f"{KILLS} kills, {len(names) - 1} interrupted mid-write (temp files left), last gen {gen}")
+    print(f"{KILLS} kills, {len(names) - 1} interrupted mid-write (temp files left), "
+          f"last gen {gen}")
     assert all(n == "c.npz" or (n.startswith(".c.npz.") and n.endswith(".tmp"))
                for n in names), names
     assert time.monotonic() - started < 30, "the kill loop is too slow for CI"

@@ -89,7 +89,7 @@ def fuzz(inputs, read, check_ok=None):
     return counts
 
 
-# -- checkpoints ------------------------------------------------------------------------------------
+# -- checkpoints -------------------------------------------------------------------------------
 def small_model():
     X, y = gf.Input(name="X"), gf.Input(name="y")
     logits, _ = gf.mlp(X, [4, 3, 2], seed=0)
@@ -129,7 +129,7 @@ def test_fuzz_checkpoint_reader(tmp_path):
     assert counts["error"] > 200, counts
 
 
-# -- IDX files ---------------------------------------------------------------------------------------
+# -- IDX files ----------------------------------------------------------------------------------
 def idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
     return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
