@@ -22,6 +22,7 @@ dtype, whatever device wrote them.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import tempfile
@@ -38,6 +39,8 @@ CHECKPOINT_FORMAT = 1
 _META_KEY = "__gpuflow__"
 _FORMAT_NAME = "gpuflow-checkpoint"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+# Deflate expands at most about 1032:1, so a deflated member claiming more is damaged.
+_MAX_DEFLATE_RATIO = 1100
 _HYPER_SKIP = {"params", "state", "t"}  # optimizer attributes that are not hyper-parameters
 
 
@@ -256,12 +259,62 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
                               "help: pass a file written by gpuflow.checkpoint.save.")
     try:
         # our own handle: numpy leaks the one it opens when the zip directory is unreadable
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-            return {key: z[key] for key in z.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
+            size = os.fstat(f.fileno()).st_size
+            arrays = {}
+            for info in archive.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                arrays[key] = _read_member(path, archive, info, size)
+            return arrays
+    # zipfile raises NotImplementedError for unknown compression or zip versions and
+    # RuntimeError for encrypted members
+    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
+            zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
                               f"{type(exc).__name__}: {exc}.\n"
                               "help: use an earlier checkpoint.") from exc
+
+
+def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+                 file_size: int) -> np.ndarray:
+    """One `.npy` member, its sizes checked before anything is allocated: the array its header
+    declares must be exactly the bytes the member holds, and the member can hold no more than
+    its compressed bytes allow (a crafted header or zip entry cannot make us allocate more than
+    about _MAX_DEFLATE_RATIO times the file's size). Object arrays (pickles) are refused."""
+    def damaged(problem: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
+                               f"member {info.filename!r} {problem}.\n"
+                               "help: use an earlier checkpoint.")
+
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise damaged(f"uses zip compression method {info.compress_type}; a checkpoint "
+                      "holds only stored (or deflated) members")
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
+    if info.compress_size > file_size or info.file_size > ratio * info.compress_size + 64:
+        raise damaged(f"claims {info.file_size} bytes ({info.compress_size} compressed) in a "
+                      f"{file_size}-byte file")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise damaged(f"has .npy format version {version}; expected 1.0 or 2.0")
+        if dtype.hasobject:
+            raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: member "
+                                  f"{info.filename!r} is an object array, which only pickle "
+                                  "can load, and gpuflow never unpickles.\nhelp: pass a file "
+                                  "written by gpuflow.checkpoint.save.")
+        nbytes = math.prod(shape) * dtype.itemsize
+        held = info.file_size - member.tell()
+        if nbytes != held:
+            raise damaged(f"declares shape {shape} of {dtype} ({nbytes} bytes) but holds "
+                          f"{held} bytes")
+        data = bytearray(nbytes)  # writable, like np.load's arrays
+        if member.readinto(data) != nbytes or member.read(1):  # reading to the end checks the CRC
+            raise damaged("ends early or late")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def _describe_head(head: bytes) -> str:

@@ -4,6 +4,7 @@
     gpuflow train --device cpu --epochs 5 --hidden 256 128 --optimizer sgd --lr 0.1
     gpuflow train --data ~/mnist --save run.npz      # MNIST IDX folder or mnist.npz
     gpuflow train --resume run.npz --epochs 40       # continue to 40 epochs in total
+    gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -14,6 +15,7 @@ directly; `main` only parses argv and turns user mistakes into one line on stder
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
 import math
@@ -58,6 +60,7 @@ class TrainOptions:
     resume: str | None = None    # checkpoint to continue from
     plot: str | None = None      # PNG of the loss and accuracy curves (needs matplotlib)
     quiet: bool = False          # no progress bar, no per-epoch lines: the summary only
+    check_finite: bool = False   # stop at the first NaN/Inf, naming the node and the step
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -148,7 +151,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     sizes = [X_train.shape[1], *opts.hidden, n_classes]
     logits, _ = mlp(X_in, sizes, seed=opts.seed)
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
-    graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits])
+    graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
+                  check_finite=opts.check_finite)
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
     ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
     batches = (ctx.batches(X_train, y_train, opts.batch_size, seed=opts.seed) if ctx.size > 1
@@ -188,30 +192,31 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
               "nothing to train")
 
     step = optimizer.t
-    for epoch in range(start_epoch, opts.epochs):
-        epoch_start = time.perf_counter()
-        total = None  # sum of batch losses weighted by batch size, kept on the device
-        bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", not say)
-        refresh = max(1, len(batches) // 10)
-        for i, (Xb, yb) in enumerate(bar):
-            value = graph.step(Xb, yb)
-            ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
-            optimizer.step()
-            step += 1
-            weighted = value * len(yb)
-            total = weighted if total is None else total + weighted
-            if not bar.disable and i % refresh == 0:  # one sync now and then, for the bar
-                bar.set_postfix(loss=f"{graph.item(value):.4f}", refresh=False)
-        bar.close()
-        losses.append(ctx.sum_scalar(graph.item(total)) / batches.num_samples)
-        accuracies.append(accuracy())
-        if say:
-            seconds = time.perf_counter() - epoch_start
-            print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
-                  f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
-        if opts.save is not None and ctx.is_root:  # every rank holds the same state
-            checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
-                            state=_checkpoint_state(batches, losses, accuracies))
+    with _numpy_warnings_off(opts.check_finite):
+        for epoch in range(start_epoch, opts.epochs):
+            epoch_start = time.perf_counter()
+            total = None  # sum of batch losses weighted by batch size, kept on the device
+            bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", not say)
+            refresh = max(1, len(batches) // 10)
+            for i, (Xb, yb) in enumerate(bar):
+                value = graph.step(Xb, yb)
+                ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
+                optimizer.step()
+                step += 1
+                weighted = value * len(yb)
+                total = weighted if total is None else total + weighted
+                if not bar.disable and i % refresh == 0:  # one sync now and then, for the bar
+                    bar.set_postfix(loss=f"{graph.item(value):.4f}", refresh=False)
+            bar.close()
+            losses.append(ctx.sum_scalar(graph.item(total)) / batches.num_samples)
+            accuracies.append(accuracy())
+            if say:
+                seconds = time.perf_counter() - epoch_start
+                print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
+                      f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
+            if opts.save is not None and ctx.is_root:  # every rank holds the same state
+                checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
+                                state=_checkpoint_state(batches, losses, accuracies))
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
     seconds = time.perf_counter() - started
@@ -229,6 +234,15 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         "parameters": {name: device.to_host(p.value, what=name)
                        for name, p in graph.named_parameters().items()},
     }
+
+
+def _numpy_warnings_off(off: bool) -> Any:
+    """With --check-finite the check reports the first NaN/Inf itself, naming the node: NumPy's
+    overflow warnings before it would only bury that one line."""
+    if not off:
+        return contextlib.nullcontext()
+    import numpy as np
+    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 def _checkpoint_module() -> Any:
@@ -377,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a PNG of loss and accuracy curves (needs matplotlib)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-epoch lines: the summary only")
+    t.add_argument("--check-finite", action="store_true",
+                   help="after every step, check every value and gradient for NaN/Inf and stop "
+                   "at the first, naming the node and the step (one extra read per step)")
     commands.add_parser("devices", help="list every backend and device, available or not")
     commands.add_parser("bench", help="run benchmarks (gpuflow.bench); "
                         "'gpuflow bench --help' for its options", add_help=False)

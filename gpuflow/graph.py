@@ -260,8 +260,9 @@ def _scope(graph: Sequence[Node]) -> Any:
     return device.scope() if device is not None else NULL_SCOPE
 
 
-def check_learning_rate(learning_rate: float) -> float:
-    """`learning_rate` as a float; ValueError unless it is finite and positive."""
+def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
+    """`learning_rate` as a float; ValueError (naming the argument `name`) unless it is finite
+    and positive."""
     # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
     not_a_number = isinstance(learning_rate, (str, bytes, bool))
     try:
@@ -269,24 +270,25 @@ def check_learning_rate(learning_rate: float) -> float:
     except (TypeError, ValueError):
         not_a_number = True
     if not_a_number:
-        raise ValueError(f"learning_rate must be a number, got {learning_rate!r}.\n"
-                         "help: pass e.g. learning_rate=1e-2 (a float).")
+        raise ValueError(f"{name} must be a number, got {learning_rate!r}.\n"
+                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2 (a float).")
     if not (math.isfinite(lr) and lr > 0.0):
-        raise ValueError(f"learning_rate must be a finite number > 0, got {learning_rate!r}.\n"
-                         "help: pass e.g. learning_rate=1e-2.")
+        raise ValueError(f"{name} must be a finite number > 0, got {learning_rate!r}.\n"
+                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2.")
     return lr
 
 
 def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
     """`t.value -= learning_rate * t.gradients[t]` for each trainable, in place."""
     lr = check_learning_rate(learning_rate)
-    for t in trainables:
-        grad = t.gradients.get(t)
-        if grad is None:
+    trainables = list(trainables)
+    for t in trainables:  # all checked first: a refusal updates nothing
+        if t.gradients.get(t) is None:
             raise GraphError(f"{t.label} has no gradient yet.\nhelp: run "
                              "forward_and_backward(graph) before sgd_update(trainables).")
+    for t in trainables:
         value = t.value
-        value -= lr * grad  # in place; a scalar (immutable) comes back as a new object
+        value -= lr * t.gradients[t]  # in place; a scalar (immutable) comes back new
         if value is not t.value:
             t.value = value
 

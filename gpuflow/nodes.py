@@ -96,8 +96,12 @@ class Input(Node):
         if not (device.owns(value) and (
                 value.dtype == self._float_dtype
                 or (self._float_dtype is None and device.is_floating(value.dtype)))):
-            if self._keep_integers and not device.owns(value):
-                self._check_labels(value)
+            # Labels are checked on the host before any upload; on a host device (NumPy,
+            # torch:cpu) also when they are already its arrays, since that costs no transfer.
+            # Labels already on a GPU are checked at the first step only (a check is a sync).
+            if self._keep_integers and (device.is_host or not device.owns(value)):
+                self._check_labels(device.to_host(value, what=f"{self.label}.value")
+                                   if device.owns(value) else value)
             value = device.place(value, self._float_dtype, self._keep_integers,
                                  what=f"{self.label}.value")
         if value.ndim and value.shape[0] == 0:
@@ -109,7 +113,7 @@ class Input(Node):
         """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
         from .backends.numpy import host_array, host_range
         host = host_array(value, f"{self.label}.value")
-        if host.dtype.kind == "f":
+        if host.dtype.kind not in "iu":
             raise GraphError(f"{self.label}: labels have dtype {host.dtype}; expected integer "
                              "class indices.\nhelp: feed an integer array "
                              "(e.g. y.astype('int64')).")
@@ -123,7 +127,12 @@ class Input(Node):
                                  "of the last layer.")
 
     def forward(self) -> None:
-        """Nothing to compute: the value was fed."""
+        """Nothing to compute: the value was fed (GraphError if it was set back to None)."""
+        if self._value is None:
+            users = ", ".join(m.label for m in self.outbound_nodes) or "no node"
+            raise GraphError(f"{self.label} has no value: None (it feeds {users}).\n"
+                             f"help: set {self.label}.value to an array before running the "
+                             "graph.")
 
     def backward(self) -> None:
         """Sum what every outbound node computed for this input."""
@@ -144,6 +153,11 @@ class Linear(Node):
                 f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
                 "X must be 2-D (batch, n_in), W 2-D (n_in, n_out), X.shape[1] == W.shape[0].\n"
                 f"help: check the sizes of {X.label} and {W.label}.")
+        if tuple(b.value.shape) not in ((w.shape[1],), (1, w.shape[1])):
+            raise GraphError(
+                f"{self.label}: b has shape {tuple(b.value.shape)} but W has shape "
+                f"{tuple(w.shape)}; b must have shape ({w.shape[1]},), one bias per output.\n"
+                f"help: check the size of {b.label}.")
         out = x @ w
         out += b.value  # in place: one new array per forward, not two
         self.value = out
@@ -281,7 +295,7 @@ class SoftmaxCrossEntropy(Node):
         n, k = z.shape
         if labels._classes != k or y.dtype != self._label_dtype:
             # First forward: check these labels here; later host labels are checked on feed.
-            if xp.isdtype(y.dtype, "real floating"):
+            if not xp.isdtype(y.dtype, "integral"):
                 raise GraphError(
                     f"{self.label}: labels have dtype {y.dtype}; expected integer class "
                     f"indices.\nhelp: feed {labels.label} an integer array "

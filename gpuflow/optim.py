@@ -20,21 +20,22 @@ class Optimizer:
         if not self.params:
             raise GraphError(f"{type(self).__name__}: no parameters to optimise.\n"
                              "help: pass graph.parameters (Parameter nodes), or a Graph.")
-        self.lr = self._checked_lr = check_learning_rate(lr)
+        self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
 
     def step(self) -> None:
         """One update of every parameter from its current gradient."""
         if self.lr is not self._checked_lr:  # someone set a new rate: check it once
-            self.lr = self._checked_lr = check_learning_rate(self.lr)
-        self.t += 1
-        for p in self.params:
-            grad = p.gradients.get(p)
-            if grad is None:
+            self.lr = self._checked_lr = check_learning_rate(
+                self.lr, f"{type(self).__name__}: lr")
+        for p in self.params:  # all checked first: a refusal updates nothing
+            if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
-            self.update(p.xp, p.value, grad, self.state[p])
+        self.t += 1
+        for p in self.params:
+            self.update(p.xp, p.value, p.gradients[p], self.state[p])
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
         """Update `value` in place from `grad`; `state` holds this parameter's buffers."""

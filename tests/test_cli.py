@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import types
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 from gpuflow import LEDGER, Graph, Input, SoftmaxCrossEntropy, get_device, mlp
-from gpuflow.cli import TrainOptions, held_out_accuracy, main, train
+from gpuflow.cli import TrainOptions, build_parser, held_out_accuracy, main, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "16"]   # keeps in-process runs to a fraction of a second
@@ -202,6 +203,22 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert expected in line
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_check_finite_stops_an_absurd_learning_rate_with_one_line(capsys, optimizer):
+    argv = ["train", "--device", "cpu", "--epochs", "2", *SMALL, "--optimizer", optimizer,
+            "--lr", "1e30", "--check-finite", "--quiet"]
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "non-finite number (NaN or Inf) first appeared in Linear 'layer" in line, line
+    assert re.search(r"at step \d+\. help: lower the learning rate", line), line
+
+
+def test_check_finite_is_off_by_default_and_a_graph_option():
+    assert TrainOptions().check_finite is False
+    ns = build_parser().parse_args(["train", "--check-finite"])
+    assert TrainOptions.from_any(ns).check_finite is True
 
 
 @pytest.mark.skipif(_has("cupy"), reason="CuPy is installed: 'cuda' may be a real device here")

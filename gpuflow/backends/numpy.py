@@ -55,10 +55,11 @@ class NumpyDevice(Device):
         self._dtypes = {k: numpy.dtype(v) for k, v in self._dtypes.items()}
 
     def owns(self, value: Any) -> bool:
-        # Only numeric arrays: an object or string array must go through host_array's check.
-        # NumPy arrays and (immutable, see _put) scalars of numbers: an object or string array
-        # must go through host_array's check.
-        return isinstance(value, (numpy.ndarray, numpy.generic)) and value.dtype.kind in "biuf"
+        # Only plain numeric arrays: an object or string array must go through host_array's
+        # check, and a subclass (np.matrix, where * is a matrix product; a masked array) is
+        # converted or refused there.
+        return ((type(value) is numpy.ndarray or isinstance(value, numpy.generic))
+                and value.dtype.kind in "biuf")
 
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
@@ -104,6 +105,9 @@ def host_array(value: Any, what: str) -> numpy.ndarray:
     """`value` as a NumPy array; GraphError if it is not numeric data."""
     if value is None:
         raise GraphError(f"{what} is None.\nhelp: feed an array (or set .value) first.")
+    if isinstance(value, numpy.ma.MaskedArray):
+        raise GraphError(f"{what} is a masked array; gpuflow would ignore its mask.\n"
+                         "help: feed value.filled(fill_value) or drop the masked rows.")
     try:
         array = numpy.asarray(value)
     except (ValueError, TypeError) as exc:

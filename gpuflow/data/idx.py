@@ -53,7 +53,11 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     except OSError as exc:
         raise DataError(f"{path}: cannot read: {exc}; check the path and permissions") from exc
     dtype, dims, payload = data
-    array = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    try:
+        array = np.frombuffer(payload, dtype=dtype).reshape(dims)
+    except ValueError as exc:  # more dims than NumPy supports, or a size it cannot index
+        raise DataError(f"{path}: header dims {dims} cannot make a NumPy array ({exc}); "
+                        f"the file is not an IDX file or is damaged; {_REDOWNLOAD}") from exc
     # The payload is a private writable bytearray, so single-byte types need no copy.
     return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -208,7 +212,11 @@ def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarra
             return archive[x_key], archive[y_key]
     except DataError:
         raise
-    except (OSError, EOFError, ValueError, KeyError, zlib.error, zipfile.BadZipFile) as exc:
+    # zipfile raises NotImplementedError for unknown compression or zip versions and
+    # RuntimeError for encrypted members; NumPy allocates the array a header declares before
+    # it reads it, so a forged shape can be a MemoryError
+    except (OSError, EOFError, ValueError, KeyError, NotImplementedError, RuntimeError,
+            MemoryError, zlib.error, zipfile.BadZipFile) as exc:
         raise DataError(
             f"{path}: cannot read arrays {x_key}, {y_key}: {exc}; the archive is damaged or "
             f"holds object arrays (pickle is not allowed); re-create it with numpy.savez"
