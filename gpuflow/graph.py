@@ -13,7 +13,7 @@ from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
-from .errors import GpuflowError, GraphError
+from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
 
 
@@ -25,6 +25,15 @@ class SortedGraph(list):
         self.device = device
         self.dtype = dtype
         self.backward_order: list[Node] = self[::-1]
+        self._plan = self._seen = _PLANS
+
+    def _ensure_plan(self) -> None:
+        """Plan again if another graph re-planned some of these nodes since (see _stale)."""
+        if _stale(self, self):
+            bind(self, self.device, self.dtype, {}, require_values=False)
+            plan_backward(self, loss=None)
+            self._plan = _PLANS
+        self._seen = _PLANS
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -181,6 +190,8 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
     get gradients: nothing is computed for data that no one trains.
     Returns the nodes that run backward, in backward order.
     """
+    global _PLANS
+    _PLANS += 1
     members = set(order)
     if loss is None:
         live = wants = members
@@ -192,6 +203,7 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
             if node in live and (node in wanted or any(n in wants for n in node.inbound_nodes)):
                 wants.add(node)
     for node in order:
+        node._plan = _PLANS
         node.gradients = {}
         node.needs_grad = tuple(n in wants and i not in node.integer_inputs
                                 for i, n in enumerate(node.inbound_nodes))
@@ -204,6 +216,15 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
         else:
             node._seed = 1.0 if node is loss else None
     return [node for node in reversed(order) if node in wants]
+
+
+_PLANS = 0  # plans made so far: each node remembers the one it follows (`_plan`)
+
+
+def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
+    """Whether a graph's plan was overwritten: another graph over some of the same nodes
+    planned its own backward since. One integer test per step while nothing else plans."""
+    return holder._seen != _PLANS and any(n._plan != holder._plan for n in nodes)
 
 
 def _ancestors(node: Node, members: set) -> set:
@@ -227,7 +248,11 @@ def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
 
 def forward_and_backward(graph: Sequence[Node]) -> None:
     """Forward over the sorted nodes, then backward in reverse order."""
-    backward_order = graph.backward_order if isinstance(graph, SortedGraph) else graph[::-1]
+    if isinstance(graph, SortedGraph):
+        graph._ensure_plan()
+        backward_order = graph.backward_order
+    else:
+        backward_order = graph[::-1]
     with _scope(graph):
         run_forward(graph)
         run_backward(backward_order)
@@ -248,6 +273,8 @@ def _run(nodes: Iterable[Node], method: str) -> None:
     try:
         for node in nodes:
             getattr(node, method)()
+    except TransferError as exc:  # strict mode: say which node moved data
+        raise TransferError(f"{node.label}.{method}(): {exc}") from None
     except Exception as exc:
         if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
             exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
@@ -326,16 +353,19 @@ class Graph:
         self.nodes = kahn_sort(_upstream([loss, *outputs]))
         bind(self.nodes, self.device, dtype, {}, require_values=False)
         self.dtype = self.device.dtype(dtype)
+        self._dtype_spec = dtype
         self.parameters = list(parameters) if parameters is not None else sorted(
             (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
-        self.inputs = list(inputs) if inputs is not None else [
-            n for n in self.nodes if isinstance(n, Input) and n not in set(self.parameters)]
+        self.inputs = list(inputs) if inputs is not None else sorted(  # in creation order
+            (n for n in self.nodes if isinstance(n, Input) and n not in set(self.parameters)),
+            key=lambda n: n._id)
         stray = [n.label for n in self.inputs + self.parameters if n not in set(self.nodes)]
         if stray:
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
         self._compute = [n for n in self.nodes if not isinstance(n, Input)]
         self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
+        self._plan = self._seen = _PLANS
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
@@ -358,6 +388,7 @@ class Graph:
         batches: one array per data Input, in the order of `self.inputs`, or one dict
         {Input: array}. Gradients land in `parameter.gradients[parameter]`.
         """
+        self._ensure_plan()
         self._feed(batches, self.inputs)
         with self.device.scope():
             if self.strict and self.steps > 0:
@@ -373,6 +404,15 @@ class Graph:
     def _forward_backward(self) -> None:
         run_forward(self._compute)
         run_backward(self._backward)
+
+    def _ensure_plan(self) -> None:
+        """Plan again if another graph (a validation graph, a MiniFlow sort) over some of the
+        same nodes planned its own backward since: each node holds one plan at a time."""
+        if _stale(self, self.nodes):
+            bind(self.nodes, self.device, self._dtype_spec, {}, require_values=False)
+            self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters)
+            self._plan = _PLANS
+        self._seen = _PLANS
 
     def _check_finite(self) -> None:
         """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
@@ -406,6 +446,7 @@ class Graph:
             self._run_orders[output] = (
                 [n for n in self._compute if n in needed],
                 [n for n in self.inputs if n in needed])
+        self._ensure_plan()
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
         with self.device.scope():

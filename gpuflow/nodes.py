@@ -280,8 +280,8 @@ class SoftmaxCrossEntropy(Node):
 
     def __init__(self, labels: Node, logits: Node, *, name: str | None = None):
         Node.__init__(self, [labels, logits], name=name)
-        self._classes = None  # arange(classes) on the device, made once
-        self._label_dtype = None
+        self._class_range = None  # arange(classes) on the device, made once
+        self._checked = None      # (classes, label dtype) the labels were last checked for
 
     def forward(self) -> None:
         labels, logits = self.inbound_nodes
@@ -293,21 +293,24 @@ class SoftmaxCrossEntropy(Node):
                 f"{tuple(z.shape)}; expected labels (batch,) and logits (batch, classes).\n"
                 f"help: feed {labels.label} one integer class per row of {logits.label}.")
         n, k = z.shape
-        if labels._classes != k or y.dtype != self._label_dtype:
+        if self._checked != (k, y.dtype):
             # First forward: check these labels here; later host labels are checked on feed.
             if not xp.isdtype(y.dtype, "integral"):
                 raise GraphError(
                     f"{self.label}: labels have dtype {y.dtype}; expected integer class "
                     f"indices.\nhelp: feed {labels.label} an integer array "
                     "(e.g. y.astype('int64')).")
-            labels._classes, self._label_dtype = k, y.dtype
+            self._checked = (k, y.dtype)
+            if isinstance(labels, Input):  # later host labels are range-checked on feed
+                labels._classes = k
             self._check_labels_on_device(y, k)
-        if self._classes is None or self._classes.shape[0] != k or self._classes.dtype != y.dtype:
-            self._classes = xp.arange(k, dtype=y.dtype, device=self.device.native)
+        if (self._class_range is None or self._class_range.shape[0] != k
+                or self._class_range.dtype != y.dtype):
+            self._class_range = xp.arange(k, dtype=y.dtype, device=self.device.native)
         shifted = z - xp.max(z, axis=1, keepdims=True)
         self.exp = xp.exp(shifted)
         self.total = xp.sum(self.exp, axis=1, keepdims=True)
-        self.onehot = xp.astype(xp.reshape(y, (-1, 1)) == self._classes, z.dtype)
+        self.onehot = xp.astype(xp.reshape(y, (-1, 1)) == self._class_range, z.dtype)
         self.n = n
         # -mean(log softmax[label]) = (sum of log-sum-exp - sum of the labels' logits) / n,
         # since each one-hot row sums to 1.
