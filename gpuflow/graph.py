@@ -13,6 +13,7 @@ from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
+from .backends.numpy import host_copy
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
 
@@ -150,9 +151,17 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
             raise GraphError(f"{node.label} has {where}: None (it feeds {users}).\n"
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
-        node.value = value
+        node.value = _private_copy(device, value) if node in feed_dict else value
     if float_dtype is None:
         _one_float_dtype(inputs, device)
+
+
+def _private_copy(device: Device, value: Any) -> Any:
+    """A fed array, copied once: optimizers update values in place, and the caller's array must
+    not change with them (it would on the CPU only, where no transfer copies it)."""
+    if device.owns(value) and getattr(value, "ndim", 0):
+        return device.xp.asarray(value, copy=True)
+    return host_copy(value)
 
 
 def _one_float_dtype(inputs: Sequence[Input], device: Device) -> None:

@@ -578,3 +578,38 @@ def test_one_node_in_two_slots_of_a_linear_gets_both_gradients(device):
         G = -2.0 * (y_ - x @ x) / y_.size
         np.testing.assert_allclose(host(device, X.gradients[X]), G @ x.T + x.T @ G,
                                    rtol=1e-12, err_msg=device.name)
+
+
+def test_training_never_changes_the_callers_arrays(device):
+    X, W, b, y = gf.Input(), gf.Input(), gf.Input(), gf.Input()
+    cost = gf.MSE(y, gf.Linear(X, W, b))
+    W_, b_ = np.ones((2, 1)), np.zeros(1)
+    graph = gf.topological_sort({X: np.ones((3, 2)), W: W_, b: b_, y: np.zeros(3)},
+                                device=device)
+    gf.forward_and_backward(graph)
+    gf.sgd_update([W, b], 0.1)
+    assert (W_ == 1).all() and (b_ == 0).all(), "sgd_update changed the fed arrays"
+    assert not np.allclose(host(device, W.value), 1.0), "W did not train"
+
+
+class _LessonLinear(gf.Node):
+    """The MiniFlow lesson's first Linear: lists of inputs and weights and a scalar bias."""
+
+    def __init__(self, inputs, weights, bias):
+        gf.Node.__init__(self, [inputs, weights, bias])
+
+    def forward(self):
+        inputs = self.inbound_nodes[0].value
+        weights = self.inbound_nodes[1].value
+        bias = self.inbound_nodes[2]
+        self.value = bias.value
+        for x, w in zip(inputs, weights):
+            self.value += x * w
+
+
+def test_lesson_linear_with_lists_and_a_scalar_bias_runs_twice_the_same():
+    inputs, weights, bias = gf.Input(), gf.Input(), gf.Input()
+    f = _LessonLinear(inputs, weights, bias)
+    graph = gf.topological_sort({inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4], bias: 2})
+    assert float(gf.forward_pass(f, graph)) == pytest.approx(12.7)
+    assert float(gf.forward_pass(f, graph)) == pytest.approx(12.7), "the bias changed in place"

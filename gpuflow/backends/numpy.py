@@ -132,3 +132,8 @@ def host_rng(seed: int | None) -> numpy.random.Generator:
 def host_zeros(shape: tuple[int, ...]) -> numpy.ndarray:
     """A float64 host array of zeros."""
     return numpy.zeros(shape)
+
+
+def host_copy(value: Any) -> Any:
+    """A copy of a NumPy array; anything else as it is (lists and scalars are copied anyway)."""
+    return value.copy() if isinstance(value, numpy.ndarray) else value
