@@ -155,7 +155,10 @@ class Device:
                 value = self.xp.astype(value, dtype)
             return value
         self._refuse_foreign(value, what)
-        host = _host_array(value, what)
+        return self._upload(_host_array(value, what), dtype, what)
+
+    def _upload(self, host: Any, dtype: Any, what: str) -> Any:
+        """A NumPy array copied onto this device (counted), in `dtype` if given."""
         out = self._put(host, dtype)
         if not self.is_host:
             LEDGER.record("h2d", host.nbytes, self, what)
@@ -168,7 +171,8 @@ class Device:
         Integer and boolean data become floating (`float_dtype`, else float64) unless
         `keep_integers` (labels). See `put` for what may be moved.
         """
-        if self.owns(value):
+        owned = self.owns(value)
+        if owned:
             source = value.dtype
         else:
             self._refuse_foreign(value, what)
@@ -180,7 +184,9 @@ class Device:
             target = source
         else:
             target = float_dtype if float_dtype is not None else self._dtypes["float64"]
-        return self.put(value, target, what=what)
+        if owned:
+            return value if value.dtype == target else self.xp.astype(value, target)
+        return self._upload(value, target, what)
 
     def _refuse_foreign(self, value: Any, what: str) -> None:
         foreign = foreign_device_name(value)
