@@ -7,6 +7,7 @@ graph's device (and cast to its dtype), so one seed gives bit-identical weights 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any, Callable, Sequence
 
 from .backends.numpy import host_rng, host_zeros
@@ -45,13 +46,14 @@ class Parameter(Input):
 
     shape: the array's shape; init: 'zeros', 'normal', 'xavier' (= 'glorot'), 'he'
     (= 'kaiming') or a function (rng, shape, fan_in, fan_out) -> host array; rng: a seeded
-    host generator (gpuflow.layers.host_rng(seed)) or a seed.
+    host generator (gpuflow.layers.host_rng(seed)), a seed, or None for a seed made from the
+    name (so two layers built apart never start identical).
     """
 
     trainable = True
 
     def __init__(self, shape: Sequence[int], init: "str | Callable[..., Any]" = "xavier", *,
-                 name: str, rng: Any = 0, fan_in: int | None = None,
+                 name: str, rng: Any = None, fan_in: int | None = None,
                  fan_out: int | None = None) -> None:
         Input.__init__(self, name=name)
         shape = tuple(int(s) for s in shape)
@@ -62,8 +64,7 @@ class Parameter(Input):
                 raise GraphError(f"Parameter '{name}': unknown initialiser {init!r}.\n"
                                  f"help: use one of {sorted(INITIALIZERS)} or a function.")
             init = INITIALIZERS[init]
-        if not hasattr(rng, "standard_normal"):
-            rng = host_rng(rng)
+        rng = _generator(rng, name)
         fan_in = fan_in if fan_in is not None else shape[0]
         fan_out = fan_out if fan_out is not None else shape[-1]
         value = init(rng, shape, fan_in, fan_out)
@@ -74,11 +75,18 @@ class Parameter(Input):
         self.value = value
 
 
+def _generator(rng: Any, name: str) -> Any:
+    """A host generator: `rng` itself, one seeded with it, or (None) one seeded by `name`."""
+    if hasattr(rng, "standard_normal"):
+        return rng
+    return host_rng(zlib.crc32(name.encode()) if rng is None else rng)
+
+
 ACTIVATIONS: dict[str, Callable[..., Node]] = {
     "relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
 
-def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = 0,
+def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = None,
           init: "str | Callable[..., Any] | None" = None,
           activation: str | None = None) -> tuple[Node, dict[str, Parameter]]:
     """One fully connected layer `activation(x @ W + b)`.
@@ -89,8 +97,7 @@ def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = 0,
     if activation is not None and activation not in ACTIVATIONS:
         raise GraphError(f"dense '{name}': unknown activation {activation!r}.\n"
                          f"help: use one of {sorted(ACTIVATIONS)} or None.")
-    if not hasattr(rng, "standard_normal"):
-        rng = host_rng(rng)
+    rng = _generator(rng, name)
     init = init or ("he" if activation == "relu" else "xavier")
     W = Parameter((n_in, n_out), init, name=f"{name}.W", rng=rng)
     b = Parameter((n_out,), "zeros", name=f"{name}.b", rng=rng)

@@ -100,7 +100,9 @@ class Context:
             from ..backends import get_device
             s = "cuda" if get_device("auto").is_gpu else "cpu"
         if s.lower() in ("cuda", "gpu", "cupy", "torch:cuda"):
-            return f"{s}:{self.local_rank}"
+            # Modulo the GPUs this rank sees: with one GPU per rank (CUDA_VISIBLE_DEVICES set
+            # per rank, as srun --gpus-per-task does) every rank sees its own as GPU 0.
+            return f"{s}:{self.local_rank % max(1, _visible_gpus(s))}"
         return s
 
     def communicator(self, device: Any) -> Any:
@@ -132,7 +134,7 @@ class Context:
     def _nccl_problem(self, device: Any) -> str | None:
         """None if NCCL can be used on every rank, else why not (the same answer everywhere)."""
         from .nccl import nccl_problem
-        mine = (nccl_problem(), socket.gethostname(), device.name)
+        mine = (nccl_problem(), socket.gethostname(), _gpu_identity(device))
         everyone = self.comm.allgather(mine)
         problems = [f"rank {r}: {p}" for r, (p, _, _) in enumerate(everyone) if p]
         if problems:
@@ -222,6 +224,27 @@ class Context:
         """This rank's share of `Batches(X, y, batch_size, **options)`: the same seeded global
         batches as one process, each cut by `shard`."""
         return ShardedBatches(self, X, y, batch_size, **options)
+
+
+def _visible_gpus(spec: str) -> int:
+    """How many CUDA GPUs the library behind `spec` sees here (0 if it cannot be imported)."""
+    try:
+        if spec.lower().startswith("torch"):
+            import torch
+            return torch.cuda.device_count()
+        from ..backends.cupy import gpu_count
+        return gpu_count()[0]
+    except ImportError:
+        return 0
+
+
+def _gpu_identity(device: Any) -> str:
+    """The GPU's PCI bus id (the same GPU seen as cuda:0 by two ranks is one GPU), else its name."""
+    try:
+        import cupy
+        return str(cupy.cuda.runtime.deviceGetPCIBusId(device.index))
+    except Exception:  # noqa: BLE001 - not CuPy, or no such call: the device's name will do
+        return device.name
 
 
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
