@@ -32,6 +32,18 @@ def device(request: pytest.FixtureRequest) -> gf.Device:
         pytest.skip(f"{request.param} unavailable: {str(exc).splitlines()[0]}")
 
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def child_env(**changes: str) -> dict[str, str]:
+    """This environment for a child Python: the repo first on PYTHONPATH (keeping the rest,
+    e.g. a --target folder of wheels), without GPUFLOW_* settings, plus `changes`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUFLOW_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
+    env.update(changes)
+    return env
+
+
 def host(device: gf.Device, value) -> np.ndarray:
     """A device array (or Python scalar) as a float64-or-native NumPy array."""
     if isinstance(value, (int, float)):

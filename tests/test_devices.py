@@ -12,7 +12,7 @@ import pytest
 
 import gpuflow as gf
 from gpuflow.backends import LEDGER, backend_report
-from conftest import host
+from conftest import child_env, host
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -186,8 +186,7 @@ def test_import_gpuflow_loads_no_gpu_library():
             "from gpuflow import *\n"
             "gpuflow.get_device('cpu')\n"
             "print(sorted(m for m in ('cupy', 'torch') if m in sys.modules))\n")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("GPUFLOW_DEVICE", None)
+    env = child_env()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
+from conftest import child_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _run_example(script: str, *args: str) -> str:
-    env = dict(os.environ, PYTHONPATH=REPO)
-    env.pop("GPUFLOW_DEVICE", None)
-    env.pop("GPUFLOW_STRICT_TRANSFERS", None)
+    env = child_env()
     done = subprocess.run([sys.executable, os.path.join(REPO, "examples", script), *args],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert done.returncode == 0, f"{script} {' '.join(args)} failed:\n{done.stderr}"
@@ -47,7 +47,7 @@ def test_miniflow_nn_seed_changes_the_run():
 
 
 def test_miniflow_nn_refuses_an_unknown_device():
-    env = dict(os.environ, PYTHONPATH=REPO)
+    env = child_env()
     done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "miniflow_nn.py"),
                            "--device", "tpu", "--epochs", "1"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
