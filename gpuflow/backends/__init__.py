@@ -119,6 +119,7 @@ class Device:
                         ("float16", "float32", "float64", "bool", "int8", "int16", "int32",
                          "int64", "uint8", "uint16", "uint32", "uint64")
                         if hasattr(xp, n)}
+        self._seen_dtypes: dict[Any, Any] = {}
 
     def __repr__(self) -> str:
         return f"gpuflow.Device({self.name!r})"
@@ -131,13 +132,22 @@ class Device:
         """This namespace's dtype for a name ("float32"), a NumPy dtype or a namespace dtype."""
         if spec is None:
             return None
+        try:  # a dtype seen before (NumPy's dtype.name is computed in Python: ~2 us)
+            return self._seen_dtypes[spec]
+        except (KeyError, TypeError):
+            pass
         name = spec if isinstance(spec, str) else dtype_name(spec)
         try:
-            return self._dtypes[name]
+            found = self._dtypes[name]
         except KeyError:
             raise GraphError(
                 f"unknown dtype {spec!r} for device {self.name}; "
                 f"expected one of {sorted(self._dtypes)}.\nhelp: pass e.g. 'float32'.") from None
+        try:
+            self._seen_dtypes[spec] = found
+        except TypeError:  # an unhashable spec: just not cached
+            pass
+        return found
 
     def is_floating(self, dtype: Any) -> bool:
         """Whether `dtype` is a real floating dtype."""
