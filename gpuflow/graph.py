@@ -411,6 +411,14 @@ class Graph:
         return self.loss.value
 
     def _forward_backward(self) -> None:
+        if self.steps == 0:  # the first step checks each node's dtype as it goes
+            for node in self._compute:
+                run_forward((node,))
+                self._check_dtype(node, "value", node.value)
+            run_backward(self._backward)
+            for p in self.parameters:
+                self._check_dtype(p, "gradient", p.gradients.get(p))
+            return
         run_forward(self._compute)
         run_backward(self._backward)
 
@@ -422,6 +430,19 @@ class Graph:
             self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters)
             self._plan = _PLANS
         self._seen = _PLANS
+
+    def _check_dtype(self, node: Node, what: str, array: Any) -> None:
+        """In the first step: a floating value or gradient must have the graph's dtype. A node
+        that promotes float32 to float64 (a float64 constant, a NumPy call on the host) would
+        silently double the memory and time of everything after it."""
+        dtype = getattr(array, "dtype", None)
+        if (dtype is not None and self.device.xp.isdtype(dtype, "real floating")
+                and dtype != self.dtype):
+            raise GraphError(
+                f"{node.label}'s {what} has dtype {dtype_name(dtype)} in a "
+                f"{dtype_name(self.dtype)} graph: the node promotes it.\nhelp: make its "
+                "constants with dtype=x.dtype (and device=) from its inputs, or build the "
+                "graph with that dtype.")
 
     def _check_finite(self) -> None:
         """GraphError naming the first node (forward, then backward order) with NaN or Inf."""

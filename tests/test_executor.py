@@ -192,3 +192,30 @@ def test_two_graphs_over_shared_nodes_each_keep_working(device):
     for k, p in params.items():
         np.testing.assert_allclose(device.to_host(p.gradients[p]), expected["ce"][k],
                                    rtol=1e-13, err_msg=k)
+
+
+class _Promote(gf.Node):
+    """A custom node that (wrongly) multiplies by a float64 array in any graph."""
+
+    def __init__(self, node):
+        gf.Node.__init__(self, [node], name="promote")
+
+    def forward(self):
+        x = self.inbound_nodes[0].value
+        twos = self.xp.full(x.shape, 2.0, dtype=self.xp.float64, device=self.device.native)
+        self.value = x * twos
+
+    def backward(self):
+        self.gradients[self.inbound_nodes[0]] = 2.0 * self.upstream_gradient()
+
+
+def test_a_node_that_promotes_float32_is_reported(device):
+    if device.backend == "array_api_strict":
+        pytest.skip("array_api_strict refuses float32 * float64 by itself")
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = gf.mlp(_Promote(X), [8, 4], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float32",
+                     inputs=[X, y])
+    with pytest.raises(gf.GraphError, match=r"_Promote 'promote''s value has dtype float64 in "
+                                            r"a float32 graph(.|\n)*help:"):
+        graph.step(*_batch(sizes=(8, 4)))
