@@ -54,7 +54,8 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
         if not isinstance(node, Input):
             raise GraphError(f"feed_dict key {node!r} is a {type(node).__name__}, not an Input; "
                              "only Inputs are fed.\nhelp: feed the Input nodes of the graph.")
-    nodes = _collect(list(feed_dict))
+    # Downstream of the fed Inputs, plus what those depend on (weights set through `.value`).
+    nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     device = get_device(device)
     bind(order, device, dtype, feed_dict)
@@ -62,22 +63,14 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     return SortedGraph(order, device, device.dtype(dtype))
 
 
-def _collect(fed: Sequence[Node]) -> list[Node]:
-    """Every node downstream of the fed Inputs, plus the nodes those depend on (weights set
-    through `.value`), in discovery order."""
-    seen = dict.fromkeys(fed)
-    queue = deque(fed)
+def reachable(start: Sequence[Node], edges: str, within: set | None = None) -> list[Node]:
+    """`start` and every node reached from it along `edges` ('inbound_nodes' or
+    'outbound_nodes'), staying `within` a set if given, in breadth-first discovery order."""
+    seen = dict.fromkeys(start)
+    queue = deque(start)
     while queue:
-        node = queue.popleft()
-        for n in node.outbound_nodes:
-            if n not in seen:
-                seen[n] = None
-                queue.append(n)
-    queue = deque(seen)
-    while queue:
-        node = queue.popleft()
-        for n in node.inbound_nodes:
-            if n not in seen:
+        for n in getattr(queue.popleft(), edges):
+            if n not in seen and (within is None or n in within):
                 seen[n] = None
                 queue.append(n)
     return list(seen)
@@ -205,7 +198,7 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
     if loss is None:
         live = wants = members
     else:
-        live = _ancestors(loss, members)  # the nodes whose backward reaches the loss
+        live = set(reachable([loss], "inbound_nodes", members))  # backward reaches the loss
         wanted = set(wanted or ())
         wants = set()
         for node in order:  # topological: a node wants a gradient if an input of it does
@@ -234,18 +227,6 @@ def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
     """Whether a graph's plan was overwritten: another graph over some of the same nodes
     planned its own backward since. One integer test per step while nothing else plans."""
     return holder._seen != _PLANS and any(n._plan != holder._plan for n in nodes)
-
-
-def _ancestors(node: Node, members: set) -> set:
-    """`node` and every node it depends on, within `members`."""
-    seen = {node}
-    stack = [node]
-    while stack:
-        for n in stack.pop().inbound_nodes:
-            if n in members and n not in seen:
-                seen.add(n)
-                stack.append(n)
-    return seen
 
 
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
@@ -359,7 +340,7 @@ class Graph:
                              "value.\nhelp: pass dtype='float32' (training) or 'float64'.")
         self.loss = loss
         self.device = get_device(device)
-        self.nodes = kahn_sort(_upstream([loss, *outputs]))
+        self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
         bind(self.nodes, self.device, dtype, {}, require_values=False)
         self.dtype = self.device.dtype(dtype)
         self._dtype_spec = dtype
@@ -472,7 +453,7 @@ class Graph:
             if output not in set(self.nodes):
                 raise GraphError(f"{output.label} is not in this graph.\n"
                                  "help: pass it as Graph(..., outputs=[node]).")
-            needed = set(_upstream([output]))
+            needed = set(reachable([output], "inbound_nodes"))
             self._run_orders[output] = (
                 [n for n in self._compute if n in needed],
                 [n for n in self.inputs if n in needed])
@@ -508,15 +489,3 @@ class Graph:
         for node in inputs:
             if node._value is None:
                 raise _missing_feed(node)
-
-
-def _upstream(nodes: Sequence[Node]) -> list[Node]:
-    """`nodes` and everything they depend on, in discovery order."""
-    seen = dict.fromkeys(nodes)
-    queue = deque(nodes)
-    while queue:
-        for n in queue.popleft().inbound_nodes:
-            if n not in seen:
-                seen[n] = None
-                queue.append(n)
-    return list(seen)
