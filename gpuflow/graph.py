@@ -48,7 +48,8 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     DeviceError for a value on another device.
     """
     if not isinstance(feed_dict, dict):
-        raise GraphError(f"feed_dict must be a dict {{Input: value}}, got {type(feed_dict).__name__}"
+        raise GraphError("feed_dict must be a dict {Input: value}, got "
+                         f"{type(feed_dict).__name__}"
                          ".\nhelp: topological_sort({X: x_array, y: y_array, ...}).")
     for node in feed_dict:
         if not isinstance(node, Input):
@@ -214,7 +215,8 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
             m for m in node.outbound_nodes if m in live and any(
                 n is node and need for n, need in zip(m.inbound_nodes, m.needs_grad))))
         if loss is None:
-            node._seed = 1.0 if node.is_loss and not node.outbound_nodes else None
+            ends = not any(m in members for m in node.outbound_nodes)
+            node._seed = 1.0 if node.is_loss and ends else None
         else:
             node._seed = 1.0 if node is loss else None
     return [node for node in reversed(order) if node in wants]

@@ -100,8 +100,7 @@ class Input(Node):
             # torch:cpu) also when they are already its arrays, since that costs no transfer.
             # Labels already on a GPU are checked at the first step only (a check is a sync).
             if self._keep_integers and (device.is_host or not device.owns(value)):
-                self._check_labels(device.to_host(value, what=f"{self.label}.value")
-                                   if device.owns(value) else value)
+                self._check_labels(value)  # NumPy reads host memory, CPU tensors included
             value = device.place(value, self._float_dtype, self._keep_integers,
                                  what=f"{self.label}.value")
         if value.ndim and value.shape[0] == 0:

@@ -72,4 +72,5 @@ class Project(gf.Node):
 
 def assert_on_device(device: gf.Device, value, what: str) -> None:
     """Fail unless `value` is an array of `device`'s library on that device."""
-    assert device.owns(value), f"{what} is {type(value).__name__} not on {device.name}: {value!r:.200}"
+    assert device.owns(value), \
+        f"{what} is {type(value).__name__} not on {device.name}: {value!r:.200}"

@@ -9,8 +9,6 @@ import os
 import pathlib
 import pickle
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np

@@ -101,7 +101,8 @@ def test_strict_mode_names_the_node_that_transfers():
     xb, yb = _batch(sizes=(8, 4))
     graph.step(xb, yb)  # warm-up step: allowed
     with pytest.raises(gf.TransferError, match=r"_Leaky 'leaky'.forward\(\): strict transfer "
-                                               r"mode: d2h of 384 bytes on array_api_strict:device1"):
+                                               r"mode: d2h of 384 bytes on "
+                                               r"array_api_strict:device1"):
         graph.step(xb, yb)
 
 

@@ -313,7 +313,8 @@ _CACHE: dict[str, Device] = {}
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split a spec into (backend, rest): 'cuda:1' -> ('cupy', '1'), 'torch:cuda' -> ('torch', 'cuda')."""
+    """Split a spec into (backend, rest): 'cuda:1' -> ('cupy', '1'),
+    'torch:cuda' -> ('torch', 'cuda')."""
     s = spec.strip()
     head, _, rest = s.partition(":")
     head = head.lower()

@@ -61,7 +61,8 @@ def make_device(rest: str, spec: str) -> TorchDevice:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise DeviceError(f"no CUDA device found for {spec!r}: PyTorch {torch.__version__} "
-                          f"(CUDA build: {torch.version.cuda or 'no, a CPU-only build'}) sees no GPU."
+                          f"(CUDA build: {torch.version.cuda or 'no, a CPU-only build'}) sees "
+                          "no GPU."
                           "\nhelp: pass 'torch:cpu' or 'cpu', or install a CUDA build of torch "
                           "on a machine with an NVIDIA GPU.")
     try:
