@@ -26,15 +26,14 @@ class SortedGraph(list):
         self.device = device
         self.dtype = dtype
         self.backward_order: list[Node] = self[::-1]
-        self._plan = self._seen = _PLANS
+        self._seen = -1
 
     def _ensure_plan(self) -> None:
-        """Plan again if another graph re-planned some of these nodes since (see _stale)."""
+        """Bind and plan again if another graph took some of these nodes since (see _stale)."""
         if _stale(self, self):
-            bind(self, self.device, self.dtype, {}, require_values=False)
-            plan_backward(self, loss=None)
-            self._plan = _PLANS
-        self._seen = _PLANS
+            bind(self, self.device, self.dtype, {}, require_values=False, owner=self)
+            plan_backward(self, loss=None, fresh=False)
+        self._seen = _BINDS
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -59,9 +58,12 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     device = get_device(device)
-    bind(order, device, dtype, feed_dict)
+    graph = SortedGraph(order, device, None)
+    # With no dtype given, the one the feeds agree on; a later re-bind converts back to it.
+    graph.dtype = bind(order, device, dtype, feed_dict, owner=graph)
     plan_backward(order, loss=None)
-    return SortedGraph(order, device, device.dtype(dtype))
+    graph._seen = _BINDS
+    return graph
 
 
 def reachable(start: Sequence[Node], edges: str, within: set | None = None) -> list[Node]:
@@ -112,11 +114,15 @@ def _find_cycle(stuck: list[Node]) -> list[Node]:
 
 
 def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
-         require_values: bool = True) -> None:
+         require_values: bool = True, owner: Any = None) -> Any:
     """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
 
     With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
+    Every node records `owner` (the graph binding it), so that a graph sharing nodes with
+    another one knows to bind and plan again before it runs. Returns the floating dtype.
     """
+    global _BINDS
+    _BINDS += 1
     float_dtype = device.dtype(dtype)
     if float_dtype is not None and not device.is_floating(float_dtype):
         raise GraphError(f"dtype {dtype!r} is not a floating dtype.\n"
@@ -131,6 +137,7 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
     for node in order:
         node.device = device
         node.xp = device.xp
+        node._owner = owner
     inputs = [node for node in order if isinstance(node, Input)]
     for node in inputs:
         node._float_dtype = float_dtype
@@ -145,9 +152,14 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
             raise GraphError(f"{node.label} has {where}: None (it feeds {users}).\n"
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
-        node.value = _private_copy(device, value) if node in feed_dict else value
+        # A value from the caller (fed, or set before the graph was built) is copied once:
+        # training updates it in place, and the caller's array must not change with it.
+        private = node in feed_dict or getattr(node, "_private", None) is not value
+        node.value = _private_copy(device, value) if private else value
+        node._private = node._value
     if float_dtype is None:
-        _one_float_dtype(inputs, device)
+        float_dtype = _one_float_dtype(inputs, device)
+    return float_dtype
 
 
 def _private_copy(device: Device, value: Any) -> Any:
@@ -158,7 +170,7 @@ def _private_copy(device: Device, value: Any) -> Any:
     return host_copy(value)
 
 
-def _one_float_dtype(inputs: Sequence[Input], device: Device) -> None:
+def _one_float_dtype(inputs: Sequence[Input], device: Device) -> Any:
     """With no dtype given, the fed floating values must agree; later feeds take that dtype.
 
     Mixed float32 and float64 values would silently promote the float32 ones to float64.
@@ -174,6 +186,7 @@ def _one_float_dtype(inputs: Sequence[Input], device: Device) -> None:
     common = next(iter(kinds)) if kinds else None
     for node in inputs:
         node._float_dtype = common
+    return common
 
 
 def _missing_feed(node: Input) -> GraphError:
@@ -184,17 +197,16 @@ def _missing_feed(node: Input) -> GraphError:
 
 
 def plan_backward(order: Sequence[Node], loss: Node | None,
-                  wanted: Iterable[Node] | None = None) -> list[Node]:
+                  wanted: Iterable[Node] | None = None, fresh: bool = True) -> list[Node]:
     """Decide, once, who sends gradients to whom on this graph.
 
     With `loss=None` (MiniFlow's `forward_and_backward`) every node runs backward and every
     gradient is computed; a loss node with no outbound node starts its own gradient at 1.
     With a loss node, only nodes between `wanted` (e.g. the trainable parameters) and the loss
     get gradients: nothing is computed for data that no one trains.
+    `fresh=False` (planning again for a graph that shares nodes) keeps the gradients there.
     Returns the nodes that run backward, in backward order.
     """
-    global _PLANS
-    _PLANS += 1
     members = set(order)
     if loss is None:
         live = wants = members
@@ -206,8 +218,8 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
             if node in live and (node in wanted or any(n in wants for n in node.inbound_nodes)):
                 wants.add(node)
     for node in order:
-        node._plan = _PLANS
-        node.gradients = {}
+        if fresh:
+            node.gradients = {}
         node.needs_grad = tuple(n in wants and i not in node.integer_inputs
                                 for i, n in enumerate(node.inbound_nodes))
     for node in order:
@@ -222,13 +234,13 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
     return [node for node in reversed(order) if node in wants]
 
 
-_PLANS = 0  # plans made so far: each node remembers the one it follows (`_plan`)
+_BINDS = 0  # binds made so far, by any graph
 
 
 def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
-    """Whether a graph's plan was overwritten: another graph over some of the same nodes
-    planned its own backward since. One integer test per step while nothing else plans."""
-    return holder._seen != _PLANS and any(n._plan != holder._plan for n in nodes)
+    """Whether another graph bound some of these nodes since `holder` last looked: one
+    integer test per step while no other graph runs over the same nodes."""
+    return holder._seen != _BINDS and any(n._owner is not holder for n in nodes)
 
 
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
@@ -266,7 +278,7 @@ def _run(nodes: Iterable[Node], method: str) -> None:
         for node in nodes:
             getattr(node, method)()
     except TransferError as exc:  # strict mode: say which node moved data
-        raise TransferError(f"{node.label}.{method}(): {exc}") from None
+        raise TransferError(f"{node.label}.{method}(): {exc}") from exc
     except Exception as exc:
         if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
             exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
@@ -343,21 +355,21 @@ class Graph:
         self.loss = loss
         self.device = get_device(device)
         self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
-        bind(self.nodes, self.device, dtype, {}, require_values=False)
-        self.dtype = self.device.dtype(dtype)
-        self._dtype_spec = dtype
         self.parameters = list(parameters) if parameters is not None else sorted(
             (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
         self.inputs = list(inputs) if inputs is not None else sorted(  # in creation order
             (n for n in self.nodes if isinstance(n, Input) and n not in set(self.parameters)),
             key=lambda n: n._id)
         stray = [n.label for n in self.inputs + self.parameters if n not in set(self.nodes)]
-        if stray:
+        if stray:  # checked before binding: a refused graph changes no node
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
+        self.dtype = self.device.dtype(dtype)
+        self._dtype_spec = dtype
+        bind(self.nodes, self.device, dtype, {}, require_values=False, owner=self)
         self._compute = [n for n in self.nodes if not isinstance(n, Input)]
         self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
-        self._plan = self._seen = _PLANS
+        self._seen = _BINDS
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
@@ -406,13 +418,15 @@ class Graph:
         run_backward(self._backward)
 
     def _ensure_plan(self) -> None:
-        """Plan again if another graph (a validation graph, a MiniFlow sort) over some of the
-        same nodes planned its own backward since: each node holds one plan at a time."""
+        """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
+        of the same nodes ran since: a node holds one binding and one plan at a time. The
+        gradients already computed stay."""
         if _stale(self, self.nodes):
-            bind(self.nodes, self.device, self._dtype_spec, {}, require_values=False)
-            self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters)
-            self._plan = _PLANS
-        self._seen = _PLANS
+            bind(self.nodes, self.device, self._dtype_spec, {}, require_values=False,
+                 owner=self)
+            self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters,
+                                           fresh=False)
+        self._seen = _BINDS
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node

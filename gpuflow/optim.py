@@ -35,10 +35,14 @@ class Optimizer:
                                  "(forward and backward) before optimizer.step().")
         self.t += 1
         for p in self.params:
-            self.update(p.xp, p.value, p.gradients[p], self.state[p])
+            value = p.value
+            new = self.update(p.xp, value, p.gradients[p], self.state[p])
+            if new is not value:  # an immutable scalar (a fed Python number) comes back new
+                p.value = new
 
-    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
-        """Update `value` in place from `grad`; `state` holds this parameter's buffers."""
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
+        """Update `value` in place from `grad` and return it (a new object only if `value` is
+        an immutable scalar); `state` holds this parameter's buffers."""
         raise NotImplementedError
 
     # -- state, for checkpoints -----------------------------------------------------------------
@@ -85,7 +89,7 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0.")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
-    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         if self.weight_decay:
             grad = grad + self.weight_decay * value
         if self.momentum:
@@ -97,6 +101,7 @@ class SGD(Optimizer):
                 buf += grad
             grad = grad + self.momentum * buf if self.nesterov else buf
         value -= self.lr * grad
+        return value
 
 
 class Adam(Optimizer):
@@ -113,7 +118,7 @@ class Adam(Optimizer):
                              f"eps > 0 (got {eps}) and weight_decay >= 0 (got {weight_decay}).")
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
 
-    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> None:
+    def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         b1, b2 = self.betas
         if self.weight_decay and self.decoupled:
             value *= 1.0 - self.lr * self.weight_decay
@@ -131,6 +136,7 @@ class Adam(Optimizer):
         bias2 = 1.0 - b2 ** self.t
         denom = xp.sqrt(v) / math.sqrt(bias2) + self.eps
         value -= (self.lr / bias1) * (m / denom)
+        return value
 
 
 class AdamW(Adam):

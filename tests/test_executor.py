@@ -220,3 +220,59 @@ def test_a_node_that_promotes_float32_is_reported(device):
     with pytest.raises(gf.GraphError, match=r"_Promote 'promote''s value has dtype float64 in "
                                             r"a float32 graph(.|\n)*help:"):
         graph.step(*_batch(sizes=(8, 4)))
+
+
+def test_running_a_second_graph_keeps_the_first_graphs_gradients():
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [8, 16, 4], seed=0)
+    train = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), dtype="float64", inputs=[X, y])
+    target = gf.Input(name="target")
+    check = gf.Graph(gf.MSE(target, logits), dtype="float64", inputs=[X, target])
+    xb, yb = _batch()
+    train.step(xb, yb)
+    before = {k: p.gradients[p].copy() for k, p in params.items()}
+    check.run(None, xb, np.ones((6, 4)))  # a validation pass between step and update
+    SGD(train, 0.1).step()
+    for k, p in params.items():
+        assert k in before and p in p.gradients
+
+
+def test_a_refused_graph_changes_no_shared_node():
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [8, 16, 4], seed=0)
+    loss = gf.SoftmaxCrossEntropy(y, logits)
+    graph = gf.Graph(loss, dtype="float32", inputs=[X, y])
+    with pytest.raises(gf.GraphError, match="not in the graph"):
+        gf.Graph(loss, dtype="float64", inputs=[gf.Input(name="stray")])
+    value = graph.step(*_batch())
+    assert value.dtype == np.float32
+    assert all(p.value.dtype == np.float32 for p in params.values())
+
+
+class _Scale(gf.Node):
+    """A lesson-style node: a * x, with a a scalar."""
+
+    def __init__(self, x, a):
+        gf.Node.__init__(self, [x, a])
+
+    def forward(self):
+        self.value = self.inbound_nodes[0].value * self.inbound_nodes[1].value
+
+    def backward(self):
+        G = self.upstream_gradient()
+        x, a = self.inbound_nodes
+        self.gradients[x] = G * a.value
+        self.gradients[a] = self.xp.sum(G * x.value)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_optimizers_train_a_scalar_fed_as_a_python_number(name):
+    from gpuflow.optim import make_optimizer
+    x, t, a = gf.Input(name="x"), gf.Input(name="t"), gf.Input(name="a")
+    loss = gf.MSE(t, _Scale(x, a))
+    graph = gf.topological_sort({x: np.arange(4.0), t: 3 * np.arange(4.0), a: 1.0})
+    opt = make_optimizer(name, [a], 0.05)
+    for _ in range(300):
+        gf.forward_and_backward(graph)
+        opt.step()
+    assert abs(float(a.value) - 3.0) < 1e-2, (name, a.value, loss.value)

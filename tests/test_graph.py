@@ -613,3 +613,32 @@ def test_lesson_linear_with_lists_and_a_scalar_bias_runs_twice_the_same():
     graph = gf.topological_sort({inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4], bias: 2})
     assert float(gf.forward_pass(f, graph)) == pytest.approx(12.7)
     assert float(gf.forward_pass(f, graph)) == pytest.approx(12.7), "the bias changed in place"
+
+
+def test_a_miniflow_graph_and_a_float32_graph_can_share_weights():
+    X, W, b, y = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b"), gf.Input(name="y")
+    cost = gf.MSE(y, gf.Linear(X, W, b))
+    sorted_nodes = gf.topological_sort({X: np.ones((3, 2)), W: np.ones((2, 1)), b: np.zeros(1),
+                                        y: np.zeros(3)})
+    gf.Graph(cost, dtype="float32", inputs=[X, y]).step(np.ones((3, 2)), np.zeros(3))
+    gf.forward_and_backward(sorted_nodes)  # binds back to the fed float64
+    assert W.value.dtype == np.float64 and W.gradients[W].dtype == np.float64
+
+
+def test_weights_set_through_value_before_the_sort_are_not_the_callers():
+    X, W, b, y = gf.Input(), gf.Input(), gf.Input(), gf.Input()
+    cost = gf.MSE(y, gf.Linear(X, W, b))
+    W0 = np.ones((2, 1))
+    W.value = W0
+    graph = gf.topological_sort({X: np.ones((3, 2)), b: np.zeros(1), y: np.zeros(3)})
+    gf.forward_and_backward(graph)
+    gf.sgd_update([W], 0.1)
+    assert (W0 == 1).all() and W.value is not W0 and not np.allclose(W.value, 1)
+
+
+def test_a_fed_0d_array_stays_immutable_on_the_cpu():
+    inputs, weights, bias = gf.Input(), gf.Input(), gf.Input()
+    f = _LessonLinear(inputs, weights, bias)
+    graph = gf.topological_sort({inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4],
+                                 bias: np.array(2.0)})
+    assert [float(gf.forward_pass(f, graph)) for _ in range(3)] == [pytest.approx(12.7)] * 3

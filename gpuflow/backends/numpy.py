@@ -55,10 +55,12 @@ class NumpyDevice(Device):
         self._dtypes = {k: numpy.dtype(v) for k, v in self._dtypes.items()}
 
     def owns(self, value: Any) -> bool:
-        # Only plain numeric arrays: an object or string array must go through host_array's
-        # check, and a subclass (np.matrix, where * is a matrix product; a masked array) is
-        # converted or refused there.
-        return ((type(value) is numpy.ndarray or isinstance(value, numpy.generic))
+        # Only plain numeric arrays of rank >= 1 and scalars: an object or string array must
+        # go through host_array's check, a subclass (np.matrix, where * is a matrix product; a
+        # masked array) is converted or refused there, and a 0-d array becomes an immutable
+        # scalar there (see _put).
+        return ((isinstance(value, numpy.generic)
+                 or (type(value) is numpy.ndarray and value.ndim > 0))
                 and value.dtype.kind in "biuf")
 
     def describe(self) -> str:
