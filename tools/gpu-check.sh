@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (see ../shared/gpu/README.md).
-# Carry .whl/ (from ../shared/gpu/prepare-wheels, plus mpi4py and mpich for the MPI step).
+# Carry .whl/ (see tools/gpu-env.sh).
 # Writes logs to $OUT (or ./gpu-out). Usage: bash tools/gpu-check.sh
 set -u
-OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+source tools/gpu-env.sh
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import cupy, torch, numpy; print('cupy', cupy.__version__, 'torch', torch.__version__, 'numpy', numpy.__version__)"
