@@ -1,5 +1,5 @@
 # Sourced by the tools/gpu-*.sh scripts on a lent GPU machine: installs the carried wheels
-# (.whl/, from ../shared/gpu/prepare-wheels plus mpi4py and mpich) into /tmp/site, unpacks
+# (.whl/, made here by `../shared/gpu/prepare-wheels mpi4py mpich`) into /tmp/site, unpacks
 # MPICH (pip --target drops the wheel's lib/) and points mpi4py at it.
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
