@@ -8,8 +8,9 @@
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
-The training loop is `train(options)`, which tests and a later distributed mode call
-directly; `main` only parses argv and turns user mistakes into one line on stderr (exit 2).
+The training loop is `train(options)`, which tests call directly and which trains
+data-parallel when started under `mpiexec -n N` (gpuflow.distributed); `main` only parses argv
+and turns user mistakes into one line on stderr (exit 2).
 """
 
 from __future__ import annotations
