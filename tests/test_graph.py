@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpuflow as gf
-from conftest import assert_on_device, host
+from conftest import assert_on_device, central_difference, host
 
 
 # -- custom nodes written the way the MiniFlow lessons write them --------------------------------
@@ -239,15 +239,7 @@ def test_numeric_gradient_through_custom_nodes(device):
     graph = gf.topological_sort(feed, device=device)
     gf.forward_and_backward(graph)
     analytic = host(device, W.gradients[W])
-    numeric = np.zeros_like(w)
-    h = 1e-6
-    for i in np.ndindex(*w.shape):
-        for sign in (1.0, -1.0):
-            wp = w.copy()
-            wp[i] += sign * h
-            W.value = wp
-            numeric[i] += sign * float(host(device, gf.forward_pass(cost, graph)))
-        numeric[i] /= 2 * h
+    numeric = central_difference(W, w, lambda: gf.forward_pass(cost, graph), device)
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-9, err_msg=device.name)
 
 

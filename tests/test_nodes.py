@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import gpuflow as gf
-from conftest import Project, assert_on_device, host
+from conftest import Project, assert_on_device, central_difference, host
 
 RNG = np.random.default_rng(1234)
 
@@ -57,20 +57,11 @@ def _build(name, device):
 def test_gradient_matches_central_differences(name, device):
     inputs, values, node, loss, graph = _build(name, device)
     gf.forward_and_backward(graph)
-    h = 1e-6
     for inp, x0 in zip(inputs, values):
         analytic = host(device, inp.gradients[inp])
         assert analytic.shape == x0.shape, f"{name}: gradient of {inp.label} has shape " \
                                            f"{analytic.shape}, value {x0.shape}"
-        numeric = np.zeros_like(x0)
-        for i in np.ndindex(*x0.shape):
-            for sign in (1.0, -1.0):
-                x = x0.copy()
-                x[i] += sign * h
-                inp.value = x
-                numeric[i] += sign * float(host(device, gf.forward_pass(loss, graph)))
-            numeric[i] /= 2 * h
-        inp.value = x0
+        numeric = central_difference(inp, x0, lambda: gf.forward_pass(loss, graph), device)
         bad = ~np.isclose(analytic, numeric, rtol=1e-6, atol=1e-8)
         assert not bad.any(), (
             f"{name} on {device.name}: d loss / d {inp.label} (shape {x0.shape}) differs at "

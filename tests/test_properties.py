@@ -13,7 +13,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import gpuflow as gf  # noqa: E402
-from conftest import assert_on_device, host  # noqa: E402
+from conftest import assert_on_device, central_difference, host  # noqa: E402
 from gpuflow.optim import SGD  # noqa: E402
 
 
@@ -81,14 +81,8 @@ def test_forward_deterministic_backward_matches_differences_on_device(net, pick)
     x0 = np.array(host(device, p.value), dtype=np.float64)
     index = np.unravel_index(pick % x0.size, x0.shape)
     analytic = float(host(device, p.gradients[p])[index])
-    h, values = 1e-6, []
-    for sign in (1.0, -1.0):
-        x = x0.copy()
-        x[index] += sign * h
-        p.value = x
-        values.append(float(host(device, graph.run(None, *batch))))
-    p.value = x0
-    numeric = (values[0] - values[1]) / (2 * h)
+    numeric = central_difference(p, x0, lambda: graph.run(None, *batch), device,
+                                 entries=[index])[index]
     assert np.isclose(analytic, numeric, rtol=1e-5, atol=1e-7), (
         f"{p.label}{index} on {device.name}: analytic {analytic}, numeric {numeric}, net {net}")
 
