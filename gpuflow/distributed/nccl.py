@@ -41,16 +41,16 @@ class NcclCommunicator:
 
     def allreduce_sum(self, x: Any, *, what: str = "gradients") -> Any:
         """The elementwise sum of `x` over every rank, in place on the GPU."""
-        x = self._contiguous(x)
         with self.device.scope():
+            x = self._contiguous(x)
             self.comm.allReduce(x.data.ptr, x.data.ptr, x.size, self._type(x, what),
                                 self._nccl.NCCL_SUM, _stream().ptr)
         return x
 
     def broadcast(self, x: Any, root: int = 0, *, what: str = "parameters") -> Any:
         """Rank `root`'s `x` on every rank, in place on the GPU."""
-        x = self._contiguous(x)
         with self.device.scope():
+            x = self._contiguous(x)
             self.comm.bcast(x.data.ptr, x.size, self._type(x, what), root, _stream().ptr)
         return x
 
