@@ -355,12 +355,14 @@ class Graph:
         self.loss = loss
         self.device = get_device(device)
         self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
+        self._members = set(self.nodes)
         self.parameters = list(parameters) if parameters is not None else sorted(
             (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
+        trainable = set(self.parameters)
         self.inputs = list(inputs) if inputs is not None else sorted(  # in creation order
-            (n for n in self.nodes if isinstance(n, Input) and n not in set(self.parameters)),
+            (n for n in self.nodes if isinstance(n, Input) and n not in trainable),
             key=lambda n: n._id)
-        stray = [n.label for n in self.inputs + self.parameters if n not in set(self.nodes)]
+        stray = [n.label for n in self.inputs + self.parameters if n not in self._members]
         if stray:  # checked before binding: a refused graph changes no node
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
@@ -466,7 +468,7 @@ class Graph:
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
-            if output not in set(self.nodes):
+            if output not in self._members:
                 raise GraphError(f"{output.label} is not in this graph.\n"
                                  "help: pass it as Graph(..., outputs=[node]).")
             needed = set(reachable([output], "inbound_nodes"))
@@ -488,7 +490,7 @@ class Graph:
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
-            unknown = [n for n in batches[0] if n not in set(self.nodes)]
+            unknown = [n for n in batches[0] if n not in self._members]
             if unknown:
                 raise GraphError(f"{unknown[0]!r} is fed but is not in this graph.\n"
                                  "help: feed the graph's own Input nodes.")
