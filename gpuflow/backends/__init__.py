@@ -101,6 +101,69 @@ class _Count:
 LEDGER = TransferLedger()
 
 
+class Ops:
+    """The array operations a training step makes, each able to write into an `out` array.
+
+    The array API standard has no `out=`; NumPy, CuPy and torch do, and writing into buffers a
+    node keeps from step to step (`Node.buffers`) is what makes a step allocation-free. Every
+    function returns its result: `out` itself where the backend writes there, a new array
+    where it cannot. `out` may be None (compute a new array). This generic version, used for
+    libraries without `out=` (array_api_strict), ignores `out`; `writes_out` says which.
+
+    Elementwise: add, subtract, multiply, divide, maximum (x1, x2, out=None); tanh, exp, log,
+    sqrt (x, out=None); greater and equal (x1, x2, dtype, out=None) give 1 or 0 in `dtype`.
+    Reductions of floating arrays: sum, max (x, axis=None, keepdims=False, out=None).
+    matmul (x1, x2, out=None). `out` must have the result's shape and dtype.
+    """
+
+    writes_out = False
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def matmul(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 @ x2
+
+    def add(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 + x2
+
+    def subtract(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 - x2
+
+    def multiply(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 * x2
+
+    def divide(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 / x2
+
+    def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return self.xp.maximum(x1, x2)
+
+    def tanh(self, x: Any, out: Any = None) -> Any:
+        return self.xp.tanh(x)
+
+    def exp(self, x: Any, out: Any = None) -> Any:
+        return self.xp.exp(x)
+
+    def log(self, x: Any, out: Any = None) -> Any:
+        return self.xp.log(x)
+
+    def sqrt(self, x: Any, out: Any = None) -> Any:
+        return self.xp.sqrt(x)
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        return self.xp.astype(x1 > x2, dtype)
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        return self.xp.astype(x1 == x2, dtype)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+
 class Device:
     """One device of one array library: its namespace `xp`, its canonical `name`, and transfers.
 
@@ -120,6 +183,17 @@ class Device:
                          "int64", "uint8", "uint16", "uint32", "uint64")
                         if hasattr(xp, n)}
         self._seen_dtypes: dict[Any, Any] = {}
+        self.ops = self._make_ops()  # operations that can write into a node's buffers
+
+    # -- buffers a node keeps across steps (see Ops and Node.buffers) -------------------------
+    def _make_ops(self) -> Ops:
+        return Ops(self.xp)
+
+    def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised array on this device, for a node to write into step after step."""
+        return self.xp.empty(shape, dtype=dtype, device=self.native)
+
+    base_attribute = "base"  # a view's attribute naming the array whose memory it views
 
     def __repr__(self) -> str:
         return f"gpuflow.Device({self.name!r})"

@@ -11,7 +11,7 @@ import array_api_compat.numpy as compat_numpy
 import numpy
 
 from ..errors import DeviceError, GraphError
-from . import Device, missing_library
+from . import Device, Ops, missing_library
 
 EXAMPLE_SPECS = ("cpu",)
 import_problem = missing_library("numpy")
@@ -44,6 +44,35 @@ def _fast_namespace() -> types.ModuleType:
 xp = _fast_namespace()
 
 
+class NumpyOps(Ops):
+    """NumPy's own functions, which all take `out=` (see `Ops`)."""
+
+    writes_out = True
+
+    def __init__(self, xp: Any) -> None:
+        super().__init__(xp)
+        self.matmul, self.add, self.subtract = numpy.matmul, numpy.add, numpy.subtract
+        self.multiply, self.divide, self.maximum = numpy.multiply, numpy.divide, numpy.maximum
+        self.tanh, self.exp, self.log, self.sqrt = numpy.tanh, numpy.exp, numpy.log, numpy.sqrt
+        add_reduce, max_reduce = numpy.add.reduce, numpy.maximum.reduce
+        self.sum = lambda x, axis=None, keepdims=False, out=None: add_reduce(
+            x, axis=axis, keepdims=keepdims, out=out)
+        self.max = lambda x, axis=None, keepdims=False, out=None: max_reduce(
+            x, axis=axis, keepdims=keepdims, out=out)
+
+    @staticmethod
+    def greater(x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return numpy.greater(x1, x2).astype(dtype)
+        return numpy.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+
+    @staticmethod
+    def equal(x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return numpy.equal(x1, x2).astype(dtype)
+        return numpy.equal(x1, x2, out=out)
+
+
 class NumpyDevice(Device):
     """The CPU, through NumPy."""
 
@@ -53,6 +82,12 @@ class NumpyDevice(Device):
         super().__init__(name, xp, native)
         # numpy.dtype instances, not scalar types: `array.dtype == dtype` is then a cheap test.
         self._dtypes = {k: numpy.dtype(v) for k, v in self._dtypes.items()}
+
+    def _make_ops(self) -> Ops:
+        return NumpyOps(self.xp)
+
+    def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return numpy.empty(shape, dtype=dtype)
 
     def owns(self, value: Any) -> bool:
         # Only plain numeric arrays of rank >= 1 and scalars: an object or string array must

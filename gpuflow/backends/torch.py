@@ -5,10 +5,49 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, missing_library
+from . import Device, Ops, missing_library
 
 EXAMPLE_SPECS = ("torch:cpu",)
 import_problem = missing_library("torch")
+
+
+class TorchOps(Ops):
+    """torch's functions with `out=` (see `Ops`); a Python number is fine on either side."""
+
+    writes_out = True
+
+    def __init__(self, xp: Any) -> None:
+        import torch
+        super().__init__(xp)
+        self._tensor = torch.Tensor
+        self.matmul, self.add, self.subtract = torch.matmul, torch.add, torch.sub
+        self.multiply, self.divide = torch.mul, torch.div
+        self.tanh, self.exp, self.log, self.sqrt = torch.tanh, torch.exp, torch.log, torch.sqrt
+        self._maximum, self._clamp_min = torch.maximum, torch.clamp_min
+        self._gt, self._eq, self._sum, self._amax = torch.gt, torch.eq, torch.sum, torch.amax
+
+    def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        if not isinstance(x2, self._tensor):   # torch.maximum takes tensors only
+            return self._clamp_min(x1, x2, out=out)
+        if not isinstance(x1, self._tensor):
+            return self._clamp_min(x2, x1, out=out)
+        return self._maximum(x1, x2, out=out)
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._gt(x1, x2).to(dtype)
+        return self._gt(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._eq(x1, x2).to(dtype)
+        return self._eq(x1, x2, out=out)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._sum(x, dim=axis, keepdim=keepdims, out=out)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._amax(x, dim=() if axis is None else axis, keepdim=keepdims, out=out)
 
 
 class TorchDevice(Device):
@@ -22,6 +61,14 @@ class TorchDevice(Device):
         self._torch = torch
         self.is_gpu = native.type == "cuda"
         self.is_host = not self.is_gpu
+
+    def _make_ops(self) -> Ops:
+        return TorchOps(self.xp)
+
+    def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        return self._torch.empty(shape, dtype=dtype, device=self.native)
+
+    base_attribute = "_base"
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, self._torch.Tensor) and value.device == self.native
