@@ -15,34 +15,47 @@ from typing import Any, Iterable, Sequence
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
 from .backends.numpy import host_copy
 from .errors import GpuflowError, GraphError, TransferError
-from .nodes import Input, Node
+from .nodes import _WORK, NO_BUFFERS, Buffers, Input, Node, is_work_buffer
 
 
 class SortedGraph(list):
     """The list of nodes `topological_sort` returns, with the device and dtype it was built for."""
 
-    def __init__(self, nodes: Iterable[Node], device: Device, dtype: Any) -> None:
+    def __init__(self, nodes: Iterable[Node], device: Device, dtype: Any,
+                 reuse_buffers: bool = True) -> None:
         super().__init__(nodes)
         self.device = device
         self.dtype = dtype
+        self.reuse_buffers = reuse_buffers
         self.backward_order: list[Node] = self[::-1]
         self._seen = -1
+        self._calls: list[Any] = []
+
+    def _step_calls(self) -> list[Any]:
+        """Every node's forward, then every backward, as bound methods (made once)."""
+        if len(self._calls) != 2 * len(self):  # first use, or someone changed the list
+            self.backward_order = self[::-1]
+            self._calls = [n.forward for n in self] + [n.backward for n in self.backward_order]
+        return self._calls
 
     def _ensure_plan(self) -> None:
         """Bind and plan again if another graph took some of these nodes since (see _stale)."""
         if _stale(self, self):
-            bind(self, self.device, self.dtype, {}, require_values=False, owner=self)
+            bind(self, self.device, self.dtype, {}, require_values=False, owner=self,
+                 reuse_buffers=self.reuse_buffers)
             plan_backward(self, loss=None, fresh=False)
         self._seen = _BINDS
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
-                     dtype: Any = None) -> SortedGraph:
+                     dtype: Any = None, reuse_buffers: bool = True) -> SortedGraph:
     """Sort every node reachable from the fed Inputs with Kahn's algorithm and bind it to a device.
 
     feed_dict: {Input: value}; values (NumPy arrays, lists, scalars) are moved to the device
     once. device: a spec ('cpu', 'cuda:0', 'auto', ...) or a Device; None means GPUFLOW_DEVICE,
     else 'cpu'. dtype: None keeps the fed floating dtype; 'float32' etc. converts floating feeds.
+    reuse_buffers: nodes write values and gradients into arrays kept from step to step (no
+    allocation per step); False makes new arrays every step (see `Node.buffers`).
     Returns the sorted nodes (a list). Raises GraphError for a missing feed or a cycle, and
     DeviceError for a value on another device.
     """
@@ -58,9 +71,10 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     device = get_device(device)
-    graph = SortedGraph(order, device, None)
+    graph = SortedGraph(order, device, None, reuse_buffers)
     # With no dtype given, the one the feeds agree on; a later re-bind converts back to it.
-    graph.dtype = bind(order, device, dtype, feed_dict, owner=graph)
+    graph.dtype = bind(order, device, dtype, feed_dict, owner=graph,
+                       reuse_buffers=reuse_buffers)
     plan_backward(order, loss=None)
     graph._seen = _BINDS
     return graph
@@ -114,12 +128,14 @@ def _find_cycle(stuck: list[Node]) -> list[Node]:
 
 
 def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
-         require_values: bool = True, owner: Any = None) -> Any:
+         require_values: bool = True, owner: Any = None, reuse_buffers: bool = True) -> Any:
     """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
 
     With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
     Every node records `owner` (the graph binding it), so that a graph sharing nodes with
-    another one knows to bind and plan again before it runs. Returns the floating dtype.
+    another one knows to bind and plan again before it runs. With `reuse_buffers` (and a
+    backend that writes into arrays) nodes keep their buffers across steps. Returns the
+    floating dtype.
     """
     global _BINDS
     _BINDS += 1
@@ -134,9 +150,15 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
                 f"on {device.name}, and a node lives on one device.\nhelp: build the model "
                 f"again for {device.name} (the same seed gives the same initial weights), or "
                 "save a checkpoint and load it into the new model.")
+    reuse = reuse_buffers and device.ops.writes_out
     for node in order:
+        if not reuse:
+            node.buffers = NO_BUFFERS
+        elif node.buffers is NO_BUFFERS or node.device is not device:
+            node.buffers = Buffers(node, device)
         node.device = device
         node.xp = device.xp
+        node.ops = device.ops
         node._owner = owner
     inputs = [node for node in order if isinstance(node, Input)]
     for node in inputs:
@@ -244,22 +266,31 @@ def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
 
 
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
-    """Run forward over `sorted_nodes`; return `output_node.value`."""
+    """Run forward over `sorted_nodes`; return `output_node.value` (a copy if the node
+    reuses that array: the next pass overwrites it)."""
     with _scope(sorted_nodes):
         run_forward(sorted_nodes)
-    return output_node.value
+    return _caller_copy(output_node)
+
+
+def _caller_copy(node: Node) -> Any:
+    """`node.value` for the caller to keep: a copy if it is a buffer the node reuses."""
+    value = node.value
+    if id(value) in _WORK and is_work_buffer(value):
+        return node.xp.asarray(value, copy=True)
+    return value
 
 
 def forward_and_backward(graph: Sequence[Node]) -> None:
     """Forward over the sorted nodes, then backward in reverse order."""
     if isinstance(graph, SortedGraph):
         graph._ensure_plan()
-        backward_order = graph.backward_order
-    else:
-        backward_order = graph[::-1]
+        with _scope(graph):
+            _run_calls(graph._step_calls())
+        return
     with _scope(graph):
         run_forward(graph)
-        run_backward(backward_order)
+        run_backward(graph[::-1])
 
 
 def run_forward(nodes: Iterable[Node]) -> None:
@@ -277,12 +308,32 @@ def _run(nodes: Iterable[Node], method: str) -> None:
     try:
         for node in nodes:
             getattr(node, method)()
-    except TransferError as exc:  # strict mode: say which node moved data
-        raise TransferError(f"{node.label}.{method}(): {exc}") from exc
     except Exception as exc:
-        if node is not None and hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
-            exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
+        _name_node(exc, node, method)
         raise
+
+
+def _run_calls(calls: Sequence[Any]) -> None:
+    """Call bound `forward` / `backward` methods planned once (a step of a built graph)."""
+    call = None
+    try:
+        for call in calls:
+            call()
+    except Exception as exc:
+        _name_node(exc, call.__self__ if call is not None else None,
+                   call.__name__ if call is not None else "")
+        raise
+
+
+def _name_node(exc: Exception, node: Node | None, method: str) -> None:
+    """Say which node's `method` raised `exc`: strict mode's TransferError is raised again with
+    the node in its message; other errors (not gpuflow's own) get a note."""
+    if node is None:
+        return
+    if isinstance(exc, TransferError):
+        raise TransferError(f"{node.label}.{method}(): {exc}") from exc
+    if hasattr(exc, "add_note") and not isinstance(exc, GpuflowError):
+        exc.add_note(f"gpuflow: raised in {node.label}.{method}()")
 
 
 def _scope(graph: Sequence[Node]) -> Any:
@@ -317,10 +368,15 @@ def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
         if t.gradients.get(t) is None:
             raise GraphError(f"{t.label} has no gradient yet.\nhelp: run "
                              "forward_and_backward(graph) before sgd_update(trainables).")
+    sgd_steps(trainables, lr)
+
+
+def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
+    """`t.value -= lr * t.gradients[t]` in place, with no new array (unchecked)."""
     for t in trainables:
-        value = t.value
-        value -= lr * t.gradients[t]  # in place; a scalar (immutable) comes back new
-        if value is not t.value:
+        value, grad = t.value, t.gradients[t]
+        value -= t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
+        if value is not t.value:  # a scalar (immutable) comes back new
             t.value = value
 
 
@@ -337,6 +393,10 @@ class Graph:
     except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
     check_finite: after every step, check every value and gradient for NaN or Inf and raise
     a GraphError naming the node where one first appeared (one extra read per step).
+    reuse_buffers: nodes write values and gradients into arrays they keep from step to step
+    (NumPy, CuPy, torch): no allocation per step after the first. `node.value` and
+    `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
+    and `run` return arrays of the caller's own. False makes new arrays every step.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
     forward only, without gradient work; `item` reads a device scalar as a float (the one
@@ -346,7 +406,8 @@ class Graph:
     def __init__(self, loss: Node, *, device: "str | Device | None" = None,
                  dtype: Any = "float32", inputs: Sequence[Input] | None = None,
                  parameters: Sequence[Node] | None = None, outputs: Sequence[Node] = (),
-                 strict: bool | None = None, check_finite: bool = False) -> None:
+                 strict: bool | None = None, check_finite: bool = False,
+                 reuse_buffers: bool = True) -> None:
         if not isinstance(loss, Node):
             raise GraphError(f"Graph needs a loss node, got {type(loss).__name__}.")
         if dtype is None:
@@ -368,9 +429,12 @@ class Graph:
                              "help: pass only Inputs and parameters the loss depends on.")
         self.dtype = self.device.dtype(dtype)
         self._dtype_spec = dtype
-        bind(self.nodes, self.device, dtype, {}, require_values=False, owner=self)
+        self.reuse_buffers = reuse_buffers
+        bind(self.nodes, self.device, dtype, {}, require_values=False, owner=self,
+             reuse_buffers=reuse_buffers)
         self._compute = [n for n in self.nodes if not isinstance(n, Input)]
         self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
+        self._plan_calls()
         self._seen = _BINDS
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
@@ -405,7 +469,7 @@ class Graph:
             if self.check_finite:
                 self._check_finite()
         self.steps += 1
-        return self.loss.value
+        return _caller_copy(self.loss)
 
     def _forward_backward(self) -> None:
         if self.steps == 0:  # the first step checks each node's dtype as it goes
@@ -416,8 +480,7 @@ class Graph:
             for p in self.parameters:
                 self._check_dtype(p, "gradient", p.gradients.get(p))
             return
-        run_forward(self._compute)
-        run_backward(self._backward)
+        _run_calls(self._calls)
 
     def _ensure_plan(self) -> None:
         """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
@@ -425,10 +488,16 @@ class Graph:
         gradients already computed stay."""
         if _stale(self, self.nodes):
             bind(self.nodes, self.device, self._dtype_spec, {}, require_values=False,
-                 owner=self)
+                 owner=self, reuse_buffers=self.reuse_buffers)
             self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters,
                                            fresh=False)
+            self._plan_calls()
         self._seen = _BINDS
+
+    def _plan_calls(self) -> None:
+        """A step's calls, bound once: every forward, then the planned backwards."""
+        self._calls = ([n.forward for n in self._compute] +
+                       [n.backward for n in self._backward])
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node
@@ -480,7 +549,7 @@ class Graph:
         self._feed(batches, inputs)
         with self.device.scope():
             run_forward(compute)
-        return output.value
+            return _caller_copy(output)
 
     def item(self, value: Any) -> float:
         """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""

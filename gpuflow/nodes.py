@@ -8,18 +8,88 @@ node sent back to it, and stores one gradient per inbound node in `self.gradient
 from __future__ import annotations
 
 import itertools
+import operator
+import weakref
 from typing import Any
 
+from .backends import Ops
 from .errors import GraphError
 
 _ids = itertools.count(1)
+
+# Every buffer a node keeps (Node.buffers), by id: (the node, its key). An Input fed one of
+# them copies it, since the owner overwrites it at the next step.
+_WORK: dict[int, tuple[Any, tuple]] = {}
+_work_limit = 1024  # prune entries of dead nodes when the table grows past this
+
+
+def is_work_buffer(array: Any, base: str = "base") -> bool:
+    """Whether `array`, or the array it views (attribute `base`), is a buffer that some live
+    node writes into step after step. (An id can be stale: a dead node's array, its memory
+    reused; the owner's own table decides.)"""
+    for candidate in (array, getattr(array, base, None)):
+        entry = _WORK.get(id(candidate)) if candidate is not None else None
+        if entry is not None:
+            node = entry[0]()
+            if node is not None and node.buffers.get(entry[1]) is candidate:
+                return True
+    return False
+
+
+class Buffers(dict):
+    """A node's arrays kept from step to step: `node.buffers[name, shape, dtype]`.
+
+    The first lookup of a (name, shape, dtype) allocates an uninitialised array on the node's
+    device; later ones return the same array (one C-level dict lookup). A name keeps its
+    last few shapes (a training batch, a smaller last batch, an evaluation batch), so that
+    alternating between them allocates nothing either.
+    """
+
+    shapes_kept = 3
+
+    def __init__(self, node: "Node", device: Any) -> None:
+        super().__init__()
+        self._node = weakref.ref(node)
+        self._device = device
+
+    def __missing__(self, key: tuple) -> Any:
+        global _work_limit
+        name, shape, dtype = key
+        same = [k for k in self if k[0] == name]
+        for old in same[:max(0, len(same) - self.shapes_kept + 1)]:
+            _WORK.pop(id(self.pop(old)), None)
+        array = self[key] = self._device.new_buffer(tuple(shape), dtype)
+        _WORK[id(array)] = (self._node, key)
+        if len(_WORK) > _work_limit:
+            for k, (ref, _) in list(_WORK.items()):
+                if ref() is None:
+                    del _WORK[k]
+            _work_limit = max(1024, 2 * len(_WORK))
+        return array
+
+
+class _NoBuffers(dict):
+    """`node.buffers` where arrays are not kept (array_api_strict, reuse_buffers=False): every
+    lookup gives None, and the ops then return new arrays."""
+
+    def __missing__(self, key: tuple) -> None:
+        return None
+
+
+NO_BUFFERS = _NoBuffers()
 
 
 class Node:
     """Base class: keeps `inbound_nodes`, `outbound_nodes`, `value` and `gradients`."""
 
     xp: Any = None       # the array namespace of the graph's device, set when the graph is built
+    ops: Any = Ops(None)  # the device's operations that take out= (see backends.Ops)
     device: Any = None   # the gpuflow Device the graph was built for
+    # Arrays kept from step to step: `self.buffers[name, shape, dtype]` gives one to pass as
+    # `out=` to `self.ops` functions (None where arrays are not kept: the ops then return new
+    # ones). Always use what the op returns. What a node writes there is overwritten at its
+    # next step, as PyTorch's `.grad` is: callers copy what they keep.
+    buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
 
@@ -60,12 +130,28 @@ class Node:
 
     def upstream_gradient(self) -> Any:
         """The sum of the gradients every outbound node sent back (zeros if none did)."""
+        senders = self._senders
+        if len(senders) == 1 and self._seed is None:
+            return senders[0].gradients[self]  # another node's array: read, never written
         total = self._seed
-        for n in self._senders:
+        own = False  # whether `total` is this node's own array, safe to add into
+        for n in senders:
             g = n.gradients[self]
-            total = g if total is None else total + g
+            if total is None:
+                total = g  # another node's array: read, never written
+            elif own:
+                total += g
+            else:
+                out = (self.buffers["upstream", g.shape, g.dtype]
+                       if getattr(total, "shape", None) == g.shape else None)
+                total = self.ops.add(total, g, out=out)
+                own = True
         if total is None:  # a dead end (MiniFlow gives such nodes zero gradient)
-            total = self.xp.zeros_like(self.value)
+            value = self.value
+            total = self.buffers["zeros", value.shape, value.dtype]
+            if total is None:
+                return self.xp.zeros_like(value)
+            total[...] = 0
         return total
 
 
@@ -83,12 +169,7 @@ class Input(Node):
         self._classes = None         # for labels: the number of classes, once known
         Node.__init__(self, name=name)
 
-    @property
-    def value(self) -> Any:
-        return self._value
-
-    @value.setter
-    def value(self, value: Any) -> None:
+    def _set_value(self, value: Any) -> None:
         device = self.device
         if value is None or device is None:
             self._value = value
@@ -103,10 +184,19 @@ class Input(Node):
                 self._check_labels(value)  # NumPy reads host memory, CPU tensors included
             value = device.place(value, self._float_dtype, self._keep_integers,
                                  what=f"{self.label}.value")
+        elif ((id(value) in _WORK or id(getattr(value, device.base_attribute, None)) in _WORK)
+              and is_work_buffer(value, device.base_attribute)):
+            # Another node's buffer (an RNN's state, one graph's output fed to the next): its
+            # owner overwrites it at the next step, so this Input keeps a copy.
+            value = device.xp.asarray(value, copy=True)
         if value.ndim and value.shape[0] == 0:
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
         self._value = value
+
+    # Read through a C getter: a step reads every Input's value several times.
+    value = property(operator.attrgetter("_value"), _set_value,
+                     doc="The fed array, on the graph's device once the graph is built.")
 
     def _check_labels(self, value: Any) -> None:
         """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
@@ -146,33 +236,35 @@ class Linear(Node):
 
     def forward(self) -> None:
         X, W, b = self.inbound_nodes
-        x, w = X.value, W.value
+        x, w, bias = X.value, W.value, b.value
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
             raise GraphError(
                 f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
                 "X must be 2-D (batch, n_in), W 2-D (n_in, n_out), X.shape[1] == W.shape[0].\n"
                 f"help: check the sizes of {X.label} and {W.label}.")
-        if tuple(b.value.shape) not in ((w.shape[1],), (1, w.shape[1])):
+        if bias.shape != w.shape[1:] and tuple(bias.shape) != (1, w.shape[1]):
             raise GraphError(
-                f"{self.label}: b has shape {tuple(b.value.shape)} but W has shape "
+                f"{self.label}: b has shape {tuple(bias.shape)} but W has shape "
                 f"{tuple(w.shape)}; b must have shape ({w.shape[1]},), one bias per output.\n"
                 f"help: check the size of {b.label}.")
-        out = x @ w
-        out += b.value  # in place: one new array per forward, not two
+        # x's dtype: every floating value of a bound graph has the graph's dtype.
+        out = self.ops.matmul(x, w, out=self.buffers["value", (x.shape[0], w.shape[1]), x.dtype])
+        out += bias
         self.value = out
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, W, b = self.inbound_nodes
+        x, w, ops, buffers = X.value, W.value, self.ops, self.buffers
         grad_X, grad_W, grad_b = self.needs_grad
         if grad_X:
-            self.gradients[X] = G @ W.value.T
+            self.gradients[X] = ops.matmul(G, w.T, out=buffers["dX", x.shape, G.dtype])
         if grad_W:
-            dW = X.value.T @ G
+            dW = ops.matmul(x.T, G, out=buffers["dW", w.shape, G.dtype])
             # Linear(X, X, b) computes X @ X: both uses' gradients add up.
             self.gradients[W] = self.gradients[X] + dW if W is X else dW
         if grad_b:
-            db = self.xp.sum(G, axis=0)
+            db = ops.sum(G, axis=0, out=buffers["db", w.shape[1:], G.dtype])
             self.gradients[b] = db if b.value.ndim == 1 else self.xp.reshape(db, b.value.shape)
 
 
@@ -182,20 +274,19 @@ class Sigmoid(Node):
     def __init__(self, node: Node, *, name: str | None = None):
         Node.__init__(self, [node], name=name)
 
-    def _sigmoid(self, x: Any) -> Any:
-        s = self.xp.tanh(0.5 * x)
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        out = self.buffers["value", x.shape, x.dtype]
+        s = self.ops.tanh(self.ops.multiply(x, 0.5, out=out), out=out)
         s *= 0.5
         s += 0.5
-        return s
-
-    def forward(self) -> None:
-        self.value = self._sigmoid(self.inbound_nodes[0].value)
+        self.value = s
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         s = self.value
-        grad = 1.0 - s   # s (1 - s) G, in one new array
-        grad *= s
+        grad = self.ops.subtract(1.0, s, out=self.buffers["grad", s.shape, s.dtype])
+        grad *= s   # s (1 - s) G
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 
@@ -207,12 +298,14 @@ class Tanh(Node):
         Node.__init__(self, [node], name=name)
 
     def forward(self) -> None:
-        self.value = self.xp.tanh(self.inbound_nodes[0].value)
+        x = self.inbound_nodes[0].value
+        self.value = self.ops.tanh(x, out=self.buffers["value", x.shape, x.dtype])
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        t = self.value
-        grad = 1.0 - t * t
+        t, ops = self.value, self.ops
+        out = self.buffers["grad", t.shape, t.dtype]
+        grad = ops.subtract(1.0, ops.multiply(t, t, out=out), out=out)   # (1 - t^2) G
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 
@@ -225,13 +318,15 @@ class ReLU(Node):
 
     def forward(self) -> None:
         # maximum, not clip: array-api-compat's clip for CuPy masks, and so synchronises.
-        self.value = self.xp.maximum(self.inbound_nodes[0].value, 0.0)
+        x = self.inbound_nodes[0].value
+        self.value = self.ops.maximum(x, 0.0, out=self.buffers["value", x.shape, x.dtype])
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         # G where the output is positive, else 0, as (output > 0) * G: eight times faster than
         # where(output > 0, G, 0.0) on NumPy, three times on torch.
-        grad = self.xp.astype(self.value > 0.0, G.dtype)
+        grad = self.ops.greater(self.value, 0.0, G.dtype,
+                                out=self.buffers["grad", G.shape, G.dtype])
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 
@@ -255,17 +350,22 @@ class MSE(Node):
                 f"has shape {tuple(a.value.shape)} ({av.shape[0]} values); they must have "
                 f"as many elements.\nhelp: check {y.label} and {a.label}.")
         self.m = yv.shape[0]
-        self.diff = yv - av
-        self.value = xp.sum(self.diff * self.diff) / self.m
+        ops, buffers, dtype = self.ops, self.buffers, av.dtype
+        self.diff = ops.subtract(yv, av, out=buffers["diff", yv.shape, dtype])
+        squares = ops.multiply(self.diff, self.diff, out=buffers["squares", yv.shape, dtype])
+        self.value = xp.sum(squares) / self.m  # a new scalar each step: callers keep losses
 
     def backward(self) -> None:
         g = self.upstream_gradient()
         y, a = self.inbound_nodes
         scale = (2.0 / self.m) * g
+        ops, diff = self.ops, self.diff
         if self.needs_grad[0]:
-            self.gradients[y] = self.xp.reshape(scale * self.diff, y.value.shape)
+            dy = ops.multiply(diff, scale, out=self.buffers["dy", diff.shape, diff.dtype])
+            self.gradients[y] = self.xp.reshape(dy, y.value.shape)
         if self.needs_grad[1]:
-            self.gradients[a] = self.xp.reshape(-scale * self.diff, a.value.shape)
+            da = ops.multiply(diff, -scale, out=self.buffers["da", diff.shape, diff.dtype])
+            self.gradients[a] = self.xp.reshape(da, a.value.shape)
 
 
 class SoftmaxCrossEntropy(Node):
@@ -306,14 +406,20 @@ class SoftmaxCrossEntropy(Node):
         if (self._class_range is None or self._class_range.shape[0] != k
                 or self._class_range.dtype != y.dtype):
             self._class_range = xp.arange(k, dtype=y.dtype, device=self.device.native)
-        shifted = z - xp.max(z, axis=1, keepdims=True)
-        self.exp = xp.exp(shifted)
-        self.total = xp.sum(self.exp, axis=1, keepdims=True)
-        self.onehot = xp.astype(xp.reshape(y, (-1, 1)) == self._class_range, z.dtype)
+        ops, buffers, dtype = self.ops, self.buffers, z.dtype
+        column = buffers["column", (n, 1), dtype]
+        shifted = ops.subtract(z, ops.max(z, axis=1, keepdims=True, out=column),
+                               out=buffers["shifted", (n, k), dtype])
+        self.exp = ops.exp(shifted, out=buffers["exp", (n, k), dtype])
+        self.total = ops.sum(self.exp, axis=1, keepdims=True, out=buffers["total", (n, 1), dtype])
+        self.onehot = ops.equal(xp.reshape(y, (-1, 1)), self._class_range, dtype,
+                                out=buffers["onehot", (n, k), dtype])
         self.n = n
         # -mean(log softmax[label]) = (sum of log-sum-exp - sum of the labels' logits) / n,
         # since each one-hot row sums to 1.
-        self.value = (xp.sum(xp.log(self.total)) - xp.sum(self.onehot * shifted)) / n
+        log_total = ops.log(self.total, out=column)
+        picked = ops.multiply(self.onehot, shifted, out=shifted)  # shifted is not needed again
+        self.value = (xp.sum(log_total) - xp.sum(picked)) / n  # a new scalar each step
 
     def _check_labels_on_device(self, y: Any, k: int) -> None:
         from .backends import LEDGER
@@ -330,7 +436,8 @@ class SoftmaxCrossEntropy(Node):
         g = self.upstream_gradient()
         labels, logits = self.inbound_nodes
         if self.needs_grad[1]:
-            grad = self.exp / self.total   # softmax
+            grad = self.ops.divide(self.exp, self.total,   # softmax
+                                   out=self.buffers["grad", self.exp.shape, self.exp.dtype])
             grad -= self.onehot
             grad *= g / self.n
             self.gradients[logits] = grad

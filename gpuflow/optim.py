@@ -8,8 +8,11 @@ import math
 from typing import Any, Iterable
 
 from .errors import CheckpointError, GraphError
-from .graph import Graph, check_learning_rate
+from .graph import Graph, check_learning_rate, sgd_steps
 from .nodes import Node
+
+
+_SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
 
 class Optimizer:
@@ -23,6 +26,8 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+        self._param: Node = self.params[0]   # the parameter `update` is working on
+        self.ops: Any = self._param.ops       # its array operations, which take out=
 
     def step(self) -> None:
         """One update of every parameter from its current gradient."""
@@ -34,16 +39,27 @@ class Optimizer:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
         self.t += 1
+        self._update_all()
+
+    def _update_all(self) -> None:
         for p in self.params:
             value = p.value
+            self._param, self.ops = p, p.ops
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
             if new is not value:  # an immutable scalar (a fed Python number) comes back new
                 p.value = new
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """Update `value` in place from `grad` and return it (a new object only if `value` is
-        an immutable scalar); `state` holds this parameter's buffers."""
+        an immutable scalar); `state` holds this parameter's buffers. Never write into `grad`:
+        it is the graph's gradient, which the user may read after the step."""
         raise NotImplementedError
+
+    def scratch(self, like: Any, index: int = 0) -> Any:
+        """Work array `index` shaped like `like` (the parameter being updated) for `self.ops`
+        functions to write into; None where the graph makes new arrays every step (see
+        `Node.buffers`). Kept from step to step, one set per parameter."""
+        return self._param.buffers[_SCRATCH[index], like.shape, like.dtype]
 
     # -- state, for checkpoints -----------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -89,9 +105,18 @@ class SGD(Optimizer):
             raise ValueError("SGD: Nesterov momentum needs momentum > 0.")
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
+    def _update_all(self) -> None:
+        if self.momentum or self.weight_decay or type(self).update is not SGD.update:
+            super()._update_all()
+        else:  # plain SGD, the most common step: one multiply and one subtract per parameter
+            sgd_steps(self.params, self.lr)
+
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
+        ops, scratch = self.ops, self.scratch
+        work = other = None  # grad + weight_decay * value; grad + momentum * buf (Nesterov)
         if self.weight_decay:
-            grad = grad + self.weight_decay * value
+            work = scratch(value)
+            grad = ops.add(grad, ops.multiply(value, self.weight_decay, out=work), out=work)
         if self.momentum:
             buf = state.get("momentum")
             if buf is None:
@@ -99,8 +124,13 @@ class SGD(Optimizer):
             else:
                 buf *= self.momentum
                 buf += grad
-            grad = grad + self.momentum * buf if self.nesterov else buf
-        value -= self.lr * grad
+            if self.nesterov:
+                other = scratch(value, 1)
+                grad = ops.add(grad, ops.multiply(buf, self.momentum, out=other), out=other)
+            else:
+                grad = buf
+        own = grad is work or grad is other  # our work array: scaled in place
+        value -= ops.multiply(grad, self.lr, out=grad if own else scratch(value, 2))
         return value
 
 
@@ -120,22 +150,31 @@ class Adam(Optimizer):
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         b1, b2 = self.betas
+        ops, work = self.ops, self.scratch(value)
         if self.weight_decay and self.decoupled:
             value *= 1.0 - self.lr * self.weight_decay
         elif self.weight_decay:
-            grad = grad + self.weight_decay * value
+            decayed = self.scratch(value, 1)
+            grad = ops.add(grad, ops.multiply(value, self.weight_decay, out=decayed),
+                           out=decayed)
         if "m" not in state:
             state["m"] = xp.zeros_like(value)
             state["v"] = xp.zeros_like(value)
         m, v = state["m"], state["v"]
         m *= b1
-        m += (1.0 - b1) * grad
+        m += ops.multiply(grad, 1.0 - b1, out=work)
         v *= b2
-        v += (1.0 - b2) * (grad * grad)
+        squares = ops.multiply(grad, grad, out=work)
+        squares *= 1.0 - b2
+        v += squares
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
-        denom = xp.sqrt(v) / math.sqrt(bias2) + self.eps
-        value -= (self.lr / bias1) * (m / denom)
+        denom = ops.sqrt(v, out=work)   # sqrt(v) / sqrt(bias2) + eps
+        denom /= math.sqrt(bias2)
+        denom += self.eps
+        step = ops.divide(m, denom, out=work)   # (lr / bias1) * m / denom
+        step *= self.lr / bias1
+        value -= step
         return value
 
 

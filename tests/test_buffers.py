@@ -1,0 +1,297 @@
+"""Buffers a node keeps from step to step, and the ops that write into them (`Device.ops`).
+
+On NumPy, CuPy and torch a step writes every value and gradient into arrays made at the first
+step; on array_api_strict (no out=) the same code makes new arrays. Either way the numbers are
+the same, and what a caller is handed (a loss, `run`'s output) is the caller's own.
+"""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from gpuflow.optim import SGD, Adam
+from conftest import host
+
+
+def _net(sizes=(8, 16, 4), seed=0, activation="relu"):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, list(sizes), activation=activation, seed=seed)
+    return X, y, logits, gf.SoftmaxCrossEntropy(y, logits), params
+
+
+def _batch(n, sizes=(8, 16, 4), seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, sizes[0])), rng.integers(0, sizes[-1], n)
+
+
+# -- the ops -------------------------------------------------------------------------------------
+def _op_cases(xp, device):
+    rng = np.random.default_rng(3)
+
+    def put(a, dtype="float64"):
+        return device.put(np.asarray(a), device.dtype(dtype))
+
+    a, b = put(rng.normal(size=(5, 4))), put(rng.normal(size=(5, 4)))
+    w, col = put(rng.normal(size=(4, 3))), put(rng.uniform(1, 2, size=(5, 1)))
+    pos = put(rng.uniform(0.5, 2.0, size=(5, 4)))
+    labels, classes = put([[0], [2], [1], [2], [0]], "int64"), put(np.arange(3), "int64")
+    f64 = device.dtype("float64")
+    return [  # (name, args, kwargs, the namespace's own answer)
+        ("matmul", (a, w), {}, xp.matmul(a, w)),
+        ("matmul", (a.T, b), {}, xp.matmul(a.T, b)),
+        ("add", (a, b), {}, a + b),
+        ("add", (a, 2.5), {}, a + 2.5),
+        ("subtract", (1.0, a), {}, 1.0 - a),
+        ("subtract", (a, col), {}, a - col),
+        ("multiply", (a, 0.5), {}, a * 0.5),
+        ("multiply", (a, b), {}, a * b),
+        ("divide", (a, col), {}, a / col),
+        ("maximum", (a, 0.0), {}, xp.maximum(a, xp.zeros_like(a))),
+        ("maximum", (a, b), {}, xp.maximum(a, b)),
+        ("tanh", (a,), {}, xp.tanh(a)),
+        ("exp", (a,), {}, xp.exp(a)),
+        ("log", (pos,), {}, xp.log(pos)),
+        ("sqrt", (pos,), {}, xp.sqrt(pos)),
+        ("greater", (a, 0.0, f64), {}, xp.astype(a > 0.0, f64)),
+        ("equal", (labels, classes, f64), {}, xp.astype(labels == classes, f64)),
+        ("sum", (a,), {"axis": 0}, xp.sum(a, axis=0)),
+        ("sum", (a,), {"axis": 1, "keepdims": True}, xp.sum(a, axis=1, keepdims=True)),
+        ("sum", (a,), {}, xp.sum(a)),
+        ("max", (a,), {"axis": 1, "keepdims": True}, xp.max(a, axis=1, keepdims=True)),
+    ]
+
+
+def test_ops_give_the_namespaces_answers_with_and_without_out(device):
+    xp, ops = device.xp, device.ops
+    for name, args, kwargs, expected in _op_cases(xp, device):
+        fresh = getattr(ops, name)(*args, **kwargs)
+        out = device.new_buffer(tuple(expected.shape), expected.dtype)
+        written = getattr(ops, name)(*args, **kwargs, out=out)
+        for got in (fresh, written):
+            assert device.owns(got) or np.ndim(host(device, got)) == 0, name
+            np.testing.assert_allclose(host(device, got), host(device, expected), rtol=1e-12,
+                                       err_msg=f"ops.{name}")
+            assert got.dtype == expected.dtype, f"ops.{name}: {got.dtype} != {expected.dtype}"
+        if ops.writes_out:
+            assert written is out, f"ops.{name} did not write into out="
+        else:
+            assert written is not out
+
+
+def test_new_buffer_is_on_the_device(device):
+    buf = device.new_buffer((3, 2), device.dtype("float32"))
+    assert device.owns(buf) and tuple(buf.shape) == (3, 2) and buf.dtype == device.dtype("float32")
+
+
+# -- reuse -----------------------------------------------------------------------------------------
+def test_steps_reuse_their_arrays_where_the_backend_writes_into_them(device):
+    X, y, logits, loss, params = _net()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    opt = SGD(graph, 0.1, momentum=0.9)
+    xb, yb = _batch(6)
+    graph.step(xb, yb)
+    opt.step()
+    first_values = {n: n.value for n in graph.nodes  # the loss is a new scalar each step
+                    if not isinstance(n, gf.Input) and not n.is_loss}
+    first_grads = {p: p.gradients[p] for p in graph.parameters}
+    graph.step(*_batch(6, seed=1))
+    opt.step()
+    for n, v in first_values.items():
+        assert (n.value is v) == device.ops.writes_out, n.label
+    for p, g in first_grads.items():
+        assert (p.gradients[p] is g) == device.ops.writes_out, p.label
+
+
+def _train(device, reuse, optimizer, steps=6):
+    X, y, logits, loss, params = _net(seed=4, activation="tanh")
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y], reuse_buffers=reuse)
+    opt = optimizer(graph)
+    losses = []
+    for i in range(steps):
+        n = 6 if i % 3 else 5  # shapes change, and come back
+        losses.append(graph.item(graph.step(*_batch(n, seed=i))))
+        opt.step()
+    return losses, [host(device, p.value) for p in graph.parameters]
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda g: SGD(g, 0.1), lambda g: SGD(g, 0.1, momentum=0.9, nesterov=True, weight_decay=0.1),
+    lambda g: Adam(g, 0.01, weight_decay=0.1), lambda g: gf.optim.AdamW(g, 0.01)],
+    ids=["sgd", "nesterov-wd", "adam-l2", "adamw"])
+def test_reused_arrays_give_the_same_numbers_as_new_ones(device, optimizer):
+    kept, kept_params = _train(device, True, optimizer)
+    new, new_params = _train(device, False, optimizer)
+    np.testing.assert_array_equal(kept, new)  # the same operations, in the same order
+    for a, b in zip(kept_params, new_params):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_miniflow_loop_reuses_arrays_and_matches_new_ones(device):
+    def run(reuse):
+        X, y, W, b = gf.Input(), gf.Input(), gf.Input(), gf.Input()
+        out = gf.Sigmoid(gf.Linear(X, W, b))
+        cost = gf.MSE(y, out)
+        rng = np.random.default_rng(0)
+        feed = {X: rng.normal(size=(7, 3)), y: rng.normal(size=(7, 1)),
+                W: rng.normal(size=(3, 1)), b: np.zeros(1)}
+        graph = gf.topological_sort(feed, device=device, reuse_buffers=reuse)
+        losses, kept = [], None
+        for _ in range(4):
+            gf.forward_and_backward(graph)
+            gf.sgd_update([W, b], 0.5)
+            losses.append(float(host(device, cost.value)))
+            kept = kept if kept is not None else W.gradients[W]
+        assert (W.gradients[W] is kept) == (reuse and device.ops.writes_out)
+        return losses, host(device, W.value)
+
+    (l1, w1), (l2, w2) = run(True), run(False)
+    np.testing.assert_array_equal(l1, l2)
+    np.testing.assert_array_equal(w1, w2)
+
+
+# -- what callers hold stays theirs ----------------------------------------------------------------
+def test_run_step_and_forward_pass_return_arrays_the_caller_keeps(device):
+    X, y, logits, loss, params = _net()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y], outputs=[logits])
+    (x1, y1), (x2, y2) = _batch(6, seed=1), _batch(6, seed=2)
+    out1 = graph.run(logits, x1)
+    snapshot = host(device, out1).copy()
+    loss1 = graph.step(x1, y1)
+    loss_snapshot = graph.item(loss1)
+    graph.run(logits, x2)
+    graph.step(x2, y2)
+    np.testing.assert_array_equal(host(device, out1), snapshot)
+    assert graph.item(loss1) == loss_snapshot
+
+    A, B = gf.Input(), gf.Input()
+    act = gf.Tanh(gf.Linear(A, B, gf.Input(name="bias")))
+    sorted_nodes = gf.topological_sort({A: np.ones((2, 2)), B: np.eye(2),
+                                        act.inbound_nodes[0].inbound_nodes[2]: np.zeros(2)},
+                                       device=device)
+    first = gf.forward_pass(act, sorted_nodes)
+    kept = host(device, first).copy()
+    A.value = 2 * np.ones((2, 2))
+    gf.forward_pass(act, sorted_nodes)
+    np.testing.assert_array_equal(host(device, first), kept)
+
+
+def test_feeding_one_nodes_array_to_an_input_copies_it(device):
+    """An RNN-style loop feeds a node's value back in; the node overwrites that array at its
+    next step, so the Input must hold its own copy (else backward would read the new one)."""
+    X, h_in, W, b = gf.Input(name="X"), gf.Input(name="h_in"), gf.Input(name="W"), gf.Input(
+        name="b")
+    h = gf.Tanh(gf.Linear(X, W, b), name="h")
+    feed = {X: np.ones((2, 3)), W: 0.5 * np.ones((3, 3)), b: np.zeros(3)}
+    graph = gf.topological_sort(feed, device=device)
+    gf.forward_and_backward(graph)
+    h_in_graph = gf.topological_sort({h_in: np.zeros((2, 3))}, device=device)
+    for fed in (h.value, h.value.T):  # the array itself, and a view of it
+        h_in.value = fed
+        kept = host(device, h_in.value).copy()
+        X.value = np.full((2, 3), 3.0)   # the next step writes a new h into h's array
+        gf.forward_and_backward(graph)
+        np.testing.assert_array_equal(host(device, h_in.value), kept)
+        X.value = np.ones((2, 3))
+        gf.forward_and_backward(graph)
+    assert h_in_graph  # built on the same device
+
+
+def test_a_name_keeps_its_last_few_shapes(device):
+    if not device.ops.writes_out:
+        pytest.skip(f"{device.name} makes new arrays (no out=)")
+    X, y, logits, loss, params = _net()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    first = next(n for n in graph.nodes if isinstance(n, gf.Linear))
+    arrays = {}
+    for round_ in range(2):  # train at 6, evaluate at 9, a last batch of 5: nothing new
+        for n in (6, 9, 5):
+            graph.step(*_batch(n))
+            if round_ == 0:
+                arrays[n] = first.value
+            else:
+                assert first.value is arrays[n], f"batch {n} got a new array"
+    graph.step(*_batch(4))  # a fourth shape pushes out the oldest
+    names = [key[0] for key in first.buffers]
+    assert max(names.count(k) for k in set(names)) == 3
+
+
+# -- no allocation per step (NumPy) ---------------------------------------------------------------
+def _peak_of_one_step(step, warmup=3):
+    for _ in range(warmup):
+        step()
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        start, _ = tracemalloc.get_traced_memory()
+        step()
+        end, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - start, end - start
+
+
+SIZES = (256, 512, 512, 10)   # every value and gradient is >= 256 x 10 floats; most are 512 KiB
+NUMPY_SCRATCH = 128 * 1024     # NumPy's own per-call iterator buffers (8192 items), freed inside
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_a_graph_step_allocates_no_array_after_warmup(optimizer):
+    X, y, logits, loss, params = _net(SIZES, activation="relu")
+    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y])
+    opt = gf.optim.make_optimizer(optimizer, graph, 1e-3)
+    xb, yb = _batch(256, SIZES)
+    xb = xb.astype(np.float32)
+
+    def step():
+        graph.step(xb, yb)
+        opt.step()
+
+    peak, net = _peak_of_one_step(step)
+    assert peak < NUMPY_SCRATCH, f"a step allocated {peak} bytes at its peak"
+    assert net < 1024, f"a step kept {net} bytes"
+
+
+def test_the_miniflow_loop_allocates_no_array_after_warmup():
+    X, y = gf.Input(), gf.Input()
+    rng = np.random.default_rng(0)
+    feed, trainables, h = {}, [], X
+    for i, (n_in, n_out) in enumerate(zip(SIZES[:-1], SIZES[1:])):
+        W, b = gf.Input(name=f"W{i}"), gf.Input(name=f"b{i}")
+        feed[W], feed[b] = 0.05 * rng.normal(size=(n_in, n_out)), np.zeros(n_out)
+        trainables += [W, b]
+        h = gf.Linear(h, W, b)
+        h = gf.ReLU(h) if i < len(SIZES) - 2 else h
+    xb, yb = _batch(256, SIZES)
+    feed[X], feed[y] = xb, yb
+    gf.SoftmaxCrossEntropy(y, h)
+    graph = gf.topological_sort(feed, dtype="float32")
+    xb = xb.astype(np.float32)
+
+    def step():
+        X.value, y.value = xb, yb
+        gf.forward_and_backward(graph)
+        gf.sgd_update(trainables, 1e-3)
+
+    peak, net = _peak_of_one_step(step)
+    assert peak < NUMPY_SCRATCH, f"a step allocated {peak} bytes at its peak"
+    assert net < 1024, f"a step kept {net} bytes"
+
+
+def test_without_reuse_a_step_allocates_its_arrays():
+    """The allocation test can fail: making new arrays each step shows up at once."""
+    X, y, logits, loss, params = _net(SIZES)
+    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y], reuse_buffers=False)
+    opt = SGD(graph, 1e-3)
+    xb, yb = _batch(256, SIZES)
+    xb = xb.astype(np.float32)
+
+    def step():
+        graph.step(xb, yb)
+        opt.step()
+
+    peak, _ = _peak_of_one_step(step)
+    assert peak > 256 * 512 * 4
