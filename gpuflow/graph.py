@@ -360,9 +360,16 @@ def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> fl
     return lr
 
 
+_last_rate = math.nan  # the last learning rate sgd_update checked (NaN: none yet)
+
+
 def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
     """`t.value -= learning_rate * t.gradients[t]` for each trainable, in place."""
-    lr = check_learning_rate(learning_rate)
+    global _last_rate
+    if type(learning_rate) is float and learning_rate == _last_rate:
+        lr = learning_rate  # the rate a loop passes every step: checked once
+    else:
+        lr = _last_rate = check_learning_rate(learning_rate)
     trainables = list(trainables)
     for t in trainables:  # all checked first: a refusal updates nothing
         if t.gradients.get(t) is None:

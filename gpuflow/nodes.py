@@ -225,7 +225,11 @@ class Input(Node):
 
     def backward(self) -> None:
         """Sum what every outbound node computed for this input."""
-        self.gradients[self] = self.upstream_gradient()
+        senders = self._senders
+        if len(senders) == 1 and self._seed is None:  # the common case, without a call
+            self.gradients[self] = senders[0].gradients[self]
+        else:
+            self.gradients[self] = self.upstream_gradient()
 
 
 class Linear(Node):
@@ -341,31 +345,33 @@ class MSE(Node):
 
     def forward(self) -> None:
         y, a = self.inbound_nodes
-        xp = self.xp
-        yv = xp.reshape(y.value, (-1, 1))
-        av = xp.reshape(a.value, (-1, 1))
-        if yv.shape[0] != av.shape[0]:
-            raise GraphError(
-                f"{self.label}: y has shape {tuple(y.value.shape)} ({yv.shape[0]} values) but a "
-                f"has shape {tuple(a.value.shape)} ({av.shape[0]} values); they must have "
-                f"as many elements.\nhelp: check {y.label} and {a.label}.")
-        self.m = yv.shape[0]
-        ops, buffers, dtype = self.ops, self.buffers, av.dtype
-        self.diff = ops.subtract(yv, av, out=buffers["diff", yv.shape, dtype])
-        squares = ops.multiply(self.diff, self.diff, out=buffers["squares", yv.shape, dtype])
-        self.value = xp.sum(squares) / self.m  # a new scalar each step: callers keep losses
+        xp, yv, av = self.xp, y.value, a.value
+        if yv.shape != av.shape:  # e.g. y (n,) and a (n, 1): compared as columns
+            yv, av = xp.reshape(yv, (-1, 1)), xp.reshape(av, (-1, 1))
+            if yv.shape[0] != av.shape[0]:
+                raise GraphError(
+                    f"{self.label}: y has shape {tuple(y.value.shape)} ({yv.shape[0]} values) "
+                    f"but a has shape {tuple(a.value.shape)} ({av.shape[0]} values); they must "
+                    f"have as many elements.\nhelp: check {y.label} and {a.label}.")
+        self.diff = diff = self.ops.subtract(yv, av, out=self.buffers["diff", yv.shape, av.dtype])
+        flat = xp.reshape(diff, (-1,))
+        self.m = flat.shape[0]
+        self.value = (flat @ flat) / self.m  # a new scalar each step: callers keep losses
 
     def backward(self) -> None:
         g = self.upstream_gradient()
         y, a = self.inbound_nodes
         scale = (2.0 / self.m) * g
-        ops, diff = self.ops, self.diff
-        if self.needs_grad[0]:
+        ops, diff, need_y, need_a = self.ops, self.diff, *self.needs_grad
+        if need_y:
             dy = ops.multiply(diff, scale, out=self.buffers["dy", diff.shape, diff.dtype])
-            self.gradients[y] = self.xp.reshape(dy, y.value.shape)
-        if self.needs_grad[1]:
+            self.gradients[y] = self._shaped(dy, y.value)
+        if need_a:
             da = ops.multiply(diff, -scale, out=self.buffers["da", diff.shape, diff.dtype])
-            self.gradients[a] = self.xp.reshape(da, a.value.shape)
+            self.gradients[a] = self._shaped(da, a.value)
+
+    def _shaped(self, grad: Any, like: Any) -> Any:
+        return grad if grad.shape == like.shape else self.xp.reshape(grad, like.shape)
 
 
 class SoftmaxCrossEntropy(Node):
