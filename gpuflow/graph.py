@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
 from .backends.numpy import host_copy
 from .errors import GpuflowError, GraphError, TransferError
-from .nodes import _WORK, NO_BUFFERS, Buffers, Input, Node, is_work_buffer
+from .nodes import NO_BUFFERS, Buffers, Input, Node, own_copy
 
 
 class SortedGraph(list):
@@ -29,14 +29,6 @@ class SortedGraph(list):
         self.reuse_buffers = reuse_buffers
         self.backward_order: list[Node] = self[::-1]
         self._seen = -1
-        self._calls: list[Any] = []
-
-    def _step_calls(self) -> list[Any]:
-        """Every node's forward, then every backward, as bound methods (made once)."""
-        if len(self._calls) != 2 * len(self):  # first use, or someone changed the list
-            self.backward_order = self[::-1]
-            self._calls = [n.forward for n in self] + [n.backward for n in self.backward_order]
-        return self._calls
 
     def _ensure_plan(self) -> None:
         """Bind and plan again if another graph took some of these nodes since (see _stale)."""
@@ -55,7 +47,9 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     once. device: a spec ('cpu', 'cuda:0', 'auto', ...) or a Device; None means GPUFLOW_DEVICE,
     else 'cpu'. dtype: None keeps the fed floating dtype; 'float32' etc. converts floating feeds.
     reuse_buffers: nodes write values and gradients into arrays kept from step to step (no
-    allocation per step); False makes new arrays every step (see `Node.buffers`).
+    allocation per step), so `node.value` and `node.gradients` hold this step's numbers only:
+    copy what you keep across steps (`forward_pass` returns a copy). False makes new arrays
+    every step, as MiniFlow did (see `Node.buffers`).
     Returns the sorted nodes (a list). Raises GraphError for a missing feed or a cycle, and
     DeviceError for a value on another device.
     """
@@ -268,60 +262,60 @@ def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
     """Run forward over `sorted_nodes`; return `output_node.value` (a copy if the node
     reuses that array: the next pass overwrites it)."""
-    with _scope(sorted_nodes):
+    with _scope(sorted_nodes), _forward_only():
         run_forward(sorted_nodes)
     return _caller_copy(output_node)
 
 
+class _forward_only:
+    """While running forward only (`forward_pass`, `Graph.run`), buffers of shapes not seen
+    before are not kept: a large evaluation batch does not hold its memory for good."""
+
+    def __enter__(self) -> None:
+        self.keeping, Buffers.keeping = Buffers.keeping, False
+
+    def __exit__(self, *exc: object) -> None:
+        Buffers.keeping = self.keeping
+
+
 def _caller_copy(node: Node) -> Any:
-    """`node.value` for the caller to keep: a copy if it is a buffer the node reuses."""
+    """`node.value` for the caller to keep: a copy if it shares memory with a node's buffer."""
     value = node.value
-    if id(value) in _WORK and is_work_buffer(value):
-        return node.xp.asarray(value, copy=True)
-    return value
+    return own_copy(value, node.device) if node.device is not None else value
 
 
 def forward_and_backward(graph: Sequence[Node]) -> None:
     """Forward over the sorted nodes, then backward in reverse order."""
     if isinstance(graph, SortedGraph):
         graph._ensure_plan()
-        with _scope(graph):
-            _run_calls(graph._step_calls())
-        return
+        backward_order = graph.backward_order
+    else:
+        backward_order = graph[::-1]
     with _scope(graph):
-        run_forward(graph)
-        run_backward(graph[::-1])
+        _run_step(graph, backward_order)
 
 
 def run_forward(nodes: Iterable[Node]) -> None:
     """`forward()` on each node; an error gets a note naming the node."""
-    _run(nodes, "forward")
+    _run_step(nodes, ())
 
 
 def run_backward(nodes: Iterable[Node]) -> None:
     """`backward()` on each node; an error gets a note naming the node."""
-    _run(nodes, "backward")
+    _run_step((), nodes)
 
 
-def _run(nodes: Iterable[Node], method: str) -> None:
-    node = None
+def _run_step(forward: Iterable[Node], backward: Iterable[Node]) -> None:
+    """`forward()` on each of `forward`, then `backward()` on each of `backward`."""
+    node, method = None, "forward"
     try:
-        for node in nodes:
-            getattr(node, method)()
+        for node in forward:
+            node.forward()
+        method = "backward"
+        for node in backward:
+            node.backward()
     except Exception as exc:
         _name_node(exc, node, method)
-        raise
-
-
-def _run_calls(calls: Sequence[Any]) -> None:
-    """Call bound `forward` / `backward` methods planned once (a step of a built graph)."""
-    call = None
-    try:
-        for call in calls:
-            call()
-    except Exception as exc:
-        _name_node(exc, call.__self__ if call is not None else None,
-                   call.__name__ if call is not None else "")
         raise
 
 
@@ -382,7 +376,11 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
     """`t.value -= lr * t.gradients[t]` in place, with no new array (unchecked)."""
     for t in trainables:
         value, grad = t.value, t.gradients[t]
-        value -= t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
+        try:
+            step = t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
+        except AttributeError:  # a Python number (a custom node's gradient for a scalar)
+            step = lr * grad
+        value -= step
         if value is not t.value:  # a scalar (immutable) comes back new
             t.value = value
 
@@ -441,7 +439,6 @@ class Graph:
              reuse_buffers=reuse_buffers)
         self._compute = [n for n in self.nodes if not isinstance(n, Input)]
         self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
-        self._plan_calls()
         self._seen = _BINDS
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
@@ -475,8 +472,8 @@ class Graph:
                 self._forward_backward()
             if self.check_finite:
                 self._check_finite()
-        self.steps += 1
-        return _caller_copy(self.loss)
+            self.steps += 1
+            return _caller_copy(self.loss)
 
     def _forward_backward(self) -> None:
         if self.steps == 0:  # the first step checks each node's dtype as it goes
@@ -487,7 +484,7 @@ class Graph:
             for p in self.parameters:
                 self._check_dtype(p, "gradient", p.gradients.get(p))
             return
-        _run_calls(self._calls)
+        _run_step(self._compute, self._backward)
 
     def _ensure_plan(self) -> None:
         """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
@@ -498,13 +495,7 @@ class Graph:
                  owner=self, reuse_buffers=self.reuse_buffers)
             self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters,
                                            fresh=False)
-            self._plan_calls()
         self._seen = _BINDS
-
-    def _plan_calls(self) -> None:
-        """A step's calls, bound once: every forward, then the planned backwards."""
-        self._calls = ([n.forward for n in self._compute] +
-                       [n.backward for n in self._backward])
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node
@@ -554,7 +545,7 @@ class Graph:
         self._ensure_plan()
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
-        with self.device.scope():
+        with self.device.scope(), _forward_only():
             run_forward(compute)
             return _caller_copy(output)
 

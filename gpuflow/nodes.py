@@ -17,23 +17,32 @@ from .errors import GraphError
 
 _ids = itertools.count(1)
 
-# Every buffer a node keeps (Node.buffers), by id: (the node, its key). An Input fed one of
-# them copies it, since the owner overwrites it at the next step.
+# Every buffer a node keeps (Node.buffers), by its device's memory key (see
+# Device.memory_keys): (the node, its key). An Input fed one of them, or an array sharing its
+# memory, copies it, since the owner overwrites it at the next step.
 _WORK: dict[int, tuple[Any, tuple]] = {}
 _work_limit = 1024  # prune entries of dead nodes when the table grows past this
 
 
-def is_work_buffer(array: Any, base: str = "base") -> bool:
-    """Whether `array`, or the array it views (attribute `base`), is a buffer that some live
-    node writes into step after step. (An id can be stale: a dead node's array, its memory
-    reused; the owner's own table decides.)"""
-    for candidate in (array, getattr(array, base, None)):
-        entry = _WORK.get(id(candidate)) if candidate is not None else None
+def is_work_buffer(array: Any, device: Any) -> bool:
+    """Whether `array` shares memory with a buffer that some live node on `device` writes
+    into step after step. (A key can be stale, a dead node's array whose memory was reused:
+    the owner's own table decides.)"""
+    for key in device.memory_keys(array):
+        entry = _WORK.get(key)
         if entry is not None:
             node = entry[0]()
-            if node is not None and node.buffers.get(entry[1]) is candidate:
+            buf = node.buffers.get(entry[1]) if node is not None else None
+            if buf is not None and node.device.memory_keys(buf)[0] == key:
                 return True
     return False
+
+
+def own_copy(array: Any, device: Any) -> Any:
+    """`array`, or a copy of it on `device` if it shares memory with a node's buffer."""
+    if _WORK and is_work_buffer(array, device):
+        return device.xp.asarray(array, copy=True, device=device.native)
+    return array
 
 
 class Buffers(dict):
@@ -41,11 +50,16 @@ class Buffers(dict):
 
     The first lookup of a (name, shape, dtype) allocates an uninitialised array on the node's
     device; later ones return the same array (one C-level dict lookup). A name keeps its
-    last few shapes (a training batch, a smaller last batch, an evaluation batch), so that
-    alternating between them allocates nothing either.
+    last few shapes (a training batch, a smaller last batch), so that alternating between
+    them allocates nothing either. No buffer (None: the op makes a new array) for 0-d results,
+    which stay immutable NumPy scalars on the CPU as MiniFlow's Python numbers were, for
+    integer or boolean dtypes, whose results an op may promote, and for shapes first met
+    while `Buffers.keeping` is False (`Graph.run`, `forward_pass`: an evaluation batch of
+    another size is not kept for good).
     """
 
     shapes_kept = 3
+    keeping = True  # False while running forward only
 
     def __init__(self, node: "Node", device: Any) -> None:
         super().__init__()
@@ -55,11 +69,17 @@ class Buffers(dict):
     def __missing__(self, key: tuple) -> Any:
         global _work_limit
         name, shape, dtype = key
+        device = self._device
+        if not shape or not device.is_floating(dtype):
+            return None
+        array = device.new_buffer(tuple(shape), dtype)
+        if not Buffers.keeping:
+            return array  # used once, not kept
         same = [k for k in self if k[0] == name]
         for old in same[:max(0, len(same) - self.shapes_kept + 1)]:
-            _WORK.pop(id(self.pop(old)), None)
-        array = self[key] = self._device.new_buffer(tuple(shape), dtype)
-        _WORK[id(array)] = (self._node, key)
+            _WORK.pop(device.memory_keys(self.pop(old))[0], None)
+        self[key] = array
+        _WORK[device.memory_keys(array)[0]] = (self._node, key)
         if len(_WORK) > _work_limit:
             for k, (ref, _) in list(_WORK.items()):
                 if ref() is None:
@@ -90,6 +110,7 @@ class Node:
     # ones). Always use what the op returns. What a node writes there is overwritten at its
     # next step, as PyTorch's `.grad` is: callers copy what they keep.
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
+    _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
 
@@ -147,11 +168,13 @@ class Node:
                 total = self.ops.add(total, g, out=out)
                 own = True
         if total is None:  # a dead end (MiniFlow gives such nodes zero gradient)
-            value = self.value
-            total = self.buffers["zeros", value.shape, value.dtype]
-            if total is None:
-                return self.xp.zeros_like(value)
-            total[...] = 0
+            value, total = self.value, self._zeros
+            if total is None or total.shape != value.shape or total.dtype != value.dtype:
+                total = self.xp.zeros_like(value)
+                if self.buffers is not NO_BUFFERS:  # kept, as buffers are
+                    self._zeros = total
+            else:
+                total[...] = 0  # whoever read it last may have written into it
         return total
 
 
@@ -184,11 +207,9 @@ class Input(Node):
                 self._check_labels(value)  # NumPy reads host memory, CPU tensors included
             value = device.place(value, self._float_dtype, self._keep_integers,
                                  what=f"{self.label}.value")
-        elif ((id(value) in _WORK or id(getattr(value, device.base_attribute, None)) in _WORK)
-              and is_work_buffer(value, device.base_attribute)):
-            # Another node's buffer (an RNN's state, one graph's output fed to the next): its
-            # owner overwrites it at the next step, so this Input keeps a copy.
-            value = device.xp.asarray(value, copy=True)
+        # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
+        # .detach() of one): its owner overwrites it at the next step, so keep a copy.
+        value = own_copy(value, device)
         if value.ndim and value.shape[0] == 0:
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
@@ -329,8 +350,9 @@ class ReLU(Node):
         G = self.upstream_gradient()
         # G where the output is positive, else 0, as (output > 0) * G: eight times faster than
         # where(output > 0, G, 0.0) on NumPy, three times on torch.
-        grad = self.ops.greater(self.value, 0.0, G.dtype,
-                                out=self.buffers["grad", G.shape, G.dtype])
+        value = self.value
+        grad = self.ops.greater(value, 0.0, G.dtype,
+                                out=self.buffers["grad", value.shape, G.dtype])
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 

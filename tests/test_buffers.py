@@ -295,3 +295,204 @@ def test_without_reuse_a_step_allocates_its_arrays():
 
     peak, _ = _peak_of_one_step(step)
     assert peak > 256 * 512 * 4
+
+
+# -- corner cases a review found -----------------------------------------------------------------
+class _Flatten(gf.Node):
+    """A MiniFlow-style reshape: its value views its input's array."""
+
+    def __init__(self, x):
+        gf.Node.__init__(self, [x])
+
+    def forward(self):
+        self.value = self.xp.reshape(self.inbound_nodes[0].value, (-1,))
+
+    def backward(self):
+        x = self.inbound_nodes[0]
+        self.gradients[x] = self.xp.reshape(self.upstream_gradient(), x.value.shape)
+
+
+def test_run_copies_an_output_that_views_a_buffer(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    W, b = gf.Parameter((3, 1), name="W", rng=0), gf.Parameter((1,), "zeros", name="b")
+    pred = _Flatten(gf.Tanh(gf.Linear(X, W, b)))
+    graph = gf.Graph(gf.MSE(y, pred), device=device, dtype="float64", inputs=[X, y],
+                     outputs=[pred])
+    first = graph.run(pred, np.ones((4, 3)))
+    kept = host(device, first).copy()
+    graph.run(pred, -np.ones((4, 3)))
+    np.testing.assert_array_equal(host(device, first), kept)
+
+
+def _shares_memory_ways(device):
+    if device.backend == "torch":
+        ways = [("detach()", lambda a: a.detach()), ("data", lambda a: a.data)]
+        if device.is_host:
+            ways.append(("numpy()", lambda a: a.numpy()))
+        return ways
+    if device.name == "cpu":
+        return [("as_strided", lambda a: np.lib.stride_tricks.as_strided(a)),
+                ("reshape", lambda a: a.reshape(a.shape))]
+    return [("T.T", lambda a: a.T.T)]
+
+
+def test_an_input_fed_memory_shared_with_a_buffer_copies_it(device):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    h = gf.Tanh(gf.Linear(X, W, b), name="h")
+    graph = gf.topological_sort({X: np.ones((2, 3)), W: 0.5 * np.ones((3, 3)),
+                                 b: np.zeros(3)}, device=device)
+    h_in = gf.Input(name="h_in")
+    gf.topological_sort({h_in: np.zeros((2, 3))}, device=device)
+    gf.forward_and_backward(graph)
+    for how, share in _shares_memory_ways(device):
+        h_in.value = share(h.value)
+        kept = host(device, h_in.value).copy()
+        X.value = np.full((2, 3), -3.0)
+        gf.forward_and_backward(graph)
+        np.testing.assert_array_equal(host(device, h_in.value), kept, err_msg=how)
+        X.value = np.ones((2, 3))
+        gf.forward_and_backward(graph)
+
+
+class _Neuron(gf.Node):
+    """The lesson's scalar neuron: `self.value = bias.value; self.value += x * w`."""
+
+    def __init__(self, x, w, bias):
+        gf.Node.__init__(self, [x, w, bias])
+
+    def forward(self):
+        x, w, bias = self.inbound_nodes
+        self.value = bias.value
+        self.value += x.value * w.value
+
+    def backward(self):
+        G = self.upstream_gradient()
+        x, w, bias = self.inbound_nodes
+        self.gradients[x], self.gradients[w], self.gradients[bias] = G * w.value, G * x.value, G
+
+
+def test_scalar_values_stay_immutable_numpy_scalars():
+    x, w, b, y = gf.Input(), gf.Input(), gf.Input(), gf.Input()
+    s = gf.Sigmoid(b)
+    gf.MSE(y, _Neuron(x, w, s))
+    graph = gf.topological_sort({x: 2.0, w: 3.0, b: 0.0, y: 10.0})
+    gf.forward_and_backward(graph)
+    assert isinstance(s.value, np.floating) and float(s.value) == 0.5
+    assert float(b.gradients[b]) == -1.75  # 2 (6.5 - 10) * s (1 - s)
+
+
+class _Scale(gf.Node):
+    """y = a * x for a scalar a, whose gradient is a Python float."""
+
+    def __init__(self, x, a):
+        gf.Node.__init__(self, [x, a])
+
+    def forward(self):
+        x, a = self.inbound_nodes
+        self.value = a.value * x.value
+
+    def backward(self):
+        G = self.upstream_gradient()
+        x, a = self.inbound_nodes
+        self.gradients[x] = a.value * G
+        self.gradients[a] = float(self.xp.sum(G * x.value))
+
+
+@pytest.mark.parametrize("update", ["sgd_update", "SGD", "Adam"])
+def test_a_python_number_gradient_still_trains(update):
+    X, a, y = gf.Input(), gf.Input(), gf.Input()
+    gf.MSE(y, _Scale(X, a))
+    graph = gf.topological_sort({X: np.ones((4, 1)), a: 0.5, y: np.full((4, 1), 2.0)})
+    gf.forward_and_backward(graph)
+    {"sgd_update": lambda: gf.sgd_update([a], 0.1), "SGD": lambda: SGD([a], 0.1).step(),
+     "Adam": lambda: Adam([a], 0.1).step()}[update]()
+    assert float(a.value) > 0.5  # d cost / d a = -3: a grows
+
+
+def test_hooks_set_on_a_node_after_the_graph_is_built_run(device):
+    X, y, logits, loss, params = _net()
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+    node = next(n for n in graph.nodes if isinstance(n, gf.ReLU))
+    calls = []
+    original = node.forward
+    node.forward = lambda: (calls.append(1), original())
+    for _ in range(3):
+        graph.step(*_batch(6))
+    assert len(calls) == 3
+
+
+class _SumLoss(gf.Node):
+    """sum(x), whose gradient it sends back as a 0-d array (it broadcasts)."""
+
+    is_loss = True
+
+    def __init__(self, x):
+        gf.Node.__init__(self, [x])
+
+    def forward(self):
+        self.value = self.xp.sum(self.inbound_nodes[0].value)
+
+    def backward(self):
+        g = self.xp.asarray(self.upstream_gradient(), dtype=self.value.dtype,
+                            device=self.device.native)
+        self.gradients[self.inbound_nodes[0]] = g
+
+
+def test_relu_takes_a_broadcast_upstream_gradient(device):
+    X = gf.Input()
+    W, b = gf.Parameter((3, 2), name="W", rng=0), gf.Parameter((2,), "zeros", name="b")
+    graph = gf.Graph(_SumLoss(gf.ReLU(gf.Linear(X, W, b))), device=device, dtype="float64",
+                     inputs=[X])
+    xb = np.arange(12.0).reshape(4, 3) - 5
+    graph.step(xb)
+    z = xb @ host(device, W.value)
+    np.testing.assert_allclose(host(device, W.gradients[W]), xb.T @ (z > 0), rtol=1e-12)
+
+
+class _Floor(gf.Node):
+    """Integer output (floor as int64), no gradient."""
+
+    def __init__(self, x):
+        gf.Node.__init__(self, [x])
+
+    def forward(self):
+        xp = self.xp
+        self.value = xp.astype(xp.floor(self.inbound_nodes[0].value), xp.int64)
+
+    def backward(self):
+        self.gradients[self.inbound_nodes[0]] = self.xp.zeros_like(self.inbound_nodes[0].value)
+
+
+@pytest.mark.parametrize("activation", [gf.ReLU, gf.Sigmoid, gf.Tanh])
+def test_activations_of_integer_values_act_as_without_buffers(device, activation):
+    """Integer values promote (NumPy, torch) or are refused (array_api_strict) as the
+    namespace decides, whether or not the graph keeps buffers."""
+    outcomes = []
+    for reuse in (False, True):
+        X = gf.Input()
+        out = activation(_Floor(X))
+        graph = gf.topological_sort({X: np.array([[-1.5, 2.5]])}, device=device,
+                                    reuse_buffers=reuse)
+        try:
+            got = gf.forward_pass(out, graph)
+            outcomes.append((str(got.dtype), host(device, got).tolist()))
+        except TypeError as exc:
+            outcomes.append(type(exc).__name__)
+    assert outcomes[0] == outcomes[1]
+    if device.name == "cpu":
+        assert outcomes[0][0] == "float64"
+
+
+def test_an_evaluation_batch_of_another_size_is_not_kept():
+    X, y, logits, loss, params = _net((8, 64, 4))
+    graph = gf.Graph(loss, device="cpu", dtype="float64", inputs=[X, y], outputs=[logits])
+
+    def kept_bytes():
+        return sum(a.nbytes for n in graph.nodes for a in n.buffers.values())
+
+    graph.step(*_batch(6, (8, 64, 4)))
+    before = kept_bytes()
+    big = graph.run(logits, _batch(5000, (8, 64, 4))[0])
+    assert big.shape == (5000, 4)
+    graph.step(*_batch(6, (8, 64, 4)))
+    assert kept_bytes() == before

@@ -193,7 +193,14 @@ class Device:
         """An uninitialised array on this device, for a node to write into step after step."""
         return self.xp.empty(shape, dtype=dtype, device=self.native)
 
-    base_attribute = "base"  # a view's attribute naming the array whose memory it views
+    def memory_keys(self, value: Any) -> tuple:
+        """Keys of the memory `value` may share with a node's buffer: the ids of the array,
+        of the array it views (`base`) and of that one's base (NumPy's stride tricks view
+        through a helper object). A buffer's own key is `memory_keys(buffer)[0]`."""
+        base = getattr(value, "base", None)
+        if base is None:
+            return (id(value),)
+        return (id(value), id(base), id(getattr(base, "base", None)))
 
     def __repr__(self) -> str:
         return f"gpuflow.Device({self.name!r})"

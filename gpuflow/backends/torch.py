@@ -68,7 +68,10 @@ class TorchDevice(Device):
     def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return self._torch.empty(shape, dtype=dtype, device=self.native)
 
-    base_attribute = "_base"
+    def memory_keys(self, value: Any) -> tuple:
+        # The storage's address: shared by views, .detach(), .data and torch.as_tensor of
+        # the tensor's .numpy(), none of which is an object gpuflow made.
+        return (value.untyped_storage().data_ptr(),)
 
     def owns(self, value: Any) -> bool:
         return isinstance(value, self._torch.Tensor) and value.device == self.native
