@@ -28,6 +28,9 @@ class SortedGraph(list):
         self.dtype = dtype
         self.reuse_buffers = reuse_buffers
         self.backward_order: list[Node] = self[::-1]
+        # Input.forward only checks that a value was fed: done in one loop, without calls.
+        self._fed = [n for n in self if type(n).forward is Input.forward]
+        self._compute = [n for n in self if type(n).forward is not Input.forward]
         self._seen = -1
 
     def _ensure_plan(self) -> None:
@@ -288,11 +291,14 @@ def forward_and_backward(graph: Sequence[Node]) -> None:
     """Forward over the sorted nodes, then backward in reverse order."""
     if isinstance(graph, SortedGraph):
         graph._ensure_plan()
-        backward_order = graph.backward_order
-    else:
-        backward_order = graph[::-1]
+        for node in graph._fed:
+            if node._value is None:
+                node.forward()  # raises, naming the node and what it feeds
+        with _scope(graph):
+            _run_step(graph._compute, graph.backward_order)
+        return
     with _scope(graph):
-        _run_step(graph, backward_order)
+        _run_step(graph, graph[::-1])
 
 
 def run_forward(nodes: Iterable[Node]) -> None:

@@ -26,22 +26,28 @@ _work_limit = 1024  # prune entries of dead nodes when the table grows past this
 
 def is_work_buffer(array: Any, device: Any) -> bool:
     """Whether `array` shares memory with a buffer that some live node on `device` writes
-    into step after step. (A key can be stale, a dead node's array whose memory was reused:
-    the owner's own table decides.)"""
+    into step after step."""
     for key in device.memory_keys(array):
-        entry = _WORK.get(key)
-        if entry is not None:
-            node = entry[0]()
-            buf = node.buffers.get(entry[1]) if node is not None else None
-            if buf is not None and node.device.memory_keys(buf)[0] == key:
-                return True
+        if key in _WORK and _live(key):
+            return True
     return False
+
+
+def _live(key: int) -> bool:
+    """Whether `key` is still a live node's buffer (it can be stale: a dead node's array,
+    whose memory was reused since; the owner's own table decides)."""
+    ref, name = _WORK[key]
+    node = ref()
+    buf = node.buffers.get(name) if node is not None else None
+    return buf is not None and node.device.memory_keys(buf)[0] == key
 
 
 def own_copy(array: Any, device: Any) -> Any:
     """`array`, or a copy of it on `device` if it shares memory with a node's buffer."""
-    if _WORK and is_work_buffer(array, device):
-        return device.xp.asarray(array, copy=True, device=device.native)
+    if _WORK:
+        for key in device.memory_keys(array):
+            if key in _WORK and _live(key):
+                return device.xp.asarray(array, copy=True, device=device.native)
     return array
 
 
