@@ -183,6 +183,7 @@ class Device:
                          "int64", "uint8", "uint16", "uint32", "uint64")
                         if hasattr(xp, n)}
         self._seen_dtypes: dict[Any, Any] = {}
+        self._floating: dict[Any, bool] = {}
         self.ops = self._make_ops()  # operations that can write into a node's buffers
 
     # -- buffers a node keeps across steps (see Ops and Node.buffers) -------------------------
@@ -231,8 +232,15 @@ class Device:
         return found
 
     def is_floating(self, dtype: Any) -> bool:
-        """Whether `dtype` is a real floating dtype."""
-        return self.xp.isdtype(dtype, "real floating")
+        """Whether `dtype` is a real floating dtype (remembered per dtype: array-api-compat's
+        isdtype costs microseconds, and every fed batch of labels asks)."""
+        try:
+            return self._floating[dtype]
+        except KeyError:
+            floating = self._floating[dtype] = self.xp.isdtype(dtype, "real floating")
+            return floating
+        except TypeError:  # an unhashable dtype: just not remembered
+            return self.xp.isdtype(dtype, "real floating")
 
     # -- transfers -----------------------------------------------------------------------------
     def put(self, value: Any, dtype: Any = None, *, what: str = "array") -> Any:
