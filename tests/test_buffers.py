@@ -238,10 +238,10 @@ SIZES = (256, 512, 512, 10)   # every value and gradient is >= 256 x 10 floats; 
 NUMPY_SCRATCH = 128 * 1024     # NumPy's own per-call iterator buffers (8192 items), freed inside
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "adamw"])
-def test_a_graph_step_allocates_no_array_after_warmup(optimizer):
+def _graph_step(optimizer="sgd", reuse=True):
+    """One training step (Graph + optimizer) of a float32 MLP of SIZES at batch 256."""
     X, y, logits, loss, params = _net(SIZES, activation="relu")
-    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y])
+    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y], reuse_buffers=reuse)
     opt = gf.optim.make_optimizer(optimizer, graph, 1e-3)
     xb, yb = _batch(256, SIZES)
     xb = xb.astype(np.float32)
@@ -250,7 +250,12 @@ def test_a_graph_step_allocates_no_array_after_warmup(optimizer):
         graph.step(xb, yb)
         opt.step()
 
-    peak, net = _peak_of_one_step(step)
+    return step
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "nesterov", "adam", "adamw"])
+def test_a_graph_step_allocates_no_array_after_warmup(optimizer):
+    peak, net = _peak_of_one_step(_graph_step(optimizer))
     assert peak < NUMPY_SCRATCH, f"a step allocated {peak} bytes at its peak"
     assert net < 1024, f"a step kept {net} bytes"
 
@@ -283,17 +288,7 @@ def test_the_miniflow_loop_allocates_no_array_after_warmup():
 
 def test_without_reuse_a_step_allocates_its_arrays():
     """The allocation test can fail: making new arrays each step shows up at once."""
-    X, y, logits, loss, params = _net(SIZES)
-    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y], reuse_buffers=False)
-    opt = SGD(graph, 1e-3)
-    xb, yb = _batch(256, SIZES)
-    xb = xb.astype(np.float32)
-
-    def step():
-        graph.step(xb, yb)
-        opt.step()
-
-    peak, _ = _peak_of_one_step(step)
+    peak, _ = _peak_of_one_step(_graph_step(reuse=False))
     assert peak > 256 * 512 * 4
 
 
