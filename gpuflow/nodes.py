@@ -24,15 +24,6 @@ _WORK: dict[int, tuple[Any, tuple]] = {}
 _work_limit = 1024  # prune entries of dead nodes when the table grows past this
 
 
-def is_work_buffer(array: Any, device: Any) -> bool:
-    """Whether `array` shares memory with a buffer that some live node on `device` writes
-    into step after step."""
-    for key in device.memory_keys(array):
-        if key in _WORK and _live(key):
-            return True
-    return False
-
-
 def _live(key: int) -> bool:
     """Whether `key` is still a live node's buffer (it can be stale: a dead node's array,
     whose memory was reused since; the owner's own table decides)."""
@@ -43,7 +34,8 @@ def _live(key: int) -> bool:
 
 
 def own_copy(array: Any, device: Any) -> Any:
-    """`array`, or a copy of it on `device` if it shares memory with a node's buffer."""
+    """`array`, or a copy of it on `device` if it shares memory with a buffer that some live
+    node writes into step after step."""
     if _WORK:
         for key in device.memory_keys(array):
             if key in _WORK and _live(key):
