@@ -164,6 +164,36 @@ class Ops:
         return self.xp.max(x, axis=axis, keepdims=keepdims)
 
 
+class UfuncOps(Ops):
+    """`Ops` for a NumPy-like library `lib` whose ufuncs and reductions take `out=` (NumPy,
+    CuPy): its own functions, bound once."""
+
+    writes_out = True
+
+    def __init__(self, xp: Any, lib: Any) -> None:
+        super().__init__(xp)
+        self._lib = lib
+        self.matmul, self.add, self.subtract = lib.matmul, lib.add, lib.subtract
+        self.multiply, self.divide, self.maximum = lib.multiply, lib.divide, lib.maximum
+        self.tanh, self.exp, self.log, self.sqrt = lib.tanh, lib.exp, lib.log, lib.sqrt
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._lib.greater(x1, x2).astype(dtype)
+        return self._lib.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._lib.equal(x1, x2).astype(dtype)
+        return self._lib.equal(x1, x2, out=out)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._lib.sum(x, axis=axis, keepdims=keepdims, out=out)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
+
+
 class Device:
     """One device of one array library: its namespace `xp`, its canonical `name`, and transfers.
 

@@ -5,40 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, Ops, missing_library
+from . import Device, Ops, UfuncOps, missing_library
 
 EXAMPLE_SPECS = ("cuda:0",)
 import_problem = missing_library("cupy")
-
-
-class CupyOps(Ops):
-    """CuPy's ufuncs and reductions, which take `out=` as NumPy's do (see `Ops`)."""
-
-    writes_out = True
-
-    def __init__(self, xp: Any) -> None:
-        import cupy
-        super().__init__(xp)
-        self._cupy = cupy
-        self.matmul, self.add, self.subtract = cupy.matmul, cupy.add, cupy.subtract
-        self.multiply, self.divide, self.maximum = cupy.multiply, cupy.divide, cupy.maximum
-        self.tanh, self.exp, self.log, self.sqrt = cupy.tanh, cupy.exp, cupy.log, cupy.sqrt
-
-    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return self._cupy.greater(x1, x2).astype(dtype)
-        return self._cupy.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
-
-    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return self._cupy.equal(x1, x2).astype(dtype)
-        return self._cupy.equal(x1, x2, out=out)
-
-    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self._cupy.sum(x, axis=axis, keepdims=keepdims, out=out)
-
-    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self._cupy.amax(x, axis=axis, keepdims=keepdims, out=out)
 
 
 class CupyDevice(Device):
@@ -50,12 +20,12 @@ class CupyDevice(Device):
 
     def __init__(self, name: str, xp: Any, index: int) -> None:
         import cupy
+        self._cupy = cupy  # before Device.__init__, which makes the ops
         super().__init__(name, xp, cupy.cuda.Device(index))
         self.index = index
-        self._cupy = cupy
 
     def _make_ops(self) -> Ops:
-        return CupyOps(self.xp)
+        return UfuncOps(self.xp, self._cupy)  # CuPy's ufuncs take out= as NumPy's do
 
     def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
         with self.native:

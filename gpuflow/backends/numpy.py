@@ -11,7 +11,7 @@ import array_api_compat.numpy as compat_numpy
 import numpy
 
 from ..errors import DeviceError, GraphError
-from . import Device, Ops, missing_library
+from . import Device, Ops, UfuncOps, missing_library
 
 EXAMPLE_SPECS = ("cpu",)
 import_problem = missing_library("numpy")
@@ -44,33 +44,17 @@ def _fast_namespace() -> types.ModuleType:
 xp = _fast_namespace()
 
 
-class NumpyOps(Ops):
-    """NumPy's own functions, which all take `out=` (see `Ops`)."""
-
-    writes_out = True
+class NumpyOps(UfuncOps):
+    """NumPy's own functions (see `Ops`); sums and maxima straight to the ufuncs' reduce,
+    without np.sum's Python wrapper."""
 
     def __init__(self, xp: Any) -> None:
-        super().__init__(xp)
-        self.matmul, self.add, self.subtract = numpy.matmul, numpy.add, numpy.subtract
-        self.multiply, self.divide, self.maximum = numpy.multiply, numpy.divide, numpy.maximum
-        self.tanh, self.exp, self.log, self.sqrt = numpy.tanh, numpy.exp, numpy.log, numpy.sqrt
+        super().__init__(xp, numpy)
         add_reduce, max_reduce = numpy.add.reduce, numpy.maximum.reduce
         self.sum = lambda x, axis=None, keepdims=False, out=None: add_reduce(
             x, axis=axis, keepdims=keepdims, out=out)
         self.max = lambda x, axis=None, keepdims=False, out=None: max_reduce(
             x, axis=axis, keepdims=keepdims, out=out)
-
-    @staticmethod
-    def greater(x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return numpy.greater(x1, x2).astype(dtype)
-        return numpy.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
-
-    @staticmethod
-    def equal(x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return numpy.equal(x1, x2).astype(dtype)
-        return numpy.equal(x1, x2, out=out)
 
 
 class NumpyDevice(Device):
