@@ -1,0 +1,159 @@
+"""Issue 13's API items (silent wrong results, validation gaps, lesson fidelity, conventions):
+one regression test or more per item, named after what it checks."""
+
+from __future__ import annotations
+
+import decimal
+import warnings
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from conftest import Project, host
+
+
+def expect(exc_type, fn, *parts):
+    """Call fn; it must raise exc_type with every one of `parts` (and 'help:') in the message."""
+    with pytest.raises(exc_type) as info:
+        fn()
+    msg = str(info.value)
+    for part in (*parts, "help:"):
+        assert part in msg, f"{part!r} missing from: {msg}"
+    return msg
+
+
+# -- item 4: Sigmoid accurate to a few ulp over the whole range -----------------------------------
+def _sigmoid_reference(x: np.ndarray, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """sigmoid(x) and its derivative sigmoid(x) sigmoid(-x), to 40 digits (Python's decimal,
+    from the exact binary value of each x), rounded to `dtype`."""
+    values, grads = [], []
+    with decimal.localcontext() as ctx:
+        ctx.prec = 40
+        for v in x.tolist():
+            e = decimal.Decimal(-abs(v)).exp()   # exp(-|x|), never large
+            s_neg = e / (1 + e)                  # sigmoid(-|x|)
+            s_pos = 1 / (1 + e)                  # sigmoid(|x|)
+            values.append(float(s_pos if v >= 0 else s_neg))
+            grads.append(float(s_pos * s_neg))
+    return np.asarray(values).astype(dtype), np.asarray(grads).astype(dtype)
+
+
+def _ulps(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """|got - want| in units of the last place of `want` (its dtype's spacing there)."""
+    want = want.astype(got.dtype)
+    return np.abs(got.astype(np.float64) - want.astype(np.float64)) / np.spacing(np.abs(want))
+
+
+@pytest.mark.parametrize("dtype, limit", [("float64", 745.0), ("float32", 100.0)])
+def test_sigmoid_and_its_gradient_are_accurate_to_a_few_ulp(device, dtype, limit):
+    x = np.concatenate([np.linspace(-limit, limit, 1201),
+                        [-38.0, -30.0, -18.0, -15.0, -9.0, -1e-8, 1e-8, 9.0, 36.0]])
+    x = x.astype(dtype)
+    Z, R = gf.Input(name="Z"), gf.Input(name="R")
+    node = gf.Sigmoid(Z, name="s")
+    loss = Project(node, R)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise", under="ignore"):
+            graph = gf.topological_sort({Z: x[None, :], R: np.ones((1, x.size))},
+                                        device=device, dtype=dtype)
+            gf.forward_and_backward(graph)
+    s, grad = host(device, node.value)[0], host(device, Z.gradients[Z])[0]
+    want_s, want_grad = _sigmoid_reference(x, dtype)
+    # measured: values <= 2 ulp, gradients <= 4 (the tanh form: 100% off from x = -38 on)
+    for what, got, want, ulps in (("value", s, want_s, 4), ("gradient", grad, want_grad, 6)):
+        err = _ulps(got, want)
+        worst = int(np.argmax(err))
+        assert err[worst] <= ulps, (f"sigmoid {what} at x={x[worst]!r}: {got[worst]!r}, "
+                                 f"want {want[worst]!r} ({err[worst]:.1f} ulp)")
+
+
+def test_sigmoid_of_infinities_is_0_and_1(device):
+    Z = gf.Input(name="Z")
+    node = gf.Sigmoid(Z)
+    graph = gf.topological_sort({Z: np.array([[-np.inf, np.inf]])}, device=device)
+    with np.errstate(all="raise", under="ignore"):
+        assert host(device, gf.forward_pass(node, graph)).tolist() == [[0.0, 1.0]]
+
+
+def test_a_sigmoid_graph_step_allocates_no_array_after_warmup():
+    from test_buffers import NUMPY_SCRATCH, SIZES, _batch, _net, _peak_of_one_step
+    X, y, _, loss, _ = _net(SIZES, activation="sigmoid")
+    graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y])
+    opt = gf.optim.SGD(graph, 1e-3)
+    xb, yb = _batch(256, SIZES)
+    xb = xb.astype(np.float32)
+
+    def step():
+        graph.step(xb, yb)
+        opt.step()
+
+    peak, net = _peak_of_one_step(step)
+    assert peak < NUMPY_SCRATCH, f"a step allocated {peak} bytes at its peak"
+    assert net < 1024, f"a step kept {net} bytes"
+
+
+# -- item 11: the lesson's Linear quiz on vectors (MiniFlow's np.dot) -----------------------------
+def test_lesson_linear_quiz_on_vectors_prints_12_7(device):
+    inputs, weights, bias = gf.Input(), gf.Input(), gf.Input()
+    f = gf.Linear(inputs, weights, bias)
+    feed_dict = {inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4], bias: 2}
+    graph = gf.topological_sort(feed_dict, device=device)
+    output = gf.forward_pass(f, graph)
+    assert host(device, output).shape == ()
+    assert float(host(device, output)) == pytest.approx(12.7, rel=1e-12)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, b_shape", [
+    ((3,), (3,), ()), ((3,), (3,), (1,)), ((3,), (3, 2), (2,)), ((4, 3), (3,), ()),
+    ((4, 3), (3,), (1,)), ((3,), (3, 2), (1, 2))])
+def test_linear_on_vectors_matches_np_dot_and_keeps_gradient_shapes(device, x_shape, w_shape,
+                                                                    b_shape):
+    rng = np.random.default_rng(5)
+    x, w, b = (rng.normal(size=s) for s in (x_shape, w_shape, b_shape))
+    X, W, B, R = gf.Input(), gf.Input(), gf.Input(), gf.Input()
+    f = gf.Linear(X, W, B)
+    expected = np.dot(x, w) + b   # MiniFlow's Linear
+    r = rng.normal(size=np.shape(expected))
+    loss = Project(f, R)
+    graph = gf.topological_sort({X: x, W: w, B: b, R: r}, device=device)
+    gf.forward_and_backward(graph)
+    np.testing.assert_allclose(host(device, f.value), expected, rtol=1e-12)
+    assert host(device, f.value).shape == np.shape(expected)
+    x2, w2 = x.reshape(-1, x_shape[-1]), w.reshape(w_shape[0], -1)
+    r2 = r.reshape(x2.shape[0], w2.shape[1])
+    for node, want in ((X, r2 @ w2.T), (W, x2.T @ r2), (B, r2.sum(axis=0))):
+        got = host(device, node.gradients[node])
+        assert got.shape == {X: x_shape, W: w_shape, B: b_shape}[node], node
+        np.testing.assert_allclose(got, want.reshape(got.shape), rtol=1e-12)
+    assert float(host(device, loss.value)) == pytest.approx(float(np.sum(expected * r)))
+
+
+def test_linear_vectors_of_different_lengths_are_refused(device):
+    X, W, B = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    f = gf.Linear(X, W, B, name="hidden")
+    graph = gf.topological_sort({X: np.ones(5), W: np.ones(3), B: 0.0}, device=device)
+    expect(gf.GraphError, lambda: gf.forward_pass(f, graph), "Linear 'hidden'",
+           "X has shape (5,)", "W has shape (3,)", "Input 'X'")
+
+
+# -- item 12: MSE keeps MiniFlow's column `diff` ---------------------------------------------------
+@pytest.mark.parametrize("shape", [(3,), (3, 1), (1, 3), (3, 2)])
+def test_mse_diff_is_a_column_and_gradients_keep_the_inputs_shapes(device, shape):
+    rng = np.random.default_rng(2)
+    y0, a0 = rng.normal(size=shape), rng.normal(size=shape)
+    y, a = gf.Input(), gf.Input()
+    cost = gf.MSE(y, a)
+    graph = gf.topological_sort({y: y0, a: a0}, device=device)
+    gf.forward_and_backward(graph)
+    m = y0.size
+    assert cost.m == m
+    assert tuple(cost.diff.shape) == (m, 1)
+    np.testing.assert_allclose(host(device, cost.diff), (y0 - a0).reshape(-1, 1), rtol=1e-12)
+    np.testing.assert_allclose(float(host(device, cost.value)), np.mean((y0 - a0) ** 2),
+                               rtol=1e-12)
+    for node, want in ((y, 2 / m * (y0 - a0)), (a, -2 / m * (y0 - a0))):
+        got = host(device, node.gradients[node])
+        assert got.shape == shape
+        np.testing.assert_allclose(got, want, rtol=1e-12)
