@@ -58,7 +58,7 @@ def test_linear_wrong_width_on_a_later_batch(device):
     graph, _ = small_graph(device)
     graph.step(np.ones((2, 3)), np.array([0, 1]))
     expect(gf.GraphError, lambda: graph.step(np.ones((2, 5)), np.array([0, 1])),
-           "Linear 'layer1'", "(2, 5)", "(3, 4)", "X.shape[1] == W.shape[0]",
+           "Linear 'layer1'", "(2, 5)", "(3, 4)", "X.shape[-1] == W.shape[0]",
            "Parameter 'layer1.W'")
 
 

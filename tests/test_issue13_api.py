@@ -11,6 +11,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import Project, host
+from gpuflow.optim import SGD, Adam, AdamW, make_optimizer
 
 
 def expect(exc_type, fn, *parts):
@@ -81,7 +82,7 @@ def test_a_sigmoid_graph_step_allocates_no_array_after_warmup():
     from test_buffers import NUMPY_SCRATCH, SIZES, _batch, _net, _peak_of_one_step
     X, y, _, loss, _ = _net(SIZES, activation="sigmoid")
     graph = gf.Graph(loss, device="cpu", dtype="float32", inputs=[X, y])
-    opt = gf.optim.SGD(graph, 1e-3)
+    opt = SGD(graph, 1e-3)
     xb, yb = _batch(256, SIZES)
     xb = xb.astype(np.float32)
 
@@ -157,3 +158,139 @@ def test_mse_diff_is_a_column_and_gradients_keep_the_inputs_shapes(device, shape
         got = host(device, node.gradients[node])
         assert got.shape == shape
         np.testing.assert_allclose(got, want, rtol=1e-12)
+
+
+# -- item 3: float16 never NaNs quietly; check_finite checks the optimizer's update ---------------
+def _classifier_graph(device, dtype, **options):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [4, 8, 3], seed=0)
+    loss = gf.SoftmaxCrossEntropy(y, logits, name="loss")
+    graph = gf.Graph(loss, device=device, dtype=dtype, inputs=[X, y], **options)
+    rng = np.random.default_rng(0)
+    return graph, params, rng.normal(size=(16, 4)), rng.integers(0, 3, 16)
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_in_float16_stays_finite_and_tracks_float32(device, name):
+    losses = {}
+    for dtype in ("float16", "float32"):
+        try:
+            graph, params, xb, yb = _classifier_graph(device, dtype, check_finite=True)
+        except gf.GraphError as exc:  # a device without float16
+            pytest.skip(str(exc).splitlines()[0])
+        opt = make_optimizer(name, graph, 1e-2)
+        losses[dtype] = []
+        for _ in range(20):
+            losses[dtype].append(graph.item(graph.step(xb, yb)))
+            opt.step()
+        for p in params.values():
+            assert np.isfinite(host(device, p.value).astype(np.float64)).all(), p.label
+            assert p.value.dtype == graph.dtype, "the update changed the parameter's dtype"
+        if dtype == "float16":  # the moments are float32, also after a state round trip
+            opt.load_state_dict(opt.state_dict())
+            assert all(str(b.dtype).endswith("float32") for st in opt.state.values()
+                       for b in st.values())
+    assert all(np.isfinite(losses["float16"]))
+    assert losses["float16"][-1] < losses["float16"][0] - 0.1, losses["float16"]
+    np.testing.assert_allclose(losses["float16"], losses["float32"], atol=0.05)
+
+
+def test_check_finite_names_the_optimizer_and_parameter_whose_update_overflowed(device):
+    graph, params, xb, yb = _classifier_graph(device, "float32", check_finite=True)
+    opt = SGD(graph, lr=1e10)
+    graph.step(xb, yb)
+    W = params["layer1.W"]
+    W.gradients[W] = device.put(np.full(W.shape, 1e30), graph.dtype)  # lr * 1e30 overflows
+    with np.errstate(over="ignore", invalid="ignore"):
+        msg = expect(gf.GraphError, opt.step, "SGD's update of Parameter 'layer1.W'",
+                     "at optimizer step 1", "NaN or Inf")
+    assert "Linear" not in msg
+
+
+def test_check_finite_off_leaves_the_optimizer_unchecked():
+    graph, params, xb, yb = _classifier_graph("cpu", "float32")
+    opt = SGD(graph, lr=1e10)
+    graph.step(xb, yb)
+    W = params["layer1.W"]
+    W.gradients[W] = np.full(W.shape, 1e30, dtype=np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        opt.step()
+    assert not np.isfinite(params["layer1.W"].value).all()
+
+
+# -- item 5: every optimizer hyperparameter validated as lr is ------------------------------------
+def _one_parameter():
+    W = gf.Parameter((2, 2), name="W")
+    gf.Graph(Project(W, gf.Input(name="R")), dtype="float64")
+    return W
+
+
+@pytest.mark.parametrize("cls, options, named", [
+    (SGD, dict(momentum=float("nan")), "momentum"),
+    (SGD, dict(momentum=float("inf")), "momentum"),
+    (SGD, dict(momentum=-0.5), "momentum"),
+    (SGD, dict(momentum="0.9"), "momentum"),
+    (SGD, dict(momentum=None), "momentum"),
+    (SGD, dict(weight_decay=float("nan")), "weight_decay"),
+    (SGD, dict(weight_decay=float("-inf")), "weight_decay"),
+    (SGD, dict(momentum=0.9, nesterov="yes"), "nesterov"),
+    (Adam, dict(eps=float("nan")), "eps"),
+    (Adam, dict(eps=0.0), "eps"),
+    (Adam, dict(eps=float("inf")), "eps"),
+    (Adam, dict(weight_decay=float("nan")), "weight_decay"),
+    (Adam, dict(betas=(0.9,)), "betas"),
+    (Adam, dict(betas=0.9), "betas"),
+    (Adam, dict(betas=None), "betas"),
+    (Adam, dict(betas="ab"), "betas"),
+    (Adam, dict(betas=(0.9, 0.999, 0.5)), "betas"),
+    (Adam, dict(betas=(float("nan"), 0.999)), "betas[0]"),
+    (Adam, dict(betas=(0.9, 1.0)), "betas[1]"),
+    (Adam, dict(betas=(0.9, "0.999")), "betas[1]"),
+    (AdamW, dict(eps=-1e-8), "eps"),
+    (AdamW, dict(weight_decay=float("inf")), "weight_decay"),
+    (AdamW, dict(betas=(-0.1, 0.999)), "betas[0]"),
+])
+def test_optimizer_hyperparameters_are_validated_naming_argument_and_optimizer(cls, options,
+                                                                              named):
+    W = _one_parameter()
+    before = W.value.copy()
+    msg = expect(ValueError, lambda: cls([W], 0.1, **options), f"{cls.__name__}: {named}")
+    assert "Error" not in msg.splitlines()[0]
+    np.testing.assert_array_equal(W.value, before)
+
+
+def test_valid_hyperparameters_are_kept_as_floats():
+    W = _one_parameter()
+    opt = Adam([W], 0.1, betas=[np.float32(0.5), 0.75], eps=np.float64(1e-6), weight_decay=0)
+    assert opt.betas == (0.5, 0.75) and opt.eps == 1e-6 and opt.weight_decay == 0.0
+    sgd = SGD([W], 0.1, momentum=np.float64(0.9), nesterov=np.True_)
+    assert sgd.momentum == 0.9 and sgd.nesterov
+
+
+# -- item 6: the dict gf.mlp returns, and a non-scalar loss ---------------------------------------
+def test_optimizers_take_the_parameter_dict_mlp_returns(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [3, 4, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, inputs=[X, y])
+    for cls in (SGD, Adam, AdamW):
+        assert cls(params, 0.1).params == list(params.values())
+    opt = Adam(params, 0.1)
+    before = host(device, params["layer1.W"].value).copy()
+    graph.step(np.ones((2, 3)), np.array([0, 1]))
+    opt.step()
+    assert not np.allclose(host(device, params["layer1.W"].value), before)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (["W"], "an item 'W' (str)"),
+    ([np.ones(2)], "(ndarray)"),
+    (3, "got int"),
+])
+def test_optimizers_refuse_what_is_not_parameters(bad, why):
+    expect(gf.GraphError, lambda: Adam(bad, 0.1), "Adam: parameters must be gpuflow nodes",
+           why, "dict gf.mlp(...) returns")
+
+
+def test_an_optimizer_given_one_parameter_asks_for_a_list():
+    W = _one_parameter()
+    expect(gf.GraphError, lambda: SGD(W, 0.1), "SGD: got one node, Parameter 'W'", "[W]")
