@@ -12,6 +12,7 @@ from .errors import (CheckpointError, DataError, DeviceError, DistributedError, 
                      GraphError, TransferError)
 from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
                     topological_sort)
+from .host import to_numpy
 from .layers import Parameter, dense, mlp
 from .nodes import MSE, Input, Linear, Node, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
 
@@ -21,7 +22,7 @@ __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
-    "Graph", "Parameter", "dense", "mlp",
+    "Graph", "Parameter", "dense", "mlp", "to_numpy",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

@@ -294,3 +294,80 @@ def test_optimizers_refuse_what_is_not_parameters(bad, why):
 def test_an_optimizer_given_one_parameter_asks_for_a_list():
     W = _one_parameter()
     expect(gf.GraphError, lambda: SGD(W, 0.1), "SGD: got one node, Parameter 'W'", "[W]")
+
+
+# -- item 17: a Parameter from weights one already has ---------------------------------------------
+def test_parameter_from_an_array_starts_from_a_copy_of_it(device):
+    W0 = np.arange(6.0).reshape(2, 3)
+    for W in (gf.Parameter(W0, name="W"), gf.Parameter.from_array(W0, name="W")):
+        W0_before = W0.copy()
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        b = gf.Parameter(np.zeros(3), name="b")
+        loss = gf.MSE(y, gf.Linear(X, W, b))
+        graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+        assert W.shape == (2, 3) and b.shape == (3,)
+        np.testing.assert_array_equal(host(device, W.value), W0)
+        graph.step(np.ones((4, 2)), np.zeros((4, 3)))
+        SGD(graph, 0.1).step()
+        np.testing.assert_array_equal(W0, W0_before)  # the caller's array never moves
+        assert not np.allclose(host(device, W.value), W0)
+
+
+def test_parameter_from_an_array_is_copied_when_made():
+    W0 = np.ones((2, 2))
+    W = gf.Parameter(W0, name="W")
+    W0[:] = 5.0
+    np.testing.assert_array_equal(gf.to_numpy(W.value), np.ones((2, 2)))
+    assert gf.Parameter([[1.0, 2.0]], name="rows").shape == (1, 2)
+
+
+def test_parameter_from_a_device_array():
+    torch = pytest.importorskip("torch")
+    W = gf.Parameter(torch.ones(2, 3, requires_grad=True), name="W")
+    assert W.shape == (2, 3)
+    np.testing.assert_array_equal(gf.to_numpy(W.value), np.ones((2, 3)))
+
+
+@pytest.mark.parametrize("shape", [(3, "a"), 3.5, None, (0, 2), (2.0, 3), "ab", (True, 2), ()])
+def test_a_wrong_parameter_shape_is_a_graph_error(shape):
+    expect(gf.GraphError, lambda: gf.Parameter(shape, name="W"), "Parameter 'W': shape",
+           "must be a tuple of positive ints")
+
+
+def test_an_initial_array_and_an_init_together_are_refused():
+    expect(gf.GraphError, lambda: gf.Parameter(np.ones((2, 2)), "he", name="W"),
+           "Parameter 'W': got an initial array and init='he'")
+
+
+def test_parameter_shape_as_one_int_or_numpy_ints():
+    assert gf.Parameter(3, name="b").shape == (3,)
+    assert gf.Parameter((np.int64(2), np.int32(3)), name="W").shape == (2, 3)
+
+
+# -- item 15: gf.to_numpy on every device -----------------------------------------------------------
+def test_to_numpy_brings_back_any_devices_values(device):
+    X, W, b = gf.Input(), gf.Input(), gf.Input()
+    f = gf.Linear(X, W, b)
+    graph = gf.topological_sort({X: np.ones((2, 3)), W: np.ones((3, 2)), b: np.zeros(2)},
+                                device=device)
+    out = gf.forward_pass(f, graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for value, want in ((out, np.full((2, 2), 3.0)), (f.value, np.full((2, 2), 3.0)),
+                            (graph.device.xp.sum(out), np.array(12.0))):
+            got = gf.to_numpy(value)
+            assert type(got) is np.ndarray, type(got)
+            np.testing.assert_array_equal(got, want)
+    assert gf.to_numpy(2.5).tolist() == 2.5 and gf.to_numpy([1, 2]).tolist() == [1, 2]
+    assert type(gf.to_numpy(np.float32(1.5))) is np.ndarray
+
+
+def test_to_numpy_returns_a_copy_the_next_step_leaves_alone(device):
+    graph, params, xb, yb = _classifier_graph(device, "float64")
+    W = params["layer1.W"]
+    graph.step(xb, yb)
+    kept = gf.to_numpy(W.gradients[W])
+    graph.step(xb * 2, yb)
+    assert not np.allclose(kept, gf.to_numpy(W.gradients[W]))
+    np.testing.assert_array_equal(kept, gf.to_numpy(kept))
+    assert gf.to_numpy(kept) is not kept
