@@ -54,7 +54,26 @@ class Parameter(Input):
     identical).
     """
 
-    trainable = True
+    _trainable = True
+    trainable_changes = 0  # counts every change of any Parameter's `trainable` (for optimizers)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether optimizers update this parameter and its graph computes its gradient. Set it
+        to False to freeze the parameter, also after the graph is built: the graph plans its
+        backward pass again before its next step, and optimizers skip it."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if value not in (True, False):
+            raise GraphError(f"{self.label}.trainable must be True or False, got {value!r}.\n"
+                             "help: p.trainable = False freezes p; True trains it again.")
+        if bool(value) != self._trainable:
+            self._trainable = bool(value)
+            Parameter.trainable_changes += 1
+            if self._plan is not None:
+                self._plan.stale = True  # plan again: compute this gradient or not
 
     def __init__(self, shape: "Sequence[int] | int | Any",
                  init: "str | Callable[..., Any] | None" = None, *,

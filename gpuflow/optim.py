@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 from .backends import LEDGER
 from .errors import CheckpointError, GraphError
 from .graph import Graph
+from .layers import Parameter
 from .nodes import Node
 
 
@@ -134,13 +135,19 @@ class Optimizer:
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
+        self._changes = -1  # Parameter.trainable_changes when `active` was last listed
+        self.active: list[Node] = self.params  # the parameters not frozen (trainable False)
 
     def step(self) -> None:
-        """One update of every parameter from its current gradient."""
+        """One update of every parameter from its current gradient (frozen ones, whose
+        `trainable` is False, are skipped)."""
         if self.lr is not self._checked_lr:  # someone set a new rate: check it once
             self.lr = self._checked_lr = check_learning_rate(
                 self.lr, f"{type(self).__name__}: lr")
-        for p in self.params:  # all checked first: a refusal updates nothing
+        if self._changes != Parameter.trainable_changes:  # one int compare per step
+            self._changes = Parameter.trainable_changes
+            self.active = [p for p in self.params if getattr(p, "trainable", True)]
+        for p in self.active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
@@ -167,7 +174,7 @@ class Optimizer:
                          "(float16 overflows above 65504).")
 
     def _update_all(self) -> None:
-        for p in self.params:
+        for p in self.active:
             value = p.value
             self._param, self.ops = p, p.ops
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
@@ -242,7 +249,7 @@ class SGD(Optimizer):
         if self.momentum or self.weight_decay or type(self).update is not SGD.update:
             super()._update_all()
         else:  # plain SGD, the most common step: one multiply and one subtract per parameter
-            sgd_steps(self.params, self.lr)
+            sgd_steps(self.active, self.lr)
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         ops, scratch = self.ops, self.scratch

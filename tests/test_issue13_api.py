@@ -371,3 +371,162 @@ def test_to_numpy_returns_a_copy_the_next_step_leaves_alone(device):
     assert not np.allclose(kept, gf.to_numpy(W.gradients[W]))
     np.testing.assert_array_equal(kept, gf.to_numpy(kept))
     assert gf.to_numpy(kept) is not kept
+
+
+# -- item 1: feed keys must be this graph's Inputs; none may be left out ---------------------------
+def _regression_graph(device="cpu"):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    out, params = gf.mlp(X, [3, 4, 1], seed=0)
+    loss = gf.MSE(y, out, name="loss")
+    return gf.Graph(loss, device=device, dtype="float64", inputs=[X, y]), X, y, out, params
+
+
+def test_a_step_fed_a_node_that_is_not_an_input_is_refused(device):
+    graph, X, y, out, params = _regression_graph(device)
+    rng = np.random.default_rng(0)
+    graph.step({X: rng.normal(size=(4, 3)), y: np.zeros((4, 1))})
+    layer1 = out.inbound_nodes[0].inbound_nodes[0]  # the first Linear
+    before = host(device, X.value).copy()
+    expect(gf.GraphError, lambda: graph.step({layer1: rng.normal(size=(4, 3)),
+                                              y: np.zeros((4, 1))}),
+           "Linear 'layer1' is fed but is a Linear, not an Input", "Input 'X', Input 'y'")
+    np.testing.assert_array_equal(host(device, X.value), before)
+
+
+def test_a_step_fed_an_input_of_another_graph_is_refused():
+    graph, X, y, out, params = _regression_graph()
+    stranger = gf.Input(name="stranger")
+    expect(gf.GraphError, lambda: graph.step({stranger: np.ones((4, 3)), X: np.ones((4, 3)),
+                                              y: np.zeros((4, 1))}),
+           "Input 'stranger' is fed but is not in this graph")
+    expect(gf.GraphError, lambda: graph.step({"X": np.ones((4, 3)), y: np.zeros((4, 1))}),
+           "'X' is fed but is a str, not an Input")
+
+
+def test_an_input_left_out_of_a_steps_dict_is_an_error_not_its_last_batch():
+    graph, X, y, out, params = _regression_graph()
+    graph.step({X: np.ones((4, 3)), y: np.zeros((4, 1))})
+    expect(gf.GraphError, lambda: graph.step({y: np.ones((4, 1))}),
+           "Input 'X' left out of the step's dict", "add Input 'X' to the dict")
+    np.testing.assert_array_equal(y.value, np.zeros((4, 1)))  # nothing was fed
+    # run needs only what its output depends on
+    assert graph.run(out, {X: np.ones((2, 3))}).shape == (2, 1)
+
+
+def test_a_graph_of_a_non_scalar_loss_is_refused_at_its_first_step(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [3, 4, 2], seed=0)
+    graph = gf.Graph(logits, device=device, inputs=[X])
+    W = params["layer1.W"]
+    before = host(device, W.value).copy()
+    expect(gf.GraphError, lambda: graph.step(np.ones((5, 3))),
+           "the loss, Linear 'layer2', has shape (5, 2), not one number",
+           "SoftmaxCrossEntropy(y, logits)")
+    np.testing.assert_array_equal(host(device, W.value), before)
+    assert W.gradients.get(W) is None
+
+
+# -- item 8: a refused topological_sort changes no node ---------------------------------------------
+@pytest.mark.parametrize("bad", ["none", "strings", "foreign"])
+def test_a_refused_sort_leaves_the_nodes_free_for_another_device(bad):
+    X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
+    f = gf.Linear(X, W, b, name="f")
+    good = {X: np.ones((2, 3)), W: np.ones((3, 2)), b: np.zeros(2)}
+    wrong = dict(good)
+    if bad == "none":
+        wrong[W] = None
+    elif bad == "strings":
+        wrong[W] = np.array([["a", "b"]] * 3)
+    else:
+        torch = pytest.importorskip("torch")
+        wrong[W] = torch.ones(3, 2)
+    with pytest.raises((gf.GraphError, gf.DeviceError)):
+        gf.topological_sort(wrong, device="cpu")
+    for node in (X, W, b, f):
+        assert node.device is None and node.value is None, node
+    graph = gf.topological_sort(good, device="array_api_strict:device1")
+    assert host(graph.device, gf.forward_pass(f, graph)).tolist() == [[3.0, 3.0]] * 2
+
+
+# -- item 2: trainable = False after the Graph is built -------------------------------------------
+@pytest.mark.parametrize("name", ["sgd", "momentum", "adam", "adamw"])
+def test_freezing_a_parameter_after_the_graph_is_built_stops_its_training(device, name):
+    graph, X, y, out, params = _regression_graph(device)
+    opt = make_optimizer(name, graph, 0.1)
+    rng = np.random.default_rng(1)
+    xb, yb = rng.normal(size=(8, 3)), rng.normal(size=(8, 1))
+    graph.step(xb, yb)
+    opt.step()
+    W1, W2 = params["layer1.W"], params["layer2.W"]
+    W1.trainable = False
+    frozen, moving = host(device, W1.value).copy(), host(device, W2.value).copy()
+    for _ in range(3):
+        graph.step(xb, yb)
+        opt.step()
+    np.testing.assert_array_equal(host(device, W1.value), frozen)
+    assert not np.allclose(host(device, W2.value), moving)
+    # the graph no longer computes its gradient, nor anything only it needed
+    layer1 = out.inbound_nodes[0].inbound_nodes[0]
+    assert not layer1.needs_grad[1] and not layer1.needs_grad[0]
+    assert W1 in graph.parameters  # still saved in checkpoints
+    W1.trainable = True             # and trained again when thawed
+    graph.step(xb, yb)
+    opt.step()
+    assert not np.allclose(host(device, W1.value), frozen)
+
+
+def test_a_parameter_frozen_before_the_graph_is_built_is_not_data():
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    out, params = gf.mlp(X, [3, 4, 1], seed=0)
+    params["layer1.W"].trainable = False
+    graph = gf.Graph(gf.MSE(y, out), dtype="float64")
+    assert graph.inputs == [X, y]
+    assert params["layer1.W"] in graph.parameters
+    graph.step(np.ones((2, 3)), np.zeros((2, 1)))
+    assert params["layer1.W"].gradients.get(params["layer1.W"]) is None
+
+
+def test_trainable_takes_booleans_only():
+    W = gf.Parameter((2, 2), name="W")
+    expect(gf.GraphError, lambda: setattr(W, "trainable", "no"),
+           "Parameter 'W'.trainable must be True or False")
+    assert W.trainable is True
+
+
+# -- item 16: print(graph) -------------------------------------------------------------------------
+def test_print_graph_summarises_device_dtype_nodes_shapes_and_parameters(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [3, 5, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits, name="loss"), device=device,
+                     inputs=[X, y], outputs=[logits])
+    text = repr(graph)
+    assert text == str(graph)
+    first = text.splitlines()[0]
+    assert first == f"Graph on {device.name}, float32: 10 nodes, 4 parameters (32 values)", first
+    assert any(line.split()[1:] == ["Parameter", "'layer1.W'", "(3,", "5)", "15"]
+               for line in text.splitlines()), text
+    assert "Linear 'layer1'" in text and "?" in text  # no step yet: shapes unknown
+    graph.step(np.ones((7, 3)), np.array([0, 1] * 3 + [0]))
+    params["layer2.W"].trainable = False
+    text = str(graph)
+    for part in ("Linear 'layer1'", "(7, 5)", "Linear 'layer2'", "(7, 2)",
+                 "SoftmaxCrossEntropy 'loss'", "(the loss)", "10 (frozen)"):
+        assert part in text, (part, text)
+    lines = text.splitlines()
+    row = {name: next(i for i, line in enumerate(lines) if name in line)
+           for name in ("Input 'X'", "Linear 'layer1'", "Linear 'layer2'", "'loss'")}
+    assert row["Input 'X'"] < row["Linear 'layer1'"] < row["Linear 'layer2'"] < row["'loss'"]
+    assert "object at 0x" not in text
+
+
+def test_print_sorted_graph_summarises_the_miniflow_list(device):
+    inputs, weights, bias = gf.Input(name="x"), gf.Input(name="w"), gf.Input(name="b")
+    f = gf.Linear(inputs, weights, bias, name="f")
+    graph = gf.topological_sort({inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4], bias: 2},
+                                device=device)
+    gf.forward_pass(f, graph)
+    text = str(graph)
+    assert text.splitlines()[0].startswith(f"SortedGraph (topological_sort) on {device.name}, "
+                                           "float64: 4 nodes"), text
+    assert "Input 'x'" in text and "(3,)" in text and "Linear 'f'" in text
+    assert isinstance(graph, list) and graph[-1] is f  # still MiniFlow's list
