@@ -10,10 +10,10 @@
 from .backends import Device, LEDGER, available_devices, get_device
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
-from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
-                    topological_sort)
+from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .layers import Parameter, dense, mlp
 from .nodes import MSE, Input, Linear, Node, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
+from .optim import sgd_update
 
 __version__ = "0.1.0"
 
