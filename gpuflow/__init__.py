@@ -8,6 +8,7 @@
 """
 
 from .backends import Device, LEDGER, available_devices, get_device
+from .check import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
@@ -21,7 +22,7 @@ __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
-    "Graph", "Parameter", "dense", "mlp",
+    "Graph", "Parameter", "dense", "mlp", "gradient_check",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

@@ -65,7 +65,11 @@ _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
 
 class Optimizer:
-    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place."""
+    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place.
+
+    `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
+    gpuflow.optim does, once per epoch) and it is checked once, at that step.
+    """
 
     def __init__(self, params: "Graph | Iterable[Node]", lr: float) -> None:
         self.params = list(params.parameters if isinstance(params, Graph) else params)
@@ -253,3 +257,7 @@ def make_optimizer(name: str, params: "Graph | Iterable[Node]", lr: float,
         options.setdefault("momentum", 0.9)
         options["nesterov"] = True
     return OPTIMIZERS[key](params, lr, **options)
+
+
+from .schedules import (CosineAnnealingLR, ExponentialLR, LinearLR, LRSchedule,  # noqa: E402
+                        StepLR, clip_grad_norm, clip_grad_value)
