@@ -12,8 +12,11 @@ from .errors import (CheckpointError, DataError, DeviceError, DistributedError, 
                      GraphError, TransferError)
 from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
                     topological_sort)
-from .layers import Parameter, dense, mlp
-from .nodes import MSE, Input, Linear, Node, ReLU, Sigmoid, SoftmaxCrossEntropy, Tanh
+from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
+from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
+                    Tanh)
+from .norm import BatchNorm, Dropout, LayerNorm
 
 __version__ = "0.1.0"
 
@@ -22,6 +25,8 @@ __all__ = [
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
     "Graph", "Parameter", "dense", "mlp",
+    "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
+    "Softmax", "Add", "conv2d", "batchnorm", "layernorm",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

@@ -262,9 +262,28 @@ def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
     return holder._seen != _BINDS and any(n._owner is not holder for n in nodes)
 
 
-def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
-    """Run forward over `sorted_nodes`; return `output_node.value` (a copy if the node
-    reuses that array: the next pass overwrites it)."""
+_MODE_SETS = 0  # times any graph set its nodes' training mode
+
+
+def set_mode(nodes: Sequence[Node], training: bool, holder: Any = None) -> None:
+    """`node.training = training` on every node, skipped when `holder` (the graph) set that
+    mode last and no graph set one since (a step, not a loop over nodes, in the common case)."""
+    global _MODE_SETS
+    if holder is not None and getattr(holder, "_mode", None) == (training, _MODE_SETS):
+        return
+    for node in nodes:
+        node.training = training
+    _MODE_SETS += 1
+    if holder is not None:
+        holder._mode = (training, _MODE_SETS)
+
+
+def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
+                 training: bool = False) -> Any:
+    """Run forward over `sorted_nodes`, in evaluation mode unless `training`; return
+    `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
+    set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
+             else None)
     with _scope(sorted_nodes), _forward_only():
         run_forward(sorted_nodes)
     return _caller_copy(output_node)
@@ -287,16 +306,19 @@ def _caller_copy(node: Node) -> Any:
     return own_copy(value, node.device) if node.device is not None else value
 
 
-def forward_and_backward(graph: Sequence[Node]) -> None:
-    """Forward over the sorted nodes, then backward in reverse order."""
+def forward_and_backward(graph: Sequence[Node], *, training: bool = True) -> None:
+    """Forward over the sorted nodes, then backward in reverse order, in training mode unless
+    `training=False`."""
     if isinstance(graph, SortedGraph):
         graph._ensure_plan()
+        set_mode(graph, training, graph)
         for node in graph._fed:
             if node._value is None:
                 node.forward()  # raises, naming the node and what it feeds
         with _scope(graph):
             _run_step(graph._compute, graph.backward_order)
         return
+    set_mode(graph, training)
     with _scope(graph):
         _run_step(graph, graph[::-1])
 
@@ -462,13 +484,15 @@ class Graph:
             named[key] = p
         return named
 
-    def step(self, *batches: Any) -> Any:
-        """Feed the batches, run forward and backward; return the loss (a device scalar).
+    def step(self, *batches: Any, training: bool = True) -> Any:
+        """Feed the batches, run forward and backward in training mode (unless
+        `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
         {Input: array}. Gradients land in `parameter.gradients[parameter]`.
         """
         self._ensure_plan()
+        set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
         with self.device.scope():
             if self.strict and self.steps > 0:
@@ -533,8 +557,9 @@ class Graph:
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 
-    def run(self, output: Node | None = None, *batches: Any) -> Any:
-        """Forward only (no gradient work) up to `output` (default: the loss); its value.
+    def run(self, output: Node | None = None, *batches: Any, training: bool = False) -> Any:
+        """Forward only (no gradient work) up to `output` (default: the loss), in evaluation
+        mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
         or one dict {Input: array}.
@@ -549,6 +574,7 @@ class Graph:
                 [n for n in self._compute if n in needed],
                 [n for n in self.inputs if n in needed])
         self._ensure_plan()
+        set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
         with self.device.scope(), _forward_only():
