@@ -277,25 +277,47 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
     return [node for node in reversed(order) if node in wants]
 
 
-def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
-    """Run forward over `sorted_nodes`; return `output_node.value` (a copy if the node
-    reuses that array: the next pass overwrites it)."""
+_MODE_SETS = 0  # times any graph set its nodes' training mode
+
+
+def set_mode(nodes: Sequence[Node], training: bool, holder: Any = None) -> None:
+    """`node.training = training` on every node, skipped when `holder` (the graph) set that
+    mode last and no graph set one since (a step, not a loop over nodes, in the common case)."""
+    global _MODE_SETS
+    if holder is not None and getattr(holder, "_mode", None) == (training, _MODE_SETS):
+        return
+    for node in nodes:
+        node.training = training
+    _MODE_SETS += 1
+    if holder is not None:
+        holder._mode = (training, _MODE_SETS)
+
+
+def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
+                 training: bool = False) -> Any:
+    """Run forward over `sorted_nodes`, in evaluation mode unless `training`; return
+    `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
+    set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
+             else None)
     with _scope(sorted_nodes), forward_only():
         run_forward(sorted_nodes)
     return copy_if_kept(output_node.value, output_node.device)
 
 
-def forward_and_backward(graph: Sequence[Node]) -> None:
-    """Forward over the sorted nodes, then backward in reverse order."""
+def forward_and_backward(graph: Sequence[Node], *, training: bool = True) -> None:
+    """Forward over the sorted nodes, then backward in reverse order, in training mode unless
+    `training=False`."""
     if isinstance(graph, SortedGraph):
         plan = graph.plan
         plan.ensure()
+        set_mode(graph, training, graph)
         for node in plan.fed:
             if node._value is None:
                 node.forward()  # raises, naming the node and what it feeds
         with _scope(graph):
             _run_step(plan.compute, plan.backward)
         return
+    set_mode(graph, training)
     with _scope(graph):
         _run_step(graph, graph[::-1])
 
@@ -409,13 +431,15 @@ class Graph:
             named[key] = p
         return named
 
-    def step(self, *batches: Any) -> Any:
-        """Feed the batches, run forward and backward; return the loss (a device scalar).
+    def step(self, *batches: Any, training: bool = True) -> Any:
+        """Feed the batches, run forward and backward in training mode (unless
+        `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
         {Input: array}. Gradients land in `parameter.gradients[parameter]`.
         """
         self.plan.ensure()
+        set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
         with self.device.scope():
             if self.strict and self.steps > 0:
@@ -470,8 +494,9 @@ class Graph:
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 
-    def run(self, output: Node | None = None, *batches: Any) -> Any:
-        """Forward only (no gradient work) up to `output` (default: the loss); its value.
+    def run(self, output: Node | None = None, *batches: Any, training: bool = False) -> Any:
+        """Forward only (no gradient work) up to `output` (default: the loss), in evaluation
+        mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
         or one dict {Input: array}.
@@ -486,6 +511,7 @@ class Graph:
                 [n for n in self.plan.compute if n in needed],
                 [n for n in self.inputs if n in needed])
         self.plan.ensure()
+        set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
         with self.device.scope(), forward_only():
