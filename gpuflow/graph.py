@@ -312,25 +312,47 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
     return [node for node in reversed(order) if node in wants]
 
 
-def forward_pass(output_node: Node, sorted_nodes: Sequence[Node]) -> Any:
-    """Run forward over `sorted_nodes`; return `output_node.value` (a copy if the node
-    reuses that array: the next pass overwrites it)."""
+_MODE_SETS = 0  # times any graph set its nodes' training mode
+
+
+def set_mode(nodes: Sequence[Node], training: bool, holder: Any = None) -> None:
+    """`node.training = training` on every node, skipped when `holder` (the graph) set that
+    mode last and no graph set one since (a step, not a loop over nodes, in the common case)."""
+    global _MODE_SETS
+    if holder is not None and getattr(holder, "_mode", None) == (training, _MODE_SETS):
+        return
+    for node in nodes:
+        node.training = training
+    _MODE_SETS += 1
+    if holder is not None:
+        holder._mode = (training, _MODE_SETS)
+
+
+def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
+                 training: bool = False) -> Any:
+    """Run forward over `sorted_nodes`, in evaluation mode unless `training`; return
+    `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
+    set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
+             else None)
     with _scope(sorted_nodes), forward_only():
         run_forward(sorted_nodes)
     return copy_if_kept(output_node.value, output_node.device)
 
 
-def forward_and_backward(graph: Sequence[Node]) -> None:
-    """Forward over the sorted nodes, then backward in reverse order."""
+def forward_and_backward(graph: Sequence[Node], *, training: bool = True) -> None:
+    """Forward over the sorted nodes, then backward in reverse order, in training mode unless
+    `training=False`."""
     if isinstance(graph, SortedGraph):
         plan = graph.plan
         plan.ensure()
+        set_mode(graph, training, graph)
         for node in plan.fed:
             if node._value is None:
                 node.forward()  # raises, naming the node and what it feeds
         with _scope(graph):
             _run_step(plan.compute, plan.backward)
         return
+    set_mode(graph, training)
     with _scope(graph):
         _run_step(graph, graph[::-1])
 
@@ -448,15 +470,17 @@ class Graph:
             named[key] = p
         return named
 
-    def step(self, *batches: Any) -> Any:
-        """Feed the batches, run forward and backward; return the loss (a device scalar).
+    def step(self, *batches: Any, training: bool = True) -> Any:
+        """Feed the batches, run forward and backward in training mode (unless
+        `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
-        {Input: array} with every one of them (a key that is not an Input of this graph, or
-        an Input left out, is a GraphError: no step silently reuses an earlier batch).
-        Gradients land in `parameter.gradients[parameter]`.
+        {Input: array}: a key that is not an Input of this graph is a GraphError; an Input
+        left out keeps its last value (as MiniFlow's `.value` does; a GraphError if it never
+        had one). Gradients land in `parameter.gradients[parameter]`.
         """
         self.plan.ensure()
+        set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
         with self.device.scope():
             if self.strict and self.steps > 0:
@@ -501,7 +525,7 @@ class Graph:
         if (dtype is not None and self.device.xp.isdtype(dtype, "real floating")
                 and dtype != self.dtype):
             raise GraphError(
-                f"{node.label}'s {what} has dtype {dtype_name(dtype)} in a "
+                f"the {what} of {node.label} has dtype {dtype_name(dtype)} in a "
                 f"{dtype_name(self.dtype)} graph: the node promotes it.\nhelp: make its "
                 "constants with dtype=x.dtype (and device=) from its inputs, or build the "
                 "graph with that dtype.")
@@ -518,16 +542,17 @@ class Graph:
         with LEDGER.allowed():
             host = self.device.to_host(flags, what="finite check")
         node, what, array = arrays[[bool(f) for f in host].index(False)]
-        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}'s "
-                         f"{what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}, in "
+                         f"its {what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 
-    def run(self, output: Node | None = None, *batches: Any) -> Any:
-        """Forward only (no gradient work) up to `output` (default: the loss); its value.
+    def run(self, output: Node | None = None, *batches: Any, training: bool = False) -> Any:
+        """Forward only (no gradient work) up to `output` (default: the loss), in evaluation
+        mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
-        or one dict {Input: array} with every one of them.
+        or one dict {Input: array} (Inputs left out keep their last value, as in `step`).
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
@@ -539,6 +564,7 @@ class Graph:
                 [n for n in self.plan.compute if n in needed],
                 [n for n in self.inputs if n in needed])
         self.plan.ensure()
+        set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
         with self.device.scope(), forward_only():
@@ -551,9 +577,10 @@ class Graph:
             return self.device.item(value, what="loss read")
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
-        """Set the Inputs' values: every one of `inputs` is fed at every step (positionally, or
-        as a dict key); a dict key that is not an Input of this graph, or a dict without
-        one of `inputs`, is a GraphError, and nothing is fed."""
+        """Set the Inputs' values, positionally (one per `inputs`) or from a dict. A dict key
+        that is not an Input of this graph is a GraphError, and nothing is fed. An Input left
+        out of a dict keeps its last value, as a MiniFlow Input keeps what `.value` set (a
+        GraphError if it never had one)."""
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
             for n in batches[0]:
@@ -565,13 +592,6 @@ class Graph:
                         f"\nhelp: feed this graph's data Inputs "
                         f"[{', '.join(i.label for i in inputs)}] (a dict key or, in that "
                         "order, positionally).")
-            left_out = [n.label for n in inputs if n not in batches[0]]
-            if left_out:  # it would silently reuse the previous batch
-                raise GraphError(
-                    f"{', '.join(left_out)} left out of the step's dict; every data Input is "
-                    "fed at every step (an Input left out is not given its last batch again)."
-                    f"\nhelp: add {left_out[0]} to the dict, or pass Graph(inputs=[...]) "
-                    "without the Inputs you set once through .value.")
         elif len(batches) == len(inputs):
             pairs = zip(inputs, batches)
         else:

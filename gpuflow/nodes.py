@@ -29,6 +29,7 @@ class Node:
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
     _plan: Any = None    # the graph.Plan that bound this node, if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
+    training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
 
     _ids = itertools.count(1)  # creation order, for labels and stable sorting
@@ -434,3 +435,63 @@ class SoftmaxCrossEntropy(Node):
             grad -= self.onehot
             grad *= g / self.n
             self.gradients[logits] = grad
+
+
+
+class Softmax(Node):
+    """Probabilities over the last dimension: exp(x - max) / sum(exp(x - max))."""
+
+    def __init__(self, x: Node, *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+
+    def forward(self) -> None:
+        xp, x = self.xp, self.inbound_nodes[0].value
+        e = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+        self.value = e / xp.sum(e, axis=-1, keepdims=True)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        xp, s = self.xp, self.value
+        self.gradients[self.inbound_nodes[0]] = s * (G - xp.sum(G * s, axis=-1, keepdims=True))
+
+
+class Add(Node):
+    """The sum of its inputs, each times its weight: `Add(l1, l2, weights=(1.0, 0.1))` is
+    l1 + 0.1 l2. Of losses it is a loss (`Graph(Add(l1, l2))` trains both); of other nodes of
+    one shape (a residual connection), their elementwise sum."""
+
+    def __init__(self, *nodes: Node, weights: Any = None, name: str | None = None):
+        Node.__init__(self, list(nodes), name=name)
+        if not nodes:
+            raise GraphError("Add needs at least one node.\nhelp: Add(loss1, loss2).")
+        weights = (1.0,) * len(nodes) if weights is None else tuple(weights)
+        if len(weights) != len(nodes) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
+            raise GraphError(f"{self.label}: weights {weights!r} must be {len(nodes)} numbers, "
+                             "one per node.\nhelp: e.g. Add(l1, l2, weights=(1.0, 0.1)).")
+        self.weights = tuple(float(w) for w in weights)
+        self.is_loss = all(n.is_loss for n in nodes)
+
+    def forward(self) -> None:
+        values = [n.value for n in self.inbound_nodes]
+        shapes = {tuple(getattr(v, "shape", ())) for v in values}
+        if len(shapes) > 1:
+            listing = ", ".join(f"{n.label} {tuple(getattr(n.value, 'shape', ()))}"
+                                for n in self.inbound_nodes)
+            raise GraphError(f"{self.label}: the inputs differ in shape ({listing}); Add sums "
+                             "arrays of one shape.\nhelp: reduce each loss to a scalar, or "
+                             "reshape the inputs alike.")
+        total = None
+        for w, v in zip(self.weights, values):
+            term = v if w == 1.0 else w * v
+            total = term if total is None else total + term
+        self.value = total
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        grads: dict[Node, Any] = {}
+        for n, w, need in zip(self.inbound_nodes, self.weights, self.needs_grad):
+            if need:
+                g = G if w == 1.0 else w * G
+                grads[n] = grads[n] + g if n in grads else g  # Add(l, l): both uses add up
+        self.gradients.update(grads)

@@ -122,7 +122,11 @@ def check_betas(betas: Any, owner: str) -> tuple[float, float]:
 
 
 class Optimizer:
-    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place."""
+    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place.
+
+    `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
+    gpuflow.optim does, once per epoch) and it is checked once, at that step.
+    """
 
     def __init__(self, params: "Graph | Iterable[Node] | Mapping[str, Node]", lr: float) -> None:
         self.params = _parameter_list(params, type(self).__name__)
@@ -373,3 +377,7 @@ def make_optimizer(name: str, params: "Graph | Iterable[Node]", lr: float,
         options.setdefault("momentum", 0.9)
         options["nesterov"] = True
     return OPTIMIZERS[key](params, lr, **options)
+
+
+from .schedules import (CosineAnnealingLR, ExponentialLR, LinearLR, LRSchedule,  # noqa: E402
+                        StepLR, clip_grad_norm, clip_grad_value)
