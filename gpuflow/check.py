@@ -264,7 +264,7 @@ def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, a
     result = GradientReport(label, device.name, dtype_name(check.dtype), rtol, atol, reports)
     if raise_on_failure and not result.ok:
         raise GradientCheckError(
-            f"{result}\nhelp: {label}'s backward() disagrees with its forward(): check the "
+            f"{result}\nhelp: the backward() of {label} disagrees with its forward(): check the "
             "gradient it stores for each input (summed over outbound nodes, the input's shape)"
             "; a kink (ReLU at 0, max ties) near an entry can also fool central differences.")
     return result
