@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from . import amp
 from .errors import CheckpointError, GraphError
 from .graph import Graph, check_learning_rate, sgd_steps
 from .nodes import Node
@@ -30,6 +31,7 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+        self.amp = amp.for_optimizer(params, self.params)  # a float16/bfloat16 Graph's masters
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
 
@@ -42,6 +44,9 @@ class Optimizer:
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
+        if self.amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self.amp.optimizer_step(self)
+            return
         self.t += 1
         self._update_all()
 
@@ -52,6 +57,10 @@ class Optimizer:
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
             if new is not value:  # an immutable scalar (a fed Python number) comes back new
                 p.value = new
+
+    def _state_dtype(self, p: Node) -> Any:
+        """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
+        return self.amp.master_dtype if self.amp is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """Update `value` in place from `grad` and return it (a new object only if `value` is
@@ -89,7 +98,8 @@ class Optimizer:
             if tuple(host.shape) != tuple(p.value.shape):
                 raise CheckpointError(f"optimizer state {key!r} has shape {tuple(host.shape)}, "
                                       f"but {p.label} has shape {tuple(p.value.shape)}.")
-            new[p][buf] = p.device.put(host, p.value.dtype, what=f"optimizer state {key}")
+            new[p][buf] = p.device.put(host, self._state_dtype(p),
+                                       what=f"optimizer state {key}")
         self.state = new
         self.t = int(state.get("t", 0))
 
