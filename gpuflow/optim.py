@@ -31,7 +31,8 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
-        self.amp = amp.for_optimizer(params, self.params)  # a float16/bfloat16 Graph's masters
+        # a float16/bfloat16 Graph's float32 masters and loss scale (private: not a hyper-parameter)
+        self._amp = amp.for_optimizer(params, self.params)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
 
@@ -44,8 +45,8 @@ class Optimizer:
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
-        if self.amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
-            self.amp.optimizer_step(self)
+        if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self._amp.optimizer_step(self)
             return
         self.t += 1
         self._update_all()
@@ -60,7 +61,7 @@ class Optimizer:
 
     def _state_dtype(self, p: Node) -> Any:
         """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
-        return self.amp.master_dtype if self.amp is not None else p.value.dtype
+        return self._amp.master_dtype if self._amp is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """Update `value` in place from `grad` and return it (a new object only if `value` is
