@@ -145,7 +145,7 @@ class MixedPrecision:
     # -- Graph.step --------------------------------------------------------------------------
     def before_step(self, graph: Any) -> None:
         """The backward pass starts from the scale instead of 1."""
-        graph.loss._seed = self.scaler.scale
+        graph.loss._grad_seed = self.scaler.scale
 
     def after_step(self, graph: Any) -> None:
         """Each parameter's gradient unscaled into float32 (device work, no read back)."""

@@ -44,40 +44,46 @@ def _host_copy(device: Device | None, value: Any) -> Any:
     return value
 
 
-def move(graph: Any, device: Device, dtype: Any) -> None:
-    """Bind every node of `graph` to `device` in `dtype` (weights and fed values carried over
-    exactly), and plan its backward pass again; the gradients start empty."""
-    from . import amp
-    from .graph import bind, plan_backward
-    from . import graph as graph_module
-    old = graph.device
+def node_states(graph: Any) -> dict[Node, dict[str, Any]]:
+    """Host copies of the state of every node that has `state_dict()` (BatchNorm's running
+    statistics)."""
     states = {}
     for node in graph.nodes:
         state_dict = getattr(node, "state_dict", None)
         if callable(state_dict) and node.device is not None:
             states[node] = {k: _host_copy(node.device, v) for k, v in state_dict().items()}
+    return states
+
+
+def move(graph: Any, device: Device, dtype: Any,
+         states: dict[Node, dict[str, Any]] | None = None) -> None:
+    """Bind every node of `graph` to `device` in `dtype` (weights and fed values carried over
+    exactly, node state too, or `states` given), and plan its backward pass again; the
+    gradients start empty, Dropout's masks from their seed."""
+    from . import amp
+    from .graph import Plan
+    old = graph.device
+    states = node_states(graph) if states is None else states
     for node in graph.nodes:
         _release(node, old)
     new_amp = amp.for_graph(device, dtype, graph._loss_scale)  # checked before binding
     graph.device = device
-    graph.dtype = device.dtype(dtype)
-    graph._dtype_spec = dtype
+    graph.plan = Plan(graph.nodes, device, dtype, loss=graph.loss, wanted=graph.parameters,
+                      reuse_buffers=graph.reuse_buffers).build()
+    graph.dtype = graph.plan.dtype
+    graph._run_orders = {}
     if graph.amp is not None and new_amp is not None:
         graph.amp.move_to(new_amp)  # the optimizer keeps the object it was given
     else:
         graph.amp = new_amp
-    bind(graph.nodes, device, dtype, {}, require_values=False, owner=graph,
-         reuse_buffers=graph.reuse_buffers)
-    graph._backward = plan_backward(graph.nodes, graph.loss, wanted=graph.parameters)
-    graph._seen = graph_module._BINDS
     graph.steps = 0
     for node, state in states.items():
         node.load_state_dict(state)
 
 
 # Per-device caches of the built-in nodes that are not arrays (SoftmaxCrossEntropy's record of
-# the label dtype it checked: a dtype of the old device's library); None means "not yet".
-_DEVICE_CACHES = ("_checked",)
+# the label dtype it checked, Dropout's device generator); None means "not yet".
+_DEVICE_CACHES = ("_checked", "_rng", "_rng_device")
 
 
 def _owned(device: Device | None, value: Any) -> bool:
@@ -101,7 +107,7 @@ def _release(node: Node, device: Device | None) -> None:
             setattr(node, key, None)
     node.gradients = {}
     node.buffers = NO_BUFFERS
-    for key in ("_zeros", "device", "xp", "ops"):  # back to the class's unbound defaults
+    for key in ("_zeros", "device", "xp", "ops", "_plan"):  # back to the class's defaults
         node.__dict__.pop(key, None)
 
 
@@ -155,12 +161,13 @@ def choose_fastest(graph: Any, batches: tuple, candidates: Sequence[str], *,
     the fastest, print and return the report. Parameters are not updated."""
     seconds: dict[str, float] = {}
     failed: dict[str, str] = {}
+    states = node_states(graph)  # timing steps train BatchNorm's statistics: put back after
     first_error: Exception | None = None
     host_batches = _host_batches(graph, batches)
     for spec in candidates:
         device = get_device(spec)
         try:
-            move(graph, device, graph._dtype_spec)
+            move(graph, device, graph.plan._dtype_spec)
             times = []
             for i in range(warmup + repeats):
                 start = time.perf_counter()
@@ -177,7 +184,7 @@ def choose_fastest(graph: Any, batches: tuple, candidates: Sequence[str], *,
         raise GraphError(f"device 'fastest': the graph ran on none of {list(candidates)}: "
                          f"{failed}.\nhelp: pass a device spec instead.") from first_error
     chosen = min(seconds, key=seconds.__getitem__)
-    move(graph, get_device(chosen), graph._dtype_spec)
+    move(graph, get_device(chosen), graph.plan._dtype_spec, states)
     shapes = tuple(tuple(np.shape(b)) for b in _batch_values(host_batches))
     report = FastestReport(seconds, chosen, failed, shapes)
     print(report, file=sys.stderr)
@@ -225,25 +232,26 @@ class Difference:
 
 
 def compare(graph: Any, other: "str | Device", batches: tuple, *, dtype: Any = "float64",
-            rtol: float = 1e-7, atol: float = 1e-9) -> Difference:
+            rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Difference:
     """Run one step of `graph` on its device and on `other` from the same weights, in `dtype`;
     the first node (forward order, then backward order) whose value or gradient differs."""
     other = get_device(other)
-    dtype = graph._dtype_spec if dtype is None else dtype
+    dtype = graph.plan._dtype_spec if dtype is None else dtype
     here = graph.device
-    saved = (here, graph._dtype_spec, graph.steps, graph.amp)
+    saved = (here, graph.plan._dtype_spec, graph.steps, graph.amp)
     masters = dict(graph.amp._written) if graph.amp is not None else None
+    states = node_states(graph)
     host_batches = _host_batches(graph, batches) if batches else _current_batch(graph)
     runs = []
     try:
         for device in (here, other):
             graph.amp = None  # the comparison runs in `dtype`, without loss scaling
-            move(graph, device, dtype)
-            graph.step(*host_batches)
+            move(graph, device, dtype, states)
+            graph.step(*host_batches, training=training)
             runs.append(_record(graph))
     finally:
         graph.amp = None
-        move(graph, here, saved[1])
+        move(graph, here, saved[1], states)
         graph.steps, graph.amp = saved[2], saved[3]
         if masters is not None:  # the float32 masters stay valid: point them at the values
             graph.amp._written = {p: p.value for p in masters}
@@ -264,9 +272,9 @@ def _record(graph: Any) -> list[tuple[str, str, Any]]:
     forward order, then gradients in backward order."""
     device = graph.device
     out = []
-    for node in graph._compute:
+    for node in graph.plan.compute:
         out.append((node.label, "value", _host_copy(device, node.value)))
-    for node in graph._backward:
+    for node in graph.plan.backward:
         for target, g in node.gradients.items():
             out.append((node.label, f"gradient for {target.label}", _host_copy(device, g)))
     return out

@@ -161,3 +161,30 @@ def test_capture_is_accepted_inert_and_said_once_per_device(monkeypatch, device)
 def test_capture_refuses_other_values():
     with pytest.raises(gf.GraphError, match="capture='yes'.*expected True, False or 'auto'"):
         _graph("cpu", capture="yes")
+
+
+def _cnn(device):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    conv, _ = gf.conv2d(X, 1, 4, 3, padding=1, name="c1")
+    normed, _ = gf.batchnorm(conv, 4, name="bn")
+    pooled = gf.Flatten(gf.MaxPool2D(gf.ReLU(normed)))
+    logits, _ = gf.dense(pooled, 64, 10, name="out")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, inputs=[X, y])
+    bn = next(n for n in graph.nodes if isinstance(n, gf.BatchNorm))
+    return graph, bn
+
+
+def test_fastest_and_compare_leave_batchnorm_statistics_as_they_were():
+    rng = np.random.default_rng(0)
+    xb, yb = rng.normal(size=(8, 1, 8, 8)), rng.integers(0, 10, 8)
+    plain, plain_bn = _cnn("cpu")
+    plain.step(xb, yb)
+    graph, bn = _cnn("fastest:cpu,array_api_strict")  # five timing steps on each device
+    graph.step(xb, yb)
+    for key, value in plain_bn.state_dict().items():  # as after one step, not eleven
+        np.testing.assert_allclose(host(graph.device, bn.state_dict()[key]),
+                                   host(plain.device, value), rtol=1e-6)
+    before = {k: host(graph.device, v).copy() for k, v in bn.state_dict().items()}
+    assert not graph.compare("array_api_strict").found
+    for key, value in before.items():
+        np.testing.assert_array_equal(host(graph.device, bn.state_dict()[key]), value)
