@@ -2,8 +2,8 @@
 
     gpuflow train                      # 64-128-10 MLP on the bundled digits, device 'auto'
     gpuflow train --device cpu --epochs 5 --hidden 256 128 --optimizer sgd --lr 0.1
-    gpuflow train --data ~/mnist --save run.npz      # MNIST IDX folder or mnist.npz
-    gpuflow train --resume run.npz --epochs 40       # continue to 40 epochs in total
+    gpuflow train --data ~/mnist --save run.safetensors   # MNIST IDX folder or mnist.npz
+    gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
@@ -130,6 +130,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         raise CheckpointError(f"--resume {opts.resume}: no such file; pass a checkpoint "
                               "written by --save.")
     checkpoint = _checkpoint_module() if opts.save or opts.resume else None
+    if opts.save is not None:
+        checkpoint.check_save_path(opts.save)  # before training: safetensors, not .npz
 
     # Data: host arrays (float32 in [0, 1], int64 labels).
     if opts.data is None:
@@ -165,10 +167,15 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     if opts.resume is not None:
         restored = checkpoint.load(opts.resume, graph, optimizer)
         start_epoch, state = int(restored["epoch"]), restored["state"] or {}
-        batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
-                                 "seed": state.get("batches_seed", opts.seed)})
-        losses = [float(v) for v in state.get("losses", [])][:start_epoch]
-        accuracies = [float(v) for v in state.get("accuracies", [])][:start_epoch]
+        try:  # a checkpoint saved by another program may hold other state: one error, the file
+            batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
+                                     "seed": state.get("batches_seed", opts.seed)})
+            losses = [float(v) for v in state.get("losses", [])][:start_epoch]
+            accuracies = [float(v) for v in state.get("accuracies", [])][:start_epoch]
+        except (GpuflowError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {opts.resume!r} holds no state of gpuflow train "
+                                  f"({str(exc).splitlines()[0]}).\nhelp: resume from a file "
+                                  "written by gpuflow train --save.") from None
 
     # The held-out set goes to the device once; accuracy is counted there.
     X_test_dev = device.put(X_test, graph.dtype, what="test images")

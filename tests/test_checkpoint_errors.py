@@ -254,6 +254,29 @@ def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, ca
     assert str(path) in err[0] and texts[0] in err[0] and "help: " in err[0], err[0]
 
 
+def test_gpuflow_train_resume_of_other_state_prints_one_line(tmp_path, capsys):
+    """A good checkpoint whose extra state is not gpuflow train's (losses a number, not a
+    list) was a TypeError traceback."""
+    graph, opt = trained("cpu", steps=1)
+    path = tmp_path / "other.safetensors"
+    save(path, graph, opt, epoch=1, state={"losses": 5, "batches_epoch": 1})
+    argv = ["train", "--device", "cpu", "--dtype", "float64", "--hidden", "32", "--epochs", "2",
+            "--optimizer", "adam", "--quiet", "--resume", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"checkpoint {str(path)!r} holds no state of gpuflow train" in \
+        err[0] and "help: resume from a file written by gpuflow train --save" in err[0], err
+
+
+def test_gpuflow_train_save_to_npz_is_refused_before_training(tmp_path, capsys):
+    argv = ["train", "--device", "cpu", "--epochs", "1", "--save", str(tmp_path / "run.npz")]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and "writes safetensors checkpoints, not .npz" in err[0], err
+    assert "epoch" not in captured.out and list(tmp_path.iterdir()) == []
+
+
 def test_python_m_gpuflow_cli_resume_bad_prints_one_line_not_a_traceback(tmp_path):
     path = tmp_path / "bad.npz"
     BAD["entry-without-value"][1](path, "npz", tmp_path)  # was a KeyError traceback
