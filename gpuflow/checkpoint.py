@@ -26,6 +26,7 @@ tells the formats apart by the file's first bytes. Saving is atomic (checkpoint_
 leaves either the old checkpoint or the new one. Loading checks everything against the graph,
 the optimizer and the schedule before it assigns anything: a refused load leaves them as they
 were. Values land on the graph's current device, in its dtype, whatever device wrote them.
+`load_weights` / `export_weights` (weights.py) exchange plain weight files with other frameworks.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from .backends import dtype_name
 from .checkpoint_io import NPZ, fspath
 from .checkpoint_meta import bad_meta, check_meta, pack, unpack
 from .errors import CheckpointError
+from .weights import export_weights, load_weights
 
-__all__ = ["save", "load", "check_save_path", "CHECKPOINT_FORMAT"]
+__all__ = ["save", "load", "load_weights", "export_weights", "check_save_path",
+           "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 2   # 1: the old .npz; 2: safetensors
 _FORMAT_NAME = "gpuflow-checkpoint"
