@@ -213,3 +213,18 @@ def test_node_state_is_exchanged_under_its_module_index(tmp_path):
     expected = np.array(centre.mean) + 1
     load_weights(graph, tmp_path / "edited.safetensors")
     assert np.array_equal(centre.mean, expected) and centre.count == 1
+
+
+def test_readme_checkpoint_snippet_runs(tmp_path, monkeypatch):
+    import pathlib
+    import re
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    training = next(b for b in blocks if "graph.step(xb, yb)" in b)
+    snippet = next(b for b in blocks if "export_weights" in b)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(training.replace("range(25)", "range(1)").replace('"auto"', '"cpu"'), namespace)
+    exec(snippet, namespace)
+    assert namespace["info"]["epoch"] == 25
+    assert sorted(load_file(tmp_path / "mlp.safetensors"))[:2] == ["0.bias", "0.weight"]
