@@ -246,7 +246,7 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
                                what=f"checkpoint value of {p.label}")
     new_states = {}
     for name, (node, current) in nodes.items():
-        new_states[name] = {key: _like(put, arrays[f"node/{name}/{key}"], old,
+        new_states[name] = {key: like(graph.device, arrays[f"node/{name}/{key}"], old,
                                        f"checkpoint state {key!r} of {node.label}")
                             for key, old in current.items()}
     if opt_state is not None:
@@ -261,12 +261,15 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     return {"step": meta["step"], "epoch": meta["epoch"], "state": state, "meta": meta}
 
 
-def _like(put: Any, host: np.ndarray, old: Any, what: str) -> Any:
-    """`host` as the kind of value `old` was: a Python scalar, or an array on the device in
-    `old`'s dtype."""
+def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
+    """`host` as the kind of value `old` (a node's state entry) was: a Python scalar, a host
+    array (a node that has not run yet keeps its state on the host), or an array on the
+    device in `old`'s dtype."""
     if isinstance(old, (numbers.Number, np.generic)):
         return type(old.item() if isinstance(old, np.generic) else old)(host.item())
-    return put(host, old.dtype, what=what)
+    if isinstance(old, np.ndarray) and not device.owns(old):
+        return host.astype(old.dtype)
+    return device.put(host, old.dtype, what=what)
 
 
 def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:

@@ -10,7 +10,8 @@ in the graph's order, are numbered from 0 as the modules of an equal `torch.nn.S
 are: `gf.mlp(X, [64, 32, 10])` is Linear 0, ReLU 1, Linear 2, as `Sequential(Linear(64, 32),
 ReLU(), Linear(32, 10))`. A node's parameter in inbound slot 1 (Linear's and Conv2D's W, a
 norm's gamma) is `<index>.weight`, in slot 2 (b, beta) `<index>.bias`, in another slot
-`<index>.<its name>`; a node's state (BatchNorm's running statistics) is `<index>.<key>`.
+`<index>.<its name>`; a node's state (BatchNorm's running statistics) is `<index>.<key>`
+(BatchNorm's num_batches_tracked, which gpuflow does not keep, is written as 0 and ignored).
 Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
 Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
 tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
@@ -51,6 +52,8 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
     for entry in _entries(graph, layout, mapping, path).values():
         host = _host(graph, entry.get(), f"export of {entry.what}")
         tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
+    if layout == "torch":
+        tensors.update(_torch_extras(graph))
     metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
                 "gpuflow_version": _version(), "architecture": _architecture(graph)}
     checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
@@ -91,6 +94,8 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
         elif host.dtype.kind not in ("f" if entry.param else "biuf"):
             problems.append(f"tensor {entry.file_name!r} has dtype {host.dtype}, not a "
                             "floating-point type")
+    if layout == "torch":  # buffers PyTorch keeps that gpuflow has no use for
+        used.update(_torch_extras(graph))
     unused = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()) if k not in used]
     if unused and strict:
         problems.append(f"tensors in the file that nothing took: {', '.join(unused[:8])}"
@@ -125,17 +130,24 @@ class _Entry:
 
     def put(self, host: np.ndarray) -> Any:
         host = np.asarray(host.T, order="C") if self.transpose else host
-        if self.param is not None:
-            dtype = self.graph.dtype if self.graph.dtype is not None else self.current.dtype
-        elif hasattr(self.current, "dtype"):
-            dtype = self.current.dtype
-        else:  # a Python scalar in a node's state
-            return type(self.current)(host.item())
+        if self.param is None:  # a node's state entry: as the node keeps it
+            from .checkpoint import like
+            return like(self.graph.device, host, self.current, f"weights for {self.what}")
+        dtype = self.graph.dtype if self.graph.dtype is not None else self.current.dtype
         return self.graph.device.put(host, dtype, what=f"weights for {self.what}")
 
     def set(self, value: Any) -> None:
         if self.param is not None:
             self.param.value = value
+
+
+def _torch_extras(graph: Any) -> dict[str, np.ndarray]:
+    """Tensors of an equal torch module that gpuflow does not keep: BatchNorm's
+    num_batches_tracked (PyTorch uses it only with momentum=None), written as 0 so that
+    torch's strict load_state_dict finds it, and ignored when loading."""
+    compute = [n for n in graph.nodes if not isinstance(n, Input)]
+    return {f"{i}.num_batches_tracked": np.zeros((), np.int64)
+            for i, n in enumerate(compute) if type(n).__name__ == "BatchNorm"}
 
 
 def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:

@@ -665,6 +665,42 @@ def test_other_schedule_is_refused(tmp_path, saved, given, message):
     assert_unchanged(graph, opt, before)
 
 
+def build_bn(device="cpu", seed=0):
+    """Linear, BatchNorm (running statistics: node state), ReLU, Linear."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    h, _ = gf.layers.dense(X, 64, 16, name="fc1", rng=seed)
+    h, _ = gf.layers.batchnorm(h, 16, name="bn")
+    logits, _ = gf.layers.dense(gf.ReLU(h), 16, 10, name="fc2", rng=seed + 1)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float64",
+                     inputs=[X, y])
+    return graph, h
+
+
+def test_batchnorm_and_steplr_resume_exactly(tmp_path):
+    from gpuflow.optim import StepLR
+    graph, bn = build_bn()
+    opt = Adam(graph, lr=1e-2)
+    expected = run_epochs(graph, opt, StepLR(opt, 1, gamma=0.5), make_batches(), 4)
+    expected_stats = {k: np.array(v) for k, v in bn.state_dict().items()}
+
+    graph, bn = build_bn()
+    opt = Adam(graph, lr=1e-2)
+    schedule, batches = StepLR(opt, 1, gamma=0.5), make_batches()
+    first = run_epochs(graph, opt, schedule, batches, 2)
+    save(tmp_path / "bn.safetensors", graph, opt, schedule=schedule, epoch=2)
+
+    graph, bn = build_bn(seed=7)  # a fresh process: nothing run yet, statistics on the host
+    opt = Adam(graph, lr=1e-2)
+    schedule = StepLR(opt, 1, gamma=0.5)
+    load(tmp_path / "bn.safetensors", graph, opt, schedule=schedule)
+    assert opt.lr == 1e-2 / 4 and schedule.last_epoch == 2
+    batches = make_batches()
+    batches.epoch = 2
+    assert first + run_epochs(graph, opt, schedule, batches, 2) == expected
+    for key, value in bn.state_dict().items():
+        assert np.array_equal(value, expected_stats[key]), key
+
+
 # -- file names and formats -------------------------------------------------------------------
 def test_a_name_ending_in_npz_is_refused_with_the_fix(tmp_path):
     with pytest.raises(CheckpointError) as info:

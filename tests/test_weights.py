@@ -228,3 +228,60 @@ def test_readme_checkpoint_snippet_runs(tmp_path, monkeypatch):
     exec(snippet, namespace)
     assert namespace["info"]["epoch"] == 25
     assert sorted(load_file(tmp_path / "mlp.safetensors"))[:2] == ["0.bias", "0.weight"]
+
+
+def cnn(device="cpu", seed=0):
+    """Conv2D, BatchNorm, ReLU, MaxPool2D, Flatten, Linear: an equal Sequential's indices 0-5."""
+    x, y = gf.Input(name="x"), gf.Input(name="y")
+    h, _ = gf.layers.conv2d(x, 1, 4, 3, padding=1, name="conv", rng=seed)
+    h, _ = gf.layers.batchnorm(h, 4, name="bn")
+    h = gf.MaxPool2D(gf.ReLU(h), 2)
+    logits, _ = gf.layers.dense(gf.Flatten(h), 4 * 4 * 4, 10, name="fc", rng=seed + 1)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float32",
+                     inputs=[x, y], outputs=[logits])
+    return graph, logits
+
+
+def torch_cnn(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                               torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(4 * 4 * 4, 10))
+
+
+def images(n=64):
+    X, y = digits(n)
+    return X.reshape(-1, 1, 8, 8), y
+
+
+def test_cnn_with_batchnorm_both_ways(device, tmp_path):
+    """Conv weights as they are, BatchNorm's affine parameters and running statistics (in
+    evaluation mode), and PyTorch's num_batches_tracked written as 0 and ignored on load."""
+    X, y = images()
+    graph, logits = cnn()
+    opt = Adam(graph, lr=1e-2)
+    for _ in range(5):  # training mode: the running statistics move
+        graph.step(X, y)
+        opt.step()
+    export_weights(graph, tmp_path / "cnn.safetensors")
+    model = torch_cnn(seed=1)
+    model.load_state_dict(load_file(tmp_path / "cnn.safetensors"))  # strict
+    assert float(model[1].running_var.sum()) != 4.0  # not the initial statistics
+    model.eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    assert_same_predictions(np.asarray(graph.run(logits, X)), theirs, "gpuflow cnn -> torch")
+
+    model = torch_cnn(seed=2)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.from_numpy(X))  # the running statistics move
+    model.eval()
+    save_file(model.state_dict(), tmp_path / "torch-cnn.safetensors")
+    other, other_logits = cnn(device, seed=3)
+    load_weights(other, tmp_path / "torch-cnn.safetensors")
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    ours = np.asarray(other.device.to_host(other.run(other_logits, X)))
+    assert_same_predictions(ours, theirs, f"torch cnn -> gpuflow on {device.name}")
