@@ -472,7 +472,7 @@ class Graph:
         if (dtype is not None and self.device.xp.isdtype(dtype, "real floating")
                 and dtype != self.dtype):
             raise GraphError(
-                f"{node.label}'s {what} has dtype {dtype_name(dtype)} in a "
+                f"the {what} of {node.label} has dtype {dtype_name(dtype)} in a "
                 f"{dtype_name(self.dtype)} graph: the node promotes it.\nhelp: make its "
                 "constants with dtype=x.dtype (and device=) from its inputs, or build the "
                 "graph with that dtype.")
@@ -489,8 +489,8 @@ class Graph:
         with LEDGER.allowed():
             host = self.device.to_host(flags, what="finite check")
         node, what, array = arrays[[bool(f) for f in host].index(False)]
-        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}'s "
-                         f"{what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}, in "
+                         f"its {what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 

@@ -250,7 +250,7 @@ def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, ca
     assert main(argv) == 2
     captured = capsys.readouterr()
     err = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("gpuflow: error: "), captured.err
+    assert len(err) == 1 and err[0].startswith("gpuflow train: error: "), captured.err
     assert str(path) in err[0] and texts[0] in err[0] and "help: " in err[0], err[0]
 
 
