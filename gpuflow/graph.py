@@ -30,6 +30,7 @@ class Plan:
     (with `loss=None`, MiniFlow's way, every node; with a loss, those between it and `wanted`).
     A node belongs to one plan at a time (`node._plan`): a plan that binds nodes of another
     marks that one `stale`, and `ensure` binds and plans it again before it next runs.
+    `keeping` is False while the graph runs forward only (see buffers.forward_only).
     """
 
     def __init__(self, nodes: Sequence[Node], device: Device, dtype: Any, *,
@@ -44,6 +45,7 @@ class Plan:
         self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
         self.backward: list[Node] = []
         self.stale = True  # nothing bound yet
+        self.keeping = True
 
     def build(self, feed_dict: dict | None = None, require_values: bool = False,
               fresh: bool = True) -> "Plan":
@@ -335,7 +337,8 @@ def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
     `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
     set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
              else None)
-    with _scope(sorted_nodes), forward_only():
+    plans = dict.fromkeys(node._plan for node in sorted_nodes)
+    with _scope(sorted_nodes), forward_only(plans):
         run_forward(sorted_nodes)
     return copy_if_kept(output_node.value, output_node.device)
 
@@ -589,7 +592,7 @@ class Graph:
         set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
-        with self.device.scope(), forward_only():
+        with self.device.scope(), forward_only((self.plan,)):
             run_forward(compute)
             return copy_if_kept(output.value, self.device)
 
