@@ -143,7 +143,7 @@ class Optimizer:
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
         self._changes = -1  # Parameter.trainable_changes when `active` was last listed
-        self.active: list[Node] = self.params  # the parameters not frozen (trainable False)
+        self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
 
     def step(self) -> None:
         """One update of every parameter from its current gradient (frozen ones, whose
@@ -153,8 +153,8 @@ class Optimizer:
                 self.lr, f"{type(self).__name__}: lr")
         if self._changes != Parameter.trainable_changes:  # one int compare per step
             self._changes = Parameter.trainable_changes
-            self.active = [p for p in self.params if getattr(p, "trainable", True)]
-        for p in self.active:  # all checked first: a refusal updates nothing
+            self._active = [p for p in self.params if getattr(p, "trainable", True)]
+        for p in self._active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
@@ -184,7 +184,7 @@ class Optimizer:
                          "(float16 overflows above 65504).")
 
     def _update_all(self) -> None:
-        for p in self.active:
+        for p in self._active:
             value = p.value
             self._param, self.ops = p, p.ops
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
@@ -259,7 +259,7 @@ class SGD(Optimizer):
         if self.momentum or self.weight_decay or type(self).update is not SGD.update:
             super()._update_all()
         else:  # plain SGD, the most common step: one multiply and one subtract per parameter
-            sgd_steps(self.active, self.lr)
+            sgd_steps(self._active, self.lr)
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         ops, scratch = self.ops, self.scratch
