@@ -531,3 +531,32 @@ def test_print_sorted_graph_summarises_the_miniflow_list(device):
                                            "float64: 4 nodes"), text
     assert "Input 'x'" in text and "(3,)" in text and "Linear 'f'" in text
     assert isinstance(graph, list) and graph[-1] is f  # still MiniFlow's list
+
+
+@pytest.mark.parametrize("cls", [Adam, AdamW])
+def test_adam_on_float16_parameters_outside_mixed_precision_stays_finite(device, cls):
+    """A float16 MiniFlow graph (no float32 masters): Adam's moments and step are float32."""
+    rng = np.random.default_rng(4)
+    x, w0 = rng.normal(size=(16, 4)), rng.normal(size=(4, 1))
+    x[:, 3] = 0.0  # W[3]'s gradient is 0: m = v = 0, and 0 / (sqrt(0) + eps) is NaN if eps is 0
+    losses = {}
+    for dtype in ("float16", "float32"):
+        X, W, b, y = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b"), gf.Input()
+        cost = gf.MSE(y, gf.Linear(X, W, b))
+        try:
+            graph = gf.topological_sort({X: x, W: w0, b: np.zeros(1), y: x @ np.ones((4, 1))},
+                                        device=device, dtype=dtype)
+        except gf.GraphError as exc:  # a device without float16
+            pytest.skip(str(exc).splitlines()[0])
+        opt = cls([W, b], lr=1e-2)
+        losses[dtype] = []
+        for _ in range(30):
+            gf.forward_and_backward(graph)
+            losses[dtype].append(float(gf.to_numpy(cost.value)))
+            opt.step()
+        assert str(W.value.dtype).endswith(dtype)
+        if dtype == "float16":
+            assert np.isfinite(gf.to_numpy(W.value).astype(np.float64)).all()
+            assert all(str(a.dtype).endswith("float32") for a in opt.state[W].values())
+    assert np.isfinite(losses["float16"]).all(), losses["float16"]
+    np.testing.assert_allclose(losses["float16"], losses["float32"], rtol=0.02, atol=0.02)
