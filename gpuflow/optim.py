@@ -76,7 +76,8 @@ def _parameter_list(params: Any, owner: str) -> list[Node]:
         found = None
     bad = next((p for p in found if not isinstance(p, Node)), None) if found is not None else None
     if found is None or bad is not None:
-        what = type(params).__name__ if found is None else f"an item {bad!r:.60} ({type(bad).__name__})"
+        what = (type(params).__name__ if found is None
+                else f"an item {bad!r:.60} ({type(bad).__name__})")
         raise GraphError(f"{owner}: parameters must be gpuflow nodes; got {what}.\nhelp: pass "
                          "the Graph, graph.parameters, or the dict gf.mlp(...) returns.")
     return found

@@ -53,7 +53,7 @@ def test_sigmoid_and_its_gradient_are_accurate_to_a_few_ulp(device, dtype, limit
     x = x.astype(dtype)
     Z, R = gf.Input(name="Z"), gf.Input(name="R")
     node = gf.Sigmoid(Z, name="s")
-    loss = Project(node, R)
+    Project(node, R)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with np.errstate(all="raise", under="ignore"):
@@ -344,7 +344,7 @@ def test_parameter_shape_as_one_int_or_numpy_ints():
     assert gf.Parameter((np.int64(2), np.int32(3)), name="W").shape == (2, 3)
 
 
-# -- item 15: gf.to_numpy on every device -----------------------------------------------------------
+# -- item 15: gf.to_numpy on every device ----------------------------------------------------------
 def test_to_numpy_brings_back_any_devices_values(device):
     X, W, b = gf.Input(), gf.Input(), gf.Input()
     f = gf.Linear(X, W, b)
@@ -415,7 +415,7 @@ def test_an_input_left_out_of_a_steps_dict_is_an_error_not_its_last_batch():
 
 
 def test_a_graph_of_a_non_scalar_loss_is_refused_at_its_first_step(device):
-    X, y = gf.Input(name="X"), gf.Input(name="y")
+    X = gf.Input(name="X")
     logits, params = gf.mlp(X, [3, 4, 2], seed=0)
     graph = gf.Graph(logits, device=device, inputs=[X])
     W = params["layer1.W"]
@@ -427,7 +427,7 @@ def test_a_graph_of_a_non_scalar_loss_is_refused_at_its_first_step(device):
     assert W.gradients.get(W) is None
 
 
-# -- item 8: a refused topological_sort changes no node ---------------------------------------------
+# -- item 8: a refused topological_sort changes no node --------------------------------------------
 @pytest.mark.parametrize("bad", ["none", "strings", "foreign"])
 def test_a_refused_sort_leaves_the_nodes_free_for_another_device(bad):
     X, W, b = gf.Input(name="X"), gf.Input(name="W"), gf.Input(name="b")
