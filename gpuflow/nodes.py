@@ -27,7 +27,7 @@ class Node:
     # always use what the op returns (the keep / alias / copy rules: gpuflow/buffers.py).
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
-    _plan: Any = None    # the graph.Plan that bound this node, if any
+    _plan: Any = None    # the plan.Plan that bound this node, if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
