@@ -168,7 +168,7 @@ def test_available_devices_cpu_first():
 
 def test_backend_report_lists_every_backend():
     rows = backend_report()
-    assert {r["backend"] for r in rows} == {"numpy", "cupy", "torch", "array_api_strict"}
+    assert {r["backend"] for r in rows} == {"numpy", "cupy", "torch", "array_api_strict", "jax"}
     for row in rows:
         assert set(row) >= {"backend", "spec", "available", "detail"}, row
         assert isinstance(row["detail"], str) and row["detail"], row
