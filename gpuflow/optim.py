@@ -124,6 +124,7 @@ class SGD(Optimizer):
             else:
                 buf *= self.momentum
                 buf += grad
+                state["momentum"] = buf  # a new array where arrays are immutable (JAX)
             if self.nesterov:
                 other = scratch(value, 1)
                 grad = ops.add(grad, ops.multiply(buf, self.momentum, out=other), out=other)
@@ -167,6 +168,7 @@ class Adam(Optimizer):
         squares = ops.multiply(grad, grad, out=work)
         squares *= 1.0 - b2
         v += squares
+        state["m"], state["v"] = m, v  # new arrays where arrays are immutable (JAX)
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
         denom = ops.sqrt(v, out=work)   # sqrt(v) / sqrt(bias2) + eps

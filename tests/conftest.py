@@ -13,7 +13,8 @@ import pytest
 
 import gpuflow as gf
 
-DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "cuda"]
+DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "jax:cpu",
+                 "cuda"]
 
 
 def device_specs() -> list[str]:

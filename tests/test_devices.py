@@ -295,9 +295,9 @@ def test_describe_names_the_library_version(device):
     text = device.describe()
     assert isinstance(text, str) and text.strip(), repr(text)
     import importlib
-    library = importlib.import_module(
-        {"numpy": "numpy", "cupy": "cupy", "torch": "torch",
-         "array_api_strict": "array_api_strict"}[device.backend])
+
+    from gpuflow.backends import REGISTRY
+    library = importlib.import_module({b.name: b.library for b in REGISTRY}[device.backend])
     assert library.__version__ in text, f"{device.name}: {text!r} lacks {library.__version__}"
 
 
