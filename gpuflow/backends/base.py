@@ -33,6 +33,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   array on this device in [0, 1) without a host round trip.
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
   when `collectives` is not None.
+- `compile_step(graph, optimizer)`: the whole training step as one compiled function, or None
+  where the library has no compiler (JAX has: `jax.jit`).
 - `scope()`, `forbid_sync()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
   `is_floating()`, `owns()`.
 
@@ -326,6 +328,13 @@ class Device:
         """A seeded generator of device-side random numbers: its `uniform(shape, dtype)` gives
         an array on this device in [0, 1), drawn without a host round trip."""
         raise NotImplementedError(f"{type(self).__name__} has no device-side random numbers")
+
+    # -- compiled training steps -----------------------------------------------------------------
+    def compile_step(self, graph: Any, optimizer: Any) -> "Callable[..., Any] | None":
+        """A function `step(*batches) -> loss` doing `graph.step(*batches)` and
+        `optimizer.step()` as one compiled computation, or None where the library has no
+        compiler (then run the two calls as they are)."""
+        return None
 
     # -- collectives (distributed training) ----------------------------------------------------
     def collectives_problem(self) -> str | None:

@@ -70,6 +70,10 @@ class JaxDevice(Device):
     def rng(self, seed: int | None) -> JaxRng:
         return JaxRng(seed, self)
 
+    def compile_step(self, graph: Any, optimizer: Any) -> Any:
+        from .jax_jit import compile_step
+        return compile_step(graph, optimizer)
+
     def describe(self) -> str:
         jax = self._jax
         x64 = "on" if jax.config.jax_enable_x64 else "off"
