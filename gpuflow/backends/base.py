@@ -29,8 +29,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   distributed training sums through MPI on host memory).
 - transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`.
-- `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype)` gives an
-  array on this device in [0, 1) without a host round trip.
+- `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
+  gives an array on this device in [0, 1) without a host round trip.
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
   when `collectives` is not None.
 - `compile_step(graph, optimizer)`: the whole training step as one compiled function, or None
@@ -324,10 +324,12 @@ class Device:
             self._synchronize()
 
     # -- random numbers ------------------------------------------------------------------------
-    def rng(self, seed: int | None) -> Any:
-        """A seeded generator of device-side random numbers: its `uniform(shape, dtype)` gives
-        an array on this device in [0, 1), drawn without a host round trip."""
-        raise NotImplementedError(f"{type(self).__name__} has no device-side random numbers")
+    def rng(self, seed: int) -> Any:
+        """A seeded generator of random numbers on this device: `uniform(shape, dtype,
+        out=None)` gives an array in [0, 1) here, without a host round trip. One seed gives
+        the same numbers on the same device (not across libraries: each has its own stream)."""
+        raise GraphError(f"device {self.name} has no random number generator.\n"
+                         "help: implement Device.rng(seed) in its backend module.")
 
     # -- compiled training steps -----------------------------------------------------------------
     def compile_step(self, graph: Any, optimizer: Any) -> "Callable[..., Any] | None":

@@ -28,15 +28,16 @@ import_problem = missing_library("jax")
 class JaxRng:
     """Device-side uniform numbers from one JAX key, split at every call."""
 
-    def __init__(self, seed: int | None, device: "JaxDevice") -> None:
+    def __init__(self, seed: int, device: "JaxDevice") -> None:
         import jax
         self._random = jax.random
         self._device = device
         with device.scope():
-            self._key = jax.random.key(0 if seed is None else seed)
+            self._key = jax.random.key(seed)
 
-    def uniform(self, shape: tuple[int, ...], dtype: Any) -> Any:
-        """An array of `shape` in [0, 1) on the device, in `dtype`."""
+    def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
+        """An array of `shape` in [0, 1) on the device, in `dtype` (`out` is ignored: JAX
+        arrays are immutable)."""
         self._key, key = self._random.split(self._key)
         with self._device.scope():
             return self._random.uniform(key, tuple(shape), dtype=self._device.dtype(dtype))
@@ -67,7 +68,7 @@ class JaxDevice(Device):
     def scope(self) -> Any:
         return self._jax.default_device(self.native)
 
-    def rng(self, seed: int | None) -> JaxRng:
+    def rng(self, seed: int) -> JaxRng:
         return JaxRng(seed, self)
 
     def compile_step(self, graph: Any, optimizer: Any) -> Any:

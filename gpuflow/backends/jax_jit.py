@@ -23,9 +23,9 @@ class CompiledStep:
 
     def __init__(self, graph: Any, optimizer: Any) -> None:
         import jax
-        from ..graph import _run_step
+        from ..graph import _run_step, set_mode
         self.graph, self.optimizer = graph, optimizer
-        self._run_step = _run_step
+        self._run_step, self._set_mode = _run_step, set_mode
         missing = [p.label for p in optimizer.params if p not in graph._members]
         if missing:
             from ..errors import GraphError
@@ -41,7 +41,8 @@ class CompiledStep:
             loss = graph.step(*batches)
             opt.step()
             return loss
-        graph._ensure_plan()
+        graph.plan.ensure()
+        self._set_mode(graph.nodes, True, graph)
         graph._feed(batches, graph.inputs)  # checks and uploads, as graph.step does
         params = opt.params
         values = [p.value for p in params]
@@ -71,7 +72,7 @@ class CompiledStep:
                 n._value = value
             for p, value in zip(opt.params, values):
                 p._value = value
-            self._run_step(graph._compute, graph._backward)
+            self._run_step(graph.plan.compute, graph.plan.backward)
             loss = graph.loss.value
             opt.t, opt.lr = t, lr
             new_values, new_states, grads = [], [], []
