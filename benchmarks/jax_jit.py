@@ -1,5 +1,5 @@
 """W1-W3 on JAX: eager `graph.step` + `optimizer.step` against the step compiled by
-`device.compile_step` (one jax.jit function), beside the NumPy floor and NumPy Graph.
+`gpuflow.compiled.compile_step` (one jax.jit function), beside the NumPy floor and NumPy Graph.
 
     python benchmarks/jax_jit.py [--workloads W1,W2,W3] [--repeats 7] [--steps N]
 
@@ -11,16 +11,21 @@ same fixed batch every step, as `gpuflow bench` does.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this gpuflow
 
 import gpuflow as gf
 from gpuflow.optim import SGD
 
-try:  # the bench package (gpuflow/bench/) or the old single module: the same names
-    from gpuflow.bench import WORKLOADS, NdarrayFloor, initial_weights, make_data
-except ImportError as exc:  # pragma: no cover - a bench without these names
-    raise SystemExit(f"benchmarks/jax_jit.py needs gpuflow.bench's workloads: {exc}")
+import numpy as np
+
+from gpuflow.bench.floor_numpy import NdarrayFloor
+from gpuflow.bench.workloads import WORKLOADS, initial_weights, make_data
+from gpuflow.compiled import compile_step
 
 
 def graph_variant(w, spec, seed, data, compiled):
@@ -32,7 +37,7 @@ def graph_variant(w, spec, seed, data, compiled):
     opt = SGD(graph, lr=1e-2)
     xb, yb = data
     if compiled:
-        step = graph.device.compile_step(graph, opt)
+        step = compile_step(graph, opt)
         return lambda: step(xb, yb), graph
 
     def eager():
@@ -53,12 +58,11 @@ def main() -> None:
     for name in args.workloads.split(","):
         w = WORKLOADS[name]
         data = make_data(w, "float32", 0)
-        floor = NdarrayFloor(w, __import__("numpy"), "float32", initial_weights(w, 0), data)
+        floor = NdarrayFloor(w, np, "float32", initial_weights(w, 0), data)
         runs = {"numpy floor": (floor.step, None)}
         runs["numpy Graph"] = graph_variant(w, "cpu", 0, data, False)
         runs["jax eager"] = graph_variant(w, "jax:cpu", 0, data, False)
         runs["jax jit"] = graph_variant(w, "jax:cpu", 0, data, True)
-        jax_device = gf.get_device("jax:cpu")
         losses = {}
         for key, (step, graph) in runs.items():  # warm up: compile, first-step checks
             for _ in range(3):
@@ -79,7 +83,6 @@ def main() -> None:
         print(f"{name:9} | " + " | ".join(f"{med[k] * 1e6:10.1f}us" for k in runs) +
               f" | {med['jax jit'] / f:8.2f}x | {med['jax eager'] / f:10.2f}x | "
               f"{med['jax jit'] / med['jax eager']:8.2f}x")
-        del jax_device
     print("median of", args.repeats, "interleaved blocks per variant; float32, SGD, fixed batch")
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import gpuflow as gf
 from gpuflow.checkpoint import load, save
+from gpuflow.compiled import compile_step
 from gpuflow.data import Batches, load_digits
 from gpuflow.layers import mlp
 from gpuflow.optim import make_optimizer
@@ -180,3 +181,56 @@ def test_devices_command_lists_jax():
                           text=True, env=child_env(), cwd=REPO, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "jax:cpu" in done.stdout, done.stdout
+
+
+# -- the compiled step (gpuflow.compiled.compile_step: one jax.jit function) ---------------------
+@pytest.mark.parametrize("optimizer", ["sgd", "nesterov", "adam", "adamw"])
+def test_compiled_step_equals_eager(jdev, optimizer):
+    _, _, eager, eager_opt = _train("jax:cpu", optimizer, steps=0)
+    _, _, graph, opt = _train("jax:cpu", optimizer, steps=0)
+    step = compile_step(graph, opt)
+    assert type(step).__name__ == "CompiledStep"
+    for xb, yb in list(Batches(*_digits(), 32, seed=1))[:3]:
+        want = eager.item(eager.step(xb, yb))
+        eager_opt.step()
+        got = graph.item(step(xb, yb))
+        assert got == pytest.approx(want, rel=1e-9)
+    assert opt.t == eager_opt.t == 3 and graph.steps == 3
+    for (name, p), q in zip(graph.named_parameters().items(), eager.parameters):
+        np.testing.assert_allclose(jdev.to_host(p.value), jdev.to_host(q.value), rtol=1e-9,
+                                   err_msg=name)
+        np.testing.assert_allclose(jdev.to_host(p.gradients[p]), jdev.to_host(q.gradients[q]),
+                                   rtol=1e-9, err_msg=f"{name} gradient")
+    # Nothing traced stayed behind: the eager step and run still work on the same graph.
+    xb, yb = _digits(32)
+    graph.step(xb, yb)
+    opt.step()
+    assert np.isfinite(graph.item(graph.run(None, xb, yb)))
+
+
+def test_compile_step_is_the_eager_step_without_a_compiler():
+    _, _, graph, opt = _train("cpu", "adam", steps=0)
+    _, _, eager, eager_opt = _train("cpu", "adam", steps=0)
+    assert graph.device.jit(lambda x: x) is None
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    for _ in range(2):
+        assert graph.item(step(xb, yb)) == eager.item(eager.step(xb, yb))
+        eager_opt.step()
+    assert opt.t == 2
+
+
+def test_compiled_step_refuses_dropout_and_leaves_the_graph_eager_ready(jdev):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(gf.Dropout(X, 0.5, seed=3), [64, 10], seed=0, name="layer")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
+                     inputs=[X, y])
+    opt = make_optimizer("sgd", graph, 0.1)
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    step(xb, yb)  # the first step is eager
+    with pytest.raises(gf.GraphError, match=r"compiled step.*\n.*help:"):
+        step(xb, yb)
+    before = graph.item(graph.step(xb, yb))  # nothing traced stayed behind
+    opt.step()
+    assert np.isfinite(before)

@@ -33,8 +33,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   gives an array on this device in [0, 1) without a host round trip.
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
   when `collectives` is not None.
-- `compile_step(graph, optimizer)`: the whole training step as one compiled function, or None
-  where the library has no compiler (JAX has: `jax.jit`).
+- `jit(fn)`: a pure function of arrays compiled by the library (`jax.jit`), or None where it
+  has no compiler; `gpuflow.compiled.compile_step` builds a whole training step on it.
 - `scope()`, `forbid_sync()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
   `is_floating()`, `owns()`.
 
@@ -331,11 +331,11 @@ class Device:
         raise GraphError(f"device {self.name} has no random number generator.\n"
                          "help: implement Device.rng(seed) in its backend module.")
 
-    # -- compiled training steps -----------------------------------------------------------------
-    def compile_step(self, graph: Any, optimizer: Any) -> "Callable[..., Any] | None":
-        """A function `step(*batches) -> loss` doing `graph.step(*batches)` and
-        `optimizer.step()` as one compiled computation, or None where the library has no
-        compiler (then run the two calls as they are)."""
+    # -- compilation ---------------------------------------------------------------------------
+    def jit(self, fn: Callable[..., Any]) -> "Callable[..., Any] | None":
+        """`fn` (a pure function of arrays, lists and dicts of them, and Python numbers)
+        compiled by the library, or None where it has no compiler. `gpuflow.compiled` uses it
+        to run a whole training step as one computation."""
         return None
 
     # -- collectives (distributed training) ----------------------------------------------------

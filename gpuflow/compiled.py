@@ -1,39 +1,44 @@
-"""A whole training step on JAX as one `jax.jit`-compiled function (`JaxDevice.compile_step`).
+"""A whole training step as one compiled function, where the device's library has a compiler.
+
+    step = compile_step(graph, optimizer)    # on JAX: one jax.jit function; elsewhere eager
+    for xb, yb in batches:
+        loss = step(xb, yb)                  # = graph.step(xb, yb); optimizer.step()
 
 A gpuflow step is static: the same nodes run in the same order on arrays of the same shapes.
 So forward, backward and the optimizer's update, traced once through the nodes' own code (which
-calls `self.xp`, here `jax.numpy`), become one XLA computation of (parameter values, optimizer
-state, step number, learning rate, batch) -> (new values, new state, loss, gradients).
+calls `self.xp`), become one computation of (parameter values, optimizer state, step number,
+learning rate, batch) -> (new values, new state, loss, gradients), which the device compiles
+(`Device.jit`: `jax.jit` on JAX). Devices without a compiler run the two calls as they are.
 
 The graph's first step runs eagerly (`graph.step`, `optimizer.step`): it checks dtypes and
 labels once, as always. What the compiled steps after it do not do (use `graph.step` +
-`optimizer.step` for these): strict transfer mode, `check_finite`. Node values between the inputs and
-the loss are not kept (only the loss, parameters and gradients are): `graph.run` recomputes
-them. A node that draws random numbers (Dropout) would draw the same ones at every step, since
-its key is traced as a constant: such graphs are not compiled correctly yet.
+`optimizer.step` for these): strict transfer mode, `check_finite`. Node values between the
+inputs and the loss are not kept (only the loss, parameters and gradients are): `graph.run`
+recomputes them. A node that draws random numbers (Dropout) is refused with a GraphError at the
+first compiled step: its key would be a constant of the compiled function (the same numbers
+at every step) until keys are threaded through the step.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+from .errors import GraphError
+from .graph import Graph, _run_step, set_mode
+from .nodes import Input
+
 
 class CompiledStep:
     """`step(*batches) -> loss`: `graph.step(*batches)` then `optimizer.step()`, compiled."""
 
-    def __init__(self, graph: Any, optimizer: Any) -> None:
-        import jax
-        from ..graph import _run_step, set_mode
+    def __init__(self, graph: Graph, optimizer: Any) -> None:
         self.graph, self.optimizer = graph, optimizer
-        self._run_step, self._set_mode = _run_step, set_mode
         missing = [p.label for p in optimizer.params if p not in graph._members]
         if missing:
-            from ..errors import GraphError
             raise GraphError(f"compile_step: the optimizer updates {', '.join(missing)}, which "
                              "the graph does not hold.\nhelp: make the optimizer from this "
                              "graph (e.g. Adam(graph)).")
-        self._fn = jax.jit(self._pure)
-        self._xp = graph.device.xp
+        self._fn = graph.device.jit(self._pure)  # None: the device has no compiler
 
     def __call__(self, *batches: Any) -> Any:
         graph, opt = self.graph, self.optimizer
@@ -42,7 +47,7 @@ class CompiledStep:
             opt.step()
             return loss
         graph.plan.ensure()
-        self._set_mode(graph.nodes, True, graph)
+        set_mode(graph.nodes, True, graph)
         graph._feed(batches, graph.inputs)  # checks and uploads, as graph.step does
         params = opt.params
         values = [p.value for p in params]
@@ -50,9 +55,12 @@ class CompiledStep:
         batch = [n.value for n in graph.inputs]
         t = opt.t + 1
         new_values, new_states, loss, grads = self._fn(
-            values, states, self._xp.asarray(t), self._xp.asarray(float(opt.lr)), batch)
+            values, states, t, float(opt.lr), batch)  # Python numbers: traced, no retrace
         for p, value, state, grad in zip(params, new_values, new_states, grads):
-            p.value = value
+            if isinstance(p, Input):
+                p._value = value  # the compiled function's own array: nothing to check or copy
+            else:
+                p.value = value
             opt.state[p] = state
             p.gradients[p] = grad
         opt.t = t
@@ -72,7 +80,7 @@ class CompiledStep:
                 n._value = value
             for p, value in zip(opt.params, values):
                 p._value = value
-            self._run_step(graph.plan.compute, graph.plan.backward)
+            _run_step(graph.plan.compute, graph.plan.backward)
             loss = graph.loss.value
             opt.t, opt.lr = t, lr
             new_values, new_states, grads = [], [], []
@@ -92,6 +100,16 @@ class CompiledStep:
             vars(opt).update(saved_opt)
 
 
-def compile_step(graph: Any, optimizer: Any) -> Callable[..., Any]:
-    """The compiled step for a graph on a JAX device and its optimizer."""
-    return CompiledStep(graph, optimizer)
+def compile_step(graph: Graph, optimizer: Any) -> Callable[..., Any]:
+    """A function `step(*batches) -> loss` equal to `graph.step(*batches)` followed by
+    `optimizer.step()`: one compiled computation where the graph's device has a compiler
+    (`device.jit`, JAX), else those two calls."""
+    compiled = CompiledStep(graph, optimizer)
+    if compiled._fn is not None:
+        return compiled
+
+    def eager(*batches: Any) -> Any:
+        loss = graph.step(*batches)
+        optimizer.step()
+        return loss
+    return eager
