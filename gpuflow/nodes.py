@@ -126,8 +126,8 @@ class Input(Node):
             # Labels already on a GPU are checked at the first step only (a check is a sync).
             if self._keep_integers and (device.is_host or not device.owns(value)):
                 self._check_labels(value)  # NumPy reads host memory, CPU tensors included
-            value = device.place(value, self._float_dtype, self._keep_integers,
-                                 what=f"{self.label}.value")
+            value = device.feed(value, self._float_dtype, self._keep_integers,
+                                what=f"{self.label}.value")
         # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
         # .detach() of one) is copied: its owner overwrites it (gpuflow/buffers.py).
         value = copy_if_kept(value, device)

@@ -333,7 +333,7 @@ class Adam(Optimizer):
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
         denom = ops.sqrt(v, out=work)   # sqrt(v) / sqrt(bias2) + eps
-        denom /= math.sqrt(bias2)
+        denom /= bias2 ** 0.5  # not math.sqrt: bias2 is traced under jax.jit
         denom += self.eps
         step = ops.divide(m, denom, out=work)   # (lr / bias1) * m / denom
         step *= self.lr / bias1
