@@ -47,9 +47,9 @@ from .machine import machine_info, set_threads
 from .report import report
 from .timing import cross_check, memory, time_variants
 from .variants import VARIANTS, make_variants
-from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, Workload, make_data
+from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, ConvWorkload, Workload
 
-__all__ = ["main", "WORKLOADS", "Workload", "VARIANTS", "CHECK_STEPS", "NdarrayFloor"]
+__all__ = ["main", "WORKLOADS", "Workload", "ConvWorkload", "VARIANTS", "CHECK_STEPS", "NdarrayFloor"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         w = WORKLOADS[name]
         print(f"[{name}] {w.describe()} ...", file=sys.stderr, flush=True)
-        data = make_data(w, args.dtype, args.seed)
+        data = w.make_data(args.dtype, args.seed)
         variants = make_variants(w, device, args.dtype, args.seed, data)
         check = cross_check(variants, rtol)
         if not check["ok"]:
@@ -135,8 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = time_variants(variants, rounds, min_time, warmup)
         med = timing["median_s"]
         results["workloads"][name] = {
-            "describe": w.describe(), "sizes": list(w.sizes), "activation": w.activation,
-            "loss": w.loss, "batch": w.batch, "check": check, "timing": timing,
+            "describe": w.describe(), **w.fields(), "check": check, "timing": timing,
             "ratios": {"graph/floor": _ratio(med.get("graph"), med.get("floor")),
                        "miniflow/floor": _ratio(med.get("miniflow"), med.get("floor")),
                        "graph/torch": _ratio(med.get("graph"), med.get("torch")),
