@@ -12,12 +12,19 @@ from typing import Any, Callable, Sequence
 
 from .backends.numpy import host_rng, host_zeros
 from .errors import GraphError
+from .conv import Conv2D, Flatten, MaxPool2D, _pair
 from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
+from .norm import BatchNorm, Dropout, LayerNorm
 
 
 def zeros(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
     """All zeros."""
     return host_zeros(shape)
+
+
+def ones(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """All ones (normalisation scales)."""
+    return host_zeros(shape) + 1.0
 
 
 def normal(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int, std: float = 0.01) -> Any:
@@ -37,7 +44,7 @@ def he(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
 
 
 INITIALIZERS: dict[str, Callable[..., Any]] = {
-    "zeros": zeros, "normal": normal, "xavier": xavier, "glorot": xavier, "he": he,
+    "zeros": zeros, "ones": ones, "normal": normal, "xavier": xavier, "glorot": xavier, "he": he,
     "kaiming": he}
 
 
@@ -108,10 +115,11 @@ def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = None,
 
 
 def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 0,
-        name: str = "layer") -> tuple[Node, dict[str, Parameter]]:
+        name: str = "layer", dropout: float = 0.0) -> tuple[Node, dict[str, Parameter]]:
     """A multi-layer perceptron: sizes = [n_in, hidden..., n_out].
 
-    Every layer but the last applies `activation`; the last returns raw outputs (logits).
+    Every layer but the last applies `activation` (then Dropout(`dropout`) if > 0); the last
+    returns raw outputs (logits).
     Returns (output node, {parameter name: Parameter}) in layer order. One `seed` gives the
     same weights on every device.
     """
@@ -127,4 +135,88 @@ def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 
         out, p = dense(out, n_in, n_out, name=f"{name}{i}", rng=rng,
                        activation=None if last else activation)
         params.update(p)
+        if dropout > 0.0 and not last:
+            out = Dropout(out, dropout, seed=seed + i, name=f"{name}{i}.dropout")
     return out, params
+
+
+def conv2d(x: Node, in_channels: int, out_channels: int, kernel: Any, *, stride: Any = 1,
+           padding: Any = 0, name: str, rng: Any = None,
+           init: "str | Callable[..., Any] | None" = None, bias: bool = True,
+           activation: str | None = None) -> tuple[Node, dict[str, Parameter]]:
+    """One convolution layer `activation(Conv2D(x, W, b))`, x (N, in_channels, H, W).
+
+    kernel: an int or (kh, kw). Returns (output node, {"<name>.W": W, "<name>.b": b}) with W
+    (out_channels, in_channels, kh, kw) initialised with He (fan_in = in_channels kh kw)
+    unless `init` says, and b (out_channels,) at zero (no b with `bias=False`).
+    """
+    if activation is not None and activation not in ACTIVATIONS:
+        raise GraphError(f"conv2d '{name}': unknown activation {activation!r}.\n"
+                         f"help: use one of {sorted(ACTIVATIONS)} or None.")
+    kh, kw = _pair(kernel, "kernel", f"conv2d '{name}'", minimum=1)
+    rng = _generator(rng, name)
+    W = Parameter((out_channels, in_channels, kh, kw), init or "he", name=f"{name}.W", rng=rng,
+                  fan_in=in_channels * kh * kw, fan_out=out_channels * kh * kw)
+    params = {W.name: W}
+    b = None
+    if bias:
+        b = Parameter((out_channels,), "zeros", name=f"{name}.b", rng=rng)
+        params[b.name] = b
+    out: Node = Conv2D(x, W, b, stride=stride, padding=padding, name=name)
+    if activation is not None:
+        out = ACTIVATIONS[activation](out, name=f"{name}.{activation}")
+    return out, params
+
+
+def batchnorm(x: Node, channels: int, *, name: str, momentum: float = 0.1,
+              eps: float = 1e-5) -> tuple[Node, dict[str, Parameter]]:
+    """BatchNorm over the channels of x (N, C) or (N, C, H, W): returns (node,
+    {"<name>.gamma": ones (C,), "<name>.beta": zeros (C,)})."""
+    gamma = Parameter((channels,), "ones", name=f"{name}.gamma")
+    beta = Parameter((channels,), "zeros", name=f"{name}.beta")
+    node = BatchNorm(x, gamma, beta, momentum=momentum, eps=eps, name=name)
+    return node, {gamma.name: gamma, beta.name: beta}
+
+
+def layernorm(x: Node, size: int, *, name: str,
+              eps: float = 1e-5) -> tuple[Node, dict[str, Parameter]]:
+    """LayerNorm over the last dimension (size) of x: returns (node,
+    {"<name>.gamma": ones (size,), "<name>.beta": zeros (size,)})."""
+    gamma = Parameter((size,), "ones", name=f"{name}.gamma")
+    beta = Parameter((size,), "zeros", name=f"{name}.beta")
+    node = LayerNorm(x, gamma, beta, eps=eps, name=name)
+    return node, {gamma.name: gamma, beta.name: beta}
+
+
+
+def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
+          channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0,
+          seed: int = 0, name: str = "cnn") -> tuple[Node, dict[str, Parameter]]:
+    """A small LeNet-style CNN for x (N, C, H, W) images of `image_shape` (C, H, W).
+
+    One block per entry of `channels`: a 3x3 convolution (padding 1), ReLU and 2x2 max
+    pooling; then Flatten, a ReLU dense layer of `hidden` units, Dropout(`dropout`) if > 0,
+    and a dense layer of `n_classes` logits. Returns (logits, {parameter name: Parameter});
+    one `seed` gives the same weights on every device.
+    """
+    c, h, w = (int(s) for s in image_shape)
+    rng = host_rng(seed)
+    params: dict[str, Parameter] = {}
+    out = x
+    for i, width in enumerate(channels, start=1):
+        if h < 2 or w < 2:
+            raise GraphError(f"lenet: {len(channels)} pooling blocks halve {tuple(image_shape)} "
+                             f"below 2x2 at block {i}.\nhelp: use fewer channels entries.")
+        out, p = conv2d(out, c, width, 3, padding=1, name=f"{name}.conv{i}", rng=rng,
+                        activation="relu")
+        out = MaxPool2D(out, 2, name=f"{name}.pool{i}")
+        params.update(p)
+        c, h, w = width, h // 2, w // 2
+    out = Flatten(out, name=f"{name}.flatten")
+    out, p = dense(out, c * h * w, hidden, name=f"{name}.fc1", rng=rng, activation="relu")
+    params.update(p)
+    if dropout > 0.0:
+        out = Dropout(out, dropout, seed=seed, name=f"{name}.dropout")
+    logits, p = dense(out, hidden, n_classes, name=f"{name}.fc2", rng=rng)
+    params.update(p)
+    return logits, params

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import gpuflow as gf
+from gpuflow.check import Project, central_difference  # noqa: F401 - the tests' helpers
 
 DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "cuda"]
 
@@ -49,42 +50,6 @@ def host(device: gf.Device, value) -> np.ndarray:
     if isinstance(value, (int, float)):
         return np.asarray(value)
     return np.asarray(device.to_host(value))
-
-
-def central_difference(node: gf.Node, x0: np.ndarray, loss, device: gf.Device, *,
-                       entries=None, h: float = 1e-6) -> np.ndarray:
-    """(f(x + h) - f(x - h)) / 2h for each entry of `node`'s value (all, or `entries`), where
-    f is the scalar `loss()` with `node.value` set to the perturbed host array `x`; `node` is
-    left at `x0`. Entries not asked for stay 0."""
-    numeric = np.zeros_like(x0)
-    for i in np.ndindex(*x0.shape) if entries is None else entries:
-        for sign in (1.0, -1.0):
-            x = x0.copy()
-            x[i] += sign * h
-            node.value = x
-            numeric[i] += sign * float(host(device, loss()))
-        numeric[i] /= 2 * h
-    node.value = x0
-    return numeric
-
-
-class Project(gf.Node):
-    """sum(node * R): a scalar loss from any node, R a fixed random upstream gradient."""
-
-    is_loss = True
-
-    def __init__(self, node: gf.Node, R: gf.Node):
-        gf.Node.__init__(self, [node, R])
-
-    def forward(self) -> None:
-        a, R = self.inbound_nodes
-        self.value = self.xp.sum(a.value * R.value)
-
-    def backward(self) -> None:
-        g = self.upstream_gradient()
-        a, R = self.inbound_nodes
-        self.gradients[a] = R.value * g
-        self.gradients[R] = a.value * g
 
 
 def assert_on_device(device: gf.Device, value, what: str) -> None:

@@ -368,6 +368,13 @@ class Device:
         """A one-line description: library version, device name, memory."""
         raise NotImplementedError
 
+    def rng(self, seed: int) -> Any:
+        """A seeded generator of random numbers on this device: `uniform(shape, dtype,
+        out=None)` gives an array in [0, 1) here, without a host round trip. One seed gives
+        the same numbers on the same device (not across libraries: each has its own stream)."""
+        raise GraphError(f"device {self.name} has no random number generator.\n"
+                         "help: implement Device.rng(seed) in its backend module.")
+
     def _put(self, host: Any, dtype: Any) -> Any:
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, missing_library
+from . import Device, dtype_name, missing_library
 
 EXAMPLE_SPECS = ("array_api_strict", "array_api_strict:device1")
 import_problem = missing_library("array_api_strict")
@@ -33,6 +33,9 @@ class StrictDevice(Device):
 
     def describe(self) -> str:
         return f"array_api_strict {self.xp.__version__}, {self.native}"
+
+    def rng(self, seed: int) -> "_StrictRng":
+        return _StrictRng(seed, self)
 
     def _put(self, host: Any, dtype: Any) -> Any:
         return self.xp.asarray(host, dtype=dtype, device=self.native)
@@ -68,3 +71,20 @@ def array_device_name(value: Any) -> str | None:
 
 def _is_strict_array(value: Any) -> bool:
     return type(value).__module__.startswith("array_api_strict")
+
+
+class _StrictRng:
+    """NumPy's generator, its numbers made arrays of this device: the standard has no random
+    functions, and array_api_strict keeps every device's arrays in host memory anyway (so no
+    transfer is counted). The same seed gives the same numbers as on the 'cpu' device."""
+
+    def __init__(self, seed: int, device: StrictDevice) -> None:
+        from .numpy import HostRng
+        self._host = HostRng(seed)
+        self._device = device
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
+        """Uniform numbers in [0, 1) of `shape` and `dtype` on the device (`out` is ignored)."""
+        host = self._host.uniform(shape, dtype_name(dtype))
+        return self._device.xp.asarray(host, dtype=dtype, device=self._device.native)
+

@@ -57,6 +57,9 @@ class CupyDevice(Device):
         return (f"CuPy {cupy.__version__} (CUDA runtime {cuda // 1000}.{cuda % 1000 // 10}), "
                 f"GPU {self.index}: {gpu}, {total / 2**30:.1f} GiB ({free / 2**30:.1f} GiB free)")
 
+    def rng(self, seed: int) -> "_CupyRng":
+        return _CupyRng(seed, self)
+
     def _put(self, host: Any, dtype: Any) -> Any:
         with self.native:
             return self._cupy.asarray(host, dtype=dtype)
@@ -66,6 +69,21 @@ class CupyDevice(Device):
 
     def _synchronize(self) -> None:
         self.native.synchronize()
+
+
+class _CupyRng:
+    """CuPy's generator on one GPU: `uniform(shape, dtype, out=None)` in [0, 1) there, with no
+    host round trip (its numbers differ from NumPy's for the same seed)."""
+
+    def __init__(self, seed: int, device: CupyDevice) -> None:
+        self._device = device.native
+        with self._device:
+            self._generator = device._cupy.random.default_rng(seed)
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
+        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given."""
+        with self._device:
+            return self._generator.random(tuple(shape), dtype=dtype, out=out)
 
 
 class _QuietForbid:

@@ -85,6 +85,9 @@ class NumpyDevice(Device):
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
 
+    def rng(self, seed: int) -> "HostRng":
+        return HostRng(seed)
+
     def _put(self, host: Any, dtype: Any) -> Any:
         out = host if dtype is None or host.dtype == dtype else host.astype(dtype)
         # A fed scalar stays an immutable NumPy scalar, as MiniFlow's Python scalars were:
@@ -158,3 +161,16 @@ def host_zeros(shape: tuple[int, ...]) -> numpy.ndarray:
 def host_copy(value: Any) -> Any:
     """A copy of a NumPy array; anything else as it is (lists and scalars are copied anyway)."""
     return value.copy() if isinstance(value, numpy.ndarray) else value
+
+
+class HostRng:
+    """A seeded NumPy generator: `uniform(shape, dtype, out=None)` in [0, 1) (Device.rng)."""
+
+    def __init__(self, seed: int) -> None:
+        self._generator = numpy.random.default_rng(seed)
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
+        """Uniform numbers in [0, 1) of `shape` and `dtype` (float32 or float64), into `out`
+        if given."""
+        return self._generator.random(tuple(shape), dtype=dtype, out=out)
+

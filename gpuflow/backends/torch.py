@@ -87,6 +87,9 @@ class TorchDevice(Device):
         return (f"PyTorch {torch.__version__} (CUDA {torch.version.cuda}), GPU "
                 f"{self.native.index}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
 
+    def rng(self, seed: int) -> "_TorchRng":
+        return _TorchRng(seed, self)
+
     def _put(self, host: Any, dtype: Any) -> Any:
         return self._torch.as_tensor(host, dtype=dtype, device=self.native)
 
@@ -96,6 +99,23 @@ class TorchDevice(Device):
 
     def _synchronize(self) -> None:
         self._torch.cuda.synchronize(self.native)
+
+
+class _TorchRng:
+    """A torch.Generator on the device: `uniform(shape, dtype, out=None)` in [0, 1) there, with
+    no host round trip. CPU and CUDA generators give different numbers for the same seed."""
+
+    def __init__(self, seed: int, device: TorchDevice) -> None:
+        torch = device._torch
+        self._generator = torch.Generator(device=device.native).manual_seed(seed)
+        self._rand, self._native = torch.rand, device.native
+
+    def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
+        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given."""
+        if out is not None:
+            return self._rand(tuple(shape), generator=self._generator, out=out)
+        return self._rand(tuple(shape), generator=self._generator, dtype=dtype,
+                          device=self._native)
 
 
 def make_device(rest: str, spec: str) -> TorchDevice:

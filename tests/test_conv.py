@@ -1,0 +1,227 @@
+"""Conv2D, MaxPool2D, AvgPool2D, Flatten: central differences on every device, PyTorch autograd
+as the oracle (float64), and the errors a user gets for bad shapes and options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from conftest import Project, assert_on_device, central_difference, host
+
+RNG = np.random.default_rng(2024)
+
+# (N, C_in, H, W, C_out, kh, kw, stride, padding): stride 1 and 2, padding 0, 1, 2, non-square
+# inputs and kernels, batch 1, one and three channels.
+CONV_CASES = {
+    "s1-p0-1ch": (1, 1, 5, 4, 2, 3, 2, 1, 0),
+    "s2-p1-3ch": (2, 3, 5, 6, 2, 2, 3, 2, 1),
+    "s21-p2-3ch": (1, 3, 4, 5, 1, 3, 3, (2, 1), 2),
+    "s2-tiles": (2, 1, 6, 4, 2, 2, 2, 2, 0),
+}
+# (builder, input shape): pools with the default stride (windows tile, the rest cropped),
+# overlapping windows, and stride 1.
+POOL_CASES = {
+    "max-2": (lambda x: gf.MaxPool2D(x, 2), (2, 1, 5, 4)),
+    "max-3s2": (lambda x: gf.MaxPool2D(x, 3, stride=2), (1, 3, 5, 6)),
+    "max-2x1s1": (lambda x: gf.MaxPool2D(x, (2, 1), stride=1), (1, 1, 3, 4)),
+    "avg-2": (lambda x: gf.AvgPool2D(x, 2), (2, 1, 5, 4)),
+    "avg-3s2": (lambda x: gf.AvgPool2D(x, 3, stride=2), (1, 3, 5, 6)),
+    "avg-2x1s1": (lambda x: gf.AvgPool2D(x, (2, 1), stride=1), (1, 1, 3, 4)),
+    "flatten": (gf.Flatten, (2, 3, 2, 2)),
+}
+
+
+def _conv_inputs(case, bias=True):
+    n, c, h, w, co, kh, kw, stride, padding = CONV_CASES[case]
+    values = [RNG.normal(size=(n, c, h, w)), RNG.normal(size=(co, c, kh, kw))]
+    if bias:
+        values.append(RNG.normal(size=co))
+    return values, dict(stride=stride, padding=padding)
+
+
+def _output_shape(builder, values):
+    """The shape of the node `builder` makes, run once on the CPU over fresh Inputs."""
+    inputs = [gf.Input() for _ in values]
+    node = builder(*inputs)
+    gf.forward_pass(node, gf.topological_sort(dict(zip(inputs, values)), device="cpu"))
+    return tuple(node.value.shape)
+
+
+def _check_gradients(node, inputs, values, loss, graph, device, what):
+    gf.forward_and_backward(graph)
+    for inp, x0 in zip(inputs, values):
+        analytic = host(device, inp.gradients[inp])
+        assert analytic.shape == x0.shape, (what, inp.label, analytic.shape, x0.shape)
+        numeric = central_difference(inp, x0, lambda: gf.forward_pass(loss, graph), device)
+        bad = ~np.isclose(analytic, numeric, rtol=1e-6, atol=1e-8)
+        assert not bad.any(), (
+            f"{what} on {device.name}: d loss / d {inp.label} (shape {x0.shape}) differs at "
+            f"{np.argwhere(bad)[:3].tolist()}: analytic {analytic[bad][:3]}, "
+            f"numeric {numeric[bad][:3]}")
+
+
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv2d_gradients_match_central_differences(case, device):
+    values, options = _conv_inputs(case)
+    inputs = [gf.Input(name=n) for n in ("x", "W", "b")]
+    node = gf.Conv2D(*inputs, **options)
+    R = gf.Input(name="R")
+    loss = Project(node, R)
+    feed = dict(zip(inputs, values))
+    feed[R] = RNG.normal(size=_output_shape(lambda *n: gf.Conv2D(*n, **options), values))
+    graph = gf.topological_sort(feed, device=device, dtype="float64")
+    _check_gradients(node, inputs, values, loss, graph, device, f"Conv2D {case}")
+    for n in graph:
+        assert_on_device(device, n.value, f"{n.label}.value")
+
+
+@pytest.mark.parametrize("case", sorted(POOL_CASES))
+def test_pool_and_flatten_gradients_match_central_differences(case, device):
+    builder, shape = POOL_CASES[case]
+    X = gf.Input(name="x")
+    x = RNG.normal(size=shape)  # distinct values: no ties, where max has no derivative
+    node = builder(X)
+    R = gf.Input(name="R")
+    loss = Project(node, R)
+    graph = gf.topological_sort({X: x, R: RNG.normal(size=_output_shape(builder, [x]))},
+                                device=device, dtype="float64")
+    _check_gradients(node, [X], [x], loss, graph, device, case)
+    assert_on_device(device, X.gradients[X], f"{case} gradient")
+
+
+# -- PyTorch autograd as the oracle (float64, rel 1e-9) ------------------------------------------
+def _close(device, ours, theirs, what):
+    ours = host(device, ours)
+    theirs = theirs.detach().numpy()
+    assert ours.shape == theirs.shape, (what, ours.shape, theirs.shape)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-9, atol=1e-12, err_msg=what)
+
+
+def _torch_grads(fn, arrays, R):
+    torch = pytest.importorskip("torch")
+    tensors = [torch.tensor(a, requires_grad=True) for a in arrays]
+    out = fn(*tensors)
+    (out * torch.tensor(R)).sum().backward()
+    return out, [t.grad for t in tensors]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("case", sorted(CONV_CASES))
+def test_conv2d_matches_torch(case, bias, device):
+    torch = pytest.importorskip("torch")
+    values, options = _conv_inputs(case, bias)
+    inputs = [gf.Input() for _ in values]
+    node = gf.Conv2D(*inputs, **options)
+    expected = torch.nn.functional.conv2d(*(torch.tensor(v) for v in values), **options)
+    R_value = RNG.normal(size=tuple(expected.shape))
+    out, grads = _torch_grads(lambda *t: torch.nn.functional.conv2d(*t, **options), values,
+                              R_value)
+    R = gf.Input()
+    Project(node, R)
+    feed = dict(zip(inputs, values))
+    feed[R] = R_value
+    gf.forward_and_backward(gf.topological_sort(feed, device=device, dtype="float64"))
+    _close(device, node.value, out, f"Conv2D {case} value")
+    for inp, g, name in zip(inputs, grads, ("x", "W", "b")):
+        _close(device, inp.gradients[inp], g, f"Conv2D {case} d{name}")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+@pytest.mark.parametrize("size, stride", [(2, None), (3, 2), ((2, 3), (1, 2)), (2, 1)])
+def test_pooling_matches_torch_ties_included(kind, size, stride, device):
+    torch = pytest.importorskip("torch")
+    # Small integers: many ties inside windows, where PyTorch sends the gradient to the first.
+    x = RNG.integers(0, 3, size=(2, 3, 7, 6)).astype(np.float64)
+    X, R = gf.Input(), gf.Input()
+    node = (gf.MaxPool2D if kind == "max" else gf.AvgPool2D)(X, size, stride=stride)
+    fn = torch.nn.functional.max_pool2d if kind == "max" else torch.nn.functional.avg_pool2d
+    step = size if stride is None else stride
+    R_value = RNG.normal(size=tuple(fn(torch.tensor(x), size, step).shape))
+    out, (dx,) = _torch_grads(lambda t: fn(t, size, step), [x], R_value)
+    Project(node, R)
+    gf.forward_and_backward(gf.topological_sort({X: x, R: R_value}, device=device,
+                                                dtype="float64"))
+    _close(device, node.value, out, f"{kind} pool value")
+    _close(device, X.gradients[X], dx, f"{kind} pool dx")
+
+
+def test_conv_net_trains_through_miniflow_and_graph(device):
+    """A conv-pool-flatten-linear net trains through topological_sort + forward_and_backward +
+    sgd_update, and through Graph: the loss falls."""
+    x = RNG.normal(size=(6, 1, 6, 6))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    for api in ("miniflow", "graph"):
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        h, p1 = gf.conv2d(X, 1, 3, 3, padding=1, name="c1", rng=1, activation="relu")
+        h = gf.Flatten(gf.MaxPool2D(h, 2))
+        logits, p2 = gf.dense(h, 27, 3, name="out", rng=2)
+        loss = gf.SoftmaxCrossEntropy(y, logits)
+        params = list({**p1, **p2}.values())
+        losses = []
+        if api == "miniflow":
+            graph = gf.topological_sort({X: x, y: labels}, device=device, dtype="float64")
+            for _ in range(10):
+                gf.forward_and_backward(graph)
+                losses.append(float(host(device, loss.value)))
+                gf.sgd_update(params, 0.1)
+        else:
+            graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+            for _ in range(10):
+                losses.append(graph.item(graph.step(x, labels)))
+                gf.sgd_update(params, 0.1)
+        assert losses[-1] < 0.7 * losses[0], (api, losses)
+
+
+# -- bad input: a GraphError naming the node, the shapes and the fix -----------------------------
+def _run_conv(x, w, **options):
+    X, W = gf.Input(name="x"), gf.Input(name="W")
+    node = gf.Conv2D(X, W, name="conv", **options)
+    gf.forward_pass(node, gf.topological_sort({X: x, W: w}, device="cpu"))
+
+
+@pytest.mark.parametrize("x_shape, w_shape, options, pattern", [
+    ((2, 3, 8, 8), (4, 1, 3, 3), {}, r"Conv2D 'conv': x has shape \(2, 3, 8, 8\) \(3 channels\) "
+                                     r"but W has shape \(4, 1, 3, 3\)(.|\n)*help: make "
+                                     r"in_channels 3"),
+    ((1, 1, 4, 4), (2, 1, 7, 7), {"padding": 1}, r"Conv2D 'conv': kernel 7x7 is larger than "
+                                                   r"the padded input 6x6(.|\n)*help:"),
+    ((8, 64), (2, 1, 3, 3), {}, r"Conv2D 'conv': x has shape \(8, 64\) \(2-D\); expected 4-D "
+                                r"(.|\n)*help: reshape"),
+])
+def test_conv2d_bad_shapes_are_named(x_shape, w_shape, options, pattern):
+    with pytest.raises(gf.GraphError, match=pattern):
+        _run_conv(np.zeros(x_shape), np.zeros(w_shape), **options)
+
+
+@pytest.mark.parametrize("options, pattern", [
+    ({"stride": 0}, r"Conv2D 'conv': stride 0 must be an int >= 1(.|\n)*help: pass e.g. "
+                    r"stride=1"),
+    ({"padding": -1}, r"Conv2D 'conv': padding -1 must be an int >= 0(.|\n)*help:"),
+    ({"stride": (1, 2, 3)}, r"stride \(1, 2, 3\) must be"),
+])
+def test_conv2d_bad_options_are_refused_when_built(options, pattern):
+    with pytest.raises(gf.GraphError, match=pattern):
+        gf.Conv2D(gf.Input(), gf.Input(), name="conv", **options)
+
+
+def test_pool_window_larger_than_input_is_named():
+    X = gf.Input(name="x")
+    node = gf.MaxPool2D(X, 3, name="pool")
+    with pytest.raises(gf.GraphError, match=r"MaxPool2D 'pool': window 3x3 is larger than the "
+                                            r"input 2x2 \(x \(1, 4, 2, 2\)\)(.|\n)*help:"):
+        gf.forward_pass(node, gf.topological_sort({X: np.zeros((1, 4, 2, 2))}, device="cpu"))
+
+
+def test_conv2d_layer_weights_are_he_and_laid_out_as_torch():
+    X = gf.Input()
+    _, params = gf.conv2d(X, 3, 8, (5, 3), name="c", rng=0)
+    W, b = params["c.W"], params["c.b"]
+    assert W.value.shape == (8, 3, 5, 3) and b.value.shape == (8,)
+    assert not np.any(b.value)
+    std = np.sqrt(2.0 / (3 * 5 * 3))
+    assert abs(W.value.std() / std - 1) < 0.2, W.value.std()
+    _, again = gf.conv2d(X, 3, 8, (5, 3), name="c", rng=0)
+    np.testing.assert_array_equal(again["c.W"].value, W.value)
+    _, no_bias = gf.conv2d(X, 3, 8, 3, name="d", bias=False)
+    assert list(no_bias) == ["d.W"]
