@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .backends import Device, get_device
+from .backends import Device, dtype_name, get_device
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
 from .nodes import Input, Node
@@ -261,10 +261,10 @@ def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, a
             report.first_bad = tuple(int(i) for i in entries[k])
             report.backward, report.numeric = float(a[k]), float(n[k])
         reports.append(report)
-    result = GradientReport(label, device.name, str(check._dtype_spec), rtol, atol, reports)
+    result = GradientReport(label, device.name, dtype_name(check.dtype), rtol, atol, reports)
     if raise_on_failure and not result.ok:
         raise GradientCheckError(
-            f"{result}\nhelp: {label}'s backward() disagrees with its forward(): check the "
+            f"{result}\nhelp: the backward() of {label} disagrees with its forward(): check the "
             "gradient it stores for each input (summed over outbound nodes, the input's shape)"
             "; a kink (ReLU at 0, max ties) near an entry can also fool central differences.")
     return result

@@ -10,6 +10,7 @@ inbound gradients each node computes (`needs_grad`), and where the gradient star
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
@@ -50,7 +51,8 @@ class Plan:
                           require_values, owner=self, reuse_buffers=self.reuse_buffers)
         if self._dtype_spec is None:  # the one the feeds agreed on: a re-bind converts to it
             self._dtype_spec = self.dtype
-        self.backward = plan_backward(self.nodes, self.loss, self.wanted, fresh=fresh)
+        wanted = [n for n in self.wanted if getattr(n, "trainable", True)]  # not the frozen
+        self.backward = plan_backward(self.nodes, self.loss, wanted, fresh=fresh)
         self.stale = False
         return self
 
@@ -77,6 +79,32 @@ class SortedGraph(list):
                              doc="Whether nodes keep their arrays across steps.")
     backward_order = property(lambda self: self.plan.backward,
                               doc="The nodes in the order they run backward.")
+
+    def __repr__(self) -> str:
+        return summary("SortedGraph (topological_sort)", self, self.device, self.dtype,
+                       [n for n in self if getattr(n, "trainable", False)], None)
+
+
+def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
+            parameters: Sequence[Node], loss: Node | None) -> str:
+    """`print(graph)`: device, dtype, the nodes in order with their output shapes (once a step
+    has run), the parameters and their number of values."""
+    params = set(parameters)
+    counts = {p: math.prod(p.value.shape) for p in parameters
+              if getattr(p.value, "shape", None) is not None}
+    rows = [(str(i), n.label, "?" if getattr(n.value, "shape", None) is None
+             else str(tuple(n.value.shape)),
+             ("(the loss)" if n is loss else f"{counts.get(n, 0):,}" + (
+                 "" if getattr(n, "trainable", True) else " (frozen)") if n in params else ""))
+            for i, n in enumerate(nodes)]
+    header = ("#", "node", "output shape", "parameters")
+    widths = [max(len(r[c]) for r in rows + [header]) for c in range(4)]
+    lines = [f"{title} on {device.name}, {dtype_name(dtype) if dtype is not None else 'fed dtype'}"
+             f": {len(nodes)} nodes, {len(parameters)} parameters "
+             f"({sum(counts.values()):,} values)"]
+    for r in [header] + rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -105,7 +133,14 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     graph = SortedGraph(order, get_device(device), dtype, reuse_buffers)
-    graph.plan.build(feed_dict, require_values=True)
+    before = [(node, dict(node.__dict__)) for node in order]
+    try:
+        graph.plan.build(feed_dict, require_values=True)
+    except Exception:  # a refused sort, like a refused Graph, changes no node
+        for node, attributes in before:
+            node.__dict__.clear()
+            node.__dict__.update(attributes)
+        raise
     return graph
 
 
@@ -369,8 +404,9 @@ class Graph:
     loss: the node to minimise. device: a spec or Device (None: GPUFLOW_DEVICE, else 'cpu').
     dtype: the floating dtype of every value ('float32' by default; 'float64' for checks).
     inputs: the data Inputs in the order `step`/`run` take positional batches (default: every
-    Input under the loss that is not trainable, in sorted order). parameters: what gradients
-    are computed for (default: every node with `trainable = True`, e.g. `Parameter`).
+    Input under the loss that is not a parameter, in sorted order). parameters: what gradients
+    are computed for (default: every node with a `trainable` attribute, e.g. `Parameter`); one
+    whose `trainable` is False (frozen, also later: the backward is planned again) gets none.
     outputs: extra nodes to run for inference (e.g. logits for predictions).
     strict: after the first step, refuse every host<->device transfer or synchronisation
     except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
@@ -402,7 +438,7 @@ class Graph:
         self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
         self._members = set(self.nodes)
         self.parameters = list(parameters) if parameters is not None else sorted(
-            (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
+            (n for n in self.nodes if hasattr(n, "trainable")), key=lambda n: n._id)
         trainable = set(self.parameters)
         self.inputs = list(inputs) if inputs is not None else sorted(  # in creation order
             (n for n in self.nodes if isinstance(n, Input) and n not in trainable),
@@ -420,6 +456,9 @@ class Graph:
         self.check_finite = check_finite
         self.steps = 0
 
+    def __repr__(self) -> str:
+        return summary("Graph", self.nodes, self.device, self.dtype, self.parameters, self.loss)
+
     def named_parameters(self) -> dict[str, Node]:
         """{name: parameter} in graph order; every parameter needs a unique name."""
         named: dict[str, Node] = {}
@@ -436,7 +475,9 @@ class Graph:
         `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
-        {Input: array}. Gradients land in `parameter.gradients[parameter]`.
+        {Input: array} with every one of them (a key that is not an Input of this graph, or
+        an Input left out, is a GraphError: no step silently reuses an earlier batch).
+        Gradients land in `parameter.gradients[parameter]`.
         """
         self.plan.ensure()
         set_mode(self.nodes, training, self)
@@ -458,11 +499,23 @@ class Graph:
             for node in plan.compute:
                 run_forward((node,))
                 self._check_dtype(node, "value", node.value)
+            self._check_scalar_loss()
             run_backward(plan.backward)
             for p in self.parameters:
                 self._check_dtype(p, "gradient", p.gradients.get(p))
             return
         _run_step(plan.compute, plan.backward)
+
+    def _check_scalar_loss(self) -> None:
+        """In the first step: the loss is one number (a node's output of more values, e.g.
+        the logits, cannot be minimised: its backward would start from a scalar 1)."""
+        shape = tuple(getattr(self.loss.value, "shape", ()))
+        if math.prod(shape) != 1:
+            raise GraphError(
+                f"the loss, {self.loss.label}, has shape {shape}, not one number; a Graph "
+                "minimises a scalar.\nhelp: put a loss node on top, e.g. "
+                "Graph(gf.SoftmaxCrossEntropy(y, logits), outputs=[logits]) or "
+                "Graph(gf.MSE(y, out)).")
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node
@@ -472,7 +525,7 @@ class Graph:
         if (dtype is not None and self.device.xp.isdtype(dtype, "real floating")
                 and dtype != self.dtype):
             raise GraphError(
-                f"{node.label}'s {what} has dtype {dtype_name(dtype)} in a "
+                f"the {what} of {node.label} has dtype {dtype_name(dtype)} in a "
                 f"{dtype_name(self.dtype)} graph: the node promotes it.\nhelp: make its "
                 "constants with dtype=x.dtype (and device=) from its inputs, or build the "
                 "graph with that dtype.")
@@ -489,8 +542,8 @@ class Graph:
         with LEDGER.allowed():
             host = self.device.to_host(flags, what="finite check")
         node, what, array = arrays[[bool(f) for f in host].index(False)]
-        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}'s "
-                         f"{what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}, in "
+                         f"its {what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 
@@ -499,7 +552,7 @@ class Graph:
         mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
-        or one dict {Input: array}.
+        or one dict {Input: array} with every one of them.
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
@@ -524,12 +577,27 @@ class Graph:
             return self.device.item(value, what="loss read")
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
+        """Set the Inputs' values: every one of `inputs` is fed at every step (positionally, or
+        as a dict key); a dict key that is not an Input of this graph, or a dict without
+        one of `inputs`, is a GraphError, and nothing is fed."""
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
-            unknown = [n for n in batches[0] if n not in self._members]
-            if unknown:
-                raise GraphError(f"{unknown[0]!r} is fed but is not in this graph.\n"
-                                 "help: feed the graph's own Input nodes.")
+            for n in batches[0]:
+                if not isinstance(n, Input) or n not in self._members:
+                    what = "not in this graph" if isinstance(n, Node) and n not in \
+                        self._members else f"a {type(n).__name__}, not an Input"
+                    raise GraphError(
+                        f"{n.label if isinstance(n, Node) else repr(n)} is fed but is {what}."
+                        f"\nhelp: feed this graph's data Inputs "
+                        f"[{', '.join(i.label for i in inputs)}] (a dict key or, in that "
+                        "order, positionally).")
+            left_out = [n.label for n in inputs if n not in batches[0]]
+            if left_out:  # it would silently reuse the previous batch
+                raise GraphError(
+                    f"{', '.join(left_out)} left out of the step's dict; every data Input is "
+                    "fed at every step (an Input left out is not given its last batch again)."
+                    f"\nhelp: add {left_out[0]} to the dict, or pass Graph(inputs=[...]) "
+                    "without the Inputs you set once through .value.")
         elif len(batches) == len(inputs):
             pairs = zip(inputs, batches)
         else:

@@ -6,6 +6,7 @@ in the report. GPUFLOW_TEST_DEVICES=spec,spec replaces the set (e.g. 'cpu,cuda')
 
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
@@ -31,6 +32,23 @@ def device(request: pytest.FixtureRequest) -> gf.Device:
         return gf.get_device(request.param)
     except gf.DeviceError as exc:
         pytest.skip(f"{request.param} unavailable: {str(exc).splitlines()[0]}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line per distinct skip reason with its count, instead of one line per skipped test
+    (pyproject's addopts leave skips out of -r); the final 'N passed, N skipped' line stays."""
+    if "s" in config.option.reportchars.lower() or "a" in config.option.reportchars.lower():
+        return  # -rs / -ra asked for every skip line: pytest prints them itself
+    reasons: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.section("skips by reason (-rs lists each test)", sep="-")
+    for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.line(f"{count:4d} skipped: {reason}")
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -40,6 +40,7 @@ import sys
 from typing import Any, Sequence
 
 import gpuflow as gf
+from gpuflow.cli import CommandParser, report_error
 from gpuflow.errors import DeviceError
 
 from .floor_numpy import NdarrayFloor
@@ -57,7 +58,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(  # one-line errors, worded as every gpuflow command's
         prog="gpuflow bench",
         description="Time one training step (forward + backward + SGD) of gpuflow's Graph and "
                     "MiniFlow paths against a hand-written floor and PyTorch eager.")
@@ -88,32 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 0.2)
     warmup = 1 if args.quick else 3
     if rounds < 1 or min_time < 0:
-        print(f"gpuflow bench: --rounds ({rounds}) must be >= 1 and --min-time ({min_time}) "
-              ">= 0.", file=sys.stderr)
-        return 2
+        return report_error("gpuflow bench", f"--rounds ({rounds}) must be >= 1 and --min-time "
+                            f"({min_time}) >= 0.\nhelp: e.g. --rounds 7 --min-time 0.2.")
     if args.threads is not None:
         if args.threads < 1:
-            print(f"gpuflow bench: --threads must be >= 1, got {args.threads}.", file=sys.stderr)
-            return 2
+            return report_error("gpuflow bench", f"--threads must be >= 1, got {args.threads}."
+                                "\nhelp: pass e.g. --threads 1.")
         set_threads(args.threads)
     try:
         device = gf.get_device(args.device)
     except DeviceError as exc:
-        print(f"gpuflow bench: {exc}", file=sys.stderr)
-        return 2
+        return report_error("gpuflow bench", exc)
     if args.workloads:
         names = [s.strip().upper() for s in args.workloads.split(",") if s.strip()]
         unknown = [n for n in names if n not in WORKLOADS]
         if unknown:
-            print(f"gpuflow bench: unknown workload(s) {unknown}; choose from "
-                  f"{list(WORKLOADS)}.", file=sys.stderr)
-            return 2
+            return report_error("gpuflow bench", f"unknown workload(s) {unknown}.\nhelp: "
+                                f"choose from {','.join(WORKLOADS)}.")
         cpu_only = [n for n in names if WORKLOADS[n].gpu_only and not device.is_gpu]
         if cpu_only:
-            print(f"gpuflow bench: {', '.join(cpu_only)} run only on GPU devices, and "
-                  f"{device.name} is not one.\nhelp: drop them from --workloads or pass "
-                  "--device cuda.", file=sys.stderr)
-            return 2
+            return report_error("gpuflow bench", f"{', '.join(cpu_only)} run only on GPU devices, "
+                                f"and {device.name} is not one.\nhelp: drop them from "
+                                "--workloads or pass --device cuda.")
     else:
         names = [n for n, w in WORKLOADS.items() if device.is_gpu or not w.gpu_only]
     rtol = 1e-3 if args.dtype == "float32" else 1e-6
