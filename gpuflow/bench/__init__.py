@@ -1,19 +1,23 @@
 """Benchmark one training step (forward + backward + SGD update) against a hand-written floor
 and PyTorch eager.
 
-For each workload, four variants train the same network from the same seeded weights on the
-same fixed host batch:
+Workloads: W1-W4 are MLPs (W4 on GPUs only), W5 a LeNet-5 on 1x28x28 images (batch 64), W6
+three 3x3 convolutions of 32, 64 and 128 channels, each with 2x2 max pooling, on 3x32x32 images
+(batch 128). For each workload, four variants train the same network from the same seeded
+weights on the same fixed host batch:
 
   floor     the same maths hand-written in the device's own library (NumPy in place with
-            out= and preallocated buffers for 'cpu'; torch ops without autograd for torch:*;
-            CuPy with out= for cuda; plain namespace ops for array_api_strict). It computes
-            nothing no one needs: no gradient for the data, a fused softmax-CE gradient.
+            out= and preallocated buffers for 'cpu', im2col + one GEMM per convolution pass;
+            torch ops without autograd for torch:*, torch's own convolution and pooling kernels
+            for W5/W6; CuPy with out= for cuda; plain namespace ops for array_api_strict). It
+            computes nothing no one needs: no gradient for the data, a fused softmax-CE
+            gradient.
   graph     gpuflow's Graph + gpuflow.optim.SGD: `graph.step(xb, yb); opt.step()`.
   miniflow  gpuflow's unchanged MiniFlow loop: Inputs for weights and data,
             `forward_and_backward(graph); sgd_update(trainables, lr)`; it still computes the
             gradient of the data Inputs.
-  torch     PyTorch eager (nn.Linear + torch.optim.SGD + loss.backward()) on the matching
-            torch device, when torch is installed.
+  torch     PyTorch eager (nn.Linear, nn.Conv2d, nn.MaxPool2d + torch.optim.SGD +
+            loss.backward()) on the matching torch device, when torch is installed.
 
 Every variant uploads the host batch each step (Input.value / torch.from_numpy /
 cupy.asarray / xp.asarray), as a training loop would; on the CPU that upload is free.
