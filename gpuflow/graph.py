@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
+from . import amp, placement
 from .buffers import NO_BUFFERS, Buffers, copy_feed, copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
@@ -417,6 +418,12 @@ class Graph:
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
     and `run` return arrays of the caller's own. False makes new arrays every step (the
     rules: gpuflow/buffers.py).
+    dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
+    float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
+    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
+    device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
+    and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
+    launch per step (CUDA graphs); devices without it run as usual and say so once.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
     forward only, without gradient work; `item` reads a device scalar as a float (the one
@@ -427,14 +434,17 @@ class Graph:
                  dtype: Any = "float32", inputs: Sequence[Input] | None = None,
                  parameters: Sequence[Node] | None = None, outputs: Sequence[Node] = (),
                  strict: bool | None = None, check_finite: bool = False,
-                 reuse_buffers: bool = True) -> None:
+                 reuse_buffers: bool = True, loss_scale: Any = "dynamic",
+                 capture: "bool | str" = False) -> None:
         if not isinstance(loss, Node):
             raise GraphError(f"Graph needs a loss node, got {type(loss).__name__}.")
         if dtype is None:
             raise GraphError("Graph(dtype=None): a Graph fixes one floating dtype for every "
                              "value.\nhelp: pass dtype='float32' (training) or 'float64'.")
         self.loss = loss
-        self.device = get_device(device)
+        self._fastest = placement.fastest_candidates(device) if placement.is_fastest(
+            device) else None  # chosen at the first step, from its batch
+        self.device = get_device(self._fastest[0] if self._fastest else device)
         self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
         self._members = set(self.nodes)
         self.parameters = list(parameters) if parameters is not None else sorted(
@@ -447,6 +457,9 @@ class Graph:
         if stray:  # checked before binding: a refused graph changes no node
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
+        self.amp = amp.for_graph(self.device, dtype, loss_scale)  # None unless float16/bfloat16
+        self._loss_scale = loss_scale
+        self.capture = placement.capture_option(capture, self.device)
         self.reuse_buffers = reuse_buffers
         self.plan = Plan(self.nodes, self.device, dtype, loss=loss, wanted=self.parameters,
                          reuse_buffers=reuse_buffers).build()
@@ -475,19 +488,26 @@ class Graph:
         `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
-        {Input: array} with every one of them (a key that is not an Input of this graph, or
-        an Input left out, is a GraphError: no step silently reuses an earlier batch).
-        Gradients land in `parameter.gradients[parameter]`.
+        {Input: array}: a key that is not an Input of this graph is a GraphError; an Input
+        left out keeps its last value (as MiniFlow's `.value` does; a GraphError if it never
+        had one). Gradients land in `parameter.gradients[parameter]`.
         """
+        if self._fastest:
+            candidates, self._fastest = self._fastest, None
+            self.fastest = placement.choose_fastest(self, batches, candidates)
         self.plan.ensure()
         set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
+        if self.amp is not None:
+            self.amp.before_step(self)
         with self.device.scope():
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()
             else:
                 self._forward_backward()
+            if self.amp is not None:
+                self.amp.after_step(self)
             if self.check_finite:
                 self._check_finite()
             self.steps += 1
@@ -534,8 +554,9 @@ class Graph:
         """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
         xp = self.device.xp
         arrays = [(n, "value", n.value) for n in self.plan.compute]
-        arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
-                   for target, g in n.gradients.items() if not isinstance(g, float)]
+        if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients
+            arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
+                       for target, g in n.gradients.items() if not isinstance(g, float)]
         flags = xp.stack([xp.all(xp.isfinite(a)) for _, _, a in arrays])
         if self.item(xp.all(flags)):
             return
@@ -552,7 +573,7 @@ class Graph:
         mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
-        or one dict {Input: array} with every one of them.
+        or one dict {Input: array} (Inputs left out keep their last value, as in `step`).
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
@@ -571,15 +592,28 @@ class Graph:
             run_forward(compute)
             return copy_if_kept(output.value, self.device)
 
+    def compare(self, other_device: "str | Device", *batches: Any, dtype: Any = "float64",
+                rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Any:
+        """Run one step here and on `other_device` from the same weights, in `dtype`; return the
+        first node whose value (forward order) or gradient (backward order) differs beyond
+        the tolerance, with both numbers (a `placement.Difference`; `.found` is False if none).
+        batches: as `step` takes them (default: the last batch fed). Dropout's masks differ
+        between devices: pass training=False to compare a graph with Dropout. The graph is left
+        as it was (device, dtype, weights, node state); its gradients are not, and Dropout's
+        masks start again from their seed."""
+        return placement.compare(self, other_device, batches, dtype=dtype, rtol=rtol,
+                                 atol=atol, training=training)
+
     def item(self, value: Any) -> float:
         """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""
         with LEDGER.allowed():
             return self.device.item(value, what="loss read")
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
-        """Set the Inputs' values: every one of `inputs` is fed at every step (positionally, or
-        as a dict key); a dict key that is not an Input of this graph, or a dict without
-        one of `inputs`, is a GraphError, and nothing is fed."""
+        """Set the Inputs' values, positionally (one per `inputs`) or from a dict. A dict key
+        that is not an Input of this graph is a GraphError, and nothing is fed. An Input left
+        out of a dict keeps its last value, as a MiniFlow Input keeps what `.value` set (a
+        GraphError if it never had one)."""
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
             for n in batches[0]:
@@ -591,13 +625,6 @@ class Graph:
                         f"\nhelp: feed this graph's data Inputs "
                         f"[{', '.join(i.label for i in inputs)}] (a dict key or, in that "
                         "order, positionally).")
-            left_out = [n.label for n in inputs if n not in batches[0]]
-            if left_out:  # it would silently reuse the previous batch
-                raise GraphError(
-                    f"{', '.join(left_out)} left out of the step's dict; every data Input is "
-                    "fed at every step (an Input left out is not given its last batch again)."
-                    f"\nhelp: add {left_out[0]} to the dict, or pass Graph(inputs=[...]) "
-                    "without the Inputs you set once through .value.")
         elif len(batches) == len(inputs):
             pairs = zip(inputs, batches)
         else:

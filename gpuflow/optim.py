@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Mapping
 
+from . import amp
 from .backends import LEDGER
 from .errors import CheckpointError, GraphError
 from .graph import Graph
@@ -137,6 +138,8 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+        # a float16/bfloat16 Graph's float32 masters and loss scale (private: not a hyper-parameter)
+        self._amp = amp.for_optimizer(params, self.params)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
         self._changes = -1  # Parameter.trainable_changes when `active` was last listed
@@ -155,6 +158,9 @@ class Optimizer:
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
+        if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self._amp.optimizer_step(self)
+            return
         self.t += 1
         self._update_all()
         if self._graph is not None and self._graph.check_finite:
@@ -186,8 +192,8 @@ class Optimizer:
                 p.value = new
 
     def _state_dtype(self, p: Node) -> Any:
-        """The dtype of `p`'s optimizer state (its own, unless a subclass widens it)."""
-        return p.value.dtype
+        """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
+        return self._amp.master_dtype if self._amp is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """Update `value` in place from `grad` and return it (a new object only if `value` is
