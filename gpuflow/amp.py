@@ -170,7 +170,7 @@ class MixedPrecision:
     def optimizer_step(self, optimizer: Any) -> bool:
         """Check the gradients; update the masters through `optimizer.update` and round them
         into the parameters, or skip the step (overflow). Returns whether it stepped."""
-        params = optimizer.active  # frozen parameters (trainable False) are skipped
+        params = optimizer._active  # frozen parameters (trainable False) are skipped
         masters = [self.master_of(p) for p in params]  # before anything can change
         finite = self._finite([p.gradients[p] for p in params])
         scale = self.scaler.scale
