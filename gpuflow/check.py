@@ -21,7 +21,9 @@ import numpy as np
 from .backends import Device, dtype_name, get_device
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
+from .host import to_numpy
 from .nodes import Input, Node
+from .norm import Dropout
 
 __all__ = ["gradient_check", "GradientReport", "GradientCheckError", "Project",
            "central_difference"]
@@ -155,15 +157,26 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
                     f"[{', '.join(n.label for n in target.inputs)}].\nhelp: pass one array per "
                     "input, in that order, or a dict {Input: array}.")
             feed = dict(zip(target.inputs, batches))
-        # inputs=[]: fed once here, then held while the entries are perturbed one by one.
-        check = Graph(target.loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
-                      strict=False)
-        check.step(feed)
-        extra: list[Node] = []
+        saved = _node_state(target.nodes)
+        try:
+            # inputs=[]: fed once here, then held while the entries are perturbed one by one.
+            check = Graph(target.loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
+                          strict=False)
+            _same_masks(check.nodes)
+            check.step(feed)
+            extra: list[Node] = []
+        except BaseException:
+            _restore_state(saved)
+            raise
     elif isinstance(target, Node):
         label = target.label
         device = get_device(device if device is not None else (target.device or "cpu"))
-        check, wrt, extra = _node_graph(target, batches, wrt, device, dtype, seed)
+        saved = _node_state(reachable([target], "inbound_nodes"))
+        try:
+            check, wrt, extra = _node_graph(target, batches, wrt, device, dtype, seed)
+        except BaseException:
+            _restore_state(saved)
+            raise
     else:
         raise GraphError(f"gradient_check: expected a Node or a Graph, got "
                          f"{type(target).__name__}.\nhelp: pass the node to check (built on "
@@ -172,6 +185,35 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
         return _compare(check, label, wrt, h, rtol, atol, samples, seed, raise_on_failure)
     finally:
         _detach(extra)
+        _restore_state(saved)
+
+
+def _same_masks(nodes: Iterable[Node]) -> None:
+    """Dropout draws its next mask from its seed again: every pass of the check (all in
+    training mode, as the backward pass ran) sees the mask the checked step used."""
+    for node in nodes:
+        if isinstance(node, Dropout):
+            node._rng_device = None
+
+
+def _node_state(nodes: Iterable[Node]) -> dict[Node, Any]:
+    """What the check's training-mode passes change: node state (BatchNorm's running
+    statistics, as host copies) and Dropout's generator; `_restore_state` puts it back."""
+    saved: dict[Node, Any] = {}
+    for node in nodes:
+        if isinstance(node, Dropout):
+            saved[node] = (node._rng, node._rng_device)
+        elif callable(getattr(node, "state_dict", None)) and node.device is not None:
+            saved[node] = {k: to_numpy(v) for k, v in node.state_dict().items()}
+    return saved
+
+
+def _restore_state(saved: dict[Node, Any]) -> None:
+    for node, state in saved.items():
+        if isinstance(node, Dropout):
+            node._rng, node._rng_device = state
+        else:
+            node.load_state_dict(state)
 
 
 def _detach(extra: list[Node]) -> None:
@@ -211,6 +253,7 @@ def _node_graph(node: Node, batches: tuple, wrt: Sequence[Node] | None, device: 
             shape = tuple(getattr(check.run(node, feed), "shape", ()))
             upstream = np.random.default_rng(seed).normal(size=shape)
             feed[R] = upstream if shape else np.float64(upstream)
+        _same_masks(check.nodes)
         check.step(feed)
     except BaseException:
         _detach(extra)
@@ -225,6 +268,12 @@ def _host(value: Any, device: Device) -> Any:
     if device.owns(value):
         return np.asarray(device.to_host(value, what="gradient check"))
     return np.asarray(value)
+
+
+def _training_loss(check: Graph) -> Any:
+    """The loss in training mode, as the checked backward pass saw it (same Dropout masks)."""
+    _same_masks(check.nodes)
+    return check.run(None, {}, training=True)
 
 
 def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, atol: float,
@@ -256,7 +305,7 @@ def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, a
             entries = [all_entries[i] for i in sorted(picks)]
         else:
             entries = all_entries
-        numeric = central_difference(p, x0, lambda: check.run(None, {}), device,
+        numeric = central_difference(p, x0, lambda: _training_loss(check), device,
                                      entries=entries, h=h)
         idx = tuple(np.array(entries).T) if entries and shape else ()
         a = grad[idx] if shape else grad.reshape(1)
