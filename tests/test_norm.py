@@ -340,3 +340,14 @@ def test_strict_mode_holds_for_a_cnn_step_with_dropout_and_batchnorm(device):
         opt.step()
     assert losses[-1] < losses[0], losses
     graph.run(logits, x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda x, g, b: gf.BatchNorm(x, g, b, momentum="0.1"),
+    lambda x, g, b: gf.BatchNorm(x, g, b, eps=None),
+    lambda x, g, b: gf.LayerNorm(x, g, b, eps="1e-5"),
+], ids=["batchnorm-momentum", "batchnorm-eps", "layernorm-eps"])
+def test_normalisation_options_that_are_not_numbers_are_graph_errors(make):
+    # Regression: a string or None escaped as a bare TypeError from the comparison.
+    with pytest.raises(gf.GraphError, match="help:"):
+        make(gf.Input(), gf.Input(), gf.Input())
