@@ -13,6 +13,7 @@ from .errors import (CheckpointError, DataError, DeviceError, DistributedError, 
                      GraphError, TransferError)
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
+from .host import to_numpy
 from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
@@ -27,7 +28,7 @@ __all__ = [
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
     "Graph", "Parameter", "dense", "mlp", "gradient_check",
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
-    "Softmax", "Add", "conv2d", "batchnorm", "layernorm",
+    "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py
