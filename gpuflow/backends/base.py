@@ -26,7 +26,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   be updated in place: `x[...] = v`, `x *= a`), `is_host` (arrays live in host memory: no
   transfer counted), `is_gpu`, `supports_dlpack` (`xp.from_dlpack` takes other libraries'
   arrays), `collectives` (the name of device-side collectives, e.g. 'NCCL', or None: then
-  distributed training sums through MPI on host memory).
+  distributed training sums through MPI on host memory), `flushes_subnormals` (results
+  below the smallest normal number become 0, as XLA's do).
 - transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`.
 - `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
@@ -177,6 +178,7 @@ class Device:
     supports_dlpack: bool = True   # xp.from_dlpack takes another library's array
     collectives: str | None = None  # device-side collectives (e.g. "NCCL"), None: MPI on host
     index: int | None = None       # the library's device number, None where it has none
+    flushes_subnormals: bool = False  # results below the smallest normal number become 0 (XLA)
 
     def __init__(self, name: str, xp: Any, native: Any) -> None:
         self.name = name        # canonical spec, e.g. "cpu", "cuda:0", "torch:cpu"
