@@ -193,6 +193,24 @@ class UfuncOps(Ops):
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
 
+    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
+        return self._lib.stack(arrays, axis=axis, out=out)
+
+    def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
+        """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
+        return _col2im_in_place(parts, kw, sh, sw, out)
+
+
+def _col2im_in_place(parts: list, kw: int, sh: int, sw: int, out: Any) -> Any:
+    """out = 0, then parts[i * kw + j] (N, C, Ho, Wo) added into out's strided slice of offset
+    (i, j): for libraries whose arrays take slice assignment (NumPy, CuPy, torch)."""
+    out[...] = 0
+    ho, wo = parts[0].shape[2:]
+    for k, part in enumerate(parts):
+        i, j = divmod(k, kw)
+        out[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += part
+    return out
+
 
 class Device:
     """One device of one array library: its namespace `xp`, its canonical `name`, and transfers.
