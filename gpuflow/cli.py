@@ -5,6 +5,7 @@
     gpuflow train --data ~/mnist --save run.npz      # MNIST IDX folder or mnist.npz
     gpuflow train --resume run.npz --epochs 40       # continue to 40 epochs in total
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
+    gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -30,6 +31,7 @@ from .errors import CheckpointError, GpuflowError
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw")
+MODELS = ("mlp", "cnn")
 DTYPES = ("float32", "float64")
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
@@ -62,6 +64,8 @@ class TrainOptions:
     plot: str | None = None      # PNG of the loss and accuracy curves (needs matplotlib)
     quiet: bool = False          # no progress bar, no per-epoch lines: the summary only
     check_finite: bool = False   # stop at the first NaN/Inf, naming the node and the step
+    model: str = "mlp"           # 'mlp', or 'cnn': a LeNet-style CNN (layers.lenet)
+    dropout: float | None = None  # after the hidden dense layer(s); None: 0.25 cnn, 0 mlp
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -82,6 +86,12 @@ class TrainOptions:
         if self.optimizer.lower() not in OPTIMIZER_NAMES:
             raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, "
                              f"got {self.optimizer!r}.")
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}.")
+        if self.dropout is None:
+            self.dropout = 0.25 if self.model == "cnn" else 0.0
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}; e.g. 0.25.")
         _check_int("--epochs", self.epochs, 1)
         _check_int("--batch-size", self.batch_size, 1)
         _check_int("--seed", self.seed, 0)
@@ -114,7 +124,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     from . import distributed
     from .data import Batches, load_digits, load_mnist, train_test_split
     from .graph import Graph
-    from .layers import mlp
+    from .layers import lenet, mlp
     from .nodes import Input, SoftmaxCrossEntropy
     from .optim import make_optimizer
 
@@ -150,7 +160,19 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     device = get_device(ctx.device_spec(opts.device), verbose=say)
     X_in, y_in = Input(name="X"), Input(name="y")
     sizes = [X_train.shape[1], *opts.hidden, n_classes]
-    logits, _ = mlp(X_in, sizes, seed=opts.seed)
+    if opts.model == "cnn":  # square one-channel images: 8x8 digits, 28x28 MNIST
+        side = math.isqrt(X_train.shape[1])
+        if side * side != X_train.shape[1]:
+            raise ValueError(f"--model cnn needs square one-channel images; the data has "
+                             f"{X_train.shape[1]} pixels per example, not a square number.")
+        X_train, X_test = (a.reshape(-1, 1, side, side) for a in (X_train, X_test))
+        logits, _ = lenet(X_in, (1, side, side), n_classes, hidden=opts.hidden[0],
+                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
+        arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
+                f"{opts.dropout:g}; 1x{side}x{side} images)")
+    else:
+        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
+        arch = "-".join(str(s) for s in sizes) + " MLP"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
                   check_finite=opts.check_finite)
@@ -179,8 +201,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
 
     devices = ctx.allgather(device.name)
     if say:
-        arch = "-".join(str(s) for s in sizes)
-        print(f"training a {arch} MLP on {source} ({len(X_train)} train, {len(X_test)} test) "
+        print(f"training a {arch} on {source} ({len(X_train)} train, {len(X_test)} test) "
               f"on {device.name}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
               f"batch {opts.batch_size}")
         if ctx.size > 1:
@@ -380,6 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size)
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES)
+    t.add_argument("--model", default=d.model, choices=MODELS,
+                   help="mlp, or cnn: a LeNet-style CNN on the images (default %(default)s)")
+    t.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
+                   help="dropout probability after the hidden dense layer(s) "
+                        "(default 0.25 for cnn, 0 for mlp)")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), metavar="N",
                    help="hidden layer sizes, e.g. --hidden 128 64")
     t.add_argument("--seed", type=int, default=d.seed,
