@@ -31,7 +31,7 @@ def main() -> None:
 
     # 1. Data on the host: 1797 images of 8x8 pixels in [0, 1], as (N, 1, 8, 8); labels 0..9.
     X, y = load_digits()
-    X_train, y_train, X_test, y_test = train_test_split(X, y, test_fraction=0.2, seed=args.seed)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, seed=args.seed)
     X_train, X_test = X_train.reshape(-1, 1, 8, 8), X_test.reshape(-1, 1, 8, 8)
 
     # 2. The graph, layer by layer; one host generator draws every initial weight.

@@ -29,7 +29,7 @@ def main() -> None:
 
     # 1. Data on the host: 1797 images of 64 pixels in [0, 1], labels 0..9.
     X, y = load_digits()
-    X_train, y_train, X_test, y_test = train_test_split(X, y, test_fraction=0.2, seed=args.seed)
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.2, seed=args.seed)
 
     # 2. The graph: X -> 64-128-10 MLP (ReLU) -> logits -> softmax cross-entropy with y.
     X_in, y_in = gf.Input(name="X"), gf.Input(name="y")

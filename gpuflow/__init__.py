@@ -8,15 +8,16 @@
 """
 
 from .backends import Device, LEDGER, available_devices, get_device
+from .check import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
-from .graph import (Graph, SortedGraph, forward_and_backward, forward_pass, sgd_update,
-                    topological_sort)
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
 from .norm import BatchNorm, Dropout, LayerNorm
+from .optim import sgd_update
 
 __version__ = "0.1.0"
 
@@ -24,7 +25,7 @@ __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
-    "Graph", "Parameter", "dense", "mlp",
+    "Graph", "Parameter", "dense", "mlp", "gradient_check",
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm",
 ]

@@ -418,7 +418,7 @@ def _check_optimizer(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarr
     if saved["class"] != cls:
         raise CheckpointError(f"checkpoint {path!r} holds optimizer state of class "
                               f"{saved['class']}, but load was given {cls}.\n"
-                              f"help: build a {saved['class']} (hyper-parameters "
+                              f"help: build the optimizer as {saved['class']} (hyper-parameters "
                               f"{saved['hyper']}), or pass optimizer=None.")
     params = {p.name: p for p in optimizer.params}
     state: dict[str, Any] = {"t": int(saved["t"])}

@@ -19,18 +19,26 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import importlib
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
+from . import checkpoint, distributed
 from .backends import backend_report, get_device
-from .errors import CheckpointError, GpuflowError
+from .data import Batches, load_digits, load_mnist, train_test_split
+from .errors import CheckpointError, GpuflowError, check_int
+from .graph import Graph
+from .layers import lenet, mlp
+from .nodes import Input, SoftmaxCrossEntropy
+from .optim import OPTIMIZERS, check_learning_rate, make_optimizer
 
 PROG = "gpuflow"
-OPTIMIZER_NAMES = ("sgd", "momentum", "nesterov", "adam", "adamw")
+OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
 MODELS = ("mlp", "cnn")
 DTYPES = ("float32", "float64")
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
@@ -57,7 +65,7 @@ class TrainOptions:
     optimizer: str = "adam"
     hidden: tuple[int, ...] = (128,)
     seed: int = 0
-    test_fraction: float = 0.2
+    test_size: float = 0.2       # held-out share of the bundled digits (train_test_split)
     data: str | None = None      # MNIST-style IDX folder or .npz; None: the bundled digits
     save: str | None = None      # checkpoint written at the end of every epoch
     resume: str | None = None    # checkpoint to continue from
@@ -70,43 +78,82 @@ class TrainOptions:
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
                  ) -> "TrainOptions":
-        """TrainOptions from itself, a dict or an argparse Namespace (unknown keys ignored)."""
+        """TrainOptions from itself, a dict or an argparse Namespace.
+
+        A dict key that is not a field is a ValueError (a typo must not be ignored); a
+        Namespace's other attributes (the command's name) are ignored."""
         if options is None:
             return cls()
         if isinstance(options, cls):
             return options
-        values = dict(options) if isinstance(options, Mapping) else vars(options)
         names = {f.name for f in dataclasses.fields(cls)}
+        if isinstance(options, Mapping):
+            values = dict(options)
+            unknown = sorted(set(values) - names)
+            if unknown:
+                raise ValueError(f"train: unknown option(s) {unknown}.\nhelp: pass fields of "
+                                 f"gpuflow.cli.TrainOptions: {', '.join(sorted(names))}.")
+        else:
+            values = vars(options)
         return cls(**{k: v for k, v in values.items() if k in names and v is not None})
 
     def check(self) -> None:
-        """ValueError naming the option for every value out of range."""
-        if self.dtype not in DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}.")
-        if self.optimizer.lower() not in OPTIMIZER_NAMES:
-            raise ValueError(f"--optimizer must be one of {', '.join(OPTIMIZER_NAMES)}, "
-                             f"got {self.optimizer!r}.")
-        if self.model not in MODELS:
-            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}.")
+        """The one check of every option: ValueError naming the option for a value out of
+        range, before anything is loaded, built or written."""
+        _check_choice("--dtype", self.dtype, DTYPES)
+        _check_choice("--optimizer", self.optimizer.lower(), OPTIMIZER_NAMES)
+        _check_choice("--model", self.model, MODELS)
         if self.dropout is None:
             self.dropout = 0.25 if self.model == "cnn" else 0.0
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}; e.g. 0.25.")
-        _check_int("--epochs", self.epochs, 1)
-        _check_int("--batch-size", self.batch_size, 1)
-        _check_int("--seed", self.seed, 0)
-        self.hidden = tuple(self.hidden)
-        for size in self.hidden:
-            _check_int("--hidden", size, 1)
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr!r}; e.g. --lr 1e-3.")
-        if not 0.0 < float(self.test_fraction) < 1.0:
-            raise ValueError(f"test_fraction must be between 0 and 1, got {self.test_fraction!r}.")
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}.
+"
+                             "help: pass e.g. --dropout 0.25.")
+        check_int(self.epochs, "--epochs", 1)
+        check_int(self.batch_size, "--batch-size", 1)
+        check_int(self.seed, "--seed", 0)
+        self.hidden = tuple(check_int(size, "--hidden", 1) for size in self.hidden)
+        self.lr = check_learning_rate(self.lr, "--lr")
+        if self.save is not None:
+            _check_writable("--save", self.save)
+        if self.plot is not None:
+            _require_matplotlib()
+            _check_writable("--plot", self.plot)
+        if self.resume is not None and not Path(self.resume).is_file():
+            raise CheckpointError(f"--resume {self.resume}: no such file.\n"
+                                  "help: pass a checkpoint written by --save.")
 
 
-def _check_int(option: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{option} must be an integer >= {low}, got {value!r}.")
+def _check_choice(option: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}.\n"
+                         f"help: pass e.g. {option} {choices[0]}.")
+
+
+def _check_writable(option: str, path: str) -> None:
+    """CommandError unless `path` can be written now: its folder exists and takes a new file,
+    and the path is not a folder. Checked before training, which would otherwise fail only
+    after the first epoch (--save) or at the very end (--plot). A real probe file, not
+    os.access: root ignores permission bits, not read-only mounts or immutable folders."""
+    target = Path(path).expanduser()
+    folder = target.resolve().parent
+    if not folder.is_dir():
+        raise CommandError(f"{option} {path}: the folder {folder} does not exist.\n"
+                           "help: create it first or pick another path.")
+    if target.is_dir():
+        example = target / ("run.npz" if option == "--save" else "curves.png")
+        raise CommandError(f"{option} {path}: is a folder.\n"
+                           f"help: pass a file name inside it, e.g. {option} {example}.")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".gpuflow-write-check-"):
+            pass
+        if target.exists():
+            with open(target, "ab"):  # opening to append changes nothing in the file
+                pass
+    except OSError as exc:
+        raise CommandError(f"{option} {path}: cannot write there ({exc.strerror or exc}).\n"
+                           "help: pick a path in a folder you can write to.") from None
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -121,59 +168,29 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     call began (> 0 after --resume), "parameters": {name: NumPy array}}.
     Raises ValueError, DeviceError, DataError or CheckpointError for user mistakes.
     """
-    from . import distributed
-    from .data import Batches, load_digits, load_mnist, train_test_split
-    from .graph import Graph
-    from .layers import lenet, mlp
-    from .nodes import Input, SoftmaxCrossEntropy
-    from .optim import make_optimizer
-
     opts = TrainOptions.from_any(options)
     opts.check()
     started = time.perf_counter()
-    if opts.plot is not None:
-        _require_matplotlib()
-        _check_parent("--plot", opts.plot)
-    if opts.save is not None:
-        _check_parent("--save", opts.save)
-    if opts.resume is not None and not Path(opts.resume).is_file():
-        raise CheckpointError(f"--resume {opts.resume}: no such file; pass a checkpoint "
-                              "written by --save.")
-    checkpoint = _checkpoint_module() if opts.save or opts.resume else None
 
     # Data: host arrays (float32 in [0, 1], int64 labels).
     if opts.data is None:
         X, y = load_digits()
-        X_train, y_train, X_test, y_test = train_test_split(
-            X, y, test_fraction=opts.test_fraction, seed=opts.seed)
+        X_train, X_test, y_train, y_test = train_test_split(
+            X, y, test_size=opts.test_size, seed=opts.seed)
         source = "bundled digits"
     else:
         X_train, y_train = load_mnist(opts.data, "train")
         X_test, y_test = load_mnist(opts.data, "test")
         source = str(opts.data)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
+    if opts.model == "cnn":  # one-channel square images: 1x8x8 digits, 1x28x28 MNIST
+        X_train, X_test = _as_images(X_train), _as_images(X_test)
 
     # Under mpiexec: one rank per device, each a slice of every global batch (else a no-op).
     ctx = distributed.init()
     say = not opts.quiet and ctx.is_root
-    # Model: X -> MLP -> logits -> softmax cross-entropy with y.
-    device = get_device(ctx.device_spec(opts.device), verbose=say)
-    X_in, y_in = Input(name="X"), Input(name="y")
-    sizes = [X_train.shape[1], *opts.hidden, n_classes]
-    if opts.model == "cnn":  # square one-channel images: 8x8 digits, 28x28 MNIST
-        side = math.isqrt(X_train.shape[1])
-        if side * side != X_train.shape[1]:
-            raise ValueError(f"--model cnn needs square one-channel images; the data has "
-                             f"{X_train.shape[1]} pixels per example, not a square number.")
-        X_train, X_test = (a.reshape(-1, 1, side, side) for a in (X_train, X_test))
-        logits, _ = lenet(X_in, (1, side, side), n_classes, hidden=opts.hidden[0],
-                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
-        arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
-                f"{opts.dropout:g}; 1x{side}x{side} images)")
-    else:
-        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
-        arch = "-".join(str(s) for s in sizes) + " MLP"
-    loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
+    device = get_device(ctx.device_spec(opts.device))
+    X_in, y_in, logits, loss, arch = build_model(opts, X_train.shape[1:], n_classes)
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
                   check_finite=opts.check_finite)
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
@@ -201,8 +218,11 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
 
     devices = ctx.allgather(device.name)
     if say:
+        # 'auto' without a GPU: said once, here, not as CuPy's import error on every run.
+        why = (" ('auto': no CUDA GPU found; 'gpuflow devices' says why)"
+               if opts.device.strip().lower() == "auto" and not device.is_gpu else "")
         print(f"training a {arch} on {source} ({len(X_train)} train, {len(X_test)} test) "
-              f"on {device.name}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
+              f"on {device.name}{why}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
               f"batch {opts.batch_size}")
         if ctx.size > 1:
             print(f"data-parallel over {ctx.size} MPI ranks, devices {', '.join(devices)}; "
@@ -258,6 +278,38 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     }
 
 
+def build_model(opts: TrainOptions, sample_shape: tuple[int, ...], n_classes: int
+                ) -> tuple[Input, Input, Any, Any, str]:
+    """The one place the model is built: (X, y, logits, loss, description).
+
+    sample_shape: the shape of one sample, (n_features,) for the MLP, (1, H, W) for the CNN;
+    n_classes: the logits' width.
+    """
+    X_in, y_in = Input(name="X"), Input(name="y")
+    if opts.model == "cnn":
+        logits, _ = lenet(X_in, sample_shape, n_classes, hidden=opts.hidden[0],
+                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
+        arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
+                f"{opts.dropout:g}; {'x'.join(str(s) for s in sample_shape)} images)")
+    else:
+        sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
+        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
+        arch = "-".join(str(s) for s in sizes) + " MLP"
+    loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
+    return X_in, y_in, logits, loss, arch
+
+
+def _as_images(X: Any) -> Any:
+    """(n, side * side) pixels as (n, 1, side, side) images; ValueError unless square."""
+    side = math.isqrt(X.shape[1])
+    if side * side != X.shape[1]:
+        raise ValueError(f"--model cnn needs square one-channel images; the data has "
+                         f"{X.shape[1]} pixels per example, not a square number.
+"
+                         "help: use --model mlp for this data.")
+    return X.reshape(-1, 1, side, side)
+
+
 def _numpy_warnings_off(off: bool) -> Any:
     """With --check-finite the check reports the first NaN/Inf itself, naming the node: NumPy's
     overflow warnings before it would only bury that one line."""
@@ -265,17 +317,6 @@ def _numpy_warnings_off(off: bool) -> Any:
         return contextlib.nullcontext()
     import numpy as np
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
-
-
-def _checkpoint_module() -> Any:
-    """gpuflow.checkpoint, imported only for --save / --resume."""
-    try:
-        return importlib.import_module("gpuflow.checkpoint")
-    except ModuleNotFoundError as exc:
-        if exc.name != "gpuflow.checkpoint":
-            raise
-        raise CommandError("--save/--resume need gpuflow.checkpoint, which is missing from "
-                           "this install; reinstall gpuflow or drop --save/--resume.") from None
 
 
 def _checkpoint_state(batches: Any, losses: list[float], accuracies: list[float]) -> dict:
@@ -315,15 +356,8 @@ def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise CommandError("--plot needs matplotlib, which is not installed; "
-                           "pip install 'gpuflow[plot]' (or drop --plot).") from None
-
-
-def _check_parent(option: str, path: str) -> None:
-    parent = Path(path).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise CommandError(f"{option} {path}: the folder {parent} does not exist; create it "
-                           "first or pick another path.")
+        raise CommandError("--plot needs matplotlib, which is not installed.\n"
+                           "help: pip install 'gpuflow[plot]', or drop --plot.") from None
 
 
 def plot_curves(path: str, losses: Sequence[float], accuracies: Sequence[float]) -> None:
@@ -361,51 +395,102 @@ def devices() -> int:
 
 # -- bench ---------------------------------------------------------------------------------------
 def bench(argv: list[str]) -> int:
-    """Hand `gpuflow bench ...` to gpuflow.bench.main (imported only now)."""
-    try:
-        module = importlib.import_module("gpuflow.bench")
-    except ModuleNotFoundError as exc:
-        if exc.name != "gpuflow.bench":
-            raise
-        raise CommandError("'bench' is not available: gpuflow.bench is missing from this "
-                           "install; reinstall gpuflow from a release that ships it.") from None
-    return int(module.main(argv) or 0)
+    """Hand `gpuflow bench ...` to gpuflow.bench.main (a large module: imported only now)."""
+    return int(importlib.import_module(".bench", __package__).main(argv) or 0)
 
 
 # -- argv ----------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a mistake as one line (no usage block) and exits 2."""
+class CommandParser(argparse.ArgumentParser):
+    """argparse as every gpuflow command uses it: no abbreviations (`--epoch` is not
+    `--epochs`), each mistake one line naming the command with a `help:` pointing at that
+    command's --help, and the closest option suggested for an unknown one."""
 
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{PROG}: error: {message} (see '{self.prog} --help')\n")
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, CommandParser] = {}   # subcommand parsers, by name
+
+    def add_command(self, commands: Any, name: str, **kwargs: Any) -> "CommandParser":
+        """commands.add_parser(name, ...), remembered so its own --help is named on errors."""
+        parser = commands.add_parser(name, **kwargs)
+        self.commands[name] = parser
+        return parser
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        ns, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the subcommand that was given them, not by `gpuflow`
+            self.commands.get(getattr(ns, "command", None), self).unrecognized(extras)
+        return ns
+
+    def unrecognized(self, extras: Sequence[str]) -> NoReturn:
+        """One line for unknown arguments, with the closest known option for each."""
+        names = [o[2:] for action in self._actions for o in action.option_strings
+                 if o.startswith("--")]
+        hints = []
+        for arg in extras:
+            if arg.startswith("-"):  # compared without the dashes, which every option shares
+                word = arg.split("=", 1)[0].lstrip("-")
+                close = difflib.get_close_matches(word, names, n=1, cutoff=0.7)
+                hints += [f"did you mean --{close[0]}?"] if close else []
+        self.error(f"unrecognized arguments: {' '.join(extras)}", hint=" ".join(hints))
+
+    def error(self, message: str, hint: str = "") -> NoReturn:  # type: ignore[override]
+        see = f"see '{self.prog} --help'"
+        help_line = f"{hint} ({see})" if hint else f"{see}."
+        self.exit(2, format_error(self.prog, f"{message}.\nhelp: {help_line}") + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def format_error(prog: str, error: "BaseException | str") -> str:
+    """The one wording of a command-line error: 'gpuflow train: error: <message on one line>'
+    (gpuflow messages put their 'help:' on a second line; it joins the first)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return f"{prog}: error: {text or type(error).__name__}"
+
+
+def report_error(prog: str, error: "BaseException | str") -> int:
+    """Print `format_error(prog, error)` on stderr; returns 2, the exit status of a mistake."""
+    print(format_error(prog, error), file=sys.stderr)
+    return 2
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' once, for options that have a real default (not None or False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "(default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> CommandParser:
     """The `gpuflow` argument parser with its train, devices and bench commands."""
-    parser = _Parser(prog=PROG, description="gpuflow: MiniFlow's graph on any array-API "
-                     "backend (NumPy, CuPy, PyTorch).")
+    parser = CommandParser(prog=PROG, description="gpuflow: MiniFlow's graph on any array-API "
+                           "backend (NumPy, CuPy, PyTorch).")
     commands = parser.add_subparsers(dest="command", metavar="{train,devices,bench}",
-                                     parser_class=_Parser)
+                                     parser_class=CommandParser)
     commands.required = True
     d = TrainOptions()
-    t = commands.add_parser(
-        "train", help="train an MLP classifier (bundled digits, or --data MNIST)",
+    t = parser.add_command(
+        commands, "train", help="train an MLP classifier (bundled digits, or --data MNIST)",
         description="Train an MLP classifier and report held-out accuracy after each epoch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     t.add_argument("--device", default=d.device,
                    help="'auto', 'cpu', 'cuda', 'cuda:N', 'torch:cpu', 'array_api_strict:device1', "
                    "... (see 'gpuflow devices')")
-    t.add_argument("--dtype", default=d.dtype, choices=DTYPES)
+    t.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="floating dtype of the model")
     t.add_argument("--epochs", type=int, default=d.epochs,
                    help="total epochs (with --resume: including those already done)")
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
-    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES)
     t.add_argument("--model", default=d.model, choices=MODELS,
                    help="mlp, or cnn: a LeNet-style CNN on the images (default %(default)s)")
     t.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
                    help="dropout probability after the hidden dense layer(s) "
                         "(default 0.25 for cnn, 0 for mlp)")
+    t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES,
+                   help="momentum and nesterov are SGD with momentum 0.9")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), metavar="N",
                    help="hidden layer sizes, e.g. --hidden 128 64")
     t.add_argument("--seed", type=int, default=d.seed,
@@ -421,38 +506,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--check-finite", action="store_true",
                    help="after every step, check every value and gradient for NaN/Inf and stop "
                    "at the first, naming the node and the step (one extra read per step)")
-    commands.add_parser("devices", help="list every backend and device, available or not")
-    commands.add_parser("bench", help="run benchmarks (gpuflow.bench); "
-                        "'gpuflow bench --help' for its options", add_help=False)
+    parser.add_command(commands, "devices",
+                       help="list every backend and device, available or not")
+    parser.add_command(commands, "bench", help="run benchmarks (gpuflow.bench); "
+                       "'gpuflow bench --help' for its options", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `gpuflow` command; returns the exit status (2 for user mistakes)."""
+    """Entry point of the `gpuflow` command; returns the exit status (2 for user mistakes,
+    each reported as one line: 'gpuflow <command>: error: ...')."""
     args = list(sys.argv[1:] if argv is None else argv)
+    prog = PROG
     try:
         if args and args[0] == "bench":  # everything after 'bench' belongs to gpuflow.bench
+            prog = f"{PROG} bench"
             return bench(args[1:])
-        try:
-            ns = build_parser().parse_args(args)
-        except SystemExit as exc:  # --help (0) or a usage error already reported (2)
-            return exc.code if isinstance(exc.code, int) else 2
+        ns = build_parser().parse_args(args)
+        prog = f"{PROG} {ns.command}"
         if ns.command == "devices":
             return devices()
         train(ns)
         return 0
+    except SystemExit as exc:  # --help (0) or a usage error already reported (2)
+        return exc.code if isinstance(exc.code, int) else 2
     except (GpuflowError, ValueError, OSError) as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return report_error(prog, exc)
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception's message on one line (gpuflow messages put 'help:' on a second line)."""
-    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
-    return text or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m gpuflow` goes through __main__.py

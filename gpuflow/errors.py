@@ -1,4 +1,7 @@
-"""The exceptions gpuflow raises for user mistakes: each names where, what, and the fix."""
+"""The exceptions gpuflow raises for user mistakes (each names where, what, and the fix), and
+`check_int`, the integer check that several modules share."""
+
+import numbers
 
 
 class GpuflowError(Exception):
@@ -27,3 +30,14 @@ class TransferError(GpuflowError, RuntimeError):
 
 class DistributedError(GpuflowError, RuntimeError):
     """A multi-process run that cannot go on: a failed collective, a rank that died, a bad shard."""
+
+
+def check_int(value: object, name: str, low: int = 0, *, where: str = "",
+              error: type[Exception] = ValueError) -> int:
+    """`value` as an int >= `low`, else `error` naming `name` (and `where`, e.g. the function);
+    bools and floats are refused. The one check of integer arguments and options."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        prefix = f"{where}: " if where else ""
+        raise error(f"{prefix}{name} must be an integer >= {low}, got {value!r}.\n"
+                    f"help: pass e.g. {name}={max(low, 1)}.")
+    return int(value)

@@ -1,45 +1,82 @@
-"""Building and running a graph: Kahn's sort, binding to a device, forward and backward passes.
+"""Building and running a graph: Kahn's sort, binding to a device, planning, forward and backward.
 
 `topological_sort` is MiniFlow's entry point; it also binds every node to one device and checks
-every fed value there before any compute. The executor plans the backward pass once, when the
-graph is built: which nodes send a gradient to which (`_senders`), which inbound gradients each
-node computes (`needs_grad`), and where the gradient starts (`_seed`, 1 for the loss).
+every fed value there before any compute. A `Plan`, made once when a graph is built and held by
+both MiniFlow's `SortedGraph` and `Graph`, records what every step needs: the order, which
+nodes run forward and backward, which nodes send a gradient to which (`_senders`), which
+inbound gradients each node computes (`needs_grad`), and where the gradient starts
+(`_grad_seed`, 1 for the loss). Parameter updates live in gpuflow/optim.py.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
-from .backends.numpy import host_copy
+from .buffers import NO_BUFFERS, Buffers, copy_feed, copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
-from .nodes import NO_BUFFERS, Buffers, Input, Node, own_copy
+from .nodes import Input, Node
+
+
+class Plan:
+    """What a graph decides once, when it is built, and every step then follows.
+
+    nodes: every node, in topological order, bound to `device` in `dtype`. fed: the Inputs
+    whose forward only checks that a value was fed (done in one loop, without calls); compute:
+    the other nodes, which run forward; backward: the nodes that run backward, in backward order
+    (with `loss=None`, MiniFlow's way, every node; with a loss, those between it and `wanted`).
+    A node belongs to one plan at a time (`node._plan`): a plan that binds nodes of another
+    marks that one `stale`, and `ensure` binds and plans it again before it next runs.
+    """
+
+    def __init__(self, nodes: Sequence[Node], device: Device, dtype: Any, *,
+                 loss: Node | None = None, wanted: Iterable[Node] = (),
+                 reuse_buffers: bool = True) -> None:
+        self.nodes = list(nodes)
+        self.device, self.loss = device, loss
+        self.dtype: Any = None       # the floating dtype of every value, once bound
+        self._dtype_spec = dtype     # what the graph asked for (None: what the feeds agree on)
+        self.wanted, self.reuse_buffers = list(wanted), reuse_buffers
+        self.fed = [n for n in self.nodes if type(n).forward is Input.forward]
+        self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
+        self.backward: list[Node] = []
+        self.stale = True  # nothing bound yet
+
+    def build(self, feed_dict: dict | None = None, require_values: bool = False,
+              fresh: bool = True) -> "Plan":
+        """Bind every node (see `bind`) and plan the backward pass (see `plan_backward`)."""
+        self.dtype = bind(self.nodes, self.device, self._dtype_spec, feed_dict or {},
+                          require_values, owner=self, reuse_buffers=self.reuse_buffers)
+        if self._dtype_spec is None:  # the one the feeds agreed on: a re-bind converts to it
+            self._dtype_spec = self.dtype
+        self.backward = plan_backward(self.nodes, self.loss, self.wanted, fresh=fresh)
+        self.stale = False
+        return self
+
+    def ensure(self) -> None:
+        """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
+        of the same nodes bound them since: a node holds one binding and one plan at a time.
+        The gradients already computed stay."""
+        if self.stale:
+            self.build(fresh=False)
 
 
 class SortedGraph(list):
-    """The list of nodes `topological_sort` returns, with the device and dtype it was built for."""
+    """The list of nodes `topological_sort` returns; its `plan` holds the device, the dtype and
+    what each step runs."""
 
     def __init__(self, nodes: Iterable[Node], device: Device, dtype: Any,
                  reuse_buffers: bool = True) -> None:
         super().__init__(nodes)
-        self.device = device
-        self.dtype = dtype
-        self.reuse_buffers = reuse_buffers
-        self.backward_order: list[Node] = self[::-1]
-        # Input.forward only checks that a value was fed: done in one loop, without calls.
-        self._fed = [n for n in self if type(n).forward is Input.forward]
-        self._compute = [n for n in self if type(n).forward is not Input.forward]
-        self._seen = -1
+        self.plan = Plan(self, device, dtype, reuse_buffers=reuse_buffers)
 
-    def _ensure_plan(self) -> None:
-        """Bind and plan again if another graph took some of these nodes since (see _stale)."""
-        if _stale(self, self):
-            bind(self, self.device, self.dtype, {}, require_values=False, owner=self,
-                 reuse_buffers=self.reuse_buffers)
-            plan_backward(self, loss=None, fresh=False)
-        self._seen = _BINDS
+    device = property(lambda self: self.plan.device, doc="The Device every node is bound to.")
+    dtype = property(lambda self: self.plan.dtype, doc="The floating dtype of every value.")
+    reuse_buffers = property(lambda self: self.plan.reuse_buffers,
+                             doc="Whether nodes keep their arrays across steps.")
+    backward_order = property(lambda self: self.plan.backward,
+                              doc="The nodes in the order they run backward.")
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -52,7 +89,7 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     reuse_buffers: nodes write values and gradients into arrays kept from step to step (no
     allocation per step), so `node.value` and `node.gradients` hold this step's numbers only:
     copy what you keep across steps (`forward_pass` returns a copy). False makes new arrays
-    every step, as MiniFlow did (see `Node.buffers`).
+    every step, as MiniFlow did (the rules: gpuflow/buffers.py).
     Returns the sorted nodes (a list). Raises GraphError for a missing feed or a cycle, and
     DeviceError for a value on another device.
     """
@@ -67,13 +104,8 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     # Downstream of the fed Inputs, plus what those depend on (weights set through `.value`).
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
-    device = get_device(device)
-    graph = SortedGraph(order, device, None, reuse_buffers)
-    # With no dtype given, the one the feeds agree on; a later re-bind converts back to it.
-    graph.dtype = bind(order, device, dtype, feed_dict, owner=graph,
-                       reuse_buffers=reuse_buffers)
-    plan_backward(order, loss=None)
-    graph._seen = _BINDS
+    graph = SortedGraph(order, get_device(device), dtype, reuse_buffers)
+    graph.plan.build(feed_dict, require_values=True)
     return graph
 
 
@@ -129,13 +161,11 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
     """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
 
     With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
-    Every node records `owner` (the graph binding it), so that a graph sharing nodes with
-    another one knows to bind and plan again before it runs. With `reuse_buffers` (and a
+    Every node records `owner` (the Plan binding it) as `node._plan`; the plan that held it
+    before is marked stale, to bind and plan again before it runs. With `reuse_buffers` (and a
     backend that writes into arrays) nodes keep their buffers across steps. Returns the
     floating dtype.
     """
-    global _BINDS
-    _BINDS += 1
     float_dtype = device.dtype(dtype)
     if float_dtype is not None and not device.is_floating(float_dtype):
         raise GraphError(f"dtype {dtype!r} is not a floating dtype.\n"
@@ -156,7 +186,9 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
         node.device = device
         node.xp = device.xp
         node.ops = device.ops
-        node._owner = owner
+        if node._plan is not owner and node._plan is not None:
+            node._plan.stale = True  # it binds and plans again before it next runs
+        node._plan = owner
     inputs = [node for node in order if isinstance(node, Input)]
     for node in inputs:
         node._float_dtype = float_dtype
@@ -171,22 +203,14 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
             raise GraphError(f"{node.label} has {where}: None (it feeds {users}).\n"
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
-        # A value from the caller (fed, or set before the graph was built) is copied once:
-        # training updates it in place, and the caller's array must not change with it.
+        # A value from the caller (fed, or set before the graph was built) is copied once
+        # (gpuflow/buffers.py): training updates it, and the caller's array must not change.
         private = node in feed_dict or getattr(node, "_private", None) is not value
-        node.value = _private_copy(device, value) if private else value
+        node.value = copy_feed(value, device) if private else value
         node._private = node._value
     if float_dtype is None:
         float_dtype = _one_float_dtype(inputs, device)
     return float_dtype
-
-
-def _private_copy(device: Device, value: Any) -> Any:
-    """A fed array, copied once: optimizers update values in place, and the caller's array must
-    not change with them (it would on the CPU only, where no transfer copies it)."""
-    if device.owns(value) and getattr(value, "ndim", 0):
-        return device.xp.asarray(value, copy=True)
-    return host_copy(value)
 
 
 def _one_float_dtype(inputs: Sequence[Input], device: Device) -> Any:
@@ -247,19 +271,10 @@ def plan_backward(order: Sequence[Node], loss: Node | None,
                 n is node and need for n, need in zip(m.inbound_nodes, m.needs_grad))))
         if loss is None:
             ends = not any(m in members for m in node.outbound_nodes)
-            node._seed = 1.0 if node.is_loss and ends else None
+            node._grad_seed = 1.0 if node.is_loss and ends else None
         else:
-            node._seed = 1.0 if node is loss else None
+            node._grad_seed = 1.0 if node is loss else None
     return [node for node in reversed(order) if node in wants]
-
-
-_BINDS = 0  # binds made so far, by any graph
-
-
-def _stale(holder: Any, nodes: Iterable[Node]) -> bool:
-    """Whether another graph bound some of these nodes since `holder` last looked: one
-    integer test per step while no other graph runs over the same nodes."""
-    return holder._seen != _BINDS and any(n._owner is not holder for n in nodes)
 
 
 _MODE_SETS = 0  # times any graph set its nodes' training mode
@@ -284,39 +299,23 @@ def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
     `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
     set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
              else None)
-    with _scope(sorted_nodes), _forward_only():
+    with _scope(sorted_nodes), forward_only():
         run_forward(sorted_nodes)
-    return _caller_copy(output_node)
-
-
-class _forward_only:
-    """While running forward only (`forward_pass`, `Graph.run`), buffers of shapes not seen
-    before are not kept: a large evaluation batch does not hold its memory for good."""
-
-    def __enter__(self) -> None:
-        self.keeping, Buffers.keeping = Buffers.keeping, False
-
-    def __exit__(self, *exc: object) -> None:
-        Buffers.keeping = self.keeping
-
-
-def _caller_copy(node: Node) -> Any:
-    """`node.value` for the caller to keep: a copy if it shares memory with a node's buffer."""
-    value = node.value
-    return own_copy(value, node.device) if node.device is not None else value
+    return copy_if_kept(output_node.value, output_node.device)
 
 
 def forward_and_backward(graph: Sequence[Node], *, training: bool = True) -> None:
     """Forward over the sorted nodes, then backward in reverse order, in training mode unless
     `training=False`."""
     if isinstance(graph, SortedGraph):
-        graph._ensure_plan()
+        plan = graph.plan
+        plan.ensure()
         set_mode(graph, training, graph)
-        for node in graph._fed:
+        for node in plan.fed:
             if node._value is None:
                 node.forward()  # raises, naming the node and what it feeds
         with _scope(graph):
-            _run_step(graph._compute, graph.backward_order)
+            _run_step(plan.compute, plan.backward)
         return
     set_mode(graph, training)
     with _scope(graph):
@@ -364,55 +363,6 @@ def _scope(graph: Sequence[Node]) -> Any:
     return device.scope() if device is not None else NULL_SCOPE
 
 
-def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
-    """`learning_rate` as a float; ValueError (naming the argument `name`) unless it is finite
-    and positive."""
-    # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
-    not_a_number = isinstance(learning_rate, (str, bytes, bool))
-    try:
-        lr = float(learning_rate)
-    except (TypeError, ValueError):
-        not_a_number = True
-    if not_a_number:
-        raise ValueError(f"{name} must be a number, got {learning_rate!r}.\n"
-                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2 (a float).")
-    if not (math.isfinite(lr) and lr > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {learning_rate!r}.\n"
-                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2.")
-    return lr
-
-
-_last_rate = math.nan  # the last learning rate sgd_update checked (NaN: none yet)
-
-
-def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
-    """`t.value -= learning_rate * t.gradients[t]` for each trainable, in place."""
-    global _last_rate
-    if type(learning_rate) is float and learning_rate == _last_rate:
-        lr = learning_rate  # the rate a loop passes every step: checked once
-    else:
-        lr = _last_rate = check_learning_rate(learning_rate)
-    trainables = list(trainables)
-    for t in trainables:  # all checked first: a refusal updates nothing
-        if t.gradients.get(t) is None:
-            raise GraphError(f"{t.label} has no gradient yet.\nhelp: run "
-                             "forward_and_backward(graph) before sgd_update(trainables).")
-    sgd_steps(trainables, lr)
-
-
-def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
-    """`t.value -= lr * t.gradients[t]` in place, with no new array (unchecked)."""
-    for t in trainables:
-        value, grad = t.value, t.gradients[t]
-        try:
-            step = t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
-        except AttributeError:  # a Python number (a custom node's gradient for a scalar)
-            step = lr * grad
-        value -= step
-        if value is not t.value:  # a scalar (immutable) comes back new
-            t.value = value
-
-
 class Graph:
     """A graph built for training: sorted once, bound to one device, its backward planned.
 
@@ -429,7 +379,8 @@ class Graph:
     reuse_buffers: nodes write values and gradients into arrays they keep from step to step
     (NumPy, CuPy, torch): no allocation per step after the first. `node.value` and
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
-    and `run` return arrays of the caller's own. False makes new arrays every step.
+    and `run` return arrays of the caller's own. False makes new arrays every step (the
+    rules: gpuflow/buffers.py).
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
     forward only, without gradient work; `item` reads a device scalar as a float (the one
@@ -460,14 +411,10 @@ class Graph:
         if stray:  # checked before binding: a refused graph changes no node
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
-        self.dtype = self.device.dtype(dtype)
-        self._dtype_spec = dtype
         self.reuse_buffers = reuse_buffers
-        bind(self.nodes, self.device, dtype, {}, require_values=False, owner=self,
-             reuse_buffers=reuse_buffers)
-        self._compute = [n for n in self.nodes if not isinstance(n, Input)]
-        self._backward = plan_backward(self.nodes, loss, wanted=self.parameters)
-        self._seen = _BINDS
+        self.plan = Plan(self.nodes, self.device, dtype, loss=loss, wanted=self.parameters,
+                         reuse_buffers=reuse_buffers).build()
+        self.dtype = self.plan.dtype
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
@@ -491,7 +438,7 @@ class Graph:
         batches: one array per data Input, in the order of `self.inputs`, or one dict
         {Input: array}. Gradients land in `parameter.gradients[parameter]`.
         """
-        self._ensure_plan()
+        self.plan.ensure()
         set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
         with self.device.scope():
@@ -503,29 +450,19 @@ class Graph:
             if self.check_finite:
                 self._check_finite()
             self.steps += 1
-            return _caller_copy(self.loss)
+            return copy_if_kept(self.loss.value, self.device)
 
     def _forward_backward(self) -> None:
+        plan = self.plan
         if self.steps == 0:  # the first step checks each node's dtype as it goes
-            for node in self._compute:
+            for node in plan.compute:
                 run_forward((node,))
                 self._check_dtype(node, "value", node.value)
-            run_backward(self._backward)
+            run_backward(plan.backward)
             for p in self.parameters:
                 self._check_dtype(p, "gradient", p.gradients.get(p))
             return
-        _run_step(self._compute, self._backward)
-
-    def _ensure_plan(self) -> None:
-        """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
-        of the same nodes ran since: a node holds one binding and one plan at a time. The
-        gradients already computed stay."""
-        if _stale(self, self.nodes):
-            bind(self.nodes, self.device, self._dtype_spec, {}, require_values=False,
-                 owner=self, reuse_buffers=self.reuse_buffers)
-            self._backward = plan_backward(self.nodes, self.loss, wanted=self.parameters,
-                                           fresh=False)
-        self._seen = _BINDS
+        _run_step(plan.compute, plan.backward)
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node
@@ -535,7 +472,7 @@ class Graph:
         if (dtype is not None and self.device.xp.isdtype(dtype, "real floating")
                 and dtype != self.dtype):
             raise GraphError(
-                f"{node.label}'s {what} has dtype {dtype_name(dtype)} in a "
+                f"the {what} of {node.label} has dtype {dtype_name(dtype)} in a "
                 f"{dtype_name(self.dtype)} graph: the node promotes it.\nhelp: make its "
                 "constants with dtype=x.dtype (and device=) from its inputs, or build the "
                 "graph with that dtype.")
@@ -543,8 +480,8 @@ class Graph:
     def _check_finite(self) -> None:
         """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
         xp = self.device.xp
-        arrays = [(n, "value", n.value) for n in self._compute]
-        arrays += [(n, f"gradient for {target.label}", g) for n in self._backward
+        arrays = [(n, "value", n.value) for n in self.plan.compute]
+        arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
                    for target, g in n.gradients.items() if not isinstance(g, float)]
         flags = xp.stack([xp.all(xp.isfinite(a)) for _, _, a in arrays])
         if self.item(xp.all(flags)):
@@ -552,8 +489,8 @@ class Graph:
         with LEDGER.allowed():
             host = self.device.to_host(flags, what="finite check")
         node, what, array = arrays[[bool(f) for f in host].index(False)]
-        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}'s "
-                         f"{what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {node.label}, in "
+                         f"its {what} (shape {tuple(array.shape)}) at step {self.steps}.\nhelp: "
                          "lower the learning rate, check the inputs for NaN/Inf, or use a "
                          "float64 graph to see whether it is an overflow.")
 
@@ -571,15 +508,15 @@ class Graph:
                                  "help: pass it as Graph(..., outputs=[node]).")
             needed = set(reachable([output], "inbound_nodes"))
             self._run_orders[output] = (
-                [n for n in self._compute if n in needed],
+                [n for n in self.plan.compute if n in needed],
                 [n for n in self.inputs if n in needed])
-        self._ensure_plan()
+        self.plan.ensure()
         set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
-        with self.device.scope(), _forward_only():
+        with self.device.scope(), forward_only():
             run_forward(compute)
-            return _caller_copy(output)
+            return copy_if_kept(output.value, self.device)
 
     def item(self, value: Any) -> float:
         """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""

@@ -9,92 +9,11 @@ from __future__ import annotations
 
 import itertools
 import operator
-import weakref
 from typing import Any
 
 from .backends import Ops
+from .buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
 from .errors import GraphError
-
-_ids = itertools.count(1)
-
-# Every buffer a node keeps (Node.buffers), by its device's memory key (see
-# Device.memory_keys): (the node, its key). An Input fed one of them, or an array sharing its
-# memory, copies it, since the owner overwrites it at the next step.
-_WORK: dict[int, tuple[Any, tuple]] = {}
-_work_limit = 1024  # prune entries of dead nodes when the table grows past this
-
-
-def _live(key: int) -> bool:
-    """Whether `key` is still a live node's buffer (it can be stale: a dead node's array,
-    whose memory was reused since; the owner's own table decides)."""
-    ref, name = _WORK[key]
-    node = ref()
-    buf = node.buffers.get(name) if node is not None else None
-    return buf is not None and node.device.memory_keys(buf)[0] == key
-
-
-def own_copy(array: Any, device: Any) -> Any:
-    """`array`, or a copy of it on `device` if it shares memory with a buffer that some live
-    node writes into step after step."""
-    if _WORK:
-        for key in device.memory_keys(array):
-            if key in _WORK and _live(key):
-                return device.xp.asarray(array, copy=True, device=device.native)
-    return array
-
-
-class Buffers(dict):
-    """A node's arrays kept from step to step: `node.buffers[name, shape, dtype]`.
-
-    The first lookup of a (name, shape, dtype) allocates an uninitialised array on the node's
-    device; later ones return the same array (one C-level dict lookup). A name keeps its
-    last few shapes (a training batch, a smaller last batch), so that alternating between
-    them allocates nothing either. No buffer (None: the op makes a new array) for 0-d results,
-    which stay immutable NumPy scalars on the CPU as MiniFlow's Python numbers were, for
-    integer or boolean dtypes, whose results an op may promote, and for shapes first met
-    while `Buffers.keeping` is False (`Graph.run`, `forward_pass`: an evaluation batch of
-    another size is not kept for good).
-    """
-
-    shapes_kept = 3
-    keeping = True  # False while running forward only
-
-    def __init__(self, node: "Node", device: Any) -> None:
-        super().__init__()
-        self._node = weakref.ref(node)
-        self._device = device
-
-    def __missing__(self, key: tuple) -> Any:
-        global _work_limit
-        name, shape, dtype = key
-        device = self._device
-        if not shape or not device.is_floating(dtype):
-            return None
-        array = device.new_buffer(tuple(shape), dtype)
-        if not Buffers.keeping:
-            return array  # used once, not kept
-        same = [k for k in self if k[0] == name]
-        for old in same[:max(0, len(same) - self.shapes_kept + 1)]:
-            _WORK.pop(device.memory_keys(self.pop(old))[0], None)
-        self[key] = array
-        _WORK[device.memory_keys(array)[0]] = (self._node, key)
-        if len(_WORK) > _work_limit:
-            for k, (ref, _) in list(_WORK.items()):
-                if ref() is None:
-                    del _WORK[k]
-            _work_limit = max(1024, 2 * len(_WORK))
-        return array
-
-
-class _NoBuffers(dict):
-    """`node.buffers` where arrays are not kept (array_api_strict, reuse_buffers=False): every
-    lookup gives None, and the ops then return new arrays."""
-
-    def __missing__(self, key: tuple) -> None:
-        return None
-
-
-NO_BUFFERS = _NoBuffers()
 
 
 class Node:
@@ -103,15 +22,16 @@ class Node:
     xp: Any = None       # the array namespace of the graph's device, set when the graph is built
     ops: Any = Ops(None)  # the device's operations that take out= (see backends.Ops)
     device: Any = None   # the gpuflow Device the graph was built for
-    # Arrays kept from step to step: `self.buffers[name, shape, dtype]` gives one to pass as
-    # `out=` to `self.ops` functions (None where arrays are not kept: the ops then return new
-    # ones). Always use what the op returns. What a node writes there is overwritten at its
-    # next step, as PyTorch's `.grad` is: callers copy what they keep.
+    # `self.buffers[name, shape, dtype]`: an array to pass as `out=` to `self.ops`, or None;
+    # always use what the op returns (the keep / alias / copy rules: gpuflow/buffers.py).
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
+    _plan: Any = None    # the graph.Plan that bound this node, if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
+
+    _ids = itertools.count(1)  # creation order, for labels and stable sorting
 
     def __init__(self, inbound_nodes: "list[Node] | None" = None, *, name: str | None = None):
         self.inbound_nodes = list(inbound_nodes) if inbound_nodes is not None else []
@@ -119,7 +39,7 @@ class Node:
         self.value = None
         self.gradients: dict[Node, Any] = {}
         self.name = name
-        self._id = next(_ids)
+        self._id = next(Node._ids)
         for i, n in enumerate(self.inbound_nodes):
             if not isinstance(n, Node):
                 raise GraphError(f"{self.label}: inbound node {i} is {type(n).__name__} "
@@ -129,7 +49,7 @@ class Node:
         # Set by the executor when a graph is built (see graph.py):
         self.needs_grad = (True,) * len(self.inbound_nodes)  # which inbound gradients to compute
         self._senders: tuple[Node, ...] = ()    # outbound nodes that send a gradient back
-        self._seed: Any = None                  # 1.0 for the graph's loss
+        self._grad_seed: Any = None  # the loss's gradient for itself, 1.0; None elsewhere
 
     @property
     def label(self) -> str:
@@ -151,9 +71,9 @@ class Node:
     def upstream_gradient(self) -> Any:
         """The sum of the gradients every outbound node sent back (zeros if none did)."""
         senders = self._senders
-        if len(senders) == 1 and self._seed is None:
+        if len(senders) == 1 and self._grad_seed is None:
             return senders[0].gradients[self]  # another node's array: read, never written
-        total = self._seed
+        total = self._grad_seed
         own = False  # whether `total` is this node's own array, safe to add into
         for n in senders:
             g = n.gradients[self]
@@ -207,8 +127,8 @@ class Input(Node):
             value = device.place(value, self._float_dtype, self._keep_integers,
                                  what=f"{self.label}.value")
         # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
-        # .detach() of one): its owner overwrites it at the next step, so keep a copy.
-        value = own_copy(value, device)
+        # .detach() of one) is copied: its owner overwrites it (gpuflow/buffers.py).
+        value = copy_if_kept(value, device)
         if value.ndim and value.shape[0] == 0:
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
@@ -246,7 +166,7 @@ class Input(Node):
     def backward(self) -> None:
         """Sum what every outbound node computed for this input."""
         senders = self._senders
-        if len(senders) == 1 and self._seed is None:  # the common case, without a call
+        if len(senders) == 1 and self._grad_seed is None:  # the common case, without a call
             self.gradients[self] = senders[0].gradients[self]
         else:
             self.gradients[self] = self.upstream_gradient()

@@ -1,6 +1,6 @@
-"""Optimizers written once in array-namespace code: SGD (momentum, Nesterov, weight decay),
-Adam and AdamW, with PyTorch's update rules. Their state lives on the parameters' device and
-is updated in place."""
+"""Every parameter update: MiniFlow's `sgd_update`, and optimizers written once in
+array-namespace code: SGD (momentum, Nesterov, weight decay), Adam and AdamW, with PyTorch's
+update rules. Their state lives on the parameters' device and is updated in place."""
 
 from __future__ import annotations
 
@@ -8,15 +8,68 @@ import math
 from typing import Any, Iterable
 
 from .errors import CheckpointError, GraphError
-from .graph import Graph, check_learning_rate, sgd_steps
+from .graph import Graph
 from .nodes import Node
+
+
+def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
+    """`learning_rate` as a float; ValueError (naming the argument `name`) unless it is finite
+    and positive."""
+    # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
+    not_a_number = isinstance(learning_rate, (str, bytes, bool))
+    try:
+        lr = float(learning_rate)
+    except (TypeError, ValueError):
+        not_a_number = True
+    if not_a_number:
+        raise ValueError(f"{name} must be a number, got {learning_rate!r}.\n"
+                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2 (a float).")
+    if not (math.isfinite(lr) and lr > 0.0):
+        raise ValueError(f"{name} must be a finite number > 0, got {learning_rate!r}.\n"
+                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2.")
+    return lr
+
+
+_last_rate = math.nan  # the last learning rate sgd_update checked (NaN: none yet)
+
+
+def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
+    """`t.value -= learning_rate * t.gradients[t]` for each trainable, in place."""
+    global _last_rate
+    if type(learning_rate) is float and learning_rate == _last_rate:
+        lr = learning_rate  # the rate a loop passes every step: checked once
+    else:
+        lr = _last_rate = check_learning_rate(learning_rate)
+    trainables = list(trainables)
+    for t in trainables:  # all checked first: a refusal updates nothing
+        if t.gradients.get(t) is None:
+            raise GraphError(f"{t.label} has no gradient yet.\nhelp: run "
+                             "forward_and_backward(graph) before sgd_update(trainables).")
+    sgd_steps(trainables, lr)
+
+
+def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
+    """`t.value -= lr * t.gradients[t]` in place, with no new array (unchecked)."""
+    for t in trainables:
+        value, grad = t.value, t.gradients[t]
+        try:
+            step = t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
+        except AttributeError:  # a Python number (a custom node's gradient for a scalar)
+            step = lr * grad
+        value -= step
+        if value is not t.value:  # a scalar (immutable) comes back new
+            t.value = value
 
 
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
 
 class Optimizer:
-    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place."""
+    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place.
+
+    `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
+    gpuflow.optim does, once per epoch) and it is checked once, at that step.
+    """
 
     def __init__(self, params: "Graph | Iterable[Node]", lr: float) -> None:
         self.params = list(params.parameters if isinstance(params, Graph) else params)
@@ -58,7 +111,7 @@ class Optimizer:
     def scratch(self, like: Any, index: int = 0) -> Any:
         """Work array `index` shaped like `like` (the parameter being updated) for `self.ops`
         functions to write into; None where the graph makes new arrays every step (see
-        `Node.buffers`). Kept from step to step, one set per parameter."""
+        gpuflow/buffers.py). Kept from step to step, one set per parameter."""
         return self._param.buffers[_SCRATCH[index], like.shape, like.dtype]
 
     # -- state, for checkpoints -----------------------------------------------------------------
@@ -204,3 +257,7 @@ def make_optimizer(name: str, params: "Graph | Iterable[Node]", lr: float,
         options.setdefault("momentum", 0.9)
         options["nesterov"] = True
     return OPTIMIZERS[key](params, lr, **options)
+
+
+from .schedules import (CosineAnnealingLR, ExponentialLR, LinearLR, LRSchedule,  # noqa: E402
+                        StepLR, clip_grad_norm, clip_grad_value)

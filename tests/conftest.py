@@ -6,12 +6,14 @@ in the report. GPUFLOW_TEST_DEVICES=spec,spec replaces the set (e.g. 'cpu,cuda')
 
 from __future__ import annotations
 
+import collections
 import os
 
 import numpy as np
 import pytest
 
 import gpuflow as gf
+from gpuflow.check import Project, central_difference  # noqa: F401 - the tests' helpers
 
 DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "cuda"]
 
@@ -32,6 +34,23 @@ def device(request: pytest.FixtureRequest) -> gf.Device:
         pytest.skip(f"{request.param} unavailable: {str(exc).splitlines()[0]}")
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """One line per distinct skip reason with its count, instead of one line per skipped test
+    (pyproject's addopts leave skips out of -r); the final 'N passed, N skipped' line stays."""
+    if "s" in config.option.reportchars.lower() or "a" in config.option.reportchars.lower():
+        return  # -rs / -ra asked for every skip line: pytest prints them itself
+    reasons: collections.Counter[str] = collections.Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.section("skips by reason (-rs lists each test)", sep="-")
+    for reason, count in sorted(reasons.items(), key=lambda item: (-item[1], item[0])):
+        terminalreporter.line(f"{count:4d} skipped: {reason}")
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,42 +68,6 @@ def host(device: gf.Device, value) -> np.ndarray:
     if isinstance(value, (int, float)):
         return np.asarray(value)
     return np.asarray(device.to_host(value))
-
-
-def central_difference(node: gf.Node, x0: np.ndarray, loss, device: gf.Device, *,
-                       entries=None, h: float = 1e-6) -> np.ndarray:
-    """(f(x + h) - f(x - h)) / 2h for each entry of `node`'s value (all, or `entries`), where
-    f is the scalar `loss()` with `node.value` set to the perturbed host array `x`; `node` is
-    left at `x0`. Entries not asked for stay 0."""
-    numeric = np.zeros_like(x0)
-    for i in np.ndindex(*x0.shape) if entries is None else entries:
-        for sign in (1.0, -1.0):
-            x = x0.copy()
-            x[i] += sign * h
-            node.value = x
-            numeric[i] += sign * float(host(device, loss()))
-        numeric[i] /= 2 * h
-    node.value = x0
-    return numeric
-
-
-class Project(gf.Node):
-    """sum(node * R): a scalar loss from any node, R a fixed random upstream gradient."""
-
-    is_loss = True
-
-    def __init__(self, node: gf.Node, R: gf.Node):
-        gf.Node.__init__(self, [node, R])
-
-    def forward(self) -> None:
-        a, R = self.inbound_nodes
-        self.value = self.xp.sum(a.value * R.value)
-
-    def backward(self) -> None:
-        g = self.upstream_gradient()
-        a, R = self.inbound_nodes
-        self.gradients[a] = R.value * g
-        self.gradients[R] = a.value * g
 
 
 def assert_on_device(device: gf.Device, value, what: str) -> None:

@@ -392,5 +392,5 @@ def test_cli_refuses_bad_learning_rates(capsys, value, why):
     lr = ["--lr" + value] if value.startswith("=") else ["--lr", value]
     assert main(["train", "--device", "cpu", *lr]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("gpuflow: error: "), lines
+    assert len(lines) == 1 and lines[0].startswith("gpuflow train: error: "), lines
     assert why in lines[0], lines[0]

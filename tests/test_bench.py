@@ -89,3 +89,23 @@ def test_bench_float64_variants_do_not_share_weights(tmp_path):
     # MiniFlow variant and the floor once updated the same weight arrays and disagreed.
     rc, out = _run(tmp_path, "--workloads", "W1", "--dtype", "float64")
     assert rc == 0 and out["check_ok"] is True
+
+
+def test_bench_package_only_floor_modules_import_array_libraries():
+    # The benchmark asks the gpuflow Device for everything; a library's own calls live in its
+    # floor module (floor_<lib>.py), NumPy being the host format every module may use.
+    import ast
+    import pathlib
+    root = pathlib.Path(bench.__file__).parent
+    offenders = []
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top in {"torch", "cupy", "jax", "array_api_strict"} and \
+                        not path.name.startswith("floor_"):
+                    offenders.append(f"{path.name} imports {name}")
+        assert len(path.read_text().splitlines()) < 600, path.name
+    assert not offenders, offenders

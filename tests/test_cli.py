@@ -29,11 +29,13 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _one_error_line(err: str) -> str:
-    """The single stderr line of a failed command, checked to be a gpuflow error."""
+def _one_error_line(err: str, prog: str = "gpuflow train") -> str:
+    """The single stderr line of a failed command, checked to be worded as every gpuflow
+    command words its mistakes: '<prog>: error: <message> ... help: <fix>'."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{err}"
-    assert lines[0].startswith("gpuflow: error: "), lines[0]
+    assert lines[0].startswith(f"{prog}: error: "), lines[0]
+    assert " help: " in lines[0], lines[0]
     assert "Traceback" not in err
     return lines[0]
 
@@ -201,7 +203,8 @@ BAD_ARGUMENTS = {
 @pytest.mark.parametrize("argv, expected", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
 def test_bad_arguments_give_one_line_and_exit_2(argv, expected, capsys):
     assert main(argv) == 2
-    line = _one_error_line(capsys.readouterr().err)
+    prog = "gpuflow train" if argv[:1] == ["train"] else "gpuflow"
+    line = _one_error_line(capsys.readouterr().err, prog)
     assert expected in line
 
 
@@ -298,12 +301,6 @@ def test_bench_is_dispatched_with_its_arguments(monkeypatch):
     assert seen == [["--steps", "5", "--device", "cpu"]]
 
 
-def test_bench_missing_module(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "gpuflow.bench", None)  # as if bench.py were absent
-    assert main(["bench"]) == 2
-    assert "bench" in _one_error_line(capsys.readouterr().err)
-
-
 # -- python -m gpuflow ---------------------------------------------------------------------------
 def test_python_m_gpuflow_train():
     proc = subprocess.run([sys.executable, "-m", "gpuflow", "train", "--epochs", "1", "--quiet"],
@@ -319,3 +316,118 @@ def test_python_m_gpuflow_error_has_no_traceback():
                           timeout=120)
     assert proc.returncode == 2
     _one_error_line(proc.stderr)
+
+
+# -- targets are checked before training (--save, --plot) ---------------------------------------
+def _unwritable_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot create files in: read-only permission bits, or, for root
+    (who ignores them), /proc; skipped if neither refuses a write here."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    for candidate in (folder, Path("/proc")):
+        try:
+            (candidate / "probe").write_bytes(b"")
+        except OSError:
+            return candidate
+        (candidate / "probe").unlink()
+    pytest.skip("no folder here refuses writes (not Linux, and root ignores permission bits)")
+
+
+@pytest.mark.parametrize("option", ["--save", "--plot"])
+@pytest.mark.parametrize("where", ["a folder", "an unwritable folder"])
+def test_unwritable_save_or_plot_target_fails_before_training(tmp_path, capsys, option, where):
+    if option == "--plot":
+        pytest.importorskip("matplotlib", reason="--plot needs matplotlib (gpuflow[plot])")
+    target = tmp_path if where == "a folder" else _unwritable_folder(tmp_path) / "out.file"
+    argv = ["train", "--device", "cpu", "--epochs", "1", *SMALL, option, str(target)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    line = _one_error_line(captured.err)
+    assert f"{option} {target}: " in line
+    assert "epoch " not in captured.out and "final test accuracy" not in captured.out
+
+
+def test_writable_check_leaves_nothing_behind(tmp_path):
+    opts = TrainOptions(save=str(tmp_path / "run.npz"))
+    opts.check()
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- every command's mistakes: one line, worded alike -------------------------------------------
+@pytest.mark.parametrize("argv, prog, expected", [
+    (["train", "--device", "nope"], "gpuflow train", "unknown device spec 'nope'"),
+    (["bench", "--device", "nope"], "gpuflow bench", "unknown device spec 'nope'"),
+    (["bench", "--bogus"], "gpuflow bench", "unrecognized arguments: --bogus"),
+    (["bench", "--quick", "--threads", "0"], "gpuflow bench", "--threads must be >= 1"),
+    (["devices", "--bogus"], "gpuflow devices", "unrecognized arguments: --bogus"),
+    (["train", "--epochs", "0"], "gpuflow train", "--epochs must be an integer >= 1"),
+])
+def test_every_command_reports_a_mistake_as_one_line_worded_alike(argv, prog, expected,
+                                                                   capsys):
+    assert main(argv) == 2
+    assert expected in _one_error_line(capsys.readouterr().err, prog)
+
+
+# -- argparse: no abbreviations, suggestions, help ----------------------------------------------
+@pytest.mark.parametrize("argv, suggestion", [
+    (["train", "--epoch", "3"], "--epochs"),
+    (["train", "--epoch=3"], "--epochs"),
+    (["train", "--batchsize", "8"], "--batch-size"),
+    (["train", "--check_finite"], "--check-finite"),
+])
+def test_abbreviations_are_refused_and_the_closest_option_suggested(argv, suggestion, capsys):
+    assert main(argv) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"did you mean {suggestion}?" in line
+    assert "see 'gpuflow train --help'" in line   # the subcommand's help, not gpuflow's
+
+
+def test_no_parser_takes_abbreviations():
+    parser = build_parser()
+    assert not parser.allow_abbrev
+    assert all(not sub.allow_abbrev for sub in parser.commands.values())
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--epoch", "3"])
+
+
+def test_train_help_shows_every_default_once(capsys):
+    assert main(["train", "--help"]) == 0
+    entries: dict[str, str] = {}   # option -> its help text, unwrapped
+    for line in capsys.readouterr().out.splitlines():
+        if re.match(r"  -", line):
+            option = line.split()[0].rstrip(",")
+            entries[option] = line
+        elif entries and line.startswith("   "):
+            entries[option] += line
+    entries = {k: " ".join(v.split()) for k, v in entries.items()}
+    for option, default in (("--dtype", "float32"), ("--batch-size", "64"),
+                            ("--optimizer", "adam"), ("--seed", "0"), ("--epochs", "25")):
+        assert entries[option].count("(default: ") == 1, entries[option]
+        assert entries[option].endswith(f"(default: {default})"), entries[option]
+    assert entries["--data"].count("default") == 1, entries["--data"]
+    assert not any("(default: None)" in v or "(default: False)" in v for v in entries.values())
+
+
+def test_dict_options_with_an_unknown_key_are_refused():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['test_fraction'\]"):
+        train({"test_fraction": 0.3, "epochs": 1})
+
+
+@pytest.mark.skipif(get_device("auto").is_gpu, reason="this machine has a CUDA GPU")
+def test_auto_without_a_gpu_says_so_once_without_the_import_error(capsys):
+    assert main(["train", "--epochs", "1", *SMALL]) == 0
+    captured = capsys.readouterr()
+    both = captured.out + captured.err
+    assert "ModuleNotFoundError" not in both and "cannot be imported" not in both
+    assert both.count("no CUDA GPU found") == 1
+    assert "device: cpu" in captured.out
+
+
+def test_messages_name_nodes_without_a_doubled_quote():
+    """No "Linear 'layer1''s value" (a label ends in a quote) and no "build a Adam"."""
+    package = Path(__file__).resolve().parents[1] / "gpuflow"
+    for path in package.rglob("*.py"):
+        source = path.read_text()
+        assert not re.search(r"label\}'s", source), f"{path.name}: {{...label}}'s"
+        assert "help: build a {" not in source, path.name

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
+import math
 import random
 import struct
 import time
@@ -113,12 +115,32 @@ def test_digits_not_gzip_error():
 def test_split_sizes_disjoint_and_complete():
     X = np.arange(100 * 3).reshape(100, 3)
     y = np.arange(100)
-    X_tr, y_tr, X_te, y_te = train_test_split(X, y, test_fraction=0.25, seed=3)
-    assert (len(X_tr), len(y_tr), len(X_te), len(y_te)) == (75, 75, 25, 25)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.25, seed=3)
+    assert (len(X_tr), len(X_te), len(y_tr), len(y_te)) == (75, 25, 75, 25)
     assert set(y_tr.tolist()).isdisjoint(y_te.tolist())
     assert sorted(y_tr.tolist() + y_te.tolist()) == list(range(100))
     np.testing.assert_array_equal(X_tr[:, 0] // 3, y_tr)  # rows stay paired with labels
     np.testing.assert_array_equal(X_te[:, 0] // 3, y_te)
+
+
+def test_split_follows_scikit_learn_order_and_test_size():
+    """X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=...), as in
+    scikit-learn: a fraction rounds the test count up, an int is the test count."""
+    X = np.arange(10 * 2, dtype=np.float64).reshape(10, 2)
+    y = np.arange(10) + 100   # labels differ from every X value, so a swap cannot pass
+    X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=0.25, seed=0)
+    assert X_train.shape == (7, 2) and X_test.shape == (3, 2)   # ceil(2.5) = 3, as sklearn
+    assert y_train.shape == (7,) and y_test.shape == (3,)
+    np.testing.assert_array_equal(X_train[:, 0] // 2 + 100, y_train)
+    np.testing.assert_array_equal(X_test[:, 0] // 2 + 100, y_test)
+    assert [len(a) for a in train_test_split(X, y, test_size=4)] == [6, 4, 6, 4]
+    assert len(train_test_split(X, y)[1]) == 3   # default test_size 0.25, as sklearn
+
+
+def test_split_old_test_fraction_is_refused_with_the_new_order():
+    with pytest.raises(DataError, match=r"test_fraction was renamed test_size.*\n"
+                                        r"help: pass test_size=0\.2 and unpack X_train, X_test"):
+        train_test_split(np.zeros((10, 2)), np.zeros(10), test_fraction=0.2)
 
 
 def test_split_seeded():
@@ -126,23 +148,29 @@ def test_split_seeded():
     a = train_test_split(X, y, seed=7)
     b = train_test_split(X, y, seed=7)
     c = train_test_split(X, y, seed=8)
-    assert len(a[2]) == round(1797 * 0.2)
+    assert len(a[1]) == math.ceil(1797 * 0.25)
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
     assert not np.array_equal(a[3], c[3])
 
 
-@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.2", True])
-def test_split_bad_fraction(fraction):
-    with pytest.raises(DataError, match=r"test_fraction is .*0 < test_fraction < 1"):
-        train_test_split(np.zeros((10, 2)), np.zeros(10), test_fraction=fraction)
+@pytest.mark.parametrize("size", [0.0, 1.0, -0.1, 1.5, float("nan"), "0.2", True, None])
+def test_split_bad_test_size(size):
+    with pytest.raises(DataError, match=r"test_size is .*0 < test_size < 1 or a number"):
+        train_test_split(np.zeros((10, 2)), np.zeros(10), test_size=size)
+
+
+@pytest.mark.parametrize("size", [0, 10, -1, 11])
+def test_split_bad_test_count(size):
+    with pytest.raises(DataError, match=rf"10 samples with test_size={size} give {size} test"):
+        train_test_split(np.zeros((10, 2)), np.zeros(10), test_size=size)
 
 
 def test_split_length_mismatch_and_too_small():
     with pytest.raises(DataError, match=r"X holds 10 samples but y holds 9"):
         train_test_split(np.zeros((10, 2)), np.zeros(9))
-    with pytest.raises(DataError, match=r"2 samples with test_fraction=0\.1 give 0 test"):
-        train_test_split(np.zeros((2, 2)), np.zeros(2), test_fraction=0.1)
+    with pytest.raises(DataError, match=r"2 samples with test_size=0\.99 give 2 test"):
+        train_test_split(np.zeros((2, 2)), np.zeros(2), test_size=0.99)
 
 
 # --- read_idx -------------------------------------------------------------------------------
@@ -351,7 +379,7 @@ def test_load_mnist_npz(tmp_path):
 
 
 def test_load_mnist_missing_things(tmp_path):
-    with pytest.raises(DataError, match=r"nowhere: not found .*train-images-idx3-ubyte"):
+    with pytest.raises(DataError, match=r"(?s)nowhere: not found .*train-images-idx3-ubyte"):
         load_mnist(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError) as info:
@@ -502,9 +530,9 @@ def test_batches_load_state_dict_errors():
     batches = Batches(*_data(5), 2)
     with pytest.raises(DataError, match=r"missing keys \['seed'\] \(1 keys present"):
         batches.load_state_dict({"epoch": 1})
-    with pytest.raises(DataError, match=r"epoch is -1, expected an int >= 0"):
+    with pytest.raises(DataError, match=r"epoch must be an integer >= 0, got -1"):
         batches.load_state_dict({"epoch": -1, "seed": 0})
-    with pytest.raises(DataError, match=r"seed is 1\.5, expected an int >= 0"):
+    with pytest.raises(DataError, match=r"seed must be an integer >= 0, got 1\.5"):
         batches.load_state_dict({"epoch": 0, "seed": 1.5})
 
 
@@ -551,10 +579,10 @@ def test_batches_host_dtype_cast():
 @pytest.mark.parametrize(
     "kwargs, pattern",
     [
-        ({"batch_size": 0}, r"batch_size is 0, expected an int >= 1"),
-        ({"batch_size": 2.0}, r"batch_size is 2\.0, expected an int >= 1"),
-        ({"batch_size": True}, r"batch_size is True, expected an int >= 1"),
-        ({"batch_size": 2, "seed": -3}, r"seed is -3, expected an int >= 0"),
+        ({"batch_size": 0}, r"batch_size must be an integer >= 1, got 0"),
+        ({"batch_size": 2.0}, r"batch_size must be an integer >= 1, got 2\.0"),
+        ({"batch_size": True}, r"batch_size must be an integer >= 1, got True"),
+        ({"batch_size": 2, "seed": -3}, r"seed must be an integer >= 0, got -3"),
         ({"batch_size": 2, "device": object()}, r"has no put\(host_array, dtype=None\) method"),
     ],
 )
@@ -574,7 +602,30 @@ def test_batches_bad_arrays():
 
 def test_batches_on_digits_end_to_end():
     X, y = load_digits()
-    X_tr, y_tr, _, _ = train_test_split(X, y)
+    X_tr, _, y_tr, _ = train_test_split(X, y, test_size=0.2)
     batches = Batches(X_tr, y_tr, 64, seed=1)
     total = sum(len(yb) for _, yb in batches)
-    assert total == len(X_tr) == 1797 - round(1797 * 0.2)
+    assert total == len(X_tr) == 1797 - math.ceil(1797 * 0.2)
+
+
+# --- house style ----------------------------------------------------------------------------
+
+
+def test_data_package_follows_the_house_style():
+    """Relative imports like the rest of gpuflow, every DataError with a help: line, and no
+    `Device` of its own (it clashed with gpuflow.Device)."""
+    import gpuflow.data
+
+    folder = Path(gpuflow.data.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("gpuflow"), \
+                    f"{path.name}:{node.lineno} imports {node.module} absolutely"
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "DataError"):
+                text = "".join(part.value for part in ast.walk(node.args[0])
+                               if isinstance(part, ast.Constant) and isinstance(part.value, str))
+                assert "\nhelp: " in text, f"{path.name}:{node.lineno}: no help: line in {text!r}"
+    assert not hasattr(gpuflow.data, "Device")

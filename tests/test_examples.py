@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import subprocess
@@ -24,6 +25,38 @@ def _run_example(script: str, *args: str) -> str:
 
 def _losses(out: str) -> list[float]:
     return [float(v) for v in re.findall(r"^Epoch: \d+, Loss: ([0-9.]+)$", out, re.MULTILINE)]
+
+
+# examples/miniflow_nn.py's lines that differ from the lesson's nn.py -> the lesson's line.
+LESSON_CHANGES = {
+    "data = boston_like()": "data = load_boston()",
+    "epochs = args.epochs": "epochs = 10",
+    '    print("Epoch: {}, Loss: {:.3f}".format(i+1, float(loss/steps_per_epoch)))':
+        '    print("Epoch: {}, Loss: {:.3f}".format(i+1, loss/steps_per_epoch))',
+}
+# SHA-256 of the lesson's nn.py from "# Load data" to its end, blank lines dropped, trailing
+# spaces stripped, lines joined by "\n" (a digest, so the lesson's code is not copied here).
+LESSON_NN_SHA256 = "3d87628c9378c062697adc1731f262d26edbbf0e72b8c822a14119d3b3526f28"
+
+
+def test_miniflow_nn_is_the_lesson_but_for_the_stated_changes():
+    """The README and the example's docstring list what differs from the lesson's nn.py;
+    undoing exactly those lines must give the lesson's code back."""
+    with open(os.path.join(REPO, "examples", "miniflow_nn.py")) as f:
+        text = f.read()
+    assert "\n# Load data\n" in text, "the lesson's code starts at '# Load data'"
+    block = [line.rstrip() for line in text.split("\n# Load data\n", 1)[1].splitlines()]
+    changed = [line for line in block if line in LESSON_CHANGES]
+    assert sorted(changed) == sorted(LESSON_CHANGES), changed
+    lesson = ["# Load data"] + [LESSON_CHANGES.get(line, line) for line in block if line]
+    digest = hashlib.sha256("\n".join(lesson).encode()).hexdigest()
+    assert digest == LESSON_NN_SHA256, "the lesson's lines differ in more than LESSON_CHANGES"
+    with open(os.path.join(REPO, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    assert "unchanged but for the import" not in readme
+    for change in ("load_boston", "--epochs", "float(", "$GPUFLOW_DEVICE", "np.random.seed",
+                   "resample"):
+        assert change in readme, f"the README does not state the change {change!r}"
 
 
 def test_miniflow_nn_same_losses_on_cpu_and_device1():

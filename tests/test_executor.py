@@ -155,7 +155,7 @@ def test_check_finite_names_the_node_and_step(device):
     graph.step(xb, yb)
     bad = xb.copy()
     bad[1, 2] = np.nan
-    with pytest.raises(gf.GraphError, match=r"first appeared in Linear 'hidden''s value "
+    with pytest.raises(gf.GraphError, match=r"first appeared in Linear 'hidden', in its value "
                                             r"\(shape \(3, 3\)\) at step 2"):
         graph.step(bad, yb)
 
@@ -217,7 +217,7 @@ def test_a_node_that_promotes_float32_is_reported(device):
     logits, _ = gf.mlp(_Promote(X), [8, 4], seed=0)
     graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float32",
                      inputs=[X, y])
-    with pytest.raises(gf.GraphError, match=r"_Promote 'promote''s value has dtype float64 in "
+    with pytest.raises(gf.GraphError, match=r"the value of _Promote 'promote' has dtype float64 in "
                                             r"a float32 graph(.|\n)*help:"):
         graph.step(*_batch(sizes=(8, 4)))
 

@@ -1,7 +1,7 @@
 """Host-side data: the bundled digits, MNIST-style IDX files, splits and batch iteration."""
 
-from gpuflow.data.batches import Batches, Device, train_test_split
-from gpuflow.data.digits import load_digits
-from gpuflow.data.idx import load_mnist, read_idx
+from .batches import Batches, train_test_split
+from .digits import load_digits
+from .idx import load_mnist, read_idx
 
-__all__ = ["Batches", "Device", "load_digits", "load_mnist", "read_idx", "train_test_split"]
+__all__ = ["Batches", "load_digits", "load_mnist", "read_idx", "train_test_split"]

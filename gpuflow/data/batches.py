@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from gpuflow.errors import DataError
+from ..errors import DataError, check_int
 
-__all__ = ["Batches", "train_test_split", "Device"]
+__all__ = ["Batches", "train_test_split"]
 
-
-class Device(Protocol):
-    """Anything that copies a host array onto an accelerator: the one method Batches needs."""
-
-    def put(self, host_array: np.ndarray, dtype: Any = None) -> Any:
-        """Return a device array holding host_array, cast to dtype when given."""
+_UNSET: Any = object()
 
 
 def _check_pair(X: np.ndarray, y: np.ndarray, where: str) -> None:
@@ -25,53 +21,70 @@ def _check_pair(X: np.ndarray, y: np.ndarray, where: str) -> None:
     if X.ndim == 0 or y.ndim == 0:
         raise DataError(
             f"{where}: X has shape {X.shape} and y has shape {y.shape}, expected at least 1 dim "
-            f"each (samples first); pass arrays, not scalars"
+            f"each (samples first).\nhelp: pass arrays, not scalars."
         )
     if len(X) != len(y):
         raise DataError(
-            f"{where}: X holds {len(X)} samples but y holds {len(y)}; expected equal counts; "
-            f"pass matching X and y"
+            f"{where}: X holds {len(X)} samples but y holds {len(y)}; expected equal counts.\n"
+            f"help: pass matching X and y."
         )
     if len(X) == 0:
-        raise DataError(f"{where}: X holds 0 samples, expected at least 1; pass non-empty data")
+        raise DataError(f"{where}: X holds 0 samples, expected at least 1.\n"
+                        "help: pass non-empty data.")
 
 
-def _check_seed(value: object, name: str, where: str) -> int:
-    """Return value as a non-negative int or raise DataError naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise DataError(f"{where}: {name} is {value!r}, expected an int >= 0; pass e.g. {name}=0")
-    return int(value)
+def _test_count(test_size: Any, n: int, where: str) -> int:
+    """The number of test samples for scikit-learn's `test_size`: a fraction in (0, 1), rounded
+    up as scikit-learn does, or a count in [1, n - 1]."""
+    if isinstance(test_size, numbers.Integral) and not isinstance(test_size, bool):
+        n_test = int(test_size)
+    elif (isinstance(test_size, numbers.Real) and not isinstance(test_size, bool)
+          and 0.0 < float(test_size) < 1.0):
+        n_test = math.ceil(float(test_size) * n)
+    else:
+        raise DataError(
+            f"{where}: test_size is {test_size!r}, expected a fraction with 0 < test_size < 1 "
+            f"or a number of samples.\nhelp: pass e.g. test_size=0.25 or test_size=100."
+        )
+    if not 0 < n_test < n:
+        raise DataError(
+            f"{where}: {n} samples with test_size={test_size!r} give {n_test} test and "
+            f"{n - n_test} train samples, expected at least 1 of each.\nhelp: use more data or "
+            f"another test_size."
+        )
+    return n_test
 
 
 def train_test_split(
-    X: np.ndarray, y: np.ndarray, test_fraction: float = 0.2, seed: int = 0
+    X: np.ndarray, y: np.ndarray, *, test_size: float | int = 0.25, seed: int = 0,
+    test_fraction: Any = _UNSET,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Split (X, y) by a seeded permutation into (X_train, y_train, X_test, y_test)."""
+    """Split (X, y) by a seeded permutation, as scikit-learn's train_test_split does.
+
+    X: (n, ...) and y: (n, ...) host arrays, rows paired. test_size: a fraction in (0, 1)
+    (rounded up to whole samples) or a number of test samples; 0.25 by default, as in
+    scikit-learn. seed: the permutation's seed (scikit-learn's random_state).
+    Returns (X_train, X_test, y_train, y_test), scikit-learn's order.
+    """
     where = "train_test_split"
+    if test_fraction is not _UNSET:  # the old name, whose return order was different
+        raise DataError(
+            f"{where}: test_fraction was renamed test_size, and the result is now "
+            f"(X_train, X_test, y_train, y_test), scikit-learn's order (it was X_train, "
+            f"y_train, X_test, y_test).\nhelp: pass test_size={test_fraction!r} and unpack "
+            f"X_train, X_test, y_train, y_test = train_test_split(...)."
+        )
     X, y = np.asarray(X), np.asarray(y)
     _check_pair(X, y, where)
-    seed = _check_seed(seed, "seed", where)
-    if isinstance(test_fraction, bool) or not isinstance(test_fraction, numbers.Real) or not (
-        0.0 < float(test_fraction) < 1.0
-    ):
-        raise DataError(
-            f"{where}: test_fraction is {test_fraction!r}, expected a number with "
-            f"0 < test_fraction < 1; pass e.g. test_fraction=0.2"
-        )
+    seed = check_int(seed, "seed", 0, where=where, error=DataError)
     n = len(X)
-    n_test = int(round(n * float(test_fraction)))
-    if not 0 < n_test < n:
-        raise DataError(
-            f"{where}: {n} samples with test_fraction={test_fraction} give {n_test} test and "
-            f"{n - n_test} train samples, expected at least 1 of each; use more data or "
-            f"another fraction"
-        )
+    n_test = _test_count(test_size, n, where)
     order = np.random.default_rng(seed).permutation(n)
     test, train = order[:n_test], order[n_test:]
     return (
         np.take(X, train, axis=0),
-        np.take(y, train, axis=0),
         np.take(X, test, axis=0),
+        np.take(y, train, axis=0),
         np.take(y, test, axis=0),
     )
 
@@ -88,36 +101,34 @@ class Batches:
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
-        device: Device | None = None,
+        device: Any = None,
         dtype: Any = None,
     ) -> None:
-        """Check the arrays and options; iteration starts at epoch 0."""
+        """Check the arrays and options; iteration starts at epoch 0.
+
+        X: (n, ...) and y: (n, ...) host arrays. device: None (batches stay NumPy arrays) or
+        anything with `put(host_array, dtype=None)`, e.g. a gpuflow Device; dtype: X's dtype
+        on the way (y keeps its own).
+        """
         where = "Batches"
         X, y = np.asarray(X), np.asarray(y)
         _check_pair(X, y, where)
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, numbers.Integral)
-            or batch_size < 1
-        ):
-            raise DataError(
-                f"{where}: batch_size is {batch_size!r}, expected an int >= 1; "
-                f"pass e.g. batch_size=32"
-            )
+        batch_size = check_int(batch_size, "batch_size", 1, where=where, error=DataError)
         if drop_last and batch_size > len(X):
             raise DataError(
                 f"{where}: drop_last with batch_size={batch_size} > {len(X)} samples would give "
-                f"0 batches per epoch, expected at least 1; lower batch_size or drop_last=False"
+                f"0 batches per epoch, expected at least 1.\nhelp: lower batch_size or pass "
+                f"drop_last=False."
             )
         if device is not None and not callable(getattr(device, "put", None)):
             raise DataError(
                 f"{where}: device {device!r} has no put(host_array, dtype=None) method "
-                f"(0 of 1 required methods); pass a gpuflow device or device=None"
+                f"(0 of 1 required methods).\nhelp: pass a gpuflow Device or device=None."
             )
         self.X, self.y = X, y
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.shuffle = bool(shuffle)
-        self.seed = _check_seed(seed, "seed", where)
+        self.seed = check_int(seed, "seed", 0, where=where, error=DataError)
         self.drop_last = bool(drop_last)
         self.device = device
         self.dtype = dtype
@@ -135,7 +146,10 @@ class Batches:
 
     def order(self, epoch: int | None = None) -> np.ndarray:
         """Sample indices for epoch (default: the current one), a function of (seed, epoch) only."""
-        epoch = self.epoch if epoch is None else _check_seed(epoch, "epoch", "Batches.order")
+        if epoch is None:
+            epoch = self.epoch
+        else:
+            epoch = check_int(epoch, "epoch", 0, where="Batches.order", error=DataError)
         if not self.shuffle:
             return np.arange(self.num_samples)
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
@@ -169,12 +183,12 @@ class Batches:
         if missing:
             raise DataError(
                 f"{where}: state is missing keys {missing} ({len(state)} keys present: "
-                f"{sorted(state)}); pass the dict returned by Batches.state_dict()"
+                f"{sorted(state)}).\nhelp: pass the dict returned by Batches.state_dict()."
             )
         values = {}
         for key in ("epoch", "seed"):
             value = state[key]
             if isinstance(value, np.ndarray) and value.shape == ():
                 value = value.item()  # plain ints come back as 0-d arrays from .npz checkpoints
-            values[key] = _check_seed(value, key, where)
+            values[key] = check_int(value, key, 0, where=where, error=DataError)
         self.epoch, self.seed = values["epoch"], values["seed"]

@@ -10,7 +10,7 @@ from importlib import resources
 
 import numpy as np
 
-from gpuflow.errors import DataError
+from ..errors import DataError
 
 __all__ = ["load_digits", "DIGITS_SHA256"]
 
@@ -32,7 +32,8 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         blob = resources.files("gpuflow.data").joinpath(DIGITS_FILE).read_bytes()
     except OSError as exc:
-        raise DataError(f"{name}: cannot read the bundled file: {exc}; {_REINSTALL}") from exc
+        raise DataError(f"{name}: cannot read the bundled file: {exc}.\n"
+                        f"help: {_REINSTALL}.") from exc
     return parse_digits(blob, name=name, sha256=DIGITS_SHA256)
 
 
@@ -45,43 +46,45 @@ def parse_digits(
         if actual != sha256:
             raise DataError(
                 f"{name}: SHA-256 is {actual}, expected {sha256} ({len(blob)} bytes read); "
-                f"the bundled file is damaged or replaced; {_REINSTALL}"
+                f"the bundled file is damaged or replaced.\nhelp: {_REINSTALL}."
             )
     try:
         text = gzip.decompress(blob).decode("ascii")
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
         raise DataError(
-            f"{name}: cannot decompress ({len(blob)} bytes): {exc}; {_REINSTALL}"
+            f"{name}: cannot decompress ({len(blob)} bytes): {exc}.\nhelp: {_REINSTALL}."
         ) from exc
     try:
         table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as exc:
-        raise DataError(f"{name}: not a numeric CSV table: {exc}; {_REINSTALL}") from exc
+        raise DataError(f"{name}: not a numeric CSV table: {exc}.\nhelp: {_REINSTALL}.") from exc
     expected_shape = (N_SAMPLES, N_PIXELS + 1)
     if table.shape != expected_shape:
         raise DataError(
             f"{name}: table has shape {table.shape}, expected {expected_shape} "
-            f"({N_SAMPLES} rows of {N_PIXELS} pixels + 1 label); {_REINSTALL}"
+            f"({N_SAMPLES} rows of {N_PIXELS} pixels + 1 label).\nhelp: {_REINSTALL}."
         )
     if not np.array_equal(table, np.round(table)):
-        raise DataError(f"{name}: expected whole numbers only, found fractions; {_REINSTALL}")
+        raise DataError(f"{name}: expected whole numbers only, found fractions.\n"
+                        f"help: {_REINSTALL}.")
     pixels, labels = table[:, :N_PIXELS], table[:, N_PIXELS]
     lo, hi = pixels.min(), pixels.max()
     if lo < 0 or hi > MAX_PIXEL:
         raise DataError(
-            f"{name}: pixel values span {lo:g}..{hi:g}, expected 0..{MAX_PIXEL}; {_REINSTALL}"
+            f"{name}: pixel values span {lo:g}..{hi:g}, expected 0..{MAX_PIXEL}.\n"
+            f"help: {_REINSTALL}."
         )
     if labels.min() < 0 or labels.max() >= N_CLASSES:
         raise DataError(
             f"{name}: labels span {labels.min():g}..{labels.max():g}, "
-            f"expected 0..{N_CLASSES - 1}; {_REINSTALL}"
+            f"expected 0..{N_CLASSES - 1}.\nhelp: {_REINSTALL}."
         )
     y = labels.astype(np.int64)
     counts = np.bincount(y, minlength=N_CLASSES)
     if counts.min() < MIN_PER_CLASS or counts.max() > MAX_PER_CLASS:
         raise DataError(
             f"{name}: per-class counts are {counts.tolist()}, expected each within "
-            f"{MIN_PER_CLASS}..{MAX_PER_CLASS}; {_REINSTALL}"
+            f"{MIN_PER_CLASS}..{MAX_PER_CLASS}.\nhelp: {_REINSTALL}."
         )
     X = (pixels / MAX_PIXEL).astype(np.float32)
     return X, y

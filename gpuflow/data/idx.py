@@ -12,7 +12,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from gpuflow.errors import DataError
+from ..errors import DataError
 
 __all__ = ["read_idx", "load_mnist", "IDX_DTYPES"]
 
@@ -47,17 +47,20 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
             else:
                 data = _read_plain_idx(path, raw, file_size)
     except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such file (0 bytes found); check the path") from exc
+        raise DataError(f"{path}: no such file (0 bytes found).\nhelp: check the path.") from exc
     except IsADirectoryError as exc:
-        raise DataError(f"{path}: is a folder, expected an IDX file; pass the file") from exc
+        raise DataError(f"{path}: is a folder, expected an IDX file.\n"
+                        "help: pass the file.") from exc
     except OSError as exc:
-        raise DataError(f"{path}: cannot read: {exc}; check the path and permissions") from exc
+        raise DataError(f"{path}: cannot read: {exc}.\n"
+                        "help: check the path and permissions.") from exc
     dtype, dims, payload = data
     try:
         array = np.frombuffer(payload, dtype=dtype).reshape(dims)
     except ValueError as exc:  # more dims than NumPy supports, or a size it cannot index
         raise DataError(f"{path}: header dims {dims} cannot make a NumPy array ({exc}); "
-                        f"the file is not an IDX file or is damaged; {_REDOWNLOAD}") from exc
+                        f"the file is not an IDX file or is damaged.\n"
+                        f"help: {_REDOWNLOAD}.") from exc
     # The payload is a private writable bytearray, so single-byte types need no copy.
     return array.astype(dtype.newbyteorder("="), copy=False)
 
@@ -67,14 +70,14 @@ def _parse_header(path: Path, head: bytes) -> tuple[np.dtype, int]:
     if len(head) < 4:
         raise DataError(
             f"{path}: {len(head)} bytes, expected at least 4 for the IDX magic number; "
-            f"the file is truncated or not IDX; {_REDOWNLOAD}"
+            f"the file is truncated or not IDX.\nhelp: {_REDOWNLOAD}."
         )
     if head[0] != 0 or head[1] != 0 or head[2] not in IDX_DTYPES or head[3] < 1:
         codes = ", ".join(f"0x{code:02X}" for code in IDX_DTYPES)
         raise DataError(
             f"{path}: bad IDX magic {head[:4].hex(' ')}; expected 00 00 <type> <ndim> with "
             f"type in {{{codes}}} and ndim >= 1 (got type 0x{head[2]:02X}, ndim {head[3]}); "
-            f"the file is not an IDX file or is damaged; {_REDOWNLOAD}"
+            f"the file is not an IDX file or is damaged.\nhelp: {_REDOWNLOAD}."
         )
     return IDX_DTYPES[head[2]], head[3]
 
@@ -85,7 +88,7 @@ def _parse_dims(path: Path, blob: bytes, ndim: int) -> tuple[int, ...]:
     if len(blob) < need:
         raise DataError(
             f"{path}: header declares {ndim} dims needing {need} bytes, only {len(blob)} follow "
-            f"the magic; the file is truncated; {_REDOWNLOAD}"
+            f"the magic; the file is truncated.\nhelp: {_REDOWNLOAD}."
         )
     return tuple(int(d) for d in np.frombuffer(blob[:need], dtype=">u4"))
 
@@ -95,8 +98,8 @@ def _payload_mismatch(path: Path, dims: tuple[int, ...], dtype: np.dtype, expect
     """Build the error for a payload whose length does not match the header."""
     return DataError(
         f"{path}: header dims {dims} of {dtype.name} need exactly {expected} payload bytes, "
-        f"found {actual}; the file is truncated, has trailing bytes or a wrong header; "
-        f"{_REDOWNLOAD}"
+        f"found {actual}; the file is truncated, has trailing bytes or a wrong header.\n"
+        f"help: {_REDOWNLOAD}."
     )
 
 
@@ -146,7 +149,7 @@ def _read_gzip_idx(
                 raise _payload_mismatch(path, dims, dtype, expected, f"{expected + extra}{more}")
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(
-            f"{path}: corrupt gzip data ({file_size} bytes on disk): {exc}; {_REDOWNLOAD}"
+            f"{path}: corrupt gzip data ({file_size} bytes on disk): {exc}.\nhelp: {_REDOWNLOAD}."
         ) from exc
     return dtype, dims, payload
 
@@ -162,8 +165,8 @@ def load_mnist(path: str | os.PathLike[str], split: str = "train") -> tuple[np.n
     """Load MNIST-layout data from a folder of IDX files or a Keras-style .npz, as (X, y)."""
     if split not in MNIST_FILES:
         raise DataError(
-            f"{path}: split is {split!r}, expected one of {sorted(MNIST_FILES)}; "
-            f"pass split='train' or split='test'"
+            f"{path}: split is {split!r}, expected one of {sorted(MNIST_FILES)}.\n"
+            f"help: pass split='train' or split='test'."
         )
     path = Path(path)
     if path.is_dir():
@@ -175,8 +178,8 @@ def load_mnist(path: str | os.PathLike[str], split: str = "train") -> tuple[np.n
         names = tuple(f"{path}[{key}]" for key in NPZ_KEYS[split])
     else:
         raise DataError(
-            f"{path}: not found (0 files); pass a folder holding "
-            f"{', '.join(MNIST_FILES[split])} (optionally .gz) or a Keras-style mnist.npz file"
+            f"{path}: not found (0 files).\nhelp: pass a folder holding "
+            f"{', '.join(MNIST_FILES[split])} (optionally .gz) or a Keras-style mnist.npz file."
         )
     return _to_xy(images, labels, *names)
 
@@ -189,8 +192,8 @@ def _find_idx(folder: Path, stem: str) -> Path:
             return candidate
     looked = ", ".join(c.name for c in candidates)
     raise DataError(
-        f"{folder}: 0 of {len(candidates)} candidate files found (looked for {looked}); "
-        f"put the MNIST/Fashion-MNIST IDX files in this folder"
+        f"{folder}: 0 of {len(candidates)} candidate files found (looked for {looked}).\n"
+        f"help: put the MNIST/Fashion-MNIST IDX files in this folder."
     )
 
 
@@ -198,8 +201,8 @@ def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarra
     """Read two arrays from an .npz archive without pickle, turning every failure into DataError."""
     if not zipfile.is_zipfile(path):
         raise DataError(
-            f"{path}: not a valid .npz (zip) archive ({path.stat().st_size} bytes); pass a folder "
-            f"of IDX files or an .npz with keys {', '.join(sum(NPZ_KEYS.values(), ()))}"
+            f"{path}: not a valid .npz (zip) archive ({path.stat().st_size} bytes).\nhelp: pass a "
+            f"folder of IDX files or an .npz with keys {', '.join(sum(NPZ_KEYS.values(), ()))}."
         )
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -207,7 +210,8 @@ def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarra
             if missing:
                 raise DataError(
                     f"{path}: missing keys {missing} ({len(archive.files)} keys present: "
-                    f"{sorted(archive.files)}); save the archive with keys {x_key} and {y_key}"
+                    f"{sorted(archive.files)}).\n"
+                    f"help: save the archive with keys {x_key} and {y_key}."
                 )
             return archive[x_key], archive[y_key]
     except DataError:
@@ -219,7 +223,7 @@ def _read_npz(path: Path, x_key: str, y_key: str) -> tuple[np.ndarray, np.ndarra
             MemoryError, zlib.error, zipfile.BadZipFile) as exc:
         raise DataError(
             f"{path}: cannot read arrays {x_key}, {y_key}: {exc}; the archive is damaged or "
-            f"holds object arrays (pickle is not allowed); re-create it with numpy.savez"
+            f"holds object arrays (pickle is not allowed).\nhelp: re-create it with numpy.savez."
         ) from exc
 
 
@@ -230,32 +234,32 @@ def _to_xy(
     if images.ndim != 3:
         raise DataError(
             f"{image_name}: images have {images.ndim} dims {images.shape}, expected 3 "
-            f"(count, rows, cols); pass the images file, not the labels file"
+            f"(count, rows, cols).\nhelp: pass the images file, not the labels file."
         )
     if images.dtype != np.uint8:
         raise DataError(
-            f"{image_name}: images have dtype {images.dtype}, expected uint8 (0..255 pixels); "
-            f"pass the original MNIST-style images"
+            f"{image_name}: images have dtype {images.dtype}, expected uint8 (0..255 pixels).\n"
+            f"help: pass the original MNIST-style images."
         )
     if labels.ndim != 1:
         raise DataError(
-            f"{label_name}: labels have {labels.ndim} dims {labels.shape}, expected 1 (count,); "
-            f"pass the labels file, not the images file"
+            f"{label_name}: labels have {labels.ndim} dims {labels.shape}, expected 1 (count,).\n"
+            f"help: pass the labels file, not the images file."
         )
     if labels.dtype.kind not in "iu":
         raise DataError(
-            f"{label_name}: labels have dtype {labels.dtype}, expected an integer type; "
-            f"pass integer class labels"
+            f"{label_name}: labels have dtype {labels.dtype}, expected an integer type.\n"
+            f"help: pass integer class labels."
         )
     if len(images) != len(labels):
         raise DataError(
             f"{image_name} holds {len(images)} images but {label_name} holds {len(labels)} "
-            f"labels; expected equal counts; pass files of the same split"
+            f"labels; expected equal counts.\nhelp: pass files of the same split."
         )
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise DataError(
             f"{label_name}: label values span {labels.min()}..{labels.max()}, expected 0..255; "
-            f"the labels file is damaged; re-download it"
+            f"the labels file is damaged.\nhelp: re-download it."
         )
     X = images.reshape(len(images), -1).astype(np.float32)
     X /= np.float32(255)

@@ -1,0 +1,194 @@
+"""The torch devices' floor (hand-written torch ops, no autograd) and PyTorch eager (nn layers,
+torch.optim, autograd), which every device is compared with; torch's thread count, version and
+CUDA memory. The benchmark's only module that imports torch."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from gpuflow.backends import Device
+
+from .variants import Variant
+from .workloads import LEARNING_RATE, Workload
+
+
+class TorchFloor(Variant):
+    """(c) for torch devices: hand-written torch ops, no autograd, out= and in place."""
+
+    def __init__(self, w: Workload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tdev, self.w = tdev, w
+        dt = getattr(torch, dtype)
+        put = lambda a: torch.as_tensor(np.ascontiguousarray(a), device=tdev).to(dt)  # noqa
+        self.W = [put(a) for a in weights[0::2]]
+        self.b = [put(a) for a in weights[1::2]]
+        self.dW = [torch.empty_like(a) for a in self.W]
+        self.db = [torch.empty_like(a) for a in self.b]
+        n = w.batch
+        new = lambda s, d=dt: torch.empty((n, s), dtype=d, device=tdev)  # noqa: E731
+        self.z = [new(s) for s in w.sizes[1:]]
+        self.g = [new(s) for s in w.sizes[1:-1]]
+        self.tmp = [new(s) for s in w.sizes[1:-1]]
+        self.mask = [new(s, torch.bool) for s in w.sizes[1:-1]]
+        self.col, self.col2 = new(1), new(1)
+        self.rows = torch.arange(n, device=tdev)
+        self.xh, self.yh = data
+
+    def _upload(self, a: np.ndarray) -> Any:
+        t = torch.from_numpy(a)
+        return t if self.tdev.type == "cpu" else t.to(self.tdev)
+
+    def step(self) -> Any:
+        z = self.z
+        x, y = self._upload(self.xh), self._upload(self.yh)
+        last = len(self.W) - 1
+        h = x
+        for i, (W, b) in enumerate(zip(self.W, self.b)):
+            torch.addmm(b, h, W, out=z[i])
+            if i < last:
+                if self.w.activation == "relu":
+                    z[i].clamp_(min=0)
+                else:
+                    z[i].mul_(0.5).tanh_().mul_(0.5).add_(0.5)
+            h = z[i]
+        out = z[last]
+        if self.w.loss == "mse":
+            m = out.numel()
+            d = self.col
+            torch.sub(y, out, out=d)
+            loss = torch.dot(d.view(-1), d.view(-1)) / m
+            torch.mul(d, -2.0 / m, out=out)
+        else:
+            n = out.shape[0]
+            torch.amax(out, dim=1, keepdim=True, out=self.col)
+            out.sub_(self.col)
+            picked = out[self.rows, y]
+            out.exp_()
+            torch.sum(out, dim=1, keepdim=True, out=self.col)
+            torch.log(self.col, out=self.col2)
+            loss = (self.col2.sum() - picked.sum()) / n
+            out.div_(self.col)
+            out[self.rows, y] -= 1.0
+            out.mul_(1.0 / n)
+        G = out
+        for i in range(last, -1, -1):
+            inp = x if i == 0 else z[i - 1]
+            torch.matmul(inp.T, G, out=self.dW[i])
+            torch.sum(G, dim=0, out=self.db[i])
+            if i > 0:
+                g = self.g[i - 1]
+                torch.matmul(G, self.W[i].T, out=g)
+                s = z[i - 1]
+                if self.w.activation == "relu":
+                    torch.gt(s, 0, out=self.mask[i - 1])
+                    g.mul_(self.mask[i - 1])
+                else:
+                    t = self.tmp[i - 1]
+                    torch.sub(1.0, s, out=t)   # type: ignore[call-overload]
+                    t.mul_(s)
+                    g.mul_(t)
+                G = g
+        for p, dp in zip(self.W + self.b, self.dW + self.db):
+            p.sub_(dp, alpha=LEARNING_RATE)
+        return loss
+
+    def read(self, loss: Any) -> float:
+        return float(loss.item())
+
+    def sync(self) -> None:
+        if self.tdev.type == "cuda":
+            torch.cuda.synchronize(self.tdev)
+
+    def memory(self) -> dict[str, Any] | None:
+        return memory(self, self.tdev)
+
+
+class TorchEager(Variant):
+    """(d) PyTorch eager: nn.Linear layers, torch.optim.SGD, loss.backward()."""
+
+    def __init__(self, w: Workload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tdev, self.w = tdev, w
+        layers: list[Any] = []
+        n_layers = len(w.sizes) - 1
+        for i, (n_in, n_out) in enumerate(zip(w.sizes[:-1], w.sizes[1:])):
+            lin = nn.Linear(n_in, n_out)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[2 * i].T)))
+                lin.bias.copy_(torch.from_numpy(weights[2 * i + 1]))
+            layers.append(lin)
+            if i < n_layers - 1:
+                layers.append(nn.ReLU() if w.activation == "relu" else nn.Sigmoid())
+        self.model = nn.Sequential(*layers).to(device=tdev, dtype=getattr(torch, dtype))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
+        self.loss_fn = nn.MSELoss() if w.loss == "mse" else nn.CrossEntropyLoss()
+        self.xh, self.yh = data
+
+    def _upload(self, a: np.ndarray) -> Any:
+        t = torch.from_numpy(a)
+        return t if self.tdev.type == "cpu" else t.to(self.tdev)
+
+    def step(self) -> Any:
+        x, y = self._upload(self.xh), self._upload(self.yh)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model(x), y)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def read(self, loss: Any) -> float:
+        return float(loss.item())
+
+    def sync(self) -> None:
+        if self.tdev.type == "cuda":
+            torch.cuda.synchronize(self.tdev)
+
+    def memory(self) -> dict[str, Any] | None:
+        return memory(self, self.tdev)
+
+
+def make_floor(w: Workload, device: Device, dtype: str, weights: Sequence[np.ndarray],
+               data: tuple[np.ndarray, np.ndarray]) -> Variant:
+    """The hand-written torch floor on `device`'s torch device."""
+    return TorchFloor(w, device.native, dtype, weights, data)
+
+
+def torch_twin(device: Device) -> Any:
+    """A torch device is its own twin."""
+    return device.native
+
+
+def torch_device(spec: Any) -> Any:
+    """The torch device for a spec ("cpu", "cuda:0", a torch.device); None when it names a GPU
+    and torch has no CUDA here."""
+    tdev = torch.device(spec)
+    if tdev.type == "cuda" and not torch.cuda.is_available():
+        return None
+    return tdev
+
+
+def memory(v: Variant, tdev: Any) -> dict[str, Any]:
+    """torch.cuda.max_memory_allocated over one step of `v` on a CUDA device; on the CPU torch's
+    allocations are invisible to tracemalloc, so nothing is measured."""
+    if tdev.type != "cuda":
+        return {"kind": "n/a (torch CPU memory is invisible to tracemalloc)", "bytes": None}
+    torch.cuda.synchronize(tdev)
+    torch.cuda.reset_peak_memory_stats(tdev)
+    v.step()
+    v.sync()
+    return {"kind": "torch.cuda.max_memory_allocated",
+            "bytes": int(torch.cuda.max_memory_allocated(tdev))}
+
+
+def set_threads(n: int) -> None:
+    """Use n intra-op threads in torch."""
+    torch.set_num_threads(n)
+
+
+def library_info() -> dict[str, Any]:
+    """torch's version and intra-op thread count."""
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads()}

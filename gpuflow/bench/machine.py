@@ -1,0 +1,80 @@
+"""The machine the benchmark ran on: versions, CPU, thread counts; NumPy's OpenBLAS threads,
+set and read through ctypes (NumPy has no API for them)."""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import platform
+import sys
+from typing import Any
+
+import numpy as np
+
+import gpuflow as gf
+from gpuflow.backends import Device
+
+from .variants import torch_module
+
+
+def _openblas(verb: str) -> Any:
+    """The `openblas_<verb>_num_threads` function of NumPy's bundled OpenBLAS, or None."""
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
+                                  "*openblas*"))
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in (f"scipy_openblas_{verb}_num_threads64_", f"openblas_{verb}_num_threads64_",
+                    f"openblas_{verb}_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                return fn
+    return None
+
+
+def _openblas_threads() -> int | None:
+    """NumPy's OpenBLAS thread count, read from the bundled library (None if not found)."""
+    fn = _openblas("get")
+    return int(fn()) if fn is not None else None
+
+
+def set_threads(n: int) -> None:
+    """Use n threads in NumPy's OpenBLAS and in torch (intra-op), where they are present.
+
+    Why: on a small shared machine, a 2-thread BLAS whose second thread is descheduled waits a
+    whole time slice per call, which can make a 20 MFLOP step 100x slower."""
+    fn = _openblas("set")
+    if fn is not None:
+        fn(ctypes.c_int(n))
+    torch = torch_module()
+    if torch is not None:
+        torch.set_threads(n)
+
+
+def machine_info(device: Device) -> dict[str, Any]:
+    """Versions, CPU, thread counts and the device description."""
+    info: dict[str, Any] = {
+        "device": device.name, "device_describe": device.describe(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "gpuflow": gf.__version__, "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "numpy_blas_threads": _openblas_threads(),
+        "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                                                   "MKL_NUM_THREADS") if k in os.environ},
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu_model"] = next((line.split(":", 1)[1].strip() for line in f
+                                      if line.startswith("model name")), None)
+    except OSError:
+        info["cpu_model"] = None
+    torch = torch_module()
+    info.update(torch.library_info() if torch is not None else {"torch": None})
+    for lib in ("cupy", "array_api_strict"):
+        if lib in sys.modules:
+            info[lib] = getattr(sys.modules[lib], "__version__", None)
+    return info

@@ -1,0 +1,141 @@
+"""The arrays a node keeps from step to step, and when an array is copied.
+
+On NumPy, CuPy and torch a training step allocates nothing after the first: each node writes its
+value and gradients into arrays it keeps, passing them as `out=` to `node.ops`. The rules, stated
+here once (node docstrings point here):
+
+- **Keep.** `node.buffers[name, shape, dtype]` gives an array to pass as `out=`: the same one
+  for the same key, step after step (a name keeps its last `Buffers.shapes_kept` shapes, so that
+  a training batch and a smaller last batch both stay). It gives None, and the op returns a new
+  array, for 0-d results (NumPy keeps those as immutable scalars, as MiniFlow's Python numbers
+  were), for integer or boolean results (an op may promote them), on a device that cannot write
+  into arrays or a graph built with `reuse_buffers=False` (`NO_BUFFERS`), and for shapes first
+  met while the graph runs forward only (`forward_only`: an evaluation batch of another size is
+  not kept for good). Node code always uses what the op returns, and reassigns rather than
+  updates in place: some libraries (JAX) have immutable arrays.
+- **Alias.** What a node writes into its buffers is overwritten at its next step, as PyTorch's
+  `.grad` is. Every kept buffer is listed in one table (`_KEPT`) by its device's memory key
+  (`Device.memory_keys`), so that an array sharing memory with one (the buffer itself, a view,
+  a `.detach()`) is recognised wherever it turns up.
+- **Copy for the caller** (`copy_if_kept`). What a graph hands back (`forward_pass`'s result,
+  `Graph.step`'s loss, `Graph.run`'s output) and what a caller feeds an Input (one graph's
+  output fed to the next, an RNN's state) is copied if it shares memory with a kept buffer,
+  and handed over as it is otherwise.
+- **Copy a feed** (`copy_feed`). A value the caller gives when the graph is built is copied
+  once: training updates parameters in place where the device allows it, and the caller's
+  array must not change with them (it would on the CPU only, where no transfer copies it).
+
+Process-wide state. Everything else lives on graphs, plans, nodes and optimizers; these stay
+global because what they track crosses graphs:
+
+- `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
+  another (a loss, an output fed to a second graph), so the check must see all graphs' buffers.
+- `gpuflow.backends.LEDGER`: counts host<->device transfers and synchronisations, and refuses
+  them in strict mode; transfers happen anywhere (feeds, checkpoints, `item`), and a user
+  reads one count for the process.
+- `gpuflow.backends._CACHE`: one `Device` object per device ("cuda" and "cuda:0" are the
+  same object), since a node's device is compared by identity when graphs share nodes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+from .backends.numpy import host_copy
+
+
+class _KeptTable(dict):
+    """Every kept buffer: {memory key: (weak reference to its node, its key in node.buffers)}."""
+
+    limit = 1024  # prune the entries of dead nodes when the table grows past this
+
+    def add(self, key: int, node_ref: Any, name: tuple) -> None:
+        self[key] = (node_ref, name)
+        if len(self) > self.limit:
+            for k, (ref, _) in list(self.items()):
+                if ref() is None:
+                    del self[k]
+            self.limit = max(1024, 2 * len(self))
+
+    def live(self, key: int) -> bool:
+        """Whether `key` is still a live node's buffer (it can be stale: a dead node's array,
+        whose memory was reused since; the owner's own table decides)."""
+        ref, name = self[key]
+        node = ref()
+        buf = node.buffers.get(name) if node is not None else None
+        return buf is not None and node.device.memory_keys(buf)[0] == key
+
+
+_KEPT = _KeptTable()
+
+
+def copy_if_kept(array: Any, device: Any) -> Any:
+    """`array`, or a copy of it on `device` if it shares memory with a buffer that some live
+    node writes into step after step (see the module docstring)."""
+    if _KEPT and device is not None:
+        for key in device.memory_keys(array):
+            if key in _KEPT and _KEPT.live(key):
+                return device.xp.asarray(array, copy=True, device=device.native)
+    return array
+
+
+def copy_feed(value: Any, device: Any) -> Any:
+    """A value fed when the graph is built, copied once (see the module docstring): on
+    `device` if it is already there, else on the host, before its upload."""
+    if device.owns(value) and getattr(value, "ndim", 0):
+        return device.xp.asarray(value, copy=True)
+    return host_copy(value)
+
+
+class Buffers(dict):
+    """A node's kept arrays: `node.buffers[name, shape, dtype]` (see the module docstring).
+
+    The first lookup of a key allocates an uninitialised array on the node's device; later ones
+    return the same array (one C-level dict lookup).
+    """
+
+    shapes_kept = 3
+    keeping = True  # False while running forward only (see forward_only)
+
+    def __init__(self, node: Any, device: Any) -> None:
+        super().__init__()
+        self._node = weakref.ref(node)
+        self._device = device
+
+    def __missing__(self, key: tuple) -> Any:
+        name, shape, dtype = key
+        device = self._device
+        if not shape or not device.is_floating(dtype):
+            return None
+        array = device.new_buffer(tuple(shape), dtype)
+        if not Buffers.keeping:
+            return array  # used once, not kept
+        same = [k for k in self if k[0] == name]
+        for old in same[:max(0, len(same) - self.shapes_kept + 1)]:
+            _KEPT.pop(device.memory_keys(self.pop(old))[0], None)
+        self[key] = array
+        _KEPT.add(device.memory_keys(array)[0], self._node, key)
+        return array
+
+
+class _NoBuffers(dict):
+    """`node.buffers` where arrays are not kept: every lookup gives None, and the ops then
+    return new arrays."""
+
+    def __missing__(self, key: tuple) -> None:
+        return None
+
+
+NO_BUFFERS = _NoBuffers()
+
+
+class forward_only:
+    """While running forward only (`forward_pass`, `Graph.run`), buffers of shapes not seen
+    before are not kept: a large evaluation batch does not hold its memory for good."""
+
+    def __enter__(self) -> None:
+        self.keeping, Buffers.keeping = Buffers.keeping, False
+
+    def __exit__(self, *exc: object) -> None:
+        Buffers.keeping = self.keeping

@@ -1,0 +1,319 @@
+"""Learning-rate schedules and gradient clipping, as in PyTorch (re-exported by gpuflow.optim).
+
+A schedule sets `optimizer.lr` when it is made (epoch 0) and at every `step()`, once per epoch,
+with PyTorch's chainable formulas, so a run gives the rates `torch.optim.lr_scheduler` gives:
+
+    opt = Adam(graph, lr=1e-3)
+    schedule = CosineAnnealingLR(opt, T_max=20)
+    for epoch in range(20):
+        for X, y in batches:
+            graph.step(X, y); clip_grad_norm(graph, 1.0); opt.step()
+        schedule.step()
+
+Clipping rescales `p.gradients[p]` between the backward pass and the optimizer's step, on the
+device and without reading anything back to the host.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from .errors import CheckpointError, GraphError
+from .nodes import Node
+
+__all__ = ["LRSchedule", "StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR",
+           "clip_grad_norm", "clip_grad_value"]
+
+
+def _number(owner: str, name: str, value: Any, *, low: float | None = None,
+            low_open: bool = False, high: float | None = None, high_open: bool = False,
+            integer: bool = False) -> Any:
+    """`value` checked: a finite number (an int if `integer`) within the bounds given."""
+    kinds = (int,) if integer else (int, float)
+    ok = isinstance(value, kinds) and not isinstance(value, bool)
+    if ok and not integer:
+        ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if low_open else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"{'<' if high_open else '<='} {high:g}")
+        kind = "an integer" if integer else "a finite number"
+        where = f" {' and '.join(bounds)}" if bounds else ""
+        raise ValueError(f"{owner}: {name} must be {kind}{where}, got {value!r}.\n"
+                         f"help: pass e.g. {name}={_EXAMPLES.get(name, 1)}.")
+    return int(value) if integer else float(value)
+
+
+_EXAMPLES = {"step_size": 10, "gamma": 0.1, "T_max": 50, "eta_min": 0.0, "start_factor": 0.1,
+             "end_factor": 1.0, "total_iters": 5, "max_norm": 1.0, "clip_value": 1.0}
+
+
+# -- learning-rate schedules ---------------------------------------------------------------------
+class LRSchedule:
+    """Base class: sets `optimizer.lr` at epoch 0 (when made) and at each `step()`.
+
+    Subclasses give `_rate(lr)`, the rate for epoch `self.last_epoch` from the current one
+    (PyTorch's chainable form: a rate set by hand between epochs carries on from there).
+    `state_dict()` holds numbers only.
+    """
+
+    _hyper: tuple[str, ...] = ()  # the constructor's numbers, saved with the state
+
+    def __init__(self, optimizer: Any) -> None:
+        lr = getattr(optimizer, "lr", None)
+        if not hasattr(optimizer, "step") or isinstance(lr, bool) or not isinstance(
+                lr, (int, float)):
+            raise ValueError(f"{type(self).__name__}: expected a gpuflow optimizer (with a "
+                             f"numeric .lr), got {type(optimizer).__name__}.\n"
+                             "help: pass e.g. gpuflow.optim.SGD(graph, lr=0.1).")
+        self.optimizer = optimizer
+        self.base_lr = float(lr)
+        self.last_epoch = 0
+        self._set(self._rate(self.base_lr))
+
+    def _rate(self, lr: float) -> float:
+        raise NotImplementedError
+
+    def step(self) -> float:
+        """Move to the next epoch; set and return its learning rate."""
+        self.last_epoch += 1
+        return self._set(self._rate(float(self.optimizer.lr)))
+
+    def get_last_lr(self) -> list[float]:
+        """[the rate set last], as PyTorch's schedulers return it (one entry per group)."""
+        return [self.last_lr]
+
+    def _set(self, lr: float) -> float:
+        if not (math.isfinite(lr) and lr >= 0.0):
+            raise ValueError(f"{type(self).__name__}: epoch {self.last_epoch} gives the "
+                             f"learning rate {lr!r}.\nhelp: check the schedule's arguments.")
+        self.last_lr = lr
+        self.optimizer.lr = lr
+        # The schedule checked it; a rate of 0 (the end of a cosine) is allowed here, as in
+        # PyTorch, though a user passing lr=0 to an optimizer is refused.
+        if hasattr(self.optimizer, "_checked_lr"):
+            self.optimizer._checked_lr = lr
+        return lr
+
+    # -- state, for checkpoints -----------------------------------------------------------------
+    def state_dict(self) -> dict[str, float | int]:
+        """{'last_epoch', 'base_lr', 'last_lr', and the constructor's numbers}: numbers only."""
+        out: dict[str, float | int] = {"last_epoch": self.last_epoch, "base_lr": self.base_lr,
+                                       "last_lr": self.last_lr}
+        out.update({k: getattr(self, k) for k in self._hyper})
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output (checked first) and set the optimizer's rate to the
+        saved last rate, so that training resumes where it stopped."""
+        name = type(self).__name__
+        expected = {"last_epoch", "base_lr", "last_lr", *self._hyper}
+        missing = sorted(expected - set(state))
+        extra = sorted(set(state) - expected)
+        if missing or extra:
+            raise CheckpointError(
+                f"{name}.load_state_dict: the state has keys {sorted(state)}; missing "
+                f"{missing}, unexpected {extra}.\nhelp: load the state of a {name} "
+                "(schedule.state_dict() of the same kind of schedule).")
+        values = {}
+        for key in expected:
+            value = state[key]
+            if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+                value = value.item()  # a 0-d array read back from a checkpoint file
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not math.isfinite(value)):
+                raise CheckpointError(f"{name}.load_state_dict: {key} is {value!r}, not a "
+                                      "finite number.\nhelp: pass schedule.state_dict() output.")
+            values[key] = value
+        for key in ("last_epoch", *[k for k in self._hyper if k in _INTEGERS]):
+            values[key] = int(values[key])
+        for key, value in values.items():
+            setattr(self, key, value if key in _INTEGERS else float(value))
+        self._set(float(values["last_lr"]))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyper)
+        return f"{type(self).__name__}({args}; epoch {self.last_epoch}, lr {self.last_lr:g})"
+
+
+_INTEGERS = {"last_epoch", "step_size", "T_max", "total_iters"}
+
+
+class StepLR(LRSchedule):
+    """Multiply the rate by `gamma` every `step_size` epochs."""
+
+    _hyper = ("step_size", "gamma")
+
+    def __init__(self, optimizer: Any, step_size: int, gamma: float = 0.1) -> None:
+        self.step_size = _number("StepLR", "step_size", step_size, low=1, integer=True)
+        self.gamma = _number("StepLR", "gamma", gamma, low=0, low_open=True)
+        super().__init__(optimizer)
+
+    def _rate(self, lr: float) -> float:
+        if self.last_epoch == 0 or self.last_epoch % self.step_size:
+            return lr
+        return lr * self.gamma
+
+
+class ExponentialLR(LRSchedule):
+    """Multiply the rate by `gamma` every epoch."""
+
+    _hyper = ("gamma",)
+
+    def __init__(self, optimizer: Any, gamma: float) -> None:
+        self.gamma = _number("ExponentialLR", "gamma", gamma, low=0, low_open=True)
+        super().__init__(optimizer)
+
+    def _rate(self, lr: float) -> float:
+        return lr if self.last_epoch == 0 else lr * self.gamma
+
+
+class CosineAnnealingLR(LRSchedule):
+    """eta_min + (base_lr - eta_min) (1 + cos(pi epoch / T_max)) / 2, in PyTorch's recursive
+    form (past T_max the rate climbs back, as PyTorch's does)."""
+
+    _hyper = ("T_max", "eta_min")
+
+    def __init__(self, optimizer: Any, T_max: int, eta_min: float = 0.0) -> None:
+        self.T_max = _number("CosineAnnealingLR", "T_max", T_max, low=1, integer=True)
+        self.eta_min = _number("CosineAnnealingLR", "eta_min", eta_min, low=0)
+        lr = getattr(optimizer, "lr", None)
+        if isinstance(lr, (int, float)) and self.eta_min > lr:
+            raise ValueError(f"CosineAnnealingLR: eta_min ({eta_min:g}) is above the "
+                             f"optimizer's lr ({lr:g}); the rate would rise, not anneal.\n"
+                             "help: pass eta_min below lr (e.g. eta_min=0.0).")
+        super().__init__(optimizer)
+
+    def _rate(self, lr: float) -> float:
+        epoch, T, low = self.last_epoch, self.T_max, self.eta_min
+        if epoch == 0:
+            return lr
+        if (epoch - 1 - T) % (2 * T) == 0:
+            return lr + (self.base_lr - low) * (1 - math.cos(math.pi / T)) / 2
+        return ((1 + math.cos(math.pi * epoch / T)) / (1 + math.cos(math.pi * (epoch - 1) / T))
+                * (lr - low) + low)
+
+
+class LinearLR(LRSchedule):
+    """Linear warm-up (or decay): the rate goes from base_lr * start_factor at epoch 0 to
+    base_lr * end_factor at epoch `total_iters`, then stays (PyTorch's LinearLR)."""
+
+    _hyper = ("start_factor", "end_factor", "total_iters")
+
+    def __init__(self, optimizer: Any, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
+                 total_iters: int = 5) -> None:
+        self.start_factor = _number("LinearLR", "start_factor", start_factor, low=0,
+                                    low_open=True, high=1)
+        self.end_factor = _number("LinearLR", "end_factor", end_factor, low=0, high=1)
+        self.total_iters = _number("LinearLR", "total_iters", total_iters, low=1, integer=True)
+        super().__init__(optimizer)
+
+    def _rate(self, lr: float) -> float:
+        epoch, start, end = self.last_epoch, self.start_factor, self.end_factor
+        if epoch == 0:
+            return lr * start
+        if epoch > self.total_iters:
+            return lr
+        return lr * (1.0 + (end - start) / (self.total_iters * start + (epoch - 1) * (end - start)))
+
+
+# -- gradient clipping ---------------------------------------------------------------------------
+def _with_gradients(graph_or_parameters: Any, what: str) -> list[Node]:
+    """The parameters of a Graph (or the nodes given), each checked to have a gradient."""
+    params = getattr(graph_or_parameters, "parameters", graph_or_parameters)
+    if isinstance(params, Node):
+        params = [params]
+    try:
+        params = list(params)
+    except TypeError:
+        raise ValueError(f"{what}: expected a Graph or a list of parameters, got "
+                         f"{type(graph_or_parameters).__name__}.\nhelp: pass graph or "
+                         "graph.parameters.") from None
+    for p in params:
+        if not isinstance(p, Node):
+            raise ValueError(f"{what}: {p!r:.60} is a {type(p).__name__}, not a gpuflow node."
+                             "\nhelp: pass graph or graph.parameters.")
+    missing = [p.label for p in params if p.gradients.get(p) is None]
+    if missing:
+        raise GraphError(f"{what}: {', '.join(missing)} has no gradient yet.\nhelp: run "
+                         "graph.step(...) (forward and backward) before clipping.")
+    return params
+
+
+def _scaled(p: Node, grad: Any, factor: Any) -> Any:
+    """grad * factor, written into a buffer of p's own: a gradient may be another node's
+    array (or shared by two parameters, e.g. through an Add), which is never written into."""
+    if not hasattr(grad, "shape"):  # a Python number (a custom node's scalar gradient)
+        return grad * factor
+    return p.ops.multiply(grad, factor, out=p.buffers["clipped gradient", grad.shape, grad.dtype])
+
+
+def _squares(xp: Any, grad: Any) -> Any:
+    """The sum of grad's squares as a device scalar, accumulated in float32 at least (a float16
+    square overflows from 256 on)."""
+    if not hasattr(grad, "shape"):
+        return grad * grad
+    if xp.isdtype(grad.dtype, "real floating") and grad.dtype != xp.float64 and (
+            grad.dtype != xp.float32):
+        grad = xp.astype(grad, xp.float32)
+    flat = xp.reshape(grad, (-1,))
+    return flat @ flat  # one BLAS dot, no temporary array
+
+
+def clip_grad_norm(graph_or_parameters: Any, max_norm: float, *, eps: float = 1e-6) -> Any:
+    """Scale every gradient by min(1, max_norm / (norm + eps)), norm being the L2 norm of all
+    the gradients together (torch.nn.utils.clip_grad_norm_).
+
+    graph_or_parameters: a Graph (its parameters) or an iterable of parameters, after
+    `graph.step(...)` and before `optimizer.step()`. Returns the norm before clipping as a
+    device scalar: nothing is read back to the host (no synchronisation) unless the caller
+    reads it (`graph.item(norm)`). `p.gradients[p]` is replaced by the scaled gradient.
+    """
+    max_norm = _number("clip_grad_norm", "max_norm", max_norm, low=0, low_open=True)
+    params = _with_gradients(graph_or_parameters, "clip_grad_norm")
+    if not params:
+        raise ValueError("clip_grad_norm: no parameters to clip.\nhelp: pass graph or "
+                         "graph.parameters.")
+    xp = params[0].xp
+    total = None
+    for p in params:
+        sq = _squares(xp, p.gradients[p])
+        total = sq if total is None else total + sq
+    norm = xp.sqrt(total) if hasattr(total, "dtype") else math.sqrt(total)
+    # min(1, max_norm / (norm + eps)) as max_norm / max(norm + eps, max_norm): the same
+    # number, with the one maximum every backend's ops have (Python scalars allowed).
+    factor = max_norm / p.ops.maximum(norm + eps, max_norm)
+    for p in params:
+        grad = p.gradients[p]
+        if hasattr(grad, "dtype") and hasattr(factor, "dtype") and factor.dtype != grad.dtype:
+            factor_here = xp.astype(factor, grad.dtype)
+        else:
+            factor_here = factor
+        p.gradients[p] = _scaled(p, grad, factor_here)
+    return norm
+
+
+def clip_grad_value(graph_or_parameters: Any, clip_value: float) -> None:
+    """Clamp every gradient entry into [-clip_value, clip_value], on the device
+    (torch.nn.utils.clip_grad_value_). `p.gradients[p]` is replaced by the clamped gradient."""
+    clip_value = _number("clip_grad_value", "clip_value", clip_value, low=0, low_open=True)
+    for p in _with_gradients(graph_or_parameters, "clip_grad_value"):
+        grad = p.gradients[p]
+        if not hasattr(grad, "shape"):
+            p.gradients[p] = min(max(grad, -clip_value), clip_value)
+            continue
+        ops = p.ops
+        out = p.buffers["clipped gradient", grad.shape, grad.dtype]
+        # min(max(g, -c), c) as -max(-max(g, -c), -c): negation is exact, and every backend's
+        # ops have maximum (a minimum would be a new op for each of them).
+        g = ops.maximum(grad, -clip_value, out=out)
+        g = ops.multiply(g, -1.0, out=g if out is not None else None)
+        g = ops.maximum(g, -clip_value, out=g if out is not None else None)
+        p.gradients[p] = ops.multiply(g, -1.0, out=g if out is not None else None)
