@@ -107,8 +107,7 @@ class TrainOptions:
             self.dropout = 0.25 if self.model == "cnn" else 0.0
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
                 or not 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}.
-"
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}.\n"
                              "help: pass e.g. --dropout 0.25.")
         check_int(self.epochs, "--epochs", 1)
         check_int(self.batch_size, "--batch-size", 1)
@@ -304,8 +303,7 @@ def _as_images(X: Any) -> Any:
     side = math.isqrt(X.shape[1])
     if side * side != X.shape[1]:
         raise ValueError(f"--model cnn needs square one-channel images; the data has "
-                         f"{X.shape[1]} pixels per example, not a square number.
-"
+                         f"{X.shape[1]} pixels per example, not a square number.\n"
                          "help: use --model mlp for this data.")
     return X.reshape(-1, 1, side, side)
 
