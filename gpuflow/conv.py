@@ -20,7 +20,10 @@ from .nodes import Node
 
 def _pair(value: Any, what: str, kind: str, *, minimum: int) -> tuple[int, int]:
     """An int or an (h, w) pair as a pair of ints >= `minimum`; GraphError otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    try:
+        pair = (value, value) if isinstance(value, int) else tuple(value)
+    except TypeError:  # neither an int nor a sequence
+        pair = ()
     if (len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
             or min(pair) < minimum):
         raise GraphError(f"{kind}: {what} {value!r} must be an int >= {minimum} or an (h, w) "
@@ -266,19 +269,28 @@ class MaxPool2D(_Pool2D):
 
     def forward(self) -> None:
         self.windows = windows = self._windows(self.inbound_nodes[0].value)
-        top = windows[0]
-        for entry in windows[1:]:  # elementwise: faster than a reduction over a short axis
-            top = self.xp.maximum(top, entry)
-        self.value = top
+        ops, first = self.ops, windows[0]
+        # Elementwise over the window's entries: faster than a reduction over a short axis.
+        top = self.buffers["value", first.shape, first.dtype]
+        for entry in windows[1:]:
+            top = ops.maximum(first if entry is windows[1] else top, entry, out=top)
+        self.value = top if len(windows) > 1 else first
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        xp, top = self.xp, self.value
+        ops, buffers, top, dtype = self.ops, self.buffers, self.value, G.dtype
         parts, taken = [], None
-        for entry in self.windows:  # the first entry equal to the maximum takes the gradient
-            first = entry == top if taken is None else (entry == top) & ~taken
-            taken = first if taken is None else taken | first
-            parts.append(xp.astype(first, G.dtype) * G)
+        for k, entry in enumerate(self.windows):
+            # 1 where this entry is the window's maximum and no earlier entry was (PyTorch
+            # picks the first on ties), then times G.
+            first = ops.equal(entry, top, dtype, out=buffers[f"part{k}", G.shape, dtype])
+            if taken is None:
+                taken = ops.multiply(first, 1.0, out=buffers["taken", G.shape, dtype])
+            else:
+                free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
+                first = ops.multiply(first, free, out=first)
+                taken = ops.add(taken, first, out=taken)
+            parts.append(ops.multiply(first, G, out=first))
         self.gradients[self.inbound_nodes[0]] = self._unwindows(parts)
 
 
@@ -287,15 +299,17 @@ class AvgPool2D(_Pool2D):
 
     def forward(self) -> None:
         windows = self._windows(self.inbound_nodes[0].value)
-        total = windows[0]
+        ops, first = self.ops, windows[0]
+        total = ops.multiply(first, 1.0, out=self.buffers["value", first.shape, first.dtype])
         for entry in windows[1:]:
-            total = total + entry
-        self.value = total / len(windows)
+            total = ops.add(total, entry, out=total)
+        self.value = ops.multiply(total, 1.0 / len(windows), out=total)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         count = self.size[0] * self.size[1]
-        self.gradients[self.inbound_nodes[0]] = self._unwindows([G / count] * count)
+        share = self.ops.multiply(G, 1.0 / count, out=self.buffers["share", G.shape, G.dtype])
+        self.gradients[self.inbound_nodes[0]] = self._unwindows([share] * count)
 
 
 class Flatten(Node):

@@ -7,6 +7,7 @@ the graph: training in `forward_and_backward` / `Graph.step`, evaluation in `for
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .errors import GraphError
@@ -111,49 +112,63 @@ class BatchNorm(Node):
 
     def forward(self) -> None:
         X, gamma, beta = self.inbound_nodes
-        xp, x = self.xp, X.value
+        xp, ops, buffers, x = self.xp, self.ops, self.buffers, X.value
         axes, shape = self._layout(x)
-        channels = x.shape[1]
+        channels, dtype = x.shape[1], x.dtype
         _check_vector(self, gamma, channels, "gamma")
         _check_vector(self, beta, channels, "beta")
-        running_mean, running_var = self._statistics(channels, x.dtype)
+        running_mean, running_var = self._statistics(channels, dtype)
         self.batch_statistics = self.training
+        self.count = count = math.prod(x.shape) // channels  # values per channel
         if self.training:
-            count = x.shape[0] * (x.shape[2] * x.shape[3] if x.ndim == 4 else 1)
             if count < 2:
                 raise GraphError(f"{self.label}: x has shape {tuple(x.shape)}, one value per "
                                  "channel: a batch variance needs at least two.\nhelp: train "
                                  "with batches of two or more examples (evaluation takes one).")
-            mean = xp.mean(x, axis=axes, keepdims=True)
-            centred = x - mean
-            var = xp.mean(centred * centred, axis=axes, keepdims=True)
+            mean = ops.sum(x, axis=axes, keepdims=True, out=buffers["mean", shape, dtype])
+            mean = ops.multiply(mean, 1.0 / count, out=mean)
+            centred = ops.subtract(x, mean, out=buffers["xhat", x.shape, dtype])
+            square = ops.multiply(centred, centred, out=buffers["work", x.shape, dtype])
+            var = ops.sum(square, axis=axes, keepdims=True, out=buffers["var", shape, dtype])
+            var = ops.multiply(var, 1.0 / count, out=var)
             m = self.momentum
             self.running_mean = (1.0 - m) * running_mean + m * xp.reshape(mean, (channels,))
             self.running_var = ((1.0 - m) * running_var
                                 + (m * count / (count - 1)) * xp.reshape(var, (channels,)))
         else:
-            centred = x - xp.reshape(running_mean, shape)
+            centred = ops.subtract(x, xp.reshape(running_mean, shape),
+                                   out=buffers["xhat", x.shape, dtype])
             var = xp.reshape(running_var, shape)
-        self.inv_std = 1.0 / xp.sqrt(var + self.eps)
-        self.xhat = centred * self.inv_std
-        self.value = self.xhat * xp.reshape(gamma.value, shape) + xp.reshape(beta.value, shape)
+        self.inv_std = 1.0 / xp.sqrt(var + self.eps)                         # (1, C[, 1, 1])
+        self.xhat = ops.multiply(centred, self.inv_std, out=centred)
+        value = ops.multiply(self.xhat, xp.reshape(gamma.value, shape),
+                             out=buffers["value", x.shape, dtype])
+        self.value = ops.add(value, xp.reshape(beta.value, shape), out=value)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, gamma, beta = self.inbound_nodes
-        xp, xhat = self.xp, self.xhat
+        xp, ops, buffers, xhat = self.xp, self.ops, self.buffers, self.xhat
         axes, shape = self._layout(xhat)
         need_x, need_gamma, need_beta = self.needs_grad
+        dtype, gamma_r = G.dtype, xp.reshape(gamma.value, shape)
+        # sum(G xhat) per channel: the gradient for gamma, and (times gamma) the variance's term.
+        work = ops.multiply(G, xhat, out=buffers["work", G.shape, dtype])
+        dgamma = ops.sum(work, axis=axes, keepdims=True, out=buffers["dgamma", shape, dtype])
+        dbeta = ops.sum(G, axis=axes, keepdims=True, out=buffers["dbeta", shape, dtype])
         if need_x:
-            dxhat = G * xp.reshape(gamma.value, shape)
-            if self.batch_statistics:  # the mean and variance depend on x too
-                dxhat = (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
-                         - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
-            self.gradients[X] = dxhat * self.inv_std
+            scale = gamma_r * self.inv_std
+            dx = ops.multiply(G, scale, out=buffers["dx", G.shape, dtype])
+            if self.batch_statistics:  # the mean and variance depend on x too:
+                # dx = gamma inv_std (G - mean(G) - xhat mean(G xhat)), means per channel
+                term = ops.multiply(xhat, dgamma * (scale / self.count), out=work)
+                dx = ops.subtract(dx, term, out=dx)
+                dx = ops.subtract(dx, dbeta * (scale / self.count), out=dx)
+            self.gradients[X] = dx
         if need_gamma:
-            self.gradients[gamma] = xp.sum(G * xhat, axis=axes)
+            self.gradients[gamma] = xp.reshape(dgamma, (-1,))
         if need_beta:
-            self.gradients[beta] = xp.sum(G, axis=axes)
+            self.gradients[beta] = xp.reshape(dbeta, (-1,))
 
     def state_dict(self) -> dict[str, Any]:
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host

@@ -199,6 +199,7 @@ def test_conv2d_bad_shapes_are_named(x_shape, w_shape, options, pattern):
                     r"stride=1"),
     ({"padding": -1}, r"Conv2D 'conv': padding -1 must be an int >= 0(.|\n)*help:"),
     ({"stride": (1, 2, 3)}, r"stride \(1, 2, 3\) must be"),
+    ({"padding": 1.5}, r"padding 1.5 must be an int >= 0"),
 ])
 def test_conv2d_bad_options_are_refused_when_built(options, pattern):
     with pytest.raises(gf.GraphError, match=pattern):
@@ -225,3 +226,21 @@ def test_conv2d_layer_weights_are_he_and_laid_out_as_torch():
     np.testing.assert_array_equal(again["c.W"].value, W.value)
     _, no_bias = gf.conv2d(X, 3, 8, 3, name="d", bias=False)
     assert list(no_bias) == ["d.W"]
+
+
+@pytest.mark.parametrize("kh, kw, sh, sw", [(3, 2, 1, 1), (2, 2, 2, 2), (3, 3, 2, 1), (2, 1, 3, 2)])
+def test_device_col2im_equals_the_portable_one(kh, kw, sh, sw, device):
+    """Where a device adds the columns back in place (ops.col2im), it gives what the portable,
+    write-free col2im gives."""
+    from gpuflow.conv import col2im
+    if getattr(device.ops, "col2im", None) is None:
+        pytest.skip(f"{device.name} has no ops.col2im: the portable one is all it runs")
+    ho, wo = 3, 4
+    hp, wp = sh * (ho - 1) + kh + 1, sw * (wo - 1) + kw
+    parts_host = [RNG.normal(size=(2, 3, ho, wo)) for _ in range(kh * kw)]
+    parts = [device.put(p) for p in parts_host]
+    portable = col2im(device.xp, parts, kh, kw, sh, sw, hp, wp, device.native)
+    out = device.new_buffer((2, 3, hp, wp), parts[0].dtype)
+    fast = device.ops.col2im(parts, kh, kw, sh, sw, out=out)
+    np.testing.assert_allclose(host(device, fast), host(device, portable), rtol=1e-15,
+                               atol=1e-15)

@@ -340,3 +340,20 @@ def test_strict_mode_holds_for_a_cnn_step_with_dropout_and_batchnorm(device):
         opt.step()
     assert losses[-1] < losses[0], losses
     graph.run(logits, x)
+
+
+def test_device_rng_is_seeded_uniform_on_the_device(device):
+    dtype = device.dtype("float64")
+    a = device.rng(7).uniform((300, 4), dtype)
+    assert_on_device(device, a, "rng.uniform")
+    assert a.dtype == dtype
+    host_a = host(device, a)
+    assert 0.0 <= host_a.min() and host_a.max() < 1.0
+    assert abs(host_a.mean() - 0.5) < 5 * math.sqrt(1 / 12 / host_a.size)
+    np.testing.assert_array_equal(host_a, host(device, device.rng(7).uniform((300, 4), dtype)))
+    assert not np.array_equal(host_a, host(device, device.rng(8).uniform((300, 4), dtype)))
+    f32 = device.rng(7).uniform((5,), device.dtype("float32"))
+    assert f32.dtype == device.dtype("float32")
+    if device.backend == "array_api_strict":  # NumPy's stream, as documented
+        cpu = gf.get_device("cpu")
+        np.testing.assert_array_equal(host_a, cpu.rng(7).uniform((300, 4), cpu.dtype("float64")))
