@@ -147,9 +147,18 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
         label = f"the graph under {target.loss.label}"
         device = get_device(device if device is not None else target.device)
         wrt = list(target.parameters) if wrt is None else list(wrt)
-        check = Graph(target.loss, device=device, dtype=dtype, inputs=target.inputs,
-                      parameters=wrt, strict=False)
-        check.step(*batches)
+        feed = batches[0] if len(batches) == 1 and isinstance(batches[0], dict) else None
+        if feed is None:
+            if len(batches) != len(target.inputs):
+                raise GraphError(
+                    f"gradient_check: got {len(batches)} batch(es) for the inputs "
+                    f"[{', '.join(n.label for n in target.inputs)}].\nhelp: pass one array per "
+                    "input, in that order, or a dict {Input: array}.")
+            feed = dict(zip(target.inputs, batches))
+        # inputs=[]: fed once here, then held while the entries are perturbed one by one.
+        check = Graph(target.loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
+                      strict=False)
+        check.step(feed)
         extra: list[Node] = []
     elif isinstance(target, Node):
         label = target.label
@@ -196,7 +205,8 @@ def _node_graph(node: Node, batches: tuple, wrt: Sequence[Node] | None, device: 
         loss = Project(node, R, name="gradient check")
         extra = [loss]
     try:
-        check = Graph(loss, device=device, dtype=dtype, parameters=wrt, strict=False)
+        check = Graph(loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
+                      strict=False)  # inputs=[]: fed once, then held while perturbing
         if extra:
             shape = tuple(getattr(check.run(node, feed), "shape", ()))
             upstream = np.random.default_rng(seed).normal(size=shape)

@@ -1,91 +1,149 @@
-"""Checkpoints: a graph's parameters, its optimizer's state, counters and extra state in one `.npz`.
+"""Checkpoints: a graph's parameters, its optimizer's and nodes' state, a schedule's state,
+counters and extra state in one safetensors file.
 
-    save(path, graph, optimizer, step=7, epoch=1, state={"batches.epoch": 1, ...})
-    info = load(path, graph, optimizer)   # {"step", "epoch", "state", "meta"}
+    save(path, graph, optimizer, schedule=sched, step=7, epoch=1, state={"batches.epoch": 1})
+    info = load(path, graph, optimizer, schedule=sched)   # {"step", "epoch", "state", "meta"}
 
-Layout of the file (a zip of `.npy` members, read with `numpy.load(allow_pickle=False)`):
+The file is safetensors (github.com/huggingface/safetensors): an 8-byte length, a JSON header,
+raw little-endian buffers; `safetensors.numpy.load_file` or `safetensors.torch.load_file` open
+it. Its tensors:
 
-    __gpuflow__                 uint8: UTF-8 JSON metadata (format, versions, dtype, parameter
-                                names and shapes, optimizer class, hyper-parameters, step count
-                                and buffer names, step, epoch, scalar extra state)
-    param/<name>                one array per parameter, on the host, in the graph's dtype
-    optim/<name>/<buffer>       optimizer buffers (SGD 'momentum', Adam 'm' and 'v')
-    state/<key>                 extra state that is an array (scalars live in the metadata)
+    param/<name>            one per parameter, on the host, in the graph's dtype
+    optim/<name>/<buffer>   optimizer buffers (SGD 'momentum', Adam 'm' and 'v')
+    node/<node>/<key>       the state of every node with `state_dict()` (BatchNorm's statistics)
+    schedule/<key>          array entries of a schedule's state (its numbers are metadata)
+    state/<key>             extra state that is an array (scalars live in the metadata)
 
-Saving is atomic: the file is written to a temporary file in the same directory, flushed and
-fsynced, then renamed onto `path`, so a crash leaves either the old checkpoint or the new one.
-Loading checks everything against the graph and the optimizer before it assigns anything: a
-failed load leaves both exactly as they were. Values land on the graph's current device, in its
-dtype, whatever device wrote them.
+Its string metadata: "format" ("gpuflow-checkpoint"), "format_version" ("2"),
+"gpuflow_version", "architecture" (JSON: the graph's nodes in order, each {"name", "type",
+"inputs"}) and "gpuflow" (JSON: dtype, device, parameter names and shapes, optimizer class,
+hyper-parameters, step count and buffer names, node state keys, schedule class and numbers,
+step, epoch, scalar extra state).
+
+`save` writes this format whatever the file is called, but refuses a name ending in `.npz`,
+the old format (a zip of `.npy` members), which `load` still reads (checkpoint_npz.py); `load`
+tells the formats apart by the file's first bytes. Saving is atomic (checkpoint_io.py): a crash
+leaves either the old checkpoint or the new one. Loading checks everything against the graph,
+the optimizer and the schedule before it assigns anything: a refused load leaves them as they
+were. Values land on the graph's current device, in its dtype, whatever device wrote them.
+`load_weights` / `export_weights` (weights.py) exchange plain weight files with other frameworks.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import numbers
 import os
-import tempfile
-import zipfile
 import zlib
 from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from . import checkpoint_io
 from .backends import dtype_name
+from .checkpoint_io import NPZ, fspath
+from .checkpoint_meta import bad_meta, check_meta, pack, unpack
+from .errors import CheckpointError
+from .weights import export_weights, load_weights
 
-CHECKPOINT_FORMAT = 1
-_META_KEY = "__gpuflow__"
+__all__ = ["save", "load", "load_weights", "export_weights", "check_save_path",
+           "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 2   # 1: the old .npz; 2: safetensors
 _FORMAT_NAME = "gpuflow-checkpoint"
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
-# Deflate expands at most about 1032:1, so a deflated member claiming more is damaged.
-_MAX_DEFLATE_RATIO = 1100
 _HYPER_SKIP = {"params", "state", "t"}  # optimizer attributes that are not hyper-parameters
+# What a safetensors file holds natively; complex arrays are stored as (..., 2) real pairs.
+_TENSOR_DTYPES = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64",
+                  "uint64", "float16", "float32", "float64"}
 
 
 # -- saving -------------------------------------------------------------------------------------
-def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *, step: int = 0,
-         epoch: int = 0, state: "dict[str, Any] | None" = None) -> None:
-    """Write `graph`'s parameters (and `optimizer`'s state) to the `.npz` file `path`, atomically.
+def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
+         schedule: Any = None, step: int = 0, epoch: int = 0,
+         state: "dict[str, Any] | None" = None) -> None:
+    """Write `graph`'s parameters and node state (and `optimizer`'s and `schedule`'s state) to
+    the safetensors file `path`, atomically.
 
-    step, epoch: ints stored as they are. state: extra things to restore, {str: int, float,
-    str, bool or NumPy array} (e.g. a Batches' state_dict, a host RNG's state). The file at
-    `path` is replaced only once the new one is complete on disk.
-    Raises CheckpointError for a value that cannot be stored or a file that cannot be written.
+    step, epoch: ints stored as they are. schedule: an object with `state_dict()` (numbers) and
+    `load_state_dict()`, e.g. gpuflow.optim.StepLR. state: extra things to restore, {str: int,
+    float, str, bool, list of numbers, or NumPy array} (e.g. a Batches' state_dict, a host RNG's
+    state). The file at `path` is replaced only once the new one is complete on disk.
+    Raises CheckpointError for a value that cannot be stored, a path ending in `.npz`, or a
+    file that cannot be written; nothing is written then.
     """
-    path = _fspath(path)
+    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
+
+    path = check_save_path(path)
     step = _check_int(step, "step", path)
     epoch = _check_int(epoch, "epoch", path)
     arrays: dict[str, np.ndarray] = {}
     params = graph.named_parameters()
-    dtype = dtype_name(graph.dtype) if graph.dtype is not None else None
     for name, p in params.items():
-        arrays[f"param/{name}"] = np.asarray(
-            graph.device.to_host(p.value, what=f"checkpoint of {p.label}"))
+        arrays[f"param/{name}"] = _host(graph, p.value, f"checkpoint of {p.label}")
     meta: dict[str, Any] = {
         "format": _FORMAT_NAME,
         "format_version": CHECKPOINT_FORMAT,
         "gpuflow_version": _version(),
         "numpy_version": np.__version__,
         "device": graph.device.name,
-        "dtype": dtype,
+        "dtype": dtype_name(graph.dtype) if graph.dtype is not None else None,
         "parameters": [{"name": name, "shape": list(arrays[f"param/{name}"].shape),
                         "dtype": str(arrays[f"param/{name}"].dtype)} for name in params],
-        "optimizer": None,
+        "optimizer": None if optimizer is None else _optimizer_meta(optimizer, arrays),
+        "nodes": {},
+        "schedule": None,
         "step": step,
         "epoch": epoch,
-        "state": {},
     }
-    if optimizer is not None:
-        meta["optimizer"] = _optimizer_meta(optimizer, arrays, path)
-    meta["state"] = _pack_state(state, arrays, path)
+    for name, (node, node_state) in stateful_nodes(graph, path).items():
+        meta["nodes"][name] = list(node_state)
+        for key, value in node_state.items():
+            arrays[f"node/{name}/{key}"] = _host(graph, value, f"state {key!r} of {node.label}")
+    if schedule is not None:
+        meta["schedule"] = {"class": type(schedule).__name__,
+                            "state": pack(_state_of(schedule, path), arrays, "schedule/", path)}
+    meta["state"] = pack(state, arrays, "state/", path)
+    for key, array in arrays.items():
+        if array.dtype.name not in _TENSOR_DTYPES:
+            raise CheckpointError(f"checkpoint {path!r}: {key!r} has dtype {array.dtype}, which "
+                                  "a safetensors file cannot hold.\nhelp: use float64 or "
+                                  "float32 (or an integer dtype).")
+    # safetensors has no checksum (zip had CRC-32): a flipped byte in a buffer or in the JSON
+    # would load as a valid but wrong checkpoint. CRC-32s of every buffer and of the JSON catch
+    # that (accidents, not tampering: see SECURITY.md).
+    meta["crc32"] = {key: _crc(array) for key, array in arrays.items()}
     text = json.dumps(meta, sort_keys=True)
-    arrays[_META_KEY] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    _write_atomically(path, arrays)
+    metadata = {"format": _FORMAT_NAME, "format_version": str(CHECKPOINT_FORMAT),
+                "gpuflow_version": _version(), "architecture": _architecture(graph),
+                "gpuflow": text, "gpuflow_crc32": str(zlib.crc32(text.encode("utf-8")))}
+    checkpoint_io.write_atomically(path, to_bytes(arrays, metadata=metadata))
 
 
-def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray], path: str) -> dict[str, Any]:
+def _crc(array: np.ndarray) -> int:
+    """CRC-32 of an array's bytes as safetensors stores them (C order, little-endian)."""
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return zlib.crc32(np.asarray(little, order="C").reshape(-1).view(np.uint8))
+
+
+def check_save_path(path: "str | os.PathLike[str]") -> str:
+    """`path` as a str if `save` can write there; CheckpointError for a name ending in `.npz`
+    (the old format, which gpuflow reads but no longer writes)."""
+    path = fspath(path)
+    if path.lower().endswith(".npz"):
+        raise CheckpointError(
+            f"checkpoint {path!r}: gpuflow writes safetensors checkpoints, not .npz (which it "
+            f"still loads).\nhelp: save to {path[:-4] + '.safetensors'!r}.")
+    return path
+
+
+def _host(graph: Any, value: Any, what: str) -> np.ndarray:
+    """`value` as a C-contiguous NumPy array on the host (what safetensors writes)."""
+    if isinstance(value, (numbers.Number, np.generic)):
+        return np.asarray(value)
+    return np.asarray(graph.device.to_host(value, what=what), order="C")
+
+
+def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """The optimizer's class, hyper-parameters and step count; its buffers go into `arrays`."""
     sd = optimizer.state_dict()
     buffers: dict[str, list[str]] = {}
@@ -94,7 +152,7 @@ def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray], path: str) ->
             continue
         name, _, buf = key.rpartition("/")
         buffers.setdefault(name, []).append(buf)
-        arrays[f"optim/{key}"] = np.asarray(host)
+        arrays[f"optim/{key}"] = np.asarray(host, order="C")
     hyper = {}
     for attr, value in vars(optimizer).items():
         if attr in _HYPER_SKIP or attr.startswith("_"):
@@ -114,276 +172,206 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)
 
 
-def _pack_state(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray],
-                path: str) -> dict[str, Any]:
-    """Scalars of `state` as {"kind", "value"} for the JSON; arrays go into `arrays`."""
-    packed: dict[str, Any] = {}
-    if state is None:
-        return packed
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path!r}: state must be a dict {{str: value}}, got "
-                              f"{type(state).__name__}.")
-    for key, value in state.items():
-        if not isinstance(key, str):
-            raise CheckpointError(f"checkpoint {path!r}: state key {key!r} is a "
-                                  f"{type(key).__name__}, not a str.")
-        if isinstance(value, np.generic):
-            value = value.item()  # NumPy scalars come back as the matching Python scalar
-        if isinstance(value, bool):
-            packed[key] = {"kind": "bool", "value": value}
-        elif isinstance(value, numbers.Integral):
-            packed[key] = {"kind": "int", "value": int(value)}
-        elif isinstance(value, numbers.Real):
-            # repr round-trips every float; JSON's NaN/Infinity are read back by json.loads
-            packed[key] = {"kind": "float", "value": float(value)}
-        elif isinstance(value, str):
-            packed[key] = {"kind": "str", "value": value}
-        elif isinstance(value, np.ndarray) and value.dtype.kind in "biufcUS":
-            packed[key] = {"kind": "array"}
-            arrays[f"state/{key}"] = value
-        else:
-            what = (f"a NumPy array of dtype {value.dtype}" if isinstance(value, np.ndarray)
-                    else f"a {type(value).__name__}")
-            raise CheckpointError(
-                f"checkpoint {path!r}: state[{key!r}] is {what}, which a checkpoint cannot "
-                "hold without pickling.\nhelp: store ints, floats, strs, bools or NumPy arrays "
-                "of numbers or strings (flatten nested dicts into several keys).")
-    return packed
+def stateful_nodes(graph: Any, path: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """{name: (node, its state_dict())} for every node of `graph` with persistent state.
+
+    A node is named by its `name`, else by its type and its position in the graph's order
+    (the same for the same architecture in every process)."""
+    found: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for i, node in enumerate(graph.nodes):
+        state_dict = getattr(node, "state_dict", None)
+        if not callable(state_dict) or not callable(getattr(node, "load_state_dict", None)):
+            continue
+        state = state_dict()
+        if not state:
+            continue
+        name = node.name or f"{type(node).__name__}:{i}"
+        if name in found:
+            raise CheckpointError(f"checkpoint {path!r}: two nodes with state are named "
+                                  f"{name!r}.\nhelp: give every such node a unique name.")
+        found[name] = (node, dict(state))
+    return found
 
 
-def _write_atomically(path: str, arrays: dict[str, np.ndarray]) -> None:
-    """Write the npz to a temporary file beside `path`, fsync it, rename it onto `path`."""
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
-                                   dir=directory)
-    except OSError as exc:
-        raise CheckpointError(f"cannot write checkpoint {path!r}: {exc}.\n"
-                              "help: check that the directory exists and is writable.") from exc
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; save like open()
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path!r}: {exc}; the previous file "
-                                  "there (if any) is untouched.") from exc
-        raise
-    _fsync_directory(directory)
+def _state_of(schedule: Any, path: str) -> dict[str, Any]:
+    state = getattr(schedule, "state_dict", None)
+    if not callable(state) or not callable(getattr(schedule, "load_state_dict", None)):
+        raise CheckpointError(f"checkpoint {path!r}: schedule must have state_dict() and "
+                              f"load_state_dict(), got {type(schedule).__name__}.\nhelp: pass "
+                              "a gpuflow.optim schedule (StepLR, ...), or schedule=None.")
+    return state()
 
 
-def _fsync_directory(directory: str) -> None:
-    """Make the rename durable; some platforms cannot open a directory, which is fine."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _architecture(graph: Any) -> str:
+    """The graph's nodes in order as JSON: [{"name", "type", "inputs"}] (informative)."""
+    names = {node: node.name or f"{type(node).__name__}:{i}" for i, node in enumerate(graph.nodes)}
+    return json.dumps([{"name": names[n], "type": type(n).__name__,
+                        "inputs": [names.get(m, m.label) for m in n.inbound_nodes]}
+                       for n in graph.nodes])
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# -- loading ------------------------------------------------------------------------------------
-def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None) -> dict[str, Any]:
-    """Restore a checkpoint written by `save` into `graph` (and `optimizer`), on the graph's
-    current device and in its dtype.
+def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
+         schedule: Any = None) -> dict[str, Any]:
+    """Restore a checkpoint written by `save` (safetensors, or an old `.npz`) into `graph` (and
+    `optimizer`, and `schedule`), on the graph's current device and in its dtype.
 
     Returns {"step": int, "epoch": int, "state": {key: value}, "meta": {...}}; array state comes
-    back as NumPy arrays, scalars as Python ints, floats, strs and bools. The optimizer's
-    hyper-parameters are not changed: the saved ones are in meta["optimizer"]["hyper"].
+    back as NumPy arrays, scalars as Python ints, floats, strs and bools, lists as lists. The
+    optimizer's hyper-parameters are not changed (the saved ones are in
+    meta["optimizer"]["hyper"]); a schedule sets the optimizer's rate when it is restored.
     Raises CheckpointError, naming the file and the problem, for a missing or damaged file, a
-    file that is not a gpuflow checkpoint, a parameter missing, extra or of another shape, or an
-    optimizer of another class; nothing is changed then.
+    file that is not a gpuflow checkpoint, a parameter or node state missing, extra or of
+    another shape, or an optimizer or schedule of another class; nothing is changed then.
     """
-    path = _fspath(path)
-    arrays = _read_npz(path)
-    meta = _read_meta(path, arrays)
-    _check_contents(path, meta, arrays)
+    path = fspath(path)
+    contents = checkpoint_io.read(path)
+    meta = _parse_meta(path, contents)
+    arrays = contents.arrays
+    _check_contents(path, meta, arrays, legacy=contents.kind == NPZ)
     params = graph.named_parameters()
-    _check_parameters(path, meta, arrays, params)
+    nodes = stateful_nodes(graph, path)
+    _check_fit(path, meta, arrays, params, nodes)
     opt_state = _check_optimizer(path, meta, arrays, optimizer) if optimizer is not None else None
-    state = _unpack_state(path, meta, arrays)
+    sched_state = _check_schedule(path, meta, arrays, schedule) if schedule is not None else None
+    state = unpack(meta["state"], arrays, "state/")
 
     # Everything is checked: move the values to the device (nothing assigned yet), restore the
-    # optimizer (which assigns only once all its buffers are on the device), then the parameters.
+    # optimizer (which assigns only once all its buffers are on the device), the nodes' and
+    # the schedule's state, then the parameters.
+    put = graph.device.put
     new_values = {}
     for name, p in params.items():
         dtype = graph.dtype if graph.dtype is not None else p.value.dtype
-        new_values[name] = graph.device.put(arrays[f"param/{name}"], dtype,
-                                            what=f"checkpoint value of {p.label}")
+        new_values[name] = put(arrays[f"param/{name}"], dtype,
+                               what=f"checkpoint value of {p.label}")
+    new_states = {}
+    for name, (node, current) in nodes.items():
+        new_states[name] = {key: like(graph.device, arrays[f"node/{name}/{key}"], old,
+                                       f"checkpoint state {key!r} of {node.label}")
+                            for key, old in current.items()}
     if opt_state is not None:
         optimizer.load_state_dict(opt_state)
+    for name, (node, _) in nodes.items():
+        node.load_state_dict(new_states[name])
+    if sched_state is not None:
+        schedule.load_state_dict(sched_state)
     for name, p in params.items():
         p.value = new_values[name]
+    meta["architecture"] = contents.metadata.get("architecture")
     return {"step": meta["step"], "epoch": meta["epoch"], "state": state, "meta": meta}
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
-    """Every member of the npz at `path`, read eagerly; CheckpointError for anything else."""
+def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
+    """`host` as the kind of value `old` (a node's state entry) was: a Python scalar, a host
+    array (a node that has not run yet keeps its state on the host), or an array on the
+    device in `old`'s dtype."""
+    if isinstance(old, (numbers.Number, np.generic)):
+        return type(old.item() if isinstance(old, np.generic) else old)(host.item())
+    if isinstance(old, np.ndarray) and not device.owns(old):
+        return host.astype(old.dtype)
+    return device.put(host, old.dtype, what=what)
+
+
+def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
+    """The JSON metadata, its format and version checked, then every field (_check_meta)."""
+    text = contents.metadata.get("gpuflow")
+    if text is None or contents.metadata.get("format", _FORMAT_NAME) != _FORMAT_NAME:
+        names = sorted(contents.arrays)
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: a safetensors file without "
+                              f"gpuflow's metadata (it holds [{shown}]).\nhelp: for weights "
+                              "saved by another framework, use gpuflow.checkpoint.load_weights.")
+    if contents.kind != NPZ and contents.metadata.get("gpuflow_crc32") != str(
+            zlib.crc32(text.encode("utf-8"))):
+        raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): its "
+                              "metadata does not match its checksum (CRC-32).\nhelp: use an "
+                              "earlier checkpoint.")
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path!r} does not exist.\n"
-                              "help: check the path, or save a checkpoint there first.") from None
-    except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path!r} is a directory, not a file.") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}.") from exc
-    if not head.startswith(_ZIP_MAGIC):
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: {_describe_head(head)}.\n"
-                              "help: pass a file written by gpuflow.checkpoint.save.")
-    try:
-        # our own handle: numpy leaks the one it opens when the zip directory is unreadable
-        with open(path, "rb") as f, zipfile.ZipFile(f) as archive:
-            size = os.fstat(f.fileno()).st_size
-            arrays = {}
-            for info in archive.infolist():
-                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                arrays[key] = _read_member(path, archive, info, size)
-            return arrays
-    # zipfile raises NotImplementedError for unknown compression or zip versions and
-    # RuntimeError for encrypted members
-    except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
-            zipfile.BadZipFile, zlib.error) as exc:
-        raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
-                              f"{type(exc).__name__}: {exc}.\n"
-                              "help: use an earlier checkpoint.") from exc
-
-
-def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
-                 file_size: int) -> np.ndarray:
-    """One `.npy` member, its sizes checked before anything is allocated: the array its header
-    declares must be exactly the bytes the member holds, and the member can hold no more than
-    its compressed bytes allow (a crafted header or zip entry cannot make us allocate more than
-    about _MAX_DEFLATE_RATIO times the file's size). Object arrays (pickles) are refused."""
-    def damaged(problem: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
-                               f"member {info.filename!r} {problem}.\n"
-                               "help: use an earlier checkpoint.")
-
-    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-        raise damaged(f"uses zip compression method {info.compress_type}; a checkpoint "
-                      "holds only stored (or deflated) members")
-    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else _MAX_DEFLATE_RATIO
-    if info.compress_size > file_size or info.file_size > ratio * info.compress_size + 64:
-        raise damaged(f"claims {info.file_size} bytes ({info.compress_size} compressed) in a "
-                      f"{file_size}-byte file")
-    with archive.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(member)
-        else:
-            raise damaged(f"has .npy format version {version}; expected 1.0 or 2.0")
-        if dtype.hasobject:
-            raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: member "
-                                  f"{info.filename!r} is an object array, which only pickle "
-                                  "can load, and gpuflow never unpickles.\nhelp: pass a file "
-                                  "written by gpuflow.checkpoint.save.")
-        nbytes = math.prod(shape) * dtype.itemsize
-        held = info.file_size - member.tell()
-        if nbytes != held:
-            raise damaged(f"declares shape {shape} of {dtype} ({nbytes} bytes) but holds "
-                          f"{held} bytes")
-        data = bytearray(nbytes)  # writable, like np.load's arrays
-        if member.readinto(data) != nbytes or member.read(1):  # reading to the end checks the CRC
-            raise damaged("ends early or late")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
-
-
-def _describe_head(head: bytes) -> str:
-    if not head:
-        return "the file is empty (0 bytes)"
-    if head.startswith(b"\x93NUMPY"):
-        return "it is a single .npy array, not an .npz archive"
-    if head[:1] == b"\x80":
-        return "it looks like a Python pickle, which gpuflow never loads"
-    return f"it is not an .npz (zip) archive; it starts with {head!r}"
-
-
-def _read_meta(path: str, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """The JSON metadata, checked for this format."""
-    raw = arrays.get(_META_KEY)
-    if raw is None:
-        keys = sorted(arrays)
-        shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: an .npz without the "
-                              f"{_META_KEY!r} metadata entry (it holds [{shown}]).\n"
-                              "help: pass a file written by gpuflow.checkpoint.save.")
-    try:
-        if raw.dtype != np.uint8 or raw.ndim != 1:
-            raise ValueError(f"expected a 1-d uint8 array, got {raw.dtype} {raw.shape}")
-        meta = json.loads(raw.tobytes().decode("utf-8"))
-        if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
-            raise ValueError(f"format is {meta.get('format') if isinstance(meta, dict) else meta!r}"
-                             f", expected {_FORMAT_NAME!r}")
-    except ValueError as exc:  # includes JSON and UTF-8 decoding errors
+        meta = json.loads(text)
+    except ValueError as exc:  # JSON errors
         raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
-                              f"unreadable ({exc}).") from exc
+                              f"unreadable ({exc}).\nhelp: pass a file written by "
+                              "gpuflow.checkpoint.save.") from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
+        found = meta.get("format") if isinstance(meta, dict) else meta
+        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
+                              f"unreadable (format is {found!r:.60}, expected {_FORMAT_NAME!r})."
+                              "\nhelp: pass a file written by gpuflow.checkpoint.save.")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > CHECKPOINT_FORMAT or version < 1:
+    if (not isinstance(version, int) or isinstance(version, bool) or version < 1
+            or version > CHECKPOINT_FORMAT):
         raise CheckpointError(
-            f"checkpoint {path!r} has format version {version!r}; this gpuflow "
+            f"checkpoint {path!r} has format version {version!r:.40}; this gpuflow "
             f"({_version()}) reads versions 1..{CHECKPOINT_FORMAT}.\n"
-            f"help: load it with the gpuflow that wrote it ({meta.get('gpuflow_version')}).")
+            f"help: load it with the gpuflow that wrote it ({meta.get('gpuflow_version')!r:.40}).")
+    if (version == 1) != (contents.kind == NPZ):
+        raise bad_meta(path, f"format version {version} in a {contents.kind} file")
+    check_meta(path, meta)
     return meta
 
 
-def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    """The file agrees with its own metadata: every listed array is there, with its shape."""
-    try:
-        listed = [(f"param/{p['name']}", tuple(p["shape"])) for p in meta["parameters"]]
-        opt = meta["optimizer"]
-        if opt is not None:
-            shapes = dict(listed)
-            for name, bufs in opt["buffers"].items():
-                listed += [(f"optim/{name}/{b}", shapes.get(f"param/{name}")) for b in bufs]
-            int(opt["t"]), str(opt["class"])
-        for key, entry in meta["state"].items():
+def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], *,
+                    legacy: bool) -> None:
+    """The file agrees with its own metadata: every listed array is there, with its shape and a
+    dtype of the right kind, and it holds nothing else."""
+    floating = "f"
+    listed: list[tuple[str, Any, str]] = []   # (key, shape or None, allowed dtype kinds)
+    shapes = {}
+    for p in meta["parameters"]:
+        shapes[p["name"]] = tuple(p["shape"])
+        listed.append((f"param/{p['name']}", tuple(p["shape"]), floating))
+    if meta["optimizer"] is not None:
+        for name, bufs in meta["optimizer"]["buffers"].items():
+            listed += [(f"optim/{name}/{b}", shapes.get(name), floating) for b in bufs]
+    for name, keys in meta["nodes"].items():
+        listed += [(f"node/{name}/{k}", None, "biuf") for k in keys]
+    packs = [("state/", meta["state"])]
+    if meta["schedule"] is not None:
+        packs.append(("schedule/", meta["schedule"]["state"]))
+    for prefix, packed in packs:
+        for key, entry in packed.items():
             if entry["kind"] == "array":
-                listed.append((f"state/{key}", None))
-        int(meta["step"]), int(meta["epoch"])
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise CheckpointError(f"checkpoint {path!r} has damaged metadata: {type(exc).__name__}: "
-                              f"{exc}.") from exc
-    for key, shape in listed:
+                listed.append((prefix + key, None, "biufcUS" if legacy else "biuf"))
+            elif entry["kind"] == "complex":
+                listed.append((prefix + key, None, "f"))
+    for key, shape, kinds in listed:
         if key not in arrays:
             raise CheckpointError(f"checkpoint {path!r} is damaged: its metadata lists {key!r} "
-                                  "but the file does not hold it.")
-        if shape is not None and tuple(arrays[key].shape) != shape:
-            raise CheckpointError(f"checkpoint {path!r} is damaged: {key!r} has shape "
-                                  f"{tuple(arrays[key].shape)} but its metadata says {shape}.")
+                                  "but the file does not hold it.\nhelp: use an earlier "
+                                  "checkpoint.")
+        array = arrays[key]
+        problem = None
+        if shape is not None and tuple(array.shape) != shape:
+            problem = f"has shape {tuple(array.shape)} but its metadata says {shape}"
+        elif array.dtype.kind not in kinds:
+            problem = f"has dtype {array.dtype}, where a checkpoint holds {_kinds(kinds)}"
+        elif key.startswith(("state/", "schedule/")) and kinds == "f" and (
+                array.ndim == 0 or array.shape[-1] != 2):
+            problem = f"has shape {tuple(array.shape)}; complex values are stored as pairs"
+        if problem:
+            raise CheckpointError(f"checkpoint {path!r} is damaged: {key!r} {problem}.\n"
+                                  "help: use an earlier checkpoint.")
+    if not legacy:  # a zip member's CRC was checked when it was read
+        for key, array in arrays.items():
+            if meta["crc32"].get(key) != _crc(array):
+                raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?):"
+                                      f" {key!r} does not match its checksum (CRC-32).\n"
+                                      "help: use an earlier checkpoint.")
+    extra = sorted(set(arrays) - {key for key, _, _ in listed})
+    if extra:
+        raise CheckpointError(f"checkpoint {path!r} is damaged: it holds {extra[:4]}, which its "
+                              "metadata does not list.\nhelp: use an earlier checkpoint.")
 
 
-def _check_parameters(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
-                      params: dict[str, Any]) -> None:
-    """Every parameter of the graph is in the checkpoint with its shape, and nothing else is."""
+def _kinds(kinds: str) -> str:
+    return "floating-point numbers" if kinds == "f" else "numbers" if kinds == "biuf" else \
+        "numbers or strings"
+
+
+def _check_fit(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+               params: dict[str, Any], nodes: dict[str, tuple[Any, dict[str, Any]]]) -> None:
+    """Every parameter and node state of the graph is in the checkpoint with its shape, and
+    nothing else is."""
     saved = {p["name"]: tuple(p["shape"]) for p in meta["parameters"]}
     problems = []
     for name, p in params.items():
@@ -398,6 +386,24 @@ def _check_parameters(path: str, meta: dict[str, Any], arrays: dict[str, np.ndar
         if name not in params:
             problems.append(f"parameter {name!r} (shape {shape}) is in the checkpoint but not "
                             "in this model")
+    saved_nodes = meta["nodes"]
+    for name, (node, state) in nodes.items():
+        if name not in saved_nodes:
+            problems.append(f"the state of {node.label} ({name!r}: {sorted(state)}) is missing "
+                            "from the checkpoint")
+            continue
+        if sorted(saved_nodes[name]) != sorted(state):
+            problems.append(f"{node.label}: state keys {sorted(state)} (this model), "
+                            f"{sorted(saved_nodes[name])} (checkpoint)")
+            continue
+        for key, value in state.items():
+            expected, actual = tuple(np.shape(value)), tuple(arrays[f"node/{name}/{key}"].shape)
+            if expected != actual:
+                problems.append(f"{node.label} state {key!r}: expected shape {expected} (this "
+                                f"model), actual {actual} (checkpoint)")
+    for name in saved_nodes:
+        if name not in nodes:
+            problems.append(f"node state {name!r} is in the checkpoint but not in this model")
     if problems:
         raise CheckpointError(
             f"checkpoint {path!r} does not fit this model:\n  " + "\n  ".join(problems) +
@@ -421,53 +427,49 @@ def _check_optimizer(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarr
                               f"help: build the optimizer as {saved['class']} (hyper-parameters "
                               f"{saved['hyper']}), or pass optimizer=None.")
     params = {p.name: p for p in optimizer.params}
-    state: dict[str, Any] = {"t": int(saved["t"])}
+    state: dict[str, Any] = {"t": saved["t"]}
     for name, bufs in saved["buffers"].items():
         if name not in params:
             raise CheckpointError(f"checkpoint {path!r}: the optimizer state names parameter "
                                   f"{name!r}, which this {cls} does not optimise (it has "
-                                  f"{sorted(params)}).")
+                                  f"{sorted(params)}).\nhelp: pass the optimizer of the model "
+                                  "the checkpoint was saved from, or optimizer=None.")
         expected = tuple(params[name].value.shape)
         for b in bufs:
             host = arrays[f"optim/{name}/{b}"]
             if tuple(host.shape) != expected:
                 raise CheckpointError(f"checkpoint {path!r}: optimizer buffer {name}/{b}: "
-                                      f"expected shape {expected}, actual {tuple(host.shape)}.")
+                                      f"expected shape {expected}, actual {tuple(host.shape)}."
+                                      "\nhelp: pass the optimizer of the model the checkpoint "
+                                      "was saved from.")
             state[f"{name}/{b}"] = host
     return state
 
 
-def _unpack_state(path: str, meta: dict[str, Any],
-                  arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    state = {}
-    for key, entry in meta["state"].items():
-        kind = entry.get("kind")
-        if kind == "array":
-            state[key] = arrays[f"state/{key}"]
-        elif kind in ("int", "float", "str", "bool"):
-            state[key] = {"int": int, "float": float, "str": str, "bool": bool}[kind](
-                entry["value"])
-        else:
-            raise CheckpointError(f"checkpoint {path!r} has damaged metadata: state[{key!r}] "
-                                  f"has unknown kind {kind!r}.")
-    return state
-
-
-# -- helpers ------------------------------------------------------------------------------------
-def _fspath(path: Any) -> str:
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise CheckpointError(f"checkpoint path must be a str or os.PathLike, got "
-                              f"{type(path).__name__} {path!r:.60}.") from None
-    if isinstance(path, bytes):
-        path = os.fsdecode(path)
-    return path
+def _check_schedule(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+                    schedule: Any) -> dict[str, Any]:
+    """The schedule's saved state as `load_state_dict` takes it, checked against `schedule`."""
+    saved = meta["schedule"]
+    cls = type(schedule).__name__
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no schedule state, but load was given "
+                              f"{cls}.\nhelp: pass schedule=None.")
+    if saved["class"] != cls:
+        raise CheckpointError(f"checkpoint {path!r} holds the state of a {saved['class']} "
+                              f"schedule, but load was given {cls}.\nhelp: build a "
+                              f"{saved['class']}, or pass schedule=None.")
+    want = sorted(_state_of(schedule, path))
+    if sorted(saved["state"]) != want:
+        raise CheckpointError(f"checkpoint {path!r}: the {cls} state has keys "
+                              f"{sorted(saved['state'])}, this {cls} has {want}.\nhelp: build "
+                              "the schedule the checkpoint was saved with, or schedule=None.")
+    return unpack(saved["state"], arrays, "schedule/")
 
 
 def _check_int(value: Any, name: str, path: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise CheckpointError(f"checkpoint {path!r}: {name} must be an int, got {value!r}.")
+        raise CheckpointError(f"checkpoint {path!r}: {name} must be an int, got {value!r}.\n"
+                              f"help: pass {name}=<int>.")
     return int(value)
 
 

@@ -2,8 +2,8 @@
 
     gpuflow train                      # 64-128-10 MLP on the bundled digits, device 'auto'
     gpuflow train --device cpu --epochs 5 --hidden 256 128 --optimizer sgd --lr 0.1
-    gpuflow train --data ~/mnist --save run.npz      # MNIST IDX folder or mnist.npz
-    gpuflow train --resume run.npz --epochs 40       # continue to 40 epochs in total
+    gpuflow train --data ~/mnist --save run.safetensors   # MNIST IDX folder or mnist.npz
+    gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow devices                    # every backend and device, available or not, and why
@@ -115,6 +115,7 @@ class TrainOptions:
         self.hidden = tuple(check_int(size, "--hidden", 1) for size in self.hidden)
         self.lr = check_learning_rate(self.lr, "--lr")
         if self.save is not None:
+            checkpoint.check_save_path(self.save)  # safetensors: a .npz name is refused
             _check_writable("--save", self.save)
         if self.plot is not None:
             _require_matplotlib()
@@ -141,7 +142,7 @@ def _check_writable(option: str, path: str) -> None:
         raise CommandError(f"{option} {path}: the folder {folder} does not exist.\n"
                            "help: create it first or pick another path.")
     if target.is_dir():
-        example = target / ("run.npz" if option == "--save" else "curves.png")
+        example = target / ("run.safetensors" if option == "--save" else "curves.png")
         raise CommandError(f"{option} {path}: is a folder.\n"
                            f"help: pass a file name inside it, e.g. {option} {example}.")
     try:
@@ -203,10 +204,15 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     if opts.resume is not None:
         restored = checkpoint.load(opts.resume, graph, optimizer)
         start_epoch, state = int(restored["epoch"]), restored["state"] or {}
-        batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
-                                 "seed": state.get("batches_seed", opts.seed)})
-        losses = [float(v) for v in state.get("losses", [])][:start_epoch]
-        accuracies = [float(v) for v in state.get("accuracies", [])][:start_epoch]
+        try:  # a checkpoint saved by another program may hold other state: one error, the file
+            batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
+                                     "seed": state.get("batches_seed", opts.seed)})
+            losses = [float(v) for v in state.get("losses", [])][:start_epoch]
+            accuracies = [float(v) for v in state.get("accuracies", [])][:start_epoch]
+        except (GpuflowError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {opts.resume!r} holds no state of gpuflow train "
+                                  f"({str(exc).splitlines()[0]}).\nhelp: resume from a file "
+                                  "written by gpuflow train --save.") from None
 
     # The held-out set goes to the device once; accuracy is counted there.
     X_test_dev = device.put(X_test, graph.dtype, what="test images")

@@ -10,10 +10,12 @@ inbound gradients each node computes (`needs_grad`), and where the gradient star
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
+from . import amp, placement
 from .buffers import NO_BUFFERS, Buffers, copy_feed, copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
@@ -50,7 +52,8 @@ class Plan:
                           require_values, owner=self, reuse_buffers=self.reuse_buffers)
         if self._dtype_spec is None:  # the one the feeds agreed on: a re-bind converts to it
             self._dtype_spec = self.dtype
-        self.backward = plan_backward(self.nodes, self.loss, self.wanted, fresh=fresh)
+        wanted = [n for n in self.wanted if getattr(n, "trainable", True)]  # not the frozen
+        self.backward = plan_backward(self.nodes, self.loss, wanted, fresh=fresh)
         self.stale = False
         return self
 
@@ -77,6 +80,32 @@ class SortedGraph(list):
                              doc="Whether nodes keep their arrays across steps.")
     backward_order = property(lambda self: self.plan.backward,
                               doc="The nodes in the order they run backward.")
+
+    def __repr__(self) -> str:
+        return summary("SortedGraph (topological_sort)", self, self.device, self.dtype,
+                       [n for n in self if getattr(n, "trainable", False)], None)
+
+
+def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
+            parameters: Sequence[Node], loss: Node | None) -> str:
+    """`print(graph)`: device, dtype, the nodes in order with their output shapes (once a step
+    has run), the parameters and their number of values."""
+    params = set(parameters)
+    counts = {p: math.prod(p.value.shape) for p in parameters
+              if getattr(p.value, "shape", None) is not None}
+    rows = [(str(i), n.label, "?" if getattr(n.value, "shape", None) is None
+             else str(tuple(n.value.shape)),
+             ("(the loss)" if n is loss else f"{counts.get(n, 0):,}" + (
+                 "" if getattr(n, "trainable", True) else " (frozen)") if n in params else ""))
+            for i, n in enumerate(nodes)]
+    header = ("#", "node", "output shape", "parameters")
+    widths = [max(len(r[c]) for r in rows + [header]) for c in range(4)]
+    lines = [f"{title} on {device.name}, {dtype_name(dtype) if dtype is not None else 'fed dtype'}"
+             f": {len(nodes)} nodes, {len(parameters)} parameters "
+             f"({sum(counts.values()):,} values)"]
+    for r in [header] + rows:
+        lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -105,7 +134,14 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     graph = SortedGraph(order, get_device(device), dtype, reuse_buffers)
-    graph.plan.build(feed_dict, require_values=True)
+    before = [(node, dict(node.__dict__)) for node in order]
+    try:
+        graph.plan.build(feed_dict, require_values=True)
+    except Exception:  # a refused sort, like a refused Graph, changes no node
+        for node, attributes in before:
+            node.__dict__.clear()
+            node.__dict__.update(attributes)
+        raise
     return graph
 
 
@@ -369,8 +405,9 @@ class Graph:
     loss: the node to minimise. device: a spec or Device (None: GPUFLOW_DEVICE, else 'cpu').
     dtype: the floating dtype of every value ('float32' by default; 'float64' for checks).
     inputs: the data Inputs in the order `step`/`run` take positional batches (default: every
-    Input under the loss that is not trainable, in sorted order). parameters: what gradients
-    are computed for (default: every node with `trainable = True`, e.g. `Parameter`).
+    Input under the loss that is not a parameter, in sorted order). parameters: what gradients
+    are computed for (default: every node with a `trainable` attribute, e.g. `Parameter`); one
+    whose `trainable` is False (frozen, also later: the backward is planned again) gets none.
     outputs: extra nodes to run for inference (e.g. logits for predictions).
     strict: after the first step, refuse every host<->device transfer or synchronisation
     except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
@@ -381,6 +418,12 @@ class Graph:
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
     and `run` return arrays of the caller's own. False makes new arrays every step (the
     rules: gpuflow/buffers.py).
+    dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
+    float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
+    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
+    device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
+    and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
+    launch per step (CUDA graphs); devices without it run as usual and say so once.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
     forward only, without gradient work; `item` reads a device scalar as a float (the one
@@ -391,18 +434,21 @@ class Graph:
                  dtype: Any = "float32", inputs: Sequence[Input] | None = None,
                  parameters: Sequence[Node] | None = None, outputs: Sequence[Node] = (),
                  strict: bool | None = None, check_finite: bool = False,
-                 reuse_buffers: bool = True) -> None:
+                 reuse_buffers: bool = True, loss_scale: Any = "dynamic",
+                 capture: "bool | str" = False) -> None:
         if not isinstance(loss, Node):
             raise GraphError(f"Graph needs a loss node, got {type(loss).__name__}.")
         if dtype is None:
             raise GraphError("Graph(dtype=None): a Graph fixes one floating dtype for every "
                              "value.\nhelp: pass dtype='float32' (training) or 'float64'.")
         self.loss = loss
-        self.device = get_device(device)
+        self._fastest = placement.fastest_candidates(device) if placement.is_fastest(
+            device) else None  # chosen at the first step, from its batch
+        self.device = get_device(self._fastest[0] if self._fastest else device)
         self.nodes = kahn_sort(reachable([loss, *outputs], "inbound_nodes"))
         self._members = set(self.nodes)
         self.parameters = list(parameters) if parameters is not None else sorted(
-            (n for n in self.nodes if getattr(n, "trainable", False)), key=lambda n: n._id)
+            (n for n in self.nodes if hasattr(n, "trainable")), key=lambda n: n._id)
         trainable = set(self.parameters)
         self.inputs = list(inputs) if inputs is not None else sorted(  # in creation order
             (n for n in self.nodes if isinstance(n, Input) and n not in trainable),
@@ -411,6 +457,9 @@ class Graph:
         if stray:  # checked before binding: a refused graph changes no node
             raise GraphError(f"{', '.join(stray)} not in the graph under {loss.label}.\n"
                              "help: pass only Inputs and parameters the loss depends on.")
+        self.amp = amp.for_graph(self.device, dtype, loss_scale)  # None unless float16/bfloat16
+        self._loss_scale = loss_scale
+        self.capture = placement.capture_option(capture, self.device)
         self.reuse_buffers = reuse_buffers
         self.plan = Plan(self.nodes, self.device, dtype, loss=loss, wanted=self.parameters,
                          reuse_buffers=reuse_buffers).build()
@@ -419,6 +468,9 @@ class Graph:
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
         self.steps = 0
+
+    def __repr__(self) -> str:
+        return summary("Graph", self.nodes, self.device, self.dtype, self.parameters, self.loss)
 
     def named_parameters(self) -> dict[str, Node]:
         """{name: parameter} in graph order; every parameter needs a unique name."""
@@ -436,17 +488,26 @@ class Graph:
         `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
-        {Input: array}. Gradients land in `parameter.gradients[parameter]`.
+        {Input: array}: a key that is not an Input of this graph is a GraphError; an Input
+        left out keeps its last value (as MiniFlow's `.value` does; a GraphError if it never
+        had one). Gradients land in `parameter.gradients[parameter]`.
         """
+        if self._fastest:
+            candidates, self._fastest = self._fastest, None
+            self.fastest = placement.choose_fastest(self, batches, candidates)
         self.plan.ensure()
         set_mode(self.nodes, training, self)
         self._feed(batches, self.inputs)
+        if self.amp is not None:
+            self.amp.before_step(self)
         with self.device.scope():
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()
             else:
                 self._forward_backward()
+            if self.amp is not None:
+                self.amp.after_step(self)
             if self.check_finite:
                 self._check_finite()
             self.steps += 1
@@ -458,11 +519,23 @@ class Graph:
             for node in plan.compute:
                 run_forward((node,))
                 self._check_dtype(node, "value", node.value)
+            self._check_scalar_loss()
             run_backward(plan.backward)
             for p in self.parameters:
                 self._check_dtype(p, "gradient", p.gradients.get(p))
             return
         _run_step(plan.compute, plan.backward)
+
+    def _check_scalar_loss(self) -> None:
+        """In the first step: the loss is one number (a node's output of more values, e.g.
+        the logits, cannot be minimised: its backward would start from a scalar 1)."""
+        shape = tuple(getattr(self.loss.value, "shape", ()))
+        if math.prod(shape) != 1:
+            raise GraphError(
+                f"the loss, {self.loss.label}, has shape {shape}, not one number; a Graph "
+                "minimises a scalar.\nhelp: put a loss node on top, e.g. "
+                "Graph(gf.SoftmaxCrossEntropy(y, logits), outputs=[logits]) or "
+                "Graph(gf.MSE(y, out)).")
 
     def _check_dtype(self, node: Node, what: str, array: Any) -> None:
         """In the first step: a floating value or gradient must have the graph's dtype. A node
@@ -481,8 +554,9 @@ class Graph:
         """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
         xp = self.device.xp
         arrays = [(n, "value", n.value) for n in self.plan.compute]
-        arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
-                   for target, g in n.gradients.items() if not isinstance(g, float)]
+        if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients
+            arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
+                       for target, g in n.gradients.items() if not isinstance(g, float)]
         flags = xp.stack([xp.all(xp.isfinite(a)) for _, _, a in arrays])
         if self.item(xp.all(flags)):
             return
@@ -499,7 +573,7 @@ class Graph:
         mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
-        or one dict {Input: array}.
+        or one dict {Input: array} (Inputs left out keep their last value, as in `step`).
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
@@ -518,18 +592,39 @@ class Graph:
             run_forward(compute)
             return copy_if_kept(output.value, self.device)
 
+    def compare(self, other_device: "str | Device", *batches: Any, dtype: Any = "float64",
+                rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Any:
+        """Run one step here and on `other_device` from the same weights, in `dtype`; return the
+        first node whose value (forward order) or gradient (backward order) differs beyond
+        the tolerance, with both numbers (a `placement.Difference`; `.found` is False if none).
+        batches: as `step` takes them (default: the last batch fed). Dropout's masks differ
+        between devices: pass training=False to compare a graph with Dropout. The graph is left
+        as it was (device, dtype, weights, node state); its gradients are not, and Dropout's
+        masks start again from their seed."""
+        return placement.compare(self, other_device, batches, dtype=dtype, rtol=rtol,
+                                 atol=atol, training=training)
+
     def item(self, value: Any) -> float:
         """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""
         with LEDGER.allowed():
             return self.device.item(value, what="loss read")
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
+        """Set the Inputs' values, positionally (one per `inputs`) or from a dict. A dict key
+        that is not an Input of this graph is a GraphError, and nothing is fed. An Input left
+        out of a dict keeps its last value, as a MiniFlow Input keeps what `.value` set (a
+        GraphError if it never had one)."""
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
-            unknown = [n for n in batches[0] if n not in self._members]
-            if unknown:
-                raise GraphError(f"{unknown[0]!r} is fed but is not in this graph.\n"
-                                 "help: feed the graph's own Input nodes.")
+            for n in batches[0]:
+                if not isinstance(n, Input) or n not in self._members:
+                    what = "not in this graph" if isinstance(n, Node) and n not in \
+                        self._members else f"a {type(n).__name__}, not an Input"
+                    raise GraphError(
+                        f"{n.label if isinstance(n, Node) else repr(n)} is fed but is {what}."
+                        f"\nhelp: feed this graph's data Inputs "
+                        f"[{', '.join(i.label for i in inputs)}] (a dict key or, in that "
+                        "order, positionally).")
         elif len(batches) == len(inputs):
             pairs = zip(inputs, batches)
         else:

@@ -10,9 +10,10 @@ import math
 import zlib
 from typing import Any, Callable, Sequence
 
-from .backends.numpy import host_rng, host_zeros
+from .backends.numpy import host_copy, host_rng, host_zeros
 from .errors import GraphError
 from .conv import Conv2D, Flatten, MaxPool2D, _pair
+from .host import to_numpy
 from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
 
@@ -51,21 +52,52 @@ INITIALIZERS: dict[str, Callable[..., Any]] = {
 class Parameter(Input):
     """A trainable Input: a named array that optimizers update.
 
-    shape: the array's shape; init: 'zeros', 'normal', 'xavier' (= 'glorot'), 'he'
-    (= 'kaiming') or a function (rng, shape, fan_in, fan_out) -> host array; rng: a seeded
-    host generator (gpuflow.layers.host_rng(seed)), a seed, or None for a seed made from the
-    name (so two layers built apart never start identical).
+    shape: the array's shape (a tuple of positive ints, or one int); or an array (NumPy, a
+    list of lists, any device's array), which is then the initial value, copied (as
+    `Parameter.from_array(W, name=...)` says explicitly). init: 'zeros', 'normal', 'xavier'
+    (= 'glorot', the default), 'he' (= 'kaiming') or a function (rng, shape, fan_in,
+    fan_out) -> host array; rng: a seeded host generator (gpuflow.layers.host_rng(seed)), a
+    seed, or None for a seed made from the name (so two layers built apart never start
+    identical).
     """
 
-    trainable = True
+    _trainable = True
+    trainable_changes = 0  # counts every change of any Parameter's `trainable` (for optimizers)
 
-    def __init__(self, shape: Sequence[int], init: "str | Callable[..., Any]" = "xavier", *,
+    @property
+    def trainable(self) -> bool:
+        """Whether optimizers update this parameter and its graph computes its gradient. Set it
+        to False to freeze the parameter, also after the graph is built: the graph plans its
+        backward pass again before its next step, and optimizers skip it."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        if value not in (True, False):
+            raise GraphError(f"{self.label}.trainable must be True or False, got {value!r}.\n"
+                             "help: p.trainable = False freezes p; True trains it again.")
+        if bool(value) != self._trainable:
+            self._trainable = bool(value)
+            Parameter.trainable_changes += 1
+            if self._plan is not None:
+                self._plan.stale = True  # plan again: compute this gradient or not
+
+    def __init__(self, shape: "Sequence[int] | int | Any",
+                 init: "str | Callable[..., Any] | None" = None, *,
                  name: str, rng: Any = None, fan_in: int | None = None,
                  fan_out: int | None = None) -> None:
         Input.__init__(self, name=name)
-        shape = tuple(int(s) for s in shape)
-        if not shape or min(shape) < 1:
-            raise GraphError(f"Parameter '{name}': shape {shape} must have positive sizes.")
+        if getattr(shape, "ndim", 0) or _nested(shape):  # an array: the initial value
+            if init is not None:
+                raise GraphError(f"Parameter '{name}': got an initial array and init={init!r}."
+                                 "\nhelp: pass either an array (the initial value) or a "
+                                 "shape with init.")
+            value = host_copy(to_numpy(shape))
+            self.shape = _checked_shape(value.shape, name)
+            self.value = value
+            return
+        shape = _checked_shape(shape, name)
+        init = "xavier" if init is None else init
         if isinstance(init, str):
             if init not in INITIALIZERS:
                 raise GraphError(f"Parameter '{name}': unknown initialiser {init!r}.\n"
@@ -77,9 +109,35 @@ class Parameter(Input):
         value = init(rng, shape, fan_in, fan_out)
         if tuple(value.shape) != shape:
             raise GraphError(f"Parameter '{name}': the initialiser returned shape "
-                             f"{tuple(value.shape)}, expected {shape}.")
+                             f"{tuple(value.shape)}, expected {shape}.\nhelp: return an "
+                             "array of the shape the initialiser is given.")
         self.shape = shape
         self.value = value
+
+    @classmethod
+    def from_array(cls, array: Any, *, name: str) -> "Parameter":
+        """A Parameter starting from `array` (copied): e.g. weights one already has."""
+        return cls(to_numpy(array), name=name)
+
+
+def _nested(shape: Any) -> bool:
+    """Whether `shape` is a nested list or tuple (rows of numbers): an array, not a shape."""
+    return isinstance(shape, (list, tuple)) and any(isinstance(s, (list, tuple)) for s in shape)
+
+
+def _checked_shape(shape: Any, name: str) -> tuple[int, ...]:
+    """`shape` as a tuple of positive ints (one int is a 1-D shape); GraphError otherwise."""
+    sizes = (shape,) if isinstance(shape, int) or hasattr(shape, "__index__") else shape
+    try:
+        sizes = tuple(sizes)
+        ok = all(hasattr(s, "__index__") and not isinstance(s, bool) for s in sizes)
+    except TypeError:
+        ok = False
+    if not ok or not sizes or min(int(s) for s in sizes) < 1:
+        raise GraphError(f"Parameter '{name}': shape {shape!r:.60} must be a tuple of positive "
+                         "ints.\nhelp: pass e.g. Parameter((3, 4), name=...), or an array as "
+                         "the initial value.")
+    return tuple(int(s) for s in sizes)
 
 
 def _generator(rng: Any, name: str) -> Any:

@@ -8,6 +8,7 @@ node sent back to it, and stores one gradient per inbound node in `self.gradient
 from __future__ import annotations
 
 import itertools
+import math
 import operator
 from typing import Any
 
@@ -182,9 +183,13 @@ class Linear(Node):
         X, W, b = self.inbound_nodes
         x, w, bias = X.value, W.value, b.value
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+            if x.ndim in (1, 2) and w.ndim in (1, 2) and x.shape[-1] == w.shape[0]:
+                self.value = self._vector_forward(x, w, bias)
+                return
             raise GraphError(
                 f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
-                "X must be 2-D (batch, n_in), W 2-D (n_in, n_out), X.shape[1] == W.shape[0].\n"
+                "X must be 2-D (batch, n_in) or 1-D (n_in,), W 2-D (n_in, n_out) or 1-D "
+                "(n_in,), X.shape[-1] == W.shape[0].\n"
                 f"help: check the sizes of {X.label} and {W.label}.")
         if bias.shape != w.shape[1:] and tuple(bias.shape) != (1, w.shape[1]):
             raise GraphError(
@@ -196,10 +201,39 @@ class Linear(Node):
         out += bias
         self.value = out
 
+    def _vector_forward(self, x: Any, w: Any, bias: Any) -> Any:
+        """MiniFlow's np.dot(X, W) + b where X or W is a vector (the lesson's first quiz):
+        computed as 2-D (rows, n_in) @ (n_in, outs), shaped back as np.dot's result."""
+        xp, outs = self.xp, (w.shape[1] if w.ndim == 2 else 1)
+        self._2d = x2, w2 = xp.reshape(x, (-1, x.shape[-1])), xp.reshape(w, (w.shape[0], outs))
+        out = xp.reshape(x2 @ w2, tuple(x.shape[:-1]) + tuple(w.shape[1:])) + bias
+        if math.prod(bias.shape) != outs or math.prod(out.shape) != x2.shape[0] * outs:
+            raise GraphError(
+                f"{self.label}: b has shape {tuple(bias.shape)} but W has shape "
+                f"{tuple(w.shape)}; b must have {outs} value(s), one bias per output.\n"
+                f"help: check the size of {self.inbound_nodes[2].label}.")
+        return out
+
+    def _vector_backward(self, G: Any) -> None:
+        """The gradients of `_vector_forward`, each in its input's shape."""
+        xp, (x2, w2) = self.xp, self._2d
+        G2 = xp.reshape(xp.asarray(G, dtype=x2.dtype, device=self.device.native),
+                        (x2.shape[0], w2.shape[1]))
+        grads: dict[Node, Any] = {}
+        for node, grad, need in zip(self.inbound_nodes, (G2 @ w2.T, x2.T @ G2,
+                                                         xp.sum(G2, axis=0)), self.needs_grad):
+            if need:  # Linear(X, X, b) computes X . X: both uses' gradients add up
+                grad = xp.reshape(grad, node.value.shape)
+                grads[node] = grads[node] + grad if node in grads else grad
+        self.gradients.update(grads)
+
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, W, b = self.inbound_nodes
         x, w, ops, buffers = X.value, W.value, self.ops, self.buffers
+        if x.ndim != 2 or w.ndim != 2:
+            self._vector_backward(G)
+            return
         grad_X, grad_W, grad_b = self.needs_grad
         if grad_X:
             self.gradients[X] = ops.matmul(G, w.T, out=buffers["dX", x.shape, G.dtype])
@@ -213,24 +247,34 @@ class Linear(Node):
 
 
 class Sigmoid(Node):
-    """The logistic function, computed as (tanh(x/2) + 1) / 2: no overflow at any |x|."""
+    """The logistic function, accurate to a few ulp at every x, with no overflow:
+    exp(min(x, 0)) / (1 + exp(-|x|)), i.e. 1 / (1 + exp(-x)) for x >= 0 and e / (1 + e) with
+    e = exp(x) for x < 0 (no exp of a positive number, no cancellation in either tail)."""
 
     def __init__(self, node: Node, *, name: str | None = None):
         Node.__init__(self, [node], name=name)
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        out = self.buffers["value", x.shape, x.dtype]
-        s = self.ops.tanh(self.ops.multiply(x, 0.5, out=out), out=out)
-        s *= 0.5
-        s += 0.5
-        self.value = s
+        ops, buffers, shape, dtype = self.ops, self.buffers, x.shape, x.dtype
+        d, v, w = (buffers[name, shape, dtype] for name in ("denom", "value", "exp"))  # or None
+        # Negations by multiply, not x - max(x, 0): that is inf - inf = NaN at x = +inf.
+        minus_x = ops.multiply(x, -1.0, out=d)
+        s = ops.maximum(minus_x, 0.0, out=v)                          # -min(x, 0)
+        e = ops.maximum(minus_x, x, out=w)                            # |x|
+        e = ops.exp(ops.multiply(e, -1.0, out=w), out=w)              # exp(-|x|)
+        s = ops.exp(ops.multiply(s, -1.0, out=v), out=v)              # exp(min(x, 0))
+        self.exp = e
+        self.denom = ops.add(e, 1.0, out=d)                           # 1 + exp(-|x|)
+        self.value = ops.divide(s, self.denom, out=v)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        s = self.value
-        grad = self.ops.subtract(1.0, s, out=self.buffers["grad", s.shape, s.dtype])
-        grad *= s   # s (1 - s) G
+        # s (1 - s) = e / (1 + e)^2 for both signs of x: exact in both tails, where 1 - s
+        # would round to 0 for large x.
+        e, denom = self.exp, self.denom
+        out = self.buffers["grad", e.shape, e.dtype]
+        grad = self.ops.divide(self.ops.divide(e, denom, out=out), denom, out=out)
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 
@@ -277,7 +321,8 @@ class ReLU(Node):
 
 
 class MSE(Node):
-    """Mean of (y - a)^2 over all elements; y and a are flattened to columns, as in MiniFlow."""
+    """Mean of (y - a)^2 over all elements; y and a are flattened to columns, as in MiniFlow:
+    `self.diff` is y - a as a column (m, 1), `self.m` the number of elements."""
 
     is_loss = True
 
@@ -287,7 +332,9 @@ class MSE(Node):
     def forward(self) -> None:
         y, a = self.inbound_nodes
         xp, yv, av = self.xp, y.value, a.value
-        if yv.shape != av.shape:  # e.g. y (n,) and a (n, 1): compared as columns
+        if yv.ndim != 2 or yv.shape[1] != 1 or yv.shape != av.shape:
+            # MiniFlow's columns (m, 1), so lesson code reading `diff` sees its shape; e.g.
+            # y (n,) and a (n, 1) are compared as columns. Gradients keep the inputs' shapes.
             yv, av = xp.reshape(yv, (-1, 1)), xp.reshape(av, (-1, 1))
             if yv.shape[0] != av.shape[0]:
                 raise GraphError(

@@ -5,10 +5,13 @@ update rules. Their state lives on the parameters' device and is updated in plac
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
+from . import amp
+from .backends import LEDGER
 from .errors import CheckpointError, GraphError
 from .graph import Graph
+from .layers import Parameter
 from .nodes import Node
 
 
@@ -64,6 +67,61 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
 
+def _parameter_list(params: Any, owner: str) -> list[Node]:
+    """The parameters an optimizer was given: a Graph's, a dict's values (the {name: Parameter}
+    dict `gf.mlp` and `gf.dense` return), or an iterable of nodes; GraphError for anything else."""
+    if isinstance(params, Graph):
+        return list(params.parameters)
+    if isinstance(params, Node):
+        raise GraphError(f"{owner}: got one node, {params.label}, where a list of parameters "
+                         f"belongs.\nhelp: pass [{params.name or 'node'}], or the Graph.")
+    if isinstance(params, Mapping):
+        params = params.values()
+    try:
+        found = list(params)
+    except TypeError:
+        found = None
+    bad = next((p for p in found if not isinstance(p, Node)), None) if found is not None else None
+    if found is None or bad is not None:
+        what = type(params).__name__ if found is None else f"an item {bad!r:.60} ({type(bad).__name__})"
+        raise GraphError(f"{owner}: parameters must be gpuflow nodes; got {what}.\nhelp: pass "
+                         "the Graph, graph.parameters, or the dict gf.mlp(...) returns.")
+    return found
+
+
+def check_hyperparameter(value: Any, name: str, owner: str, *, low: float = 0.0,
+                         low_open: bool = False, high: float | None = None,
+                         example: str = "0.9") -> float:
+    """`value` as a float; ValueError naming `owner` (the optimizer) and the argument `name`
+    unless it is a finite number >= `low` (> `low` with `low_open`) and < `high` if given."""
+    # float() would also take "0.9" (an argparse option without type=float) and True.
+    number = None if isinstance(value, (str, bytes, bool)) else value
+    try:
+        number = float(number)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = None
+    rule = f"> {low:g}" if low_open else f">= {low:g}"
+    rule += f" and < {high:g}" if high is not None else ""
+    if number is None or not math.isfinite(number) or number < low or (
+            low_open and number == low) or (high is not None and number >= high):
+        raise ValueError(f"{owner}: {name} must be a finite number {rule}, got {value!r}.\n"
+                         f"help: pass e.g. {name}={example} (a float).")
+    return number
+
+
+def check_betas(betas: Any, owner: str) -> tuple[float, float]:
+    """Adam's `betas` as a pair of floats in [0, 1); ValueError naming `owner` otherwise."""
+    try:
+        pair = tuple(betas)
+    except TypeError:
+        pair = ()
+    if isinstance(betas, (str, bytes)) or len(pair) != 2:
+        raise ValueError(f"{owner}: betas must be a pair (beta1, beta2), got {betas!r}.\n"
+                         "help: pass e.g. betas=(0.9, 0.999).")
+    return (check_hyperparameter(pair[0], "betas[0]", owner, high=1.0, example="0.9"),
+            check_hyperparameter(pair[1], "betas[1]", owner, high=1.0, example="0.999"))
+
+
 class Optimizer:
     """Base class: `step()` updates every parameter from `p.gradients[p]`, in place.
 
@@ -71,36 +129,71 @@ class Optimizer:
     gpuflow.optim does, once per epoch) and it is checked once, at that step.
     """
 
-    def __init__(self, params: "Graph | Iterable[Node]", lr: float) -> None:
-        self.params = list(params.parameters if isinstance(params, Graph) else params)
+    def __init__(self, params: "Graph | Iterable[Node] | Mapping[str, Node]", lr: float) -> None:
+        self.params = _parameter_list(params, type(self).__name__)
+        self._graph = params if isinstance(params, Graph) else None  # for its check_finite
         if not self.params:
             raise GraphError(f"{type(self).__name__}: no parameters to optimise.\n"
                              "help: pass graph.parameters (Parameter nodes), or a Graph.")
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
+        # a float16/bfloat16 Graph's float32 masters and loss scale (private: not a hyper-parameter)
+        self._amp = amp.for_optimizer(params, self.params)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
+        self._changes = -1  # Parameter.trainable_changes when `active` was last listed
+        self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
 
     def step(self) -> None:
-        """One update of every parameter from its current gradient."""
+        """One update of every parameter from its current gradient (frozen ones, whose
+        `trainable` is False, are skipped)."""
         if self.lr is not self._checked_lr:  # someone set a new rate: check it once
             self.lr = self._checked_lr = check_learning_rate(
                 self.lr, f"{type(self).__name__}: lr")
-        for p in self.params:  # all checked first: a refusal updates nothing
+        if self._changes != Parameter.trainable_changes:  # one int compare per step
+            self._changes = Parameter.trainable_changes
+            self._active = [p for p in self.params if getattr(p, "trainable", True)]
+        for p in self._active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
+        if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self._amp.optimizer_step(self)
+            return
         self.t += 1
         self._update_all()
+        if self._graph is not None and self._graph.check_finite:
+            self._check_finite()
+
+    def _check_finite(self) -> None:
+        """GraphError naming this optimizer and the first parameter its update made NaN/Inf."""
+        arrays = [p for p in self.params if getattr(p.value, "shape", None) is not None]
+        if not arrays:
+            return
+        xp, device = arrays[0].xp, arrays[0].device
+        flags = xp.stack([xp.all(xp.isfinite(p.value)) for p in arrays])
+        with LEDGER.allowed():
+            host = device.to_host(flags, what="finite check")
+        if all(bool(f) for f in host):
+            return
+        p = arrays[[bool(f) for f in host].index(False)]
+        raise GraphError(f"non-finite number (NaN or Inf) first appeared in {type(self).__name__}"
+                         f"'s update of {p.label} (shape {tuple(p.value.shape)}) at optimizer "
+                         f"step {self.t}.\nhelp: lower the learning rate, or train in float32 "
+                         "(float16 overflows above 65504).")
 
     def _update_all(self) -> None:
-        for p in self.params:
+        for p in self._active:
             value = p.value
             self._param, self.ops = p, p.ops
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
             if new is not value:  # an immutable scalar (a fed Python number) comes back new
                 p.value = new
+
+    def _state_dtype(self, p: Node) -> Any:
+        """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
+        return self._amp.master_dtype if self._amp is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """Update `value` in place from `grad` and return it (a new object only if `value` is
@@ -138,7 +231,8 @@ class Optimizer:
             if tuple(host.shape) != tuple(p.value.shape):
                 raise CheckpointError(f"optimizer state {key!r} has shape {tuple(host.shape)}, "
                                       f"but {p.label} has shape {tuple(p.value.shape)}.")
-            new[p][buf] = p.device.put(host, p.value.dtype, what=f"optimizer state {key}")
+            new[p][buf] = p.device.put(host, self._state_dtype(p),
+                                       what=f"optimizer state {key}")
         self.state = new
         self.t = int(state.get("t", 0))
 
@@ -150,19 +244,22 @@ class SGD(Optimizer):
     def __init__(self, params: "Graph | Iterable[Node]", lr: float = 1e-2, *,
                  momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
-        super().__init__(params, lr)
-        if momentum < 0 or weight_decay < 0:
-            raise ValueError(f"SGD: momentum ({momentum}) and weight_decay ({weight_decay}) "
-                             "must be >= 0.")
+        momentum = check_hyperparameter(momentum, "momentum", "SGD", example="0.9")
+        weight_decay = check_hyperparameter(weight_decay, "weight_decay", "SGD", example="1e-4")
+        if nesterov not in (True, False):
+            raise ValueError(f"SGD: nesterov must be True or False, got {nesterov!r}.\n"
+                             "help: pass nesterov=True (with momentum > 0) or leave it out.")
         if nesterov and momentum == 0:
-            raise ValueError("SGD: Nesterov momentum needs momentum > 0.")
+            raise ValueError("SGD: Nesterov momentum needs momentum > 0.\n"
+                             "help: pass e.g. momentum=0.9 with nesterov=True.")
+        super().__init__(params, lr)
         self.momentum, self.nesterov, self.weight_decay = momentum, nesterov, weight_decay
 
     def _update_all(self) -> None:
         if self.momentum or self.weight_decay or type(self).update is not SGD.update:
             super()._update_all()
         else:  # plain SGD, the most common step: one multiply and one subtract per parameter
-            sgd_steps(self.params, self.lr)
+            sgd_steps(self._active, self.lr)
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         ops, scratch = self.ops, self.scratch
@@ -195,24 +292,35 @@ class Adam(Optimizer):
     def __init__(self, params: "Graph | Iterable[Node]", lr: float = 1e-3, *,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0) -> None:
+        owner = type(self).__name__
+        betas = check_betas(betas, owner)
+        eps = check_hyperparameter(eps, "eps", owner, low_open=True, example="1e-8")
+        weight_decay = check_hyperparameter(weight_decay, "weight_decay", owner, example="1e-2")
         super().__init__(params, lr)
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1) or eps <= 0 or weight_decay < 0:
-            raise ValueError(f"{type(self).__name__}: need 0 <= betas < 1 (got {betas}), "
-                             f"eps > 0 (got {eps}) and weight_decay >= 0 (got {weight_decay}).")
         self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+
+    def _state_dtype(self, p: Node) -> Any:
+        return p.xp.float32 if _narrow(p.xp, p.value.dtype) else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         b1, b2 = self.betas
-        ops, work = self.ops, self.scratch(value)
+        narrow = value.dtype if _narrow(xp, value.dtype) else None
+        if narrow is not None:
+            # float16: eps = 1e-8 rounds to 0 and grad^2 underflows, so sqrt(v) + eps is 0 and
+            # the step NaN. The moments and the step are float32; only the result is rounded.
+            grad = xp.astype(grad, xp.float32)
+        like = value if narrow is None else grad  # the dtype of the moments and the step
+        ops, work = self.ops, self.scratch(like)
         if self.weight_decay and self.decoupled:
             value *= 1.0 - self.lr * self.weight_decay
         elif self.weight_decay:
-            decayed = self.scratch(value, 1)
-            grad = ops.add(grad, ops.multiply(value, self.weight_decay, out=decayed),
+            decayed = self.scratch(like, 1)
+            wide = value if narrow is None else xp.astype(value, grad.dtype)
+            grad = ops.add(grad, ops.multiply(wide, self.weight_decay, out=decayed),
                            out=decayed)
         if "m" not in state:
-            state["m"] = xp.zeros_like(value)
-            state["v"] = xp.zeros_like(value)
+            state["m"] = xp.zeros_like(like)
+            state["v"] = xp.zeros_like(like)
         m, v = state["m"], state["v"]
         m *= b1
         m += ops.multiply(grad, 1.0 - b1, out=work)
@@ -227,8 +335,26 @@ class Adam(Optimizer):
         denom += self.eps
         step = ops.divide(m, denom, out=work)   # (lr / bias1) * m / denom
         step *= self.lr / bias1
-        value -= step
+        value -= step if narrow is None else xp.astype(step, narrow)
         return value
+
+
+_NARROW: dict[Any, bool] = {}  # (xp, dtype) -> _narrow(xp, dtype): isdtype costs microseconds
+
+
+def _narrow(xp: Any, dtype: Any) -> bool:
+    """Whether `dtype` is a floating dtype narrower than float32 (float16): too narrow for
+    Adam's eps and second moment."""
+    key = (xp, dtype)  # xp first: dtypes of two libraries are never compared
+    try:
+        return _NARROW[key]
+    except (KeyError, TypeError):
+        narrow = bool(xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32)
+        try:
+            _NARROW[key] = narrow
+        except TypeError:
+            pass
+        return narrow
 
 
 class AdamW(Adam):

@@ -17,7 +17,7 @@ device and without reading anything back to the host.
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import CheckpointError, GraphError
 from .nodes import Node

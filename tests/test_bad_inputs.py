@@ -58,7 +58,7 @@ def test_linear_wrong_width_on_a_later_batch(device):
     graph, _ = small_graph(device)
     graph.step(np.ones((2, 3)), np.array([0, 1]))
     expect(gf.GraphError, lambda: graph.step(np.ones((2, 5)), np.array([0, 1])),
-           "Linear 'layer1'", "(2, 5)", "(3, 4)", "X.shape[1] == W.shape[0]",
+           "Linear 'layer1'", "(2, 5)", "(3, 4)", "X.shape[-1] == W.shape[0]",
            "Parameter 'layer1.W'")
 
 
@@ -158,10 +158,11 @@ def test_logits_not_2d(device, shape):
 
 
 # -- wrong rank -----------------------------------------------------------------------------------
-def test_1d_x_into_linear(device):
-    node, _, graph = linear(device, x=np.ones(3))
+def test_1d_x_of_the_wrong_length_into_linear(device):
+    # a 1-D X of the right length is MiniFlow's np.dot (test_issue13_api.py)
+    node, _, graph = linear(device, x=np.ones(5))
     expect(gf.GraphError, lambda: gf.forward_pass(node, graph),
-           "Linear 'hidden'", "X has shape (3,)", "X must be 2-D", "Input 'X'")
+           "Linear 'hidden'", "X has shape (5,)", "X must be 2-D", "or 1-D", "Input 'X'")
 
 
 def test_3d_w_into_linear(device):

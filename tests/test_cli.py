@@ -349,7 +349,7 @@ def test_unwritable_save_or_plot_target_fails_before_training(tmp_path, capsys, 
 
 
 def test_writable_check_leaves_nothing_behind(tmp_path):
-    opts = TrainOptions(save=str(tmp_path / "run.npz"))
+    opts = TrainOptions(save=str(tmp_path / "run.safetensors"))
     opts.check()
     assert list(tmp_path.iterdir()) == []
 

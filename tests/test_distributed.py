@@ -15,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 import gpuflow as gf
 from gpuflow.data import Batches
@@ -174,7 +175,7 @@ def test_flattened_and_per_parameter_allreduce_agree(trained):
 @pytest.mark.parametrize("first, second", [(2, 1), (None, 2)],
                          ids=["2-ranks-then-1", "1-process-then-2-ranks"])
 def test_checkpoint_resumes_across_rank_counts(tmp_path, first, second):
-    ckpt = tmp_path / "ckpt.npz"
+    ckpt = tmp_path / "ckpt.safetensors"
     check(run("phase1", str(ckpt), ranks=first))
     check(run("phase2", str(ckpt), str(tmp_path), ranks=second))
     expected = reference("adam", 7, epochs=2)  # 10 steps
@@ -204,16 +205,17 @@ def test_gpuflow_train_under_mpiexec_matches_one_process(tmp_path):
     args = ["-m", "gpuflow", "train", "--epochs", "2", "--dtype", "float64", "--hidden", "16",
             "--device", "cpu", "--quiet"]
     two = launch([MPIEXEC, "-n", "2", sys.executable, *args[:-1], "--save",
-                  str(tmp_path / "two.npz")])
-    one = launch([sys.executable, *args[:-1], "--save", str(tmp_path / "one.npz")])
+                  str(tmp_path / "two.safetensors")])
+    one = launch([sys.executable, *args[:-1], "--save", str(tmp_path / "one.safetensors")])
     check(two)
     check(one)
     assert "data-parallel over 2 MPI ranks, devices cpu, cpu" in two.stdout, two.stdout
     assert two.stdout.count("final test accuracy") == 1, "only rank 0 prints"
     final = [line for line in one.stdout.splitlines() if line.startswith("final")]
     assert final and final[0] in two.stdout, (one.stdout, two.stdout)
-    with np.load(tmp_path / "two.npz") as a, np.load(tmp_path / "one.npz") as b:
-        names = [k for k in a.files if k.startswith("param/")]
-        assert names and sorted(names) == sorted(k for k in b.files if k.startswith("param/"))
-        for k in names:
-            np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-15, err_msg=k)
+    a = load_file(tmp_path / "two.safetensors")
+    b = load_file(tmp_path / "one.safetensors")
+    names = [k for k in a if k.startswith("param/")]
+    assert names and sorted(names) == sorted(k for k in b if k.startswith("param/"))
+    for k in names:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-15, err_msg=k)

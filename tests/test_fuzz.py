@@ -1,5 +1,6 @@
-"""Fuzzing the file readers: random byte mutations of a good checkpoint, IDX file and MNIST
-.npz (seeded loops, each bounded to a few seconds). Every input must end in a valid result or
+"""Fuzzing the file readers: random byte mutations of a good checkpoint (safetensors, and the
+old .npz that still loads), IDX file and MNIST .npz (seeded loops, each bounded to a few
+seconds; hypothesis for safetensors). Every input must end in a valid result or
 a gpuflow error (a GpuflowError subclass): never another exception, a hang, or a large
 allocation (tracemalloc peak and RSS are checked). A checkpoint that still loads after a
 mutation must hold exactly the values that were saved: never a valid but wrong checkpoint.
@@ -8,7 +9,10 @@ What these fuzzers found (fixed, with the regression tests at the end of this fi
 zipfile's NotImplementedError (unknown compression method or zip version) and RuntimeError
 (encrypted member) escaped both npz readers; an IDX header with more than 64 dims, or a zero
 dim next to huge ones, escaped read_idx as a NumPy ValueError; and an .npy header can declare
-an array far larger than the file, which NumPy allocates before it reads.
+an array far larger than the file, which NumPy allocates before it reads. The safetensors
+format is parsed by the safetensors package; what its fuzzing found here: a flipped byte in
+a buffer, or in the JSON metadata gpuflow keeps in its header, loaded as a valid but wrong
+checkpoint (safetensors has no checksum), so gpuflow writes CRC-32s of both.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ from gpuflow.checkpoint import load, save
 from gpuflow.data import load_mnist, read_idx
 from gpuflow.errors import CheckpointError, DataError, GpuflowError
 from gpuflow.optim import Adam
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from legacy_npz import legacy_save
 
 TIME_BOUND = 4.0     # seconds per fuzz loop (the loops stop early when it is reached)
 SLOW_INPUT = 1.0     # seconds: one input taking longer counts as a hang
@@ -98,18 +106,24 @@ def small_model():
     return graph, Adam(graph, lr=0.01)
 
 
-def test_fuzz_checkpoint_reader(tmp_path):
+def trained_small(tmp_path, fmt):
+    """A trained small model saved in `fmt`: (file bytes, parameters, optimizer state)."""
     graph, opt = small_model()
     graph.step(np.ones((2, 4)), np.array([0, 1]))
     opt.step()
-    good = tmp_path / "good.npz"
-    save(good, graph, opt, step=3, state={"history": np.arange(5.0), "n": 3})
-    base = good.read_bytes()
+    good = tmp_path / f"good.{fmt}"
+    writer = save if fmt == "safetensors" else legacy_save
+    writer(good, graph, opt, step=3, state={"history": np.arange(5.0), "n": 3})
     saved = {n: p.value.copy() for n, p in graph.named_parameters().items()}
     saved_opt = {k: np.array(v) for k, v in opt.state_dict().items()}
+    return good.read_bytes(), saved, saved_opt
 
+
+def checkpoint_reader(tmp_path, fmt):
+    """(read(blob), check_ok(info)) for fuzzing `load` with files of format `fmt`."""
+    base, saved, saved_opt = trained_small(tmp_path, fmt)
     target, target_opt = small_model()
-    path = tmp_path / "m.npz"
+    path = tmp_path / f"m.{fmt}"
 
     def read(blob):
         path.write_bytes(blob)
@@ -123,10 +137,46 @@ def test_fuzz_checkpoint_reader(tmp_path):
         for key, value in target_opt.state_dict().items():
             np.testing.assert_array_equal(value, saved_opt[key], err_msg=key)
 
+    return base, read, check_ok
+
+
+# the characters of shapes, offsets and dtypes in .npy and safetensors headers
+HOT = {"npz": b"0123456789(),'<>|fiub", "safetensors": b'0123456789[],:"FIU'}
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "npz"])
+def test_fuzz_checkpoint_reader(tmp_path, fmt):
+    base, read, check_ok = checkpoint_reader(tmp_path, fmt)
     rng = random.Random(20240605)
-    inputs = (mutate(rng, base, b"0123456789(),'<>|fiub") for _ in range(3000))
+    inputs = (mutate(rng, base, HOT[fmt]) for _ in range(3000))
     counts = fuzz(inputs, read, check_ok)
     assert counts["error"] > 200, counts
+
+
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint(tmp_path, data):
+    """Byte flips in the header and the buffers, and truncations, chosen by hypothesis: each
+    file is refused as a CheckpointError naming it, with the model unchanged, or loads the
+    values that were saved."""
+    if not hasattr(test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint, "cache"):
+        test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint.cache = \
+            checkpoint_reader(tmp_path, "safetensors")
+    base, read, check_ok = \
+        test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint.cache
+    blob = bytearray(base)
+    header = 8 + int.from_bytes(base[:8], "little")
+    for _ in range(data.draw(st.integers(1, 4), label="flips")):
+        pos = data.draw(st.integers(0, header - 1) | st.integers(0, len(blob) - 1), label="pos")
+        blob[pos] = data.draw(st.integers(0, 255), label="byte")
+    cut = data.draw(st.none() | st.integers(0, len(blob)), label="truncate at")
+    if cut is not None:
+        del blob[cut:]
+    try:
+        check_ok(read(bytes(blob)))
+    except CheckpointError as exc:
+        assert "m.safetensors" in str(exc) and str(exc).count("help:") == 1, str(exc)
 
 
 # -- IDX files ----------------------------------------------------------------------------------

@@ -25,10 +25,10 @@ SCHEDULES = [
 ]
 
 
-def _parameter(device="cpu", shape=(3, 2), dtype="float64"):
+def _parameter(device="cpu", shape=(3, 2), dtype="float64", **options):
     """A Parameter bound to `device` (through a throwaway graph), and the graph."""
     W = gf.Parameter(shape, name="W", rng=0)
-    graph = gf.Graph(Project(W, gf.Input(name="R")), device=device, dtype=dtype)
+    graph = gf.Graph(Project(W, gf.Input(name="R")), device=device, dtype=dtype, **options)
     return W, graph
 
 
@@ -216,8 +216,9 @@ def test_clipped_gradients_drive_the_optimizer(device):
 
 def test_clip_grad_norm_in_float16_sums_squares_without_overflow():
     """float16 squares overflow from 256 on: the norm is accumulated in float32."""
-    W, graph = _parameter(dtype="float16", shape=(4,))
-    graph.step(np.full(4, 300.0))
+    W, graph = _parameter(dtype="float16", shape=(4,), loss_scale=1)
+    graph.step(np.ones(4))
+    W.gradients[W] = graph.device.put(np.full(4, 300.0), graph.dtype)  # a float16 gradient
     norm = clip_grad_norm(graph, 1.0)
     assert float(norm) == pytest.approx(600.0, rel=1e-3)
     assert np.isfinite(host(graph.device, W.gradients[W])).all()

@@ -100,7 +100,7 @@ def test_hundreds_of_save_load_cycles_keep_memory_flat(tmp_path):
     graph.step(X[:32], y[:32])
     opt.step()
     other, other_opt = model(seed=1)
-    path = tmp_path / "c.npz"
+    path = tmp_path / "c.safetensors"
     expected = {n: p.value.copy() for n, p in graph.named_parameters().items()}
 
     def cycles(n):
@@ -121,4 +121,4 @@ def test_hundreds_of_save_load_cycles_keep_memory_flat(tmp_path):
     assert rss_pair[1] - rss_pair[0] < RSS_BOUND, f"RSS grew {rss_pair}"
     for name, p in other.named_parameters().items():
         np.testing.assert_array_equal(p.value, expected[name], err_msg=name)
-    assert sorted(os.listdir(tmp_path)) == ["c.npz"], os.listdir(tmp_path)  # no temp files
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors"], os.listdir(tmp_path)  # no temps

@@ -227,8 +227,8 @@ class Device:
         self.xp = xp            # array-API namespace (array-api-compat)
         self.native = native    # the library's own device object, passed as device=
         self._dtypes = {n: getattr(xp, n) for n in
-                        ("float16", "float32", "float64", "bool", "int8", "int16", "int32",
-                         "int64", "uint8", "uint16", "uint32", "uint64")
+                        ("float16", "bfloat16", "float32", "float64", "bool", "int8", "int16",
+                         "int32", "int64", "uint8", "uint16", "uint32", "uint64")
                         if hasattr(xp, n)}
         self._seen_dtypes: dict[Any, Any] = {}
         self._floating: dict[Any, bool] = {}

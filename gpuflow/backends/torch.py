@@ -117,6 +117,8 @@ class TorchDevice(Device):
         return self._torch.as_tensor(host, dtype=dtype, device=self.native)
 
     def _to_host(self, value: Any) -> Any:
+        if value.dtype == self._torch.bfloat16:  # NumPy has no bfloat16: exact in float32
+            value = value.float()
         host = value.detach().to("cpu").numpy()
         return host.copy() if value.device.type == "cpu" else host  # never the live tensor
 

@@ -1,0 +1,238 @@
+"""Mixed precision for `Graph(..., dtype="float16" | "bfloat16")`: float32 master weights and
+loss scaling, as `torch.amp.GradScaler` does it.
+
+The graph computes in the low precision: every value, and the gradients of the backward pass,
+in float16 (or bfloat16). Small gradients would underflow float16 (below 6e-8), so the backward
+pass starts from `scale` instead of 1 (the loss's seed), and `Graph.step` hands each parameter
+its gradient divided by `scale`, in float32 (`p.gradients[p]`: true gradients, so that clipping
+and reading them need not know about the scale). The optimizer updates float32 master copies
+of the parameters (its state is float32 too) and rounds them into the parameters' values.
+
+Dynamic scaling (the default): a step whose gradients hold an Inf or NaN (the scaled backward
+overflowed) is skipped: no parameter, optimizer state or step count changes, and the scale
+halves. After `growth_interval` good steps in a row the scale doubles. Deciding to skip needs
+one read of a device flag per optimizer step (torch's GradScaler.step reads one too).
+`loss_scale=<number>` scales statically: an overflow then raises a GraphError (nothing is
+updated) instead of silently skipping forever; `loss_scale=1` is plain low precision with
+master weights. Nothing ever turns NaN silently: a scale that falls below 2**-24 (the
+gradients overflow even unscaled) raises.
+
+bfloat16 exists on torch devices; NumPy has none (ml_dtypes adds a storage type, but NumPy's
+matmul and ufuncs would run on it emulated and slowly), which is said with a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+from .backends import LEDGER, Device, dtype_name
+from .errors import GraphError
+
+LOW_PRECISION = ("float16", "bfloat16")
+MIN_SCALE = 2.0 ** -24  # float16's smallest subnormal: below it, scaling cannot help
+
+
+def low_precision_name(dtype: Any) -> str | None:
+    """'float16' / 'bfloat16' for such a dtype (name, NumPy or namespace dtype), else None."""
+    if dtype is None:
+        return None
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    return name if name in LOW_PRECISION else None
+
+
+def for_graph(device: Device, dtype: Any, loss_scale: Any) -> "MixedPrecision | None":
+    """The mixed-precision machinery for a Graph of `dtype` on `device` (None for float32 and
+    wider); GraphError for a dtype the device lacks or a bad `loss_scale`."""
+    name = low_precision_name(dtype)
+    if name is None:
+        if not _is_default_scale(loss_scale):
+            raise GraphError(f"Graph(loss_scale={loss_scale!r}) needs dtype='float16' or "
+                             f"'bfloat16'; this graph is {dtype!r}, which needs no loss scaling."
+                             "\nhelp: drop loss_scale, or pass dtype='float16'.")
+        return None
+    if name not in device._dtypes:
+        if name == "bfloat16":
+            raise GraphError(
+                f"dtype 'bfloat16' on {device.name}: {device.backend} has no bfloat16 (for "
+                "NumPy, ml_dtypes adds a storage type, but NumPy's matmul and ufuncs would only "
+                "emulate it, slowly).\nhelp: use device='torch:cpu' or 'torch:cuda' for "
+                "bfloat16, or dtype='float16'.")
+        raise GraphError(f"dtype {name!r} on {device.name}: {device.backend} has no {name}.\n"
+                         "help: pass dtype='float32', or a device whose library has it "
+                         "('cpu', 'torch:cpu', 'cuda').")
+    return MixedPrecision(device, name, LossScaler.from_option(loss_scale))
+
+
+def _is_default_scale(loss_scale: Any) -> bool:
+    return isinstance(loss_scale, str) and loss_scale == "dynamic"
+
+
+class LossScaler:
+    """The loss scale and its dynamic rule (torch.amp.GradScaler's defaults)."""
+
+    def __init__(self, scale: float = 2.0 ** 16, *, dynamic: bool = True,
+                 growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000) -> None:
+        self.scale = float(scale)
+        self.dynamic = dynamic
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0   # good steps since the scale last changed
+        self.skipped = 0      # steps skipped for an overflow, in all
+
+    @classmethod
+    def from_option(cls, loss_scale: Any) -> "LossScaler":
+        """'dynamic' (the default), or a number > 0 for a static scale."""
+        if _is_default_scale(loss_scale):
+            return cls()
+        number = isinstance(loss_scale, (int, float)) and not isinstance(loss_scale, bool)
+        if not number or not math.isfinite(loss_scale) or loss_scale <= 0:
+            raise GraphError(f"Graph(loss_scale={loss_scale!r}): expected 'dynamic' or a "
+                             "finite number > 0.\nhelp: pass loss_scale='dynamic' (the default), "
+                             "or e.g. loss_scale=1024 for a static scale.")
+        return cls(float(loss_scale), dynamic=False)
+
+    def update(self, finite: bool) -> None:
+        """After a step: back off (overflow) or count a good step, growing after a run."""
+        if not self.dynamic:
+            return
+        if not finite:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped += 1
+            return
+        self.good_steps += 1
+        if self.good_steps >= self.growth_interval:
+            grown = self.scale * self.growth_factor
+            if math.isfinite(grown):
+                self.scale = grown
+            self.good_steps = 0
+
+    def state_dict(self) -> dict[str, float | int]:
+        """Numbers only, for checkpoints."""
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()` output."""
+        self.scale = float(state["scale"])
+        self.good_steps = int(state["good_steps"])
+        self.skipped = int(state["skipped"])
+
+
+class MixedPrecision:
+    """A Graph's float32 master weights and loss scale (see the module's docstring)."""
+
+    def __init__(self, device: Device, name: str, scaler: LossScaler) -> None:
+        self.device = device
+        self.name = name            # 'float16' or 'bfloat16'
+        self.scaler = scaler
+        self.master_dtype = device.xp.float32
+        self.master: dict[Any, Any] = {}   # parameter -> its float32 master value
+        self._written: dict[Any, Any] = {}  # parameter -> the value we last gave it
+
+    def __repr__(self) -> str:
+        kind = "dynamic" if self.scaler.dynamic else "static"
+        return (f"MixedPrecision({self.name}, float32 masters, {kind} loss scale "
+                f"{self.scaler.scale:g}, {self.scaler.skipped} steps skipped)")
+
+    def move_to(self, other: "MixedPrecision") -> None:
+        """Take `other`'s device (the graph moved): masters are made again from the values."""
+        self.device, self.name, self.master_dtype = other.device, other.name, other.master_dtype
+        self.master, self._written = {}, {}
+
+    # -- Graph.step --------------------------------------------------------------------------
+    def before_step(self, graph: Any) -> None:
+        """The backward pass starts from the scale instead of 1."""
+        graph.loss._grad_seed = self.scaler.scale
+
+    def after_step(self, graph: Any) -> None:
+        """Each parameter's gradient unscaled into float32 (device work, no read back)."""
+        xp, inverse = self.device.xp, 1.0 / self.scaler.scale
+        for p in graph.parameters:
+            grad = p.gradients.get(p)
+            if grad is None or not hasattr(grad, "dtype"):
+                continue
+            wide = xp.astype(grad, self.master_dtype)  # a new array: ours to scale in place
+            p.gradients[p] = p.ops.multiply(wide, inverse, out=wide if p.ops.writes_out else None)
+
+    # -- Optimizer.step ----------------------------------------------------------------------
+    def master_of(self, p: Any) -> Any:
+        """p's float32 master value; made again from p.value if someone set that since (a
+        checkpoint load, a user's assignment)."""
+        value = p.value
+        if self._written.get(p) is not value:
+            self.master[p] = self.device.xp.astype(value, self.master_dtype, copy=True)
+            self._written[p] = value
+        return self.master[p]
+
+    def optimizer_step(self, optimizer: Any) -> bool:
+        """Check the gradients; update the masters through `optimizer.update` and round them
+        into the parameters, or skip the step (overflow). Returns whether it stepped."""
+        params = optimizer._active  # frozen parameters (trainable False) are skipped
+        masters = [self.master_of(p) for p in params]  # before anything can change
+        finite = self._finite([p.gradients[p] for p in params])
+        scale = self.scaler.scale
+        if not finite and not self.scaler.dynamic:
+            raise GraphError(
+                f"mixed precision: the gradients overflowed {self.name} with the static loss "
+                f"scale {scale:g} (an Inf or NaN); no parameter was updated.\nhelp: pass a "
+                "smaller loss_scale, or loss_scale='dynamic' (the default) to skip such steps.")
+        self.scaler.update(finite)
+        if not finite:
+            if self.scaler.scale < MIN_SCALE:
+                raise GraphError(
+                    f"mixed precision: the gradients are not finite even with the loss scale at "
+                    f"{scale:g}: the forward or backward pass overflows {self.name} (values "
+                    "beyond its range) or training diverged; no parameter was updated.\nhelp: "
+                    "lower the learning rate, use dtype='float32', or check_finite=True to find "
+                    "the node.")
+            return False
+        optimizer.t += 1
+        for p, master in zip(params, masters):
+            optimizer._param, optimizer.ops = p, p.ops
+            new = optimizer.update(p.xp, master, p.gradients[p], optimizer.state[p])
+            self.master[p] = new
+            p.value = self.device.xp.astype(new, p.value.dtype)
+            self._written[p] = p.value
+        return True
+
+    def _finite(self, grads: Iterable[Any]) -> bool:
+        """Whether every gradient is finite: one device flag, read once (NaN and Inf survive
+        a sum, so one sum per gradient is enough)."""
+        xp = self.device.xp
+        total = None
+        for g in grads:
+            s = xp.sum(g) if hasattr(g, "dtype") else g
+            total = s if total is None else total + s
+        if total is None:
+            return True
+        if not hasattr(total, "dtype"):
+            return math.isfinite(total)
+        with LEDGER.allowed():
+            return bool(self.device.item(xp.astype(xp.isfinite(total), self.master_dtype),
+                                         what="mixed precision overflow check"))
+
+    # -- state, for checkpoints --------------------------------------------------------------
+    def state_dict(self) -> dict[str, float | int]:
+        """The loss scaler's numbers (the masters are the parameters' float32 values:
+        `master_weights()`)."""
+        return self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.scaler.load_state_dict(state)
+
+    def master_weights(self) -> dict[str, Any]:
+        """{parameter name: float32 host array} of the master weights."""
+        return {p.name or p.label: self.device.to_host(m, what="master weights")
+                for p, m in self.master.items()}
+
+
+def for_optimizer(params: Any, param_list: list[Any]) -> "MixedPrecision | None":
+    """The MixedPrecision of the Graph an optimizer was made for (its own, or the one its
+    parameters were last bound by), or None."""
+    amp = getattr(params, "amp", None)
+    if amp is None and param_list:
+        amp = getattr(getattr(param_list[0], "_owner", None), "amp", None)
+    return amp

@@ -1,0 +1,197 @@
+"""The metadata of a checkpoint: extra state packed into JSON and arrays, and every field
+checked for its type when a file is read, so that damaged metadata (a counter that is not an
+int, a list where a number belongs, an entry without its value) is one CheckpointError naming
+the file and the field, never a KeyError or TypeError from deep inside `load`."""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointError
+
+
+def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray], prefix: str,
+          path: str) -> dict[str, Any]:
+    """Scalars of `state` as {"kind", "value"} for the JSON; arrays go into `arrays`."""
+    packed: dict[str, Any] = {}
+    if state is None:
+        return packed
+    where = "state" if prefix == "state/" else "schedule state"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path!r}: {where} must be a dict {{str: value}}, got "
+                              f"{type(state).__name__}.\nhelp: pass a dict.")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint {path!r}: {where} key {key!r} is a "
+                                  f"{type(key).__name__}, not a str.\nhelp: use str keys.")
+        if isinstance(value, np.generic):
+            value = value.item()  # NumPy scalars come back as the matching Python scalar
+        if isinstance(value, bool):
+            packed[key] = {"kind": "bool", "value": value}
+        elif isinstance(value, numbers.Integral):
+            packed[key] = {"kind": "int", "value": int(value)}
+        elif isinstance(value, numbers.Real):
+            # repr round-trips every float; JSON's NaN/Infinity are read back by json.loads
+            packed[key] = {"kind": "float", "value": float(value)}
+        elif isinstance(value, str):
+            packed[key] = {"kind": "str", "value": value}
+        elif isinstance(value, (list, tuple)) and all(
+                isinstance(v, (bool, int, float)) for v in value):
+            packed[key] = {"kind": "list", "value": list(value)}
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "biuf":
+            packed[key] = {"kind": "array"}
+            arrays[prefix + key] = np.asarray(value, order="C")
+        elif isinstance(value, np.ndarray) and value.dtype.kind == "c":
+            packed[key] = {"kind": "complex", "dtype": value.dtype.name}
+            arrays[prefix + key] = np.asarray(value, order="C").view(value.real.dtype).reshape(
+                value.shape + (2,))
+        elif isinstance(value, np.ndarray) and value.dtype.kind in "US":
+            text = [s.decode("latin-1") if isinstance(s, bytes) else s
+                    for s in value.ravel().tolist()]
+            packed[key] = {"kind": "strings", "dtype": value.dtype.str,
+                           "shape": list(value.shape), "value": text}
+        else:
+            what = (f"a NumPy array of dtype {value.dtype}" if isinstance(value, np.ndarray)
+                    else f"a {type(value).__name__}")
+            raise CheckpointError(
+                f"checkpoint {path!r}: {where}[{key!r}] is {what}, which a checkpoint cannot "
+                "hold without pickling.\nhelp: store ints, floats, strs, bools, lists of "
+                "numbers or NumPy arrays of numbers or strings (flatten nested dicts into "
+                "several keys).")
+    return packed
+
+def bad_meta(path: str, problem: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path!r} has damaged metadata: {problem}.\n"
+                           "help: use an earlier checkpoint.")
+
+
+def check_meta(path: str, meta: dict[str, Any]) -> None:
+    """Every field the loader reads has the type it needs (damaged metadata is one error)."""
+    meta.setdefault("nodes", {})      # absent from format 1
+    meta.setdefault("schedule", None)
+    if meta["format_version"] >= 2:
+        for key, crc in _field(path, meta, "crc32", "dict").items():
+            _expect(path, crc, "size", f"crc32[{key!r}]")
+    _field(path, meta, "step", "int")
+    _field(path, meta, "epoch", "int")
+    _field(path, meta, "dtype", "str?")
+    names = set()
+    for i, p in enumerate(_field(path, meta, "parameters", "list")):
+        _expect(path, p, "dict", f"parameters[{i}]")
+        name = _field(path, p, "name", "str", f"parameters[{i}].")
+        for j, n in enumerate(_field(path, p, "shape", "list", f"parameters[{i}].")):
+            _expect(path, n, "size", f"parameters[{i}].shape[{j}]")
+        if name in names:
+            raise bad_meta(path, f"parameter {name!r} is listed twice")
+        names.add(name)
+    opt = _field(path, meta, "optimizer", "dict?")
+    if opt is not None:
+        _field(path, opt, "class", "str", "optimizer.")
+        _field(path, opt, "hyper", "dict", "optimizer.")
+        _field(path, opt, "t", "size", "optimizer.")
+        for name, bufs in _field(path, opt, "buffers", "dict", "optimizer.").items():
+            for j, b in enumerate(_expect(path, bufs, "list", f"optimizer.buffers[{name!r}]")):
+                _expect(path, b, "str", f"optimizer.buffers[{name!r}][{j}]")
+    for name, keys in _field(path, meta, "nodes", "dict").items():
+        for j, k in enumerate(_expect(path, keys, "list", f"nodes[{name!r}]")):
+            _expect(path, k, "str", f"nodes[{name!r}][{j}]")
+    sched = _field(path, meta, "schedule", "dict?")
+    if sched is not None:
+        _field(path, sched, "class", "str", "schedule.")
+        _check_packed(path, _field(path, sched, "state", "dict", "schedule."), "schedule.state")
+    _check_packed(path, _field(path, meta, "state", "dict"), "state")
+
+
+def _check_packed(path: str, packed: dict[str, Any], where: str) -> None:
+    """Each entry of packed state is {"kind", "value"} with a value of that kind."""
+    for key, entry in packed.items():
+        at = f"{where}[{key!r}]"
+        _expect(path, entry, "dict", at)
+        kind = _field(path, entry, "kind", "str", f"{at}.")
+        if kind in ("int", "float", "str", "bool"):
+            _field(path, entry, "value", kind, f"{at}.")
+        elif kind == "list":
+            for j, v in enumerate(_field(path, entry, "value", "list", f"{at}.")):
+                _expect(path, v, "scalar", f"{at}.value[{j}]")
+        elif kind == "complex":
+            if _field(path, entry, "dtype", "str", f"{at}.") not in ("complex64", "complex128"):
+                raise bad_meta(path, f"{at}.dtype is {entry['dtype']!r:.40}, not a complex dtype")
+        elif kind == "strings":
+            dtype = _field(path, entry, "dtype", "str", f"{at}.")
+            shape = _field(path, entry, "shape", "list", f"{at}.")
+            for j, n in enumerate(shape):
+                _expect(path, n, "size", f"{at}.shape[{j}]")
+            text = _field(path, entry, "value", "list", f"{at}.")
+            for j, s in enumerate(text):
+                _expect(path, s, "str", f"{at}.value[{j}]")
+            try:  # a forged dtype ('<U99999999999') must not allocate: bounded by the text
+                itemsize = np.dtype(dtype).itemsize if dtype[1:2] in ("U", "S") else -1
+            except (TypeError, ValueError, OverflowError):
+                itemsize = -1
+            longest = max((len(s) for s in text), default=0)
+            if (not 0 <= itemsize <= 4 * (longest + 64) or dtype[0] not in "<>|="
+                    or len(text) != math.prod(shape)):
+                raise bad_meta(path, f"{at} holds {len(text)} strings of dtype {dtype!r:.20} "
+                                f"for shape {tuple(shape)}")
+        elif kind != "array":
+            raise bad_meta(path, f"{at} has unknown kind {kind!r:.40}")
+
+
+_TYPES: dict[str, Any] = {"int": int, "size": int, "float": (int, float), "str": str,
+                          "bool": bool, "list": list, "dict": dict, "scalar": (int, float)}
+_WORDS = {"int": "an int", "size": "an int >= 0", "float": "a number", "str": "a str",
+          "bool": "true or false", "scalar": "a number or a bool", "list": "a list",
+          "dict": "a JSON object"}
+
+
+def _expect(path: str, value: Any, kind: str, what: str) -> Any:
+    """`value` if it is of `kind` ('int', 'size', 'float', 'str', 'bool', 'list', 'dict'; a
+    trailing '?' allows null); else the damaged-metadata error naming `what`."""
+    if kind.endswith("?"):
+        if value is None:
+            return value
+        kind = kind[:-1]
+    ok = isinstance(value, _TYPES[kind]) and (
+        kind in ("bool", "scalar") or not isinstance(value, bool))
+    if ok and kind == "size":
+        ok = value >= 0
+    if not ok:
+        shown = json.dumps(value) if isinstance(value, (list, dict, str)) else repr(value)
+        shown = shown if len(shown) <= 40 else shown[:37] + "..."
+        raise bad_meta(path, f"{what} is {shown} (a {type(value).__name__}), expected "
+                        f"{_WORDS[kind]}")
+    return value
+
+
+def _field(path: str, obj: dict[str, Any], key: str, kind: str, where: str = "") -> Any:
+    if key not in obj:
+        raise bad_meta(path, f"{where}{key} is missing")
+    return _expect(path, obj[key], kind, f"{where}{key}")
+
+
+def unpack(packed: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
+    """Packed state (checked by _check_meta and _check_contents) as Python values and arrays."""
+    out: dict[str, Any] = {}
+    for key, entry in packed.items():
+        kind = entry["kind"]
+        if kind == "array":
+            out[key] = arrays[prefix + key]
+        elif kind == "complex":
+            pairs = np.asarray(arrays[prefix + key], dtype=np.float64)
+            out[key] = (pairs[..., 0] + 1j * pairs[..., 1]).astype(entry["dtype"])
+        elif kind == "strings":
+            text = entry["value"]
+            if "S" in entry["dtype"]:
+                text = [s.encode("latin-1", "replace") for s in text]
+            out[key] = np.array(text, dtype=entry["dtype"]).reshape(entry["shape"])
+        elif kind == "list":
+            out[key] = list(entry["value"])
+        else:
+            out[key] = {"int": int, "float": float, "str": str, "bool": bool}[kind](
+                entry["value"])
+    return out

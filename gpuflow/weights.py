@@ -1,0 +1,192 @@
+"""Weights exchanged with other frameworks: plain safetensors files of named tensors.
+
+    export_weights(graph, "mlp.safetensors")           # PyTorch's names and layouts
+    model.load_state_dict(safetensors.torch.load_file("mlp.safetensors"))
+    safetensors.torch.save_file(model.state_dict(), "torch.safetensors")
+    load_weights(graph, "torch.safetensors")           # and the other way round
+
+How names map (layout="torch"): the graph's compute nodes (every node that is not an Input),
+in the graph's order, are numbered from 0 as the modules of an equal `torch.nn.Sequential`
+are: `gf.mlp(X, [64, 32, 10])` is Linear 0, ReLU 1, Linear 2, as `Sequential(Linear(64, 32),
+ReLU(), Linear(32, 10))`. A node's parameter in inbound slot 1 (Linear's and Conv2D's W, a
+norm's gamma) is `<index>.weight`, in slot 2 (b, beta) `<index>.bias`, in another slot
+`<index>.<its name>`; a node's state (BatchNorm's running statistics) is `<index>.<key>`
+(BatchNorm's num_batches_tracked, which gpuflow does not keep, is written as 0 and ignored).
+Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
+Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
+tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
+are called fc1, fc2. layout="gpuflow": gpuflow's own names, nothing transposed.
+
+A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters, by name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from . import checkpoint_io
+from .checkpoint_io import fspath
+from .errors import CheckpointError
+from .nodes import Input, Linear
+
+LAYOUTS = ("torch", "gpuflow")
+
+
+def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "torch", *,
+                   mapping: "dict[str, str] | None" = None) -> None:
+    """Write `graph`'s parameters and node state to the safetensors file `path` (atomically),
+    named and laid out for `layout` ('torch': an equal torch.nn.Sequential's state_dict;
+    'gpuflow': gpuflow's names). Raises CheckpointError for a path that cannot be written."""
+    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
+
+    path = fspath(path)
+    if path.lower().endswith(".npz"):
+        raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
+                              f"help: export to {path[:-4] + '.safetensors'!r}.")
+    from .checkpoint import _architecture, _host, _version
+
+    tensors = {}
+    for entry in _entries(graph, layout, mapping, path).values():
+        host = _host(graph, entry.get(), f"export of {entry.what}")
+        tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
+    if layout == "torch":
+        tensors.update(_torch_extras(graph))
+    metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
+                "gpuflow_version": _version(), "architecture": _architecture(graph)}
+    checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
+
+
+def load_weights(graph: Any, path: "str | os.PathLike[str]",
+                 mapping: "dict[str, str] | None" = None, *, layout: str = "torch",
+                 strict: bool = True) -> None:
+    """Load the parameters (and node state) of `graph` from the safetensors file `path`, e.g.
+    a PyTorch state_dict saved with `safetensors.torch.save_file`, onto the graph's device in
+    its dtype.
+
+    mapping: {gpuflow parameter name: the file's tensor name} for names the rule above does
+    not give. strict: every tensor of the file must be used (False ignores the others).
+    Raises CheckpointError, naming the file, listing the parameters the file lacks, the
+    tensors it has that nothing took and every shape that differs; nothing changes then.
+    """
+    path = fspath(path)
+    contents = checkpoint_io.read(path)
+    tensors = contents.arrays
+    if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters, by name
+        tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+        layout, strict = "gpuflow", False
+    entries = _entries(graph, layout, mapping, path)
+    problems, used = [], set()
+    for entry in entries.values():
+        host = tensors.get(entry.file_name)
+        if host is None:
+            problems.append(f"{entry.what} (shape {entry.shape}) has no tensor "
+                            f"{entry.file_name!r} in the file")
+            continue
+        used.add(entry.file_name)
+        shape = tuple(host.shape)[::-1] if entry.transpose else tuple(host.shape)
+        if shape != entry.shape:
+            problems.append(f"{entry.what}: expected shape {entry.shape} (this model), actual "
+                            f"{shape} (tensor {entry.file_name!r}"
+                            f"{', transposed' if entry.transpose else ''})")
+        elif host.dtype.kind not in ("f" if entry.param else "biuf"):
+            problems.append(f"tensor {entry.file_name!r} has dtype {host.dtype}, not a "
+                            "floating-point type")
+    if layout == "torch":  # buffers PyTorch keeps that gpuflow has no use for
+        used.update(_torch_extras(graph))
+    unused = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()) if k not in used]
+    if unused and strict:
+        problems.append(f"tensors in the file that nothing took: {', '.join(unused[:8])}"
+                        f"{', ...' if len(unused) > 8 else ''}")
+    if problems:
+        raise CheckpointError(
+            f"weights {path!r} do not match this model ({layout} names):\n  " +
+            "\n  ".join(problems) + "\nhelp: pass mapping={gpuflow name: tensor name} for "
+            "the names that differ (gpuflow names: " + ", ".join(list(entries)[:6]) +
+            (", ..." if len(entries) > 6 else "") + "), or strict=False to leave tensors out.")
+    new = {key: entry.put(tensors[entry.file_name]) for key, entry in entries.items()}
+    for key, entry in entries.items():  # everything is on the device: now assign
+        entry.set(new[key])
+    for node, names in _node_states(entries).items():
+        node.load_state_dict({k: new[key] for k, key in names.items()})
+
+
+class _Entry:
+    """One tensor of the exchange: a parameter's value or one key of a node's state."""
+
+    def __init__(self, graph: Any, file_name: str, what: str, *, param: Any = None,
+                 node: Any = None, key: str = "", value: Any = None,
+                 transpose: bool = False) -> None:
+        self.graph, self.file_name, self.what = graph, file_name, what
+        self.param, self.node, self.key, self.transpose = param, node, key, transpose
+        current = param.value if param is not None else value
+        self.current = current
+        self.shape = tuple(np.shape(current))
+
+    def get(self) -> Any:
+        return self.current
+
+    def put(self, host: np.ndarray) -> Any:
+        host = np.asarray(host.T, order="C") if self.transpose else host
+        if self.param is None:  # a node's state entry: as the node keeps it
+            from .checkpoint import like
+            return like(self.graph.device, host, self.current, f"weights for {self.what}")
+        dtype = self.graph.dtype if self.graph.dtype is not None else self.current.dtype
+        return self.graph.device.put(host, dtype, what=f"weights for {self.what}")
+
+    def set(self, value: Any) -> None:
+        if self.param is not None:
+            self.param.value = value
+
+
+def _torch_extras(graph: Any) -> dict[str, np.ndarray]:
+    """Tensors of an equal torch module that gpuflow does not keep: BatchNorm's
+    num_batches_tracked (PyTorch uses it only with momentum=None), written as 0 so that
+    torch's strict load_state_dict finds it, and ignored when loading."""
+    compute = [n for n in graph.nodes if not isinstance(n, Input)]
+    return {f"{i}.num_batches_tracked": np.zeros((), np.int64)
+            for i, n in enumerate(compute) if type(n).__name__ == "BatchNorm"}
+
+
+def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:
+    out: dict[Any, dict[str, str]] = {}
+    for key, entry in entries.items():
+        if entry.node is not None:
+            out.setdefault(entry.node, {})[entry.key] = key
+    return out
+
+
+def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
+             path: str) -> dict[str, _Entry]:
+    """{gpuflow name: _Entry} for every parameter and node state key of `graph`."""
+    from .checkpoint import stateful_nodes
+
+    if layout not in LAYOUTS:
+        raise CheckpointError(f"weights {path!r}: layout={layout!r}; expected one of "
+                              f"{LAYOUTS}.\nhelp: layout='torch' for PyTorch's names.")
+    mapping = dict(mapping or {})
+    torch = layout == "torch"
+    index = {n: i for i, n in enumerate(n for n in graph.nodes if not isinstance(n, Input))}
+    entries: dict[str, _Entry] = {}
+    for name, p in graph.named_parameters().items():
+        consumer, slot = next(((n, n.inbound_nodes.index(p)) for n in graph.nodes
+                               if n in index and p in n.inbound_nodes), (None, 0))
+        transpose = torch and isinstance(consumer, Linear) and slot == 1 and np.ndim(p.value) == 2
+        role = {1: "weight", 2: "bias"}.get(slot, name)
+        file_name = f"{index[consumer]}.{role}" if torch and consumer is not None else name
+        entries[name] = _Entry(graph, mapping.pop(name, file_name), f"parameter {name!r}",
+                               param=p, transpose=transpose)
+    for node_name, (node, state) in stateful_nodes(graph, path).items():
+        for key, value in state.items():
+            gf_name = f"{node_name}/{key}"
+            file_name = f"{index[node]}.{key}" if torch and node in index else gf_name
+            entries[gf_name] = _Entry(graph, mapping.pop(gf_name, file_name),
+                                      f"state {key!r} of {node.label}", node=node, key=key,
+                                      value=value)
+    if mapping:
+        raise CheckpointError(f"weights {path!r}: mapping names {sorted(mapping)}, which this "
+                              f"model does not have.\nhelp: map gpuflow names "
+                              f"({', '.join(list(entries)[:6])}, ...) to the file's names.")
+    return entries

@@ -1,0 +1,241 @@
+"""Mixed precision (Graph(dtype='float16' | 'bfloat16')): float32 master weights and optimizer
+state, dynamic loss scaling (skip and back off on overflow, grow after good steps), a static
+scale, no NaN through 500 Adam steps on the digits, accuracy within a point of float32."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from conftest import host
+from gpuflow.data import Batches, load_digits
+from gpuflow.optim import SGD, Adam, clip_grad_norm
+
+# float16 overflows on purpose here; NumPy warns about it (torch does not)
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+
+def _split():
+    """X_train, y_train, X_test, y_test: a fixed 80/20 split of the digits."""
+    X, y = load_digits()
+    order = np.random.default_rng(0).permutation(len(X))
+    cut = int(0.8 * len(X))
+    return X[order[:cut]], y[order[:cut]], X[order[cut:]], y[order[cut:]]
+
+
+SPLIT = _split()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch's float16/bfloat16 matmuls on the CPU run ~15x slower with two threads than with
+    one on a loaded 2-core machine (threads spinning): these tests use one, then restore."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _classifier(device, dtype, hidden=24, **options):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [64, hidden, 10], activation="relu", seed=0)
+    loss = gf.SoftmaxCrossEntropy(y, logits, name="loss")
+    try:
+        graph = gf.Graph(loss, device=device, dtype=dtype, inputs=[X, y], outputs=[logits],
+                         **options)
+    except gf.GraphError as exc:
+        if "has no float16" in str(exc):
+            pytest.skip(f"{device.name}: {str(exc).splitlines()[0]}")
+        raise
+    return graph, logits
+
+
+def _train(graph, logits, steps, lr=3e-3):
+    X_train, y_train, X_test, y_test = SPLIT
+    opt = Adam(graph, lr=lr)
+    losses = []
+    epoch = 0
+    while len(losses) < steps:
+        for xb, yb in Batches(X_train, y_train, 32, seed=epoch):
+            losses.append(graph.step(xb, yb))
+            opt.step()
+            if len(losses) == steps:
+                break
+        epoch += 1
+    losses = [graph.item(v) for v in losses]  # read once at the end: no sync per step
+    scores = host(graph.device, graph.run(logits, X_test)).astype(np.float64)
+    accuracy = float((scores.argmax(axis=1) == y_test).mean())
+    return opt, losses, accuracy
+
+
+def test_500_adam_steps_in_float16_stay_finite_with_float32_masters_and_accuracy(
+        device, one_torch_thread):
+    graph, logits = _classifier(device, "float16")
+    assert graph.amp is not None and graph.dtype == device.dtype("float16")
+    opt, losses, accuracy = _train(graph, logits, 500)
+    assert np.isfinite(losses).all(), "a float16 loss was NaN or Inf"
+    assert np.mean(losses[-50:]) < 0.5 * np.mean(losses[:10]), losses[::50]
+    for p in graph.parameters:
+        assert p.value.dtype == graph.dtype, f"{p.label} left float16"
+        master = graph.amp.master[p]
+        assert master.dtype == device.dtype("float32"), f"{p.label}'s master is not float32"
+        assert device.owns(master)
+        np.testing.assert_array_equal(  # the parameter is its master, rounded
+            host(device, p.value), host(device, master).astype(np.float16))
+        for name, buf in opt.state[p].items():
+            assert buf.dtype == device.dtype("float32"), f"Adam's {name} for {p.label}"
+    reference, ref_logits = _classifier(device, "float32")
+    _, _, accuracy32 = _train(reference, ref_logits, 500)
+    assert abs(accuracy - accuracy32) <= 0.01, (accuracy, accuracy32)
+    assert accuracy > 0.9
+
+
+def _snapshot(graph, opt):
+    device = graph.device
+    return ([host(device, p.value).copy() for p in graph.parameters]
+            + [host(device, graph.amp.master[p]).copy() for p in graph.parameters]
+            + [host(device, b).copy() for p in graph.parameters for b in opt.state[p].values()]
+            + [opt.t])
+
+
+def test_overflow_skips_the_step_changes_nothing_backs_off_and_grows_back(device):
+    graph, _ = _classifier(device, "float16")
+    graph.amp.scaler.growth_interval = 3
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = Adam(graph, lr=1e-2)
+    for _ in range(2):
+        graph.step(xb, yb)
+        opt.step()
+    scale = graph.amp.scaler.scale
+    before = _snapshot(graph, opt)
+    graph.amp.scaler.scale = 2.0 ** 40  # the scaled backward overflows float16 (max 65504)
+    graph.step(xb, yb)
+    assert not all(np.isfinite(host(device, p.gradients[p])).all() for p in graph.parameters)
+    opt.step()
+    after = _snapshot(graph, opt)
+    assert len(after) == len(before)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)  # parameters, masters, Adam's m and v, t
+    assert graph.amp.scaler.scale == 2.0 ** 39 and graph.amp.scaler.skipped == 1
+    graph.amp.scaler.scale = scale
+    for i in range(3):
+        graph.step(xb, yb)
+        opt.step()
+        assert opt.t == 3 + i
+    assert graph.amp.scaler.scale == 2 * scale, "the scale did not grow after 3 good steps"
+    assert not np.array_equal(host(device, graph.parameters[0].value), before[0])
+
+
+def test_a_static_scale_stays_and_an_overflow_raises_changing_nothing(device):
+    graph, _ = _classifier(device, "float16", loss_scale=1024)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = SGD(graph, lr=0.1, momentum=0.9)
+    for _ in range(3):
+        graph.step(xb, yb)
+        opt.step()
+    assert graph.amp.scaler.scale == 1024 and not graph.amp.scaler.dynamic
+    before = _snapshot(graph, opt)
+    graph.amp.scaler.scale = 2.0 ** 40
+    graph.step(xb, yb)
+    with pytest.raises(gf.GraphError, match="static loss scale 1.09951e\\+12.*no parameter"):
+        opt.step()
+    for a, b in zip(before, _snapshot(graph, opt)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gradients_that_stay_infinite_raise_instead_of_skipping_forever():
+    graph, _ = _classifier(gf.get_device("cpu"), "float16")
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = Adam(graph, lr=1e-2)
+    graph.amp.scaler.scale = 2.0 ** -23
+    W = graph.parameters[0]
+    with pytest.raises(gf.GraphError, match="not finite even with the loss scale"):
+        for _ in range(3):
+            graph.step(xb, yb)
+            W.gradients[W] = W.gradients[W] * np.float32(np.inf)  # a diverged step
+            opt.step()
+
+
+def test_gradients_are_unscaled_float32_so_clipping_sees_true_norms(device):
+    xb, yb = SPLIT[0][:64], SPLIT[1][:64]
+    grads, norms = {}, {}
+    for dtype in ("float32", "float16"):
+        graph, _ = _classifier(device, dtype)
+        graph.step(xb, yb)
+        grads[dtype] = [host(device, p.gradients[p]) for p in graph.parameters]
+        norms[dtype] = graph.item(clip_grad_norm(graph, 1e6))
+    for g16, g32 in zip(grads["float16"], grads["float32"]):
+        assert g16.dtype == np.float32
+        np.testing.assert_allclose(g16, g32, rtol=0.05, atol=2e-3)
+    assert norms["float16"] == pytest.approx(norms["float32"], rel=1e-2)
+
+
+def test_check_finite_leaves_overflowing_gradients_to_the_scaler(device):
+    graph, _ = _classifier(device, "float16", check_finite=True)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = Adam(graph, lr=1e-2)
+    graph.amp.scaler.scale = 2.0 ** 40
+    graph.step(xb, yb)  # values are finite; the scaled gradients overflowed: no error
+    opt.step()
+    assert graph.amp.scaler.skipped == 1
+
+
+def test_a_value_set_from_outside_becomes_the_new_master(device):
+    graph, _ = _classifier(device, "float16")
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = SGD(graph, lr=0.5)
+    graph.step(xb, yb)
+    opt.step()
+    W = graph.parameters[0]
+    W.value = np.zeros(W.value.shape)  # e.g. a checkpoint load
+    graph.step(xb, yb)
+    grad = host(device, W.gradients[W]).copy()
+    opt.step()
+    np.testing.assert_allclose(host(device, graph.amp.master[W]), -0.5 * grad, rtol=1e-6)
+
+
+def test_bfloat16_on_torch_and_a_clear_error_without_it(one_torch_thread):
+    with pytest.raises(gf.GraphError,
+                       match="(?s)numpy has no bfloat16.*help: use device='torch:cpu'"):
+        _classifier(gf.get_device("cpu"), "bfloat16")
+    pytest.importorskip("torch")
+    graph, logits = _classifier(gf.get_device("torch:cpu"), "bfloat16")
+    opt, losses, accuracy = _train(graph, logits, 200)
+    assert np.isfinite(losses).all() and accuracy > 0.85, (losses[-5:], accuracy)
+    assert graph.amp.master[graph.parameters[0]].dtype == graph.device.dtype("float32")
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(dtype="float32", loss_scale=128), "loss_scale=128.* needs dtype='float16'"),
+    (dict(dtype="float16", loss_scale=0), "expected 'dynamic' or a finite number > 0"),
+    (dict(dtype="float16", loss_scale="auto"), "expected 'dynamic' or a finite number"),
+])
+def test_bad_loss_scales_are_refused(options, message):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = gf.mlp(X, [4, 3], seed=0)
+    with pytest.raises(gf.GraphError, match=message) as info:
+        gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", **options)
+    assert "help:" in str(info.value)
+
+
+def test_optimizer_state_round_trips_in_float32(device):
+    graph, _ = _classifier(device, "float16")
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = Adam(graph, lr=1e-2)
+    for _ in range(2):
+        graph.step(xb, yb)
+        opt.step()
+    state = opt.state_dict()
+    again = Adam(graph, lr=1e-2)
+    again.load_state_dict(state)
+    for p in graph.parameters:
+        for name, buf in again.state[p].items():
+            assert buf.dtype == device.dtype("float32"), name
+            np.testing.assert_array_equal(host(device, buf), state[f"{p.name}/{name}"])
