@@ -22,15 +22,26 @@ def _check_vector(node: Node, which: Node, size: int, what: str) -> None:
                          f"{what} must be ({size},).\nhelp: check the size of {which.label}.")
 
 
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, step), well mixed in every bit (SplitMix64's
+    finaliser): torch's CPU generator keeps only a seed's low 32 bits."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
 class Dropout(Node):
     """Inverted dropout: in training, each entry is zeroed with probability p and the others
     scaled by 1 / (1 - p); in evaluation, the identity.
 
-    The masks are drawn on the graph's device (`device.rng(seed)`, no host round trip), one
-    stream per node: the same seed gives the same masks, step after step, on the same device.
-    Across devices the masks are the same on 'cpu' and the array_api_strict devices (NumPy's
-    generator) and differ between libraries (torch, CuPy, CPU or GPU each have their own
-    stream); the keep rate and the scaling hold everywhere.
+    The masks are drawn on the graph's device, with no host round trip: the k-th training
+    step's mask from `device.rng(s)`, s a hash of (seed, k). So the same seed gives the same masks,
+    step after step, on the same device, and `state_dict()` ({'steps': k}, saved by
+    checkpoints) resumes the sequence exactly. Across devices the masks are the same on 'cpu'
+    and the array_api_strict devices (NumPy's generator) and differ between libraries (torch,
+    CuPy, CPU or GPU each have their own generator); the keep rate and the scaling hold
+    everywhere.
     """
 
     def __init__(self, x: Node, p: float = 0.5, *, seed: int = 0, name: str | None = None):
@@ -40,9 +51,8 @@ class Dropout(Node):
                              "of zeroing an entry).\nhelp: pass e.g. p=0.5.")
         self.p = float(p)
         self.seed = int(seed)
-        self._rng: Any = None
-        self._rng_device: Any = None  # the device `_rng` draws on
-        self.mask: Any = None         # this step's mask, scaled (None: the identity)
+        self.steps = 0        # masks drawn so far
+        self.mask: Any = None  # this step's mask, scaled (None: the identity)
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
@@ -50,10 +60,10 @@ class Dropout(Node):
             self.mask = None
             self.value = x
             return
-        if self._rng_device is not self.device:
-            self._rng, self._rng_device = self.device.rng(self.seed), self.device
+        rng = self.device.rng(_mix(self.seed, self.steps))
+        self.steps += 1
         ops, buffers = self.ops, self.buffers
-        u = self._rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])
+        u = rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])
         mask = ops.greater(u, self.p, x.dtype, out=u)      # kept with probability 1 - p
         self.mask = ops.multiply(mask, 1.0 / (1.0 - self.p), out=mask)
         self.value = ops.multiply(x, self.mask, out=buffers["value", x.shape, x.dtype])
@@ -65,6 +75,17 @@ class Dropout(Node):
         else:
             grad = self.ops.multiply(G, self.mask, out=self.buffers["grad", G.shape, G.dtype])
         self.gradients[self.inbound_nodes[0]] = grad
+
+    def state_dict(self) -> dict[str, int]:
+        """{'steps': masks drawn so far}: where the mask sequence resumes."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the mask sequence from `state_dict()`'s form."""
+        if set(state) != {"steps"} or int(state["steps"]) < 0:
+            raise GraphError(f"{self.label}: state {state!r} does not match; expected "
+                             "{'steps': n >= 0}.\nhelp: load the state saved from a Dropout.")
+        self.steps = int(state["steps"])
 
 
 class BatchNorm(Node):
