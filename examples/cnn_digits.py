@@ -11,6 +11,7 @@ mode (dropout on); `graph.run` evaluates in evaluation mode (dropout off).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import gpuflow as gf
@@ -49,7 +50,7 @@ def main() -> None:
                      outputs=[logits])
     optimizer = Adam(graph, lr=args.lr)
     print(f"device {graph.device.name}: {graph.device.describe()}; "
-          f"{sum(p.value.size for p in graph.parameters)} parameters")
+          f"{sum(math.prod(p.value.shape) for p in graph.parameters)} parameters")
 
     # 3. The held-out set lives on the device; accuracy is counted there, read as one number.
     xp = graph.device.xp

@@ -61,8 +61,10 @@ def test_digits_classifier(device):
     assert "epoch   2" in proc.stdout and "final test accuracy" in proc.stdout
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + ["torch:cpu"])
 def test_cnn_digits(device):
+    if device.startswith("torch"):
+        pytest.importorskip("torch")
     proc = run_example("cnn_digits.py", "--device", device, "--epochs", "1")
     assert proc.returncode == 0, proc.stderr
     assert f"device {device}" in proc.stdout

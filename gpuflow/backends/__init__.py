@@ -198,18 +198,9 @@ class UfuncOps(Ops):
 
     def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
         """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
-        return _col2im_in_place(parts, kw, sh, sw, out)
+        from .windows import col2im_in_place
+        return col2im_in_place(parts, kw, sh, sw, out)
 
-
-def _col2im_in_place(parts: list, kw: int, sh: int, sw: int, out: Any) -> Any:
-    """out = 0, then parts[i * kw + j] (N, C, Ho, Wo) added into out's strided slice of offset
-    (i, j): for libraries whose arrays take slice assignment (NumPy, CuPy, torch)."""
-    out[...] = 0
-    ho, wo = parts[0].shape[2:]
-    for k, part in enumerate(parts):
-        i, j = divmod(k, kw)
-        out[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw] += part
-    return out
 
 
 class Device:

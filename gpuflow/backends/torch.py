@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, Ops, _col2im_in_place, missing_library
+from . import Device, Ops, missing_library
+from .windows import col2im_in_place
 
 EXAMPLE_SPECS = ("torch:cpu",)
 import_problem = missing_library("torch")
@@ -70,7 +71,7 @@ class TorchOps(Ops):
 
     def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
         """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
-        return _col2im_in_place(parts, kw, sh, sw, out)
+        return col2im_in_place(parts, kw, sh, sw, out)
 
 
 class TorchDevice(Device):
