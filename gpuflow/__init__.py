@@ -26,9 +26,9 @@ __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",
     "topological_sort", "forward_pass", "forward_and_backward", "sgd_update",
     "get_device", "available_devices", "Device", "DeviceError", "GraphError",
-    "Graph", "Parameter", "dense", "mlp", "gradient_check", "to_numpy",
+    "Graph", "Parameter", "dense", "mlp", "gradient_check",
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
-    "Softmax", "Add", "conv2d", "batchnorm", "layernorm",
+    "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

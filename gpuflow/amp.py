@@ -167,6 +167,12 @@ class MixedPrecision:
             self._written[p] = value
         return self.master[p]
 
+    def set_master(self, p: Any, master: Any) -> None:
+        """Take `master` (float32, on the device) as p's master value, p.value being its
+        rounding: a checkpoint load restores the masters instead of remaking them."""
+        self.master[p] = master
+        self._written[p] = p.value
+
     def optimizer_step(self, optimizer: Any) -> bool:
         """Check the gradients; update the masters through `optimizer.update` and round them
         into the parameters, or skip the step (overflow). Returns whether it stepped."""

@@ -11,8 +11,12 @@ here once (node docstrings point here):
   were), for integer or boolean results (an op may promote them), on a device that cannot write
   into arrays or a graph built with `reuse_buffers=False` (`NO_BUFFERS`), and for shapes first
   met while the graph runs forward only (`forward_only`: an evaluation batch of another size is
-  not kept for good). Node code always uses what the op returns, and reassigns rather than
-  updates in place: some libraries (JAX) have immutable arrays.
+  not kept for good).
+- **Immutable arrays.** Node and optimizer code always uses what an op returns: `x = op(...,
+  out=buffer)`, or `x op= y`, which rebinds `x` to the result (in place where arrays are
+  mutable; a new array where they are not: JAX arrays have no in-place operators). An array
+  kept by reference (optimizer state, a dead end's zero gradient) is assigned back after
+  each update, and nothing writes with `x[...] = v`.
 - **Alias.** What a node writes into its buffers is overwritten at its next step, as PyTorch's
   `.grad` is. Every kept buffer is listed in one table (`_KEPT`) by its device's memory key
   (`Device.memory_keys`), so that an array sharing memory with one (the buffer itself, a view,
@@ -25,8 +29,9 @@ here once (node docstrings point here):
   once: training updates parameters in place where the device allows it, and the caller's
   array must not change with them (it would on the CPU only, where no transfer copies it).
 
-Process-wide state. Everything else lives on graphs, plans, nodes and optimizers; these stay
-global because what they track crosses graphs:
+Process-wide state: gpuflow's whole list. Everything else lives on a graph's `Plan` (its
+order, whether it is running forward only, whether another graph took its nodes), on nodes
+and on optimizers. These six stay global because what they track crosses graphs:
 
 - `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
   another (a loss, an output fed to a second graph), so the check must see all graphs' buffers.
@@ -35,12 +40,18 @@ global because what they track crosses graphs:
   reads one count for the process.
 - `gpuflow.backends._CACHE`: one `Device` object per device ("cuda" and "cuda:0" are the
   same object), since a node's device is compared by identity when graphs share nodes.
+- `gpuflow.nodes.Node._ids`: the creation counter behind node labels ("Linear #3") and the
+  order of a Graph's default inputs and parameters; unique across graphs by design.
+- `gpuflow.graph._MODE_SETS`: counts training/evaluation mode changes, so that a graph sets
+  `node.training` on its nodes only when another graph over shared nodes changed it since.
+- `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
+  and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
 """
 
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import Any, Iterable
 
 from .backends.numpy import host_copy
 
@@ -96,7 +107,6 @@ class Buffers(dict):
     """
 
     shapes_kept = 3
-    keeping = True  # False while running forward only (see forward_only)
 
     def __init__(self, node: Any, device: Any) -> None:
         super().__init__()
@@ -109,7 +119,8 @@ class Buffers(dict):
         if not shape or not device.is_floating(dtype):
             return None
         array = device.new_buffer(tuple(shape), dtype)
-        if not Buffers.keeping:
+        plan = self._node()._plan  # the graph plan that bound the node (graph.Plan)
+        if plan is not None and not plan.keeping:
             return array  # used once, not kept
         same = [k for k in self if k[0] == name]
         for old in same[:max(0, len(same) - self.shapes_kept + 1)]:
@@ -131,11 +142,18 @@ NO_BUFFERS = _NoBuffers()
 
 
 class forward_only:
-    """While running forward only (`forward_pass`, `Graph.run`), buffers of shapes not seen
-    before are not kept: a large evaluation batch does not hold its memory for good."""
+    """`with forward_only(plans):` while these graph plans run forward only (`forward_pass`,
+    `Graph.run`), their nodes' buffers of shapes not seen before are not kept: a large
+    evaluation batch does not hold its memory for good. Other graphs are not affected."""
+
+    def __init__(self, plans: Iterable[Any]) -> None:
+        self.plans = [plan for plan in plans if plan is not None]
 
     def __enter__(self) -> None:
-        self.keeping, Buffers.keeping = Buffers.keeping, False
+        self.keeping = [plan.keeping for plan in self.plans]
+        for plan in self.plans:
+            plan.keeping = False
 
     def __exit__(self, *exc: object) -> None:
-        Buffers.keeping = self.keeping
+        for plan, keeping in zip(self.plans, self.keeping):
+            plan.keeping = keeping

@@ -8,7 +8,8 @@ The file is safetensors (github.com/huggingface/safetensors): an 8-byte length, 
 raw little-endian buffers; `safetensors.numpy.load_file` or `safetensors.torch.load_file` open
 it. Its tensors:
 
-    param/<name>            one per parameter, on the host, in the graph's dtype
+    param/<name>            one per parameter, on the host, in the graph's dtype (a mixed-
+                            precision graph's float32 master weights)
     optim/<name>/<buffer>   optimizer buffers (SGD 'momentum', Adam 'm' and 'v')
     node/<node>/<key>       the state of every node with `state_dict()` (BatchNorm's statistics)
     schedule/<key>          array entries of a schedule's state (its numbers are metadata)
@@ -18,7 +19,7 @@ Its string metadata: "format" ("gpuflow-checkpoint"), "format_version" ("2"),
 "gpuflow_version", "architecture" (JSON: the graph's nodes in order, each {"name", "type",
 "inputs"}) and "gpuflow" (JSON: dtype, device, parameter names and shapes, optimizer class,
 hyper-parameters, step count and buffer names, node state keys, schedule class and numbers,
-step, epoch, scalar extra state).
+a mixed-precision graph's loss scale, step, epoch, scalar extra state, CRC-32s).
 
 `save` writes this format whatever the file is called, but refuses a name ending in `.npz`,
 the old format (a zip of `.npy` members), which `load` still reads (checkpoint_npz.py); `load`
@@ -78,8 +79,10 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     epoch = _check_int(epoch, "epoch", path)
     arrays: dict[str, np.ndarray] = {}
     params = graph.named_parameters()
+    amp = getattr(graph, "amp", None)  # mixed precision: the float32 masters are the weights
     for name, p in params.items():
-        arrays[f"param/{name}"] = _host(graph, p.value, f"checkpoint of {p.label}")
+        value = amp.master_of(p) if amp is not None else p.value
+        arrays[f"param/{name}"] = _host(graph, value, f"checkpoint of {p.label}")
     meta: dict[str, Any] = {
         "format": _FORMAT_NAME,
         "format_version": CHECKPOINT_FORMAT,
@@ -90,6 +93,8 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
         "parameters": [{"name": name, "shape": list(arrays[f"param/{name}"].shape),
                         "dtype": str(arrays[f"param/{name}"].dtype)} for name in params],
         "optimizer": None if optimizer is None else _optimizer_meta(optimizer, arrays),
+        "amp": None if amp is None else {
+            "dtype": amp.name, "scaler": pack(amp.scaler.state_dict(), arrays, "amp/", path)},
         "nodes": {},
         "schedule": None,
         "step": step,
@@ -239,11 +244,15 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     # optimizer (which assigns only once all its buffers are on the device), the nodes' and
     # the schedule's state, then the parameters.
     put = graph.device.put
-    new_values = {}
+    amp = getattr(graph, "amp", None)
+    new_values, masters = {}, {}
     for name, p in params.items():
         dtype = graph.dtype if graph.dtype is not None else p.value.dtype
         new_values[name] = put(arrays[f"param/{name}"], dtype,
                                what=f"checkpoint value of {p.label}")
+        if amp is not None:  # the saved (float32 or wider) values are the masters
+            masters[name] = put(arrays[f"param/{name}"], amp.master_dtype,
+                                what=f"checkpoint master of {p.label}")
     new_states = {}
     for name, (node, current) in nodes.items():
         new_states[name] = {key: like(graph.device, arrays[f"node/{name}/{key}"], old,
@@ -257,6 +266,10 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
         schedule.load_state_dict(sched_state)
     for name, p in params.items():
         p.value = new_values[name]
+        if amp is not None:
+            amp.set_master(p, masters[name])
+    if amp is not None and meta["amp"] is not None:
+        amp.scaler.load_state_dict(unpack(meta["amp"]["scaler"], arrays, "amp/"))
     meta["architecture"] = contents.metadata.get("architecture")
     return {"step": meta["step"], "epoch": meta["epoch"], "state": state, "meta": meta}
 

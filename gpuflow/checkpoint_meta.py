@@ -74,6 +74,7 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     """Every field the loader reads has the type it needs (damaged metadata is one error)."""
     meta.setdefault("nodes", {})      # absent from format 1
     meta.setdefault("schedule", None)
+    meta.setdefault("amp", None)      # absent before mixed precision
     if meta["format_version"] >= 2:
         for key, crc in _field(path, meta, "crc32", "dict").items():
             _expect(path, crc, "size", f"crc32[{key!r}]")
@@ -104,11 +105,24 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     if sched is not None:
         _field(path, sched, "class", "str", "schedule.")
         _check_packed(path, _field(path, sched, "state", "dict", "schedule."), "schedule.state")
+    amp = _field(path, meta, "amp", "dict?")
+    if amp is not None:
+        _field(path, amp, "dtype", "str", "amp.")
+        scaler = _check_packed(path, _field(path, amp, "scaler", "dict", "amp."), "amp.scaler")
+        for key in ("scale", "good_steps", "skipped"):
+            entry = scaler.get(key, {})
+            value = entry.get("value")
+            ok = entry.get("kind") in ("int", "float") and math.isfinite(value) and (
+                value > 0 if key == "scale" else value >= 0)
+            if not ok:
+                raise bad_meta(path, f"amp.scaler[{key!r}] is {value!r:.40}, expected a "
+                               "finite number > 0 (scale) or an int >= 0")
     _check_packed(path, _field(path, meta, "state", "dict"), "state")
 
 
-def _check_packed(path: str, packed: dict[str, Any], where: str) -> None:
-    """Each entry of packed state is {"kind", "value"} with a value of that kind."""
+def _check_packed(path: str, packed: dict[str, Any], where: str) -> dict[str, Any]:
+    """Each entry of packed state is {"kind", "value"} with a value of that kind; returns
+    `packed`."""
     for key, entry in packed.items():
         at = f"{where}[{key!r}]"
         _expect(path, entry, "dict", at)
@@ -140,7 +154,7 @@ def _check_packed(path: str, packed: dict[str, Any], where: str) -> None:
                                 f"for shape {tuple(shape)}")
         elif kind != "array":
             raise bad_meta(path, f"{at} has unknown kind {kind!r:.40}")
-
+    return packed
 
 _TYPES: dict[str, Any] = {"int": int, "size": int, "float": (int, float), "str": str,
                           "bool": bool, "list": list, "dict": dict, "scalar": (int, float)}

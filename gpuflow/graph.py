@@ -30,6 +30,7 @@ class Plan:
     (with `loss=None`, MiniFlow's way, every node; with a loss, those between it and `wanted`).
     A node belongs to one plan at a time (`node._plan`): a plan that binds nodes of another
     marks that one `stale`, and `ensure` binds and plans it again before it next runs.
+    `keeping` is False while the graph runs forward only (see buffers.forward_only).
     """
 
     def __init__(self, nodes: Sequence[Node], device: Device, dtype: Any, *,
@@ -44,6 +45,7 @@ class Plan:
         self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
         self.backward: list[Node] = []
         self.stale = True  # nothing bound yet
+        self.keeping = True
 
     def build(self, feed_dict: dict | None = None, require_values: bool = False,
               fresh: bool = True) -> "Plan":
@@ -335,7 +337,8 @@ def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
     `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
     set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
              else None)
-    with _scope(sorted_nodes), forward_only():
+    plans = dict.fromkeys(node._plan for node in sorted_nodes)
+    with _scope(sorted_nodes), forward_only(plans):
         run_forward(sorted_nodes)
     return copy_if_kept(output_node.value, output_node.device)
 
@@ -488,9 +491,10 @@ class Graph:
         `training=False`); return the loss (a device scalar).
 
         batches: one array per data Input, in the order of `self.inputs`, or one dict
-        {Input: array}: a key that is not an Input of this graph is a GraphError; an Input
-        left out keeps its last value (as MiniFlow's `.value` does; a GraphError if it never
-        had one). Gradients land in `parameter.gradients[parameter]`.
+        {Input: array} with every one of them (a key that is not an Input of this graph, or
+        an Input left out, is a GraphError: no step silently reuses an earlier batch; Inputs
+        outside `self.inputs` keep what `.value` set). Gradients land in
+        `parameter.gradients[parameter]`.
         """
         if self._fastest:
             candidates, self._fastest = self._fastest, None
@@ -573,7 +577,7 @@ class Graph:
         mode unless `training` (Dropout off, BatchNorm's running statistics); its value.
 
         batches: one array per data Input that `output` depends on, in `self.inputs` order,
-        or one dict {Input: array} (Inputs left out keep their last value, as in `step`).
+        or one dict {Input: array} with every one of them.
         """
         output = self.loss if output is None else output
         if output not in self._run_orders:
@@ -588,7 +592,7 @@ class Graph:
         set_mode(self.nodes, training, self)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
-        with self.device.scope(), forward_only():
+        with self.device.scope(), forward_only((self.plan,)):
             run_forward(compute)
             return copy_if_kept(output.value, self.device)
 
@@ -610,10 +614,9 @@ class Graph:
             return self.device.item(value, what="loss read")
 
     def _feed(self, batches: tuple, inputs: Sequence[Input]) -> None:
-        """Set the Inputs' values, positionally (one per `inputs`) or from a dict. A dict key
-        that is not an Input of this graph is a GraphError, and nothing is fed. An Input left
-        out of a dict keeps its last value, as a MiniFlow Input keeps what `.value` set (a
-        GraphError if it never had one)."""
+        """Set the Inputs' values: every one of `inputs` is fed at every step (positionally, or
+        as a dict key); a dict key that is not an Input of this graph, or a dict without
+        one of `inputs`, is a GraphError, and nothing is fed."""
         if len(batches) == 1 and isinstance(batches[0], dict):
             pairs: Iterable = batches[0].items()
             for n in batches[0]:
@@ -625,6 +628,13 @@ class Graph:
                         f"\nhelp: feed this graph's data Inputs "
                         f"[{', '.join(i.label for i in inputs)}] (a dict key or, in that "
                         "order, positionally).")
+            left_out = [n.label for n in inputs if n not in batches[0]]
+            if left_out:  # it would silently reuse the previous batch
+                raise GraphError(
+                    f"{', '.join(left_out)} left out of the step's dict; every data Input is "
+                    "fed at every step (an Input left out is not given its last batch again)."
+                    f"\nhelp: add {left_out[0]} to the dict, or pass Graph(inputs=[...]) "
+                    "without the Inputs you set once through .value.")
         elif len(batches) == len(inputs):
             pairs = zip(inputs, batches)
         else:

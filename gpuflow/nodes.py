@@ -93,8 +93,9 @@ class Node:
                 total = self.xp.zeros_like(value)
                 if self.buffers is not NO_BUFFERS:  # kept, as buffers are
                     self._zeros = total
-            else:
-                total[...] = 0  # whoever read it last may have written into it
+            else:  # zeros again, whatever a reader (a clip) wrote into it since: x > x is
+                # false for every x, NaN and inf included (no `total[...] = 0`: see buffers.py)
+                total = self._zeros = self.ops.greater(total, total, total.dtype, out=total)
         return total
 
 

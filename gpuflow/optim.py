@@ -1,6 +1,13 @@
 """Every parameter update: MiniFlow's `sgd_update`, and optimizers written once in
 array-namespace code: SGD (momentum, Nesterov, weight decay), Adam and AdamW, with PyTorch's
-update rules. Their state lives on the parameters' device and is updated in place."""
+update rules. Their state lives on the parameters' device.
+
+An update uses what each operation returns and reassigns the state it keeps: `m *= b1` is an
+update in place where arrays are mutable (NumPy, CuPy, torch, array_api_strict), and a new
+array bound to `m` where they are immutable (JAX arrays have no in-place operators, so Python
+computes `m * b1`); so `state["m"] = m` follows, and a new parameter value is assigned back.
+Nothing writes with `x[...] = v`.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from .nodes import Node
 def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
     """`learning_rate` as a float; ValueError (naming the argument `name`) unless it is finite
     and positive."""
+    if type(learning_rate) is float and 0.0 < learning_rate < math.inf:
+        return learning_rate  # the rate a loop passes every step: one comparison
     # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
     not_a_number = isinstance(learning_rate, (str, bytes, bool))
     try:
@@ -33,16 +42,9 @@ def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> fl
     return lr
 
 
-_last_rate = math.nan  # the last learning rate sgd_update checked (NaN: none yet)
-
-
 def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
-    """`t.value -= learning_rate * t.gradients[t]` for each trainable, in place."""
-    global _last_rate
-    if type(learning_rate) is float and learning_rate == _last_rate:
-        lr = learning_rate  # the rate a loop passes every step: checked once
-    else:
-        lr = _last_rate = check_learning_rate(learning_rate)
+    """`t.value -= learning_rate * t.gradients[t]` for each trainable."""
+    lr = check_learning_rate(learning_rate)
     trainables = list(trainables)
     for t in trainables:  # all checked first: a refusal updates nothing
         if t.gradients.get(t) is None:
@@ -52,7 +54,8 @@ def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
 
 
 def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
-    """`t.value -= lr * t.gradients[t]` in place, with no new array (unchecked)."""
+    """`t.value -= lr * t.gradients[t]`, with no new array where the device writes into
+    arrays (unchecked)."""
     for t in trainables:
         value, grad = t.value, t.gradients[t]
         try:
@@ -60,7 +63,7 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
         except AttributeError:  # a Python number (a custom node's gradient for a scalar)
             step = lr * grad
         value -= step
-        if value is not t.value:  # a scalar (immutable) comes back new
+        if value is not t.value:  # immutable arrays and scalars come back new
             t.value = value
 
 
@@ -123,7 +126,7 @@ def check_betas(betas: Any, owner: str) -> tuple[float, float]:
 
 
 class Optimizer:
-    """Base class: `step()` updates every parameter from `p.gradients[p]`, in place.
+    """Base class: `step()` updates every parameter from `p.gradients[p]`.
 
     `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
     gpuflow.optim does, once per epoch) and it is checked once, at that step.
@@ -188,7 +191,7 @@ class Optimizer:
             value = p.value
             self._param, self.ops = p, p.ops
             new = self.update(p.xp, value, p.gradients[p], self.state[p])
-            if new is not value:  # an immutable scalar (a fed Python number) comes back new
+            if new is not value:  # immutable arrays (JAX) and 0-d scalars come back new
                 p.value = new
 
     def _state_dtype(self, p: Node) -> Any:
@@ -196,9 +199,10 @@ class Optimizer:
         return self._amp.master_dtype if self._amp is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
-        """Update `value` in place from `grad` and return it (a new object only if `value` is
-        an immutable scalar); `state` holds this parameter's buffers. Never write into `grad`:
-        it is the graph's gradient, which the user may read after the step."""
+        """The updated `value`, from `grad`: `value` itself, updated in place, where arrays are
+        mutable; a new array where they are not (JAX, NumPy's 0-d scalars). `state` holds this
+        parameter's arrays: reassign its entries. Never write into `grad`: it is the graph's
+        gradient, which the user may read after the step."""
         raise NotImplementedError
 
     def scratch(self, like: Any, index: int = 0) -> Any:
@@ -270,10 +274,11 @@ class SGD(Optimizer):
         if self.momentum:
             buf = state.get("momentum")
             if buf is None:
-                buf = state["momentum"] = xp.asarray(grad, copy=True)
+                buf = xp.asarray(grad, copy=True)
             else:
                 buf *= self.momentum
                 buf += grad
+            state["momentum"] = buf  # a new array where arrays are immutable
             if self.nesterov:
                 other = scratch(value, 1)
                 grad = ops.add(grad, ops.multiply(buf, self.momentum, out=other), out=other)
@@ -328,6 +333,7 @@ class Adam(Optimizer):
         squares = ops.multiply(grad, grad, out=work)
         squares *= 1.0 - b2
         v += squares
+        state["m"], state["v"] = m, v  # new arrays where arrays are immutable
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
         denom = ops.sqrt(v, out=work)   # sqrt(v) / sqrt(bias2) + eps

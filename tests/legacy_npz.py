@@ -43,7 +43,9 @@ def legacy_save(path, graph, optimizer=None, *, step=0, epoch=0, state=None):
             if attr in _HYPER_SKIP or attr.startswith("_"):
                 continue
             value = list(value) if isinstance(value, tuple) else value
-            if isinstance(value, (bool, int, float, str, list)) or value is None:
+            scalar = (bool, int, float, str)
+            if isinstance(value, scalar) or value is None or (
+                    isinstance(value, list) and all(isinstance(v, scalar) for v in value)):
                 hyper[attr] = value
         cls = type(optimizer)
         meta["optimizer"] = {"class": cls.__name__, "module": cls.__module__, "hyper": hyper,

@@ -491,3 +491,20 @@ def test_an_evaluation_batch_of_another_size_is_not_kept():
     assert big.shape == (5000, 4)
     graph.step(*_batch(6, (8, 64, 4)))
     assert kept_bytes() == before
+
+
+def test_running_one_graph_forward_only_leaves_other_graphs_keeping_their_arrays():
+    """The forward-only switch belongs to a graph's plan, not to the process."""
+    from gpuflow.buffers import forward_only
+    X, y, logits, loss, params = _net((8, 16, 4))
+    graph = gf.Graph(loss, device="cpu", dtype="float64", inputs=[X, y], outputs=[logits])
+    X2, y2, logits2, loss2, params2 = _net((8, 16, 4), seed=1)
+    other = gf.Graph(loss2, device="cpu", dtype="float64", inputs=[X2, y2])
+    first = next(n for n in other.nodes if isinstance(n, gf.Linear))
+    with forward_only([graph.plan]):
+        assert graph.plan.keeping is False
+        other.step(*_batch(7))   # a shape `other` has not met: kept, as in any training step
+    assert graph.plan.keeping is True
+    assert any(key[1] == (7, 16) for key in first.buffers)
+    graph.run(logits, _batch(11)[0])   # `graph` itself, forward only: not kept
+    assert not any(key[1] == (11, 16) for n in graph.nodes for key in n.buffers)

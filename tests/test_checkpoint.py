@@ -793,3 +793,45 @@ def test_failure_while_moving_to_device_changes_nothing(tmp_path, monkeypatch, f
     monkeypatch.undo()
     load(tmp_path / "c.safetensors", graph, opt)
     assert_same(host_params(graph), host_params(src), exact=True, what="parameter")
+
+
+# -- mixed precision ------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the scale backs off
+def test_mixed_precision_resumes_exactly(tmp_path):
+    """A float16 graph trains float32 master weights under a loss scale: the checkpoint holds
+    the masters (param/<name>, float32) and the scaler's state, so a resumed run is the same."""
+    def make(seed=0):
+        graph = build(dtype="float16", seed=seed)
+        graph.amp.scaler.growth_interval = 3  # the scale moves within the test
+        return graph, Adam(graph, lr=1e-2)
+
+    graph, opt = make()
+    full, _ = train(graph, opt, make_batches(), N_STEPS + M_STEPS)
+    expected = {p.name: np.array(graph.amp.master[p]) for p in graph.parameters}
+    expected_scale = graph.amp.scaler.state_dict()
+
+    graph, opt = make()
+    batches = make_batches()
+    first, index = train(graph, opt, batches, N_STEPS)
+    save(tmp_path / "amp.safetensors", graph, opt, epoch=batches.epoch,
+         state={"index": index})
+    scale = graph.amp.scaler.state_dict()
+    with safetensors.safe_open(tmp_path / "amp.safetensors", framework="numpy") as f:
+        w = f.get_tensor("param/layer1.W")
+    assert w.dtype == np.float32 and np.array_equal(w, graph.amp.master[graph.parameters[0]])
+
+    graph, opt = make(seed=1)
+    info = load(tmp_path / "amp.safetensors", graph, opt)
+    assert graph.amp.scaler.state_dict() == scale and scale["scale"] != 2.0 ** 16
+    assert graph.parameters[0].value.dtype == np.float16
+    batches = make_batches()
+    batches.epoch = info["epoch"]
+    rest, _ = train(graph, opt, batches, M_STEPS, index=info["state"]["index"])
+    assert first + rest == full
+    assert graph.amp.scaler.state_dict() == expected_scale
+    for p in graph.parameters:
+        assert np.array_equal(graph.amp.master[p], expected[p.name]), p.name
+
+    plain = build(dtype="float32", seed=2)  # into a float32 graph: the masters, exactly
+    load(tmp_path / "amp.safetensors", plain)
+    assert np.array_equal(plain.parameters[0].value, w)

@@ -173,6 +173,10 @@ BAD = {  # case: (formats, make(path, fmt, tmp_path), texts the message holds)
     "no-class": (EITHER, meta_set("optimizer", "class", KeyError), ["optimizer.class is missing"]),
     "buffers-a-list": (EITHER, meta_set("optimizer", "buffers", ["m"]),
                        ["optimizer.buffers is [\"m\"] (a list), expected a JSON object"]),
+    "amp-scale-negative": (("safetensors",), meta_set("amp", {"dtype": "float16", "scaler": {
+        "scale": {"kind": "float", "value": -1.0}, "good_steps": {"kind": "int", "value": 0},
+        "skipped": {"kind": "int", "value": 0}}}), ["amp.scaler['scale'] is -1.0, expected a "
+                                                    "finite number > 0"]),
     "meta-a-list": (EITHER, edited(lambda m, a: m.clear()), ["not a gpuflow checkpoint"]),
     # a member of the wrong dtype (was a GraphError without the file's name)
     "param-int": (EITHER, as_dtype("param/layer1.W", np.int64),
