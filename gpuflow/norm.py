@@ -238,9 +238,10 @@ class LayerNorm(Node):
         xp, x = self.xp, X.value
         _check_vector(self, gamma, x.shape[-1], "gamma")
         _check_vector(self, beta, x.shape[-1], "beta")
-        mean = xp.mean(x, axis=-1, keepdims=True)
+        scale = 1.0 / x.shape[-1]  # sums times 1/D: means in one reduction each
+        mean = xp.sum(x, axis=-1, keepdims=True) * scale
         centred = x - mean
-        self.inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True)
+        self.inv_std = 1.0 / xp.sqrt(xp.sum(centred * centred, axis=-1, keepdims=True) * scale
                                      + self.eps)
         self.xhat = centred * self.inv_std
         self.value = self.xhat * gamma.value + beta.value
@@ -253,8 +254,9 @@ class LayerNorm(Node):
         need_x, need_gamma, need_beta = self.needs_grad
         if need_x:
             dxhat = G * gamma.value
-            dxhat = (dxhat - xp.mean(dxhat, axis=-1, keepdims=True)
-                     - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True))
+            scale = 1.0 / xhat.shape[-1]
+            dxhat = (dxhat - xp.sum(dxhat, axis=-1, keepdims=True) * scale
+                     - xhat * (xp.sum(dxhat * xhat, axis=-1, keepdims=True) * scale))
             self.gradients[X] = dxhat * self.inv_std
         if need_gamma:
             self.gradients[gamma] = xp.sum(G * xhat, axis=batch_axes)
