@@ -40,7 +40,7 @@ from .optim import OPTIMIZERS, check_learning_rate, make_optimizer
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
 MODELS = ("mlp", "cnn")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "float16", "bfloat16")  # 16-bit: mixed precision (amp.py)
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
 
@@ -483,7 +483,9 @@ def build_parser() -> CommandParser:
     t.add_argument("--device", default=d.device,
                    help="'auto', 'cpu', 'cuda', 'cuda:N', 'torch:cpu', 'array_api_strict:device1', "
                    "... (see 'gpuflow devices')")
-    t.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="floating dtype of the model")
+    t.add_argument("--dtype", default=d.dtype, choices=DTYPES,
+                   help="floating dtype of the model (float16/bfloat16: mixed precision, "
+                        "float32 master weights, dynamic loss scaling; bfloat16 on torch)")
     t.add_argument("--epochs", type=int, default=d.epochs,
                    help="total epochs (with --resume: including those already done)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")

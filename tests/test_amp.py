@@ -239,3 +239,13 @@ def test_optimizer_state_round_trips_in_float32(device):
         for name, buf in again.state[p].items():
             assert buf.dtype == device.dtype("float32"), name
             np.testing.assert_array_equal(host(device, buf), state[f"{p.name}/{name}"])
+
+
+def test_gpuflow_train_dtype_float16_matches_float32(capsys):
+    from gpuflow.cli import main, train
+    options = dict(device="cpu", epochs=3, hidden=(16,), quiet=True)
+    half, full = train({**options, "dtype": "float16"}), train({**options, "dtype": "float32"})
+    assert np.isfinite(half["losses"]).all()
+    assert abs(half["accuracy"] - full["accuracy"]) <= 0.01, (half["accuracy"], full["accuracy"])
+    assert main(["train", "--device", "cpu", "--dtype", "bfloat16"]) != 0
+    assert "numpy has no bfloat16" in capsys.readouterr().err

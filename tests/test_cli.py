@@ -194,7 +194,7 @@ BAD_ARGUMENTS = {
     "nan lr": (["train", "--lr", "nan"], "--lr"),
     "zero batch": (["train", "--batch-size", "0"], "--batch-size"),
     "zero hidden": (["train", "--hidden", "64", "0"], "--hidden"),
-    "bad dtype": (["train", "--dtype", "float16"], "--dtype"),
+    "bad dtype": (["train", "--dtype", "int8"], "--dtype"),
     "bad optimizer": (["train", "--optimizer", "rmsprop"], "--optimizer"),
     "unknown device": (["train", "--device", "tpu"], "'tpu'"),
 }
