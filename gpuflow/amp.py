@@ -159,13 +159,27 @@ class MixedPrecision:
 
     # -- Optimizer.step ----------------------------------------------------------------------
     def master_of(self, p: Any) -> Any:
-        """p's float32 master value; made again from p.value if someone set that since (a
-        checkpoint load, a user's assignment)."""
+        """p's float32 master value; made again from p.value if someone set other numbers
+        there since (a checkpoint load, a user's assignment). The same numbers in a new array
+        (another graph over these nodes bound them in another dtype and back) keep it."""
         value = p.value
         if self._written.get(p) is not value:
-            self.master[p] = self.device.xp.astype(value, self.master_dtype, copy=True)
+            master = self.master.get(p)
+            if master is None or not self._rounds_to(master, value):
+                self.master[p] = self.device.xp.astype(value, self.master_dtype, copy=True)
             self._written[p] = value
         return self.master[p]
+
+    def _rounds_to(self, master: Any, value: Any) -> bool:
+        """Whether `master` rounded to the graph's dtype is `value` (one read: only after a
+        parameter's array was replaced, not at every step)."""
+        xp = self.device.xp
+        if tuple(master.shape) != tuple(value.shape):
+            return False
+        same = xp.all(xp.astype(master, value.dtype) == value)
+        with LEDGER.allowed():
+            return bool(self.device.item(xp.astype(same, self.master_dtype),
+                                         what="mixed precision master check"))
 
     def set_master(self, p: Any, master: Any) -> None:
         """Take `master` (float32, on the device) as p's master value, p.value being its

@@ -47,7 +47,7 @@ class CompiledStep:
             opt.step()
             return loss
         graph.plan.ensure()
-        set_mode(graph.nodes, True, graph)
+        set_mode(graph.nodes, True, graph.plan)
         graph._feed(batches, graph.inputs)  # checks and uploads, as graph.step does
         params = opt.params
         values = [p.value for p in params]

@@ -249,3 +249,26 @@ def test_gpuflow_train_dtype_float16_matches_float32(capsys):
     assert abs(half["accuracy"] - full["accuracy"]) <= 0.01, (half["accuracy"], full["accuracy"])
     assert main(["train", "--device", "cpu", "--dtype", "bfloat16"]) != 0
     assert "numpy has no bfloat16" in capsys.readouterr().err
+
+
+def test_masters_survive_another_graph_binding_the_same_nodes(device):
+    """A float32 evaluation graph over the training graph's nodes converts the float16 values
+    and back: the same numbers in new arrays, which must not reset the float32 masters."""
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    runs = []
+    for evaluate in (False, True):
+        graph, logits = _classifier(device, "float16")
+        opt = Adam(graph, lr=1e-2)
+        for _ in range(3):
+            graph.step(xb, yb)
+            opt.step()
+        if evaluate:
+            other = gf.Graph(graph.loss, device=device, dtype="float32",
+                             inputs=graph.inputs)
+            other.run(None, xb, yb)
+        for _ in range(3):
+            graph.step(xb, yb)
+            opt.step()
+        runs.append([host(device, graph.amp.master[p]) for p in graph.parameters])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
