@@ -155,6 +155,15 @@ class UfuncOps(Ops):
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
 
+    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
+        """xp.stack, into `out` (gpuflow.conv's im2col columns)."""
+        return self._lib.stack(arrays, axis=axis, out=out)
+
+    def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
+        """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
+        from .windows import col2im_in_place
+        return col2im_in_place(parts, kw, sh, sw, out)
+
 
 class _NullScope:
     def __enter__(self) -> None:
