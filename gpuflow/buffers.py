@@ -30,8 +30,9 @@ here once (node docstrings point here):
   array must not change with them (it would on the CPU only, where no transfer copies it).
 
 Process-wide state: gpuflow's whole list. Everything else lives on a graph's `Plan` (its
-order, whether it is running forward only, whether another graph took its nodes), on nodes
-and on optimizers. These six stay global because what they track crosses graphs:
+order, whether another graph took its nodes, whether it runs forward only, the training mode
+it last set: gpuflow/plan.py), on nodes and on optimizers. These five stay global because
+what they track crosses graphs:
 
 - `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
   another (a loss, an output fed to a second graph), so the check must see all graphs' buffers.
@@ -42,8 +43,6 @@ and on optimizers. These six stay global because what they track crosses graphs:
   same object), since a node's device is compared by identity when graphs share nodes.
 - `gpuflow.nodes.Node._ids`: the creation counter behind node labels ("Linear #3") and the
   order of a Graph's default inputs and parameters; unique across graphs by design.
-- `gpuflow.graph._MODE_SETS`: counts training/evaluation mode changes, so that a graph sets
-  `node.training` on its nodes only when another graph over shared nodes changed it since.
 - `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
   and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
 """
@@ -119,7 +118,7 @@ class Buffers(dict):
         if not shape or not device.is_floating(dtype):
             return None
         array = device.new_buffer(tuple(shape), dtype)
-        plan = self._node()._plan  # the graph plan that bound the node (graph.Plan)
+        plan = self._node()._plan  # the graph plan that bound the node (plan.Plan)
         if plan is not None and not plan.keeping:
             return array  # used once, not kept
         same = [k for k in self if k[0] == name]

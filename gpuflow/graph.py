@@ -1,70 +1,23 @@
-"""Building and running a graph: Kahn's sort, binding to a device, planning, forward and backward.
+"""Building and running a graph: MiniFlow's `topological_sort`, `forward_pass` and
+`forward_and_backward`, and `Graph`, the training graph.
 
-`topological_sort` is MiniFlow's entry point; it also binds every node to one device and checks
-every fed value there before any compute. A `Plan`, made once when a graph is built and held by
-both MiniFlow's `SortedGraph` and `Graph`, records what every step needs: the order, which
-nodes run forward and backward, which nodes send a gradient to which (`_senders`), which
-inbound gradients each node computes (`needs_grad`), and where the gradient starts
-(`_grad_seed`, 1 for the loss). Parameter updates live in gpuflow/optim.py.
+`topological_sort` sorts the nodes, binds every one to one device and checks every fed value
+there before any compute. What a graph decides once (order, binding, backward plan) is a `Plan`
+(gpuflow/plan.py), held by both MiniFlow's `SortedGraph` and `Graph`; this module runs it.
+Parameter updates live in gpuflow/optim.py.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
 from . import amp, placement
-from .buffers import NO_BUFFERS, Buffers, copy_feed, copy_if_kept, forward_only
+from .buffers import copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
-
-
-class Plan:
-    """What a graph decides once, when it is built, and every step then follows.
-
-    nodes: every node, in topological order, bound to `device` in `dtype`. fed: the Inputs
-    whose forward only checks that a value was fed (done in one loop, without calls); compute:
-    the other nodes, which run forward; backward: the nodes that run backward, in backward order
-    (with `loss=None`, MiniFlow's way, every node; with a loss, those between it and `wanted`).
-    A node belongs to one plan at a time (`node._plan`): a plan that binds nodes of another
-    marks that one `stale`, and `ensure` binds and plans it again before it next runs.
-    `keeping` is False while the graph runs forward only (see buffers.forward_only).
-    """
-
-    def __init__(self, nodes: Sequence[Node], device: Device, dtype: Any, *,
-                 loss: Node | None = None, wanted: Iterable[Node] = (),
-                 reuse_buffers: bool = True) -> None:
-        self.nodes = list(nodes)
-        self.device, self.loss = device, loss
-        self.dtype: Any = None       # the floating dtype of every value, once bound
-        self._dtype_spec = dtype     # what the graph asked for (None: what the feeds agree on)
-        self.wanted, self.reuse_buffers = list(wanted), reuse_buffers
-        self.fed = [n for n in self.nodes if type(n).forward is Input.forward]
-        self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
-        self.backward: list[Node] = []
-        self.stale = True  # nothing bound yet
-        self.keeping = True
-
-    def build(self, feed_dict: dict | None = None, require_values: bool = False,
-              fresh: bool = True) -> "Plan":
-        """Bind every node (see `bind`) and plan the backward pass (see `plan_backward`)."""
-        self.dtype = bind(self.nodes, self.device, self._dtype_spec, feed_dict or {},
-                          require_values, owner=self, reuse_buffers=self.reuse_buffers)
-        if self._dtype_spec is None:  # the one the feeds agreed on: a re-bind converts to it
-            self._dtype_spec = self.dtype
-        wanted = [n for n in self.wanted if getattr(n, "trainable", True)]  # not the frozen
-        self.backward = plan_backward(self.nodes, self.loss, wanted, fresh=fresh)
-        self.stale = False
-        return self
-
-    def ensure(self) -> None:
-        """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
-        of the same nodes bound them since: a node holds one binding and one plan at a time.
-        The gradients already computed stay."""
-        if self.stale:
-            self.build(fresh=False)
+from .plan import Plan, kahn_sort, reachable, set_mode
 
 
 class SortedGraph(list):
@@ -147,129 +100,6 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     return graph
 
 
-def reachable(start: Sequence[Node], edges: str, within: set | None = None) -> list[Node]:
-    """`start` and every node reached from it along `edges` ('inbound_nodes' or
-    'outbound_nodes'), staying `within` a set if given, in breadth-first discovery order."""
-    seen = dict.fromkeys(start)
-    queue = deque(start)
-    while queue:
-        for n in getattr(queue.popleft(), edges):
-            if n not in seen and (within is None or n in within):
-                seen[n] = None
-                queue.append(n)
-    return list(seen)
-
-
-def kahn_sort(nodes: Sequence[Node]) -> list[Node]:
-    """Kahn's algorithm over `nodes` (edges inside the set only); GraphError on a cycle."""
-    members = set(nodes)
-    indegree = {n: sum(1 for m in n.inbound_nodes if m in members) for n in nodes}
-    ready = deque(n for n in nodes if indegree[n] == 0)
-    order = []
-    while ready:
-        node = ready.popleft()
-        order.append(node)
-        for m in dict.fromkeys(node.outbound_nodes):
-            if m in members:
-                indegree[m] -= sum(1 for i in m.inbound_nodes if i is node)
-                if indegree[m] == 0:
-                    ready.append(m)
-    if len(order) < len(nodes):
-        cycle = _find_cycle([n for n in nodes if indegree[n] > 0])
-        raise GraphError("the graph has a cycle: " + " -> ".join(n.label for n in cycle) +
-                         ".\nhelp: a node cannot depend on its own output; rebuild the graph "
-                         "without that edge.")
-    return order
-
-
-def _find_cycle(stuck: list[Node]) -> list[Node]:
-    """One cycle among the nodes Kahn's algorithm could not order (walk inbound edges)."""
-    members = set(stuck)
-    path: list[Node] = []
-    node = stuck[0]
-    while node not in path:
-        path.append(node)
-        node = next(n for n in node.inbound_nodes if n in members)
-    cycle = path[path.index(node):] + [node]
-    return cycle[::-1]
-
-
-def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
-         require_values: bool = True, owner: Any = None, reuse_buffers: bool = True) -> Any:
-    """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
-
-    With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
-    Every node records `owner` (the Plan binding it) as `node._plan`; the plan that held it
-    before is marked stale, to bind and plan again before it runs. With `reuse_buffers` (and a
-    backend that writes into arrays) nodes keep their buffers across steps. Returns the
-    floating dtype.
-    """
-    float_dtype = device.dtype(dtype)
-    if float_dtype is not None and not device.is_floating(float_dtype):
-        raise GraphError(f"dtype {dtype!r} is not a floating dtype.\n"
-                         "help: pass dtype='float32' or 'float64' (or None to keep the fed one).")
-    for node in order:
-        if node.device is not None and node.device is not device:
-            raise GraphError(
-                f"{node.label} already belongs to a graph on {node.device.name}; this graph is "
-                f"on {device.name}, and a node lives on one device.\nhelp: build the model "
-                f"again for {device.name} (the same seed gives the same initial weights), or "
-                "save a checkpoint and load it into the new model.")
-    reuse = reuse_buffers and device.ops.writes_out
-    for node in order:
-        if not reuse:
-            node.buffers = NO_BUFFERS
-        elif node.buffers is NO_BUFFERS or node.device is not device:
-            node.buffers = Buffers(node, device)
-        node.device = device
-        node.xp = device.xp
-        node.ops = device.ops
-        if node._plan is not owner and node._plan is not None:
-            node._plan.stale = True  # it binds and plans again before it next runs
-        node._plan = owner
-    inputs = [node for node in order if isinstance(node, Input)]
-    for node in inputs:
-        node._float_dtype = float_dtype
-        consumers = [(m, i) for m in node.outbound_nodes
-                     for i, n in enumerate(m.inbound_nodes) if n is node]
-        node._keep_integers = bool(consumers) and all(
-            i in m.integer_inputs for m, i in consumers)
-        value = feed_dict[node] if node in feed_dict else node.value
-        if value is None and (node in feed_dict or require_values):
-            users = ", ".join(m.label for m, _ in consumers) or "no node"
-            where = "in feed_dict" if node in feed_dict else "no value"
-            raise GraphError(f"{node.label} has {where}: None (it feeds {users}).\n"
-                             f"help: add {node.label} to feed_dict with an array, or set its "
-                             ".value before building the graph.")
-        # A value from the caller (fed, or set before the graph was built) is copied once
-        # (gpuflow/buffers.py): training updates it, and the caller's array must not change.
-        private = node in feed_dict or getattr(node, "_private", None) is not value
-        node.value = copy_feed(value, device) if private else value
-        node._private = node._value
-    if float_dtype is None:
-        float_dtype = _one_float_dtype(inputs, device)
-    return float_dtype
-
-
-def _one_float_dtype(inputs: Sequence[Input], device: Device) -> Any:
-    """With no dtype given, the fed floating values must agree; later feeds take that dtype.
-
-    Mixed float32 and float64 values would silently promote the float32 ones to float64.
-    """
-    floats = {n: n.value.dtype for n in inputs
-              if n.value is not None and device.is_floating(n.value.dtype)}
-    kinds = set(floats.values())
-    if len(kinds) > 1:
-        listing = ", ".join(f"{n.label}: {dtype_name(d)}" for n, d in floats.items())
-        raise GraphError(f"the fed values mix floating dtypes ({listing}); float32 values "
-                         "would be promoted to float64 silently.\nhelp: pass dtype='float32' "
-                         "or dtype='float64' to topological_sort, and every feed is converted.")
-    common = next(iter(kinds)) if kinds else None
-    for node in inputs:
-        node._float_dtype = common
-    return common
-
-
 def _missing_feed(node: Input) -> GraphError:
     users = ", ".join(m.label for m in node.outbound_nodes) or "no node"
     return GraphError(f"{node.label} has no value (it feeds {users}).\n"
@@ -277,65 +107,11 @@ def _missing_feed(node: Input) -> GraphError:
                       "or in the order of Graph(inputs=...).")
 
 
-def plan_backward(order: Sequence[Node], loss: Node | None,
-                  wanted: Iterable[Node] | None = None, fresh: bool = True) -> list[Node]:
-    """Decide, once, who sends gradients to whom on this graph.
-
-    With `loss=None` (MiniFlow's `forward_and_backward`) every node runs backward and every
-    gradient is computed; a loss node with no outbound node starts its own gradient at 1.
-    With a loss node, only nodes between `wanted` (e.g. the trainable parameters) and the loss
-    get gradients: nothing is computed for data that no one trains.
-    `fresh=False` (planning again for a graph that shares nodes) keeps the gradients there.
-    Returns the nodes that run backward, in backward order.
-    """
-    members = set(order)
-    if loss is None:
-        live = wants = members
-    else:
-        live = set(reachable([loss], "inbound_nodes", members))  # backward reaches the loss
-        wanted = set(wanted or ())
-        wants = set()
-        for node in order:  # topological: a node wants a gradient if an input of it does
-            if node in live and (node in wanted or any(n in wants for n in node.inbound_nodes)):
-                wants.add(node)
-    for node in order:
-        if fresh:
-            node.gradients = {}
-        node.needs_grad = tuple(n in wants and i not in node.integer_inputs
-                                for i, n in enumerate(node.inbound_nodes))
-    for node in order:
-        node._senders = tuple(dict.fromkeys(
-            m for m in node.outbound_nodes if m in live and any(
-                n is node and need for n, need in zip(m.inbound_nodes, m.needs_grad))))
-        if loss is None:
-            ends = not any(m in members for m in node.outbound_nodes)
-            node._grad_seed = 1.0 if node.is_loss and ends else None
-        else:
-            node._grad_seed = 1.0 if node is loss else None
-    return [node for node in reversed(order) if node in wants]
-
-
-_MODE_SETS = 0  # times any graph set its nodes' training mode
-
-
-def set_mode(nodes: Sequence[Node], training: bool, holder: Any = None) -> None:
-    """`node.training = training` on every node, skipped when `holder` (the graph) set that
-    mode last and no graph set one since (a step, not a loop over nodes, in the common case)."""
-    global _MODE_SETS
-    if holder is not None and getattr(holder, "_mode", None) == (training, _MODE_SETS):
-        return
-    for node in nodes:
-        node.training = training
-    _MODE_SETS += 1
-    if holder is not None:
-        holder._mode = (training, _MODE_SETS)
-
-
 def forward_pass(output_node: Node, sorted_nodes: Sequence[Node], *,
                  training: bool = False) -> Any:
     """Run forward over `sorted_nodes`, in evaluation mode unless `training`; return
     `output_node.value` (a copy if the node reuses that array: the next pass overwrites it)."""
-    set_mode(sorted_nodes, training, sorted_nodes if isinstance(sorted_nodes, SortedGraph)
+    set_mode(sorted_nodes, training, sorted_nodes.plan if isinstance(sorted_nodes, SortedGraph)
              else None)
     plans = dict.fromkeys(node._plan for node in sorted_nodes)
     with _scope(sorted_nodes), forward_only(plans):
@@ -349,7 +125,7 @@ def forward_and_backward(graph: Sequence[Node], *, training: bool = True) -> Non
     if isinstance(graph, SortedGraph):
         plan = graph.plan
         plan.ensure()
-        set_mode(graph, training, graph)
+        set_mode(graph, training, plan)
         for node in plan.fed:
             if node._value is None:
                 node.forward()  # raises, naming the node and what it feeds
@@ -500,7 +276,7 @@ class Graph:
             candidates, self._fastest = self._fastest, None
             self.fastest = placement.choose_fastest(self, batches, candidates)
         self.plan.ensure()
-        set_mode(self.nodes, training, self)
+        set_mode(self.nodes, training, self.plan)
         self._feed(batches, self.inputs)
         if self.amp is not None:
             self.amp.before_step(self)
@@ -589,7 +365,7 @@ class Graph:
                 [n for n in self.plan.compute if n in needed],
                 [n for n in self.inputs if n in needed])
         self.plan.ensure()
-        set_mode(self.nodes, training, self)
+        set_mode(self.nodes, training, self.plan)
         compute, inputs = self._run_orders[output]
         self._feed(batches, inputs)
         with self.device.scope(), forward_only((self.plan,)):

@@ -27,7 +27,7 @@ class Node:
     # always use what the op returns (the keep / alias / copy rules: gpuflow/buffers.py).
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
-    _plan: Any = None    # the graph.Plan that bound this node, if any
+    _plan: Any = None    # the plan.Plan that bound this node, if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
@@ -126,8 +126,8 @@ class Input(Node):
             # Labels already on a GPU are checked at the first step only (a check is a sync).
             if self._keep_integers and (device.is_host or not device.owns(value)):
                 self._check_labels(value)  # NumPy reads host memory, CPU tensors included
-            value = device.place(value, self._float_dtype, self._keep_integers,
-                                 what=f"{self.label}.value")
+            value = device.feed(value, self._float_dtype, self._keep_integers,
+                                what=f"{self.label}.value")
         # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
         # .detach() of one) is copied: its owner overwrites it (gpuflow/buffers.py).
         value = copy_if_kept(value, device)
@@ -254,19 +254,24 @@ class Sigmoid(Node):
 
     def __init__(self, node: Node, *, name: str | None = None):
         Node.__init__(self, [node], name=name)
+        self._constants: tuple = (None,)  # (dtype, -1, 0, 1) on the device, made once
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
         ops, buffers, shape, dtype = self.ops, self.buffers, x.shape, x.dtype
-        d, v, w = (buffers[name, shape, dtype] for name in ("denom", "value", "exp"))  # or None
-        # Negations by multiply, not x - max(x, 0): that is inf - inf = NaN at x = +inf.
-        minus_x = ops.multiply(x, -1.0, out=d)
-        s = ops.maximum(minus_x, 0.0, out=v)                          # -min(x, 0)
-        e = ops.maximum(minus_x, x, out=w)                            # |x|
-        e = ops.exp(ops.multiply(e, -1.0, out=w), out=w)              # exp(-|x|)
-        s = ops.exp(ops.multiply(s, -1.0, out=v), out=v)              # exp(min(x, 0))
+        if self._constants[0] is not dtype:  # -1, 0, 1 as 0-d arrays: NumPy takes them ~2x
+            self._constants = (dtype, *(self.xp.asarray(c, dtype=dtype, device=self.device.native)
+                                        for c in (-1.0, 0.0, 1.0)))  # faster than floats
+        _, minus_one, zero, one = self._constants
+        d, v, w = buffers["denom", shape, dtype], buffers["value", shape, dtype], \
+            buffers["exp", shape, dtype]  # None where arrays are not kept
+        # Negations by multiply, not x - 2 max(x, 0): that is inf - inf = NaN at x = +inf.
+        e = ops.maximum(ops.multiply(x, minus_one, out=d), x, out=w)    # |x|
+        e = ops.exp(ops.multiply(e, minus_one, out=w), out=w)           # exp(-|x|) <= 1
+        # exp(min(x, 0)) is 1 for x > 0 and e for x <= 0: max(e, [x > 0]) (at 0 both are 1)
+        s = ops.maximum(ops.greater(x, zero, dtype, out=v), e, out=v)
         self.exp = e
-        self.denom = ops.add(e, 1.0, out=d)                           # 1 + exp(-|x|)
+        self.denom = ops.add(e, one, out=d)                             # 1 + exp(-|x|)
         self.value = ops.divide(s, self.denom, out=v)
 
     def backward(self) -> None:

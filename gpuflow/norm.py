@@ -104,8 +104,8 @@ class BatchNorm(Node):
             mean = xp.zeros((channels,), dtype=dtype, device=device.native)
             var = xp.ones((channels,), dtype=dtype, device=device.native)
         elif not device.owns(mean) or mean.dtype != dtype:  # loaded from host arrays
-            mean = device.place(mean, dtype, what=f"{self.label}.running_mean")
-            var = device.place(var, dtype, what=f"{self.label}.running_var")
+            mean = device.feed(mean, dtype, what=f"{self.label}.running_mean")
+            var = device.feed(var, dtype, what=f"{self.label}.running_var")
         self.running_mean, self.running_var = mean, var
         return mean, var
 
@@ -181,7 +181,7 @@ class BatchNorm(Node):
         mean, var = state["running_mean"], state["running_var"]
         if self.device is not None and gamma is not None:  # placed now, not inside a step
             dtype = gamma.dtype
-            mean, var = (self.device.place(v, dtype, what=f"{self.label} state")
+            mean, var = (self.device.feed(v, dtype, what=f"{self.label} state")
                          for v in (mean, var))
         self.running_mean, self.running_var = mean, var
 

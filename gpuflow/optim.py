@@ -23,23 +23,13 @@ from .nodes import Node
 
 
 def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
-    """`learning_rate` as a float; ValueError (naming the argument `name`) unless it is finite
-    and positive."""
+    """`learning_rate` as a float; ValueError (naming the argument `name`, e.g. 'Adam: lr')
+    unless it is a finite number > 0 (see `check_hyperparameter`)."""
     if type(learning_rate) is float and 0.0 < learning_rate < math.inf:
         return learning_rate  # the rate a loop passes every step: one comparison
-    # float() would also take "0.1" (e.g. an argparse option without type=float) and True.
-    not_a_number = isinstance(learning_rate, (str, bytes, bool))
-    try:
-        lr = float(learning_rate)
-    except (TypeError, ValueError):
-        not_a_number = True
-    if not_a_number:
-        raise ValueError(f"{name} must be a number, got {learning_rate!r}.\n"
-                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2 (a float).")
-    if not (math.isfinite(lr) and lr > 0.0):
-        raise ValueError(f"{name} must be a finite number > 0, got {learning_rate!r}.\n"
-                         f"help: pass e.g. {name.rsplit(' ', 1)[-1]}=1e-2.")
-    return lr
+    owner, _, argument = name.rpartition(": ")
+    return check_hyperparameter(learning_rate, argument, owner or None, low_open=True,
+                                example="1e-2")
 
 
 def sgd_update(trainables: Iterable[Node], learning_rate: float = 1e-2) -> None:
@@ -86,29 +76,35 @@ def _parameter_list(params: Any, owner: str) -> list[Node]:
         found = None
     bad = next((p for p in found if not isinstance(p, Node)), None) if found is not None else None
     if found is None or bad is not None:
-        what = type(params).__name__ if found is None else f"an item {bad!r:.60} ({type(bad).__name__})"
+        what = (type(params).__name__ if found is None
+                else f"an item {bad!r:.60} ({type(bad).__name__})")
         raise GraphError(f"{owner}: parameters must be gpuflow nodes; got {what}.\nhelp: pass "
                          "the Graph, graph.parameters, or the dict gf.mlp(...) returns.")
     return found
 
 
-def check_hyperparameter(value: Any, name: str, owner: str, *, low: float = 0.0,
+def check_hyperparameter(value: Any, name: str, owner: str | None, *, low: float = 0.0,
                          low_open: bool = False, high: float | None = None,
                          example: str = "0.9") -> float:
-    """`value` as a float; ValueError naming `owner` (the optimizer) and the argument `name`
-    unless it is a finite number >= `low` (> `low` with `low_open`) and < `high` if given."""
+    """`value` as a float; ValueError naming `owner` (the optimizer, if any) and the argument
+    `name` unless it is a finite number >= `low` (> `low` with `low_open`), < `high` if given.
+    The one check of every optimizer hyperparameter, the learning rate included."""
+    what = f"{owner}: {name}" if owner else name
     # float() would also take "0.9" (an argparse option without type=float) and True.
     number = None if isinstance(value, (str, bytes, bool)) else value
     try:
         number = float(number)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         number = None
+    if number is None:
+        raise ValueError(f"{what} must be a number, got {value!r}.\n"
+                         f"help: pass e.g. {name}={example} (a float).")
     rule = f"> {low:g}" if low_open else f">= {low:g}"
     rule += f" and < {high:g}" if high is not None else ""
-    if number is None or not math.isfinite(number) or number < low or (
-            low_open and number == low) or (high is not None and number >= high):
-        raise ValueError(f"{owner}: {name} must be a finite number {rule}, got {value!r}.\n"
-                         f"help: pass e.g. {name}={example} (a float).")
+    if not math.isfinite(number) or number < low or (low_open and number == low) or (
+            high is not None and number >= high):
+        raise ValueError(f"{what} must be a finite number {rule}, got {value!r}.\n"
+                         f"help: pass e.g. {name}={example}.")
     return number
 
 
@@ -337,7 +333,7 @@ class Adam(Optimizer):
         bias1 = 1.0 - b1 ** self.t
         bias2 = 1.0 - b2 ** self.t
         denom = ops.sqrt(v, out=work)   # sqrt(v) / sqrt(bias2) + eps
-        denom /= math.sqrt(bias2)
+        denom /= bias2 ** 0.5  # not math.sqrt: bias2 is traced under jax.jit
         denom += self.eps
         step = ops.divide(m, denom, out=work)   # (lr / bias1) * m / denom
         step *= self.lr / bias1

@@ -61,7 +61,7 @@ def move(graph: Any, device: Device, dtype: Any,
     exactly, node state too, or `states` given), and plan its backward pass again; the
     gradients start empty, Dropout's masks from their seed."""
     from . import amp
-    from .graph import Plan
+    from .plan import Plan
     old = graph.device
     states = node_states(graph) if states is None else states
     for node in graph.nodes:

@@ -23,6 +23,7 @@ A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its paramet
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -101,11 +102,13 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
         problems.append(f"tensors in the file that nothing took: {', '.join(unused[:8])}"
                         f"{', ...' if len(unused) > 8 else ''}")
     if problems:
-        raise CheckpointError(
-            f"weights {path!r} do not match this model ({layout} names):\n  " +
-            "\n  ".join(problems) + "\nhelp: pass mapping={gpuflow name: tensor name} for "
-            "the names that differ (gpuflow names: " + ", ".join(list(entries)[:6]) +
-            (", ..." if len(entries) > 6 else "") + "), or strict=False to leave tensors out.")
+        guess = _guess_mapping(entries, tensors, used)
+        fix = (f"if this pairing by order and shape is right, pass mapping={guess}" if guess
+               else "pass mapping={gpuflow name: tensor name} for the names that differ "
+               "(gpuflow names: " + ", ".join(list(entries)[:6]) +
+               (", ..." if len(entries) > 6 else "") + "), or strict=False to leave tensors out")
+        raise CheckpointError(f"weights {path!r} do not match this model ({layout} names):\n  "
+                              + "\n  ".join(problems) + f"\nhelp: {fix}.")
     new = {key: entry.put(tensors[entry.file_name]) for key, entry in entries.items()}
     for key, entry in entries.items():  # everything is on the device: now assign
         entry.set(new[key])
@@ -139,6 +142,38 @@ class _Entry:
     def set(self, value: Any) -> None:
         if self.param is not None:
             self.param.value = value
+
+
+def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
+                   used: set[str]) -> "dict[str, str] | None":
+    """The mapping that pairs the entries the file lacks with the tensors nothing took, layer
+    by layer in order (the file's layers in natural order: fc2 before fc10), if every pair has
+    the same role (weight, bias, ...) and shape; else None."""
+    missing = [(k, e) for k, e in entries.items() if e.file_name not in tensors]
+    spare = [k for k in tensors if k not in used and not k.endswith(".num_batches_tracked")]
+    if not missing or len(missing) != len(spare):
+        return None
+    ours: dict[str, list[tuple[str, _Entry]]] = {}
+    for key, entry in missing:
+        ours.setdefault(entry.file_name.rpartition(".")[0], []).append((key, entry))
+    theirs: dict[str, list[str]] = {}
+    for name in spare:
+        theirs.setdefault(name.rpartition(".")[0], []).append(name)
+    natural = sorted(theirs, key=lambda n: [int(t) if t.isdigit() else t
+                                            for t in re.split(r"(\d+)", n)])
+    if len(ours) != len(natural):
+        return None
+    guess = {}
+    for group, prefix in zip(ours.values(), natural):
+        for key, entry in group:
+            name = f"{prefix}.{entry.file_name.rpartition('.')[2]}" if prefix else \
+                entry.file_name.rpartition(".")[2]
+            host = tensors.get(name)
+            shape = None if host is None else tuple(host.shape)
+            if shape is None or (shape[::-1] if entry.transpose else shape) != entry.shape:
+                return None
+            guess[key] = name
+    return guess
 
 
 def _torch_extras(graph: Any) -> dict[str, np.ndarray]:

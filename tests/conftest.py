@@ -15,7 +15,8 @@ import pytest
 import gpuflow as gf
 from gpuflow.check import Project, central_difference  # noqa: F401 - the tests' helpers
 
-DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "cuda"]
+DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "jax:cpu",
+                 "cuda"]
 
 
 def device_specs() -> list[str]:

@@ -109,3 +109,28 @@ def test_bench_package_only_floor_modules_import_array_libraries():
                     offenders.append(f"{path.name} imports {name}")
         assert len(path.read_text().splitlines()) < 600, path.name
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize("name", ["W5", "W6"])
+def test_bench_conv_variants_agree_in_float64(device, name):
+    # Every variant of the CNN workloads (floor, Graph, MiniFlow, PyTorch eager when installed)
+    # trains the same network: three float64 SGD steps give the same losses to 1e-9, so the
+    # hand-written forward, backward and update of each floor match autograd's.
+    import dataclasses
+
+    from gpuflow.bench.timing import cross_check
+    from gpuflow.bench.variants import make_variants
+    w = dataclasses.replace(bench.WORKLOADS[name], batch=2)
+    variants = make_variants(w, device, "float64", 0, w.make_data("float64", 0))
+    check = cross_check(variants, 1e-9)
+    assert check["ok"], check["mismatches"]
+    assert len(check["losses"]) == 4 - (variants["torch"] is None)
+    assert len(set(check["losses"]["floor"])) == 3  # the steps change the weights
+
+
+def test_bench_quick_conv_json(tmp_path):
+    rc, out = _run(tmp_path, "--workloads", "W5")
+    assert rc == 0 and out["check_ok"] is True
+    w = out["workloads"]["W5"]
+    assert w["image"] == [1, 28, 28] and w["batch"] == 64 and w["layers"][0] == ["conv", 6, 5, 2]
+    assert all(m > 0 for m in w["timing"]["median_s"].values())

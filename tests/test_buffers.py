@@ -508,3 +508,25 @@ def test_running_one_graph_forward_only_leaves_other_graphs_keeping_their_arrays
     assert any(key[1] == (7, 16) for key in first.buffers)
     graph.run(logits, _batch(11)[0])   # `graph` itself, forward only: not kept
     assert not any(key[1] == (11, 16) for n in graph.nodes for key in n.buffers)
+
+
+def test_each_graph_over_shared_nodes_sets_its_own_mode():
+    """Training mode is recorded per graph plan, with no process-wide counter: a graph that
+    set a mode on shared nodes, or a MiniFlow call over a plain list, makes the other graph
+    set its own mode again at its next step."""
+    X, y, logits, loss, params = _net((8, 16, 4))
+    train = gf.Graph(loss, device="cpu", dtype="float64", inputs=[X, y], outputs=[logits])
+    evaluate = gf.Graph(loss, device="cpu", dtype="float64", inputs=[X, y], outputs=[logits])
+    x, labels = _batch(6)
+    train.step(x, labels)
+    assert all(n.training for n in train.nodes)
+    evaluate.run(logits, x)
+    assert not any(n.training for n in train.nodes)
+    train.step(x, labels)
+    assert all(n.training for n in train.nodes)
+    train.step(x, labels)   # nothing changed since: the mode stays, without a loop
+    assert all(n.training for n in train.nodes)
+    gf.forward_pass(logits, list(train.nodes))   # a plain list: evaluation mode
+    assert not any(n.training for n in train.nodes)
+    train.step(x, labels)
+    assert all(n.training for n in train.nodes)

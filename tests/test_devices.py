@@ -168,7 +168,7 @@ def test_available_devices_cpu_first():
 
 def test_backend_report_lists_every_backend():
     rows = backend_report()
-    assert {r["backend"] for r in rows} == {"numpy", "cupy", "torch", "array_api_strict"}
+    assert {r["backend"] for r in rows} == {"numpy", "cupy", "torch", "array_api_strict", "jax"}
     for row in rows:
         assert set(row) >= {"backend", "spec", "available", "detail"}, row
         assert isinstance(row["detail"], str) and row["detail"], row
@@ -295,9 +295,9 @@ def test_describe_names_the_library_version(device):
     text = device.describe()
     assert isinstance(text, str) and text.strip(), repr(text)
     import importlib
-    library = importlib.import_module(
-        {"numpy": "numpy", "cupy": "cupy", "torch": "torch",
-         "array_api_strict": "array_api_strict"}[device.backend])
+
+    from gpuflow.backends import REGISTRY
+    library = importlib.import_module({b.name: b.library for b in REGISTRY}[device.backend])
     assert library.__version__ in text, f"{device.name}: {text!r} lacks {library.__version__}"
 
 

@@ -33,7 +33,7 @@ from gpuflow.checkpoint import load, save
 from gpuflow.data import load_mnist, read_idx
 from gpuflow.errors import CheckpointError, DataError, GpuflowError
 from gpuflow.optim import Adam
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from legacy_npz import legacy_save
@@ -129,6 +129,8 @@ def checkpoint_reader(tmp_path, fmt):
         path.write_bytes(blob)
         return load(path, target, target_opt)
 
+    read.target = target
+
     def check_ok(info):  # a mutation that loads must have changed nothing that matters
         assert info["step"] == 3 and info["state"]["n"] == 3
         np.testing.assert_array_equal(info["state"]["history"], np.arange(5.0))
@@ -153,18 +155,18 @@ def test_fuzz_checkpoint_reader(tmp_path, fmt):
     assert counts["error"] > 200, counts
 
 
-@settings(max_examples=300, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def safetensors_reader(tmp_path_factory):
+    return checkpoint_reader(tmp_path_factory.mktemp("hypothesis"), "safetensors")
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
 @given(data=st.data())
-def test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint(tmp_path, data):
+def test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint(safetensors_reader, data):
     """Byte flips in the header and the buffers, and truncations, chosen by hypothesis: each
     file is refused as a CheckpointError naming it, with the model unchanged, or loads the
     values that were saved."""
-    if not hasattr(test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint, "cache"):
-        test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint.cache = \
-            checkpoint_reader(tmp_path, "safetensors")
-    base, read, check_ok = \
-        test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint.cache
+    base, read, check_ok = safetensors_reader
     blob = bytearray(base)
     header = 8 + int.from_bytes(base[:8], "little")
     for _ in range(data.draw(st.integers(1, 4), label="flips")):
@@ -173,10 +175,13 @@ def test_hypothesis_flips_and_truncations_of_a_safetensors_checkpoint(tmp_path, 
     cut = data.draw(st.none() | st.integers(0, len(blob)), label="truncate at")
     if cut is not None:
         del blob[cut:]
+    target = read.target
+    before = {n: p.value for n, p in target.named_parameters().items()}
     try:
         check_ok(read(bytes(blob)))
     except CheckpointError as exc:
         assert "m.safetensors" in str(exc) and str(exc).count("help:") == 1, str(exc)
+        assert all(p.value is before[n] for n, p in target.named_parameters().items())
 
 
 # -- IDX files ----------------------------------------------------------------------------------

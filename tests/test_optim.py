@@ -59,7 +59,8 @@ def test_state_lives_on_the_device_and_updates_in_place(device, name):
     for _ in range(3):
         W.gradients[W] = device.put(np.full((3, 2), 0.5))
         opt.step()
-    assert W.value is value, "the parameter was replaced, not updated in place"
+    if device.mutable_arrays:
+        assert W.value is value, "the parameter was replaced, not updated in place"
     assert not np.allclose(device.to_host(W.value), 1.0)
     for buf in opt.state[W].values():
         assert device.owns(buf), f"{name} state is not on {device.name}"

@@ -4,6 +4,7 @@ mapping; a file that does not fit is one CheckpointError listing what differs, n
 
 from __future__ import annotations
 
+import ast
 from collections import OrderedDict
 
 import numpy as np
@@ -126,16 +127,29 @@ def test_named_torch_layers_need_a_mapping(tmp_path):
     message = str(info.value)
     assert "parameter 'layer1.W' (shape (64, 32)) has no tensor '0.weight' in the file" in message
     assert "tensors in the file that nothing took: fc1.bias (32,), fc1.weight (32, 64)" in message
-    assert message.splitlines()[-1].startswith("help: pass mapping={gpuflow name: tensor name}")
     assert all(np.array_equal(v, before[k]) for k, v in host_params(graph).items())
-
     mapping = {f"layer{i}.{p}": f"fc{i}.{t}" for i in (1, 2, 3)
                for p, t in (("W", "weight"), ("b", "bias"))}
+    help_line = message.splitlines()[-1]  # the error suggests the pairing by order and shape
+    assert help_line.startswith("help: if this pairing by order and shape is right, pass "
+                                "mapping={"), help_line
+    assert ast.literal_eval(help_line[help_line.index("{"):-1]) == mapping
     load_weights(graph, tmp_path / "named.safetensors", mapping=mapping)
     X, _ = digits(50)
     with torch.no_grad():
         theirs = model(torch.from_numpy(X)).numpy()
     assert_same_predictions(np.asarray(graph.run(logits, X)), theirs, "mapped names")
+
+
+def test_no_mapping_is_suggested_when_shapes_do_not_pair(tmp_path):
+    model = torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(64, 16), act=torch.nn.ReLU(),
+                                            fc2=torch.nn.Linear(16, 32), act2=torch.nn.ReLU(),
+                                            fc3=torch.nn.Linear(32, 10)))
+    save_file(model.state_dict(), tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_weights(gf_model()[0], tmp_path / "other.safetensors")
+    assert "help: pass mapping={gpuflow name: tensor name} for the names that differ" in \
+        str(info.value)
 
 
 def test_shapes_that_differ_are_listed_and_nothing_changes(tmp_path):

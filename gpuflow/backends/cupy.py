@@ -17,6 +17,7 @@ class CupyDevice(Device):
     backend = "cupy"
     is_gpu = True
     is_host = False
+    collectives = "NCCL"
 
     def __init__(self, name: str, xp: Any, index: int) -> None:
         import cupy
@@ -47,6 +48,21 @@ class CupyDevice(Device):
         if allow is None:
             return super().forbid_sync()
         return _QuietForbid(allow, warnings)
+
+    def collectives_problem(self) -> str | None:
+        from .cupy_nccl import nccl_problem
+        return nccl_problem()
+
+    def communicator(self, mpi_comm: Any) -> Any:
+        from .cupy_nccl import NcclCommunicator
+        return NcclCommunicator(mpi_comm, self)
+
+    def identity(self) -> str:
+        # The PCI bus id: the same GPU seen as cuda:0 by two ranks is one GPU.
+        try:
+            return str(self._cupy.cuda.runtime.deviceGetPCIBusId(self.index))
+        except Exception:  # noqa: BLE001 - no such call in this CuPy: the name will do
+            return self.name
 
     def describe(self) -> str:
         cupy = self._cupy
@@ -131,6 +147,12 @@ def make_device(rest: str, spec: str) -> CupyDevice:
         raise DeviceError(f"no CUDA device {index} for {spec!r}: this machine has {count} GPU(s) "
                           f"(cuda:0 .. cuda:{count - 1}).\nhelp: pass one of those.")
     return CupyDevice(f"cuda:{index}", xp, index)
+
+
+def rank_spec(rest: str, spec: str, local_rank: int) -> str | None:
+    """'cuda' -> 'cuda:<local rank>', modulo the GPUs CuPy sees: with one GPU per rank
+    (CUDA_VISIBLE_DEVICES set per rank, as srun --gpus-per-task does) each sees its own as 0."""
+    return None if rest else f"{spec}:{local_rank % max(1, gpu_count()[0])}"
 
 
 def candidate_specs() -> list[str]:

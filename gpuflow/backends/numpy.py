@@ -101,6 +101,9 @@ class NumpyDevice(Device):
 
 def make_device(rest: str, spec: str) -> NumpyDevice:
     """'cpu', 'numpy' or 'numpy:cpu'."""
+    if rest and spec.strip().lower().startswith("cpu"):
+        raise DeviceError(f"unknown device spec {spec!r}: 'cpu' takes no index.\n"
+                          "help: pass 'cpu'.")
     if rest.lower() not in ("", "cpu"):
         raise DeviceError(f"unknown device spec {spec!r}: NumPy has only the CPU.\n"
                           "help: pass 'cpu'.")

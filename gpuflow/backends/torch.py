@@ -5,24 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, Ops, missing_library
+from . import Device, Ops, UfuncOps, missing_library
 
 EXAMPLE_SPECS = ("torch:cpu",)
 import_problem = missing_library("torch")
 
 
-class TorchOps(Ops):
+class TorchOps(UfuncOps):
     """torch's functions with `out=` (see `Ops`); a Python number is fine on either side."""
-
-    writes_out = True
 
     def __init__(self, xp: Any) -> None:
         import torch
-        super().__init__(xp)
+        super().__init__(xp, torch)  # matmul, add, subtract, ... under their NumPy names
         self._tensor = torch.Tensor
-        self.matmul, self.add, self.subtract = torch.matmul, torch.add, torch.sub
-        self.multiply, self.divide = torch.mul, torch.div
-        self.tanh, self.exp, self.log, self.sqrt = torch.tanh, torch.exp, torch.log, torch.sqrt
         self._maximum, self._clamp_min = torch.maximum, torch.clamp_min
         self._gt, self._eq, self._sum, self._amax = torch.gt, torch.eq, torch.sum, torch.amax
 
@@ -61,6 +56,7 @@ class TorchDevice(Device):
         self._torch = torch
         self.is_gpu = native.type == "cuda"
         self.is_host = not self.is_gpu
+        self.index = native.index
 
     def _make_ops(self) -> Ops:
         return TorchOps(self.xp)
@@ -146,6 +142,14 @@ def make_device(rest: str, spec: str) -> TorchDevice:
         raise DeviceError(f"no CUDA device {n} for {spec!r}: torch sees {count} GPU(s).\n"
                           f"help: pass one of torch:cuda:0 .. torch:cuda:{count - 1}.")
     return TorchDevice(f"torch:cuda:{n}", xp, torch.device("cuda", n))
+
+
+def rank_spec(rest: str, spec: str, local_rank: int) -> str | None:
+    """'torch:cuda' -> 'torch:cuda:<local rank modulo the GPUs torch sees>'."""
+    if rest.lower() != "cuda":
+        return None
+    import torch
+    return f"{spec}:{local_rank % max(1, torch.cuda.device_count())}"
 
 
 def candidate_specs() -> list[str]:

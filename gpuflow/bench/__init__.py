@@ -1,19 +1,23 @@
 """Benchmark one training step (forward + backward + SGD update) against a hand-written floor
 and PyTorch eager.
 
-For each workload, four variants train the same network from the same seeded weights on the
-same fixed host batch:
+Workloads: W1-W4 are MLPs (W4 on GPUs only), W5 a LeNet-5 on 1x28x28 images (batch 64), W6
+three 3x3 convolutions of 32, 64 and 128 channels, each with 2x2 max pooling, on 3x32x32 images
+(batch 128). For each workload, four variants train the same network from the same seeded
+weights on the same fixed host batch:
 
   floor     the same maths hand-written in the device's own library (NumPy in place with
-            out= and preallocated buffers for 'cpu'; torch ops without autograd for torch:*;
-            CuPy with out= for cuda; plain namespace ops for array_api_strict). It computes
-            nothing no one needs: no gradient for the data, a fused softmax-CE gradient.
+            out= and preallocated buffers for 'cpu', im2col + one GEMM per convolution pass;
+            torch ops without autograd for torch:*, torch's own convolution and pooling kernels
+            for W5/W6; CuPy with out= for cuda; plain namespace ops for array_api_strict). It
+            computes nothing no one needs: no gradient for the data, a fused softmax-CE
+            gradient.
   graph     gpuflow's Graph + gpuflow.optim.SGD: `graph.step(xb, yb); opt.step()`.
   miniflow  gpuflow's unchanged MiniFlow loop: Inputs for weights and data,
             `forward_and_backward(graph); sgd_update(trainables, lr)`; it still computes the
             gradient of the data Inputs.
-  torch     PyTorch eager (nn.Linear + torch.optim.SGD + loss.backward()) on the matching
-            torch device, when torch is installed.
+  torch     PyTorch eager (nn.Linear, nn.Conv2d, nn.MaxPool2d + torch.optim.SGD +
+            loss.backward()) on the matching torch device, when torch is installed.
 
 Every variant uploads the host batch each step (Input.value / torch.from_numpy /
 cupy.asarray / xp.asarray), as a training loop would; on the CPU that upload is free.
@@ -48,9 +52,9 @@ from .machine import machine_info, set_threads
 from .report import report
 from .timing import cross_check, memory, time_variants
 from .variants import VARIANTS, make_variants
-from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, Workload, make_data
+from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, ConvWorkload, Workload
 
-__all__ = ["main", "WORKLOADS", "Workload", "VARIANTS", "CHECK_STEPS", "NdarrayFloor"]
+__all__ = ["main", "WORKLOADS", "Workload", "ConvWorkload", "VARIANTS", "CHECK_STEPS", "NdarrayFloor"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -122,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in names:
         w = WORKLOADS[name]
         print(f"[{name}] {w.describe()} ...", file=sys.stderr, flush=True)
-        data = make_data(w, args.dtype, args.seed)
+        data = w.make_data(args.dtype, args.seed)
         variants = make_variants(w, device, args.dtype, args.seed, data)
         check = cross_check(variants, rtol)
         if not check["ok"]:
@@ -132,8 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         timing = time_variants(variants, rounds, min_time, warmup)
         med = timing["median_s"]
         results["workloads"][name] = {
-            "describe": w.describe(), "sizes": list(w.sizes), "activation": w.activation,
-            "loss": w.loss, "batch": w.batch, "check": check, "timing": timing,
+            "describe": w.describe(), **w.fields(), "check": check, "timing": timing,
             "ratios": {"graph/floor": _ratio(med.get("graph"), med.get("floor")),
                        "miniflow/floor": _ratio(med.get("miniflow"), med.get("floor")),
                        "graph/torch": _ratio(med.get("graph"), med.get("torch")),

@@ -10,7 +10,7 @@ import numpy as np
 from gpuflow.backends import Device
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, Workload
+from .workloads import LEARNING_RATE, ConvWorkload, Workload
 
 
 class ArrayApiFloor(Variant):
@@ -70,9 +70,135 @@ class ArrayApiFloor(Variant):
         return float(self.device.to_host(loss, what="floor loss read"))
 
 
-def make_floor(w: Workload, device: Device, dtype: str, weights: Sequence[np.ndarray],
-               data: tuple[np.ndarray, np.ndarray]) -> Variant:
+class ConvArrayApiFloor(ArrayApiFloor):
+    """(c) W5/W6 in plain array-API calls, NCHW: im2col by kh * kw strided slices stacked, one
+    matmul; the data's gradient of a (stride 1) convolution as the convolution of the padded
+    gradient with the flipped kernel; pooling by four strided views. Nothing written in place."""
+
+    def __init__(self, w: ConvWorkload, device: Device, dtype: str,
+                 weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> None:
+        xp, dev = device.xp, device.native
+        self.device, self.xp, self.dev, self.w = device, xp, dev, w
+        self.dt = device.dtype(dtype)
+        self.params = [xp.asarray(np.asarray(a, dtype=dtype), device=dev) for a in weights]
+        self.plan = w.plan()
+        self.xh, self.yh = data
+        self.classes = xp.arange(w.classes, dtype=xp.int64, device=dev)
+
+    def _pad(self, x: Any, p: int) -> Any:
+        """x (N, C, H, W) with p zeros on each side of H and W (the standard has no pad)."""
+        if p == 0:
+            return x
+        xp = self.xp
+        n, c, h, w = x.shape
+        rows = xp.zeros((n, c, p, w), dtype=x.dtype, device=self.dev)
+        x = xp.concat([rows, x, rows], axis=2)
+        cols = xp.zeros((n, c, h + 2 * p, p), dtype=x.dtype, device=self.dev)
+        return xp.concat([cols, x, cols], axis=3)
+
+    def _conv(self, x: Any, W: Any, p: int) -> tuple[Any, Any]:
+        """(cols (N, C k k, Ho Wo), W2 @ cols (N, O, Ho Wo)) of x (N, C, H, W), stride 1."""
+        xp = self.xp
+        n, k = x.shape[0], W.shape[2]
+        x = self._pad(x, p)
+        oh, ow = x.shape[2] - k + 1, x.shape[3] - k + 1
+        cols = xp.stack([x[:, :, i:i + oh, j:j + ow] for i in range(k) for j in range(k)],
+                        axis=2)
+        cols = xp.reshape(cols, (n, -1, oh * ow))
+        return cols, xp.reshape(W, (W.shape[0], -1)) @ cols
+
+    def _pool_backward(self, x: Any, out: Any, G: Any) -> Any:
+        """The gradient of 2x2 max pooling's input x: to each window's first maximum."""
+        xp = self.xp
+        taken = None
+        parts = []
+        for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            hit = x[:, :, a::2, b::2] == out
+            if taken is not None:
+                hit = xp.logical_and(hit, xp.logical_not(taken))
+                taken = xp.logical_or(taken, hit)
+            else:
+                taken = hit
+            parts.append(xp.where(hit, G, xp.zeros_like(G)))
+        n, c, h2, w2 = G.shape
+        rows = [xp.reshape(xp.stack(parts[2 * a:2 * a + 2], axis=-1), (n, c, h2, 2 * w2))
+                for a in (0, 1)]
+        return xp.reshape(xp.stack(rows, axis=3), (n, c, 2 * h2, 2 * w2))
+
+    def step(self) -> Any:
+        xp, plan = self.xp, self.plan
+        x = xp.asarray(self.xh, device=self.dev)
+        y = xp.asarray(self.yh, device=self.dev)
+        saved: list[tuple[Any, ...]] = []
+        it = iter(self.params)
+        h = x
+        for i, (spec, _, shape_out) in enumerate(plan):
+            if spec[0] == "conv":
+                W, b = next(it), next(it)
+                cols, z = self._conv(h, W, spec[3])
+                z = xp.clip(z + xp.reshape(b, (1, -1, 1)), min=0.0)
+                saved.append((h, cols, z))
+                h = xp.reshape(z, (h.shape[0], *shape_out))
+            elif spec[0] == "pool":
+                v = [h[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)]
+                z = xp.maximum(xp.maximum(v[0], v[1]), xp.maximum(v[2], v[3]))
+                saved.append((h, z))
+                h = z
+            else:
+                W, b = next(it), next(it)
+                flat = xp.reshape(h, (h.shape[0], -1))
+                z = flat @ W + b
+                if i < len(plan) - 1:
+                    z = xp.clip(z, min=0.0)
+                saved.append((h, flat, z))
+                h = z
+        n = h.shape[0]
+        shifted = h - xp.max(h, axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        total = xp.sum(e, axis=1, keepdims=True)
+        onehot = xp.astype(xp.reshape(y, (-1, 1)) == self.classes, self.dt)
+        loss = -xp.sum(onehot * (shifted - xp.log(total))) / n
+        G = (e / total - onehot) / n
+        grads: list[Any] = []
+        for i in range(len(plan) - 1, -1, -1):
+            spec = plan[i][0]
+            if spec[0] == "fc":
+                h, flat, z = saved[i]
+                if i < len(plan) - 1:
+                    G = xp.where(z > 0.0, G, 0.0)
+                W = self._weight(i)
+                grads += [xp.sum(G, axis=0), flat.T @ G]
+                G = xp.reshape(G @ W.T, h.shape)
+            elif spec[0] == "pool":
+                h, z = saved[i]
+                G = self._pool_backward(h, z, G)
+            else:
+                h, cols, z = saved[i]
+                W = self._weight(i)
+                G = xp.where(z > 0.0, xp.reshape(G, z.shape), 0.0)
+                grads += [xp.sum(G, axis=(0, 2)),
+                          xp.reshape(xp.tensordot(G, cols, axes=([0, 2], [0, 2])), W.shape)]
+                if i > 0:
+                    k, p = W.shape[2], spec[3]
+                    Wt = xp.permute_dims(xp.flip(W, axis=(2, 3)), (1, 0, 2, 3))
+                    G4 = xp.reshape(G, (G.shape[0], W.shape[0], *plan[i][2][1:]))
+                    _, dx = self._conv(G4, Wt, k - 1 - p)
+                    G = xp.reshape(dx, h.shape)
+        # reassigned, not updated in place: some array-API libraries' arrays are immutable
+        self.params = [p - LEARNING_RATE * g for p, g in zip(self.params, reversed(grads))]
+        return loss
+
+    def _weight(self, layer: int) -> Any:
+        """The weight array of layer `layer` of the plan."""
+        index = sum(2 for spec, _, _ in self.plan[:layer] if spec[0] != "pool")
+        return self.params[index]
+
+
+def make_floor(w: Workload | ConvWorkload, device: Device, dtype: str,
+               weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The floor in plain array-API calls on `device`."""
+    if isinstance(w, ConvWorkload):
+        return ConvArrayApiFloor(w, device, dtype, weights, data)
     return ArrayApiFloor(w, device, dtype, weights, data)
 
 

@@ -1,5 +1,5 @@
-"""The floor for CuPy devices ('cuda[:N]'): NumPy's floor (`NdarrayFloor`) run by CuPy on one
-GPU, with that GPU current; memory read from CuPy's pool."""
+"""The floor for CuPy devices ('cuda[:N]'): NumPy's floors (`NdarrayFloor`, `ConvNdarrayFloor`)
+run by CuPy on one GPU, with that GPU current; memory read from CuPy's pool."""
 
 from __future__ import annotations
 
@@ -10,33 +10,40 @@ import numpy as np
 
 from gpuflow.backends import Device
 
-from .floor_numpy import NdarrayFloor
+from .floor_numpy import ConvNdarrayFloor, NdarrayFloor
 from .variants import Variant
-from .workloads import Workload
+from .workloads import AnyWorkload, ConvWorkload
 
 
-class CupyFloor(NdarrayFloor):
-    """NdarrayFloor on one CUDA GPU: uploads with cupy.asarray, runs with that GPU current."""
+class CupyFloor(Variant):
+    """A NumPy floor on one CUDA GPU: uploads with cupy.asarray, runs with that GPU current."""
 
-    def __init__(self, w: Workload, dtype: str, weights: Sequence[np.ndarray],
+    def __init__(self, w: AnyWorkload, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray], device: Device) -> None:
-        super().__init__(w, cupy, dtype, weights, data, sync=device.native.synchronize,
-                         upload=cupy.asarray)
         self.gpu = device.native
+        kind = ConvNdarrayFloor if isinstance(w, ConvWorkload) else NdarrayFloor
+        with self.gpu:
+            self.inner = kind(w, cupy, dtype, weights, data, sync=self.gpu.synchronize,
+                              upload=cupy.asarray)
 
     def step(self) -> Any:
         with self.gpu:
-            return super().step()
+            return self.inner.step()
+
+    def read(self, loss: Any) -> float:
+        return self.inner.read(loss)
+
+    def sync(self) -> None:
+        self.inner.sync()
 
     def memory(self) -> dict[str, Any] | None:
         return memory(self, self.gpu)
 
 
-def make_floor(w: Workload, device: Device, dtype: str, weights: Sequence[np.ndarray],
+def make_floor(w: AnyWorkload, device: Device, dtype: str, weights: Sequence[np.ndarray],
                data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The hand-written CuPy floor, its arrays on `device`'s GPU."""
-    with device.native:
-        return CupyFloor(w, dtype, weights, data, device)
+    return CupyFloor(w, dtype, weights, data, device)
 
 
 def torch_twin(device: Device) -> str:

@@ -11,7 +11,24 @@ import numpy as np
 from gpuflow.backends import Device
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, Workload
+from .workloads import LEARNING_RATE, ConvWorkload, Workload
+
+
+def softmax_ce(xp: Any, out: Any, y: Any, rows: Any, col: Any, col2: Any) -> Any:
+    """Mean softmax cross-entropy of logits `out` (n, classes) for labels y, returned; `out`
+    becomes d loss / d logits in place. rows: arange(n); col, col2: (n, 1) buffers."""
+    n = out.shape[0]
+    xp.max(out, axis=1, keepdims=True, out=col)
+    out -= col                                # shifted logits
+    picked = out[rows, y]
+    xp.exp(out, out=out)
+    xp.sum(out, axis=1, keepdims=True, out=col)
+    xp.log(col, out=col2)
+    loss = (col2.sum() - picked.sum()) / n
+    out /= col                                # softmax
+    out[rows, y] -= 1.0
+    out *= 1.0 / n                            # d loss / d logits
+    return loss
 
 
 class NdarrayFloor(Variant):
@@ -64,17 +81,7 @@ class NdarrayFloor(Variant):
             loss = xp.dot(flat, flat) / m
             xp.multiply(d, -2.0 / m, out=out)   # d loss / d out
         else:
-            n = out.shape[0]
-            xp.max(out, axis=1, keepdims=True, out=self.col)
-            out -= self.col                           # shifted logits
-            picked = out[self.rows, y]
-            xp.exp(out, out=out)
-            xp.sum(out, axis=1, keepdims=True, out=self.col)
-            xp.log(self.col, out=self.col2)
-            loss = (self.col2.sum() - picked.sum()) / n
-            out /= self.col                           # softmax
-            out[self.rows, y] -= 1.0
-            out *= 1.0 / n                            # d loss / d logits
+            loss = softmax_ce(xp, out, y, self.rows, self.col, self.col2)
         G = out
         for i in range(last, -1, -1):
             inp = x if i == 0 else z[i - 1]
@@ -106,9 +113,184 @@ class NdarrayFloor(Variant):
             self._sync()
 
 
-def make_floor(w: Workload, device: Device, dtype: str, weights: Sequence[np.ndarray],
-               data: tuple[np.ndarray, np.ndarray]) -> Variant:
+class _Conv:
+    """Convolution (stride 1, zero padding) + ReLU on activations laid out (C, N, H, W), so that
+    im2col's columns (C kh kw, N Ho Wo) make each pass one GEMM whose result is already in that
+    layout. im2col and col2im are kh * kw strided slice copies into buffers kept across steps."""
+
+    def __init__(self, xp: Any, dt: Any, W: Any, b: Any, n: int, shape_in: tuple[int, ...],
+                 padding: int, first: bool) -> None:
+        c, h, w = shape_in
+        o, _, k, _ = W.shape
+        self.xp, self.k, self.p, self.first = xp, k, padding, first
+        self.h, self.w = h, w
+        self.oh, self.ow = h + 2 * padding - k + 1, w + 2 * padding - k + 1
+        self.W2, self.b2 = W.reshape(o, c * k * k), b.reshape(o, 1)   # views of the weights
+        self.dW, self.db = xp.empty_like(self.W2), xp.empty_like(self.b2)
+        hp, wp = h + 2 * padding, w + 2 * padding
+        self.xpad = xp.zeros((c, n, hp, wp), dtype=dt) if padding else None  # borders stay 0
+        self.cols = xp.empty((c, k, k, n, self.oh, self.ow), dtype=dt)
+        self.cols2 = self.cols.reshape(c * k * k, n * self.oh * self.ow)
+        self.out = xp.empty((o, n * self.oh * self.ow), dtype=dt)
+        self.mask = xp.empty(self.out.shape, dtype=bool)
+        self.shape_out = (o, n, self.oh, self.ow)
+        if not first:  # the data's gradient is never needed
+            self.dcols = xp.empty_like(self.cols2)
+            self.dxpad = xp.empty((c, n, hp, wp), dtype=dt)
+
+    def forward(self, x: Any) -> Any:
+        """x (C, N, H, W) (any strides) -> ReLU(conv) (O, N, Ho, Wo)."""
+        xp, k, p, oh, ow = self.xp, self.k, self.p, self.oh, self.ow
+        src = x
+        if p:
+            self.xpad[:, :, p:p + self.h, p:p + self.w] = x
+            src = self.xpad
+        for i in range(k):
+            for j in range(k):
+                self.cols[:, i, j] = src[:, :, i:i + oh, j:j + ow]
+        xp.matmul(self.W2, self.cols2, out=self.out)
+        self.out += self.b2
+        xp.maximum(self.out, 0, out=self.out)
+        return self.out.reshape(self.shape_out)
+
+    def backward(self, G: Any) -> Any:
+        """G (O, N, Ho, Wo), the gradient of the ReLU's output (scaled in place) -> the input's
+        gradient (C, N, H, W) (None for the first layer); fills dW, db."""
+        xp, k, p, oh, ow = self.xp, self.k, self.p, self.oh, self.ow
+        G2 = G.reshape(self.out.shape)
+        xp.greater(self.out, 0, out=self.mask)
+        G2 *= self.mask
+        xp.matmul(G2, self.cols2.T, out=self.dW)
+        xp.sum(G2, axis=1, keepdims=True, out=self.db)
+        if self.first:
+            return None
+        xp.matmul(self.W2.T, G2, out=self.dcols)
+        dcols = self.dcols.reshape(self.cols.shape)
+        self.dxpad.fill(0)
+        for i in range(k):
+            for j in range(k):
+                self.dxpad[:, :, i:i + oh, j:j + ow] += dcols[:, i, j]
+        return self.dxpad[:, :, p:p + self.h, p:p + self.w]
+
+
+class _MaxPool:
+    """2x2 max pooling, stride 2, on (C, N, H, W): the maximum of four strided views; the
+    gradient goes to the first maximum of each window (row-major, as PyTorch)."""
+
+    def __init__(self, xp: Any, dt: Any, n: int, shape_in: tuple[int, ...]) -> None:
+        c, h, w = shape_in
+        if h % 2 or w % 2:
+            raise ValueError(f"the bench's pooling floor needs even sizes, got {h}x{w}")
+        self.xp = xp
+        self.out = xp.empty((c, n, h // 2, w // 2), dtype=dt)
+        self.eq = xp.empty(self.out.shape, dtype=bool)
+        self.taken = xp.empty(self.out.shape, dtype=bool)
+        self.dx = xp.empty((c, n, h, w), dtype=dt)
+
+    def forward(self, x: Any) -> Any:
+        xp, out = self.xp, self.out
+        self.views = [x[:, :, a::2, b::2] for a in (0, 1) for b in (0, 1)]
+        xp.maximum(self.views[0], self.views[1], out=out)
+        xp.maximum(out, self.views[2], out=out)
+        xp.maximum(out, self.views[3], out=out)
+        return out
+
+    def backward(self, G: Any) -> Any:
+        xp, eq, taken = self.xp, self.eq, self.taken
+        taken.fill(False)
+        for (a, b), v in zip(((0, 0), (0, 1), (1, 0), (1, 1)), self.views):
+            xp.equal(v, self.out, out=eq)
+            xp.greater(eq, taken, out=eq)        # a maximum not taken by an earlier entry
+            xp.multiply(G, eq, out=self.dx[:, :, a::2, b::2])
+            xp.logical_or(taken, eq, out=taken)
+        return self.dx
+
+
+class ConvNdarrayFloor(NdarrayFloor):
+    """(c) W5/W6 for NumPy and CuPy: conv + ReLU + max-pool layers on (C, N, H, W) activations
+    (im2col + one GEMM per pass), then Linear layers as NdarrayFloor's; in place, buffers kept
+    across steps, no gradient for the data."""
+
+    def __init__(self, w: ConvWorkload, xp: Any, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray], sync: Callable[[], None] | None = None,
+                 upload: Callable[[np.ndarray], Any] | None = None) -> None:
+        self.xp, self.w, self._sync = xp, w, sync
+        self.upload = upload or (lambda a: a)
+        dt = np.dtype(dtype)
+        put = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
+        self.params = [put(a) for a in weights]
+        n = w.batch
+        self.layers: list[Any] = []
+        self.dense: list[tuple[Any, Any, Any, Any, Any, Any]] = []  # W, b, dW, db, z, mask
+        it = iter(self.params)
+        for spec, shape_in, shape_out in w.plan():
+            if spec[0] == "conv":
+                self.layers.append(_Conv(xp, dt, next(it), next(it), n, shape_in, spec[3],
+                                         first=not self.layers))
+            elif spec[0] == "pool":
+                self.layers.append(_MaxPool(xp, dt, n, shape_in))
+            else:
+                if not self.dense:
+                    self.image = (shape_in[0], n, shape_in[1], shape_in[2])
+                W, b = next(it), next(it)
+                z = xp.empty((n, spec[1]), dtype=dt)
+                self.dense.append((W, b, xp.empty_like(W), xp.empty_like(b), z,
+                                   xp.empty(z.shape, dtype=bool)))
+        chw = self.dense[0][0].shape[0]
+        self.flat = xp.empty((n, chw), dtype=dt)
+        self.dflat = xp.empty((n, chw), dtype=dt)
+        self.gimage = xp.empty(self.image, dtype=dt)
+        self.col, self.col2 = xp.empty((n, 1), dtype=dt), xp.empty((n, 1), dtype=dt)
+        self.rows = xp.arange(n)
+        self.xh, self.yh = data
+
+    def step(self) -> Any:
+        xp, dense = self.xp, self.dense
+        x, y = self.upload(self.xh), self.upload(self.yh)
+        h = x.transpose(1, 0, 2, 3)                     # (C, N, H, W), copied by im2col
+        for layer in self.layers:
+            h = layer.forward(h)
+        c, n, hh, ww = self.image
+        self.flat.reshape(n, c, hh, ww)[...] = h.transpose(1, 0, 2, 3)  # PyTorch's flatten order
+        h = self.flat
+        for i, (W, b, _, _, z, _) in enumerate(dense):
+            xp.matmul(h, W, out=z)
+            z += b
+            if i < len(dense) - 1:
+                xp.maximum(z, 0, out=z)
+            h = z
+        G = dense[-1][4]
+        loss = softmax_ce(xp, G, y, self.rows, self.col, self.col2)
+        for i in range(len(dense) - 1, -1, -1):
+            W, _, dW, db, _, _ = dense[i]
+            inp = self.flat if i == 0 else dense[i - 1][4]
+            xp.matmul(inp.T, G, out=dW)
+            xp.sum(G, axis=0, out=db)
+            if i == 0:
+                xp.matmul(G, W.T, out=self.dflat)
+            else:  # the previous layer's output is read no more: its buffer takes its gradient
+                z, mask = dense[i - 1][4:]
+                xp.greater(z, 0, out=mask)
+                xp.matmul(G, W.T, out=z)
+                z *= mask
+                G = z
+        self.gimage[...] = self.dflat.reshape(n, c, hh, ww).transpose(1, 0, 2, 3)
+        G = self.gimage
+        for layer in reversed(self.layers):
+            G = layer.backward(G)
+        grads = [g for layer in self.layers if isinstance(layer, _Conv)
+                 for g in (layer.dW, layer.db)] + [g for d in dense for g in d[2:4]]
+        for p, dp in zip(self.params, grads):
+            dp *= LEARNING_RATE
+            p -= dp.reshape(p.shape)
+        return loss
+
+
+def make_floor(w: Workload | ConvWorkload, device: Device, dtype: str,
+               weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The hand-written NumPy floor."""
+    if isinstance(w, ConvWorkload):
+        return ConvNdarrayFloor(w, np, dtype, weights, data)
     return NdarrayFloor(w, np, dtype, weights, data)
 
 

@@ -8,12 +8,13 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gpuflow.backends import Device
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, Workload
+from .workloads import LEARNING_RATE, AnyWorkload, ConvWorkload, Workload
 
 
 class TorchFloor(Variant):
@@ -108,21 +109,14 @@ class TorchFloor(Variant):
 
 
 class TorchEager(Variant):
-    """(d) PyTorch eager: nn.Linear layers, torch.optim.SGD, loss.backward()."""
+    """(d) PyTorch eager: nn layers (Linear; Conv2d, MaxPool2d, Flatten), torch.optim.SGD,
+    loss.backward()."""
 
-    def __init__(self, w: Workload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
+    def __init__(self, w: AnyWorkload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray]) -> None:
         self.tdev, self.w = tdev, w
-        layers: list[Any] = []
-        n_layers = len(w.sizes) - 1
-        for i, (n_in, n_out) in enumerate(zip(w.sizes[:-1], w.sizes[1:])):
-            lin = nn.Linear(n_in, n_out)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(weights[2 * i].T)))
-                lin.bias.copy_(torch.from_numpy(weights[2 * i + 1]))
-            layers.append(lin)
-            if i < n_layers - 1:
-                layers.append(nn.ReLU() if w.activation == "relu" else nn.Sigmoid())
+        layers = _conv_layers(w, weights) if isinstance(w, ConvWorkload) else \
+            _mlp_layers(w, weights)
         self.model = nn.Sequential(*layers).to(device=tdev, dtype=getattr(torch, dtype))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.loss_fn = nn.MSELoss() if w.loss == "mse" else nn.CrossEntropyLoss()
@@ -151,9 +145,135 @@ class TorchEager(Variant):
         return memory(self, self.tdev)
 
 
-def make_floor(w: Workload, device: Device, dtype: str, weights: Sequence[np.ndarray],
+F64 = torch.float64  # layers made in float64 take the host weights exactly, then are cast
+
+
+def _set(layer: Any, weight: np.ndarray, bias: np.ndarray) -> Any:
+    """`layer` with the given host weight (in torch's layout) and bias."""
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight)))
+        layer.bias.copy_(torch.from_numpy(bias))
+    return layer
+
+
+def _mlp_layers(w: Workload, weights: Sequence[np.ndarray]) -> list[Any]:
+    layers: list[Any] = []
+    n_layers = len(w.sizes) - 1
+    for i, (n_in, n_out) in enumerate(zip(w.sizes[:-1], w.sizes[1:])):
+        layers.append(_set(nn.Linear(n_in, n_out, dtype=F64), weights[2 * i].T, weights[2 * i + 1]))
+        if i < n_layers - 1:
+            layers.append(nn.ReLU() if w.activation == "relu" else nn.Sigmoid())
+    return layers
+
+
+def _conv_layers(w: ConvWorkload, weights: Sequence[np.ndarray]) -> list[Any]:
+    layers: list[Any] = []
+    it = iter(weights)
+    plan = w.plan()
+    for i, (spec, shape_in, _) in enumerate(plan):
+        if spec[0] == "conv":
+            _, o, k, p = spec
+            layers += [_set(nn.Conv2d(shape_in[0], o, k, padding=p, dtype=F64), next(it), next(it)),
+                       nn.ReLU()]
+        elif spec[0] == "pool":
+            layers.append(nn.MaxPool2d(spec[1]))
+        else:
+            if len(shape_in) > 1:
+                layers.append(nn.Flatten())
+            W = next(it)
+            layers.append(_set(nn.Linear(W.shape[0], W.shape[1], dtype=F64), W.T, next(it)))
+            if i < len(plan) - 1:
+                layers.append(nn.ReLU())
+    return layers
+
+
+class TorchConvFloor(TorchFloor):
+    """(c) W5/W6 for torch devices: torch's own convolution and pooling kernels called by hand
+    (F.conv2d, max_pool2d_with_indices and their aten backward functions, the ones autograd
+    calls), Linear layers and the loss as TorchFloor's; no autograd graph."""
+
+    def __init__(self, w: ConvWorkload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tdev, self.w = tdev, w
+        dt = getattr(torch, dtype)
+        self.params = [torch.as_tensor(np.ascontiguousarray(a), device=tdev).to(dt)
+                       for a in weights]
+        self.plan = w.plan()
+        self.rows = torch.arange(w.batch, device=tdev)
+        self.xh, self.yh = data
+
+    def step(self) -> Any:
+        aten, plan = torch.ops.aten, self.plan
+        x, y = self._upload(self.xh), self._upload(self.yh)
+        saved: list[tuple[Any, ...]] = []   # per layer: what its backward needs
+        it = iter(self.params)
+        h = x
+        for i, (spec, _, _) in enumerate(plan):
+            if spec[0] == "conv":
+                W, b = next(it), next(it)
+                z = F.conv2d(h, W, b, padding=spec[3]).relu_()
+                saved.append((h, W, z))
+            elif spec[0] == "pool":
+                z, idx = F.max_pool2d_with_indices(h, spec[1])
+                saved.append((h, idx))
+            else:
+                W, b = next(it), next(it)
+                h2 = h.flatten(1)
+                z = torch.addmm(b, h2, W)
+                if i < len(plan) - 1:
+                    z.relu_()
+                saved.append((h, h2, W, z))
+            h = z
+        loss = _softmax_ce(h, y, self.rows)
+        G = h
+        grads: list[Any] = []
+        for i in range(len(plan) - 1, -1, -1):
+            spec = plan[i][0]
+            kind = spec[0]
+            if kind == "fc":
+                h, h2, W, z = saved[i]
+                if i < len(plan) - 1:
+                    G = aten.threshold_backward(G, z, 0)
+                grads += [G.sum(0), h2.T @ G]
+                G = (G @ W.T).view(h.shape) if i > 0 else None
+            elif kind == "pool":
+                h, idx = saved[i]
+                k = spec[1]
+                G = aten.max_pool2d_with_indices_backward(G, h, [k, k], [k, k], [0, 0], [1, 1],
+                                                          False, idx)
+            else:
+                h, W, z = saved[i]
+                G = aten.threshold_backward(G, z, 0)
+                p = spec[3]
+                dx, dW, db = aten.convolution_backward(
+                    G, h, W, [W.shape[0]], [1, 1], [p, p], [1, 1], False, [0, 0], 1,
+                    [i > 0, True, True])
+                grads += [db, dW]
+                G = dx
+        for param, grad in zip(self.params, reversed(grads)):
+            param.sub_(grad, alpha=LEARNING_RATE)
+        return loss
+
+
+def _softmax_ce(out: Any, y: Any, rows: Any) -> Any:
+    """Mean softmax cross-entropy of logits `out` for labels y; `out` becomes its gradient."""
+    n = out.shape[0]
+    out.sub_(torch.amax(out, dim=1, keepdim=True))
+    picked = out[rows, y]
+    out.exp_()
+    total = out.sum(dim=1, keepdim=True)
+    loss = (total.log().sum() - picked.sum()) / n
+    out.div_(total)
+    out[rows, y] -= 1.0
+    out.mul_(1.0 / n)
+    return loss
+
+
+def make_floor(w: AnyWorkload, device: Device, dtype: str, weights: Sequence[np.ndarray],
                data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The hand-written torch floor on `device`'s torch device."""
+    if isinstance(w, ConvWorkload):
+        return TorchConvFloor(w, device.native, dtype, weights, data)
     return TorchFloor(w, device.native, dtype, weights, data)
 
 

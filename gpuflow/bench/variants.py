@@ -17,7 +17,7 @@ import gpuflow as gf
 from gpuflow.backends import LEDGER, Device
 from gpuflow.optim import SGD
 
-from .workloads import LEARNING_RATE, Workload, build_model, initial_weights
+from .workloads import LEARNING_RATE, AnyWorkload, initial_weights
 
 VARIANTS = ("floor", "graph", "miniflow", "torch")
 
@@ -83,10 +83,10 @@ class _GpuflowVariant(Variant):
 class GraphVariant(_GpuflowVariant):
     """(a) gpuflow's Graph + SGD optimizer."""
 
-    def __init__(self, w: Workload, device: Device, dtype: str, seed: int,
+    def __init__(self, w: AnyWorkload, device: Device, dtype: str, seed: int,
                  data: tuple[np.ndarray, np.ndarray]) -> None:
         super().__init__(device)
-        X, y, loss, _ = build_model(w, seed)
+        X, y, loss, _ = w.model(seed)
         self.graph = gf.Graph(loss, device=device, dtype=dtype, inputs=[X, y])
         self.opt = SGD(self.graph, lr=LEARNING_RATE)
         self.xb, self.yb = data
@@ -103,23 +103,14 @@ class GraphVariant(_GpuflowVariant):
 class MiniFlowVariant(_GpuflowVariant):
     """(b) the MiniFlow loop: every weight an Input, every gradient computed."""
 
-    def __init__(self, w: Workload, device: Device, dtype: str,
+    def __init__(self, w: AnyWorkload, device: Device, dtype: str,
                  weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> None:
         super().__init__(device)
-        act = {"relu": gf.ReLU, "sigmoid": gf.Sigmoid}[w.activation]
         self.X, self.y = gf.Input(name="X"), gf.Input(name="y")
-        feed = {self.X: data[0], self.y: data[1]}
-        self.trainables = []
-        h: gf.Node = self.X
-        n_layers = len(w.sizes) - 1
-        for i in range(n_layers):
-            W, b = gf.Input(name=f"W{i + 1}"), gf.Input(name=f"b{i + 1}")
-            feed[W], feed[b] = weights[2 * i], weights[2 * i + 1]
-            self.trainables += [W, b]
-            h = gf.Linear(h, W, b)
-            if i < n_layers - 1:
-                h = act(h)
-        self.loss = gf.MSE(self.y, h) if w.loss == "mse" else gf.SoftmaxCrossEntropy(self.y, h)
+        self.trainables = [gf.Input(name=f"{'Wb'[i % 2]}{i // 2 + 1}")
+                           for i in range(len(weights))]
+        self.loss = w.network(self.X, self.y, self.trainables)
+        feed = {self.X: data[0], self.y: data[1], **dict(zip(self.trainables, weights))}
         self.graph = gf.topological_sort(feed, device=device, dtype=dtype)
         self.xb, self.yb = data
 
@@ -135,7 +126,7 @@ class MiniFlowVariant(_GpuflowVariant):
             return self.device.item(loss, what="loss read")
 
 
-def make_variants(w: Workload, device: Device, dtype: str, seed: int,
+def make_variants(w: AnyWorkload, device: Device, dtype: str, seed: int,
                   data: tuple[np.ndarray, np.ndarray]) -> dict[str, Variant | None]:
     """Fresh instances of every variant, all from the same initial weights and batch."""
     weights = initial_weights(w, seed)

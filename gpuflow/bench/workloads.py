@@ -1,12 +1,19 @@
-"""The benchmark's workloads: the network, its loss, the fixed host batch, the initial weights."""
+"""The benchmark's workloads: the network, its loss, the fixed host batch, the initial weights.
+
+W1-W4 are MLPs (`Workload`), W5-W6 small convolutional networks (`ConvWorkload`). Each builds
+gpuflow's own model from seeded Parameters (for the Graph variant), the same network over given
+weight nodes (for the MiniFlow variant), and gives the weights as host arrays for the others.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
 import gpuflow as gf
+from gpuflow.backends.numpy import host_rng
 
 LEARNING_RATE = 1e-2
 CHECK_STEPS = 3   # steps of every variant whose losses are compared before timing
@@ -28,36 +35,163 @@ class Workload:
         return (f"{'-'.join(map(str, self.sizes))} {self.activation}, {loss}, "
                 f"batch {self.batch}")
 
+    def fields(self) -> dict[str, Any]:
+        """What the JSON report records about the workload."""
+        return {"sizes": list(self.sizes), "activation": self.activation, "loss": self.loss,
+                "batch": self.batch}
 
-WORKLOADS = {w.name: w for w in (
+    def make_data(self, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed host batch: X (batch, n_in) in `dtype`; y float (batch, 1) for MSE, int64
+        class labels (batch,) for cross-entropy."""
+        rng = np.random.default_rng(seed + 1)
+        x = rng.standard_normal((self.batch, self.sizes[0])).astype(dtype)
+        if self.loss == "mse":
+            y = rng.standard_normal((self.batch, self.sizes[-1])).astype(dtype)
+        else:
+            y = rng.integers(0, self.sizes[-1], size=self.batch).astype(np.int64)
+        return x, y
+
+    def model(self, seed: int) -> tuple[gf.Input, gf.Input, gf.Node, list[gf.Parameter]]:
+        """gpuflow's own MLP (seeded Parameters) with its loss: X, y, loss, parameters."""
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        out, params = gf.mlp(X, self.sizes, activation=self.activation, seed=seed)
+        return X, y, self._loss(y, out), list(params.values())
+
+    def parameters(self, seed: int) -> list[gf.Parameter]:
+        """The seeded Parameters W1, b1, W2, b2, ... as gf.mlp draws them."""
+        return self.model(seed)[3]
+
+    def network(self, X: gf.Node, y: gf.Node, weights: Sequence[gf.Node]) -> gf.Node:
+        """The same network and loss over given weight nodes [W1, b1, W2, b2, ...]."""
+        act = {"relu": gf.ReLU, "sigmoid": gf.Sigmoid}[self.activation]
+        h: gf.Node = X
+        n_layers = len(self.sizes) - 1
+        for i in range(n_layers):
+            h = gf.Linear(h, weights[2 * i], weights[2 * i + 1])
+            if i < n_layers - 1:
+                h = act(h)
+        return self._loss(y, h)
+
+    def _loss(self, y: gf.Node, out: gf.Node) -> gf.Node:
+        return gf.MSE(y, out) if self.loss == "mse" else gf.SoftmaxCrossEntropy(y, out)
+
+
+@dataclass(frozen=True)
+class ConvWorkload:
+    """A convolutional network's training step, NCHW. `layers` lists ("conv", out_channels,
+    kernel, padding) (stride 1, then ReLU), ("pool", 2) (2x2 max pooling, stride 2) and
+    ("fc", n_out) (Linear, ReLU on all but the last; the first flattens); softmax CE."""
+
+    name: str
+    title: str
+    image: tuple[int, int, int]    # (C, H, W) of one example
+    layers: tuple[tuple[Any, ...], ...]
+    batch: int
+    gpu_only: bool = False
+    activation = "relu"
+    loss = "ce"
+
+    @property
+    def classes(self) -> int:
+        return self.layers[-1][1]
+
+    def describe(self) -> str:
+        c, h, w = self.image
+        return f"{self.title} {c}x{h}x{w}, softmax CE, batch {self.batch}"
+
+    def fields(self) -> dict[str, Any]:
+        """What the JSON report records about the workload."""
+        return {"image": list(self.image), "layers": [list(spec) for spec in self.layers],
+                "activation": self.activation, "loss": self.loss, "batch": self.batch}
+
+    def plan(self) -> list[tuple[tuple[Any, ...], tuple[int, ...], tuple[int, ...]]]:
+        """Each layer as (spec, input shape, output shape), shapes without the batch axis:
+        (C, H, W) for images, (n,) for features."""
+        shape: tuple[int, ...] = self.image
+        out = []
+        for spec in self.layers:
+            if spec[0] == "conv":
+                _, o, k, p = spec
+                new: tuple[int, ...] = (o, shape[1] + 2 * p - k + 1, shape[2] + 2 * p - k + 1)
+            elif spec[0] == "pool":
+                new = (shape[0], shape[1] // spec[1], shape[2] // spec[1])
+            else:
+                new = (spec[1],)
+            out.append((spec, shape, new))
+            shape = new
+        return out
+
+    def parameter_shapes(self) -> list[tuple[tuple[int, ...], str, int, int]]:
+        """[(shape, initialiser, fan_in, fan_out)] for W1, b1, W2, b2, ... in gpuflow's
+        layouts: conv W (out, in, kh, kw), Linear W (in, out)."""
+        out = []
+        plan = self.plan()
+        for i, (spec, shape_in, shape_out) in enumerate(plan):
+            if spec[0] == "conv":
+                _, o, k, _ = spec
+                c = shape_in[0]
+                out += [((o, c, k, k), "he", c * k * k, o * k * k), ((o,), "zeros", 1, 1)]
+            elif spec[0] == "fc":
+                n_in, n_out = int(np.prod(shape_in)), spec[1]
+                init = "xavier" if i == len(plan) - 1 else "he"  # as gf.dense: He before ReLU
+                out += [((n_in, n_out), init, n_in, n_out), ((n_out,), "zeros", 1, 1)]
+        return out
+
+    def make_data(self, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed host batch: X (batch, C, H, W) in `dtype`, int64 labels y (batch,)."""
+        rng = np.random.default_rng(seed + 1)
+        x = rng.standard_normal((self.batch, *self.image)).astype(dtype)
+        y = rng.integers(0, self.classes, size=self.batch).astype(np.int64)
+        return x, y
+
+    def parameters(self, seed: int) -> list[gf.Parameter]:
+        """The seeded Parameters W1, b1, W2, b2, ... (one host generator, drawn in order)."""
+        rng = host_rng(seed)
+        return [gf.Parameter(shape, init, name=f"p{i}", rng=rng, fan_in=fi, fan_out=fo)
+                for i, (shape, init, fi, fo) in enumerate(self.parameter_shapes())]
+
+    def model(self, seed: int) -> tuple[gf.Input, gf.Input, gf.Node, list[gf.Parameter]]:
+        """gpuflow's own network (seeded Parameters) with its loss: X, y, loss, parameters."""
+        params = self.parameters(seed)
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        return X, y, self.network(X, y, params), params
+
+    def network(self, X: gf.Node, y: gf.Node, weights: Sequence[gf.Node]) -> gf.Node:
+        """The network and loss over given weight nodes [W1, b1, W2, b2, ...]."""
+        h: gf.Node = X
+        it = iter(weights)
+        plan = self.plan()
+        flat = False
+        for i, (spec, _, _) in enumerate(plan):
+            if spec[0] == "conv":
+                h = gf.ReLU(gf.Conv2D(h, next(it), next(it), padding=spec[3]))
+            elif spec[0] == "pool":
+                h = gf.MaxPool2D(h, spec[1])
+            else:
+                if not flat:
+                    h, flat = gf.Flatten(h), True
+                h = gf.Linear(h, next(it), next(it))
+                if i < len(plan) - 1:
+                    h = gf.ReLU(h)
+        return gf.SoftmaxCrossEntropy(y, h)
+
+
+AnyWorkload = Workload | ConvWorkload
+
+WORKLOADS: dict[str, AnyWorkload] = {w.name: w for w in (
     Workload("W1", (13, 10, 1), "sigmoid", "mse", 11),
     Workload("W2", (784, 128, 10), "relu", "ce", 64),
     Workload("W3", (784, 1024, 1024, 10), "relu", "ce", 512),
     Workload("W4", (4096, 4096, 4096, 10), "relu", "ce", 4096, gpu_only=True),
+    ConvWorkload("W5", "LeNet-5", (1, 28, 28),
+                 (("conv", 6, 5, 2), ("pool", 2), ("conv", 16, 5, 0), ("pool", 2),
+                  ("fc", 120), ("fc", 84), ("fc", 10)), 64),
+    ConvWorkload("W6", "conv 32-64-128 + pool", (3, 32, 32),
+                 (("conv", 32, 3, 1), ("pool", 2), ("conv", 64, 3, 1), ("pool", 2),
+                  ("conv", 128, 3, 1), ("pool", 2), ("fc", 10)), 128),
 )}
 
 
-def make_data(w: Workload, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The fixed host batch: X (batch, n_in) in `dtype`; y float (batch, 1) for MSE, int64
-    class labels (batch,) for cross-entropy."""
-    rng = np.random.default_rng(seed + 1)
-    x = rng.standard_normal((w.batch, w.sizes[0])).astype(dtype)
-    if w.loss == "mse":
-        y = rng.standard_normal((w.batch, w.sizes[-1])).astype(dtype)
-    else:
-        y = rng.integers(0, w.sizes[-1], size=w.batch).astype(np.int64)
-    return x, y
-
-
-def build_model(w: Workload, seed: int) -> tuple[gf.Input, gf.Input, gf.Node, list[gf.Parameter]]:
-    """gpuflow's own MLP (seeded Parameters) with its loss: X, y, loss, parameters."""
-    X, y = gf.Input(name="X"), gf.Input(name="y")
-    out, params = gf.mlp(X, w.sizes, activation=w.activation, seed=seed)
-    loss = gf.MSE(y, out) if w.loss == "mse" else gf.SoftmaxCrossEntropy(y, out)
-    return X, y, loss, list(params.values())
-
-
-def initial_weights(w: Workload, seed: int) -> list[np.ndarray]:
+def initial_weights(w: AnyWorkload, seed: int) -> list[np.ndarray]:
     """[W1, b1, W2, b2, ...] as float64 host arrays, drawn by gpuflow's initialisers."""
-    *_, params = build_model(w, seed)
-    return [np.array(p.value, dtype=np.float64) for p in params]
+    return [np.array(p.value, dtype=np.float64) for p in w.parameters(seed)]

@@ -10,18 +10,19 @@
         ctx.print(ctx.allreduce_scalar(graph.item(loss)))   # the global mean loss, on rank 0
 
 Not launched under MPI (or launched with one rank), every call here is a no-op and mpi4py is
-never imported. The MPI specifics live in `mpi.py`, the NCCL ones in `nccl.py`.
+never imported. The MPI specifics live in `mpi.py`; device-side collectives (NCCL for CuPy)
+live behind the device (`Device.collectives`, `Device.communicator`), in its backend.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
 from typing import Any, Iterator
 
-import numpy
-
+from ..backends import rank_spec
 from ..data.batches import Batches
 from ..errors import DataError, DistributedError
 from ..graph import Graph
@@ -96,52 +97,44 @@ class Context:
         s = spec.strip()
         if self.size == 1:
             return s
-        if s.lower() == "auto":  # auto picks GPU 0 for everyone: make it this rank's GPU
-            from ..backends import get_device
-            s = "cuda" if get_device("auto").is_gpu else "cpu"
-        if s.lower() in ("cuda", "gpu", "cupy", "torch:cuda"):
-            # Modulo the GPUs this rank sees: with one GPU per rank (CUDA_VISIBLE_DEVICES set
-            # per rank, as srun --gpus-per-task does) every rank sees its own as GPU 0.
-            return f"{s}:{self.local_rank % max(1, _visible_gpus(s))}"
-        return s
+        return rank_spec(s, self.local_rank)
 
     def communicator(self, device: Any) -> Any:
         """The communicator for arrays of `device` (one per device, made on first use).
 
-        CuPy: NCCL when CuPy has it and every rank has its own GPU, else MPI through the host
-        (said once). Everything else: MPI on host memory.
+        The device's own collectives (`device.collectives`: NCCL for CuPy) when every rank can
+        use them and has its own GPU, else MPI through the host (said once).
         """
         if device.name in self._communicators:
             return self._communicators[device.name]
         from .mpi import MpiCommunicator
         comm: Any = None
-        if device.backend == "cupy":
-            why = self._nccl_problem(device)
+        if device.collectives is not None:
+            why = self._collectives_problem(device)
             if why is None:
-                from .nccl import NcclCommunicator
-                comm = NcclCommunicator(self.comm, device)
+                comm = device.communicator(self.comm)
             else:
                 self.log(f"gradients of {device.name} are summed through the host with MPI "
                          f"(two copies per step, counted in gpuflow.LEDGER): {why}.")
         if comm is None:
             comm = MpiCommunicator(self.comm, device)
-            if device.is_gpu and device.backend != "cupy":
+            if device.is_gpu and device.collectives is None:
                 self.log(f"gradients of {device.name} are summed through the host with MPI "
                          "(two copies per step, counted in gpuflow.LEDGER).")
         self._communicators[device.name] = comm
         return comm
 
-    def _nccl_problem(self, device: Any) -> str | None:
-        """None if NCCL can be used on every rank, else why not (the same answer everywhere)."""
-        from .nccl import nccl_problem
-        mine = (nccl_problem(), socket.gethostname(), _gpu_identity(device))
+    def _collectives_problem(self, device: Any) -> str | None:
+        """None if the device's collectives can be used on every rank, else why not (the same
+        answer everywhere)."""
+        mine = (device.collectives_problem(), socket.gethostname(), device.identity())
         everyone = self.comm.allgather(mine)
         problems = [f"rank {r}: {p}" for r, (p, _, _) in enumerate(everyone) if p]
         if problems:
             return "; ".join(problems)
         gpus = [(host, name) for _, host, name in everyone]
         if len(set(gpus)) < len(gpus):
-            return ("NCCL needs one GPU per rank, but ranks share one "
+            return (f"{device.collectives} needs one GPU per rank, but ranks share one "
                     f"({', '.join(f'rank {r}: {h} {n}' for r, (h, n) in enumerate(gpus))})")
         return None
 
@@ -226,27 +219,6 @@ class Context:
         return ShardedBatches(self, X, y, batch_size, **options)
 
 
-def _visible_gpus(spec: str) -> int:
-    """How many CUDA GPUs the library behind `spec` sees here (0 if it cannot be imported)."""
-    try:
-        if spec.lower().startswith("torch"):
-            import torch
-            return torch.cuda.device_count()
-        from ..backends.cupy import gpu_count
-        return gpu_count()[0]
-    except ImportError:
-        return 0
-
-
-def _gpu_identity(device: Any) -> str:
-    """The GPU's PCI bus id (the same GPU seen as cuda:0 by two ranks is one GPU), else its name."""
-    try:
-        import cupy
-        return str(cupy.cuda.runtime.deviceGetPCIBusId(device.index))
-    except Exception:  # noqa: BLE001 - not CuPy, or no such call: the device's name will do
-        return device.name
-
-
 def shard_bounds(total: int, rank: int, size: int) -> tuple[int, int]:
     """[start, stop) of rank's slice of `total` samples: the first total % size ranks get one
     more."""
@@ -292,7 +264,7 @@ class ShardedBatches:
             if self.device is not None:
                 yield self.device.put(xb, self.dtype), self.device.put(yb)
             elif self.dtype is not None:
-                yield numpy.asarray(xb, dtype=self.dtype), yb
+                yield xb.astype(self.dtype, copy=False), yb
             else:
                 yield xb, yb
 
@@ -312,7 +284,7 @@ def _unflatten(xp: Any, flat: Any, like: list[Any]) -> list[Any]:
     """Views of `flat` shaped like each array of `like`."""
     out, offset = [], 0
     for a in like:
-        size = int(numpy.prod(a.shape))
+        size = math.prod(a.shape)
         out.append(xp.reshape(flat[offset:offset + size], tuple(a.shape)))
         offset += size
     return out

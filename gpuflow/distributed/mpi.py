@@ -55,15 +55,15 @@ def abort_on_exception(comm: Any, rank: int, size: int) -> None:
 class MpiCommunicator:
     """Sums and broadcasts through MPI on host memory.
 
-    NumPy arrays are reduced in place. Arrays of another library (array_api_strict, or CuPy
-    when NCCL cannot be used) are staged through the host with `Device.to_host` / `Device.put`,
+    Host arrays are reduced in host memory. Arrays of a device without usable collectives
+    (array_api_strict's device1, CuPy when NCCL cannot be used) are staged through the host with `Device.to_host` / `Device.put`,
     so the transfer ledger counts the copies.
     """
 
     def __init__(self, comm: Any, device: Any) -> None:
         self.comm = comm
         self.device = device
-        self.name = "MPI" if device.backend == "numpy" else f"MPI via the host ({device.name})"
+        self.name = "MPI" if device.is_host else f"MPI via the host ({device.name})"
 
     def allreduce_sum(self, x: Any, *, what: str = "gradients") -> Any:
         """The elementwise sum of `x` over every rank (may reuse `x`'s memory)."""

@@ -1,7 +1,8 @@
 """NCCL through CuPy (`cupy.cuda.nccl`): gradient sums between GPUs without a host copy.
 
-Imported only for a CuPy graph under a launcher with more than one rank. Not run in CI (no
-GPU there); the names follow cupy_backends/cuda/libs/nccl.pyx: get_unique_id(),
+Part of the CuPy backend (`CupyDevice.communicator`): imported only for a CuPy graph under a
+launcher with more than one rank. Not run in CI (no GPU there); the names follow
+cupy_backends/cuda/libs/nccl.pyx: get_unique_id(),
 NcclCommunicator(ndev, commId, rank), allReduce(sendbuf, recvbuf, count, datatype, op, stream),
 bcast(buff, count, datatype, root, stream), NCCL_FLOAT32 / NCCL_FLOAT64 / NCCL_SUM.
 """

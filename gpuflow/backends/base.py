@@ -1,0 +1,414 @@
+"""The backend contract: what a backend module provides, and the `Device` and `Ops` it builds on.
+
+A backend is one module `gpuflow/backends/<name>.py` plus one line in `REGISTRY`
+(`gpuflow/backends/__init__.py`). The module provides:
+
+- `import_problem() -> str | None`: None if its library imports, else why not (see
+  `missing_library`). Called before anything else; never raises.
+- `EXAMPLE_SPECS: tuple[str, ...]`: specs to show for it, the first in `gpuflow devices` when
+  the library is missing.
+- `make_device(rest: str, spec: str) -> Device`: the device for a spec whose head named this
+  backend (`rest` is what follows the first ':', `spec` the whole string for messages);
+  `DeviceError` with a `help:` line if this machine cannot provide it.
+- `candidate_specs() -> list[str]`: the specs `gpuflow devices` tries (available or not).
+- `array_device_name(value) -> str | None`: the canonical spec of the device holding `value`
+  if it is this library's array, else None. Called only once the library is imported.
+- optional `rank_spec(rest: str, spec: str, local_rank: int) -> str | None`: the spec of this
+  rank's device for a spec without an index ('cuda' -> 'cuda:<local rank>'), None to keep it.
+
+The `Device` subclass it makes answers every question code outside `gpuflow/backends/` may ask
+about a library, so that nothing there imports one or switches on a backend's name:
+
+- `xp` the array namespace (array API standard), `native` the library's device object,
+  `name` the canonical spec, `backend` the registry name, `index` the library's device number
+  (None where it has none), `ops` the operations of a training step (`Ops`).
+- capabilities: `ops.writes_out` (ops write into `out=` buffers), `mutable_arrays` (arrays can
+  be updated in place: `x[...] = v`, `x *= a`), `is_host` (arrays live in host memory: no
+  transfer counted), `is_gpu`, `supports_dlpack` (`xp.from_dlpack` takes other libraries'
+  arrays), `collectives` (the name of device-side collectives, e.g. 'NCCL', or None: then
+  distributed training sums through MPI on host memory).
+- transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
+  the dtype rules of a fed Input), `to_host`, `item`, `synchronize`.
+- `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
+  gives an array on this device in [0, 1) without a host round trip.
+- `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
+  when `collectives` is not None.
+- `jit(fn)`: a pure function of arrays compiled by the library (`jax.jit`), or None where it
+  has no compiler; `gpuflow.compiled.compile_step` builds a whole training step on it.
+- `scope()`, `forbid_sync()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
+  `is_floating()`, `owns()`.
+
+A subclass implements `owns`, `describe`, `_put`, `_to_host` (and `_synchronize` where the
+library queues work), and overrides a capability where its library differs from the defaults
+below. See docs/backends.md for a worked example (JAX).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from ..errors import DeviceError, GraphError
+from .ledger import LEDGER
+
+
+class Ops:
+    """The array operations a training step makes, each able to write into an `out` array.
+
+    The array API standard has no `out=`; NumPy, CuPy and torch do, and writing into buffers a
+    node keeps from step to step (`Node.buffers`) is what makes a step allocation-free. Every
+    function returns its result: `out` itself where the backend writes there, a new array
+    where it cannot. `out` may be None (compute a new array). This generic version, built on
+    the array namespace and used for libraries without `out=` (array_api_strict, JAX), ignores
+    `out`; `writes_out` says which.
+
+    Elementwise: add, subtract, multiply, divide, maximum (x1, x2, out=None); tanh, exp, log,
+    sqrt (x, out=None); greater and equal (x1, x2, dtype, out=None) give 1 or 0 in `dtype`.
+    Reductions of floating arrays: sum, max (x, axis=None, keepdims=False, out=None).
+    matmul (x1, x2, out=None). `out` must have the result's shape and dtype.
+
+    To add an op: write its generic version here; if its signature is the NumPy ufunc's own
+    (`f(x1, x2, out=None)`), add its name to `LIBRARY_NAMED` so that `UfuncOps` binds each
+    library's function of that name; a backend with another fast route overrides it.
+    """
+
+    writes_out = False
+    # Ops whose NumPy-style signature (arrays, then out=) libraries share under the same name.
+    LIBRARY_NAMED = ("matmul", "add", "subtract", "multiply", "divide", "maximum",
+                     "tanh", "exp", "log", "sqrt")
+
+    def __init__(self, xp: Any) -> None:
+        self.xp = xp
+
+    def matmul(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 @ x2
+
+    def add(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 + x2
+
+    def subtract(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 - x2
+
+    def multiply(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 * x2
+
+    def divide(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return x1 / x2
+
+    def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
+        return self.xp.maximum(x1, x2)
+
+    def tanh(self, x: Any, out: Any = None) -> Any:
+        return self.xp.tanh(x)
+
+    def exp(self, x: Any, out: Any = None) -> Any:
+        return self.xp.exp(x)
+
+    def log(self, x: Any, out: Any = None) -> Any:
+        return self.xp.log(x)
+
+    def sqrt(self, x: Any, out: Any = None) -> Any:
+        return self.xp.sqrt(x)
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        return self.xp.astype(x1 > x2, dtype)
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        return self.xp.astype(x1 == x2, dtype)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self.xp.sum(x, axis=axis, keepdims=keepdims)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+
+class UfuncOps(Ops):
+    """`Ops` for a library `lib` whose functions take `out=` (NumPy, CuPy, torch): each op of
+    `LIBRARY_NAMED` is the library's own function of that name, bound once, unless `lib` has
+    none or a subclass writes its own; greater, equal, sum and max use `lib`'s NumPy names."""
+
+    writes_out = True
+
+    def __init__(self, xp: Any, lib: Any) -> None:
+        super().__init__(xp)
+        self._lib = lib
+        for name in self.LIBRARY_NAMED:
+            own = getattr(type(self), name) is not getattr(Ops, name)  # a subclass's route
+            if not own and hasattr(lib, name):
+                setattr(self, name, getattr(lib, name))
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._lib.greater(x1, x2).astype(dtype)
+        return self._lib.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._lib.equal(x1, x2).astype(dtype)
+        return self._lib.equal(x1, x2, out=out)
+
+    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._lib.sum(x, axis=axis, keepdims=keepdims, out=out)
+
+    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
+
+
+class _NullScope:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+NULL_SCOPE = _NullScope()
+
+
+class Device:
+    """One device of one array library: its namespace `xp`, its canonical `name`, transfers and
+    capabilities (see the module docstring for the whole contract)."""
+
+    backend: str = ""              # the registry name, e.g. "numpy", "cupy", "jax"
+    is_gpu: bool = False           # a GPU (for messages and 'auto'; capabilities say the rest)
+    is_host: bool = True           # arrays live in host memory NumPy can share: no copy counted
+    mutable_arrays: bool = True    # x[...] = v and x *= a update x (False: JAX)
+    supports_dlpack: bool = True   # xp.from_dlpack takes another library's array
+    collectives: str | None = None  # device-side collectives (e.g. "NCCL"), None: MPI on host
+    index: int | None = None       # the library's device number, None where it has none
+
+    def __init__(self, name: str, xp: Any, native: Any) -> None:
+        self.name = name        # canonical spec, e.g. "cpu", "cuda:0", "torch:cpu"
+        self.xp = xp            # array-API namespace (array-api-compat)
+        self.native = native    # the library's own device object, passed as device=
+        self._dtypes = {n: getattr(xp, n) for n in
+                        ("float16", "bfloat16", "float32", "float64", "bool", "int8", "int16",
+                         "int32", "int64", "uint8", "uint16", "uint32", "uint64")
+                        if hasattr(xp, n)}
+        self._seen_dtypes: dict[Any, Any] = {}
+        self._floating: dict[Any, bool] = {}
+        self.ops = self._make_ops()  # operations that can write into a node's buffers
+
+    def __repr__(self) -> str:
+        return f"gpuflow.Device({self.name!r})"
+
+    def __str__(self) -> str:
+        return self.name
+
+    # -- buffers a node keeps across steps (see Ops and Node.buffers) -------------------------
+    def _make_ops(self) -> Ops:
+        return Ops(self.xp)
+
+    def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialised array on this device, for a node to write into step after step."""
+        return self.xp.empty(shape, dtype=dtype, device=self.native)
+
+    def memory_keys(self, value: Any) -> tuple:
+        """Keys of the memory `value` may share with a node's buffer: the ids of the array,
+        of the array it views (`base`) and of that one's base (NumPy's stride tricks view
+        through a helper object). A buffer's own key is `memory_keys(buffer)[0]`."""
+        base = getattr(value, "base", None)
+        if base is None:
+            return (id(value),)
+        return (id(value), id(base), id(getattr(base, "base", None)))
+
+    # -- dtypes --------------------------------------------------------------------------------
+    def dtype(self, spec: Any) -> Any:
+        """This namespace's dtype for a name ("float32"), a NumPy dtype or a namespace dtype."""
+        if spec is None:
+            return None
+        try:  # a dtype seen before (NumPy's dtype.name is computed in Python: ~2 us)
+            return self._seen_dtypes[spec]
+        except (KeyError, TypeError):
+            pass
+        name = spec if isinstance(spec, str) else dtype_name(spec)
+        try:
+            found = self._dtypes[name]
+        except KeyError:
+            raise GraphError(
+                f"unknown dtype {spec!r} for device {self.name}; "
+                f"expected one of {sorted(self._dtypes)}.\nhelp: pass e.g. 'float32'.") from None
+        try:
+            self._seen_dtypes[spec] = found
+        except TypeError:  # an unhashable spec: just not cached
+            pass
+        return found
+
+    def is_floating(self, dtype: Any) -> bool:
+        """Whether `dtype` is a real floating dtype (remembered per dtype: array-api-compat's
+        isdtype costs microseconds, and every fed batch of labels asks)."""
+        try:
+            return self._floating[dtype]
+        except KeyError:
+            floating = self._floating[dtype] = self.xp.isdtype(dtype, "real floating")
+            return floating
+        except TypeError:  # an unhashable dtype: just not remembered
+            return self.xp.isdtype(dtype, "real floating")
+
+    # -- transfers -----------------------------------------------------------------------------
+    def put(self, value: Any, dtype: Any = None, *, what: str = "array") -> Any:
+        """`value` as an array on this device, in `dtype` if given (else its own dtype).
+
+        The one way a value moves to a device: a host array, list or scalar is copied here
+        once (counted in `LEDGER`); this device's own array is returned as it is (converted if
+        `dtype` differs). An array of another library or on another device is a `DeviceError`:
+        it is never moved silently. `what` names the value in errors and the ledger.
+        """
+        if self.owns(value):
+            if dtype is not None and value.dtype != dtype:
+                value = self.xp.astype(value, dtype)
+            return value
+        self._refuse_foreign(value, what)
+        return self._upload(_host_array(value, what), dtype, what)
+
+    def feed(self, value: Any, float_dtype: Any = None, keep_integers: bool = False, *,
+             what: str = "array") -> Any:
+        """`put` with the dtype rules of a fed Input: floating data in `float_dtype` (None keeps
+        its own), integer and boolean data made floating (`float_dtype`, else float64) unless
+        `keep_integers` (labels)."""
+        owned = self.owns(value)
+        if owned:
+            source = value.dtype
+        else:
+            self._refuse_foreign(value, what)
+            value = _host_array(value, what)
+            source = self.dtype(value.dtype)
+        if self.is_floating(source):
+            target = float_dtype if float_dtype is not None else source
+        elif keep_integers:
+            target = source
+        else:
+            target = float_dtype if float_dtype is not None else self._dtypes["float64"]
+        if owned:
+            return value if value.dtype == target else self.xp.astype(value, target)
+        return self._upload(value, target, what)
+
+    def _upload(self, host: Any, dtype: Any, what: str) -> Any:
+        """A NumPy array copied onto this device (counted), in `dtype` if given."""
+        out = self._put(host, dtype)
+        if not self.is_host:
+            LEDGER.record("h2d", host.nbytes, self, what)
+        return out
+
+    def _refuse_foreign(self, value: Any, what: str) -> None:
+        from . import foreign_device_name
+        foreign = foreign_device_name(value)
+        if foreign is not None and foreign.startswith("an unknown library"):
+            raise DeviceError(
+                f"{what} is {type(value).__name__} from {foreign}, which gpuflow cannot place "
+                f"on {self.name}.\nhelp: pass a NumPy array (e.g. numpy.asarray(value)).")
+        if foreign is not None:
+            raise DeviceError(
+                f"{what} is an array on {foreign}, but the graph is on {self.name}.\n"
+                f"help: pass a host (NumPy) array and gpuflow moves it once, or build the graph "
+                f"with device={foreign!r}.")
+
+    def to_host(self, value: Any, *, what: str = "array") -> Any:
+        """`value` (an array on this device) as a NumPy array (a copy, never the live array)."""
+        host = self._to_host(value)
+        if not self.is_host:
+            LEDGER.record("d2h", host.nbytes, self, what)
+        return host
+
+    def item(self, value: Any, *, what: str = "scalar") -> float:
+        """A 0-d device array as a Python float: the one read that synchronises."""
+        if isinstance(value, (int, float)):
+            return float(value)
+        return float(self.to_host(value, what=what))
+
+    def synchronize(self, *, what: str = "synchronize") -> None:
+        """Wait until queued work on this device has finished (a no-op on CPUs)."""
+        if not self.is_host:
+            LEDGER.record("sync", 0, self, what)
+            self._synchronize()
+
+    # -- random numbers ------------------------------------------------------------------------
+    def rng(self, seed: int) -> Any:
+        """A seeded generator of random numbers on this device: `uniform(shape, dtype,
+        out=None)` gives an array in [0, 1) here, without a host round trip. One seed gives
+        the same numbers on the same device (not across libraries: each has its own stream)."""
+        raise GraphError(f"device {self.name} has no random number generator.\n"
+                         "help: implement Device.rng(seed) in its backend module.")
+
+    # -- compilation ---------------------------------------------------------------------------
+    def jit(self, fn: Callable[..., Any]) -> "Callable[..., Any] | None":
+        """`fn` (a pure function of arrays, lists and dicts of them, and Python numbers)
+        compiled by the library, or None where it has no compiler. `gpuflow.compiled` uses it
+        to run a whole training step as one computation."""
+        return None
+
+    # -- collectives (distributed training) ----------------------------------------------------
+    def collectives_problem(self) -> str | None:
+        """None if this device's own collectives (`collectives`) can be used in this process,
+        else why not."""
+        return "the backend has no device-side collectives" if self.collectives is None else None
+
+    def communicator(self, mpi_comm: Any) -> Any:
+        """A communicator summing and broadcasting this device's arrays without the host
+        (`allreduce_sum(x, what=)`, `broadcast(x, root, what=)`, `name`), set up over
+        `mpi_comm` (mpi4py). Only where `collectives` is not None."""
+        raise NotImplementedError(f"{self.name} has no device-side collectives")
+
+    def identity(self) -> str:
+        """What identifies the hardware across processes (two ranks that see one GPU under two
+        indices get the same answer): a PCI bus id where the library gives one, else `name`."""
+        return self.name
+
+    # -- library-specific ----------------------------------------------------------------------
+    def owns(self, value: Any) -> bool:
+        """Whether `value` is an array of this library on this device."""
+        raise NotImplementedError
+
+    def scope(self) -> Any:
+        """A context manager that makes this device current (CUDA); a no-op elsewhere."""
+        return NULL_SCOPE
+
+    def forbid_sync(self) -> Any:
+        """A context manager in which the library itself refuses implicit synchronisation
+        (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
+        return NULL_SCOPE
+
+    def describe(self) -> str:
+        """A one-line description: library version, device name, memory."""
+        raise NotImplementedError
+
+    def _put(self, host: Any, dtype: Any) -> Any:
+        """A NumPy array `host` as a new array on this device, in `dtype` if given."""
+        raise NotImplementedError
+
+    def _to_host(self, value: Any) -> Any:
+        """This device's array as a new NumPy array."""
+        raise NotImplementedError
+
+    def _synchronize(self) -> None:
+        pass
+
+
+def dtype_name(dtype: Any) -> str:
+    """'float32' for numpy.float32, numpy.dtype('float32'), torch.float32, strict's float32."""
+    if isinstance(dtype, type):
+        return dtype.__name__
+    name = getattr(dtype, "name", None)
+    return name if isinstance(name, str) else str(dtype).rsplit(".", 1)[-1]
+
+
+def _host_array(value: Any, what: str) -> Any:
+    """A NumPy array for a host value (NumPy array, list, Python scalar)."""
+    from . import numpy as np_backend
+    return np_backend.host_array(value, what)
+
+
+def missing_library(name: str) -> Callable[[], str | None]:
+    """An `import_problem` function for a backend: None if `name` imports, else the reason."""
+    cache: list[str | None] = []
+
+    def import_problem() -> str | None:
+        if not cache:
+            try:
+                importlib.import_module(name)
+                cache.append(None)
+            except Exception as exc:  # noqa: BLE001 - keep any import failure as the reason
+                cache.append(f"import {name} failed ({type(exc).__name__}: {exc})")
+        return cache[0]
+    return import_problem

@@ -1,0 +1,162 @@
+"""The backend contract (gpuflow/backends/base.py): every registered module provides it, the
+registry alone decides spec parsing, ops bind by name, and distributed training reaches a
+device's own collectives through its capabilities."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from gpuflow.backends import (BACKENDS, INSTALL_HINTS, REGISTRY, Device, Ops, UfuncOps,
+                              parse_spec, rank_spec)
+from gpuflow.distributed import Context
+
+MODULE_NAMES = ("import_problem", "EXAMPLE_SPECS", "make_device", "candidate_specs",
+                "array_device_name")
+
+
+@pytest.mark.parametrize("backend", [b.name for b in REGISTRY])
+def test_every_registered_module_provides_the_contract(backend):
+    module = importlib.import_module(f"gpuflow.backends.{backend}")  # never imports the library
+    missing = [name for name in MODULE_NAMES if not hasattr(module, name)]
+    assert not missing, f"gpuflow/backends/{backend}.py lacks {missing} (see base.py)"
+    problem = module.import_problem()
+    assert problem is None or isinstance(problem, str)
+    assert module.EXAMPLE_SPECS and all(isinstance(s, str) for s in module.EXAMPLE_SPECS)
+
+
+def test_the_registry_is_the_one_list():
+    assert BACKENDS == tuple(b.name for b in REGISTRY)
+    assert set(INSTALL_HINTS) == set(BACKENDS)
+    for b in REGISTRY:
+        for head in b.heads:
+            assert parse_spec(f"{head}:x") == (b.name, "x")
+            assert parse_spec(head.upper()) == (b.name, "")
+
+
+def test_unknown_head_names_every_head():
+    with pytest.raises(gf.DeviceError) as info:
+        parse_spec("tpu:0")
+    for b in REGISTRY:
+        assert any(f"'{h}" in str(info.value) for h in b.heads), (b.name, str(info.value))
+
+
+def test_capabilities_have_their_types(device):
+    assert isinstance(device.ops.writes_out, bool)
+    for flag in ("mutable_arrays", "is_host", "is_gpu", "supports_dlpack"):
+        assert isinstance(getattr(device, flag), bool), flag
+    assert device.collectives is None or isinstance(device.collectives, str)
+    assert device.index is None or isinstance(device.index, int)
+    assert isinstance(device.identity(), str)
+    if device.ops.writes_out:  # writing into out= needs arrays that can be written
+        assert device.mutable_arrays
+
+
+def test_every_op_agrees_with_the_generic_one(device):
+    """Each backend's op (its library's function, or its own route) gives what the generic
+    `Ops` gives on the array namespace, with and without an out= buffer."""
+    rng = np.random.default_rng(0)
+    a_host, b_host = rng.uniform(0.5, 2.0, (3, 4)), rng.uniform(0.5, 2.0, (3, 4))
+    a, b = device.put(a_host), device.put(b_host)
+    mat = device.put(rng.normal(size=(4, 2)))
+    generic, ops = Ops(device.xp), device.ops
+    f64 = device.dtype("float64")
+    cases = {
+        "add": (a, b), "subtract": (a, b), "multiply": (a, b), "divide": (a, b),
+        "maximum": (a, b), "tanh": (a,), "exp": (a,), "log": (a,), "sqrt": (a,),
+        "matmul": (a, mat), "greater": (a, b, f64), "equal": (a, a, f64),
+    }
+    for name, args in cases.items():
+        want = device.to_host(getattr(generic, name)(*args))
+        got = getattr(ops, name)(*args)
+        np.testing.assert_allclose(device.to_host(got), want, rtol=1e-15, err_msg=name)
+        if ops.writes_out:
+            out = device.new_buffer(tuple(want.shape), f64)
+            got = getattr(ops, name)(*args, out=out)
+            assert got is out, f"{name} did not write into out="
+            np.testing.assert_allclose(device.to_host(out), want, rtol=1e-15, err_msg=name)
+    for name in ("sum", "max"):
+        for axis, keepdims in ((None, False), (1, True), (0, False)):
+            want = device.to_host(getattr(generic, name)(a, axis=axis, keepdims=keepdims))
+            got = getattr(ops, name)(a, axis=axis, keepdims=keepdims)
+            np.testing.assert_allclose(device.to_host(got), want, rtol=1e-14,
+                                       err_msg=f"{name} axis={axis}")
+
+
+def test_ufunc_ops_bind_the_library_by_name_unless_overridden():
+    class Lib:  # a library with some of the ops, under NumPy's names
+        add = staticmethod(np.add)
+        tanh = staticmethod(np.tanh)
+
+    class Mine(UfuncOps):
+        def tanh(self, x, out=None):
+            return "mine"
+
+    ops = Mine(None, Lib)
+    assert ops.add is np.add                     # bound: the library's own function
+    assert ops.tanh(1.0) == "mine"              # a backend's own route wins
+    assert ops.exp.__func__ is Ops.exp          # not in the library: the generic one
+    cpu = gf.get_device("cpu").ops
+    assert all(getattr(cpu, n) is getattr(np, n) for n in Ops.LIBRARY_NAMED)
+
+
+def test_rank_spec_gives_gpus_an_index_and_leaves_the_rest():
+    assert rank_spec("cpu", 3) == "cpu"
+    assert rank_spec("array_api_strict:device1", 1) == "array_api_strict:device1"
+    assert rank_spec("auto", 1) in ("cpu", "cuda:1", "cuda:0")
+    if importlib.util.find_spec("torch") is not None:
+        assert rank_spec("torch:cuda", 1).startswith("torch:cuda:")
+        assert rank_spec("torch:cuda:2", 1) == "torch:cuda:2"
+
+
+# -- distributed training asks the device for its collectives ------------------------------------
+class _Comm:
+    """mpi4py's world, as far as Context.communicator uses it: allgather over two ranks where
+    rank 1 answers `other`."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def allgather(self, mine):
+        return [mine, self.other(mine)]
+
+
+class _FastDevice(Device):
+    """A device with its own collectives, as CuPy has NCCL."""
+
+    collectives = "FASTLINK"
+    is_gpu = True
+    is_host = False
+
+    def __init__(self, problem=None):
+        super().__init__("fast:0", gf.get_device("cpu").xp, None)
+        self.problem = problem
+
+    def collectives_problem(self):
+        return self.problem
+
+    def communicator(self, mpi_comm):
+        return ("fastlink communicator", mpi_comm)
+
+    def identity(self):
+        return "bus 0"
+
+
+def test_a_device_with_collectives_gets_its_own_communicator():
+    comm = _Comm(lambda mine: (None, mine[1], "bus 1"))  # rank 1: its own GPU
+    ctx = Context(0, 2, 0, comm)
+    assert ctx.communicator(_FastDevice()) == ("fastlink communicator", comm)
+
+
+@pytest.mark.parametrize("problem, other, why", [
+    ("no library here", lambda mine: (None, mine[1], "bus 1"), "rank 0: no library here"),
+    (None, lambda mine: mine, "FASTLINK needs one GPU per rank"),  # both ranks on bus 0
+])
+def test_collectives_fall_back_to_mpi_and_say_why(problem, other, why, capsys):
+    ctx = Context(0, 2, 0, _Comm(other))
+    comm = ctx.communicator(_FastDevice(problem))
+    assert type(comm).__name__ == "MpiCommunicator"
+    assert why in capsys.readouterr().err

@@ -1,0 +1,144 @@
+"""The backend contract holds in the source: outside gpuflow/backends/ no module imports an
+array library or switches on a backend's name; it asks the device (see backends/base.py)."""
+
+from __future__ import annotations
+
+import ast
+import os
+
+import pytest
+
+from gpuflow.backends import REGISTRY
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(REPO, "gpuflow")
+
+# Array libraries other than NumPy: only gpuflow/backends/ may import them.
+DEVICE_LIBRARIES = {b.library for b in REGISTRY} - {"numpy"}
+# Backend names and spec heads ('cupy', 'cuda', 'torch', ...): code outside the backends asks
+# the device a capability instead of comparing these.
+BACKEND_WORDS = {b.name for b in REGISTRY} | {h for b in REGISTRY for h in b.heads}
+
+# NumPy is gpuflow's host format: allowed where host data is handled, and only there.
+NUMPY_ALLOWED = {
+    "gpuflow/bench/machine.py": "the bench's machine report: NumPy's version and BLAS library",
+    "gpuflow/bench/variants.py": "the bench's host batches and initial weights",
+    "gpuflow/bench/workloads.py": "the bench's host batches and initial weights",
+    "gpuflow/check.py": "gradient checks: central differences on float64 host copies",
+    "gpuflow/checkpoint.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/cli.py": "the run history saved in checkpoints; NumPy's warning switch for "
+                      "--check-finite",
+    "gpuflow/data/batches.py": "data loading: host arrays cut into batches",
+    "gpuflow/data/digits.py": "data loading",
+    "gpuflow/data/idx.py": "data loading (IDX files)",
+    "gpuflow/distributed/mpi.py": "MPI sums and broadcasts on host memory",
+}
+# The bench's per-library floors (hand-written NumPy / torch loops) measure libraries directly.
+BENCH_FLOORS = "the bench's floors measure each library directly"
+
+
+def _is_bench(rel: str) -> bool:
+    """One of the bench's per-library floors (gpuflow/bench/floor_<library>.py)."""
+    return rel.startswith("gpuflow/bench/floor_")
+
+
+def _modules() -> list[str]:
+    """Every .py file of gpuflow outside gpuflow/backends/, relative to the repository."""
+    found = []
+    for root, dirs, files in os.walk(PACKAGE):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), REPO).replace(os.sep, "/")
+            if name.endswith(".py") and not rel.startswith("gpuflow/backends/"):
+                found.append(rel)
+    return sorted(found)
+
+
+def _tree(rel: str) -> ast.AST:
+    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+        return ast.parse(f.read(), rel)
+
+
+def _imports(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, top-level module) of every import, at any depth (function-level ones too)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name.split(".")[0]) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out.append((node.lineno, node.module.split(".")[0]))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr == "import_module" and node.args
+              and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            out.append((node.lineno, node.args[0].value.split(".")[0]))
+    return out
+
+
+def _strings(node: ast.AST) -> list[str]:
+    """The string constants of `node`: a constant, or a tuple / list / set of them."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def _names_a_backend(text: str) -> bool:
+    """'cupy', 'torch:cuda', 'jax:cpu': a string that names a backend (its first word)."""
+    return text.strip().lower().partition(":")[0] in BACKEND_WORDS
+
+
+def _backend_switches(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, string) of each comparison with a backend's name (==, !=, in, startswith)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare):
+            for side in [node.left, *node.comparators]:
+                out += [(node.lineno, s) for s in _strings(side) if _names_a_backend(s)]
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and node.func.attr in ("startswith", "endswith") and node.args):
+            out += [(node.lineno, s) for s in _strings(node.args[0]) if _names_a_backend(s)]
+    return out
+
+
+def test_the_checks_see_what_they_look_for():
+    """A check that cannot fail is a defect: each one finds its target in a sample."""
+    sample = ast.parse("import torch\nfrom cupy import cuda\nimport numpy as np\n"
+                       "def f(d):\n    import jax.numpy\n"
+                       "    if d.backend == 'cupy' or d.name in ('torch:cuda', 'x'):\n"
+                       "        return d.name.startswith('jax')\n")
+    assert sorted(m for _, m in _imports(sample)) == ["cupy", "jax", "numpy", "torch"]
+    assert sorted(s for _, s in _backend_switches(sample)) == ["cupy", "jax", "torch:cuda"]
+
+
+@pytest.mark.parametrize("rel", _modules())
+def test_no_array_library_outside_backends(rel):
+    if _is_bench(rel):
+        pytest.skip(BENCH_FLOORS)
+    found = [(line, m) for line, m in _imports(_tree(rel))
+             if m in DEVICE_LIBRARIES or (m == "numpy" and rel not in NUMPY_ALLOWED)]
+    assert not found, (
+        f"{rel} imports {', '.join(f'{m} (line {line})' for line, m in found)}; outside "
+        "gpuflow/backends/ code asks the device (device.xp, device.ops, device.put, "
+        "device.to_host, a capability) instead. NumPy is allowed only where host data is "
+        f"handled: {sorted(NUMPY_ALLOWED)}.")
+
+
+@pytest.mark.parametrize("rel", _modules())
+def test_no_switch_on_a_backend_name_outside_backends(rel):
+    if _is_bench(rel):
+        pytest.skip(BENCH_FLOORS)
+    found = _backend_switches(_tree(rel))
+    assert not found, (
+        f"{rel} compares with backend names: "
+        f"{', '.join(f'{s!r} (line {line})' for line, s in found)}; ask the device a "
+        "capability (ops.writes_out, mutable_arrays, is_host, collectives, ...; see "
+        "gpuflow/backends/base.py) or add one there.")
+
+
+def test_numpy_allow_list_is_current():
+    """Every module allowed NumPy exists and uses it (so the list shrinks as code moves)."""
+    for rel, reason in NUMPY_ALLOWED.items():
+        assert os.path.exists(os.path.join(REPO, rel)), f"{rel} ({reason}) is gone: drop it"
+        assert any(m == "numpy" for _, m in _imports(_tree(rel))), \
+            f"{rel} no longer imports numpy: drop it from NUMPY_ALLOWED"
