@@ -142,3 +142,25 @@ def test_numpy_allow_list_is_current():
         assert os.path.exists(os.path.join(REPO, rel)), f"{rel} ({reason}) is gone: drop it"
         assert any(m == "numpy" for _, m in _imports(_tree(rel))), \
             f"{rel} no longer imports numpy: drop it from NUMPY_ALLOWED"
+
+
+MAX_LINES = 600  # a module a newcomer reads in one sitting (issue 12)
+
+
+def _all_modules() -> list[str]:
+    """Every .py file of gpuflow, backends included, relative to the repository."""
+    found = []
+    for root, dirs, files in os.walk(PACKAGE):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found += [os.path.relpath(os.path.join(root, n), REPO).replace(os.sep, "/")
+                  for n in files if n.endswith(".py")]
+    return sorted(found)
+
+
+@pytest.mark.parametrize("rel", _all_modules())
+def test_every_module_is_under_600_lines(rel):
+    with open(os.path.join(REPO, rel), encoding="utf-8") as f:
+        lines = sum(1 for _ in f)
+    assert lines < MAX_LINES, (
+        f"{rel} has {lines} lines (limit {MAX_LINES}): split it by concern, as gpuflow/bench/ "
+        "and the checkpoint modules are split.")
