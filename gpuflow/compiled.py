@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import GraphError
-from .graph import Graph, _run_step, set_mode
+from .graph import Graph, _run_step
 from .nodes import Input
+from .plan import set_mode
 
 
 class CompiledStep:
@@ -47,7 +48,7 @@ class CompiledStep:
             opt.step()
             return loss
         graph.plan.ensure()
-        set_mode(graph.nodes, True, graph)
+        set_mode(graph.nodes, True, graph.plan)
         graph._feed(batches, graph.inputs)  # checks and uploads, as graph.step does
         params = opt.params
         values = [p.value for p in params]
