@@ -5,6 +5,7 @@
     gpuflow train --data ~/mnist --save run.safetensors   # MNIST IDX folder or mnist.npz
     gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
+    gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -20,6 +21,7 @@ import contextlib
 import dataclasses
 import difflib
 import importlib
+import math
 import sys
 import tempfile
 import time
@@ -31,12 +33,13 @@ from .backends import backend_report, get_device
 from .data import Batches, load_digits, load_mnist, train_test_split
 from .errors import CheckpointError, GpuflowError, check_int
 from .graph import Graph
-from .layers import mlp
+from .layers import lenet, mlp
 from .nodes import Input, SoftmaxCrossEntropy
 from .optim import OPTIMIZERS, check_learning_rate, make_optimizer
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
+MODELS = ("mlp", "cnn")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # 16-bit: mixed precision (amp.py)
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
@@ -69,6 +72,8 @@ class TrainOptions:
     plot: str | None = None      # PNG of the loss and accuracy curves (needs matplotlib)
     quiet: bool = False          # no progress bar, no per-epoch lines: the summary only
     check_finite: bool = False   # stop at the first NaN/Inf, naming the node and the step
+    model: str = "mlp"           # 'mlp', or 'cnn': a LeNet-style CNN (layers.lenet)
+    dropout: float | None = None  # after the hidden dense layer(s); None: 0.25 cnn, 0 mlp
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -97,6 +102,13 @@ class TrainOptions:
         range, before anything is loaded, built or written."""
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--optimizer", self.optimizer.lower(), OPTIMIZER_NAMES)
+        _check_choice("--model", self.model, MODELS)
+        if self.dropout is None:
+            self.dropout = 0.25 if self.model == "cnn" else 0.0
+        if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
+                or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}.\n"
+                             "help: pass e.g. --dropout 0.25.")
         check_int(self.epochs, "--epochs", 1)
         check_int(self.batch_size, "--batch-size", 1)
         check_int(self.seed, "--seed", 0)
@@ -171,6 +183,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         X_test, y_test = load_mnist(opts.data, "test")
         source = str(opts.data)
     n_classes = int(max(y_train.max(), y_test.max())) + 1
+    if opts.model == "cnn":  # one-channel square images: 1x8x8 digits, 1x28x28 MNIST
+        X_train, X_test = _as_images(X_train), _as_images(X_test)
 
     # Under mpiexec: one rank per device, each a slice of every global batch (else a no-op).
     ctx = distributed.init()
@@ -273,13 +287,31 @@ def build_model(opts: TrainOptions, sample_shape: tuple[int, ...], n_classes: in
                 ) -> tuple[Input, Input, Any, Any, str]:
     """The one place the model is built: (X, y, logits, loss, description).
 
-    sample_shape: the shape of one sample (n_features,); n_classes: the logits' width.
+    sample_shape: the shape of one sample, (n_features,) for the MLP, (1, H, W) for the CNN;
+    n_classes: the logits' width.
     """
     X_in, y_in = Input(name="X"), Input(name="y")
-    sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
-    logits, _ = mlp(X_in, sizes, seed=opts.seed)
+    if opts.model == "cnn":
+        logits, _ = lenet(X_in, sample_shape, n_classes, hidden=opts.hidden[0],
+                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
+        arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
+                f"{opts.dropout:g}; {'x'.join(str(s) for s in sample_shape)} images)")
+    else:
+        sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
+        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
+        arch = "-".join(str(s) for s in sizes) + " MLP"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
-    return X_in, y_in, logits, loss, "-".join(str(s) for s in sizes) + " MLP"
+    return X_in, y_in, logits, loss, arch
+
+
+def _as_images(X: Any) -> Any:
+    """(n, side * side) pixels as (n, 1, side, side) images; ValueError unless square."""
+    side = math.isqrt(X.shape[1])
+    if side * side != X.shape[1]:
+        raise ValueError(f"--model cnn needs square one-channel images; the data has "
+                         f"{X.shape[1]} pixels per example, not a square number.\n"
+                         "help: use --model mlp for this data.")
+    return X.reshape(-1, 1, side, side)
 
 
 def _numpy_warnings_off(off: bool) -> Any:
@@ -458,6 +490,11 @@ def build_parser() -> CommandParser:
                    help="total epochs (with --resume: including those already done)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
+    t.add_argument("--model", default=d.model, choices=MODELS,
+                   help="mlp, or cnn: a LeNet-style CNN on the images (default %(default)s)")
+    t.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
+                   help="dropout probability after the hidden dense layer(s) "
+                        "(default 0.25 for cnn, 0 for mlp)")
     t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES,
                    help="momentum and nesterov are SGD with momentum 0.9")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), metavar="N",

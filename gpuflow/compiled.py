@@ -24,8 +24,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .errors import GraphError
-from .graph import Graph, _run_step, set_mode
+from .graph import Graph, _run_step
 from .nodes import Input
+from .plan import set_mode
 
 
 class CompiledStep:

@@ -1,11 +1,13 @@
 """Image nodes, NCHW layout, weights laid out as PyTorch does: Conv2D, MaxPool2D, AvgPool2D,
 Flatten.
 
-The portable route runs on every array-API library: im2col gathers the kh * kw strided slices
-of the (zero-padded) input into columns, one matmul makes the convolution, and col2im adds the
-column gradients back through the same slices. It uses only what ops return (concatenation for
-padding, no `x[...] = v`), so it runs on libraries with immutable arrays (JAX) as well. A
-device whose `ops` has a faster route (`ops.conv2d`, `ops.im2col`, see `backends.Ops`) takes it.
+The portable route runs on every array-API library: im2col stacks the kh * kw strided slices
+of the (zero-padded, channels-first) input into one column matrix for the whole batch, one
+matmul makes the convolution, and col2im adds the column gradients back through the same
+slices. It uses only what ops return (concatenation for padding, no `x[...] = v`), so it runs
+on libraries with immutable arrays (JAX) as well. Where a device's `ops` has more, the nodes
+use it: `ops.stack` into a kept buffer, `ops.col2im` adding in place (NumPy, CuPy, torch), and
+the library's own convolution, `ops.conv2d` / `ops.conv2d_backward` (torch: oneDNN, cuDNN).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from .nodes import Node
 
 def _pair(value: Any, what: str, kind: str, *, minimum: int) -> tuple[int, int]:
     """An int or an (h, w) pair as a pair of ints >= `minimum`; GraphError otherwise."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    try:
+        pair = (value, value) if isinstance(value, int) else tuple(value)
+    except TypeError:  # neither an int nor a sequence
+        pair = ()
     if (len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
             or min(pair) < minimum):
         raise GraphError(f"{kind}: {what} {value!r} must be an int >= {minimum} or an (h, w) "
@@ -43,15 +48,6 @@ def pad2d(xp: Any, x: Any, ph: int, pw: int, device: Any) -> Any:
         cols = xp.zeros((n, c, h + 2 * ph, pw), dtype=x.dtype, device=device)
         x = xp.concat([cols, x, cols], axis=3)
     return x
-
-
-def im2col(xp: Any, xpad: Any, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int,
-           axis: int = 2) -> Any:
-    """The kh * kw strided slices of a padded input (N, C, Hp, Wp), stacked as
-    (N, C, kh * kw, Ho, Wo): entry [n, c, i * kw + j, y, x] is xpad[n, c, y*sh + i, x*sw + j]
-    (with axis=-1, as (N, C, Ho, Wo, kh * kw))."""
-    return xp.stack([xpad[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
-                     for i in range(kh) for j in range(kw)], axis=axis)
 
 
 def _dilate(xp: Any, g: Any, stride: int, axis: int, device: Any) -> Any:
@@ -83,20 +79,21 @@ def _place(xp: Any, g: Any, offset: int, stride: int, size: int, axis: int,
     return parts[0] if len(parts) == 1 else xp.concat(parts, axis=axis)
 
 
-def col2im(xp: Any, cols: Any, kh: int, kw: int, sh: int, sw: int, hp: int, wp: int,
+def col2im(xp: Any, parts: list, kh: int, kw: int, sh: int, sw: int, hp: int, wp: int,
            device: Any) -> Any:
-    """The adjoint of `im2col`: cols (N, C, kh * kw, Ho, Wo) added back through the same
-    slices into a (N, C, Hp, Wp) array of zeros (without writing into any array)."""
-    n, c, _, ho, wo = cols.shape
+    """The adjoint of im2col's slices (`_slices`): parts[i * kw + j] (A, B, Ho, Wo) added back
+    through the slice of offset (i, j) into an (A, B, Hp, Wp) array of zeros, without writing
+    into any array."""
+    n, c, ho, wo = parts[0].shape
     if (sh, sw) == (kh, kw):  # windows tile the input: a reshape puts every entry in place
-        tiles = xp.reshape(cols, (n, c, kh, kw, ho, wo))
+        tiles = xp.reshape(xp.stack(parts, axis=2), (n, c, kh, kw, ho, wo))
         tiles = xp.reshape(xp.permute_dims(tiles, (0, 1, 4, 2, 5, 3)), (n, c, ho * kh, wo * kw))
         return _place(xp, _place(xp, tiles, 0, 1, hp, 2, device), 0, 1, wp, 3, device)
     total = None
     for i in range(kh):  # one row of the kernel at a time: the wide placement once per row
         row = None
         for j in range(kw):
-            part = _place(xp, cols[:, :, i * kw + j, ...], j, sw, wp, 3, device)
+            part = _place(xp, parts[i * kw + j], j, sw, wp, 3, device)
             row = part if row is None else row + part
         part = _place(xp, row, i, sh, hp, 2, device)
         total = part if total is None else total + part
@@ -157,47 +154,86 @@ class Conv2D(Node):
     def forward(self) -> None:
         xp, x, w = self.xp, self.inbound_nodes[0].value, self.inbound_nodes[1].value
         ho, wo = self._shapes(x, w)
+        bias = self.inbound_nodes[2].value if len(self.inbound_nodes) == 3 else None
+        native = getattr(self.ops, "conv2d", None)  # the library's own (torch: oneDNN, cuDNN)
+        if native is not None:
+            self.value = native(x, w, bias, self.stride, self.padding)
+            return
         (sh, sw), (ph, pw) = self.stride, self.padding
         n, cout, (kh, kw) = x.shape[0], w.shape[0], w.shape[2:]
-        fast = getattr(self.ops, "conv2d", None)
-        if fast is not None:
-            bias = self.inbound_nodes[2].value if len(self.inbound_nodes) == 3 else None
-            self.value = fast(x, w, bias, self.stride, self.padding)
-            return
-        cols = im2col(xp, pad2d(xp, x, ph, pw, self.device.native), kh, kw, sh, sw, ho, wo)
-        self.cols = xp.reshape(cols, (n, -1, ho * wo))           # (N, C_in kh kw, Ho Wo)
-        out = xp.reshape(w, (cout, -1)) @ self.cols              # (N, C_out, Ho Wo)
-        if len(self.inbound_nodes) == 3:
-            out = out + xp.reshape(self.inbound_nodes[2].value, (1, cout, 1))
-        self.value = xp.reshape(out, (n, cout, ho, wo))
+        # Channels first, (C_in, N, H, W): the columns of the whole batch are then one
+        # (C_in kh kw, N Ho Wo) matrix, and the convolution one matmul (one GEMM call).
+        xpad = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), ph, pw, self.device.native)
+        cols = _stack(self, _slices(xpad, kh, kw, sh, sw, ho, wo), "cols")
+        self.cols = xp.reshape(cols, (-1, n * ho * wo))              # (C_in kh kw, N Ho Wo)
+        out = self.ops.matmul(xp.reshape(w, (cout, -1)), self.cols,
+                              out=self.buffers["out", (cout, n * ho * wo), x.dtype])
+        if bias is not None:
+            out = self.ops.add(out, xp.reshape(bias, (cout, 1)), out=out)
+        out = xp.reshape(out, (cout, n, ho, wo))
+        self.value = xp.permute_dims(out, (1, 0, 2, 3))              # (N, C_out, Ho, Wo)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         xp, X, Wn = self.xp, self.inbound_nodes[0], self.inbound_nodes[1]
         x, w = X.value, Wn.value
         need = self.needs_grad
-        fast = getattr(self.ops, "conv2d_backward", None)
-        if fast is not None:
-            grads = fast(G, x, w, self.stride, self.padding, need)
+        native = getattr(self.ops, "conv2d_backward", None)
+        if native is not None:
+            grads = native(G, x, w, self.stride, self.padding, need)
             for node, grad, wanted in zip(self.inbound_nodes, grads, need):
                 if wanted:
                     self.gradients[node] = grad
             return
         (sh, sw), (ph, pw) = self.stride, self.padding
         n, cout, ho, wo = G.shape
-        kh, kw = w.shape[2:]
-        G2 = xp.reshape(G, (n, cout, ho * wo))
+        c, kh, kw = w.shape[1:]
+        G2 = xp.reshape(xp.permute_dims(G, (1, 0, 2, 3)), (cout, -1))  # (C_out, N Ho Wo)
+        w2 = xp.reshape(w, (cout, -1))
         if need[0]:
-            dcols = xp.matrix_transpose(xp.reshape(w, (cout, -1))) @ G2  # (N, C_in kh kw, L)
-            dcols = xp.reshape(dcols, (n, x.shape[1], kh * kw, ho, wo))
-            dpad = col2im(xp, dcols, kh, kw, sh, sw, x.shape[2] + 2 * ph, x.shape[3] + 2 * pw,
-                          self.device.native)
-            self.gradients[X] = _crop(dpad, ph, pw)
+            dcols = self.ops.matmul(xp.matrix_transpose(w2), G2,
+                                    out=self.buffers["dcols", self.cols.shape, G.dtype])
+            dcols = xp.reshape(dcols, (c, kh * kw, n, ho, wo))
+            parts = [dcols[:, k, ...] for k in range(kh * kw)]
+            dpad = _col2im(self, parts, kh, kw, sh, sw, x.shape[2] + 2 * ph,
+                           x.shape[3] + 2 * pw)                       # (C_in, N, Hp, Wp)
+            self.gradients[X] = xp.permute_dims(_crop(dpad, ph, pw), (1, 0, 2, 3))
         if need[1]:
-            dW = xp.tensordot(G2, self.cols, axes=([0, 2], [0, 2]))  # (C_out, C_in kh kw)
+            dW = self.ops.matmul(G2, xp.matrix_transpose(self.cols),
+                                 out=self.buffers["dW", (cout, c * kh * kw), G.dtype])
             self.gradients[Wn] = xp.reshape(dW, w.shape)
         if len(need) == 3 and need[2]:
-            self.gradients[self.inbound_nodes[2]] = xp.sum(G, axis=(0, 2, 3))
+            self.gradients[self.inbound_nodes[2]] = self.ops.sum(
+                G2, axis=1, out=self.buffers["db", (cout,), G.dtype])
+
+
+def _slices(x: Any, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> list:
+    """The kh * kw strided slices of x (N, C, H, W) that im2col stacks, (N, C, Ho, Wo) each."""
+    return [x[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+
+
+def _stack(node: Node, parts: list, name: str) -> Any:
+    """xp.stack(parts, axis=1), into the node's buffer `name` where the library writes there."""
+    stack = getattr(node.ops, "stack", None)
+    if stack is None:
+        return node.xp.stack(parts, axis=1)
+    a, b, ho, wo = parts[0].shape
+    return stack(parts, axis=1,
+                 out=node.buffers[name, (a, len(parts), b, ho, wo), parts[0].dtype])
+
+
+def _col2im(node: Node, parts: list, kh: int, kw: int, sh: int, sw: int, hp: int,
+            wp: int) -> Any:
+    """`col2im`, or the device's own (adding in place into a kept buffer) where it has one."""
+    own = getattr(node.ops, "col2im", None)
+    if own is None:
+        return col2im(node.xp, parts, kh, kw, sh, sw, hp, wp, node.device.native)
+    shape, dtype = (*parts[0].shape[:2], hp, wp), parts[0].dtype
+    out = node.buffers["dx", shape, dtype]
+    if out is None:  # buffers not kept (reuse_buffers=False): a new array to add into
+        out = node.xp.zeros(shape, dtype=dtype, device=node.device.native)
+    return own(parts, kh, kw, sh, sw, out=out)
 
 
 class _Pool2D(Node):
@@ -209,9 +245,8 @@ class _Pool2D(Node):
         self.stride = self.size if stride is None else _pair(stride, "stride", self.label,
                                                               minimum=1)
 
-    def _windows(self, x: Any) -> Any:
-        """x's pooling windows as (N, C, Ho, Wo, kh * kw): the reductions run over the last,
-        contiguous axis."""
+    def _windows(self, x: Any) -> list:
+        """x's pooling windows as kh * kw strided slices (N, C, Ho, Wo), one per window entry."""
         _check_image(self, x)
         (kh, kw), (sh, sw) = self.size, self.stride
         if kh > x.shape[2] or kw > x.shape[3]:
@@ -219,14 +254,13 @@ class _Pool2D(Node):
                              f"{x.shape[2]}x{x.shape[3]} (x {tuple(x.shape)}).\nhelp: use a "
                              "smaller window, or fewer pooling layers before this one.")
         ho, wo = _out_size(x.shape[2], kh, sh, 0), _out_size(x.shape[3], kw, sw, 0)
-        return im2col(self.xp, x, kh, kw, sh, sw, ho, wo, axis=-1)
+        return _slices(x, kh, kw, sh, sw, ho, wo)
 
-    def _unwindows(self, dwin: Any) -> Any:
-        """The gradient for x from the gradient for each window entry (N, C, Ho, Wo, kh * kw)."""
+    def _unwindows(self, parts: list) -> Any:
+        """The gradient for x from the gradients for each window entry (N, C, Ho, Wo)."""
         x = self.inbound_nodes[0].value
         (kh, kw), (sh, sw) = self.size, self.stride
-        dwin = self.xp.permute_dims(dwin, (0, 1, 4, 2, 3))
-        return col2im(self.xp, dwin, kh, kw, sh, sw, x.shape[2], x.shape[3], self.device.native)
+        return _col2im(self, parts, kh, kw, sh, sw, x.shape[2], x.shape[3])
 
 
 class MaxPool2D(_Pool2D):
@@ -234,17 +268,30 @@ class MaxPool2D(_Pool2D):
     the gradient goes to each window's maximum, the first one on ties."""
 
     def forward(self) -> None:
-        self.windows = self._windows(self.inbound_nodes[0].value)
-        self.value = self.xp.max(self.windows, axis=-1)
+        self.windows = windows = self._windows(self.inbound_nodes[0].value)
+        ops, first = self.ops, windows[0]
+        # Elementwise over the window's entries: faster than a reduction over a short axis.
+        top = self.buffers["value", first.shape, first.dtype]
+        for entry in windows[1:]:
+            top = ops.maximum(first if entry is windows[1] else top, entry, out=top)
+        self.value = top if len(windows) > 1 else first
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        xp, win = self.xp, self.windows
-        kk = win.shape[-1]
-        first = xp.argmax(win, axis=-1)  # the first maximum, as PyTorch picks on ties
-        entries = xp.arange(kk, dtype=first.dtype, device=self.device.native)
-        mask = xp.astype(xp.expand_dims(first, axis=-1) == entries, G.dtype)
-        self.gradients[self.inbound_nodes[0]] = self._unwindows(mask * xp.expand_dims(G, axis=-1))
+        ops, buffers, top, dtype = self.ops, self.buffers, self.value, G.dtype
+        parts, taken = [], None
+        for k, entry in enumerate(self.windows):
+            # 1 where this entry is the window's maximum and no earlier entry was (PyTorch
+            # picks the first on ties), then times G.
+            first = ops.equal(entry, top, dtype, out=buffers[f"part{k}", G.shape, dtype])
+            if taken is None:
+                taken = ops.multiply(first, 1.0, out=buffers["taken", G.shape, dtype])
+            else:
+                free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
+                first = ops.multiply(first, free, out=first)
+                taken = ops.add(taken, first, out=taken)
+            parts.append(ops.multiply(first, G, out=first))
+        self.gradients[self.inbound_nodes[0]] = self._unwindows(parts)
 
 
 class AvgPool2D(_Pool2D):
@@ -252,15 +299,17 @@ class AvgPool2D(_Pool2D):
 
     def forward(self) -> None:
         windows = self._windows(self.inbound_nodes[0].value)
-        self.value = self.xp.mean(windows, axis=-1)
+        ops, first = self.ops, windows[0]
+        total = ops.multiply(first, 1.0, out=self.buffers["value", first.shape, first.dtype])
+        for entry in windows[1:]:
+            total = ops.add(total, entry, out=total)
+        self.value = ops.multiply(total, 1.0 / len(windows), out=total)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        xp = self.xp
-        kk = self.size[0] * self.size[1]
-        share = xp.expand_dims(G / kk, axis=-1)
-        dwin = xp.broadcast_to(share, (*G.shape, kk))
-        self.gradients[self.inbound_nodes[0]] = self._unwindows(dwin)
+        count = self.size[0] * self.size[1]
+        share = self.ops.multiply(G, 1.0 / count, out=self.buffers["share", G.shape, G.dtype])
+        self.gradients[self.inbound_nodes[0]] = self._unwindows([share] * count)
 
 
 class Flatten(Node):

@@ -249,11 +249,11 @@ def layernorm(x: Node, size: int, *, name: str,
 
 def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
           channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0,
-          seed: int = 0, name: str = "cnn") -> tuple[Node, dict[str, Parameter]]:
+          batch_norm: bool = False, seed: int = 0, name: str = "cnn") -> tuple[Node, dict[str, Parameter]]:
     """A small LeNet-style CNN for x (N, C, H, W) images of `image_shape` (C, H, W).
 
-    One block per entry of `channels`: a 3x3 convolution (padding 1), ReLU and 2x2 max
-    pooling; then Flatten, a ReLU dense layer of `hidden` units, Dropout(`dropout`) if > 0,
+    One block per entry of `channels`: a 3x3 convolution (padding 1), BatchNorm if
+    `batch_norm` (then the convolution has no bias), ReLU and 2x2 max pooling; then Flatten, a ReLU dense layer of `hidden` units, Dropout(`dropout`) if > 0,
     and a dense layer of `n_classes` logits. Returns (logits, {parameter name: Parameter});
     one `seed` gives the same weights on every device.
     """
@@ -266,9 +266,12 @@ def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
             raise GraphError(f"lenet: {len(channels)} pooling blocks halve {tuple(image_shape)} "
                              f"below 2x2 at block {i}.\nhelp: use fewer channels entries.")
         out, p = conv2d(out, c, width, 3, padding=1, name=f"{name}.conv{i}", rng=rng,
-                        activation="relu")
-        out = MaxPool2D(out, 2, name=f"{name}.pool{i}")
+                        bias=not batch_norm)
         params.update(p)
+        if batch_norm:
+            out, p = batchnorm(out, width, name=f"{name}.bn{i}")
+            params.update(p)
+        out = MaxPool2D(ReLU(out, name=f"{name}.relu{i}"), 2, name=f"{name}.pool{i}")
         c, h, w = width, h // 2, w // 2
     out = Flatten(out, name=f"{name}.flatten")
     out, p = dense(out, c * h * w, hidden, name=f"{name}.fc1", rng=rng, activation="relu")

@@ -7,6 +7,7 @@ the graph: training in `forward_and_backward` / `Graph.step`, evaluation in `for
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .errors import GraphError
@@ -21,15 +22,26 @@ def _check_vector(node: Node, which: Node, size: int, what: str) -> None:
                          f"{what} must be ({size},).\nhelp: check the size of {which.label}.")
 
 
+def _mix(seed: int, step: int) -> int:
+    """A 63-bit generator seed from (seed, step), well mixed in every bit (SplitMix64's
+    finaliser): torch's CPU generator keeps only a seed's low 32 bits."""
+    z = (seed * 0x9E3779B97F4A7C15 + step + 1) % 2**64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (z ^ (z >> 31)) >> 1
+
+
 class Dropout(Node):
     """Inverted dropout: in training, each entry is zeroed with probability p and the others
     scaled by 1 / (1 - p); in evaluation, the identity.
 
-    The masks are drawn on the graph's device (`device.rng(seed)`, no host round trip), one
-    stream per node: the same seed gives the same masks, step after step, on the same device.
-    Across devices the masks are the same on 'cpu' and the array_api_strict devices (NumPy's
-    generator) and differ between libraries (torch, CuPy, CPU or GPU each have their own
-    stream); the keep rate and the scaling hold everywhere.
+    The masks are drawn on the graph's device, with no host round trip: the k-th training
+    step's mask from `device.rng(s)`, s a hash of (seed, k). So the same seed gives the same masks,
+    step after step, on the same device, and `state_dict()` ({'steps': k}, saved by
+    checkpoints) resumes the sequence exactly. Across devices the masks are the same on 'cpu'
+    and the array_api_strict devices (NumPy's generator) and differ between libraries (torch,
+    CuPy, CPU or GPU each have their own generator); the keep rate and the scaling hold
+    everywhere.
     """
 
     def __init__(self, x: Node, p: float = 0.5, *, seed: int = 0, name: str | None = None):
@@ -39,9 +51,8 @@ class Dropout(Node):
                              "of zeroing an entry).\nhelp: pass e.g. p=0.5.")
         self.p = float(p)
         self.seed = int(seed)
-        self._rng: Any = None
-        self._rng_device: Any = None  # the device `_rng` draws on
-        self.mask: Any = None         # this step's mask, scaled (None: the identity)
+        self.steps = 0        # masks drawn so far
+        self.mask: Any = None  # this step's mask, scaled (None: the identity)
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
@@ -49,10 +60,10 @@ class Dropout(Node):
             self.mask = None
             self.value = x
             return
-        if self._rng_device is not self.device:
-            self._rng, self._rng_device = self.device.rng(self.seed), self.device
+        rng = self.device.rng(_mix(self.seed, self.steps))
+        self.steps += 1
         ops, buffers = self.ops, self.buffers
-        u = self._rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])
+        u = rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])
         mask = ops.greater(u, self.p, x.dtype, out=u)      # kept with probability 1 - p
         self.mask = ops.multiply(mask, 1.0 / (1.0 - self.p), out=mask)
         self.value = ops.multiply(x, self.mask, out=buffers["value", x.shape, x.dtype])
@@ -64,6 +75,17 @@ class Dropout(Node):
         else:
             grad = self.ops.multiply(G, self.mask, out=self.buffers["grad", G.shape, G.dtype])
         self.gradients[self.inbound_nodes[0]] = grad
+
+    def state_dict(self) -> dict[str, int]:
+        """{'steps': masks drawn so far}: where the mask sequence resumes."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume the mask sequence from `state_dict()`'s form."""
+        if set(state) != {"steps"} or int(state["steps"]) < 0:
+            raise GraphError(f"{self.label}: state {state!r} does not match; expected "
+                             "{'steps': n >= 0}.\nhelp: load the state saved from a Dropout.")
+        self.steps = int(state["steps"])
 
 
 class BatchNorm(Node):
@@ -112,49 +134,63 @@ class BatchNorm(Node):
 
     def forward(self) -> None:
         X, gamma, beta = self.inbound_nodes
-        xp, x = self.xp, X.value
+        xp, ops, buffers, x = self.xp, self.ops, self.buffers, X.value
         axes, shape = self._layout(x)
-        channels = x.shape[1]
+        channels, dtype = x.shape[1], x.dtype
         _check_vector(self, gamma, channels, "gamma")
         _check_vector(self, beta, channels, "beta")
-        running_mean, running_var = self._statistics(channels, x.dtype)
+        running_mean, running_var = self._statistics(channels, dtype)
         self.batch_statistics = self.training
+        self.count = count = math.prod(x.shape) // channels  # values per channel
         if self.training:
-            count = x.shape[0] * (x.shape[2] * x.shape[3] if x.ndim == 4 else 1)
             if count < 2:
                 raise GraphError(f"{self.label}: x has shape {tuple(x.shape)}, one value per "
                                  "channel: a batch variance needs at least two.\nhelp: train "
                                  "with batches of two or more examples (evaluation takes one).")
-            mean = xp.mean(x, axis=axes, keepdims=True)
-            centred = x - mean
-            var = xp.mean(centred * centred, axis=axes, keepdims=True)
+            mean = ops.sum(x, axis=axes, keepdims=True, out=buffers["mean", shape, dtype])
+            mean = ops.multiply(mean, 1.0 / count, out=mean)
+            centred = ops.subtract(x, mean, out=buffers["xhat", x.shape, dtype])
+            square = ops.multiply(centred, centred, out=buffers["work", x.shape, dtype])
+            var = ops.sum(square, axis=axes, keepdims=True, out=buffers["var", shape, dtype])
+            var = ops.multiply(var, 1.0 / count, out=var)
             m = self.momentum
             self.running_mean = (1.0 - m) * running_mean + m * xp.reshape(mean, (channels,))
             self.running_var = ((1.0 - m) * running_var
                                 + (m * count / (count - 1)) * xp.reshape(var, (channels,)))
         else:
-            centred = x - xp.reshape(running_mean, shape)
+            centred = ops.subtract(x, xp.reshape(running_mean, shape),
+                                   out=buffers["xhat", x.shape, dtype])
             var = xp.reshape(running_var, shape)
-        self.inv_std = 1.0 / xp.sqrt(var + self.eps)
-        self.xhat = centred * self.inv_std
-        self.value = self.xhat * xp.reshape(gamma.value, shape) + xp.reshape(beta.value, shape)
+        self.inv_std = 1.0 / xp.sqrt(var + self.eps)                         # (1, C[, 1, 1])
+        self.xhat = ops.multiply(centred, self.inv_std, out=centred)
+        value = ops.multiply(self.xhat, xp.reshape(gamma.value, shape),
+                             out=buffers["value", x.shape, dtype])
+        self.value = ops.add(value, xp.reshape(beta.value, shape), out=value)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, gamma, beta = self.inbound_nodes
-        xp, xhat = self.xp, self.xhat
+        xp, ops, buffers, xhat = self.xp, self.ops, self.buffers, self.xhat
         axes, shape = self._layout(xhat)
         need_x, need_gamma, need_beta = self.needs_grad
+        dtype, gamma_r = G.dtype, xp.reshape(gamma.value, shape)
+        # sum(G xhat) per channel: the gradient for gamma, and (times gamma) the variance's term.
+        work = ops.multiply(G, xhat, out=buffers["work", G.shape, dtype])
+        dgamma = ops.sum(work, axis=axes, keepdims=True, out=buffers["dgamma", shape, dtype])
+        dbeta = ops.sum(G, axis=axes, keepdims=True, out=buffers["dbeta", shape, dtype])
         if need_x:
-            dxhat = G * xp.reshape(gamma.value, shape)
-            if self.batch_statistics:  # the mean and variance depend on x too
-                dxhat = (dxhat - xp.mean(dxhat, axis=axes, keepdims=True)
-                         - xhat * xp.mean(dxhat * xhat, axis=axes, keepdims=True))
-            self.gradients[X] = dxhat * self.inv_std
+            scale = gamma_r * self.inv_std
+            dx = ops.multiply(G, scale, out=buffers["dx", G.shape, dtype])
+            if self.batch_statistics:  # the mean and variance depend on x too:
+                # dx = gamma inv_std (G - mean(G) - xhat mean(G xhat)), means per channel
+                term = ops.multiply(xhat, dgamma * (scale / self.count), out=work)
+                dx = ops.subtract(dx, term, out=dx)
+                dx = ops.subtract(dx, dbeta * (scale / self.count), out=dx)
+            self.gradients[X] = dx
         if need_gamma:
-            self.gradients[gamma] = xp.sum(G * xhat, axis=axes)
+            self.gradients[gamma] = xp.reshape(dgamma, (-1,))
         if need_beta:
-            self.gradients[beta] = xp.sum(G, axis=axes)
+            self.gradients[beta] = xp.reshape(dbeta, (-1,))
 
     def state_dict(self) -> dict[str, Any]:
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host
@@ -203,9 +239,10 @@ class LayerNorm(Node):
         xp, x = self.xp, X.value
         _check_vector(self, gamma, x.shape[-1], "gamma")
         _check_vector(self, beta, x.shape[-1], "beta")
-        mean = xp.mean(x, axis=-1, keepdims=True)
+        scale = 1.0 / x.shape[-1]  # sums times 1/D: means in one reduction each
+        mean = xp.sum(x, axis=-1, keepdims=True) * scale
         centred = x - mean
-        self.inv_std = 1.0 / xp.sqrt(xp.mean(centred * centred, axis=-1, keepdims=True)
+        self.inv_std = 1.0 / xp.sqrt(xp.sum(centred * centred, axis=-1, keepdims=True) * scale
                                      + self.eps)
         self.xhat = centred * self.inv_std
         self.value = self.xhat * gamma.value + beta.value
@@ -218,8 +255,9 @@ class LayerNorm(Node):
         need_x, need_gamma, need_beta = self.needs_grad
         if need_x:
             dxhat = G * gamma.value
-            dxhat = (dxhat - xp.mean(dxhat, axis=-1, keepdims=True)
-                     - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True))
+            scale = 1.0 / xhat.shape[-1]
+            dxhat = (dxhat - xp.sum(dxhat, axis=-1, keepdims=True) * scale
+                     - xhat * (xp.sum(dxhat * xhat, axis=-1, keepdims=True) * scale))
             self.gradients[X] = dxhat * self.inv_std
         if need_gamma:
             self.gradients[gamma] = xp.sum(G * xhat, axis=batch_axes)

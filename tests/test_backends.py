@@ -46,7 +46,7 @@ def test_unknown_head_names_every_head():
 
 def test_capabilities_have_their_types(device):
     assert isinstance(device.ops.writes_out, bool)
-    for flag in ("mutable_arrays", "is_host", "is_gpu", "supports_dlpack"):
+    for flag in ("mutable_arrays", "is_host", "is_gpu", "supports_dlpack", "flushes_subnormals"):
         assert isinstance(getattr(device, flag), bool), flag
     assert device.collectives is None or isinstance(device.collectives, str)
     assert device.index is None or isinstance(device.index, int)

@@ -199,6 +199,7 @@ def test_conv2d_bad_shapes_are_named(x_shape, w_shape, options, pattern):
                     r"stride=1"),
     ({"padding": -1}, r"Conv2D 'conv': padding -1 must be an int >= 0(.|\n)*help:"),
     ({"stride": (1, 2, 3)}, r"stride \(1, 2, 3\) must be"),
+    ({"padding": 1.5}, r"padding 1.5 must be an int >= 0"),
 ])
 def test_conv2d_bad_options_are_refused_when_built(options, pattern):
     with pytest.raises(gf.GraphError, match=pattern):
@@ -225,3 +226,64 @@ def test_conv2d_layer_weights_are_he_and_laid_out_as_torch():
     np.testing.assert_array_equal(again["c.W"].value, W.value)
     _, no_bias = gf.conv2d(X, 3, 8, 3, name="d", bias=False)
     assert list(no_bias) == ["d.W"]
+
+
+@pytest.mark.parametrize("kh, kw, sh, sw", [(3, 2, 1, 1), (2, 2, 2, 2), (3, 3, 2, 1), (2, 1, 3, 2)])
+def test_device_col2im_equals_the_portable_one(kh, kw, sh, sw, device):
+    """Where a device adds the columns back in place (ops.col2im), it gives what the portable,
+    write-free col2im gives."""
+    from gpuflow.conv import col2im
+    if getattr(device.ops, "col2im", None) is None:
+        pytest.skip(f"{device.name} has no ops.col2im: the portable one is all it runs")
+    ho, wo = 3, 4
+    hp, wp = sh * (ho - 1) + kh + 1, sw * (wo - 1) + kw
+    parts_host = [RNG.normal(size=(2, 3, ho, wo)) for _ in range(kh * kw)]
+    parts = [device.put(p) for p in parts_host]
+    portable = col2im(device.xp, parts, kh, kw, sh, sw, hp, wp, device.native)
+    out = device.new_buffer((2, 3, hp, wp), parts[0].dtype)
+    fast = device.ops.col2im(parts, kh, kw, sh, sw, out=out)
+    np.testing.assert_allclose(host(device, fast), host(device, portable), rtol=1e-15,
+                               atol=1e-15)
+
+
+def _cnn_run(device, steps=3):
+    """Every image and normalisation node in one net (conv with stride and padding, both
+    poolings, BatchNorm, Dropout, LayerNorm, Softmax, a weighted Add of two losses), trained
+    a few steps with Adam, then evaluated: losses, weights, evaluation outputs."""
+    from gpuflow.optim import Adam
+    rng = np.random.default_rng(5)
+    x, labels = rng.normal(size=(4, 2, 7, 6)), rng.integers(0, 3, 4)
+    X, y, t = gf.Input(name="X"), gf.Input(name="y"), gf.Input(name="t")
+    # No conv bias before BatchNorm: its gradient is zero up to rounding, which Adam would
+    # turn into steps of rounding noise.
+    h, p1 = gf.conv2d(X, 2, 3, (3, 2), stride=(2, 1), padding=1, name="c1", rng=1, bias=False)
+    h, p2 = gf.batchnorm(h, 3, name="bn")
+    h = gf.MaxPool2D(gf.ReLU(h), 2, stride=1)
+    h = gf.AvgPool2D(h, (2, 1))
+    h = gf.Dropout(gf.Flatten(h), 0.3, seed=4)
+    h, p3 = gf.layernorm(h, 18, name="ln")
+    logits, p4 = gf.dense(h, 18, 3, name="out", rng=2)
+    loss = gf.Add(gf.SoftmaxCrossEntropy(y, logits), gf.MSE(t, gf.Softmax(logits)),
+                  weights=(1.0, 0.5))
+    graph = gf.Graph(loss, device=device, dtype="float64", inputs=[X, y, t], outputs=[logits])
+    opt = Adam(graph, lr=1e-2)
+    target = np.eye(3)[labels]
+    losses = []
+    for _ in range(steps):
+        losses.append(graph.item(graph.step(x, labels, target)))
+        opt.step()
+    evaluation = device.to_host(graph.run(logits, x))
+    return losses, [device.to_host(p.value) for p in graph.parameters], evaluation
+
+
+def test_cnn_on_immutable_arrays_matches_the_cpu():
+    """On a device whose arrays cannot change (JAX's semantics: tests/test_immutable.py), the
+    portable routes train a CNN to the CPU's numbers: nothing relies on writing in place."""
+    from test_immutable import FROZEN
+    losses, weights, evaluation = _cnn_run(FROZEN)
+    want_losses, want_weights, want_evaluation = _cnn_run(gf.get_device("cpu"))
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-12)
+    assert losses[-1] < losses[0]
+    for got, want in zip(weights, want_weights):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(evaluation, want_evaluation, rtol=1e-10, atol=1e-12)

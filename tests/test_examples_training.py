@@ -61,6 +61,16 @@ def test_digits_classifier(device):
     assert "epoch   2" in proc.stdout and "final test accuracy" in proc.stdout
 
 
+@pytest.mark.parametrize("device", DEVICES + ["torch:cpu"])
+def test_cnn_digits(device):
+    if device.startswith("torch"):
+        pytest.importorskip("torch")
+    proc = run_example("cnn_digits.py", "--device", device, "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert f"device {device}" in proc.stdout
+    assert "epoch   1" in proc.stdout and "final test accuracy" in proc.stdout
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_custom_node_trains_and_passes_its_gradient_check(device):
     proc = run_example("custom_node.py", "--device", device, "--steps", "5")

@@ -140,14 +140,14 @@ def test_training_equals_numpy(jdev, optimizer, options):
 
 def test_checkpoint_saved_on_jax_loads_on_numpy_and_back(jdev, tmp_path):
     losses, params, graph, opt = _train("jax:cpu", "adam")
-    save(tmp_path / "jax.npz", graph, opt, step=6)
+    save(tmp_path / "jax.safetensors", graph, opt, step=6)
     _, _, cpu_graph, cpu_opt = _train("cpu", "adam", steps=1)
-    assert load(tmp_path / "jax.npz", cpu_graph, cpu_opt)["meta"]["device"] == "jax:cpu"
+    assert load(tmp_path / "jax.safetensors", cpu_graph, cpu_opt)["meta"]["device"] == "jax:cpu"
     for name, p in cpu_graph.named_parameters().items():
         np.testing.assert_array_equal(p.value, params[name])
-    save(tmp_path / "cpu.npz", cpu_graph, cpu_opt, step=6)
+    save(tmp_path / "cpu.safetensors", cpu_graph, cpu_opt, step=6)
     _, _, back, back_opt = _train("jax:cpu", "adam", steps=1)
-    load(tmp_path / "cpu.npz", back, back_opt)
+    load(tmp_path / "cpu.safetensors", back, back_opt)
     for name, p in back.named_parameters().items():
         assert jdev.owns(p.value)
         np.testing.assert_array_equal(jdev.to_host(p.value), params[name])

@@ -26,7 +26,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   be updated in place: `x[...] = v`, `x *= a`), `is_host` (arrays live in host memory: no
   transfer counted), `is_gpu`, `supports_dlpack` (`xp.from_dlpack` takes other libraries'
   arrays), `collectives` (the name of device-side collectives, e.g. 'NCCL', or None: then
-  distributed training sums through MPI on host memory).
+  distributed training sums through MPI on host memory), `flushes_subnormals` (results
+  below the smallest normal number become 0, as XLA's do).
 - transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`.
 - `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
@@ -154,6 +155,15 @@ class UfuncOps(Ops):
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
 
+    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
+        """xp.stack, into `out` (gpuflow.conv's im2col columns)."""
+        return self._lib.stack(arrays, axis=axis, out=out)
+
+    def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
+        """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
+        from .windows import col2im_in_place
+        return col2im_in_place(parts, kw, sh, sw, out)
+
 
 class _NullScope:
     def __enter__(self) -> None:
@@ -177,6 +187,7 @@ class Device:
     supports_dlpack: bool = True   # xp.from_dlpack takes another library's array
     collectives: str | None = None  # device-side collectives (e.g. "NCCL"), None: MPI on host
     index: int | None = None       # the library's device number, None where it has none
+    flushes_subnormals: bool = False  # results below the smallest normal number become 0 (XLA)
 
     def __init__(self, name: str, xp: Any, native: Any) -> None:
         self.name = name        # canonical spec, e.g. "cpu", "cuda:0", "torch:cpu"

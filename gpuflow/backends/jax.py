@@ -66,6 +66,10 @@ class JaxDevice(Device):
         self.is_gpu = native.platform == "gpu"
         self.is_host = native.platform == "cpu"
         self.index = native.id
+        # XLA flushes subnormal results to zero (on the CPU as on GPUs): ask it once.
+        with self.scope():
+            tiny = self.xp.asarray(numpy.finfo(numpy.float32).tiny, device=native)
+            self.flushes_subnormals = bool(self._to_host(tiny / 4) == 0)
 
     def owns(self, value: Any) -> bool:
         try:

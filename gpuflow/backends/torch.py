@@ -20,6 +20,9 @@ class TorchOps(UfuncOps):
         self._tensor = torch.Tensor
         self._maximum, self._clamp_min = torch.maximum, torch.clamp_min
         self._gt, self._eq, self._sum, self._amax = torch.gt, torch.eq, torch.sum, torch.amax
+        self._stack = torch.stack
+        self._conv2d = torch.nn.functional.conv2d
+        self._conv_backward = torch.ops.aten.convolution_backward
 
     def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
         if not isinstance(x2, self._tensor):   # torch.maximum takes tensors only
@@ -43,6 +46,22 @@ class TorchOps(UfuncOps):
 
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._amax(x, dim=() if axis is None else axis, keepdim=keepdims, out=out)
+
+    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
+        return self._stack(arrays, dim=axis, out=out)
+
+    def conv2d(self, x: Any, w: Any, bias: Any, stride: tuple, padding: tuple) -> Any:
+        """gpuflow.Conv2D's value by torch's own convolution (oneDNN on CPUs, cuDNN on GPUs)."""
+        return self._conv2d(x, w, bias, stride, padding)
+
+    def conv2d_backward(self, G: Any, x: Any, w: Any, stride: tuple, padding: tuple,
+                        need: tuple) -> tuple:
+        """(dx, dW[, db]) for gpuflow.Conv2D (None where `need` says no), by torch's own."""
+        has_bias = len(need) == 3
+        mask = [need[0], need[1], has_bias and need[2]]
+        dx, dW, db = self._conv_backward(G, x, w, [w.shape[0]] if has_bias else None, stride,
+                                         padding, (1, 1), False, (0, 0), 1, mask)
+        return (dx, dW, db)[:len(need)]
 
 
 class TorchDevice(Device):
