@@ -10,6 +10,7 @@ then step / update / read the loss once per epoch.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import gpuflow as gf
@@ -39,7 +40,7 @@ def main() -> None:
                      outputs=[logits])
     optimizer = Adam(graph, lr=args.lr)
     print(f"device {graph.device.name}: {graph.device.describe()}; "
-          f"{sum(p.value.size for p in params.values())} parameters")
+          f"{sum(math.prod(p.value.shape) for p in params.values())} parameters")
 
     # 3. The held-out set lives on the device; accuracy is counted there, read as one number.
     xp = graph.device.xp

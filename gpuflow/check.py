@@ -21,7 +21,9 @@ import numpy as np
 from .backends import Device, dtype_name, get_device
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
+from .host import to_numpy
 from .nodes import Input, Node
+from .norm import Dropout
 
 __all__ = ["gradient_check", "GradientReport", "GradientCheckError", "Project",
            "central_difference"]
@@ -155,23 +157,63 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
                     f"[{', '.join(n.label for n in target.inputs)}].\nhelp: pass one array per "
                     "input, in that order, or a dict {Input: array}.")
             feed = dict(zip(target.inputs, batches))
-        # inputs=[]: fed once here, then held while the entries are perturbed one by one.
-        check = Graph(target.loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
-                      strict=False)
-        check.step(feed)
-        extra: list[Node] = []
+        saved = _node_state(target.nodes)
+        try:
+            # inputs=[]: fed once here, then held while the entries are perturbed one by one.
+            check = Graph(target.loss, device=device, dtype=dtype, inputs=[], parameters=wrt,
+                          strict=False)
+            _same_masks(saved)
+            check.step(feed)
+            extra: list[Node] = []
+        except BaseException:
+            _same_masks(saved, last=True)
+            raise
     elif isinstance(target, Node):
         label = target.label
         device = get_device(device if device is not None else (target.device or "cpu"))
-        check, wrt, extra = _node_graph(target, batches, wrt, device, dtype, seed)
+        saved = _node_state(reachable([target], "inbound_nodes"))
+        try:
+            check, wrt, extra = _node_graph(target, batches, wrt, device, dtype, seed, saved)
+        except BaseException:
+            _same_masks(saved, last=True)
+            raise
     else:
         raise GraphError(f"gradient_check: expected a Node or a Graph, got "
                          f"{type(target).__name__}.\nhelp: pass the node to check (built on "
                          "Inputs) and a dict {Input: array} feeding it.")
     try:
-        return _compare(check, label, wrt, h, rtol, atol, samples, seed, raise_on_failure)
+        return _compare(check, label, wrt, h, rtol, atol, samples, seed, raise_on_failure,
+                        saved)
     finally:
         _detach(extra)
+        _same_masks(saved, last=True)
+
+
+def _same_masks(saved: dict[Node, Any], *, last: bool = False) -> None:
+    """Put every node's state back as it was before the check, before each of its passes (all
+    in training mode, as the backward pass ran): Dropout draws the checked step's mask again,
+    and BatchNorm's running statistics end where they started (`last`: after the check)."""
+    for node, state in saved.items():
+        if isinstance(state, dict):
+            node.load_state_dict(state)
+        else:  # a Dropout without state_dict(): its generator, drawn again from its seed
+            node._rng, node._rng_device = state if last else (None, None)
+
+
+def _node_state(nodes: Iterable[Node]) -> dict[Node, Any]:
+    """The state of every node that has one (`state_dict()`, host copies): BatchNorm's running
+    statistics, Dropout's position in its mask sequence."""
+    saved: dict[Node, Any] = {}
+    for node in nodes:
+        if callable(getattr(node, "state_dict", None)):
+            try:
+                saved[node] = {k: v if isinstance(v, (int, float)) else to_numpy(v)
+                               for k, v in node.state_dict().items()}
+            except (AttributeError, TypeError):  # not bound nor fed yet: nothing to keep
+                pass
+        elif isinstance(node, Dropout):
+            saved[node] = (getattr(node, "_rng", None), getattr(node, "_rng_device", None))
+    return saved
 
 
 def _detach(extra: list[Node]) -> None:
@@ -182,7 +224,8 @@ def _detach(extra: list[Node]) -> None:
 
 
 def _node_graph(node: Node, batches: tuple, wrt: Sequence[Node] | None, device: Device,
-                dtype: str, seed: int) -> tuple[Graph, list[Node], list[Node]]:
+                dtype: str, seed: int, saved: dict[Node, Any]
+                ) -> tuple[Graph, list[Node], list[Node]]:
     """A Graph whose loss is `node` (a loss) or sum(node * R), after one step; the inputs to
     check, and the reduction node to detach afterwards."""
     if len(batches) > 1 or (batches and not isinstance(batches[0], dict)):
@@ -211,6 +254,7 @@ def _node_graph(node: Node, batches: tuple, wrt: Sequence[Node] | None, device: 
             shape = tuple(getattr(check.run(node, feed), "shape", ()))
             upstream = np.random.default_rng(seed).normal(size=shape)
             feed[R] = upstream if shape else np.float64(upstream)
+        _same_masks(saved)
         check.step(feed)
     except BaseException:
         _detach(extra)
@@ -227,8 +271,15 @@ def _host(value: Any, device: Device) -> Any:
     return np.asarray(value)
 
 
+def _training_loss(check: Graph, saved: dict[Node, Any]) -> Any:
+    """The loss in training mode, as the checked backward pass saw it (same Dropout masks)."""
+    _same_masks(saved)
+    return check.run(None, {}, training=True)
+
+
 def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, atol: float,
-             samples: int | None, seed: int, raise_on_failure: bool) -> GradientReport:
+             samples: int | None, seed: int, raise_on_failure: bool,
+             states: dict[Node, Any]) -> GradientReport:
     """After a step of `check`: each input's gradient against central differences."""
     device = check.device
     rng = np.random.default_rng(seed)
@@ -256,7 +307,7 @@ def _compare(check: Graph, label: str, wrt: list[Node], h: float, rtol: float, a
             entries = [all_entries[i] for i in sorted(picks)]
         else:
             entries = all_entries
-        numeric = central_difference(p, x0, lambda: check.run(None, {}), device,
+        numeric = central_difference(p, x0, lambda: _training_loss(check, states), device,
                                      entries=entries, h=h)
         idx = tuple(np.array(entries).T) if entries and shape else ()
         a = grad[idx] if shape else grad.reshape(1)

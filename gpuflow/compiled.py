@@ -40,6 +40,14 @@ class CompiledStep:
                              "the graph does not hold.\nhelp: make the optimizer from this "
                              "graph (e.g. Adam(graph)).")
         self._fn = graph.device.jit(self._pure)  # None: the device has no compiler
+        from .norm import Dropout  # refused when it draws in a compiled step (JaxRng)
+        stateful = [n.label for n in graph.nodes
+                    if callable(getattr(n, "state_dict", None)) and not isinstance(n, Dropout)]
+        if self._fn is not None and stateful:  # `_pure` puts every node back after tracing
+            raise GraphError(f"compile_step: {', '.join(stateful)} keeps state between steps "
+                             "(BatchNorm's running statistics), which the compiled step would "
+                             "drop (evaluation would use stale statistics).\nhelp: train this "
+                             "graph with graph.step(...) and optimizer.step().")
 
     def __call__(self, *batches: Any) -> Any:
         graph, opt = self.graph, self.optimizer

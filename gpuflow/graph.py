@@ -358,7 +358,8 @@ class Graph:
         output = self.loss if output is None else output
         if output not in self._run_orders:
             if output not in self._members:
-                raise GraphError(f"{output.label} is not in this graph.\n"
+                what = output.label if isinstance(output, Node) else f"{output!r:.60}"
+                raise GraphError(f"{what} is not in this graph.\n"
                                  "help: pass it as Graph(..., outputs=[node]).")
             needed = set(reachable([output], "inbound_nodes"))
             self._run_orders[output] = (

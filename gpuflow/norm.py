@@ -100,7 +100,8 @@ class BatchNorm(Node):
     def __init__(self, x: Node, gamma: Node, beta: Node, *, momentum: float = 0.1,
                  eps: float = 1e-5, name: str | None = None):
         Node.__init__(self, [x, gamma, beta], name=name)
-        if not 0.0 <= momentum <= 1.0 or not eps > 0.0:
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                   for v in (momentum, eps)) or not 0.0 <= momentum <= 1.0 or not eps > 0.0:
             raise GraphError(f"{self.label}: momentum={momentum!r} must be in [0, 1] and "
                              f"eps={eps!r} > 0.\nhelp: use the defaults, momentum=0.1, "
                              "eps=1e-5.")
@@ -229,7 +230,7 @@ class LayerNorm(Node):
     def __init__(self, x: Node, gamma: Node, beta: Node, *, eps: float = 1e-5,
                  name: str | None = None):
         Node.__init__(self, [x, gamma, beta], name=name)
-        if not eps > 0.0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
             raise GraphError(f"{self.label}: eps={eps!r} must be > 0.\nhelp: use eps=1e-5.")
         self.eps = float(eps)
 

@@ -226,7 +226,8 @@ class LinearLR(LRSchedule):
 
 # -- gradient clipping ---------------------------------------------------------------------------
 def _with_gradients(graph_or_parameters: Any, what: str) -> list[Node]:
-    """The parameters of a Graph (or the nodes given), each checked to have a gradient."""
+    """The parameters of a Graph (or the nodes given) that are not frozen, each checked to have
+    a gradient."""
     params = getattr(graph_or_parameters, "parameters", graph_or_parameters)
     if isinstance(params, Node):
         params = [params]
@@ -240,6 +241,9 @@ def _with_gradients(graph_or_parameters: Any, what: str) -> list[Node]:
         if not isinstance(p, Node):
             raise ValueError(f"{what}: {p!r:.60} is a {type(p).__name__}, not a gpuflow node."
                              "\nhelp: pass graph or graph.parameters.")
+    # Frozen parameters (trainable False) are skipped, as torch skips a .grad of None: the
+    # graph computes no gradient for them, and one left from before freezing must not count.
+    params = [p for p in params if getattr(p, "trainable", True)]
     missing = [p.label for p in params if p.gradients.get(p) is None]
     if missing:
         raise GraphError(f"{what}: {', '.join(missing)} has no gradient yet.\nhelp: run "

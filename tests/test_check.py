@@ -155,3 +155,41 @@ def test_bad_targets_are_refused():
         gf.gradient_check(gf.Tanh(x), {})
     with pytest.raises(gf.GraphError, match="feed a node with one dict"):
         gf.gradient_check(gf.Tanh(x), np.ones(3))
+
+
+def _normed_graph(kind, device):
+    """Linear -> BatchNorm or Dropout -> Linear -> softmax cross-entropy, float64."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    h, _ = gf.dense(X, 4, 6, name="l1", rng=0)
+    if kind == "BatchNorm":
+        h, _ = gf.batchnorm(h, 6, name="bn")
+    else:
+        h = gf.Dropout(h, 0.5, seed=1, name="drop")
+    h, _ = gf.dense(h, 6, 3, name="l2", rng=1)
+    return gf.Graph(gf.SoftmaxCrossEntropy(y, h), device=device, dtype="float64")
+
+
+@pytest.mark.parametrize("kind", ["BatchNorm", "Dropout"])
+def test_a_graph_with_batchnorm_or_dropout_passes_and_keeps_its_statistics(device, kind):
+    # Regression: the backward ran in training mode but the central differences in evaluation
+    # mode (BatchNorm's running statistics, no Dropout), so a correct graph failed, and the
+    # check's own steps moved BatchNorm's running statistics.
+    graph = _normed_graph(kind, device)
+    x, y = RNG.normal(size=(8, 4)), RNG.integers(0, 3, size=8)
+    graph.step(x, y)
+    stateful = [n for n in graph.nodes if hasattr(n, "state_dict")]
+    before = [{k: gf.to_numpy(v) for k, v in n.state_dict().items()} for n in stateful]
+    report = gf.gradient_check(graph, x, y, raise_on_failure=False)
+    assert report.ok, str(report)
+    after = [{k: gf.to_numpy(v) for k, v in n.state_dict().items()} for n in stateful]
+    for b, a in zip(before, after):
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_batchnorm_node_passes_its_own_check(device):
+    x, g, b = gf.Input(name="x"), gf.Input(name="gamma"), gf.Input(name="beta")
+    node = gf.BatchNorm(x, g, b)
+    feed = {x: RNG.normal(size=(6, 3)), g: RNG.uniform(0.5, 2.0, size=3), b: RNG.normal(size=3)}
+    report = gf.gradient_check(node, feed, device=device, raise_on_failure=False)
+    assert report.ok, str(report)

@@ -86,3 +86,13 @@ def test_miniflow_nn_refuses_an_unknown_device():
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert done.returncode != 0
     assert "DeviceError" in done.stderr and "'tpu'" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu", "jax:cpu"])
+def test_digits_classifier_runs_on_each_library(device):
+    # Regression: it counted parameters with `p.value.size`, a method on torch tensors, and
+    # crashed with a TypeError on torch:cpu before training.
+    if device != "cpu":
+        pytest.importorskip(device.split(":")[0])
+    out = _run_example("digits_classifier.py", "--device", device, "--epochs", "1")
+    assert "parameters" in out, out

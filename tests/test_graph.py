@@ -634,3 +634,12 @@ def test_a_fed_0d_array_stays_immutable_on_the_cpu():
     graph = gf.topological_sort({inputs: [6, 14, 3], weights: [0.5, 0.25, 1.4],
                                  bias: np.array(2.0)})
     assert [float(gf.forward_pass(f, graph)) for _ in range(3)] == [pytest.approx(12.7)] * 3
+
+
+def test_run_of_something_not_a_node_is_a_graph_error():
+    # Regression: graph.run("logits", ...) escaped as AttributeError ('str' has no 'label').
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = gf.mlp(X, [3, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", outputs=[logits])
+    with pytest.raises(gf.GraphError, match="'logits' is not in this graph"):
+        graph.run("logits", np.ones((2, 3)))

@@ -234,3 +234,17 @@ def test_compiled_step_refuses_dropout_and_leaves_the_graph_eager_ready(jdev):
     before = graph.item(graph.step(xb, yb))  # nothing traced stayed behind
     opt.step()
     assert np.isfinite(before)
+
+
+def test_compile_step_refuses_batchnorm_whose_statistics_it_would_drop(jdev):
+    # Regression: tracing puts every node back as it was, so under compiled steps BatchNorm's
+    # running statistics stopped moving after the first (eager) step, and graph.run then
+    # normalised with stale statistics: other predictions than eager training, silently.
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    h, _ = gf.batchnorm(X, 64, name="bn")
+    logits, _ = mlp(h, [64, 10], seed=0, name="layer")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
+                     inputs=[X, y])
+    opt = make_optimizer("sgd", graph, 0.1)
+    with pytest.raises(gf.GraphError, match=r"BatchNorm 'bn' keeps state.*\n.*help:"):
+        compile_step(graph, opt)

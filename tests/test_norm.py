@@ -359,3 +359,14 @@ def test_device_rng_is_seeded_uniform_on_the_device(device):
     if device.backend == "array_api_strict":  # NumPy's stream, as documented
         cpu = gf.get_device("cpu")
         np.testing.assert_array_equal(host_a, cpu.rng(7).uniform((300, 4), cpu.dtype("float64")))
+
+
+@pytest.mark.parametrize("make", [
+    lambda x, g, b: gf.BatchNorm(x, g, b, momentum="0.1"),
+    lambda x, g, b: gf.BatchNorm(x, g, b, eps=None),
+    lambda x, g, b: gf.LayerNorm(x, g, b, eps="1e-5"),
+], ids=["batchnorm-momentum", "batchnorm-eps", "layernorm-eps"])
+def test_normalisation_options_that_are_not_numbers_are_graph_errors(make):
+    # Regression: a string or None escaped as a bare TypeError from the comparison.
+    with pytest.raises(gf.GraphError, match="help:"):
+        make(gf.Input(), gf.Input(), gf.Input())

@@ -34,3 +34,27 @@ def test_custom_node_and_training_snippets_run():
         exec(blocks[2].replace("range(25)", "range(2)").replace('"auto"', '"cpu"'), {})
     losses = [float(line.split()[1]) for line in out.getvalue().splitlines()]
     assert len(losses) == 2 and losses[1] < losses[0], losses
+
+
+def test_training_snippet_reshuffles_every_epoch(monkeypatch, tmp_path):
+    # Regression: the training snippet made a new Batches(..., seed=0) inside the epoch loop,
+    # so every epoch saw the same batch order (Batches reshuffles per (seed, epoch) only when
+    # one object is iterated epoch after epoch).
+    import numpy as np
+
+    import gpuflow.data
+
+    orders = []
+
+    class Recording(gpuflow.data.Batches):
+        def order(self, epoch=None):
+            result = super().order(epoch)
+            orders.append(result.copy())
+            return result
+
+    monkeypatch.setattr(gpuflow.data, "Batches", Recording)
+    monkeypatch.chdir(tmp_path)
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(_blocks()[2].replace("range(25)", "range(2)").replace('"auto"', '"cpu"'), {})
+    assert len(orders) == 2, len(orders)
+    assert not np.array_equal(orders[0], orders[1]), "both epochs used the same batch order"

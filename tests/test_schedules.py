@@ -285,3 +285,26 @@ def test_strict_step_with_clipping_makes_no_transfer(device):
             opt.step()
     counts = gf.LEDGER.snapshot()
     assert counts["d2h_calls"] == 0 and counts["syncs"] == 0, counts
+
+
+@pytest.mark.parametrize("clip", [lambda g: clip_grad_norm(g, 1e-3),
+                                  lambda g: clip_grad_value(g, 1e-3)], ids=["norm", "value"])
+def test_clipping_a_graph_skips_its_frozen_parameters(device, clip):
+    # Regression: a parameter frozen before the first step has no gradient, and clipping the
+    # graph raised "has no gradient yet"; one frozen later kept its last gradient, which still
+    # counted in the global norm (torch skips parameters whose .grad is None).
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [4, 3, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float64")
+    x, labels = np.random.default_rng(0).normal(size=(5, 4)), np.array([0, 1, 0, 1, 1])
+    frozen = params["layer1.W"]
+    frozen.trainable = False
+    graph.step(x, labels)
+    clip(graph)  # no error
+    frozen.trainable = True
+    graph.step(x, labels)
+    frozen.trainable = False
+    graph.step(x, labels)
+    live = [p for p in graph.parameters if p is not frozen]
+    expected = np.sqrt(sum((host(device, p.gradients[p]) ** 2).sum() for p in live))
+    np.testing.assert_allclose(graph.item(clip_grad_norm(graph, 1e9)), expected, rtol=1e-12)
