@@ -6,6 +6,7 @@
     gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
+    gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -35,12 +36,14 @@ from .errors import CheckpointError, GpuflowError, check_int
 from .graph import Graph
 from .layers import lenet, mlp
 from .nodes import Input, SoftmaxCrossEntropy
-from .optim import OPTIMIZERS, check_learning_rate, make_optimizer
+from .optim import (OPTIMIZERS, CosineAnnealingLR, ExponentialLR, StepLR, check_learning_rate,
+                    clip_grad_norm, make_optimizer)
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
 MODELS = ("mlp", "cnn")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # 16-bit: mixed precision (amp.py)
+SCHEDULES = ("step", "cosine", "exponential")  # --schedule; make_schedule gives the settings
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
 
@@ -74,6 +77,8 @@ class TrainOptions:
     check_finite: bool = False   # stop at the first NaN/Inf, naming the node and the step
     model: str = "mlp"           # 'mlp', or 'cnn': a LeNet-style CNN (layers.lenet)
     dropout: float | None = None  # after the hidden dense layer(s); None: 0.25 cnn, 0 mlp
+    schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
+    clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -109,6 +114,13 @@ class TrainOptions:
                 or not 0.0 <= self.dropout < 1.0):
             raise ValueError(f"--dropout must be in [0, 1), got {self.dropout!r}.\n"
                              "help: pass e.g. --dropout 0.25.")
+        if self.schedule is not None:
+            _check_choice("--schedule", self.schedule, SCHEDULES)
+        if self.clip is not None and (
+                isinstance(self.clip, bool) or not isinstance(self.clip, (int, float))
+                or not math.isfinite(self.clip) or self.clip <= 0):
+            raise ValueError(f"--clip must be a finite number > 0, got {self.clip!r}.\n"
+                             "help: pass e.g. --clip 1.0 (the largest global gradient norm).")
         check_int(self.epochs, "--epochs", 1)
         check_int(self.batch_size, "--batch-size", 1)
         check_int(self.seed, "--seed", 0)
@@ -165,7 +177,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     Returns {"accuracy": final held-out accuracy, "losses": mean train loss per epoch,
     "accuracies": held-out accuracy per epoch, "device": device name, "device_description",
     "seconds": wall time of the whole call, "epoch": epochs done, "start_epoch": where this
-    call began (> 0 after --resume), "parameters": {name: NumPy array}}.
+    call began (> 0 after --resume), "lr": the optimizer's rate at the end (--schedule),
+    "parameters": {name: NumPy array}}.
     Raises ValueError, DeviceError, DataError or CheckpointError for user mistakes.
     """
     opts = TrainOptions.from_any(options)
@@ -194,6 +207,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
                   check_finite=opts.check_finite)
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
+    schedule = make_schedule(opts.schedule, optimizer, opts.epochs)
     ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
     batches = (ctx.batches(X_train, y_train, opts.batch_size, seed=opts.seed) if ctx.size > 1
                else Batches(X_train, y_train, opts.batch_size, seed=opts.seed))
@@ -202,7 +216,14 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     accuracies: list[float] = []
     start_epoch = 0
     if opts.resume is not None:
-        restored = checkpoint.load(opts.resume, graph, optimizer)
+        restored = checkpoint.load(opts.resume, graph, optimizer, schedule=schedule)
+        saved = (restored["meta"].get("schedule") or {}).get("class")
+        if schedule is None and saved is not None:  # a constant rate would not resume the run
+            name = {"StepLR": "step", "CosineAnnealingLR": "cosine",
+                    "ExponentialLR": "exponential"}.get(saved, saved)
+            raise CheckpointError(f"--resume {opts.resume}: the checkpoint's run used a {saved} "
+                                  f"schedule, and no --schedule was given.\nhelp: pass "
+                                  f"--schedule {name} to continue it.")
         start_epoch, state = int(restored["epoch"]), restored["state"] or {}
         try:  # a checkpoint saved by another program may hold other state: one error, the file
             batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
@@ -234,6 +255,10 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
                   f"each rank takes a slice of every batch of {opts.batch_size}")
         if start_epoch:
             print(f"resumed from {opts.resume} at epoch {start_epoch}")
+        if schedule is not None or opts.clip is not None:
+            print(f"schedule: {schedule!r}" if schedule is not None else "schedule: none",
+                  f"clip: global gradient norm <= {opts.clip:g}" if opts.clip else "clip: off",
+                  sep="; ")
     if start_epoch >= opts.epochs and say:
         print(f"the checkpoint is already at epoch {start_epoch} >= --epochs {opts.epochs}; "
               "nothing to train")
@@ -248,6 +273,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
             for i, (Xb, yb) in enumerate(bar):
                 value = graph.step(Xb, yb)
                 ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
+                if opts.clip is not None:  # the global norm of the whole batch's gradient
+                    clip_grad_norm(graph, opts.clip)
                 optimizer.step()
                 step += 1
                 weighted = value * len(yb)
@@ -255,6 +282,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
                 if not bar.disable and i % refresh == 0:  # one sync now and then, for the bar
                     bar.set_postfix(loss=f"{graph.item(value):.4f}", refresh=False)
             bar.close()
+            if schedule is not None:  # once per epoch, as PyTorch's schedulers
+                schedule.step()
             losses.append(ctx.sum_scalar(graph.item(total)) / batches.num_samples)
             accuracies.append(accuracy())
             if say:
@@ -262,7 +291,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
                 print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
                       f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
             if opts.save is not None and ctx.is_root:  # every rank holds the same state
-                checkpoint.save(opts.save, graph, optimizer, step=step, epoch=epoch + 1,
+                checkpoint.save(opts.save, graph, optimizer, schedule=schedule, step=step,
+                                epoch=epoch + 1,
                                 state=_checkpoint_state(batches, losses, accuracies))
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
@@ -278,6 +308,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
         "accuracy": final, "losses": losses, "accuracies": accuracies,
         "device": device.name, "device_description": device.describe(),
         "seconds": seconds, "epoch": max(start_epoch, opts.epochs), "start_epoch": start_epoch,
+        "lr": float(optimizer.lr),
         "parameters": {name: device.to_host(p.value, what=name)
                        for name, p in graph.named_parameters().items()},
     }
@@ -302,6 +333,19 @@ def build_model(opts: TrainOptions, sample_shape: tuple[int, ...], n_classes: in
         arch = "-".join(str(s) for s in sizes) + " MLP"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     return X_in, y_in, logits, loss, arch
+
+
+def make_schedule(name: str | None, optimizer: Any, epochs: int) -> Any:
+    """The --schedule: None (a constant rate), or a gpuflow.optim schedule stepped once per
+    epoch: 'step' (x0.1 every max(1, epochs // 3) epochs), 'cosine' (to 0 over `epochs`),
+    'exponential' (x0.9 every epoch). --resume restores the checkpoint's own settings."""
+    if name is None:
+        return None
+    if name == "step":
+        return StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
+    if name == "cosine":
+        return CosineAnnealingLR(optimizer, T_max=epochs)
+    return ExponentialLR(optimizer, gamma=0.9)
 
 
 def _as_images(X: Any) -> Any:
@@ -495,6 +539,14 @@ def build_parser() -> CommandParser:
     t.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
                    help="dropout probability after the hidden dense layer(s) "
                         "(default 0.25 for cnn, 0 for mlp)")
+    t.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate schedule, stepped once per epoch: step (x0.1 every "
+                        "max(1, epochs // 3) epochs), cosine (to 0 over --epochs), exponential "
+                        "(x0.9 per epoch); --resume continues the checkpoint's (default: none, "
+                        "a constant rate)")
+    t.add_argument("--clip", type=float, metavar="MAX_NORM",
+                   help="scale the gradients to a global L2 norm of at most MAX_NORM before "
+                        "every optimizer step (default: off)")
     t.add_argument("--optimizer", default=d.optimizer, choices=OPTIMIZER_NAMES,
                    help="momentum and nesterov are SGD with momentum 0.9")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), metavar="N",

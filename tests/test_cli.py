@@ -181,6 +181,101 @@ def test_resume_from_the_command_line(tmp_path, capsys):
     assert "nothing to train" in capsys.readouterr().out
 
 
+# -- --schedule and --clip ----------------------------------------------------------------------
+SCHEDULED = dict(device="cpu", dtype="float64", hidden=(16,), quiet=True, optimizer="momentum",
+                 lr=0.05)
+
+
+@pytest.mark.parametrize("name, settings", [("step", dict(step_size=2, gamma=0.1)),
+                                            ("cosine", dict(T_max=6)),
+                                            ("exponential", dict(gamma=0.9))])
+def test_schedule_ends_at_the_rate_torch_gives(name, settings):
+    """Six epochs, stepped once per epoch: the optimizer ends with the rate PyTorch's scheduler
+    (with the defaults --help states) gives after six steps; without --schedule it stays."""
+    torch = pytest.importorskip("torch")
+    kinds = {"step": "StepLR", "cosine": "CosineAnnealingLR", "exponential": "ExponentialLR"}
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.05)
+    sched = getattr(torch.optim.lr_scheduler, kinds[name])(opt, **settings)
+    for _ in range(6):
+        opt.step()
+        sched.step()
+    expected = sched.get_last_lr()[0]
+    scheduled = train({**SCHEDULED, "epochs": 6, "schedule": name})
+    constant = train({**SCHEDULED, "epochs": 6})
+    assert scheduled["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert constant["lr"] == 0.05
+    assert any(not np.array_equal(scheduled["parameters"][k], v)
+               for k, v in constant["parameters"].items())
+
+
+def test_clip_bounds_each_step_and_a_loose_clip_changes_nothing():
+    """Plain SGD moves the weights by at most lr * MAX_NORM per step under --clip; a MAX_NORM
+    far above the gradient's norm scales by exactly 1 (the same run, bit for bit)."""
+    from gpuflow.cli import build_model
+    opts = {**SCHEDULED, "optimizer": "sgd", "lr": 0.1, "epochs": 1}
+    checked = TrainOptions(**opts)
+    checked.check()  # fills in the defaults (dropout) as train does
+    X_in, y_in, logits, loss, _ = build_model(checked, (64,), 10)
+    graph = Graph(loss, device="cpu", dtype="float64", inputs=[X_in, y_in])
+    start = {k: np.asarray(p.value) for k, p in graph.named_parameters().items()}
+    plain = train(opts)
+    tight = train({**opts, "clip": 1e-6})
+    loose = train({**opts, "clip": 1e6})
+    steps = -(-1437 // 64)  # batches in one epoch of the bundled digits' training split
+
+    def moved(run):
+        return np.sqrt(sum(np.sum((run["parameters"][k] - v) ** 2) for k, v in start.items()))
+
+    assert moved(tight) <= steps * 0.1 * 1e-6 * (1 + 1e-9)
+    assert moved(plain) > 1000 * moved(tight)
+    for k, v in plain["parameters"].items():
+        assert np.array_equal(loose["parameters"][k], v), k
+
+
+def test_resume_with_a_schedule_and_clip_equals_uninterrupted_run(tmp_path, monkeypatch):
+    """A 4-epoch cosine run whose epoch-2 checkpoint is kept, resumed to 4: bit-identical
+    parameters, history and final rate (the schedule's state travels in the checkpoint)."""
+    import shutil
+
+    from gpuflow import checkpoint
+    ckpt, kept = tmp_path / "run.ckpt", tmp_path / "epoch2.ckpt"
+    save = checkpoint.save
+
+    def save_and_keep_epoch_2(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if kwargs["epoch"] == 2:
+            shutil.copyfile(path, kept)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_keep_epoch_2)
+    opts = {**SCHEDULED, "epochs": 4, "schedule": "cosine", "clip": 0.5}
+    whole = train({**opts, "save": str(ckpt)})
+    monkeypatch.undo()
+    resumed = train({**opts, "resume": str(kept)})
+    assert resumed["start_epoch"] == 2 and resumed["lr"] == whole["lr"]
+    for name, value in whole["parameters"].items():
+        assert np.array_equal(resumed["parameters"][name], value), name
+    assert resumed["losses"] == whole["losses"]
+    plain = train({**opts, "schedule": None})
+    assert any(not np.array_equal(plain["parameters"][k], v)  # the schedule did something
+               for k, v in whole["parameters"].items())
+
+
+def test_resume_a_scheduled_run_without_schedule_is_one_line(tmp_path, capsys):
+    ckpt = str(tmp_path / "run.ckpt")
+    base = ["train", "--device", "cpu", *SMALL, "--quiet"]
+    assert main([*base, "--epochs", "1", "--schedule", "step", "--save", ckpt]) == 0
+    assert main([*base, "--epochs", "2", "--resume", ckpt]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "StepLR" in line and "help: pass --schedule step" in line
+
+
+def test_dict_options_check_schedule_and_clip():
+    with pytest.raises(ValueError, match="--schedule must be one of step, cosine, exponential"):
+        train({"schedule": "linear"})
+    with pytest.raises(ValueError, match="--clip must be a finite number > 0"):
+        train({"clip": float("inf")})
+
+
 # -- user mistakes: one line, exit 2 -------------------------------------------------------------
 BAD_ARGUMENTS = {
     "unknown option": (["train", "--bogus"], "unrecognized arguments: --bogus"),
@@ -197,6 +292,11 @@ BAD_ARGUMENTS = {
     "bad dtype": (["train", "--dtype", "int8"], "--dtype"),
     "bad optimizer": (["train", "--optimizer", "rmsprop"], "--optimizer"),
     "unknown device": (["train", "--device", "tpu"], "'tpu'"),
+    "bad schedule": (["train", "--schedule", "linear"], "--schedule"),
+    "zero clip": (["train", "--clip", "0"], "--clip"),
+    "negative clip": (["train", "--clip", "-1"], "--clip"),
+    "nan clip": (["train", "--clip", "nan"], "--clip"),
+    "clip not a number": (["train", "--clip", "big"], "--clip"),
 }
 
 
