@@ -118,13 +118,26 @@ class Input(Node):
         if value is None or device is None:
             self._value = value
             return
-        if not (device.owns(value) and (
+        adopted = False
+        if not device.owns(value):  # another library's array on this device: shared
+            shared = device.adopt(value, what=f"{self.label}.value")
+            if shared is not value:
+                adopted = True
+                if self._keep_integers and device.in_host_memory():  # labels: the host
+                    self._check_labels(value)  # checks, on the caller's array
+                elif self._keep_integers and not device.xp.isdtype(shared.dtype, "integral"):
+                    raise GraphError(f"{self.label}: labels have dtype {shared.dtype}; expected "
+                                     "integer class indices.\nhelp: feed an integer array "
+                                     "(e.g. y.astype('int64')).")  # the range: at the first step
+                value = shared
+        if adopted or not (device.owns(value) and (
                 value.dtype == self._float_dtype
                 or (self._float_dtype is None and device.is_floating(value.dtype)))):
             # Labels are checked on the host before any upload; on a host device (NumPy,
             # torch:cpu) also when they are already its arrays, since that costs no transfer.
             # Labels already on a GPU are checked at the first step only (a check is a sync).
-            if self._keep_integers and (device.is_host or not device.owns(value)):
+            if self._keep_integers and not adopted and (
+                    device.is_host or not device.owns(value)):
                 self._check_labels(value)  # NumPy reads host memory, CPU tensors included
             value = device.feed(value, self._float_dtype, self._keep_integers,
                                 what=f"{self.label}.value")

@@ -82,11 +82,22 @@ def test_put_copies_the_host_array(jdev):
     assert jdev.to_host(on)[0] == 1.0, "put must copy: the caller may reuse its host batch"
 
 
-def test_a_jax_array_fed_to_numpy_is_refused(jdev):
+def test_a_jax_array_fed_to_numpy_is_shared(jdev):
+    """A jax:cpu array is in a 'cpu' graph's memory: taken through DLPack (issue 14)."""
     X = gf.Input(name="X")
     out = gf.Sigmoid(X)
-    graph = gf.Graph(out, device="cpu", inputs=[X])
-    with pytest.raises(gf.DeviceError, match=r"jax:cpu.*\n.*help:"):
+    graph = gf.Graph(out, device="cpu", dtype="float64", inputs=[X])
+    x = jdev.put(np.ones((2, 3)), "float64")
+    np.testing.assert_allclose(graph.run(out, x), 1 / (1 + np.exp(-np.ones((2, 3)))))
+    assert isinstance(X.value, np.ndarray) and X.value.ctypes.data == x.unsafe_buffer_pointer()
+
+
+def test_a_jax_array_fed_to_another_device_is_refused(jdev):
+    pytest.importorskip("array_api_strict")
+    X = gf.Input(name="X")
+    out = gf.Sigmoid(X)
+    graph = gf.Graph(out, device="array_api_strict:device1", inputs=[X])
+    with pytest.raises(gf.DeviceError, match=r"jax:cpu.*array_api_strict:device1\.\n.*help:"):
         graph.run(out, jdev.put(np.ones((2, 3))))
 
 

@@ -27,6 +27,8 @@ class StrictDevice(Device):
         super().__init__(name, xp, native)
         # Only CPU_DEVICE arrays convert to NumPy; the others count as real transfers.
         self.is_host = False
+        # device1/device2 are simulated in host memory: DLPack says "CPU" for them too.
+        self.dlpack_tells_apart = name == "array_api_strict"
 
     def owns(self, value: Any) -> bool:
         return _is_strict_array(value) and value.device == self.native

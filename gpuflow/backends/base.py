@@ -29,7 +29,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   distributed training sums through MPI on host memory), `flushes_subnormals` (results
   below the smallest normal number become 0, as XLA's do).
 - transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
-  the dtype rules of a fed Input), `to_host`, `item`, `synchronize`.
+  the dtype rules of a fed Input), `to_host`, `item`, `synchronize`; `adopt` shares another
+  library's array in this device's memory through DLPack (no copy, nothing counted).
 - `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
   gives an array on this device in [0, 1) without a host round trip.
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
@@ -185,6 +186,9 @@ class Device:
     is_host: bool = True           # arrays live in host memory NumPy can share: no copy counted
     mutable_arrays: bool = True    # x[...] = v and x *= a update x (False: JAX)
     supports_dlpack: bool = True   # xp.from_dlpack takes another library's array
+    # False where DLPack's device type/id does not tell this device apart (array_api_strict's
+    # simulated device1/device2 report host memory): its arrays are neither adopted nor adopt.
+    dlpack_tells_apart: bool = True
     collectives: str | None = None  # device-side collectives (e.g. "NCCL"), None: MPI on host
     index: int | None = None       # the library's device number, None where it has none
     flushes_subnormals: bool = False  # results below the smallest normal number become 0 (XLA)
@@ -263,9 +267,12 @@ class Device:
 
         The one way a value moves to a device: a host array, list or scalar is copied here
         once (counted in `LEDGER`); this device's own array is returned as it is (converted if
-        `dtype` differs). An array of another library or on another device is a `DeviceError`:
-        it is never moved silently. `what` names the value in errors and the ledger.
+        `dtype` differs), and so is another library's array in this device's memory (`adopt`,
+        DLPack). An array on another device is a `DeviceError`: it is never moved silently.
+        `what` names the value in errors and the ledger.
         """
+        if not self.owns(value):
+            value = self.adopt(value, what=what)
         if self.owns(value):
             if dtype is not None and value.dtype != dtype:
                 value = self.xp.astype(value, dtype)
@@ -279,6 +286,9 @@ class Device:
         its own), integer and boolean data made floating (`float_dtype`, else float64) unless
         `keep_integers` (labels)."""
         owned = self.owns(value)
+        if not owned:
+            value = self.adopt(value, what=what)
+            owned = self.owns(value)
         if owned:
             source = value.dtype
         else:
@@ -294,6 +304,62 @@ class Device:
         if owned:
             return value if value.dtype == target else self.xp.astype(value, target)
         return self._upload(value, target, what)
+
+    def adopt(self, value: Any, *, what: str = "array") -> Any:
+        """Another library's array in this device's memory as this device's array, without a
+        copy (DLPack: `xp.from_dlpack`; nothing is counted in `LEDGER`). `value` itself for
+        anything else: a list or scalar, an array on another device, a NumPy array for a device
+        that is not host memory (an upload, counted). A torch CPU tensor fed to a 'cpu' graph,
+        a NumPy array fed to 'jax:cpu', a torch CUDA tensor fed to 'cuda:0' are shared. A NumPy
+        masked array is never shared (DLPack drops the mask): the host checks refuse it; complex
+        data is a GraphError as on the host. JAX shares host memory only when it is 64-byte
+        aligned and copies the rest inside `from_dlpack`: a host-to-host copy, which the ledger
+        does not count (no more than any NumPy upload to a host device)."""
+        if (not self.supports_dlpack or not self.dlpack_tells_apart
+                or (not self.is_host and _is_numpy(value))):
+            return value
+        if not _is_numpy(value) and not _dlpack_tells_apart(value):
+            return value  # e.g. an array_api_strict device1 array: refused as on another device
+        if _is_numpy(value):
+            # The host checks first: a masked array is refused (DLPack would drop its mask),
+            # and so are complex and non-numeric arrays, exactly as for an upload.
+            _host_array(value, what)
+        where = getattr(value, "__dlpack_device__", None)
+        if where is None:
+            return value
+        try:
+            same = tuple(int(x) for x in where()) == self._dlpack_place()
+        except Exception:  # noqa: BLE001 - a library without a usable DLPack: not shared
+            return value
+        if not same:
+            return value
+        try:
+            shared = self.xp.from_dlpack(value)
+        except Exception as exc:  # noqa: BLE001 - BufferError, RuntimeError: the library's
+            if _is_numpy(value):  # a read-only NumPy array: uploaded (a copy) as before
+                return value
+            raise DeviceError(
+                f"{what} is a {type(value).__module__}.{type(value).__name__} in the memory of "
+                f"{self.name}, but it cannot be shared through DLPack ({exc}).\nhelp: pass "
+                "value.detach() (torch) or a NumPy array.") from None
+        if not self.xp.isdtype(shared.dtype, ("bool", "integral", "real floating")):
+            # Complex data (a torch complex tensor): refused as a host feed is, never cast.
+            raise GraphError(f"{what} has dtype {dtype_name(shared.dtype)}, not numbers.\n"
+                             "help: feed a float (or integer label) NumPy array.")
+        return shared if self.owns(shared) else value
+
+    def in_host_memory(self) -> bool:
+        """Whether this device's arrays are in host memory as DLPack sees it (kDLCPU), even if
+        gpuflow counts them as a device (array_api_strict): a shared feed is then readable."""
+        return self.supports_dlpack and self._dlpack_place()[0] == 1
+
+    def _dlpack_place(self) -> tuple[int, int]:
+        """This device as DLPack's (device type, device id), e.g. (1, 0) for host memory."""
+        place = getattr(self, "_dlpack", None)
+        if place is None:
+            probe = self.xp.empty((0,), device=self.native)
+            place = self._dlpack = tuple(int(x) for x in probe.__dlpack_device__())
+        return place
 
     def _upload(self, host: Any, dtype: Any, what: str) -> Any:
         """A NumPy array copied onto this device (counted), in `dtype` if given."""
@@ -402,6 +468,23 @@ def dtype_name(dtype: Any) -> str:
         return dtype.__name__
     name = getattr(dtype, "name", None)
     return name if isinstance(name, str) else str(dtype).rsplit(".", 1)[-1]
+
+
+def _dlpack_tells_apart(value: Any) -> bool:
+    """Whether DLPack's device of `value` (an array of a backend library) is its real one."""
+    from . import foreign_device_name, get_device
+    spec = foreign_device_name(value)
+    if spec is None or spec.startswith("an unknown library"):
+        return True
+    try:
+        return get_device(spec).dlpack_tells_apart
+    except Exception:  # noqa: BLE001 - a device gpuflow cannot make: nothing to share with
+        return False
+
+
+def _is_numpy(value: Any) -> bool:
+    from . import numpy as np_backend
+    return np_backend.is_host_value(value)
 
 
 def _host_array(value: Any, what: str) -> Any:
