@@ -44,7 +44,7 @@ import sys
 from typing import Any, Sequence
 
 import gpuflow as gf
-from gpuflow.cli import CommandParser, report_error
+from gpuflow.commandline import CommandParser, report_error
 from gpuflow.errors import DeviceError
 
 from .floor_numpy import NdarrayFloor
