@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .amp import low_precision_name
 from .errors import GraphError
 from .nodes import Node
 
@@ -20,6 +21,12 @@ def _check_vector(node: Node, which: Node, size: int, what: str) -> None:
         raise GraphError(f"{node.label}: {what} has shape {shape} but x has {size} "
                          f"{'channels' if isinstance(node, BatchNorm) else 'features'}; "
                          f"{what} must be ({size},).\nhelp: check the size of {which.label}.")
+
+
+def _statistics_dtype(node: Node, dtype: Any) -> Any:
+    """float32 for a float16/bfloat16 x (whose mean of squares overflows float16 past 65504),
+    else None (x's own dtype), as torch's autocast computes normalisations."""
+    return node.xp.float32 if low_precision_name(dtype) is not None else None
 
 
 def _mix(seed: int, step: int) -> int:
@@ -95,6 +102,9 @@ class BatchNorm(Node):
     running statistics move towards them: running = (1 - momentum) running + momentum batch,
     with the unbiased variance, as PyTorch does. In evaluation, the running statistics
     normalise x. `state_dict()` / `load_state_dict()` hold the running statistics.
+    For float16/bfloat16 x (mixed precision), as torch's autocast: the statistics, running ones
+    included, in float32 (a float16 variance overflows past 65504); the value and gradients in
+    x's dtype.
     """
 
     def __init__(self, x: Node, gamma: Node, beta: Node, *, momentum: float = 0.1,
@@ -134,11 +144,23 @@ class BatchNorm(Node):
 
     def forward(self) -> None:
         X, gamma, beta = self.inbound_nodes
-        xp, ops, buffers, x = self.xp, self.ops, self.buffers, X.value
+        x = X.value
+        self._layout(x)
+        _check_vector(self, gamma, x.shape[1], "gamma")
+        _check_vector(self, beta, x.shape[1], "beta")
+        wide = _statistics_dtype(self, x.dtype)
+        if wide is None:
+            self.value = self._normalise(x, gamma.value, beta.value)
+        else:  # statistics, running statistics and xhat in float32; the value in x's dtype
+            xp = self.xp
+            value = self._normalise(*(xp.astype(v, wide) for v in (x, gamma.value, beta.value)))
+            self.value = xp.astype(value, x.dtype)
+
+    def _normalise(self, x: Any, gamma: Any, beta: Any) -> Any:
+        """The forward pass with x, gamma and beta all in one dtype; returns the value."""
+        xp, ops, buffers = self.xp, self.ops, self.buffers
         axes, shape = self._layout(x)
         channels, dtype = x.shape[1], x.dtype
-        _check_vector(self, gamma, channels, "gamma")
-        _check_vector(self, beta, channels, "beta")
         running_mean, running_var = self._statistics(channels, dtype)
         self.batch_statistics = self.training
         self.count = count = math.prod(x.shape) // channels  # values per channel
@@ -163,17 +185,31 @@ class BatchNorm(Node):
             var = xp.reshape(running_var, shape)
         self.inv_std = 1.0 / xp.sqrt(var + self.eps)                         # (1, C[, 1, 1])
         self.xhat = ops.multiply(centred, self.inv_std, out=centred)
-        value = ops.multiply(self.xhat, xp.reshape(gamma.value, shape),
+        value = ops.multiply(self.xhat, xp.reshape(gamma, shape),
                              out=buffers["value", x.shape, dtype])
-        self.value = ops.add(value, xp.reshape(beta.value, shape), out=value)
+        return ops.add(value, xp.reshape(beta, shape), out=value)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, gamma, beta = self.inbound_nodes
+        wide = _statistics_dtype(self, G.dtype)
+        if wide is None:
+            grads = self._gradients(G, gamma.value)
+        else:  # in float32 as the forward pass; each gradient back in G's dtype
+            xp = self.xp
+            grads = [None if g is None else xp.astype(g, G.dtype)
+                     for g in self._gradients(xp.astype(G, wide), xp.astype(gamma.value, wide))]
+        for node, grad in zip(self.inbound_nodes, grads):
+            if grad is not None:
+                self.gradients[node] = grad
+
+    def _gradients(self, G: Any, gamma: Any) -> list[Any]:
+        """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
         xp, ops, buffers, xhat = self.xp, self.ops, self.buffers, self.xhat
         axes, shape = self._layout(xhat)
         need_x, need_gamma, need_beta = self.needs_grad
-        dtype, gamma_r = G.dtype, xp.reshape(gamma.value, shape)
+        dtype, gamma_r = G.dtype, xp.reshape(gamma, shape)
+        dx = None
         # sum(G xhat) per channel: the gradient for gamma, and (times gamma) the variance's term.
         work = ops.multiply(G, xhat, out=buffers["work", G.shape, dtype])
         dgamma = ops.sum(work, axis=axes, keepdims=True, out=buffers["dgamma", shape, dtype])
@@ -186,11 +222,8 @@ class BatchNorm(Node):
                 term = ops.multiply(xhat, dgamma * (scale / self.count), out=work)
                 dx = ops.subtract(dx, term, out=dx)
                 dx = ops.subtract(dx, dbeta * (scale / self.count), out=dx)
-            self.gradients[X] = dx
-        if need_gamma:
-            self.gradients[gamma] = xp.reshape(dgamma, (-1,))
-        if need_beta:
-            self.gradients[beta] = xp.reshape(dbeta, (-1,))
+        return [dx, xp.reshape(dgamma, (-1,)) if need_gamma else None,
+                xp.reshape(dbeta, (-1,)) if need_beta else None]
 
     def state_dict(self) -> dict[str, Any]:
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host
@@ -217,7 +250,7 @@ class BatchNorm(Node):
                              "load the state saved from a BatchNorm with as many channels.")
         mean, var = state["running_mean"], state["running_var"]
         if self.device is not None and gamma is not None:  # placed now, not inside a step
-            dtype = gamma.dtype
+            dtype = _statistics_dtype(self, gamma.dtype) or gamma.dtype
             mean, var = (self.device.feed(v, dtype, what=f"{self.label} state")
                          for v in (mean, var))
         self.running_mean, self.running_var = mean, var
@@ -225,7 +258,8 @@ class BatchNorm(Node):
 
 class LayerNorm(Node):
     """Normalisation over the last dimension of x (..., D), as torch's LayerNorm(D):
-    (x - mean) / sqrt(var + eps) * gamma + beta, gamma and beta (D,)."""
+    (x - mean) / sqrt(var + eps) * gamma + beta, gamma and beta (D,). For float16/bfloat16 x,
+    the statistics in float32 (as BatchNorm), the value and gradients in x's dtype."""
 
     def __init__(self, x: Node, gamma: Node, beta: Node, *, eps: float = 1e-5,
                  name: str | None = None):
@@ -239,27 +273,49 @@ class LayerNorm(Node):
         xp, x = self.xp, X.value
         _check_vector(self, gamma, x.shape[-1], "gamma")
         _check_vector(self, beta, x.shape[-1], "beta")
+        wide = _statistics_dtype(self, x.dtype)
+        if wide is None:
+            self.value = self._normalise(x, gamma.value, beta.value)
+        else:  # statistics and xhat in float32 (torch's autocast); the value in x's dtype
+            value = self._normalise(*(xp.astype(v, wide) for v in (x, gamma.value, beta.value)))
+            self.value = xp.astype(value, x.dtype)
+
+    def _normalise(self, x: Any, gamma: Any, beta: Any) -> Any:
+        """The forward pass with x, gamma and beta all in one dtype; returns the value."""
+        xp = self.xp
         scale = 1.0 / x.shape[-1]  # sums times 1/D: means in one reduction each
         mean = xp.sum(x, axis=-1, keepdims=True) * scale
         centred = x - mean
         self.inv_std = 1.0 / xp.sqrt(xp.sum(centred * centred, axis=-1, keepdims=True) * scale
                                      + self.eps)
         self.xhat = centred * self.inv_std
-        self.value = self.xhat * gamma.value + beta.value
+        return self.xhat * gamma + beta
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         X, gamma, beta = self.inbound_nodes
+        wide = _statistics_dtype(self, G.dtype)
+        if wide is None:
+            grads = self._gradients(G, gamma.value)
+        else:  # in float32 as the forward pass; each gradient back in G's dtype
+            xp = self.xp
+            grads = [None if g is None else xp.astype(g, G.dtype)
+                     for g in self._gradients(xp.astype(G, wide), xp.astype(gamma.value, wide))]
+        for node, grad in zip(self.inbound_nodes, grads):
+            if grad is not None:
+                self.gradients[node] = grad
+
+    def _gradients(self, G: Any, gamma: Any) -> list[Any]:
+        """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
         xp, xhat = self.xp, self.xhat
         batch_axes = tuple(range(xhat.ndim - 1))
         need_x, need_gamma, need_beta = self.needs_grad
+        dx = None
         if need_x:
-            dxhat = G * gamma.value
+            dxhat = G * gamma
             scale = 1.0 / xhat.shape[-1]
             dxhat = (dxhat - xp.sum(dxhat, axis=-1, keepdims=True) * scale
                      - xhat * (xp.sum(dxhat * xhat, axis=-1, keepdims=True) * scale))
-            self.gradients[X] = dxhat * self.inv_std
-        if need_gamma:
-            self.gradients[gamma] = xp.sum(G * xhat, axis=batch_axes)
-        if need_beta:
-            self.gradients[beta] = xp.sum(G, axis=batch_axes)
+            dx = dxhat * self.inv_std
+        return [dx, xp.sum(G * xhat, axis=batch_axes) if need_gamma else None,
+                xp.sum(G, axis=batch_axes) if need_beta else None]

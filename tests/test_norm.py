@@ -370,3 +370,65 @@ def test_normalisation_options_that_are_not_numbers_are_graph_errors(make):
     # Regression: a string or None escaped as a bare TypeError from the comparison.
     with pytest.raises(gf.GraphError, match="help:"):
         make(gf.Input(), gf.Input(), gf.Input())
+
+
+# -- mixed precision: statistics in float32 ------------------------------------------------------
+def _norm_classifier(device, dtype, norm):
+    """X (16, 3) -> norm -> Linear -> softmax cross-entropy, in a `dtype` graph."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    node, _ = norm(X, 3, name="norm")
+    logits, _ = gf.mlp(node, [3, 4], seed=0)
+    loss = gf.SoftmaxCrossEntropy(y, logits, name="loss")
+    try:
+        graph = gf.Graph(loss, device=device, dtype=dtype, inputs=[X, y], outputs=[node])
+    except gf.GraphError as exc:
+        if "has no float16" in str(exc):
+            pytest.skip(f"{device.name}: {str(exc).splitlines()[0]}")
+        raise
+    return graph, node
+
+
+@pytest.mark.parametrize("norm", [gf.batchnorm, gf.layernorm])
+def test_float16_normalisation_of_large_activations_is_finite_with_float32_statistics(
+        norm, device):
+    """Activations ~600: their variance (~360000) overflows float16 (65504). The statistics are
+    computed (and BatchNorm's running ones kept) in float32, as torch's autocast does."""
+    rng = np.random.default_rng(5)
+    # rounded to float16 first, so both graphs see the same numbers
+    batches = [((rng.normal(size=(16, 3)) * 600 + 100).astype(np.float16).astype(np.float64),
+                rng.integers(0, 4, size=16)) for _ in range(5)]
+    axis = 0 if norm is gf.batchnorm else -1  # what the statistics reduce over
+    assert np.median([np.var(xb, axis=axis) for xb, _ in batches]) > 65504  # float16 overflows
+    results = {}
+    for dtype in ("float16", "float32"):
+        graph, node = _norm_classifier(device, dtype, norm)
+        opt = SGD(graph, lr=0.1)
+        losses = []
+        for xb, yb in batches:
+            losses.append(graph.item(graph.step(xb, yb)))
+            opt.step()
+        assert np.isfinite(losses).all(), f"{dtype} losses {losses}"
+        value = graph.run(node, batches[0][0])
+        assert value.dtype == graph.dtype  # the graph's dtype check still holds
+        state = {k: v for k, v in node.state_dict().items()} if norm is gf.batchnorm else {}
+        for v in state.values():
+            assert_on_device(device, v, "running statistic")
+            assert host(device, v).dtype == np.float32
+        results[dtype] = (host(device, value).astype(np.float64),
+                          {k: host(device, v) for k, v in state.items()}, losses)
+    (value16, state16, losses16), (value32, state32, losses32) = results.values()
+    assert np.isfinite(value16).all() and np.abs(value16).max() > 0.5  # not just the bias
+    np.testing.assert_allclose(value16, value32, atol=0.02)
+    np.testing.assert_allclose(losses16, losses32, rtol=0.02)
+    for key in state32:
+        assert np.isfinite(state16[key]).all()
+        np.testing.assert_allclose(state16[key], state32[key], rtol=1e-5)
+    if state16:  # loaded (as checkpoints do) into a float16 graph: kept in float32, exactly
+        graph, node = _norm_classifier(device, "float16", norm)
+        node.load_state_dict(state16)
+        x = batches[0][0]  # gamma 1 and beta 0 in this new graph
+        value = host(device, graph.run(node, x)).astype(np.float64)
+        expected = (x - state16["running_mean"]) / np.sqrt(state16["running_var"] + 1e-5)
+        np.testing.assert_allclose(value, expected, atol=0.01)
+        for key, v in node.state_dict().items():
+            np.testing.assert_array_equal(host(device, v), state16[key])
