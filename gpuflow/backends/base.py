@@ -316,7 +316,9 @@ class Device:
         aligned and copies the rest inside `from_dlpack`: a host-to-host copy, which the ledger
         does not count (no more than any NumPy upload to a host device)."""
         if (not self.supports_dlpack or not self.dlpack_tells_apart
-                or (not self.is_host and _is_numpy(value))):
+                or (_is_numpy(value) and (not self.is_host or not self.mutable_arrays))):
+            # A NumPy array is the caller's to reuse (a batch buffer): a device whose arrays
+            # are immutable (JAX) must not see it change, so it gets its own copy (an upload).
             return value
         if not _is_numpy(value) and not _dlpack_tells_apart(value):
             return value  # e.g. an array_api_strict device1 array: refused as on another device
