@@ -29,6 +29,24 @@ def _statistics_dtype(node: Node, dtype: Any) -> Any:
     return node.xp.float32 if low_precision_name(dtype) is not None else None
 
 
+def _normalisation_backward(node: Node) -> None:
+    """BatchNorm's and LayerNorm's backward: `node._gradients(G, gamma)` gives [dx, dgamma,
+    dbeta], in float32 when the forward pass widened float16/bfloat16, each sent back in G's
+    dtype."""
+    G = node.upstream_gradient()
+    gamma = node.inbound_nodes[1]
+    wide = _statistics_dtype(node, G.dtype)
+    if wide is None:
+        grads = node._gradients(G, gamma.value)
+    else:
+        xp = node.xp
+        grads = [None if g is None else xp.astype(g, G.dtype)
+                 for g in node._gradients(xp.astype(G, wide), xp.astype(gamma.value, wide))]
+    for inbound, grad in zip(node.inbound_nodes, grads):
+        if grad is not None:
+            node.gradients[inbound] = grad
+
+
 def _mix(seed: int, step: int) -> int:
     """A 63-bit generator seed from (seed, step), well mixed in every bit (SplitMix64's
     finaliser): torch's CPU generator keeps only a seed's low 32 bits."""
@@ -190,18 +208,7 @@ class BatchNorm(Node):
         return ops.add(value, xp.reshape(beta, shape), out=value)
 
     def backward(self) -> None:
-        G = self.upstream_gradient()
-        X, gamma, beta = self.inbound_nodes
-        wide = _statistics_dtype(self, G.dtype)
-        if wide is None:
-            grads = self._gradients(G, gamma.value)
-        else:  # in float32 as the forward pass; each gradient back in G's dtype
-            xp = self.xp
-            grads = [None if g is None else xp.astype(g, G.dtype)
-                     for g in self._gradients(xp.astype(G, wide), xp.astype(gamma.value, wide))]
-        for node, grad in zip(self.inbound_nodes, grads):
-            if grad is not None:
-                self.gradients[node] = grad
+        _normalisation_backward(self)
 
     def _gradients(self, G: Any, gamma: Any) -> list[Any]:
         """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
@@ -292,18 +299,7 @@ class LayerNorm(Node):
         return self.xhat * gamma + beta
 
     def backward(self) -> None:
-        G = self.upstream_gradient()
-        X, gamma, beta = self.inbound_nodes
-        wide = _statistics_dtype(self, G.dtype)
-        if wide is None:
-            grads = self._gradients(G, gamma.value)
-        else:  # in float32 as the forward pass; each gradient back in G's dtype
-            xp = self.xp
-            grads = [None if g is None else xp.astype(g, G.dtype)
-                     for g in self._gradients(xp.astype(G, wide), xp.astype(gamma.value, wide))]
-        for node, grad in zip(self.inbound_nodes, grads):
-            if grad is not None:
-                self.gradients[node] = grad
+        _normalisation_backward(self)
 
     def _gradients(self, G: Any, gamma: Any) -> list[Any]:
         """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
