@@ -265,40 +265,124 @@ class _Pool2D(Node):
 
 class MaxPool2D(_Pool2D):
     """Maximum over size x size windows (stride: the size by default), as torch's max_pool2d;
-    the gradient goes to each window's maximum, the first one on ties."""
+    the gradient goes to each window's maximum, the first one on ties.
+
+    Routes: the library's own (`ops.max_pool2d`: torch); windows that tile the input (stride
+    == size, the usual case) one axis at a time, the maximum along W then along H, whose
+    gradients are written straight into strided views of the result; other windows as kh * kw
+    strided slices added back by col2im."""
 
     def forward(self) -> None:
-        self.windows = windows = self._windows(self.inbound_nodes[0].value)
-        ops, first = self.ops, windows[0]
-        # Elementwise over the window's entries: faster than a reduction over a short axis.
-        top = self.buffers["value", first.shape, first.dtype]
-        for entry in windows[1:]:
-            top = ops.maximum(first if entry is windows[1] else top, entry, out=top)
-        self.value = top if len(windows) > 1 else first
+        x = self.inbound_nodes[0].value
+        windows = self._windows(x)
+        native = getattr(self.ops, "max_pool2d", None)
+        if native is not None:
+            self.value, self.argmax = native(x, self.size, self.stride)
+        elif self.size == self.stride:
+            # Separable: a window's first maximum is its first row's (of the rows holding the
+            # maximum) first maximum, so ties still go where PyTorch sends them.
+            (kh, kw), (ho, wo) = self.size, windows[0].shape[2:]
+            self.cols = _slices(x, 1, kw, 1, kw, kh * ho, wo)       # (N, C, kh ho, wo) each
+            self.wide = _maximum(self, self.cols, "wide")
+            self.rows = _slices(self.wide, kh, 1, kh, 1, ho, wo)    # (N, C, ho, wo) each
+            self.value = _maximum(self, self.rows, "value")
+        else:
+            self.windows = windows
+            self.value = _maximum(self, windows, "value")
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        ops, buffers, top, dtype = self.ops, self.buffers, self.value, G.dtype
-        parts, taken = [], None
-        for k, entry in enumerate(self.windows):
-            # 1 where this entry is the window's maximum and no earlier entry was (PyTorch
-            # picks the first on ties), then times G.
-            first = ops.equal(entry, top, dtype, out=buffers[f"part{k}", G.shape, dtype])
-            if taken is None:
-                taken = ops.multiply(first, 1.0, out=buffers["taken", G.shape, dtype])
-            else:
-                free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
-                first = ops.multiply(first, free, out=first)
-                taken = ops.add(taken, first, out=taken)
-            parts.append(ops.multiply(first, G, out=first))
-        self.gradients[self.inbound_nodes[0]] = self._unwindows(parts)
+        x = self.inbound_nodes[0].value
+        native = getattr(self.ops, "max_pool2d_backward", None)
+        if native is not None:
+            dx = native(G, x, self.argmax, self.size, self.stride)
+        elif self.size == self.stride:
+            (kh, kw) = self.size
+            dwide = _first_max_gradient(self, self.rows, self.value, G, (kh, 1), "dwide",
+                                        self.wide.shape)
+            dx = _first_max_gradient(self, self.cols, self.wide, dwide, (1, kw), "dx", x.shape)
+        else:
+            parts = [self.buffers[f"part{k}", G.shape, G.dtype] for k in range(len(self.windows))]
+            dx = self._unwindows(_first_max_parts(self, self.windows, self.value, G, parts))
+        self.gradients[self.inbound_nodes[0]] = dx
+
+
+def _maximum(node: Node, entries: list, name: str) -> Any:
+    """The elementwise maximum of `entries` (elementwise: faster than a reduction over a short
+    axis), into the node's buffer `name`."""
+    ops, first = node.ops, entries[0]
+    if len(entries) == 1:
+        return first
+    top = node.buffers[name, first.shape, first.dtype]
+    for entry in entries[1:]:
+        top = ops.maximum(first if entry is entries[1] else top, entry, out=top)
+    return top
+
+
+def _first_max_parts(node: Node, entries: list, top: Any, G: Any, views: list | None) -> list:
+    """G times 1 where the entry is `top`, the maximum, and no earlier entry was (PyTorch
+    picks the first on ties), for each entry; each written into views[k] where given."""
+    ops, buffers, dtype = node.ops, node.buffers, G.dtype
+    views = views or [None] * len(entries)
+    parts, taken, last = [], None, len(entries) - 1
+    for k, (entry, view) in enumerate(zip(entries, views)):
+        if k == last and taken is not None:  # the last entry takes what no earlier one took
+            free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
+            parts.append(ops.multiply(free, G, out=view))
+            break
+        if taken is None:
+            first = taken = (ops.equal(entry, top, dtype, out=buffers["taken", G.shape, dtype])
+                             if k < last else 1.0)
+        else:
+            first = ops.equal(entry, top, dtype, out=buffers["first", G.shape, dtype])
+            free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
+            first = ops.multiply(first, free, out=first)
+            taken = ops.add(taken, first, out=taken)
+        parts.append(ops.multiply(first, G, out=view))
+    return parts
+
+
+def _first_max_gradient(node: Node, entries: list, top: Any, G: Any, size: tuple, name: str,
+                        shape: tuple) -> Any:
+    """The gradient, of `shape`, of `top`, the maximum over windows of `size` that tile it
+    (stride: the size), whose entries are `entries` (N, C, Ho, Wo); G is top's gradient."""
+    out, views = _tile_views(node, shape, G.dtype, size, G.shape[2:], name)
+    parts = _first_max_parts(node, entries, top, G, views)
+    if out is not None:
+        return out
+    (kh, kw) = size
+    return col2im(node.xp, parts, kh, kw, kh, kw, shape[2], shape[3], node.device.native)
+
+
+def _tile_views(node: Node, shape: tuple, dtype: Any, size: tuple, out_size: tuple,
+                name: str) -> tuple[Any, list | None]:
+    """(out, views): an array of `shape` (N, C, H, W) to write the gradients of windows of
+    `size` that tile it into, and views[i * kw + j], its strided slice of offset (i, j), one per
+    window entry (N, C, Ho, Wo); rows and columns past the last window are zero. (None, None)
+    where the device cannot write into arrays (then col2im puts the parts together)."""
+    if not node.ops.writes_out:
+        return None, None
+    (kh, kw), (ho, wo) = size, out_size
+    out = node.buffers[name, tuple(shape), dtype]
+    if out is None:  # buffers not kept (reuse_buffers=False): a new array
+        out = node.xp.zeros(tuple(shape), dtype=dtype, device=node.device.native)
+    else:  # x > x is false for every x (no `x[...] = 0`: see gpuflow/buffers.py)
+        for rest in (out[:, :, kh * ho:, :], out[:, :, :kh * ho, kw * wo:]):
+            if 0 not in rest.shape:
+                node.ops.greater(rest, rest, dtype, out=rest)
+    return out, _slices(out, kh, kw, kh, kw, ho, wo)
 
 
 class AvgPool2D(_Pool2D):
     """Mean over size x size windows (stride: the size by default), as torch's avg_pool2d."""
 
     def forward(self) -> None:
-        windows = self._windows(self.inbound_nodes[0].value)
+        x = self.inbound_nodes[0].value
+        windows = self._windows(x)
+        native = getattr(self.ops, "avg_pool2d", None)
+        if native is not None:
+            self.value = native(x, self.size, self.stride)
+            return
         ops, first = self.ops, windows[0]
         total = ops.multiply(first, 1.0, out=self.buffers["value", first.shape, first.dtype])
         for entry in windows[1:]:
@@ -307,7 +391,19 @@ class AvgPool2D(_Pool2D):
 
     def backward(self) -> None:
         G = self.upstream_gradient()
+        x = self.inbound_nodes[0].value
+        native = getattr(self.ops, "avg_pool2d_backward", None)
+        if native is not None:
+            self.gradients[self.inbound_nodes[0]] = native(G, x, self.size, self.stride)
+            return
         count = self.size[0] * self.size[1]
+        out, views = (_tile_views(self, x.shape, G.dtype, self.size, G.shape[2:], "dx")
+                      if self.size == self.stride else (None, None))
+        if out is not None:  # each window entry's share written in place
+            for view in views:
+                self.ops.multiply(G, 1.0 / count, out=view)
+            self.gradients[self.inbound_nodes[0]] = out
+            return
         share = self.ops.multiply(G, 1.0 / count, out=self.buffers["share", G.shape, G.dtype])
         self.gradients[self.inbound_nodes[0]] = self._unwindows([share] * count)
 

@@ -128,7 +128,8 @@ def test_conv2d_matches_torch(case, bias, device):
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
-@pytest.mark.parametrize("size, stride", [(2, None), (3, 2), ((2, 3), (1, 2)), (2, 1)])
+@pytest.mark.parametrize("size, stride", [(2, None), (3, 2), ((2, 3), (1, 2)), (2, 1),
+                                          (3, None), ((2, 3), (2, 3)), ((1, 2), None)])
 def test_pooling_matches_torch_ties_included(kind, size, stride, device):
     torch = pytest.importorskip("torch")
     # Small integers: many ties inside windows, where PyTorch sends the gradient to the first.
@@ -144,6 +145,31 @@ def test_pooling_matches_torch_ties_included(kind, size, stride, device):
                                                 dtype="float64"))
     _close(device, node.value, out, f"{kind} pool value")
     _close(device, X.gradients[X], dx, f"{kind} pool dx")
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_tiling_pool_zeroes_the_rows_and_columns_no_window_covers(kind, device, monkeypatch):
+    # Kept buffers start uninitialised: fill new ones with NaN to show that the gradient's rows
+    # and columns past the last window (7 = 3 * 2 + 1, 8 = 3 * 2 + 2) are zeroed, step after step.
+    x = RNG.normal(size=(2, 3, 7, 8))
+    X, R = gf.Input(), gf.Input()
+    node = (gf.MaxPool2D if kind == "max" else gf.AvgPool2D)(X, 3)
+    Project(node, R)
+    graph = gf.topological_sort({X: x, R: RNG.normal(size=(2, 3, 2, 2))}, device=device,
+                                dtype="float64")
+    original = type(device).new_buffer
+
+    def poisoned(self, shape, dtype):
+        buf = original(self, shape, dtype)
+        return self.ops.add(self.xp.full(shape, float("nan"), dtype=dtype, device=self.native),
+                            0.0, out=buf) if self.ops.writes_out else buf
+
+    monkeypatch.setattr(type(device), "new_buffer", poisoned)
+    for _ in range(2):
+        gf.forward_and_backward(graph)
+        dx = gf.to_numpy(X.gradients[X])
+        assert np.isfinite(dx).all(), f"{kind} pool: NaN left in the gradient"
+        assert not dx[:, :, 6:, :].any() and not dx[:, :, :, 6:].any()
 
 
 def test_conv_net_trains_through_miniflow_and_graph(device):

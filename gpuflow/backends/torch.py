@@ -23,6 +23,7 @@ class TorchOps(UfuncOps):
         self._stack = torch.stack
         self._conv2d = torch.nn.functional.conv2d
         self._conv_backward = torch.ops.aten.convolution_backward
+        self._aten = torch.ops.aten
 
     def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
         if not isinstance(x2, self._tensor):   # torch.maximum takes tensors only
@@ -62,6 +63,23 @@ class TorchOps(UfuncOps):
         dx, dW, db = self._conv_backward(G, x, w, [w.shape[0]] if has_bias else None, stride,
                                          padding, (1, 1), False, (0, 0), 1, mask)
         return (dx, dW, db)[:len(need)]
+
+    # gpuflow.MaxPool2D / AvgPool2D by torch's own kernels, as torch's autograd calls them
+    # (padding 0, dilation 1, floor mode).
+    def max_pool2d(self, x: Any, size: tuple, stride: tuple) -> tuple:
+        """(value, argmax): the window maxima and where they are (the first on ties)."""
+        return self._aten.max_pool2d_with_indices(x, size, stride)
+
+    def max_pool2d_backward(self, G: Any, x: Any, argmax: Any, size: tuple,
+                            stride: tuple) -> Any:
+        return self._aten.max_pool2d_with_indices_backward(G, x, size, stride, (0, 0), (1, 1),
+                                                           False, argmax)
+
+    def avg_pool2d(self, x: Any, size: tuple, stride: tuple) -> Any:
+        return self._aten.avg_pool2d(x, size, stride)
+
+    def avg_pool2d_backward(self, G: Any, x: Any, size: tuple, stride: tuple) -> Any:
+        return self._aten.avg_pool2d_backward(G, x, size, stride, (0, 0), False, True, None)
 
 
 class TorchDevice(Device):
