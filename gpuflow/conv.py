@@ -100,6 +100,23 @@ def col2im(xp: Any, parts: list, kh: int, kw: int, sh: int, sw: int, hp: int, wp
     return total
 
 
+def _padded(node: Node, x: Any, ph: int, pw: int) -> Any:
+    """`pad2d`, into the node's kept buffer where the device writes into arrays: x copied into
+    its middle (x * 1.0, exact), the zero border written when the buffer is new."""
+    shape = (x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
+    out = node.buffers["xpad", shape, x.dtype] if node.ops.writes_out else None
+    if out is None:
+        return pad2d(node.xp, x, ph, pw, node.device.native)
+    if node.__dict__.get("_zero_border") is not out:  # x > x is false for every x
+        for border in (out[:, :, :ph], out[:, :, shape[2] - ph:], out[:, :, :, :pw],
+                       out[:, :, :, shape[3] - pw:]):
+            if 0 not in border.shape:
+                node.ops.greater(border, border, x.dtype, out=border)
+        node._zero_border = out
+    node.ops.multiply(x, 1.0, out=_crop(out, ph, pw))
+    return out
+
+
 def _crop(x: Any, ph: int, pw: int) -> Any:
     """x without the padding added by `pad2d`."""
     h, w = x.shape[2] - 2 * ph, x.shape[3] - 2 * pw
@@ -163,7 +180,7 @@ class Conv2D(Node):
         n, cout, (kh, kw) = x.shape[0], w.shape[0], w.shape[2:]
         # Channels first, (C_in, N, H, W): the columns of the whole batch are then one
         # (C_in kh kw, N Ho Wo) matrix, and the convolution one matmul (one GEMM call).
-        xpad = pad2d(xp, xp.permute_dims(x, (1, 0, 2, 3)), ph, pw, self.device.native)
+        xpad = _padded(self, xp.permute_dims(x, (1, 0, 2, 3)), ph, pw)
         cols = _stack(self, _slices(xpad, kh, kw, sh, sw, ho, wo), "cols")
         self.cols = xp.reshape(cols, (-1, n * ho * wo))              # (C_in kh kw, N Ho Wo)
         out = self.ops.matmul(xp.reshape(w, (cout, -1)), self.cols,
@@ -188,7 +205,9 @@ class Conv2D(Node):
         (sh, sw), (ph, pw) = self.stride, self.padding
         n, cout, ho, wo = G.shape
         c, kh, kw = w.shape[1:]
-        G2 = xp.reshape(xp.permute_dims(G, (1, 0, 2, 3)), (cout, -1))  # (C_out, N Ho Wo)
+        G2 = self.ops.multiply(xp.permute_dims(G, (1, 0, 2, 3)), 1.0,  # (C_out, N, Ho, Wo)
+                               out=self.buffers["G2", (cout, n, ho, wo), G.dtype])
+        G2 = xp.reshape(G2, (cout, -1))                               # (C_out, N Ho Wo)
         w2 = xp.reshape(w, (cout, -1))
         if need[0]:
             dcols = self.ops.matmul(xp.matrix_transpose(w2), G2,

@@ -147,16 +147,9 @@ def test_pooling_matches_torch_ties_included(kind, size, stride, device):
     _close(device, X.gradients[X], dx, f"{kind} pool dx")
 
 
-@pytest.mark.parametrize("kind", ["max", "avg"])
-def test_tiling_pool_zeroes_the_rows_and_columns_no_window_covers(kind, device, monkeypatch):
-    # Kept buffers start uninitialised: fill new ones with NaN to show that the gradient's rows
-    # and columns past the last window (7 = 3 * 2 + 1, 8 = 3 * 2 + 2) are zeroed, step after step.
-    x = RNG.normal(size=(2, 3, 7, 8))
-    X, R = gf.Input(), gf.Input()
-    node = (gf.MaxPool2D if kind == "max" else gf.AvgPool2D)(X, 3)
-    Project(node, R)
-    graph = gf.topological_sort({X: x, R: RNG.normal(size=(2, 3, 2, 2))}, device=device,
-                                dtype="float64")
+def _poison_new_buffers(device, monkeypatch) -> None:
+    """Kept buffers start uninitialised: make every new one NaN, so that a node that relies on
+    zeros it never wrote shows it."""
     original = type(device).new_buffer
 
     def poisoned(self, shape, dtype):
@@ -165,11 +158,43 @@ def test_tiling_pool_zeroes_the_rows_and_columns_no_window_covers(kind, device, 
                             0.0, out=buf) if self.ops.writes_out else buf
 
     monkeypatch.setattr(type(device), "new_buffer", poisoned)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_tiling_pool_zeroes_the_rows_and_columns_no_window_covers(kind, device, monkeypatch):
+    # The gradient's rows and columns past the last window (7 = 3 * 2 + 1, 8 = 3 * 2 + 2) are
+    # zeroed, step after step.
+    _poison_new_buffers(device, monkeypatch)
+    x = RNG.normal(size=(2, 3, 7, 8))
+    X, R = gf.Input(), gf.Input()
+    node = (gf.MaxPool2D if kind == "max" else gf.AvgPool2D)(X, 3)
+    Project(node, R)
+    graph = gf.topological_sort({X: x, R: RNG.normal(size=(2, 3, 2, 2))}, device=device,
+                                dtype="float64")
     for _ in range(2):
         gf.forward_and_backward(graph)
         dx = gf.to_numpy(X.gradients[X])
         assert np.isfinite(dx).all(), f"{kind} pool: NaN left in the gradient"
         assert not dx[:, :, 6:, :].any() and not dx[:, :, :, 6:].any()
+
+
+def test_conv2d_padding_is_zero_in_kept_buffers(device, monkeypatch):
+    torch = pytest.importorskip("torch")
+    _poison_new_buffers(device, monkeypatch)
+    x, w = RNG.normal(size=(2, 3, 5, 4)), RNG.normal(size=(4, 3, 3, 2))
+    X, Wn = gf.Input(), gf.Input()
+    node = gf.Conv2D(X, Wn, stride=(1, 2), padding=(2, 1))
+    R_value = RNG.normal(size=(2, 4, 7, 3))
+    out, grads = _torch_grads(lambda a, b: torch.nn.functional.conv2d(a, b, None, (1, 2), (2, 1)),
+                              [x, w], R_value)
+    R = gf.Input()
+    Project(node, R)
+    graph = gf.topological_sort({X: x, Wn: w, R: R_value}, device=device, dtype="float64")
+    for _ in range(2):  # the second step reuses every kept buffer
+        gf.forward_and_backward(graph)
+        _close(device, node.value, out, "Conv2D value")
+        _close(device, X.gradients[X], grads[0], "Conv2D dx")
+        _close(device, Wn.gradients[Wn], grads[1], "Conv2D dW")
 
 
 def test_conv_net_trains_through_miniflow_and_graph(device):
