@@ -148,9 +148,15 @@ class MixedPrecision:
         graph.loss._grad_seed = self.scaler.scale
 
     def after_step(self, graph: Any) -> None:
-        """Each parameter's gradient unscaled into float32 (device work, no read back)."""
+        """Each parameter's gradient unscaled into float32 (device work, no read back).
+
+        Frozen parameters (trainable False) are skipped, as the optimizer skips them: the
+        backward gave them no new gradient, and their last one, unscaled already, stays as
+        it was (as in float32) instead of being divided by the scale again at every step."""
         xp, inverse = self.device.xp, 1.0 / self.scaler.scale
         for p in graph.parameters:
+            if not getattr(p, "trainable", True):
+                continue
             grad = p.gradients.get(p)
             if grad is None or not hasattr(grad, "dtype"):
                 continue

@@ -42,6 +42,7 @@ import numpy as np
 
 from . import checkpoint_io
 from .backends import dtype_name
+from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
 from .checkpoint_io import NPZ, fspath
 from .checkpoint_meta import bad_meta, check_meta, pack, unpack
 from .errors import CheckpointError
@@ -82,11 +83,11 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     amp = getattr(graph, "amp", None)  # mixed precision: the float32 masters are the weights
     for name, p in params.items():
         value = amp.master_of(p) if amp is not None else p.value
-        arrays[f"param/{name}"] = _host(graph, value, f"checkpoint of {p.label}")
+        arrays[f"param/{name}"] = to_host(graph, value, f"checkpoint of {p.label}")
     meta: dict[str, Any] = {
         "format": _FORMAT_NAME,
         "format_version": CHECKPOINT_FORMAT,
-        "gpuflow_version": _version(),
+        "gpuflow_version": gpuflow_version(),
         "numpy_version": np.__version__,
         "device": graph.device.name,
         "dtype": dtype_name(graph.dtype) if graph.dtype is not None else None,
@@ -103,7 +104,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     for name, (node, node_state) in stateful_nodes(graph, path).items():
         meta["nodes"][name] = list(node_state)
         for key, value in node_state.items():
-            arrays[f"node/{name}/{key}"] = _host(graph, value, f"state {key!r} of {node.label}")
+            arrays[f"node/{name}/{key}"] = to_host(graph, value, f"state {key!r} of {node.label}")
     if schedule is not None:
         meta["schedule"] = {"class": type(schedule).__name__,
                             "state": pack(_state_of(schedule, path), arrays, "schedule/", path)}
@@ -119,7 +120,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     meta["crc32"] = {key: _crc(array) for key, array in arrays.items()}
     text = json.dumps(meta, sort_keys=True)
     metadata = {"format": _FORMAT_NAME, "format_version": str(CHECKPOINT_FORMAT),
-                "gpuflow_version": _version(), "architecture": _architecture(graph),
+                "gpuflow_version": gpuflow_version(), "architecture": architecture(graph),
                 "gpuflow": text, "gpuflow_crc32": str(zlib.crc32(text.encode("utf-8")))}
     checkpoint_io.write_atomically(path, to_bytes(arrays, metadata=metadata))
 
@@ -139,13 +140,6 @@ def check_save_path(path: "str | os.PathLike[str]") -> str:
             f"checkpoint {path!r}: gpuflow writes safetensors checkpoints, not .npz (which it "
             f"still loads).\nhelp: save to {path[:-4] + '.safetensors'!r}.")
     return path
-
-
-def _host(graph: Any, value: Any, what: str) -> np.ndarray:
-    """`value` as a C-contiguous NumPy array on the host (what safetensors writes)."""
-    if isinstance(value, (numbers.Number, np.generic)):
-        return np.asarray(value)
-    return np.asarray(graph.device.to_host(value, what=what), order="C")
 
 
 def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -177,27 +171,6 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)
 
 
-def stateful_nodes(graph: Any, path: str) -> dict[str, tuple[Any, dict[str, Any]]]:
-    """{name: (node, its state_dict())} for every node of `graph` with persistent state.
-
-    A node is named by its `name`, else by its type and its position in the graph's order
-    (the same for the same architecture in every process)."""
-    found: dict[str, tuple[Any, dict[str, Any]]] = {}
-    for i, node in enumerate(graph.nodes):
-        state_dict = getattr(node, "state_dict", None)
-        if not callable(state_dict) or not callable(getattr(node, "load_state_dict", None)):
-            continue
-        state = state_dict()
-        if not state:
-            continue
-        name = node.name or f"{type(node).__name__}:{i}"
-        if name in found:
-            raise CheckpointError(f"checkpoint {path!r}: two nodes with state are named "
-                                  f"{name!r}.\nhelp: give every such node a unique name.")
-        found[name] = (node, dict(state))
-    return found
-
-
 def _state_of(schedule: Any, path: str) -> dict[str, Any]:
     state = getattr(schedule, "state_dict", None)
     if not callable(state) or not callable(getattr(schedule, "load_state_dict", None)):
@@ -205,14 +178,6 @@ def _state_of(schedule: Any, path: str) -> dict[str, Any]:
                               f"load_state_dict(), got {type(schedule).__name__}.\nhelp: pass "
                               "a gpuflow.optim schedule (StepLR, ...), or schedule=None.")
     return state()
-
-
-def _architecture(graph: Any) -> str:
-    """The graph's nodes in order as JSON: [{"name", "type", "inputs"}] (informative)."""
-    names = {node: node.name or f"{type(node).__name__}:{i}" for i, node in enumerate(graph.nodes)}
-    return json.dumps([{"name": names[n], "type": type(n).__name__,
-                        "inputs": [names.get(m, m.label) for m in n.inbound_nodes]}
-                       for n in graph.nodes])
 
 
 def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
@@ -274,17 +239,6 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     return {"step": meta["step"], "epoch": meta["epoch"], "state": state, "meta": meta}
 
 
-def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
-    """`host` as the kind of value `old` (a node's state entry) was: a Python scalar, a host
-    array (a node that has not run yet keeps its state on the host), or an array on the
-    device in `old`'s dtype."""
-    if isinstance(old, (numbers.Number, np.generic)):
-        return type(old.item() if isinstance(old, np.generic) else old)(host.item())
-    if isinstance(old, np.ndarray) and not device.owns(old):
-        return host.astype(old.dtype)
-    return device.put(host, old.dtype, what=what)
-
-
 def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
     """The JSON metadata, its format and version checked, then every field (_check_meta)."""
     text = contents.metadata.get("gpuflow")
@@ -315,7 +269,7 @@ def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
             or version > CHECKPOINT_FORMAT):
         raise CheckpointError(
             f"checkpoint {path!r} has format version {version!r:.40}; this gpuflow "
-            f"({_version()}) reads versions 1..{CHECKPOINT_FORMAT}.\n"
+            f"({gpuflow_version()}) reads versions 1..{CHECKPOINT_FORMAT}.\n"
             f"help: load it with the gpuflow that wrote it ({meta.get('gpuflow_version')!r:.40}).")
     if (version == 1) != (contents.kind == NPZ):
         raise bad_meta(path, f"format version {version} in a {contents.kind} file")
@@ -484,8 +438,3 @@ def _check_int(value: Any, name: str, path: str) -> int:
         raise CheckpointError(f"checkpoint {path!r}: {name} must be an int, got {value!r}.\n"
                               f"help: pass {name}=<int>.")
     return int(value)
-
-
-def _version() -> str:
-    from . import __version__  # lazily: gpuflow/__init__ may import this module one day
-    return __version__

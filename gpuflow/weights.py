@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint_io
+from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
 from .checkpoint_io import fspath
 from .errors import CheckpointError
 from .nodes import Input, Linear
@@ -47,16 +48,14 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
     if path.lower().endswith(".npz"):
         raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
                               f"help: export to {path[:-4] + '.safetensors'!r}.")
-    from .checkpoint import _architecture, _host, _version
-
     tensors = {}
     for entry in _entries(graph, layout, mapping, path).values():
-        host = _host(graph, entry.get(), f"export of {entry.what}")
+        host = to_host(graph, entry.get(), f"export of {entry.what}")
         tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
     if layout == "torch":
         tensors.update(_torch_extras(graph))
     metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
-                "gpuflow_version": _version(), "architecture": _architecture(graph)}
+                "gpuflow_version": gpuflow_version(), "architecture": architecture(graph)}
     checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
 
 
@@ -134,7 +133,6 @@ class _Entry:
     def put(self, host: np.ndarray) -> Any:
         host = np.asarray(host.T, order="C") if self.transpose else host
         if self.param is None:  # a node's state entry: as the node keeps it
-            from .checkpoint import like
             return like(self.graph.device, host, self.current, f"weights for {self.what}")
         dtype = self.graph.dtype if self.graph.dtype is not None else self.current.dtype
         return self.graph.device.put(host, dtype, what=f"weights for {self.what}")
@@ -196,8 +194,6 @@ def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:
 def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
              path: str) -> dict[str, _Entry]:
     """{gpuflow name: _Entry} for every parameter and node state key of `graph`."""
-    from .checkpoint import stateful_nodes
-
     if layout not in LAYOUTS:
         raise CheckpointError(f"weights {path!r}: layout={layout!r}; expected one of "
                               f"{LAYOUTS}.\nhelp: layout='torch' for PyTorch's names.")

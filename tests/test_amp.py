@@ -281,3 +281,25 @@ def test_masters_survive_another_graph_binding_the_same_nodes(device):
         runs.append([host(device, graph.amp.master[p]) for p in graph.parameters])
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_frozen_parameter_keeps_its_last_gradient_as_in_float32(device, dtype):
+    """A parameter frozen after some steps gets no new gradient; its last one stays as it
+    was (float32 keeps it, as torch keeps .grad): the unscaling must not divide it by the
+    loss scale again at every later step."""
+    graph, _ = _classifier(device, dtype)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    opt = SGD(graph, lr=0.1)
+    graph.step(xb, yb)
+    opt.step()
+    W, other = graph.parameters[0], graph.parameters[1]
+    grad, value = host(device, W.gradients[W]).copy(), host(device, W.value).copy()
+    other_value = host(device, other.value).copy()
+    W.trainable = False
+    for _ in range(3):
+        graph.step(xb, yb)
+        opt.step()
+    np.testing.assert_array_equal(host(device, W.gradients[W]), grad)
+    np.testing.assert_array_equal(host(device, W.value), value)
+    assert not np.array_equal(host(device, other.value), other_value), "the others train"

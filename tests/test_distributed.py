@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import distributed_script as script  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distributed_script.py")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 60
 
 
@@ -198,6 +200,52 @@ def test_a_raising_rank_aborts_the_others_with_a_clear_message():
     assert "RuntimeError: rank 1 fails on purpose" in result.stdout
     assert "gpuflow.distributed: rank 1 of 2 stopped on RuntimeError" in result.stdout
     assert "MPI_Abort" in result.stdout
+
+
+ABORT_CHILD = r"""
+import fcntl, os, struct, sys, termios
+from gpuflow.distributed import mpi
+
+class Comm:  # stands in for COMM_WORLD: records what the launcher had not yet read at Abort
+    def Abort(self, code):
+        unread = [struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
+                  for fd in (1, 2)]
+        with open(sys.argv[1], "w") as f:
+            f.write(f"{unread[0]} {unread[1]}")
+        os._exit(code)
+
+mpi.abort_on_exception(Comm(), 1, 2)
+sys.stdout.write("printed before the error, no newline")  # still in Python's buffer
+open(sys.argv[2], "w").close()  # tells the parent that the raise comes next
+raise RuntimeError("rank 1 fails on purpose")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="FIONREAD on a pipe: Linux")
+def test_abort_waits_until_the_launcher_has_read_the_message(tmp_path):
+    # mpiexec kills every rank at MPI_Abort, and its proxy forwards only what it has read from
+    # the rank's pipes by then: under load the traceback and the message were cut short. The
+    # parent here plays a slow proxy, reading nothing for a second after the raise.
+    report, ready = tmp_path / "unread", tmp_path / "ready"
+    proc = subprocess.Popen([sys.executable, "-c", ABORT_CHILD, str(report), str(ready)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_clean_env(), "PYTHONPATH": REPO})
+    try:
+        for _ in range(600):
+            if ready.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        time.sleep(1.0)
+        out, err = proc.communicate(timeout=TIMEOUT_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, (out, err)
+    assert report.read_text() == "0 0", (
+        f"bytes of (stdout, stderr) the launcher had not read when MPI_Abort was called: "
+        f"{report.read_text()}")
+    assert out == "printed before the error, no newline"
+    assert "RuntimeError: rank 1 fails on purpose" in err, err
+    assert "gpuflow.distributed: rank 1 of 2 stopped on RuntimeError" in err, err
 
 
 @needs_mpi

@@ -26,6 +26,7 @@ NUMPY_ALLOWED = {
     "gpuflow/bench/workloads.py": "the bench's host batches and initial weights",
     "gpuflow/check.py": "gradient checks: central differences on float64 host copies",
     "gpuflow/checkpoint.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/checkpoint_graph.py": "checkpoint files are NumPy arrays on the host",
     "gpuflow/checkpoint_io.py": "checkpoint files are NumPy arrays on the host",
     "gpuflow/checkpoint_meta.py": "checkpoint files are NumPy arrays on the host",
     "gpuflow/checkpoint_npz.py": "checkpoint files are NumPy arrays on the host",
@@ -176,3 +177,64 @@ def test_every_module_is_under_600_lines(rel):
     assert lines < MAX_LINES, (
         f"{rel} has {lines} lines (limit {MAX_LINES}): split it by concern, as gpuflow/bench/ "
         "and the checkpoint modules are split.")
+
+
+def _module_of(rel: str) -> str:
+    """'gpuflow/nodes.py' -> 'gpuflow.nodes'; 'gpuflow/data/__init__.py' -> 'gpuflow.data'."""
+    name = rel[:-3].replace("/", ".")
+    return name[:-len(".__init__")] if name.endswith(".__init__") else name
+
+
+def _package_imports(rel: str, known: set[str]) -> set[str]:
+    """The gpuflow modules that `rel` imports, at any depth (function-level ones too)."""
+    here = _module_of(rel).split(".")
+    base = here if rel.endswith("__init__.py") else here[:-1]
+    found = set()
+    for node in ast.walk(_tree(rel)):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+        elif isinstance(node, ast.ImportFrom):
+            target = (".".join(base[:len(base) - node.level + 1] + [node.module or ""]).rstrip(".")
+                      if node.level else node.module or "")
+            for alias in node.names:  # `from . import x`: x may be a module or a name
+                full = f"{target}.{alias.name}"
+                found.add(full if full in known else target)
+    return (found & known) - {_module_of(rel)}
+
+
+def _cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One import cycle [a, b, ..., a] in `edges` (module -> modules it imports), or []."""
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> list[str]:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return []
+        for other in sorted(edges.get(module, ())):
+            if found := visit(other, path + [module]):
+                return found
+        done.add(module)
+        return []
+
+    for module in sorted(edges):
+        if found := visit(module, []):
+            return found
+    return []
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+def test_modules_outside_backends_import_one_another_one_way():
+    """No circle of imports, lazy ones included: a lower module never reaches back up (a
+    function-level import that only hides a circle still ties both modules together).
+    gpuflow/backends/ is left out: its registry and its backends import one another."""
+    known = {_module_of(rel) for rel in _modules()}
+    edges = {_module_of(rel): _package_imports(rel, known) for rel in _modules()}
+    cycle = _cycle(edges)
+    assert not cycle, (
+        f"import circle: {' -> '.join(cycle)}; move what the lower module needs into a "
+        "module both can import (as checkpoint_io.py and checkpoint_meta.py are).")

@@ -6,7 +6,11 @@ never loads mpi4py.
 
 from __future__ import annotations
 
+import os
+import stat
+import struct
 import sys
+import time
 from typing import Any
 
 import numpy
@@ -47,9 +51,40 @@ def abort_on_exception(comm: Any, rank: int, size: int) -> None:
         print(f"gpuflow.distributed: rank {rank} of {size} stopped on {kind.__name__}: {exc}\n"
               "gpuflow.distributed: calling MPI_Abort so that the other ranks stop too instead "
               "of waiting for this one.", file=sys.stderr, flush=True)
+        wait_for_launcher_to_read_output()
         comm.Abort(1)
 
     sys.excepthook = hook
+
+
+def wait_for_launcher_to_read_output(timeout_s: float = 5.0, pause_s: float = 0.1) -> None:
+    """Flush stdout and stderr, then wait (at most `timeout_s`) until the launcher has read them.
+
+    At MPI_Abort, mpiexec kills every rank and its proxies at once: what this rank wrote that
+    the proxy had not yet read from the pipe is lost, so under load the traceback and the
+    message above came out cut short or not at all. On Linux, FIONREAD on the pipe says how
+    many bytes are still unread; elsewhere (or if stdout/stderr are not pipes) this sleeps
+    `pause_s`. The short pause after the pipes are empty lets the proxy pass on what it read.
+    """
+    fds = []
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            fds.append(stream.fileno())
+        except Exception:  # noqa: BLE001 - closed or replaced stream: nothing to wait for
+            pass
+    deadline = time.monotonic() + timeout_s
+    try:
+        import fcntl
+        import termios
+        pipes = [fd for fd in fds if stat.S_ISFIFO(os.fstat(fd).st_mode)]
+        while time.monotonic() < deadline and any(
+                struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, bytes(4)))[0]
+                for fd in pipes):
+            time.sleep(0.01)
+    except (ImportError, OSError):
+        pass  # no FIONREAD here: the pause alone has to do
+    time.sleep(pause_s)
 
 
 class MpiCommunicator:
