@@ -286,6 +286,30 @@ def test_the_miniflow_loop_allocates_no_array_after_warmup():
     assert net < 1024, f"a step kept {net} bytes"
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_a_cnn_step_allocates_no_array_after_warmup(optimizer):
+    # Conv2D with padding, BatchNorm, ReLU, tiling max pooling, Flatten, Dropout, Linear: every
+    # value and gradient here is >= 64 x 10 floats, most over 128 KiB.
+    rng = np.random.default_rng(0)
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    h, _ = gf.layers.lenet(X, (1, 12, 12), 10, dropout=0.3, batch_norm=True)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, h), device="cpu", dtype="float32",
+                     inputs=[X, y])
+    opt = gf.optim.make_optimizer(optimizer, graph, 1e-3)
+    xb, yb = rng.normal(size=(64, 1, 12, 12)).astype(np.float32), rng.integers(0, 10, 64)
+
+    def step():
+        graph.step(xb, yb)
+        opt.step()
+
+    peak, _ = _peak_of_one_step(step)
+    assert peak < NUMPY_SCRATCH, f"a step allocated {peak} bytes at its peak"
+    # A step replaces the views it made of kept arrays at the last one: measure the second.
+    _, net = _peak_of_one_step(lambda: (step(), step()), warmup=0)
+    _, one = _peak_of_one_step(step, warmup=0)
+    assert net - one < 1024, f"a second step kept {net - one} more bytes"
+
+
 def test_without_reuse_a_step_allocates_its_arrays():
     """The allocation test can fail: making new arrays each step shows up at once."""
     peak, _ = _peak_of_one_step(_graph_step(reuse=False))
