@@ -8,6 +8,7 @@
 """
 
 from .backends import Device, LEDGER, available_devices, get_device
+from .backends.numpy_threads import get_num_threads, set_num_threads
 from .check import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)

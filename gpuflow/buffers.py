@@ -31,7 +31,7 @@ here once (node docstrings point here):
 
 Process-wide state: gpuflow's whole list. Everything else lives on a graph's `Plan` (its
 order, whether another graph took its nodes, whether it runs forward only, the training mode
-it last set: gpuflow/plan.py), on nodes and on optimizers. These five stay global because
+it last set: gpuflow/plan.py), on nodes and on optimizers. These six stay global because
 what they track crosses graphs:
 
 - `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
@@ -43,6 +43,8 @@ what they track crosses graphs:
   same object), since a node's device is compared by identity when graphs share nodes.
 - `gpuflow.nodes.Node._ids`: the creation counter behind node labels ("Linear #3") and the
   order of a Graph's default inputs and parameters; unique across graphs by design.
+- `gpuflow.backends.numpy_threads.WORKERS`: the threads large NumPy operations are split
+  over (`gpuflow.set_num_threads`; off by default), one pool as the CPU's cores are one.
 - `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
   and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
 """

@@ -66,6 +66,19 @@ def test_bench_quick_strict_device1(tmp_path):
         assert ledger["h2d_calls"] == 2 and ledger["d2h_calls"] == 0
 
 
+def test_bench_split_threads_are_set_reported_and_checked(tmp_path, capsys):
+    before = gf.get_num_threads()
+    try:
+        rc, out = _run(tmp_path, "--workloads", "W5", "--split-threads", "2")
+        assert rc == 0 and out["check_ok"] is True  # the split ops compute the same losses
+        assert out["machine"]["gpuflow_split_threads"] == 2
+        assert "gpuflow split threads 2" in capsys.readouterr().out
+    finally:
+        gf.set_num_threads(before)
+    assert bench.main(["--quick", "--split-threads", "0"]) == 2
+    assert "--split-threads must be >= 1" in capsys.readouterr().err
+
+
 def test_bench_refuses_gpu_only_workload_on_cpu(capsys):
     assert bench.main(["--quick", "--workloads", "W4"]) == 2
     assert "only on GPU" in capsys.readouterr().err

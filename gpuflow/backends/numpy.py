@@ -12,6 +12,8 @@ import numpy
 
 from ..errors import DeviceError, GraphError
 from . import Device, Ops, UfuncOps, missing_library
+from .numpy_threads import OPS, WORKERS, split_along_first, split_matmul, split_ufunc
+from .windows import col2im_in_place
 
 EXAMPLE_SPECS = ("cpu",)
 import_problem = missing_library("numpy")
@@ -46,7 +48,8 @@ xp = _fast_namespace()
 
 class NumpyOps(UfuncOps):
     """NumPy's own functions (see `Ops`); sums and maxima straight to the ufuncs' reduce,
-    without np.sum's Python wrapper."""
+    without np.sum's Python wrapper; elementwise operations, im2col's stack and col2im split
+    over the CPU's cores when their result is large (`numpy_threads`)."""
 
     def __init__(self, xp: Any) -> None:
         super().__init__(xp, numpy)
@@ -55,6 +58,38 @@ class NumpyOps(UfuncOps):
             x, axis=axis, keepdims=keepdims, out=out)
         self.max = lambda x, axis=None, keepdims=False, out=None: max_reduce(
             x, axis=axis, keepdims=keepdims, out=out)
+        self.split(WORKERS.threads > 1)
+        OPS.add(self)
+
+    def split(self, on: bool) -> None:
+        """Bind the splitting versions of the elementwise ops and matmul (`on`), or NumPy's own
+        functions, called with no Python layer in between (the default: a small net's step
+        makes hundreds of these calls)."""
+        for name in self.LIBRARY_NAMED:
+            fn = getattr(numpy, name)
+            setattr(self, name, (split_matmul if name == "matmul" else split_ufunc(fn))
+                    if on else fn)
+        self._greater = split_ufunc(numpy.greater) if on else numpy.greater
+        self._equal = split_ufunc(numpy.equal) if on else numpy.equal
+
+    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return numpy.greater(x1, x2).astype(dtype)
+        return self._greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+
+    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
+        if out is None:
+            return numpy.equal(x1, x2).astype(dtype)
+        return self._equal(x1, x2, out=out)
+
+    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
+        if out is None or axis == 0 or WORKERS.threads < 2:
+            return numpy.stack(arrays, axis=axis, out=out)
+        return split_along_first(lambda parts, o: numpy.stack(parts, axis=axis, out=o),
+                                 arrays, out)
+
+    def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
+        return split_along_first(col2im_in_place, parts, out, kw, sh, sw)
 
 
 class NumpyDevice(Device):

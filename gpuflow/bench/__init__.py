@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds per variant per round (default 0.2)")
     p.add_argument("--threads", type=int, default=None,
                    help="set NumPy's OpenBLAS and torch's thread counts (default: leave them)")
+    p.add_argument("--split-threads", type=int, default=None, metavar="N",
+                   help="split gpuflow's large NumPy operations over N threads "
+                        "(gf.set_num_threads; default: GPUFLOW_NUM_THREADS, else 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true",
                    help="tiny rounds for tests (2 rounds, 1 step per block)")
@@ -100,6 +103,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return report_error("gpuflow bench", f"--threads must be >= 1, got {args.threads}."
                                 "\nhelp: pass e.g. --threads 1.")
         set_threads(args.threads)
+    if args.split_threads is not None:
+        if args.split_threads < 1:
+            return report_error("gpuflow bench", "--split-threads must be >= 1, got "
+                                f"{args.split_threads}.\nhelp: pass e.g. --split-threads 2.")
+        gf.set_num_threads(args.split_threads)
     try:
         device = gf.get_device(args.device)
     except DeviceError as exc:
@@ -121,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results: dict[str, Any] = {"device": device.name, "dtype": args.dtype, "rounds": rounds,
                                "threads_option": args.threads,
+                               "split_threads_option": args.split_threads,
                                "min_time": min_time, "seed": args.seed, "rtol": rtol,
                                "lr": LEARNING_RATE, "workloads": {}}
     for name in names:

@@ -4,7 +4,6 @@ set and read through ctypes (NumPy has no API for them)."""
 from __future__ import annotations
 
 import ctypes
-import glob
 import os
 import platform
 import sys
@@ -14,30 +13,14 @@ import numpy as np
 
 import gpuflow as gf
 from gpuflow.backends import Device
+from gpuflow.backends.numpy_threads import openblas
 
 from .variants import torch_module
 
 
-def _openblas(verb: str) -> Any:
-    """The `openblas_<verb>_num_threads` function of NumPy's bundled OpenBLAS, or None."""
-    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs",
-                                  "*openblas*"))
-    for path in libs:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for sym in (f"scipy_openblas_{verb}_num_threads64_", f"openblas_{verb}_num_threads64_",
-                    f"openblas_{verb}_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                return fn
-    return None
-
-
 def _openblas_threads() -> int | None:
     """NumPy's OpenBLAS thread count, read from the bundled library (None if not found)."""
-    fn = _openblas("get")
+    fn = openblas("get")
     return int(fn()) if fn is not None else None
 
 
@@ -46,7 +29,7 @@ def set_threads(n: int) -> None:
 
     Why: on a small shared machine, a 2-thread BLAS whose second thread is descheduled waits a
     whole time slice per call, which can make a 20 MFLOP step 100x slower."""
-    fn = _openblas("set")
+    fn = openblas("set")
     if fn is not None:
         fn(ctypes.c_int(n))
     torch = torch_module()
@@ -63,6 +46,7 @@ def machine_info(device: Device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "numpy_blas_threads": _openblas_threads(),
+        "gpuflow_split_threads": gf.get_num_threads(),
         "env_threads": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                                    "MKL_NUM_THREADS") if k in os.environ},
     }

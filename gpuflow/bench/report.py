@@ -37,7 +37,8 @@ def report(results: dict[str, Any]) -> str:
     head = [f"gpuflow bench on {info['device']}: {info['device_describe']}",
             f"dtype {results['dtype']}; CPU {info.get('cpu_model')}, {info['cpu_affinity']} "
             f"usable cores; NumPy BLAS threads {info['numpy_blas_threads']}, torch threads "
-            f"{info.get('torch_threads', 'n/a')}",
+            f"{info.get('torch_threads', 'n/a')}, gpuflow split threads "
+            f"{info.get('gpuflow_split_threads', 1)}",
             f"{results['rounds']} interleaved rounds, >= {results['min_time']} s per block; "
             "median per-step time (forward + backward + SGD update)."]
     rows = [["workload", "floor", "gpuflow Graph", "gpuflow MiniFlow", "torch eager",

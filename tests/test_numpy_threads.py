@@ -1,0 +1,160 @@
+"""gpuflow.set_num_threads: large NumPy operations split over threads (backends/numpy_threads).
+
+The thresholds are lowered here so that small arrays are split; each test compares with one
+plain NumPy call."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from gpuflow.backends import numpy_threads as nt
+
+
+@pytest.fixture(params=[2, 3])
+def split(request, monkeypatch):
+    """Split everything over 2 or 3 threads (3: uneven slabs)."""
+    monkeypatch.setattr(nt, "MIN_SPLIT", 1)
+    monkeypatch.setattr(nt, "MIN_SPLIT_PRODUCT", 1)
+    monkeypatch.setattr(nt, "BLAS_ALONE", 1)
+    before = gf.get_num_threads()
+    gf.set_num_threads(request.param)
+    yield request.param
+    gf.set_num_threads(before)
+
+
+def _ops():
+    return gf.get_device("cpu").ops
+
+
+RNG = np.random.default_rng(0)
+
+
+def test_the_default_is_one_thread_and_bad_counts_are_refused():
+    assert nt._default_threads() == int(os.environ.get("GPUFLOW_NUM_THREADS", "1"))
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(gf.DeviceError, match="must be an int >= 1"):
+            gf.set_num_threads(bad)
+
+
+def test_split_elementwise_ops_equal_one_call_bit_for_bit(split):
+    ops = _ops()
+    x = RNG.normal(size=(7, 5, 6)).astype(np.float32)
+    y = RNG.normal(size=(7, 5, 6)).astype(np.float32)
+    row = RNG.normal(size=(6,)).astype(np.float32)       # broadcast along the first axis
+    lead1 = RNG.normal(size=(1, 5, 6)).astype(np.float32)
+    strided = RNG.normal(size=(7, 5, 12)).astype(np.float32)[..., ::2]
+    cases = [("add", (x, y)), ("subtract", (1.0, x)), ("multiply", (x, row)),
+             ("divide", (x, lead1)), ("maximum", (strided, y)), ("exp", (x,)),
+             ("tanh", (strided,)), ("sqrt", (np.abs(x),))]
+    for name, args in cases:
+        out = np.empty((7, 5, 6), np.float32)
+        got = getattr(ops, name)(*args, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, getattr(np, name)(*args), err_msg=name)
+    for name in ("greater", "equal"):
+        out = np.empty((7, 5, 6), np.float32)
+        getattr(ops, name)(x, np.where(RNG.random(x.shape) < 0.5, x, y), np.float32, out=out)
+        assert set(np.unique(out)) <= {0.0, 1.0}
+    # in place: out is one of the operands
+    z = x.copy()
+    ops.multiply(z, y, out=z)
+    np.testing.assert_array_equal(z, x * y)
+
+
+def test_an_operand_overlapping_out_otherwise_than_in_place_runs_as_one_call(split):
+    ops = _ops()
+    a = np.arange(40, dtype=np.float64).reshape(10, 4)
+    expected = a[:-1] + 1.0
+    ops.add(a[:-1], 1.0, out=a[1:])  # each row reads the row before, which another slab writes
+    np.testing.assert_array_equal(a[1:], expected)
+
+
+def test_split_products_equal_one_call_and_give_openblas_its_threads_back(split):
+    ops = _ops()
+    get, _ = nt._blas()
+    before = get() if get is not None else None
+    for shape_a, shape_b in [((9, 13), (13, 4)), ((3, 13), (13, 17)), ((1, 5), (5, 8))]:
+        a, b = RNG.normal(size=shape_a), RNG.normal(size=shape_b)
+        out = np.empty((shape_a[0], shape_b[1]))
+        assert ops.matmul(a, b, out=out) is out
+        np.testing.assert_allclose(out, a @ b, rtol=1e-13)
+        np.testing.assert_allclose(ops.matmul(a.T.copy().T, b, out=out), a @ b, rtol=1e-13)
+    if before is not None:
+        assert get() == before
+
+
+def test_split_stack_and_col2im_equal_one_call(split):
+    ops = _ops()
+    parts = [RNG.normal(size=(5, 2, 3, 4)) for _ in range(4)]
+    out = np.empty((5, 4, 2, 3, 4))
+    ops.stack(parts, axis=1, out=out)
+    np.testing.assert_array_equal(out, np.stack(parts, axis=1))
+    from gpuflow.backends.windows import col2im_in_place
+    got = ops.col2im(parts, 2, 2, 1, 1, out=np.full((5, 2, 4, 5), np.nan))
+    np.testing.assert_array_equal(got, col2im_in_place(parts, 2, 1, 1, np.empty((5, 2, 4, 5))))
+
+
+def test_a_workers_error_reaches_the_caller_and_the_pool_goes_on(split):
+    calls = []
+
+    def bad():
+        raise ValueError("from a worker")
+
+    with pytest.raises(ValueError, match="from a worker"):
+        nt._run([lambda: calls.append(0)] + [bad] * (split - 1))
+    nt._run([lambda: calls.append(1)] + [lambda: calls.append(2)] * (split - 1))
+    assert calls.count(2) == split - 1
+
+
+def test_workers_run_under_the_callers_numpy_error_state(split):
+    x = np.zeros((8, 4))
+    x[-1, -1] = 1000.0  # overflows in exp, in the last slab (a worker's)
+    with np.errstate(over="raise"):
+        with pytest.raises(FloatingPointError):
+            _ops().exp(x, out=np.empty_like(x))
+
+
+def test_a_cnn_trains_the_same_split_or_not(monkeypatch):
+    def losses(threads):
+        gf.set_num_threads(threads)
+        try:
+            X, y = gf.Input(name="X"), gf.Input(name="y")
+            h, params = gf.layers.lenet(X, (1, 8, 8), 4, batch_norm=True, seed=3)
+            graph = gf.Graph(gf.SoftmaxCrossEntropy(y, h), device="cpu", dtype="float64",
+                             inputs=[X, y])
+            opt = gf.optim.Adam(graph, lr=1e-2)
+            rng = np.random.default_rng(1)
+            xb, yb = rng.normal(size=(16, 1, 8, 8)), rng.integers(0, 4, 16)
+            out = []
+            for _ in range(5):
+                out.append(float(graph.step(xb, yb)))
+                opt.step()
+            return out
+        finally:
+            gf.set_num_threads(1)
+
+    monkeypatch.setattr(nt, "MIN_SPLIT", 1)
+    monkeypatch.setattr(nt, "MIN_SPLIT_PRODUCT", 1)
+    monkeypatch.setattr(nt, "BLAS_ALONE", 1)
+    one, two = losses(1), losses(2)
+    np.testing.assert_allclose(two, one, rtol=1e-12)
+    assert one[-1] < one[0]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_a_forked_child_makes_its_own_threads(split):
+    _ops().add(np.ones((4, 3)), 1.0, out=np.empty((4, 3)))  # the parent's workers exist
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker threads are not here
+        try:
+            out = _ops().add(np.ones((4, 3)), 1.0, out=np.empty((4, 3)))
+            os._exit(0 if (out == 2.0).all() else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
