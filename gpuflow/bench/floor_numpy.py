@@ -66,7 +66,7 @@ class NdarrayFloor(Variant):
             if i < last:
                 if self.w.activation == "relu":
                     xp.maximum(z[i], 0, out=z[i])
-                else:  # sigmoid as 0.5 * tanh(0.5 x) + 0.5, like gpuflow's node
+                else:  # sigmoid as 0.5 * tanh(0.5 x) + 0.5 (gpuflow's node: the exact form)
                     z[i] *= 0.5
                     xp.tanh(z[i], out=z[i])
                     z[i] *= 0.5
