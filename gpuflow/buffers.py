@@ -1,8 +1,9 @@
 """The arrays a node keeps from step to step, and when an array is copied.
 
 On NumPy, CuPy and torch a training step allocates nothing after the first: each node writes its
-value and gradients into arrays it keeps, passing them as `out=` to `node.ops`. The rules, stated
-here once (node docstrings point here):
+value and gradients into arrays it keeps, passing them as `out=` to `node.ops` (except where a
+node calls a library's own kernel that takes no `out=`: torch's convolution and pooling make
+their results, as they do in PyTorch). The rules, stated here once (node docstrings point here):
 
 - **Keep.** `node.buffers[name, shape, dtype]` gives an array to pass as `out=`: the same one
   for the same key, step after step (a name keeps its last `Buffers.shapes_kept` shapes, so that

@@ -103,6 +103,8 @@ def col2im(xp: Any, parts: list, kh: int, kw: int, sh: int, sw: int, hp: int, wp
 def _padded(node: Node, x: Any, ph: int, pw: int) -> Any:
     """`pad2d`, into the node's kept buffer where the device writes into arrays: x copied into
     its middle (x * 1.0, exact), the zero border written when the buffer is new."""
+    if ph == 0 and pw == 0:
+        return x  # im2col's stack copies it anyway
     shape = (x.shape[0], x.shape[1], x.shape[2] + 2 * ph, x.shape[3] + 2 * pw)
     out = node.buffers["xpad", shape, x.dtype] if node.ops.writes_out else None
     if out is None:
@@ -264,16 +266,20 @@ class _Pool2D(Node):
         self.stride = self.size if stride is None else _pair(stride, "stride", self.label,
                                                               minimum=1)
 
-    def _windows(self, x: Any) -> list:
-        """x's pooling windows as kh * kw strided slices (N, C, Ho, Wo), one per window entry."""
+    def _out_shape(self, x: Any) -> tuple[int, int]:
+        """(Ho, Wo), after checking x's shape against the window."""
         _check_image(self, x)
         (kh, kw), (sh, sw) = self.size, self.stride
         if kh > x.shape[2] or kw > x.shape[3]:
             raise GraphError(f"{self.label}: window {kh}x{kw} is larger than the input "
                              f"{x.shape[2]}x{x.shape[3]} (x {tuple(x.shape)}).\nhelp: use a "
                              "smaller window, or fewer pooling layers before this one.")
-        ho, wo = _out_size(x.shape[2], kh, sh, 0), _out_size(x.shape[3], kw, sw, 0)
-        return _slices(x, kh, kw, sh, sw, ho, wo)
+        return _out_size(x.shape[2], kh, sh, 0), _out_size(x.shape[3], kw, sw, 0)
+
+    def _windows(self, x: Any) -> list:
+        """x's pooling windows as kh * kw strided slices (N, C, Ho, Wo), one per window entry."""
+        (kh, kw), (sh, sw) = self.size, self.stride
+        return _slices(x, kh, kw, sh, sw, *self._out_shape(x))
 
     def _unwindows(self, parts: list) -> Any:
         """The gradient for x from the gradients for each window entry (N, C, Ho, Wo)."""
@@ -284,7 +290,8 @@ class _Pool2D(Node):
 
 class MaxPool2D(_Pool2D):
     """Maximum over size x size windows (stride: the size by default), as torch's max_pool2d;
-    the gradient goes to each window's maximum, the first one on ties.
+    the gradient goes to each window's maximum, the first one on ties (none from a window
+    holding NaN).
 
     Routes: the library's own (`ops.max_pool2d`: torch); windows that tile the input (stride
     == size, the usual case) one axis at a time, the maximum along W then along H, whose
@@ -293,21 +300,21 @@ class MaxPool2D(_Pool2D):
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        windows = self._windows(x)
+        ho, wo = self._out_shape(x)
         native = getattr(self.ops, "max_pool2d", None)
         if native is not None:
             self.value, self.argmax = native(x, self.size, self.stride)
         elif self.size == self.stride:
             # Separable: a window's first maximum is its first row's (of the rows holding the
             # maximum) first maximum, so ties still go where PyTorch sends them.
-            (kh, kw), (ho, wo) = self.size, windows[0].shape[2:]
+            (kh, kw) = self.size
             self.cols = _slices(x, 1, kw, 1, kw, kh * ho, wo)       # (N, C, kh ho, wo) each
             self.wide = _maximum(self, self.cols, "wide")
             self.rows = _slices(self.wide, kh, 1, kh, 1, ho, wo)    # (N, C, ho, wo) each
             self.value = _maximum(self, self.rows, "value")
         else:
-            self.windows = windows
-            self.value = _maximum(self, windows, "value")
+            self.windows = self._windows(x)
+            self.value = _maximum(self, self.windows, "value")
 
     def backward(self) -> None:
         G = self.upstream_gradient()
@@ -340,23 +347,21 @@ def _maximum(node: Node, entries: list, name: str) -> Any:
 
 def _first_max_parts(node: Node, entries: list, top: Any, G: Any, views: list | None) -> list:
     """G times 1 where the entry is `top`, the maximum, and no earlier entry was (PyTorch
-    picks the first on ties), for each entry; each written into views[k] where given."""
+    picks the first on ties), for each entry; each written into views[k] where given. A window
+    holding NaN (its maximum NaN, equal to nothing) sends no gradient; torch's CPU kernel sends
+    it to the last NaN."""
     ops, buffers, dtype = node.ops, node.buffers, G.dtype
     views = views or [None] * len(entries)
-    parts, taken, last = [], None, len(entries) - 1
-    for k, (entry, view) in enumerate(zip(entries, views)):
-        if k == last and taken is not None:  # the last entry takes what no earlier one took
-            free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
-            parts.append(ops.multiply(free, G, out=view))
-            break
+    parts, taken = [], None
+    for entry, view in zip(entries, views):
         if taken is None:
-            first = taken = (ops.equal(entry, top, dtype, out=buffers["taken", G.shape, dtype])
-                             if k < last else 1.0)
+            first = taken = ops.equal(entry, top, dtype, out=buffers["taken", G.shape, dtype])
         else:
             first = ops.equal(entry, top, dtype, out=buffers["first", G.shape, dtype])
             free = ops.subtract(1.0, taken, out=buffers["free", G.shape, dtype])
             first = ops.multiply(first, free, out=first)
-            taken = ops.add(taken, first, out=taken)
+            if entry is not entries[-1]:
+                taken = ops.add(taken, first, out=taken)
         parts.append(ops.multiply(first, G, out=view))
     return parts
 
@@ -397,11 +402,12 @@ class AvgPool2D(_Pool2D):
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        windows = self._windows(x)
+        self._out_shape(x)
         native = getattr(self.ops, "avg_pool2d", None)
         if native is not None:
             self.value = native(x, self.size, self.stride)
             return
+        windows = self._windows(x)
         ops, first = self.ops, windows[0]
         total = ops.multiply(first, 1.0, out=self.buffers["value", first.shape, first.dtype])
         for entry in windows[1:]:

@@ -178,6 +178,29 @@ def test_tiling_pool_zeroes_the_rows_and_columns_no_window_covers(kind, device, 
         assert not dx[:, :, 6:, :].any() and not dx[:, :, :, 6:].any()
 
 
+@pytest.mark.parametrize("size, stride", [(2, None), ((3, 2), None), (2, 1)])
+def test_max_pool_sends_no_gradient_to_a_number_in_a_window_holding_nan(size, stride, device):
+    torch = pytest.importorskip("torch")
+    x = RNG.normal(size=(1, 1, 6, 6))
+    x[0, 0, 0, 0] = x[0, 0, 1, 3] = np.nan
+    step = size if stride is None else stride
+    pool = lambda t: torch.nn.functional.max_pool2d(t, size, step)  # noqa: E731
+    R_value = np.ones(tuple(pool(torch.tensor(x)).shape))
+    ref, (dx_ref,) = _torch_grads(pool, [x], R_value)
+    X, R = gf.Input(), gf.Input()
+    node = gf.MaxPool2D(X, size, stride=stride)
+    Project(node, R)
+    gf.forward_and_backward(gf.topological_sort({X: x, R: R_value}, device=device,
+                                                dtype="float64"))
+    value, dx = gf.to_numpy(node.value), gf.to_numpy(X.gradients[X])
+    assert np.isnan(ref.detach().numpy()).any()
+    np.testing.assert_array_equal(np.isnan(value), np.isnan(ref.detach().numpy()))
+    # A finite entry gets nothing from a window holding NaN (torch sends that gradient to the
+    # NaN; gpuflow's portable route sends none), so its gradient is torch's.
+    finite = ~np.isnan(x)
+    np.testing.assert_allclose(dx[finite], dx_ref.numpy()[finite])
+
+
 def test_conv2d_padding_is_zero_in_kept_buffers(device, monkeypatch):
     torch = pytest.importorskip("torch")
     _poison_new_buffers(device, monkeypatch)

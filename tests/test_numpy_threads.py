@@ -23,7 +23,10 @@ def split(request, monkeypatch):
     monkeypatch.setattr(nt, "BLAS_ALONE", 1)
     before = gf.get_num_threads()
     gf.set_num_threads(request.param)
-    yield request.param
+    runs = []
+    real = nt.WORKERS.run
+    monkeypatch.setattr(nt.WORKERS, "run", lambda slabs: (runs.append(len(slabs)), real(slabs)))
+    yield runs
     gf.set_num_threads(before)
 
 
@@ -42,6 +45,7 @@ def test_the_default_is_one_thread_and_bad_counts_are_refused():
 
 
 def test_split_elementwise_ops_equal_one_call_bit_for_bit(split):
+    threads = gf.get_num_threads()
     ops = _ops()
     x = RNG.normal(size=(7, 5, 6)).astype(np.float32)
     y = RNG.normal(size=(7, 5, 6)).astype(np.float32)
@@ -53,13 +57,15 @@ def test_split_elementwise_ops_equal_one_call_bit_for_bit(split):
              ("tanh", (strided,)), ("sqrt", (np.abs(x),))]
     for name, args in cases:
         out = np.empty((7, 5, 6), np.float32)
+        split.clear()
         got = getattr(ops, name)(*args, out=out)
-        assert got is out
+        assert got is out and split == [threads], f"{name} was not split"
         np.testing.assert_array_equal(out, getattr(np, name)(*args), err_msg=name)
+    other = np.where(RNG.random(x.shape) < 0.5, x, y)
     for name in ("greater", "equal"):
         out = np.empty((7, 5, 6), np.float32)
-        getattr(ops, name)(x, np.where(RNG.random(x.shape) < 0.5, x, y), np.float32, out=out)
-        assert set(np.unique(out)) <= {0.0, 1.0}
+        getattr(ops, name)(x, other, np.float32, out=out)
+        np.testing.assert_array_equal(out, getattr(np, name)(x, other).astype(np.float32))
     # in place: out is one of the operands
     z = x.copy()
     ops.multiply(z, y, out=z)
@@ -72,6 +78,12 @@ def test_an_operand_overlapping_out_otherwise_than_in_place_runs_as_one_call(spl
     expected = a[:-1] + 1.0
     ops.add(a[:-1], 1.0, out=a[1:])  # each row reads the row before, which another slab writes
     np.testing.assert_array_equal(a[1:], expected)
+    assert not split
+    # A product reads all of one operand in every slab: in place is not safe either.
+    a, b = RNG.normal(size=(64, 64)), RNG.normal(size=(64, 64))
+    expected = a @ b
+    np.testing.assert_allclose(ops.matmul(a, b, out=b), expected, rtol=1e-13)
+    assert not split
 
 
 def test_split_products_equal_one_call_and_give_openblas_its_threads_back(split):
@@ -84,8 +96,29 @@ def test_split_products_equal_one_call_and_give_openblas_its_threads_back(split)
         assert ops.matmul(a, b, out=out) is out
         np.testing.assert_allclose(out, a @ b, rtol=1e-13)
         np.testing.assert_allclose(ops.matmul(a.T.copy().T, b, out=out), a @ b, rtol=1e-13)
+    assert split, "no product was split"
     if before is not None:
         assert get() == before
+
+
+def test_two_python_threads_give_openblas_its_count_back(split):
+    import threading
+    get, _ = nt._blas()
+    if get is None:
+        pytest.skip("NumPy's BLAS is not the bundled OpenBLAS")
+    before = get()
+    a = RNG.normal(size=(200, 300))
+
+    def products():
+        for _ in range(20):
+            _ops().matmul(a, a.T, out=np.empty((200, 200)))
+
+    workers = [threading.Thread(target=products) for _ in range(3)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert get() == before and nt._HOLDERS[0] == 0
 
 
 def test_split_stack_and_col2im_equal_one_call(split):
@@ -94,12 +127,15 @@ def test_split_stack_and_col2im_equal_one_call(split):
     out = np.empty((5, 4, 2, 3, 4))
     ops.stack(parts, axis=1, out=out)
     np.testing.assert_array_equal(out, np.stack(parts, axis=1))
+    assert split
+    ops.stack(parts, axis=-5, out=np.empty((4, 5, 2, 3, 4)))  # axis 0: not split
     from gpuflow.backends.windows import col2im_in_place
     got = ops.col2im(parts, 2, 2, 1, 1, out=np.full((5, 2, 4, 5), np.nan))
     np.testing.assert_array_equal(got, col2im_in_place(parts, 2, 1, 1, np.empty((5, 2, 4, 5))))
 
 
 def test_a_workers_error_reaches_the_caller_and_the_pool_goes_on(split):
+    split = gf.get_num_threads()
     calls = []
 
     def bad():
@@ -117,9 +153,53 @@ def test_workers_run_under_the_callers_numpy_error_state(split):
     with np.errstate(over="raise"):
         with pytest.raises(FloatingPointError):
             _ops().exp(x, out=np.empty_like(x))
+    with np.errstate(over="ignore"):
+        with __import__("warnings").catch_warnings():
+            __import__("warnings").simplefilter("error")
+            _ops().exp(x, out=np.empty_like(x))  # no RuntimeWarning from the worker either
+    assert split == [gf.get_num_threads()] * 2
+
+
+def test_a_split_operation_inside_a_slab_runs_as_one_call(split):
+    ops = _ops()
+    out = np.empty((6, 4))
+    # A slab that itself calls a split op: would wait on the pool it is part of.
+    nt.split_along_first(lambda parts, o: ops.add(parts[0], 1.0, out=o), [np.ones((6, 4))], out)
+    np.testing.assert_array_equal(out, 2.0)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="POSIX timers")
+def test_a_signal_during_a_split_waits_for_the_slabs_and_the_pool_stays_in_step(split):
+    import signal
+    import time
+
+    class Alarm(Exception):
+        pass
+
+    def ring(*_):
+        raise Alarm
+
+    old = signal.signal(signal.SIGALRM, ring)
+    try:
+        done = []
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(Alarm):  # raised once the slabs are done, not in the middle
+            # The caller's slab is quick: the signal comes while it waits for the workers.
+            nt._run([lambda: None] + [lambda: (time.sleep(0.3), done.append(1))]
+                    * (gf.get_num_threads() - 1))
+            time.sleep(0.1)  # where the held signal is delivered at the latest
+        assert done, "the call returned before its workers were done"
+        flag = []
+        nt._run([lambda: None, lambda: (time.sleep(0.1), flag.append(1))])
+        assert flag, "a later call returned before its worker was done"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def test_a_cnn_trains_the_same_split_or_not(monkeypatch):
+    before = gf.get_num_threads()
+
     def losses(threads):
         gf.set_num_threads(threads)
         try:
@@ -136,12 +216,18 @@ def test_a_cnn_trains_the_same_split_or_not(monkeypatch):
                 opt.step()
             return out
         finally:
-            gf.set_num_threads(1)
+            gf.set_num_threads(before)
 
     monkeypatch.setattr(nt, "MIN_SPLIT", 1)
     monkeypatch.setattr(nt, "MIN_SPLIT_PRODUCT", 1)
     monkeypatch.setattr(nt, "BLAS_ALONE", 1)
-    one, two = losses(1), losses(2)
+    runs = []
+    real = nt.WORKERS.run
+    monkeypatch.setattr(nt.WORKERS, "run", lambda slabs: (runs.append(len(slabs)), real(slabs)))
+    one = losses(1)
+    assert not runs
+    two = losses(2)
+    assert len(runs) > 50, "the CNN step was not split"
     np.testing.assert_allclose(two, one, rtol=1e-12)
     assert one[-1] < one[0]
 

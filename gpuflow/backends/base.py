@@ -135,6 +135,7 @@ class UfuncOps(Ops):
     def __init__(self, xp: Any, lib: Any) -> None:
         super().__init__(xp)
         self._lib = lib
+        self._greater, self._equal = getattr(lib, "greater", None), getattr(lib, "equal", None)
         for name in self.LIBRARY_NAMED:
             own = getattr(type(self), name) is not getattr(Ops, name)  # a subclass's route
             if not own and hasattr(lib, name):
@@ -143,12 +144,12 @@ class UfuncOps(Ops):
     def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
         if out is None:
             return self._lib.greater(x1, x2).astype(dtype)
-        return self._lib.greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
+        return self._greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
 
     def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
         if out is None:
             return self._lib.equal(x1, x2).astype(dtype)
-        return self._lib.equal(x1, x2, out=out)
+        return self._equal(x1, x2, out=out)
 
     def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._lib.sum(x, axis=axis, keepdims=keepdims, out=out)

@@ -72,18 +72,8 @@ class NumpyOps(UfuncOps):
         self._greater = split_ufunc(numpy.greater) if on else numpy.greater
         self._equal = split_ufunc(numpy.equal) if on else numpy.equal
 
-    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return numpy.greater(x1, x2).astype(dtype)
-        return self._greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
-
-    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return numpy.equal(x1, x2).astype(dtype)
-        return self._equal(x1, x2, out=out)
-
     def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
-        if out is None or axis == 0 or WORKERS.threads < 2:
+        if out is None or axis % (arrays[0].ndim + 1) == 0 or WORKERS.threads < 2:
             return numpy.stack(arrays, axis=axis, out=out)
         return split_along_first(lambda parts, o: numpy.stack(parts, axis=axis, out=o),
                                  arrays, out)

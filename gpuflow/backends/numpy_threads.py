@@ -18,7 +18,9 @@ cores. Here gpuflow's NumPy ops run both kinds on one pool, as torch does:
   OpenBLAS runs on one thread anyway, are called as they are.
 
 Operations that cannot be cut that way (operands whose first axis does not line up with the
-result's, an operand overlapping the result other than in place) run as one call.
+result's, an elementwise operand overlapping the result other than in place, a product's
+operand sharing any memory with the result) run as one call, and so does a split operation
+called from inside a slab.
 
 It is opt-in: `gpuflow.set_num_threads(n)` (or `GPUFLOW_NUM_THREADS=n`) splits over n threads;
 the default, 1, calls every operation as it is. Measured on 2 cores (`gpuflow bench`, paired
@@ -32,10 +34,10 @@ and again in a child process after a fork. Process-wide state (see gpuflow/buffe
 
 from __future__ import annotations
 
-import contextvars
 import ctypes
 import glob
 import os
+import signal
 import threading
 import weakref
 from typing import Any, Callable
@@ -68,6 +70,8 @@ def openblas(verb: str) -> Any:
 
 
 _BLAS: list = []  # [(get, set)] once looked up: (None, None) where NumPy's BLAS is another
+_HOLD = threading.Lock()
+_HOLDERS = [0, None]  # products now holding OpenBLAS to one thread, and its count before
 
 
 def _blas() -> tuple[Any, Any]:
@@ -76,12 +80,35 @@ def _blas() -> tuple[Any, Any]:
     return _BLAS[0]
 
 
+def _hold_blas(hold: bool) -> None:
+    """Hold OpenBLAS to one thread (`hold`) or let go; the first holder saves its count, the
+    last one out restores it (two Python threads may run products at once)."""
+    get, put = _blas()
+    if get is None or put is None:
+        return
+    with _HOLD:
+        if hold:
+            if _HOLDERS[0] == 0:
+                _HOLDERS[1] = get()
+                put(1)
+            _HOLDERS[0] += 1
+        else:
+            _HOLDERS[0] -= 1
+            if _HOLDERS[0] == 0:
+                put(_HOLDERS[1])
+
+
 def _default_threads() -> int:
     """GPUFLOW_NUM_THREADS if set to an int >= 1, else 1 (never split)."""
     try:
         return max(1, int(os.environ.get("GPUFLOW_NUM_THREADS", "1")))
     except ValueError:
         return 1  # a malformed value: the default, as OMP_NUM_THREADS readers do
+
+
+_SIGNALS = (set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+            if hasattr(signal, "pthread_sigmask") else None)
+_INSIDE = threading.local()  # .on: this thread is running a slab (workers: always)
 
 
 class _Worker:
@@ -93,22 +120,24 @@ class _Worker:
         self._go.acquire()
         self._done.acquire()
         self._task: Callable[[], Any] | None = None
+        self._errstate: dict = {}
         self._error: BaseException | None = None
         threading.Thread(target=self._loop, name="gpuflow-numpy", daemon=True).start()
 
     def _loop(self) -> None:
+        _INSIDE.on = True  # a split operation called from a slab runs as one call
         while True:
             self._go.acquire()
             try:
-                self._task()
+                with numpy.errstate(**self._errstate):  # the caller's, not this thread's
+                    self._task()
             except BaseException as exc:  # handed to the caller by wait()
                 self._error = exc
             self._task = None
             self._done.release()
 
-    def start(self, task: Callable[[], Any]) -> None:
-        self._task = contextvars.copy_context().run  # the caller's NumPy error state
-        self._task = (lambda run=self._task: run(task))
+    def start(self, task: Callable[[], Any], errstate: dict) -> None:
+        self._task, self._errstate = task, errstate
         self._go.release()
 
     def wait(self) -> None:
@@ -127,25 +156,41 @@ class _Workers:
         self._lock = threading.Lock()
 
     def run(self, slabs: list[Callable[[], Any]]) -> None:
-        """slabs[1:] on the workers, slabs[0] here; returns when all are done."""
-        with self._lock:  # one split operation at a time (a second caller's thread waits)
-            while len(self._workers) < len(slabs) - 1:
-                self._workers.append(_Worker())
-            started = []
-            try:
-                for worker, slab in zip(self._workers, slabs[1:]):
-                    worker.start(slab)
-                    started.append(worker)
-                slabs[0]()
-            finally:
-                errors = []
-                for worker in started:
-                    try:
-                        worker.wait()
-                    except BaseException as exc:
-                        errors.append(exc)
-                if errors:
-                    raise errors[0]
+        """slabs[1:] on the workers, slabs[0] here; returns when all are done. Signals are held
+        meanwhile (a Ctrl-C raises once the slabs are done): a wait cut short would leave a
+        worker writing after the call returned, and its lock out of step."""
+        if getattr(_INSIDE, "on", False):  # called from a slab: no thread to hand work to
+            for slab in slabs:
+                slab()
+            return
+        held = (signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+                if _SIGNALS is not None and threading.current_thread() is threading.main_thread()
+                else None)
+        try:
+            with self._lock:  # one split operation at a time (another thread's waits)
+                while len(self._workers) < len(slabs) - 1:
+                    self._workers.append(_Worker())
+                errstate = numpy.geterr()
+                started = []
+                _INSIDE.on = True
+                try:
+                    for worker, slab in zip(self._workers, slabs[1:]):
+                        worker.start(slab, errstate)
+                        started.append(worker)
+                    slabs[0]()
+                finally:
+                    _INSIDE.on = False
+                    errors = []
+                    for worker in started:
+                        try:
+                            worker.wait()
+                        except BaseException as exc:
+                            errors.append(exc)
+                    if errors:
+                        raise errors[0]
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def resize(self, n: int) -> None:
         self.threads = n  # idle workers beyond n just stay parked
@@ -236,14 +281,13 @@ def split_matmul(x1: Any, x2: Any, out: Any = None) -> Any:
     work = x1.shape[0] * x1.shape[1] * x2.shape[1]
     if work < BLAS_ALONE:  # OpenBLAS runs these on one thread anyway
         return numpy.matmul(x1, x2, out=out)
-    blas_get, blas_set = _blas()
-    held = blas_get() if blas_get is not None and blas_set is not None else None
-    if held is not None:
-        blas_set(1)
+    _hold_blas(True)
     try:
         rows = out.shape[0] >= out.shape[1]
         length = out.shape[0 if rows else 1]
-        if work < MIN_SPLIT_PRODUCT or length < 2 or _overlaps(x1, out) or _overlaps(x2, out):
+        # Every slab reads the whole of one operand: none may share memory with out at all.
+        if (work < MIN_SPLIT_PRODUCT or length < 2 or numpy.may_share_memory(x1, out)
+                or numpy.may_share_memory(x2, out)):
             return numpy.matmul(x1, x2, out=out)
         n = min(WORKERS.threads, length)
         edges = _bounds(length, n)
@@ -256,8 +300,7 @@ def split_matmul(x1: Any, x2: Any, out: Any = None) -> Any:
         _run([slab(edges[i], edges[i + 1]) for i in range(n)])
         return out
     finally:
-        if held is not None:
-            blas_set(held)
+        _hold_blas(False)
 
 
 def split_along_first(fn: Callable[..., Any], arrays: list, out: numpy.ndarray,
