@@ -352,6 +352,11 @@ def _first_max_parts(node: Node, entries: list, top: Any, G: Any, views: list | 
     it to the last NaN."""
     ops, buffers, dtype = node.ops, node.buffers, G.dtype
     views = views or [None] * len(entries)
+    if len(entries) == 2:  # (2x2 pooling, one axis at a time): the second only if greater
+        e0, e1 = entries
+        first = ops.equal(e0, top, dtype, out=buffers["taken", G.shape, dtype])
+        second = ops.greater(e1, e0, dtype, out=buffers["first", G.shape, dtype])
+        return [ops.multiply(first, G, out=views[0]), ops.multiply(second, G, out=views[1])]
     parts, taken = [], None
     for entry, view in zip(entries, views):
         if taken is None:
