@@ -211,7 +211,12 @@ class Linear(Node):
                 f"{tuple(w.shape)}; b must have shape ({w.shape[1]},), one bias per output.\n"
                 f"help: check the size of {b.label}.")
         # x's dtype: every floating value of a bound graph has the graph's dtype.
-        out = self.ops.matmul(x, w, out=self.buffers["value", (x.shape[0], w.shape[1]), x.dtype])
+        out = self.buffers["value", (x.shape[0], w.shape[1]), x.dtype]
+        fused = getattr(self.ops, "matmul_add", None)  # one kernel (torch's addmm)
+        if fused is not None:
+            self.value = fused(x, w, bias, out=out)
+            return
+        out = self.ops.matmul(x, w, out=out)
         out += bias
         self.value = out
 
@@ -333,8 +338,12 @@ class ReLU(Node):
         # G where the output is positive, else 0, as (output > 0) * G: eight times faster than
         # where(output > 0, G, 0.0) on NumPy, three times on torch.
         value = self.value
-        grad = self.ops.greater(value, 0.0, G.dtype,
-                                out=self.buffers["grad", value.shape, G.dtype])
+        out = self.buffers["grad", value.shape, G.dtype]
+        fused = getattr(self.ops, "relu_backward", None)  # one kernel (torch's)
+        if fused is not None:
+            self.gradients[self.inbound_nodes[0]] = fused(G, value, out=out)
+            return
+        grad = self.ops.greater(value, 0.0, G.dtype, out=out)
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 

@@ -48,6 +48,10 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
     arrays (unchecked)."""
     for t in trainables:
         value, grad = t.value, t.gradients[t]
+        fused = getattr(t.ops, "subtract_scaled", None)  # one kernel (torch's sub_)
+        if fused is not None and t.device.owns(value) and t.device.owns(grad):
+            fused(value, grad, lr)
+            continue
         try:
             step = t.ops.multiply(grad, lr, out=t.buffers["sgd step", grad.shape, grad.dtype])
         except AttributeError:  # a Python number (a custom node's gradient for a scalar)

@@ -86,6 +86,36 @@ def test_every_op_agrees_with_the_generic_one(device):
                                        err_msg=f"{name} axis={axis}")
 
 
+def test_fused_routes_agree_with_the_ops_they_replace(device):
+    """The optional one-kernel routes (torch: relu_backward, matmul_add, subtract_scaled) give
+    what the two-op route they stand in for gives, with and without out=."""
+    ops = device.ops
+    routes = [n for n in ("relu_backward", "matmul_add", "subtract_scaled") if hasattr(ops, n)]
+    if not routes:
+        pytest.skip(f"{device.name} has no fused routes: nodes take the two-op ones")
+    rng = np.random.default_rng(1)
+    f64 = device.dtype("float64")
+    G, y = device.put(rng.normal(size=(5, 3))), device.put(rng.normal(size=(5, 3)))
+    y = ops.maximum(y, 0.0)  # a ReLU's output: zeros included
+    x, w, b = (device.put(rng.normal(size=s)) for s in ((5, 4), (4, 3), (3,)))
+    want = {"relu_backward": device.to_host(ops.multiply(ops.greater(y, 0.0, f64), G)),
+            "matmul_add": device.to_host(x) @ device.to_host(w) + device.to_host(b)}
+    args = {"relu_backward": (G, y), "matmul_add": (x, w, b)}
+    for name in routes:
+        if name == "subtract_scaled":
+            value = device.put(device.to_host(G))
+            got = ops.subtract_scaled(value, y, 0.25)
+            np.testing.assert_allclose(device.to_host(value),
+                                       device.to_host(G) - 0.25 * device.to_host(y), rtol=1e-15)
+            continue
+        np.testing.assert_allclose(device.to_host(getattr(ops, name)(*args[name])), want[name],
+                                   rtol=1e-14, err_msg=name)
+        out = device.new_buffer(tuple(want[name].shape), f64)
+        got = getattr(ops, name)(*args[name], out=out)
+        assert got is out, f"{name} did not write into out="
+        np.testing.assert_allclose(device.to_host(out), want[name], rtol=1e-14, err_msg=name)
+
+
 def test_ufunc_ops_bind_the_library_by_name_unless_overridden():
     class Lib:  # a library with some of the ops, under NumPy's names
         add = staticmethod(np.add)
