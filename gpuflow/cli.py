@@ -30,6 +30,7 @@ from typing import Any, Mapping, Sequence
 
 from . import checkpoint, distributed
 from .backends import backend_report, get_device
+from .backends.numpy_threads import get_num_threads, set_num_threads
 from .commandline import CommandParser, HelpFormatter, report_error
 from .data import Batches, load_digits, load_mnist, train_test_split
 from .errors import CheckpointError, GpuflowError, check_int
@@ -79,6 +80,7 @@ class TrainOptions:
     dropout: float | None = None  # after the hidden dense layer(s); None: 0.25 cnn, 0 mlp
     schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
     clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
+    threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -124,6 +126,8 @@ class TrainOptions:
         check_int(self.epochs, "--epochs", 1)
         check_int(self.batch_size, "--batch-size", 1)
         check_int(self.seed, "--seed", 0)
+        if self.threads is not None:
+            check_int(self.threads, "--threads", 1)
         self.hidden = tuple(check_int(size, "--hidden", 1) for size in self.hidden)
         self.lr = check_learning_rate(self.lr, "--lr")
         if self.save is not None:
@@ -183,7 +187,17 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     """
     opts = TrainOptions.from_any(options)
     opts.check()
-    started = time.perf_counter()
+    threads = get_num_threads()
+    if opts.threads is not None:
+        set_num_threads(opts.threads)
+    try:
+        return _train(opts, time.perf_counter())
+    finally:
+        set_num_threads(threads)
+
+
+def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
+    """`train` after its options are checked."""
 
     # Data: host arrays (float32 in [0, 1], int64 labels).
     if opts.data is None:
@@ -487,6 +501,10 @@ def build_parser() -> CommandParser:
                    help="momentum and nesterov are SGD with momentum 0.9")
     t.add_argument("--hidden", type=int, nargs="+", default=list(d.hidden), metavar="N",
                    help="hidden layer sizes, e.g. --hidden 128 64")
+    t.add_argument("--threads", type=int, metavar="N",
+                   help="on the cpu device, split large NumPy operations over N threads "
+                        "(gf.set_num_threads: pays for CNNs, not MLPs; default: "
+                        "GPUFLOW_NUM_THREADS, else 1)")
     t.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the split, the initial weights and the batch order")
     t.add_argument("--data", metavar="PATH",

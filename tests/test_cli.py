@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import gpuflow as gf
 from gpuflow import LEDGER, Graph, Input, SoftmaxCrossEntropy, get_device, mlp
 from gpuflow.cli import TrainOptions, build_parser, held_out_accuracy, main, train
 
@@ -297,6 +298,7 @@ BAD_ARGUMENTS = {
     "negative clip": (["train", "--clip", "-1"], "--clip"),
     "nan clip": (["train", "--clip", "nan"], "--clip"),
     "clip not a number": (["train", "--clip", "big"], "--clip"),
+    "zero threads": (["train", "--threads", "0"], "--threads"),
 }
 
 
@@ -507,6 +509,21 @@ def test_train_help_shows_every_default_once(capsys):
         assert entries[option].endswith(f"(default: {default})"), entries[option]
     assert entries["--data"].count("default") == 1, entries["--data"]
     assert not any("(default: None)" in v or "(default: False)" in v for v in entries.values())
+
+
+def test_threads_split_a_cnn_run_to_the_same_result_and_are_given_back(monkeypatch):
+    from gpuflow.backends import numpy_threads as nt
+    runs = []
+    real = nt.WORKERS.run
+    monkeypatch.setattr(nt.WORKERS, "run", lambda slabs: (runs.append(1), real(slabs)))
+    options = {"model": "cnn", "epochs": 1, "quiet": True, "device": "cpu"}
+    one = train(options)
+    assert not runs
+    two = train({**options, "threads": 2})
+    assert runs, "--threads 2 split nothing"
+    assert gf.get_num_threads() == 1  # the run's setting is given back
+    assert abs(two["accuracy"] - one["accuracy"]) <= 1 / 360  # one image at most
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
 
 
 def test_dict_options_with_an_unknown_key_are_refused():
