@@ -27,8 +27,7 @@ the default, 1, calls every operation as it is. Measured on 2 cores by
 benchmarks/split_threads.py (gpuflow alone, 1 and 2 threads in alternating blocks): the conv
 net W6 takes 0.74x the time with 2 threads, but the MLPs W1-W3 and the small conv net W5 take
 1.14x-1.29x (their products run better on OpenBLAS's own threads, and their elementwise
-operations are too small to gain); so it is for convolutional networks on the CPU (the
-digits CNN of `gpuflow train --model cnn --threads 2`: 3.1-4.2 s against 7.2-8.3 s). Where
+operations are too small to gain); so it is for large convolutional networks on the CPU. Where
 NumPy's BLAS is not the bundled OpenBLAS, products cannot be held to one thread and that
 BLAS's threads compete with the pool. The threads are made on first use, and again in a
 child process after a fork. Process-wide state (see gpuflow/buffers.py).
