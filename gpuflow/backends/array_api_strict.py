@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, dtype_name, missing_library
+from .base import Device, dtype_name, missing_library
 
 EXAMPLE_SPECS = ("array_api_strict", "array_api_strict:device1")
 import_problem = missing_library("array_api_strict")

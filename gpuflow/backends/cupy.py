@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import DeviceError
-from . import Device, Ops, UfuncOps, missing_library
+from .base import Device, Ops, UfuncOps, missing_library
 
 EXAMPLE_SPECS = ("cuda:0",)
 import_problem = missing_library("cupy")

@@ -11,7 +11,7 @@ import array_api_compat.numpy as compat_numpy
 import numpy
 
 from ..errors import DeviceError, GraphError
-from . import Device, Ops, UfuncOps, missing_library
+from .base import Device, Ops, UfuncOps, missing_library
 from .numpy_threads import OPS, WORKERS, split_along_first, split_matmul, split_ufunc
 from .windows import col2im_in_place
 
