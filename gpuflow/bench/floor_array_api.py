@@ -32,12 +32,16 @@ class ArrayApiFloor(Variant):
         x = xp.asarray(self.xh, device=self.dev)
         y = xp.asarray(self.yh, device=self.dev)
         last = len(self.W) - 1
-        hs = [x]
+        hs, es = [x], []
         for i, (W, b) in enumerate(zip(self.W, self.b)):
             z = hs[-1] @ W + b
             if i < last:
-                z = xp.clip(z, min=0.0) if self.w.activation == "relu" else (
-                    0.5 * xp.tanh(0.5 * z) + 0.5)
+                if self.w.activation == "relu":
+                    z = xp.clip(z, min=0.0)
+                else:  # sigmoid as gpuflow's node: exp(min(z, 0)) / (1 + exp(-|z|))
+                    e = xp.exp(-xp.abs(z))
+                    es.append((e, 1.0 + e))
+                    z = xp.maximum(xp.astype(z > 0.0, z.dtype), e) / es[-1][1]
             hs.append(z)
         out = hs[-1]
         if self.w.loss == "mse":
@@ -60,7 +64,7 @@ class ArrayApiFloor(Variant):
                 s = hs[i]
                 G = G @ self.W[i].T
                 G = xp.where(s > 0.0, G, 0.0) if self.w.activation == "relu" else (
-                    G * (s * (1.0 - s)))
+                    G * (es[i - 1][0] / es[i - 1][1] / es[i - 1][1]))  # s (1 - s), exactly
             # reassigned, not updated in place: some array-API libraries' arrays are immutable
             self.W[i] = self.W[i] - LEARNING_RATE * dW
             self.b[i] = self.b[i] - LEARNING_RATE * db

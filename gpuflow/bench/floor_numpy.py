@@ -49,6 +49,8 @@ class NdarrayFloor(Variant):
         self.z = [xp.empty((n, s), dtype=dt) for s in w.sizes[1:]]   # pre-activation = h
         self.g = [xp.empty((n, s), dtype=dt) for s in w.sizes[1:-1]]  # hidden gradients
         self.tmp = [xp.empty((n, s), dtype=dt) for s in w.sizes[1:-1]]
+        self.e = [xp.empty((n, s), dtype=dt) for s in w.sizes[1:-1]]  # sigmoid: exp(-|z|)
+        self.d = [xp.empty((n, s), dtype=dt) for s in w.sizes[1:-1]]  # sigmoid: 1 + exp(-|z|)
         self.mask = [xp.empty((n, s), dtype=bool) for s in w.sizes[1:-1]]
         self.col = xp.empty((n, 1), dtype=dt)
         self.col2 = xp.empty((n, 1), dtype=dt)
@@ -66,11 +68,15 @@ class NdarrayFloor(Variant):
             if i < last:
                 if self.w.activation == "relu":
                     xp.maximum(z[i], 0, out=z[i])
-                else:  # sigmoid as 0.5 * tanh(0.5 x) + 0.5 (gpuflow's node: the exact form)
-                    z[i] *= 0.5
-                    xp.tanh(z[i], out=z[i])
-                    z[i] *= 0.5
-                    z[i] += 0.5
+                else:  # sigmoid as gpuflow's node: exp(min(z, 0)) / (1 + exp(-|z|))
+                    e, d = self.e[i], self.d[i]
+                    xp.abs(z[i], out=e)
+                    xp.negative(e, out=e)
+                    xp.exp(e, out=e)
+                    xp.add(e, 1.0, out=d)
+                    xp.greater(z[i], 0, out=z[i])
+                    xp.maximum(z[i], e, out=z[i])
+                    xp.divide(z[i], d, out=z[i])
             h = z[i]
         out = z[last]
         if self.w.loss == "mse":
@@ -94,10 +100,10 @@ class NdarrayFloor(Variant):
                 if self.w.activation == "relu":
                     xp.greater(s, 0, out=self.mask[i - 1])
                     g *= self.mask[i - 1]
-                else:
+                else:  # s (1 - s) = e / (1 + e)^2, as gpuflow's node
                     t = self.tmp[i - 1]
-                    xp.subtract(1.0, s, out=t)
-                    t *= s
+                    xp.divide(self.e[i - 1], self.d[i - 1], out=t)
+                    t /= self.d[i - 1]
                     g *= t
                 G = g
         for p, dp in zip(self.W + self.b, self.dW + self.db):

@@ -34,6 +34,8 @@ class TorchFloor(Variant):
         self.z = [new(s) for s in w.sizes[1:]]
         self.g = [new(s) for s in w.sizes[1:-1]]
         self.tmp = [new(s) for s in w.sizes[1:-1]]
+        self.e = [new(s) for s in w.sizes[1:-1]]  # sigmoid: exp(-|z|)
+        self.d = [new(s) for s in w.sizes[1:-1]]  # sigmoid: 1 + exp(-|z|)
         self.mask = [new(s, torch.bool) for s in w.sizes[1:-1]]
         self.col, self.col2 = new(1), new(1)
         self.rows = torch.arange(n, device=tdev)
@@ -53,8 +55,12 @@ class TorchFloor(Variant):
             if i < last:
                 if self.w.activation == "relu":
                     z[i].clamp_(min=0)
-                else:
-                    z[i].mul_(0.5).tanh_().mul_(0.5).add_(0.5)
+                else:  # sigmoid as gpuflow's node: exp(min(z, 0)) / (1 + exp(-|z|))
+                    e, d = self.e[i], self.d[i]
+                    torch.abs(z[i], out=e).neg_().exp_()
+                    torch.add(e, 1.0, out=d)
+                    torch.gt(z[i], 0, out=z[i])
+                    torch.maximum(z[i], e, out=z[i]).div_(d)
             h = z[i]
         out = z[last]
         if self.w.loss == "mse":
@@ -87,10 +93,9 @@ class TorchFloor(Variant):
                 if self.w.activation == "relu":
                     torch.gt(s, 0, out=self.mask[i - 1])
                     g.mul_(self.mask[i - 1])
-                else:
+                else:  # s (1 - s) = e / (1 + e)^2, as gpuflow's node
                     t = self.tmp[i - 1]
-                    torch.sub(1.0, s, out=t)   # type: ignore[call-overload]
-                    t.mul_(s)
+                    torch.div(self.e[i - 1], self.d[i - 1], out=t).div_(self.d[i - 1])
                     g.mul_(t)
                 G = g
         for p, dp in zip(self.W + self.b, self.dW + self.db):
