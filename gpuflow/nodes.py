@@ -213,7 +213,7 @@ class Linear(Node):
         # x's dtype: every floating value of a bound graph has the graph's dtype.
         out = self.buffers["value", (x.shape[0], w.shape[1]), x.dtype]
         fused = getattr(self.ops, "matmul_add", None)  # one kernel (torch's addmm)
-        if fused is not None:
+        if fused is not None and bias.dtype == x.dtype:  # addmm refuses mixed dtypes
             self.value = fused(x, w, bias, out=out)
             return
         out = self.ops.matmul(x, w, out=out)
@@ -338,12 +338,8 @@ class ReLU(Node):
         # G where the output is positive, else 0, as (output > 0) * G: eight times faster than
         # where(output > 0, G, 0.0) on NumPy, three times on torch.
         value = self.value
-        out = self.buffers["grad", value.shape, G.dtype]
-        fused = getattr(self.ops, "relu_backward", None)  # one kernel (torch's)
-        if fused is not None:
-            self.gradients[self.inbound_nodes[0]] = fused(G, value, out=out)
-            return
-        grad = self.ops.greater(value, 0.0, G.dtype, out=out)
+        grad = self.ops.greater(value, 0.0, G.dtype,
+                                out=self.buffers["grad", value.shape, G.dtype])
         grad *= G
         self.gradients[self.inbound_nodes[0]] = grad
 

@@ -87,26 +87,29 @@ def test_every_op_agrees_with_the_generic_one(device):
 
 
 def test_fused_routes_agree_with_the_ops_they_replace(device):
-    """The optional one-kernel routes (torch: relu_backward, matmul_add, subtract_scaled) give
-    what the two-op route they stand in for gives, with and without out=."""
+    """The optional one-kernel routes (torch: matmul_add, subtract_scaled) give what the
+    two-op route they stand in for gives (subtract_scaled rounds once: within an ulp), with and
+    without out=."""
     ops = device.ops
-    routes = [n for n in ("relu_backward", "matmul_add", "subtract_scaled") if hasattr(ops, n)]
+    routes = [n for n in ("matmul_add", "subtract_scaled") if hasattr(ops, n)]
     if not routes:
         pytest.skip(f"{device.name} has no fused routes: nodes take the two-op ones")
     rng = np.random.default_rng(1)
     f64 = device.dtype("float64")
     G, y = device.put(rng.normal(size=(5, 3))), device.put(rng.normal(size=(5, 3)))
-    y = ops.maximum(y, 0.0)  # a ReLU's output: zeros included
     x, w, b = (device.put(rng.normal(size=s)) for s in ((5, 4), (4, 3), (3,)))
-    want = {"relu_backward": device.to_host(ops.multiply(ops.greater(y, 0.0, f64), G)),
-            "matmul_add": device.to_host(x) @ device.to_host(w) + device.to_host(b)}
-    args = {"relu_backward": (G, y), "matmul_add": (x, w, b)}
+    want = {"matmul_add": device.to_host(x) @ device.to_host(w) + device.to_host(b)}
+    args = {"matmul_add": (x, w, b)}
     for name in routes:
         if name == "subtract_scaled":
             value = device.put(device.to_host(G))
-            got = ops.subtract_scaled(value, y, 0.25)
-            np.testing.assert_allclose(device.to_host(value),
-                                       device.to_host(G) - 0.25 * device.to_host(y), rtol=1e-15)
+            ops.subtract_scaled(value, y, 0.3)
+            step = 0.3 * device.to_host(y)
+            two_op = device.to_host(G) - step
+            # One rounding against two: apart by at most the product's rounding and the
+            # result's.
+            assert np.all(np.abs(device.to_host(value) - two_op)
+                          <= np.spacing(np.abs(step)) + np.spacing(np.abs(two_op)))
             continue
         np.testing.assert_allclose(device.to_host(getattr(ops, name)(*args[name])), want[name],
                                    rtol=1e-14, err_msg=name)

@@ -162,3 +162,20 @@ def test_extreme_inputs_give_no_nan_and_no_warning(device, dtype):
     # row 0: the label's logit is -1e4 against a max of 1e4: the loss is 2e4 / 2 rows, finite
     np.testing.assert_allclose(float(host(device, loss.value)), (2e4 + np.log1p(np.exp(-5) +
                                np.exp(-10) * 2 + 1) - 0.0) / 2, rtol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_relu_gradient_is_the_same_function_on_every_device_nan_and_inf_included(device):
+    # (y > 0) * G on every device: an infinite G where the ReLU is off gives NaN (0 * inf), a
+    # NaN input gives 0. (torch's threshold_backward differs on both; a one-kernel route
+    # through it made torch:cpu train on where cpu stopped, so ReLU does not take it.)
+    x = np.array([[-1.0, 0.0, 2.0, np.nan, -3.0, 1.0]])
+    G = np.array([[np.inf, 1.0, 5.0, 7.0, 2.0, -np.inf]])
+    X, R = gf.Input(), gf.Input()
+    node = gf.ReLU(X)
+    Project(node, R)
+    gf.forward_and_backward(gf.topological_sort({X: x, R: G}, device=device,
+                                                dtype="float64"))
+    with np.errstate(invalid="ignore"):
+        expected = (np.fmax(x, 0.0) > 0) * G
+    np.testing.assert_array_equal(gf.to_numpy(X.gradients[X]), expected)

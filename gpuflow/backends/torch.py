@@ -67,18 +67,13 @@ class TorchOps(UfuncOps):
 
     # Fused routes nodes and optimizers take where a device's ops have them (one kernel where
     # the generic route makes two; the same kernels torch's autograd and optimizers run).
-    def relu_backward(self, G: Any, y: Any, out: Any = None) -> Any:
-        """G where y > 0, else 0 (gpuflow.ReLU's gradient from its output y)."""
-        if out is None:
-            return self._aten.threshold_backward(G, y, 0)
-        return self._aten.threshold_backward.grad_input(G, y, 0, grad_input=out)
-
     def matmul_add(self, x1: Any, x2: Any, x3: Any, out: Any = None) -> Any:
         """x1 @ x2 + x3 (gpuflow.Linear's value), as torch's addmm."""
         return self._addmm(x3, x1, x2, out=out)
 
     def subtract_scaled(self, x: Any, y: Any, alpha: float) -> Any:
-        """x -= alpha * y in place (SGD's step), as torch's optimizers do it."""
+        """x -= alpha * y in place (SGD's step), as torch's optimizers do it: one rounding
+        where multiply-then-subtract has two (so within an ulp of that route)."""
         return x.sub_(y, alpha=alpha)
 
     # gpuflow.MaxPool2D / AvgPool2D by torch's own kernels, as torch's autograd calls them
