@@ -109,14 +109,20 @@ def _padded(node: Node, x: Any, ph: int, pw: int) -> Any:
     out = node.buffers["xpad", shape, x.dtype] if node.ops.writes_out else None
     if out is None:
         return pad2d(node.xp, x, ph, pw, node.device.native)
-    if node.__dict__.get("_zero_border") is not out:  # x > x is false for every x
-        for border in (out[:, :, :ph], out[:, :, shape[2] - ph:], out[:, :, :, :pw],
-                       out[:, :, :, shape[3] - pw:]):
-            if 0 not in border.shape:
-                node.ops.greater(border, border, x.dtype, out=border)
+    if node.__dict__.get("_zero_border") is not out:
+        _zero(node, (out[:, :, :ph], out[:, :, shape[2] - ph:], out[:, :, :, :pw],
+                     out[:, :, :, shape[3] - pw:]))
         node._zero_border = out
     node.ops.multiply(x, 1.0, out=_crop(out, ph, pw))
     return out
+
+
+def _zero(node: Node, views: tuple) -> None:
+    """Zeros written into each (non-empty) view of a kept buffer: x > x is false for every x,
+    NaN included (no `x[...] = 0`: see gpuflow/buffers.py)."""
+    for view in views:
+        if 0 not in view.shape:
+            node.ops.greater(view, view, view.dtype, out=view)
 
 
 def _crop(x: Any, ph: int, pw: int) -> Any:
@@ -395,10 +401,8 @@ def _tile_views(node: Node, shape: tuple, dtype: Any, size: tuple, out_size: tup
     out = node.buffers[name, tuple(shape), dtype]
     if out is None:  # buffers not kept (reuse_buffers=False): a new array
         out = node.xp.zeros(tuple(shape), dtype=dtype, device=node.device.native)
-    else:  # x > x is false for every x (no `x[...] = 0`: see gpuflow/buffers.py)
-        for rest in (out[:, :, kh * ho:, :], out[:, :, :kh * ho, kw * wo:]):
-            if 0 not in rest.shape:
-                node.ops.greater(rest, rest, dtype, out=rest)
+    else:
+        _zero(node, (out[:, :, kh * ho:, :], out[:, :, :kh * ho, kw * wo:]))
     return out, _slices(out, kh, kw, kh, kw, ho, wo)
 
 
