@@ -142,8 +142,8 @@ def test_a_workers_error_reaches_the_caller_and_the_pool_goes_on(split):
         raise ValueError("from a worker")
 
     with pytest.raises(ValueError, match="from a worker"):
-        nt._run([lambda: calls.append(0)] + [bad] * (split - 1))
-    nt._run([lambda: calls.append(1)] + [lambda: calls.append(2)] * (split - 1))
+        nt.WORKERS.run([lambda: calls.append(0)] + [bad] * (split - 1))
+    nt.WORKERS.run([lambda: calls.append(1)] + [lambda: calls.append(2)] * (split - 1))
     assert calls.count(2) == split - 1
 
 
@@ -185,12 +185,12 @@ def test_a_signal_during_a_split_waits_for_the_slabs_and_the_pool_stays_in_step(
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         with pytest.raises(Alarm):  # raised once the slabs are done, not in the middle
             # The caller's slab is quick: the signal comes while it waits for the workers.
-            nt._run([lambda: None] + [lambda: (time.sleep(0.3), done.append(1))]
+            nt.WORKERS.run([lambda: None] + [lambda: (time.sleep(0.3), done.append(1))]
                     * (gf.get_num_threads() - 1))
             time.sleep(0.1)  # where the held signal is delivered at the latest
         assert done, "the call returned before its workers were done"
         flag = []
-        nt._run([lambda: None, lambda: (time.sleep(0.1), flag.append(1))])
+        nt.WORKERS.run([lambda: None, lambda: (time.sleep(0.1), flag.append(1))])
         assert flag, "a later call returned before its worker was done"
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)

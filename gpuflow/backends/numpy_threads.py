@@ -228,8 +228,10 @@ def get_num_threads() -> int:
     return WORKERS.threads
 
 
-def _bounds(length: int, parts: int) -> list[int]:
-    return [length * i // parts for i in range(parts + 1)]
+def _split(length: int, slab: Callable[[int, int], Callable[[], Any]]) -> None:
+    """Run slab(lo, hi)'s work for one share of range(length) per thread, all at once."""
+    n = min(WORKERS.threads, length)
+    WORKERS.run([slab(length * i // n, length * (i + 1) // n) for i in range(n)])
 
 
 def _cuttable(a: Any, out: numpy.ndarray) -> bool | None:
@@ -252,10 +254,6 @@ def _overlaps(a: numpy.ndarray, out: numpy.ndarray) -> bool:
                 and a.__array_interface__["data"][0] == out.__array_interface__["data"][0])
 
 
-def _run(slabs: list[Callable[[], Any]]) -> None:
-    WORKERS.run(slabs)
-
-
 def split_ufunc(fn: Callable[..., Any]) -> Callable[..., Any]:
     """`fn(*args, out=out)` (a ufunc), split over the threads when `out` is large."""
 
@@ -265,14 +263,11 @@ def split_ufunc(fn: Callable[..., Any]) -> Callable[..., Any]:
         cut = [_cuttable(a, out) for a in args]
         if None in cut or out.shape[0] < 2:
             return fn(*args, out=out)
-        n = min(WORKERS.threads, out.shape[0])
-        edges = _bounds(out.shape[0], n)
-
         def slab(lo: int, hi: int) -> Callable[[], Any]:
             parts = [a[lo:hi] if c else a for a, c in zip(args, cut)]
             return lambda: fn(*parts, out=out[lo:hi])
 
-        _run([slab(edges[i], edges[i + 1]) for i in range(n)])
+        _split(out.shape[0], slab)
         return out
 
     split.__name__ = getattr(fn, "__name__", "split")
@@ -295,15 +290,12 @@ def split_matmul(x1: Any, x2: Any, out: Any = None) -> Any:
         if (work < MIN_SPLIT_PRODUCT or length < 2 or numpy.may_share_memory(x1, out)
                 or numpy.may_share_memory(x2, out)):
             return numpy.matmul(x1, x2, out=out)
-        n = min(WORKERS.threads, length)
-        edges = _bounds(length, n)
-
         def slab(lo: int, hi: int) -> Callable[[], Any]:
             if rows:
                 return lambda: numpy.matmul(x1[lo:hi], x2, out=out[lo:hi])
             return lambda: numpy.matmul(x1, x2[:, lo:hi], out=out[:, lo:hi])
 
-        _run([slab(edges[i], edges[i + 1]) for i in range(n)])
+        _split(length, slab)
         return out
     finally:
         _hold_blas(False)
@@ -316,11 +308,8 @@ def split_along_first(fn: Callable[..., Any], arrays: list, out: numpy.ndarray,
     if (out.size < MIN_SPLIT or WORKERS.threads < 2 or out.shape[0] < 2
             or any(a.shape[0] != out.shape[0] or _overlaps(a, out) for a in arrays)):
         return fn(arrays, *extra, out)
-    n = min(WORKERS.threads, out.shape[0])
-    edges = _bounds(out.shape[0], n)
-
     def slab(lo: int, hi: int) -> Callable[[], Any]:
         return lambda: fn([a[lo:hi] for a in arrays], *extra, out[lo:hi])
 
-    _run([slab(edges[i], edges[i + 1]) for i in range(n)])
+    _split(out.shape[0], slab)
     return out
