@@ -27,6 +27,16 @@ class ArrayApiFloor(Variant):
         self.xh, self.yh = data
         self.classes = xp.arange(w.sizes[-1], dtype=xp.int64, device=dev)
 
+    def softmax_ce(self, out: Any, y: Any) -> tuple[Any, Any]:
+        """(mean softmax cross-entropy of logits `out` for labels y, d loss / d out)."""
+        xp, n = self.xp, out.shape[0]
+        shifted = out - xp.max(out, axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        total = xp.sum(e, axis=1, keepdims=True)
+        onehot = xp.astype(xp.reshape(y, (-1, 1)) == self.classes, self.dt)
+        loss = -xp.sum(onehot * (shifted - xp.log(total))) / n
+        return loss, (e / total - onehot) / n
+
     def step(self) -> Any:
         xp = self.xp
         x = xp.asarray(self.xh, device=self.dev)
@@ -50,13 +60,7 @@ class ArrayApiFloor(Variant):
             loss = xp.sum(d * d) / m
             G = (-2.0 / m) * d
         else:
-            n = out.shape[0]
-            shifted = out - xp.max(out, axis=1, keepdims=True)
-            e = xp.exp(shifted)
-            total = xp.sum(e, axis=1, keepdims=True)
-            onehot = xp.astype(xp.reshape(y, (-1, 1)) == self.classes, self.dt)
-            loss = -xp.sum(onehot * (shifted - xp.log(total))) / n
-            G = (e / total - onehot) / n
+            loss, G = self.softmax_ce(out, y)
         for i in range(last, -1, -1):
             dW = hs[i].T @ G
             db = xp.sum(G, axis=0)
@@ -156,13 +160,7 @@ class ConvArrayApiFloor(ArrayApiFloor):
                     z = xp.clip(z, min=0.0)
                 saved.append((h, flat, z))
                 h = z
-        n = h.shape[0]
-        shifted = h - xp.max(h, axis=1, keepdims=True)
-        e = xp.exp(shifted)
-        total = xp.sum(e, axis=1, keepdims=True)
-        onehot = xp.astype(xp.reshape(y, (-1, 1)) == self.classes, self.dt)
-        loss = -xp.sum(onehot * (shifted - xp.log(total))) / n
-        G = (e / total - onehot) / n
+        loss, G = self.softmax_ce(h, y)
         grads: list[Any] = []
         for i in range(len(plan) - 1, -1, -1):
             spec = plan[i][0]
