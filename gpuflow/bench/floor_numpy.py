@@ -37,10 +37,7 @@ class NdarrayFloor(Variant):
     def __init__(self, w: Workload, xp: Any, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray], sync: Callable[[], None] | None = None,
                  upload: Callable[[np.ndarray], Any] | None = None) -> None:
-        self.xp, self.w, self._sync = xp, w, sync
-        self.upload = upload or (lambda a: a)
-        dt = np.dtype(dtype)
-        put = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
+        dt, put = self._setup(w, xp, dtype, sync, upload)
         self.W = [put(a) for a in weights[0::2]]
         self.b = [put(a) for a in weights[1::2]]
         self.dW = [xp.empty_like(a) for a in self.W]
@@ -56,6 +53,14 @@ class NdarrayFloor(Variant):
         self.col2 = xp.empty((n, 1), dtype=dt)
         self.rows = xp.arange(n)
         self.xh, self.yh = data
+
+    def _setup(self, w: Any, xp: Any, dtype: str, sync: Callable[[], None] | None,
+               upload: Callable[[np.ndarray], Any] | None) -> tuple[Any, Callable[[Any], Any]]:
+        """The fields every ndarray floor has; returns (dtype, host array -> xp array)."""
+        self.xp, self.w, self._sync = xp, w, sync
+        self.upload = upload or (lambda a: a)
+        dt = np.dtype(dtype)
+        return dt, lambda a: xp.asarray(np.ascontiguousarray(a, dtype=dt))
 
     def step(self) -> Any:
         xp, z = self.xp, self.z
@@ -220,10 +225,7 @@ class ConvNdarrayFloor(NdarrayFloor):
     def __init__(self, w: ConvWorkload, xp: Any, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray], sync: Callable[[], None] | None = None,
                  upload: Callable[[np.ndarray], Any] | None = None) -> None:
-        self.xp, self.w, self._sync = xp, w, sync
-        self.upload = upload or (lambda a: a)
-        dt = np.dtype(dtype)
-        put = lambda a: xp.asarray(np.ascontiguousarray(a, dtype=dt))  # noqa: E731
+        dt, put = self._setup(w, xp, dtype, sync, upload)
         self.params = [put(a) for a in weights]
         n = w.batch
         self.layers: list[Any] = []
