@@ -75,3 +75,15 @@ def assert_on_device(device: gf.Device, value, what: str) -> None:
     """Fail unless `value` is an array of `device`'s library on that device."""
     assert device.owns(value), \
         f"{what} is {type(value).__name__} not on {device.name}: {value!r:.200}"
+
+
+def run_epochs(graph, opt, schedule, batches, epochs: int) -> list[float]:
+    """`epochs` epochs of graph.step + opt.step over `batches`, schedule stepped after each;
+    every step's loss, read on the host."""
+    losses = []
+    for _ in range(epochs):
+        for xb, yb in batches:
+            losses.append(graph.item(graph.step(xb, yb)))
+            opt.step()
+        schedule.step()
+    return losses

@@ -15,6 +15,7 @@ import pytest
 import safetensors
 
 import gpuflow as gf
+from conftest import run_epochs
 from gpuflow import checkpoint, checkpoint_io
 from gpuflow.checkpoint import CHECKPOINT_FORMAT, load, save
 from gpuflow.data import Batches, load_digits
@@ -559,16 +560,6 @@ class Halving:
 
     def load_state_dict(self, state):
         self.last_epoch, self.optimizer.lr = state["last_epoch"], state["lr"]
-
-
-def run_epochs(graph, opt, schedule, batches, epochs):
-    losses = []
-    for _ in range(epochs):
-        for xb, yb in batches:
-            losses.append(graph.item(graph.step(xb, yb)))
-            opt.step()
-        schedule.step()
-    return losses
 
 
 def test_node_and_schedule_state_resume_exactly(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from conftest import run_epochs
 from gpuflow.cli import main, train
 from test_cli import _one_error_line, write_tiny_mnist
 
@@ -92,25 +93,16 @@ def test_cnn_checkpoint_with_batchnorm_dropout_and_a_schedule_resumes_bit_identi
         opt = Adam(graph, lr=1e-2)
         return graph, opt, StepLR(opt, step_size=1, gamma=0.5), logits
 
-    def epochs(graph, opt, schedule, count):
-        losses = []
-        for _ in range(count):
-            for xb, yb in batches:
-                losses.append(graph.item(graph.step(xb, yb)))
-                opt.step()
-            schedule.step()
-        return losses
-
     graph, opt, schedule, logits = build()
-    epochs(graph, opt, schedule, 1)
+    run_epochs(graph, opt, schedule, batches, 1)
     path = tmp_path / "cnn.safetensors"
     checkpoint.save(str(path), graph, opt, schedule=schedule, epoch=1)
-    straight = epochs(graph, opt, schedule, 2)
+    straight = run_epochs(graph, opt, schedule, batches, 2)
     probe = batches[0][0]
     expected = graph.run(logits, probe).copy()
 
     graph2, opt2, schedule2, logits2 = build()
     checkpoint.load(str(path), graph2, opt2, schedule=schedule2)
-    resumed = epochs(graph2, opt2, schedule2, 2)
+    resumed = run_epochs(graph2, opt2, schedule2, batches, 2)
     assert resumed == straight
     np.testing.assert_array_equal(graph2.run(logits2, probe), expected)
