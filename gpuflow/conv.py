@@ -282,10 +282,10 @@ class _Pool2D(Node):
                              "smaller window, or fewer pooling layers before this one.")
         return _out_size(x.shape[2], kh, sh, 0), _out_size(x.shape[3], kw, sw, 0)
 
-    def _windows(self, x: Any) -> list:
+    def _windows(self, x: Any, ho: int, wo: int) -> list:
         """x's pooling windows as kh * kw strided slices (N, C, Ho, Wo), one per window entry."""
         (kh, kw), (sh, sw) = self.size, self.stride
-        return _slices(x, kh, kw, sh, sw, *self._out_shape(x))
+        return _slices(x, kh, kw, sh, sw, ho, wo)
 
     def _unwindows(self, parts: list) -> Any:
         """The gradient for x from the gradients for each window entry (N, C, Ho, Wo)."""
@@ -319,7 +319,7 @@ class MaxPool2D(_Pool2D):
             self.rows = _slices(self.wide, kh, 1, kh, 1, ho, wo)    # (N, C, ho, wo) each
             self.value = _maximum(self, self.rows, "value")
         else:
-            self.windows = self._windows(x)
+            self.windows = self._windows(x, ho, wo)
             self.value = _maximum(self, self.windows, "value")
 
     def backward(self) -> None:
@@ -411,12 +411,12 @@ class AvgPool2D(_Pool2D):
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        self._out_shape(x)
+        ho, wo = self._out_shape(x)
         native = getattr(self.ops, "avg_pool2d", None)
         if native is not None:
             self.value = native(x, self.size, self.stride)
             return
-        windows = self._windows(x)
+        windows = self._windows(x, ho, wo)
         ops, first = self.ops, windows[0]
         total = ops.multiply(first, 1.0, out=self.buffers["value", first.shape, first.dtype])
         for entry in windows[1:]:
