@@ -44,7 +44,7 @@ from . import checkpoint_io
 from .backends import dtype_name
 from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
 from .checkpoint_io import NPZ, fspath
-from .checkpoint_meta import bad_meta, check_meta, pack, unpack
+from .checkpoint_meta import bad_meta, check_depth, check_meta, pack, unpack
 from .errors import CheckpointError
 from .weights import export_weights, load_weights
 
@@ -253,9 +253,10 @@ def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): its "
                               "metadata does not match its checksum (CRC-32).\nhelp: use an "
                               "earlier checkpoint.")
+    check_depth(path, text)  # before json.loads, which recursion too deep would end
     try:
         meta = json.loads(text)
-    except ValueError as exc:  # JSON errors
+    except (ValueError, RecursionError) as exc:  # JSON errors
         raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
                               f"unreadable ({exc}).\nhelp: pass a file written by "
                               "gpuflow.checkpoint.save.") from None

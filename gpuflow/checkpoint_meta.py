@@ -8,11 +8,31 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
+
+# gpuflow's own metadata nests 5 deep (meta -> schedule -> state -> key -> value list); a file
+# nested deeper is refused before json.loads, whose recursion (and that of every walk of the
+# parsed value) a file nested thousands deep would exhaust: a RecursionError, not one error.
+MAX_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def check_depth(path: str, text: str) -> None:
+    """CheckpointError if the JSON `text` nests arrays and objects deeper than MAX_DEPTH; one
+    linear scan, no recursion (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH:
+        raise bad_meta(path, f"its JSON is nested {deepest} deep, where gpuflow's metadata "
+                       f"nests at most {MAX_DEPTH} deep")
 
 
 def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray], prefix: str,

@@ -55,18 +55,19 @@ def crc(array):
     return zlib.crc32(np.ascontiguousarray(array).tobytes())
 
 
-def rewrite(src, dst, edit, fix_crc=True):
-    """Rewrite checkpoint `src` to `dst` after `edit(meta, arrays)`, consistently: the damage is
-    only what `edit` did (checksums are recomputed)."""
+def rewrite(src, dst, edit, fix_crc=True, edit_text=lambda text: text):
+    """Rewrite checkpoint `src` to `dst` after `edit(meta, arrays)` (and `edit_text` of the
+    metadata's JSON text), consistently: the damage is only what the edits did (checksums are
+    recomputed)."""
     meta, arrays, metadata = contents(src)
     edit(meta, arrays)
     if src.suffix == ".npz":
-        text = json.dumps(meta).encode()
+        text = edit_text(json.dumps(meta)).encode()
         np.savez(dst, __gpuflow__=np.frombuffer(text, dtype=np.uint8), **arrays)
         return
     if fix_crc and isinstance(meta, dict) and "crc32" in meta:
         meta["crc32"] = {k: crc(v) for k, v in arrays.items()}
-    text = json.dumps(meta)
+    text = edit_text(json.dumps(meta))
     metadata.update(gpuflow=text, gpuflow_crc32=str(zlib.crc32(text.encode())))
     dst.write_bytes(st_bytes(arrays, metadata=metadata))
 
@@ -100,6 +101,10 @@ def drop(key):
 
 
 def meta_set(*where_value):
+    return edited(meta_edit(*where_value))
+
+
+def meta_edit(*where_value):
     def edit(meta, arrays):
         *keys, last, value = where_value
         target = meta
@@ -109,7 +114,16 @@ def meta_set(*where_value):
             del target[last]
         else:
             target[last] = value
-    return edited(edit)
+    return edit
+
+
+def nested(depth, *where):
+    """JSON arrays nested `depth` deep at meta[where...], checksums matching (json.dumps cannot
+    write them: the metadata's text is edited)."""
+    mark = "@nested@"
+    return lambda path, fmt, tmp: rewrite(
+        good(tmp, fmt), path, meta_edit(*where, mark),
+        edit_text=lambda text: text.replace(f'"{mark}"', "[" * depth + "]" * depth))
 
 
 def as_dtype(key, dtype):
@@ -177,6 +191,12 @@ BAD = {  # case: (formats, make(path, fmt, tmp_path), texts the message holds)
         "scale": {"kind": "float", "value": -1.0}, "good_steps": {"kind": "int", "value": 0},
         "skipped": {"kind": "int", "value": 0}}}), ["amp.scaler['scale'] is -1.0, expected a "
                                                     "finite number > 0"]),
+    # issue 18 item 8: a RecursionError (28-line traceback from gpuflow train --resume)
+    "nested-100000-deep": (EITHER, nested(100_000, "state", "n", "value"),
+                           ["damaged metadata", "its JSON is nested 100003 deep, where "
+                            "gpuflow's metadata nests at most 64 deep"]),
+    "nested-900-deep": (EITHER, nested(900, "step"), ["nested 901 deep"]),
+    "nested-unknown-key": (EITHER, nested(100_000, "comment"), ["nested 100001 deep"]),
     "meta-a-list": (EITHER, edited(lambda m, a: m.clear()), ["not a gpuflow checkpoint"]),
     # a member of the wrong dtype (was a GraphError without the file's name)
     "param-int": (EITHER, as_dtype("param/layer1.W", np.int64),
@@ -242,8 +262,16 @@ def test_bad_file_is_one_checkpoint_error_and_changes_nothing(tmp_path, case, fm
     assert_unchanged(graph, opt, before)
 
 
+def test_brackets_inside_metadata_strings_are_not_nesting(tmp_path):
+    """The nesting limit (item 8) counts JSON's arrays and objects, not brackets in strings."""
+    graph, opt = trained("cpu", steps=1)
+    text = "[{" * 5000 + '\\"[' + "\"{"
+    save(tmp_path / "s.safetensors", graph, opt, state={"s": text})
+    assert load(tmp_path / "s.safetensors", graph, opt)["state"]["s"] == text
+
+
 @pytest.mark.parametrize("case", ["step-a-str", "entry-without-value", "param-complex",
-                                  "corrupted", "truncated"])
+                                  "corrupted", "truncated", "nested-100000-deep"])
 @pytest.mark.parametrize("fmt", EITHER)
 def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, case, fmt):
     _, make, texts = BAD[case]
