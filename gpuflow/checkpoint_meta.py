@@ -98,8 +98,8 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     if meta["format_version"] >= 2:
         for key, crc in _field(path, meta, "crc32", "dict").items():
             _expect(path, crc, "size", f"crc32[{key!r}]")
-    _field(path, meta, "step", "int")
-    _field(path, meta, "epoch", "int")
+    _field(path, meta, "step", "size")   # counters: a negative one is damage (issue 18)
+    _field(path, meta, "epoch", "size")
     _field(path, meta, "dtype", "str?")
     names = set()
     for i, p in enumerate(_field(path, meta, "parameters", "list")):

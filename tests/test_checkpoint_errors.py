@@ -171,6 +171,9 @@ BAD = {  # case: (formats, make(path, fmt, tmp_path), texts the message holds)
                                                    "expected an int"]),
     "step-a-float": (EITHER, meta_set("step", 3.5), ["step is 3.5 (a float), expected an int"]),
     "epoch-a-list": (EITHER, meta_set("epoch", [1]), ["epoch is [1] (a list), expected an int"]),
+    # issue 18 item 10: negative counters ("epoch -2/2" and five epochs trained)
+    "negative-epoch": (EITHER, meta_set("epoch", -3), ["epoch is -3 (a int), expected an int >= 0"]),
+    "negative-step": (EITHER, meta_set("step", -1), ["step is -1 (a int), expected an int >= 0"]),
     "t-a-str": (EITHER, meta_set("optimizer", "t", "1"), ["optimizer.t is \"1\" (a str)"]),
     "float-a-list": (EITHER, meta_set("state", "f", {"kind": "float", "value": [0.5]}),
                      ["state['f'].value is [0.5] (a list), expected a number"]),
@@ -284,6 +287,41 @@ def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, ca
     err = [line for line in captured.err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("gpuflow train: error: "), captured.err
     assert str(path) in err[0] and texts[0] in err[0] and "help: " in err[0], err[0]
+
+
+@pytest.mark.parametrize("where, value, expected", [
+    (("epoch",), -3, "epoch is -3 (a int), expected an int >= 0"),
+    (("schedule", "state", "last_epoch", "value"), -3,
+     "schedule.state: CosineAnnealingLR.load_state_dict: last_epoch is -3, expected a whole "
+     "number >= 0"),
+    (("schedule", "state", "T_max", "value"), 0, "T_max is 0, expected a whole number >= 1"),
+    ("node", -1, "the counter 'steps' of Dropout"),
+])
+def test_gpuflow_train_resume_refuses_negative_counters(tmp_path, capsys, where, value,
+                                                        expected):
+    """Issue 18 item 10: a crafted checkpoint with `epoch: -3` printed "epoch -2/2" and trained
+    five epochs; every counter (epoch, step, the schedule's epoch and sizes, Dropout's step
+    count) is checked, one CheckpointError before anything is assigned."""
+    good_path = tmp_path / "good.safetensors"
+    base = ["train", "--device", "cpu", "--hidden", "8", "--quiet", "--dropout", "0.1",
+            "--schedule", "cosine"]
+    assert main([*base, "--epochs", "1", "--save", str(good_path)]) == 0
+    bad = tmp_path / "bad.safetensors"
+
+    def edit(meta, arrays):
+        if where == "node":
+            [key] = [k for k in arrays if k.startswith("node/") and k.endswith("/steps")]
+            arrays[key] = np.asarray(value, dtype=np.int64)
+        else:
+            meta_edit(*where, value)(meta, arrays)
+
+    rewrite(good_path, bad, edit)
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--resume", str(bad)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and str(bad) in err[0], err
+    assert "epoch" not in captured.out, captured.out
 
 
 def test_gpuflow_train_resume_of_other_state_prints_one_line(tmp_path, capsys):
