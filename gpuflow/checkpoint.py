@@ -44,11 +44,11 @@ from . import checkpoint_io
 from .backends import dtype_name
 from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
 from .checkpoint_io import NPZ, fspath
-from .checkpoint_meta import bad_meta, check_meta, pack, unpack
+from .checkpoint_meta import bad_meta, check_depth, check_meta, pack, unpack
 from .errors import CheckpointError
 from .weights import export_weights, load_weights
 
-__all__ = ["save", "load", "load_weights", "export_weights", "check_save_path",
+__all__ = ["save", "load", "read_info", "load_weights", "export_weights", "check_save_path",
            "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 2   # 1: the old .npz; 2: safetensors
@@ -239,6 +239,19 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     return {"step": meta["step"], "epoch": meta["epoch"], "state": state, "meta": meta}
 
 
+def read_info(path: "str | os.PathLike[str]") -> dict[str, Any]:
+    """What the checkpoint at `path` holds, without a graph: {"meta": its checked metadata (as
+    `load` returns it), "state": its extra state (as `load` returns it)}. Checks the file as
+    `load` does before it compares it with a graph (CheckpointError for damage); `gpuflow
+    train --resume` reads the run's settings from it before it builds the model."""
+    path = fspath(path)
+    contents = checkpoint_io.read(path)
+    meta = _parse_meta(path, contents)
+    _check_contents(path, meta, contents.arrays, legacy=contents.kind == NPZ)
+    meta["architecture"] = contents.metadata.get("architecture")
+    return {"meta": meta, "state": unpack(meta["state"], contents.arrays, "state/")}
+
+
 def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
     """The JSON metadata, its format and version checked, then every field (_check_meta)."""
     text = contents.metadata.get("gpuflow")
@@ -253,9 +266,10 @@ def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): its "
                               "metadata does not match its checksum (CRC-32).\nhelp: use an "
                               "earlier checkpoint.")
+    check_depth(path, text)  # before json.loads, which recursion too deep would end
     try:
         meta = json.loads(text)
-    except ValueError as exc:  # JSON errors
+    except (ValueError, RecursionError) as exc:  # JSON errors
         raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
                               f"unreadable ({exc}).\nhelp: pass a file written by "
                               "gpuflow.checkpoint.save.") from None
@@ -364,10 +378,16 @@ def _check_fit(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
                             f"{sorted(saved_nodes[name])} (checkpoint)")
             continue
         for key, value in state.items():
-            expected, actual = tuple(np.shape(value)), tuple(arrays[f"node/{name}/{key}"].shape)
+            saved_value = arrays[f"node/{name}/{key}"]
+            expected, actual = tuple(np.shape(value)), tuple(saved_value.shape)
             if expected != actual:
                 problems.append(f"{node.label} state {key!r}: expected shape {expected} (this "
                                 f"model), actual {actual} (checkpoint)")
+            elif (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+                  and not (saved_value.dtype.kind in "iu" and int(saved_value) >= 0)):
+                # a counter (Dropout's steps): damage, not another model
+                raise bad_meta(path, f"the counter {key!r} of {node.label} is "
+                               f"{saved_value.item()!r:.40}, expected an int >= 0")
     for name in saved_nodes:
         if name not in nodes:
             problems.append(f"node state {name!r} is in the checkpoint but not in this model")
@@ -430,7 +450,14 @@ def _check_schedule(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarra
         raise CheckpointError(f"checkpoint {path!r}: the {cls} state has keys "
                               f"{sorted(saved['state'])}, this {cls} has {want}.\nhelp: build "
                               "the schedule the checkpoint was saved with, or schedule=None.")
-    return unpack(saved["state"], arrays, "schedule/")
+    state = unpack(saved["state"], arrays, "schedule/")
+    check = getattr(schedule, "check_state", None)
+    if callable(check):  # its numbers (a negative epoch ...), before anything is assigned
+        try:
+            check(state)
+        except CheckpointError as exc:
+            raise bad_meta(path, f"schedule.state: {str(exc).splitlines()[0]}") from None
+    return state
 
 
 def _check_int(value: Any, name: str, path: str) -> int:

@@ -8,11 +8,31 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from typing import Any
 
 import numpy as np
 
 from .errors import CheckpointError
+
+# gpuflow's own metadata nests 5 deep (meta -> schedule -> state -> key -> value list); a file
+# nested deeper is refused before json.loads, whose recursion (and that of every walk of the
+# parsed value) a file nested thousands deep would exhaust: a RecursionError, not one error.
+MAX_DEPTH = 64
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(r"[\[\]{}]")
+
+
+def check_depth(path: str, text: str) -> None:
+    """CheckpointError if the JSON `text` nests arrays and objects deeper than MAX_DEPTH; one
+    linear scan, no recursion (brackets inside strings do not count)."""
+    depth = deepest = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if bracket in "[{" else -1
+        deepest = max(deepest, depth)
+    if deepest > MAX_DEPTH:
+        raise bad_meta(path, f"its JSON is nested {deepest} deep, where gpuflow's metadata "
+                       f"nests at most {MAX_DEPTH} deep")
 
 
 def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray], prefix: str,
@@ -78,8 +98,8 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     if meta["format_version"] >= 2:
         for key, crc in _field(path, meta, "crc32", "dict").items():
             _expect(path, crc, "size", f"crc32[{key!r}]")
-    _field(path, meta, "step", "int")
-    _field(path, meta, "epoch", "int")
+    _field(path, meta, "step", "size")   # counters: a negative one is damage (issue 18)
+    _field(path, meta, "epoch", "size")
     _field(path, meta, "dtype", "str?")
     names = set()
     for i, p in enumerate(_field(path, meta, "parameters", "list")):

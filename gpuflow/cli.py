@@ -1,9 +1,10 @@
-"""The `gpuflow` command: `train` an MLP classifier, list `devices`, run the `bench` suite.
+"""The `gpuflow` command: `train` a classifier, list `devices`, run the `bench` suite.
 
     gpuflow train                      # 64-128-10 MLP on the bundled digits, device 'auto'
     gpuflow train --device cpu --epochs 5 --hidden 256 128 --optimizer sgd --lr 0.1
     gpuflow train --data ~/mnist --save run.safetensors   # MNIST IDX folder or mnist.npz
-    gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total
+    gpuflow train --resume run.safetensors --epochs 40    # continue to 40 epochs in total,
+                                       # with the run's settings (model, --clip, --schedule...)
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
@@ -22,18 +23,19 @@ import contextlib
 import dataclasses
 import importlib
 import math
+import re
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, placement
 from .backends import backend_report, get_device
 from .backends.numpy_threads import get_num_threads, set_num_threads
 from .commandline import CommandParser, HelpFormatter, report_error
 from .data import Batches, load_digits, load_mnist, train_test_split
-from .errors import CheckpointError, GpuflowError, check_int
+from .errors import CheckpointError, DeviceError, GpuflowError, check_int
 from .graph import Graph
 from .layers import lenet, mlp
 from .nodes import Input, SoftmaxCrossEntropy
@@ -81,6 +83,9 @@ class TrainOptions:
     schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
     clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
+    # The options the user gave (argv's flags, a dict's keys); None: those that differ from the
+    # defaults. With --resume, the run's settings not given are taken from the checkpoint.
+    given: "frozenset[str] | None" = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_any(cls, options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None"
@@ -100,9 +105,18 @@ class TrainOptions:
             if unknown:
                 raise ValueError(f"train: unknown option(s) {unknown}.\nhelp: pass fields of "
                                  f"gpuflow.cli.TrainOptions: {', '.join(sorted(names))}.")
+            values.setdefault("given", frozenset(k for k, v in values.items() if v is not None))
         else:
             values = vars(options)
         return cls(**{k: v for k, v in values.items() if k in names and v is not None})
+
+    def explicit(self) -> frozenset[str]:
+        """The options given: `given`, else those that differ from the defaults."""
+        if self.given is not None:
+            return frozenset(self.given)
+        default = type(self)()
+        return frozenset(f.name for f in dataclasses.fields(self)
+                         if f.name != "given" and getattr(self, f.name) != getattr(default, f.name))
 
     def check(self) -> None:
         """The one check of every option: ValueError naming the option for a value out of
@@ -129,6 +143,8 @@ class TrainOptions:
         if self.threads is not None:
             check_int(self.threads, "--threads", 1)
         self.hidden = tuple(check_int(size, "--hidden", 1) for size in self.hidden)
+        if not self.hidden:
+            raise ValueError("--hidden needs at least one size.\nhelp: pass e.g. --hidden 128.")
         self.lr = check_learning_rate(self.lr, "--lr")
         if self.save is not None:
             checkpoint.check_save_path(self.save)  # safetensors: a .npz name is refused
@@ -175,7 +191,7 @@ def _check_writable(option: str, path: str) -> None:
 # -- training ------------------------------------------------------------------------------------
 def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None" = None
           ) -> dict[str, Any]:
-    """Train an MLP classifier and evaluate it on held-out data after every epoch.
+    """Train a classifier (an MLP, or a CNN) and evaluate it on held-out data after every epoch.
 
     options: TrainOptions, or a dict / Namespace of its fields (missing ones take defaults).
     Returns {"accuracy": final held-out accuracy, "losses": mean train loss per epoch,
@@ -186,18 +202,180 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     Raises ValueError, DeviceError, DataError or CheckpointError for user mistakes.
     """
     opts = TrainOptions.from_any(options)
+    opts.given = opts.explicit()  # before check() fills in defaults (--dropout)
     opts.check()
+    started = time.perf_counter()
+    carried = resume_settings(opts) if opts.resume is not None else ""
     threads = get_num_threads()
     if opts.threads is not None:
         set_num_threads(opts.threads)
     try:
-        return _train(opts, time.perf_counter())
+        return _train(opts, started, carried)
     finally:
         set_num_threads(threads)
 
 
-def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
-    """`train` after its options are checked."""
+# -- --resume: the run's settings from its checkpoint -------------------------------------------
+# The settings of a run that gpuflow train saves with its checkpoints (state "run.<name>") and
+# takes back on --resume where the command line does not give them. RUN_FIXED cannot change
+# within a run (the model, its optimizer and schedule, the held-out split): giving another value
+# is refused. The others may change on resume (a new total of --epochs, another --lr without a
+# schedule, --clip, --batch-size, --dtype, a --data folder that moved).
+RUN_SETTINGS = {"model": str, "hidden": list, "dropout": float, "optimizer": str, "lr": float,
+                "schedule": str, "clip": float, "epochs": int, "batch_size": int, "seed": int,
+                "test_size": float, "dtype": str, "data": str}
+RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size")
+_SCHEDULE_NAMES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "ExponentialLR": "exponential"}
+
+
+def _run_state(opts: TrainOptions) -> dict[str, Any]:
+    """The run's settings as checkpoint state ("run.<name>"; None as "" or 0.0: off)."""
+    values = {name: getattr(opts, name) for name in RUN_SETTINGS}
+    values.update(hidden=[int(n) for n in opts.hidden], schedule=opts.schedule or "",
+                  clip=float(opts.clip or 0.0), data=opts.data or "",
+                  dropout=float(opts.dropout), lr=float(opts.lr), test_size=float(opts.test_size))
+    return {f"run.{name}": value for name, value in values.items()}
+
+
+def _saved_settings(path: str, info: dict[str, Any]) -> dict[str, Any]:
+    """The settings of the run that wrote the checkpoint: its "run.*" state (checked for type),
+    and its schedule's kind (also in checkpoints of gpuflow before 0.4, which had no "run.*")."""
+    state, saved = info["state"], {}
+    for name, kind in RUN_SETTINGS.items():
+        if f"run.{name}" not in state:
+            continue
+        value = state[f"run.{name}"]
+        ok = isinstance(value, kind) and not isinstance(value, bool) or (
+            kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if ok and kind is list:
+            ok = all(isinstance(n, int) and not isinstance(n, bool) for n in value)
+        if not ok:
+            raise CheckpointError(f"checkpoint {path!r} has damaged run settings: run.{name} is "
+                                  f"{value!r:.40}, expected {kind.__name__}.\nhelp: pass "
+                                  f"--{name.replace('_', '-')} yourself, or resume from an "
+                                  "earlier checkpoint.")
+        saved[name] = tuple(value) if kind is list else value
+    for name in ("schedule", "data"):
+        if saved.get(name) == "":
+            saved[name] = None
+    if saved.get("clip") == 0.0:
+        saved["clip"] = None
+    schedule = info["meta"]["schedule"]
+    saved["schedule"] = (None if schedule is None
+                         else _SCHEDULE_NAMES.get(schedule["class"], schedule["class"]))
+    return saved
+
+
+def _flag(name: str, value: Any) -> str:
+    """A setting as the command line gives it: '--hidden 32 16', '--clip 1'."""
+    if isinstance(value, (tuple, list)):
+        shown = " ".join(str(v) for v in value)
+    else:
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"--{name.replace('_', '-')} {shown}"
+
+
+def resume_settings(opts: TrainOptions) -> str:
+    """Take the settings of the run that wrote `opts.resume` for those the user did not give;
+    returns the line that says which ('' if none). CheckpointError for a given setting that
+    contradicts the run (another model, optimizer, schedule or split; --lr under a schedule,
+    which sets the rate), naming each with the fix."""
+    path = opts.resume
+    info = checkpoint.read_info(path)
+    saved = _saved_settings(path, info)
+    given = opts.explicit()
+    clashes, taken = [], []
+    for name, value in saved.items():
+        mine = getattr(opts, name)
+        if name in given:
+            if name in RUN_FIXED and mine != value:
+                clashes.append(f"{_flag(name, mine) if mine is not None else 'no --' + name} "
+                               f"(the checkpoint's run: "
+                               f"{_flag(name, value) if value is not None else 'none'})")
+            elif name == "lr" and saved.get("schedule") and mine != value:
+                clashes.append(f"{_flag(name, mine)} (the checkpoint's run: {_flag(name, value)}"
+                               f", under its --schedule {saved['schedule']}, which sets the rate)")
+            continue
+        setattr(opts, name, value)
+        if value is not None:
+            taken.append(_flag(name, value))
+    if clashes:
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint's run cannot continue with "
+            f"{'; '.join(clashes)}.\nhelp: drop those options to continue the run as it was "
+            "saved, or start a new run without --resume.")
+    try:
+        opts.check()  # the settings taken from the file, checked as the user's would be
+    except (ValueError, CommandError) as exc:
+        raise CheckpointError(f"checkpoint {path!r} has damaged run settings: "
+                              f"{str(exc).splitlines()[0]}\nhelp: pass that option yourself, "
+                              "or resume from an earlier checkpoint.") from None
+    return f"from the checkpoint: {' '.join(taken)}" if taken else ""
+
+
+def _another_model(opts: TrainOptions, graph: Any, arch: str,
+                   error: CheckpointError) -> "CheckpointError | None":
+    """For a checkpoint of another model (its parameters' names or shapes differ from the
+    graph's): a short summary, which model wrote it (as options, where the checkpoint says or
+    its shapes tell) and this run's, then load's list of differences (at most 8), each on its
+    own indented line. None for any other error."""
+    try:
+        info = checkpoint.read_info(opts.resume)
+    except CheckpointError:
+        return None
+    saved = {p["name"]: tuple(p["shape"]) for p in info["meta"]["parameters"]}
+    mine = {name: tuple(p.value.shape) for name, p in graph.named_parameters().items()}
+    if saved == mine:
+        return None
+    state = info["state"]
+    if "run.model" in state and "run.hidden" in state:
+        wrote = f"--model {state['run.model']} --hidden {' '.join(map(str, state['run.hidden']))}"
+    else:  # a checkpoint without the run's settings: what its shapes tell
+        matrices = [shape for shape in saved.values() if len(shape) == 2]
+        if any(len(shape) == 4 for shape in saved.values()):
+            wrote = "--model cnn" + (f" --hidden {matrices[0][1]}" if matrices else "")
+        else:
+            wrote = "--model mlp" + (" --hidden " + " ".join(str(m[1]) for m in matrices[:-1])
+                                     if len(matrices) > 1 else "")
+    first = next(iter(saved.items()), None)
+    sizes = f"{len(saved)} parameters" + (f", the first {first[0]} {first[1]}" if first else "")
+    items = [line for line in str(error).splitlines() if line.startswith("  ")]
+    if len(items) > 8:
+        items = items[:8] + [f"  ... and {len(items) - 8} more"]
+    this = f"--model {opts.model} --hidden {' '.join(map(str, opts.hidden))}"
+    return CheckpointError(
+        f"--resume {opts.resume}: the checkpoint is of another model, written by {wrote} "
+        f"({sizes}); this run builds a {arch} ({this}).\n" + "\n".join(items) +
+        f"\nhelp: pass {wrote} to resume it, or start a new run without --resume.")
+
+
+def _follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int) -> tuple[Any, str]:
+    """The resumed `schedule` for `epochs` in total: on resume, --epochs is the new total and
+    the schedule follows it, as a PyTorch user extending a cosine run expects (T_max = the new
+    total; StepLR's step_size too). A schedule saved for another total is rebuilt for the new
+    one and brought to its saved position (last_epoch), stepping as an uninterrupted run of
+    the new total would, so its rate is that run's rate there. Returns (schedule, what changed
+    or '')."""
+    wanted = {k: v for k, v in _schedule_settings(name, epochs).items() if k in _FOLLOWS_EPOCHS}
+    changed = {k: v for k, v in wanted.items() if getattr(schedule, k) != v}
+    if not changed:
+        return schedule, ""
+    settings = {k: getattr(schedule, k) for k in type(schedule)._hyper}
+    before = ", ".join(f"{k} {settings[k]}" for k in changed)
+    settings.update(changed)
+    position = schedule.last_epoch
+    optimizer.lr = schedule.base_lr
+    rebuilt = type(schedule)(optimizer, **settings)
+    for _ in range(position):
+        rebuilt.step()
+    after = ", ".join(str(v) for v in changed.values())
+    return rebuilt, (f"--epochs {epochs}: the {name} schedule now spans {epochs} epochs "
+                     f"({before} -> {after}), at epoch {position} with lr {rebuilt.last_lr:.4g}")
+
+
+def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, Any]:
+    """`train` after its options are checked (and, with --resume, completed from the
+    checkpoint: `carried` says what was taken)."""
 
     # Data: host arrays (float32 in [0, 1], int64 labels).
     if opts.data is None:
@@ -216,10 +394,21 @@ def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
     # Under mpiexec: one rank per device, each a slice of every global batch (else a no-op).
     ctx = distributed.init()
     say = not opts.quiet and ctx.is_root
-    device = get_device(ctx.device_spec(opts.device))
+    fastest = placement.is_fastest(opts.device)
+    if fastest and ctx.size > 1:
+        raise CommandError(f"--device {opts.device} under mpiexec: every rank needs its own "
+                           "device.\nhelp: pass --device cuda (each rank takes its GPU) or "
+                           "--device cpu.")
+    candidates = placement.fastest_candidates(opts.device) if fastest else []
+    device = get_device(candidates[0] if fastest else ctx.device_spec(opts.device))
     X_in, y_in, logits, loss, arch = build_model(opts, X_train.shape[1:], n_classes)
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
                   check_finite=opts.check_finite)
+    if fastest:  # as Graph(device='fastest') does at its first step, but before the optimizer
+        # and a checkpoint put their state on a device: time the first batch on each one
+        placement.choose_fastest(graph, (X_train[:opts.batch_size], y_train[:opts.batch_size]),
+                                 candidates)
+        device = graph.device
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
     schedule = make_schedule(opts.schedule, optimizer, opts.epochs)
     ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
@@ -230,14 +419,13 @@ def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
     accuracies: list[float] = []
     start_epoch = 0
     if opts.resume is not None:
-        restored = checkpoint.load(opts.resume, graph, optimizer, schedule=schedule)
-        saved = (restored["meta"].get("schedule") or {}).get("class")
-        if schedule is None and saved is not None:  # a constant rate would not resume the run
-            name = {"StepLR": "step", "CosineAnnealingLR": "cosine",
-                    "ExponentialLR": "exponential"}.get(saved, saved)
-            raise CheckpointError(f"--resume {opts.resume}: the checkpoint's run used a {saved} "
-                                  f"schedule, and no --schedule was given.\nhelp: pass "
-                                  f"--schedule {name} to continue it.")
+        try:
+            restored = checkpoint.load(opts.resume, graph, optimizer, schedule=schedule)
+        except CheckpointError as exc:
+            raise _another_model(opts, graph, arch, exc) or exc from None
+        if schedule is not None:
+            schedule, rebuilt = _follow_epochs(opts.schedule, schedule, optimizer, opts.epochs)
+            carried = "\n".join(filter(None, [carried, rebuilt]))
         start_epoch, state = int(restored["epoch"]), restored["state"] or {}
         try:  # a checkpoint saved by another program may hold other state: one error, the file
             batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
@@ -267,15 +455,19 @@ def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
         if ctx.size > 1:
             print(f"data-parallel over {ctx.size} MPI ranks, devices {', '.join(devices)}; "
                   f"each rank takes a slice of every batch of {opts.batch_size}")
-        if start_epoch:
+        if opts.resume is not None:
             print(f"resumed from {opts.resume} at epoch {start_epoch}")
+        if carried:
+            print(carried)
         if schedule is not None or opts.clip is not None:
             print(f"schedule: {schedule!r}" if schedule is not None else "schedule: none",
                   f"clip: global gradient norm <= {opts.clip:g}" if opts.clip else "clip: off",
                   sep="; ")
     if start_epoch >= opts.epochs and say:
         print(f"the checkpoint is already at epoch {start_epoch} >= --epochs {opts.epochs}; "
-              "nothing to train")
+              f"nothing to train (pass --epochs {start_epoch + 1} or more to train on)")
+    if say and device.compiles_first_step and start_epoch < opts.epochs:
+        print(f"compiling the step for {device.name} (first step only)...", flush=True)
 
     step = optimizer.t
     with _numpy_warnings_off(opts.check_finite):
@@ -307,7 +499,7 @@ def _train(opts: TrainOptions, started: float) -> dict[str, Any]:
             if opts.save is not None and ctx.is_root:  # every rank holds the same state
                 checkpoint.save(opts.save, graph, optimizer, schedule=schedule, step=step,
                                 epoch=epoch + 1,
-                                state=_checkpoint_state(batches, losses, accuracies))
+                                state=_checkpoint_state(batches, losses, accuracies, opts))
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
     seconds = time.perf_counter() - started
@@ -355,11 +547,18 @@ def make_schedule(name: str | None, optimizer: Any, epochs: int) -> Any:
     'exponential' (x0.9 every epoch). --resume restores the checkpoint's own settings."""
     if name is None:
         return None
-    if name == "step":
-        return StepLR(optimizer, step_size=max(1, epochs // 3), gamma=0.1)
-    if name == "cosine":
-        return CosineAnnealingLR(optimizer, T_max=epochs)
-    return ExponentialLR(optimizer, gamma=0.9)
+    kind = {"step": StepLR, "cosine": CosineAnnealingLR, "exponential": ExponentialLR}[name]
+    return kind(optimizer, **_schedule_settings(name, epochs))
+
+
+_FOLLOWS_EPOCHS = ("step_size", "T_max")  # the settings that follow --epochs (_follow_epochs)
+
+
+def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
+    """The constructor's settings of --schedule `name` for `epochs` in total."""
+    return {"step": {"step_size": max(1, epochs // 3), "gamma": 0.1},
+            "cosine": {"T_max": epochs, "eta_min": 0.0},
+            "exponential": {"gamma": 0.9}}[name]
 
 
 def _as_images(X: Any) -> Any:
@@ -381,13 +580,15 @@ def _numpy_warnings_off(off: bool) -> Any:
     return np.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
-def _checkpoint_state(batches: Any, losses: list[float], accuracies: list[float]) -> dict:
-    """What a resumed run needs besides parameters and optimizer: the batch order and history."""
+def _checkpoint_state(batches: Any, losses: list[float], accuracies: list[float],
+                      opts: TrainOptions) -> dict:
+    """What a resumed run needs besides parameters and optimizer: the batch order, history and
+    the run's settings (RUN_SETTINGS, which --resume takes back)."""
     import numpy as np
     order = batches.state_dict()
     return {"batches_epoch": order["epoch"], "batches_seed": order["seed"],
             "losses": np.asarray(losses, dtype=np.float64),
-            "accuracies": np.asarray(accuracies, dtype=np.float64)}
+            "accuracies": np.asarray(accuracies, dtype=np.float64), **_run_state(opts)}
 
 
 def held_out_accuracy(graph: Any, logits: Any, X: Any, y: Any, chunk: int = EVAL_CHUNK) -> float:
@@ -471,17 +672,24 @@ def build_parser() -> CommandParser:
     commands.required = True
     d = TrainOptions()
     t = parser.add_command(
-        commands, "train", help="train an MLP classifier (bundled digits, or --data MNIST)",
-        description="Train an MLP classifier and report held-out accuracy after each epoch.",
+        commands, "train", help="train a classifier, an MLP or a CNN (bundled digits, or "
+        "--data MNIST)",
+        description="Train a classifier (an MLP, or with --model cnn a LeNet-style CNN) and "
+        "report held-out accuracy after each epoch. With --resume, the settings the run was "
+        "saved with (model, optimizer, rate, schedule, clipping, epochs, ...) are taken from "
+        "the checkpoint where not given; --epochs is the new total, which a schedule follows.",
         formatter_class=HelpFormatter)
     t.add_argument("--device", default=d.device,
                    help="'auto', 'cpu', 'cuda', 'cuda:N', 'torch:cpu', 'array_api_strict:device1', "
-                   "... (see 'gpuflow devices')")
+                   "... (see 'gpuflow devices'), or 'fastest' ('fastest:cpu,torch:cpu'): time "
+                   "the first batch's step on each device and train on the fastest")
     t.add_argument("--dtype", default=d.dtype, choices=DTYPES,
                    help="floating dtype of the model (float16/bfloat16: mixed precision, "
                         "float32 master weights, dynamic loss scaling; bfloat16 on torch)")
     t.add_argument("--epochs", type=int, default=d.epochs,
-                   help="total epochs (with --resume: including those already done)")
+                   help="total epochs (with --resume: including those already done; a "
+                        "--schedule is stretched to the new total at its position; default "
+                        "with --resume: the run's)")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     t.add_argument("--model", default=d.model, choices=MODELS,
@@ -510,7 +718,10 @@ def build_parser() -> CommandParser:
     t.add_argument("--data", metavar="PATH",
                    help="MNIST-style IDX folder or .npz (default: the bundled 8x8 digits)")
     t.add_argument("--save", metavar="PATH", help="write a checkpoint after every epoch")
-    t.add_argument("--resume", metavar="PATH", help="continue from a checkpoint's epoch")
+    t.add_argument("--resume", metavar="PATH",
+                   help="continue from a checkpoint's epoch, with the settings of its run for "
+                        "the options not given (said in one line); a contradicting --model, "
+                        "--hidden, --dropout, --optimizer, --schedule, --seed is refused")
     t.add_argument("--plot", metavar="PATH",
                    help="write a PNG of loss and accuracy curves (needs matplotlib)")
     t.add_argument("--quiet", action="store_true",
@@ -525,6 +736,14 @@ def build_parser() -> CommandParser:
     return parser
 
 
+def given_options(parser: argparse.ArgumentParser, args: Sequence[str]) -> frozenset[str]:
+    """The dests of the options that `args` gives (abbreviations are refused, so each flag is
+    spelled in full: '--clip 1' or '--clip=1')."""
+    dests = {flag: action.dest for action in parser._actions for flag in action.option_strings}
+    return frozenset(dests[arg.split("=", 1)[0]] for arg in args
+                     if arg.split("=", 1)[0] in dests)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `gpuflow` command; returns the exit status (2 for user mistakes,
     each reported as one line: 'gpuflow <command>: error: ...')."""
@@ -534,14 +753,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] == "bench":  # everything after 'bench' belongs to gpuflow.bench
             prog = f"{PROG} bench"
             return bench(args[1:])
-        ns = build_parser().parse_args(args)
+        parser = build_parser()
+        ns = parser.parse_args(args)
         prog = f"{PROG} {ns.command}"
         if ns.command == "devices":
             return devices()
+        ns.given = given_options(parser.commands["train"], args[1:])
         train(ns)
         return 0
     except SystemExit as exc:  # --help (0) or a usage error already reported (2)
         return exc.code if isinstance(exc.code, int) else 2
+    except DeviceError as exc:  # the library's words (device='cpu') as the command's flags
+        return report_error(prog, re.sub(r"\bdevice='([^']*)'", r"--device \1", str(exc)))
     except (GpuflowError, ValueError, OSError) as exc:
         return report_error(prog, exc)
     except KeyboardInterrupt:

@@ -53,9 +53,14 @@ class CommandParser(argparse.ArgumentParser):
 
 def format_error(prog: str, error: "BaseException | str") -> str:
     """The one wording of a command-line error: 'gpuflow train: error: <message on one line>'
-    (gpuflow messages put their 'help:' on a second line; it joins the first)."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
-    return f"{prog}: error: {text or type(error).__name__}"
+    (gpuflow messages put their 'help:' on a second line; it joins the first). A message that
+    lists items on indented lines ('  parameter ...') keeps them, each on its own line below
+    that one, so that a long list is not run together into one line."""
+    lines = [part for part in str(error).splitlines() if part.strip()]
+    items = [part.rstrip() for part in lines[1:] if part.startswith("  ")]
+    text = " ".join(part.strip() for part in lines if not (part.startswith("  ")
+                                                          and part is not lines[0]))
+    return "\n".join([f"{prog}: error: {text or type(error).__name__}", *items])
 
 
 def report_error(prog: str, error: "BaseException | str") -> int:

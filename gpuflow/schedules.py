@@ -111,8 +111,17 @@ class LRSchedule:
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()` output (checked first) and set the optimizer's rate to the
-        saved last rate, so that training resumes where it stopped."""
+        """Restore `state_dict()` output (checked first: `check_state`) and set the optimizer's
+        rate to the saved last rate, so that training resumes where it stopped."""
+        for key, value in self.check_state(state).items():
+            setattr(self, key, value)
+        self._set(self.last_lr)
+
+    def check_state(self, state: dict[str, Any]) -> dict[str, Any]:
+        """`state` (a `state_dict()` of this kind of schedule) as the attribute values it
+        restores; CheckpointError for a missing or extra key, a value that is not a finite
+        number, a count that is not a whole number (epoch >= 0, sizes >= 1) or a negative
+        rate. Changes nothing."""
         name = type(self).__name__
         expected = {"last_epoch", "base_lr", "last_lr", *self._hyper}
         missing = sorted(expected - set(state))
@@ -132,11 +141,17 @@ class LRSchedule:
                 raise CheckpointError(f"{name}.load_state_dict: {key} is {value!r}, not a "
                                       "finite number.\nhelp: pass schedule.state_dict() output.")
             values[key] = value
-        for key in ("last_epoch", *[k for k in self._hyper if k in _INTEGERS]):
-            values[key] = int(values[key])
         for key, value in values.items():
-            setattr(self, key, value if key in _INTEGERS else float(value))
-        self._set(float(values["last_lr"]))
+            low = 0 if key == "last_epoch" else 1
+            if key in _INTEGERS and (value != int(value) or value < low):
+                raise CheckpointError(f"{name}.load_state_dict: {key} is {value!r}, expected a "
+                                      f"whole number >= {low}.\nhelp: pass "
+                                      "schedule.state_dict() output.")
+            if key not in _INTEGERS and value < 0:
+                raise CheckpointError(f"{name}.load_state_dict: {key} is {value!r}, expected a "
+                                      "number >= 0.\nhelp: pass schedule.state_dict() output.")
+        return {key: int(value) if key in _INTEGERS else float(value)
+                for key, value in values.items()}
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyper)

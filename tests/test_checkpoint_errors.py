@@ -55,18 +55,19 @@ def crc(array):
     return zlib.crc32(np.ascontiguousarray(array).tobytes())
 
 
-def rewrite(src, dst, edit, fix_crc=True):
-    """Rewrite checkpoint `src` to `dst` after `edit(meta, arrays)`, consistently: the damage is
-    only what `edit` did (checksums are recomputed)."""
+def rewrite(src, dst, edit, fix_crc=True, edit_text=lambda text: text):
+    """Rewrite checkpoint `src` to `dst` after `edit(meta, arrays)` (and `edit_text` of the
+    metadata's JSON text), consistently: the damage is only what the edits did (checksums are
+    recomputed)."""
     meta, arrays, metadata = contents(src)
     edit(meta, arrays)
     if src.suffix == ".npz":
-        text = json.dumps(meta).encode()
+        text = edit_text(json.dumps(meta)).encode()
         np.savez(dst, __gpuflow__=np.frombuffer(text, dtype=np.uint8), **arrays)
         return
     if fix_crc and isinstance(meta, dict) and "crc32" in meta:
         meta["crc32"] = {k: crc(v) for k, v in arrays.items()}
-    text = json.dumps(meta)
+    text = edit_text(json.dumps(meta))
     metadata.update(gpuflow=text, gpuflow_crc32=str(zlib.crc32(text.encode())))
     dst.write_bytes(st_bytes(arrays, metadata=metadata))
 
@@ -100,6 +101,10 @@ def drop(key):
 
 
 def meta_set(*where_value):
+    return edited(meta_edit(*where_value))
+
+
+def meta_edit(*where_value):
     def edit(meta, arrays):
         *keys, last, value = where_value
         target = meta
@@ -109,7 +114,16 @@ def meta_set(*where_value):
             del target[last]
         else:
             target[last] = value
-    return edited(edit)
+    return edit
+
+
+def nested(depth, *where):
+    """JSON arrays nested `depth` deep at meta[where...], checksums matching (json.dumps cannot
+    write them: the metadata's text is edited)."""
+    mark = "@nested@"
+    return lambda path, fmt, tmp: rewrite(
+        good(tmp, fmt), path, meta_edit(*where, mark),
+        edit_text=lambda text: text.replace(f'"{mark}"', "[" * depth + "]" * depth))
 
 
 def as_dtype(key, dtype):
@@ -157,6 +171,9 @@ BAD = {  # case: (formats, make(path, fmt, tmp_path), texts the message holds)
                                                    "expected an int"]),
     "step-a-float": (EITHER, meta_set("step", 3.5), ["step is 3.5 (a float), expected an int"]),
     "epoch-a-list": (EITHER, meta_set("epoch", [1]), ["epoch is [1] (a list), expected an int"]),
+    # issue 18 item 10: negative counters ("epoch -2/2" and five epochs trained)
+    "negative-epoch": (EITHER, meta_set("epoch", -3), ["epoch is -3 (a int), expected an int >= 0"]),
+    "negative-step": (EITHER, meta_set("step", -1), ["step is -1 (a int), expected an int >= 0"]),
     "t-a-str": (EITHER, meta_set("optimizer", "t", "1"), ["optimizer.t is \"1\" (a str)"]),
     "float-a-list": (EITHER, meta_set("state", "f", {"kind": "float", "value": [0.5]}),
                      ["state['f'].value is [0.5] (a list), expected a number"]),
@@ -177,6 +194,12 @@ BAD = {  # case: (formats, make(path, fmt, tmp_path), texts the message holds)
         "scale": {"kind": "float", "value": -1.0}, "good_steps": {"kind": "int", "value": 0},
         "skipped": {"kind": "int", "value": 0}}}), ["amp.scaler['scale'] is -1.0, expected a "
                                                     "finite number > 0"]),
+    # issue 18 item 8: a RecursionError (28-line traceback from gpuflow train --resume)
+    "nested-100000-deep": (EITHER, nested(100_000, "state", "n", "value"),
+                           ["damaged metadata", "its JSON is nested 100003 deep, where "
+                            "gpuflow's metadata nests at most 64 deep"]),
+    "nested-900-deep": (EITHER, nested(900, "step"), ["nested 901 deep"]),
+    "nested-unknown-key": (EITHER, nested(100_000, "comment"), ["nested 100001 deep"]),
     "meta-a-list": (EITHER, edited(lambda m, a: m.clear()), ["not a gpuflow checkpoint"]),
     # a member of the wrong dtype (was a GraphError without the file's name)
     "param-int": (EITHER, as_dtype("param/layer1.W", np.int64),
@@ -242,8 +265,16 @@ def test_bad_file_is_one_checkpoint_error_and_changes_nothing(tmp_path, case, fm
     assert_unchanged(graph, opt, before)
 
 
+def test_brackets_inside_metadata_strings_are_not_nesting(tmp_path):
+    """The nesting limit (item 8) counts JSON's arrays and objects, not brackets in strings."""
+    graph, opt = trained("cpu", steps=1)
+    text = "[{" * 5000 + '\\"[' + "\"{"
+    save(tmp_path / "s.safetensors", graph, opt, state={"s": text})
+    assert load(tmp_path / "s.safetensors", graph, opt)["state"]["s"] == text
+
+
 @pytest.mark.parametrize("case", ["step-a-str", "entry-without-value", "param-complex",
-                                  "corrupted", "truncated"])
+                                  "corrupted", "truncated", "nested-100000-deep"])
 @pytest.mark.parametrize("fmt", EITHER)
 def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, case, fmt):
     _, make, texts = BAD[case]
@@ -256,6 +287,41 @@ def test_gpuflow_train_resume_of_a_bad_file_prints_one_line(tmp_path, capsys, ca
     err = [line for line in captured.err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("gpuflow train: error: "), captured.err
     assert str(path) in err[0] and texts[0] in err[0] and "help: " in err[0], err[0]
+
+
+@pytest.mark.parametrize("where, value, expected", [
+    (("epoch",), -3, "epoch is -3 (a int), expected an int >= 0"),
+    (("schedule", "state", "last_epoch", "value"), -3,
+     "schedule.state: CosineAnnealingLR.load_state_dict: last_epoch is -3, expected a whole "
+     "number >= 0"),
+    (("schedule", "state", "T_max", "value"), 0, "T_max is 0, expected a whole number >= 1"),
+    ("node", -1, "the counter 'steps' of Dropout"),
+])
+def test_gpuflow_train_resume_refuses_negative_counters(tmp_path, capsys, where, value,
+                                                        expected):
+    """Issue 18 item 10: a crafted checkpoint with `epoch: -3` printed "epoch -2/2" and trained
+    five epochs; every counter (epoch, step, the schedule's epoch and sizes, Dropout's step
+    count) is checked, one CheckpointError before anything is assigned."""
+    good_path = tmp_path / "good.safetensors"
+    base = ["train", "--device", "cpu", "--hidden", "8", "--quiet", "--dropout", "0.1",
+            "--schedule", "cosine"]
+    assert main([*base, "--epochs", "1", "--save", str(good_path)]) == 0
+    bad = tmp_path / "bad.safetensors"
+
+    def edit(meta, arrays):
+        if where == "node":
+            [key] = [k for k in arrays if k.startswith("node/") and k.endswith("/steps")]
+            arrays[key] = np.asarray(value, dtype=np.int64)
+        else:
+            meta_edit(*where, value)(meta, arrays)
+
+    rewrite(good_path, bad, edit)
+    capsys.readouterr()
+    assert main([*base, "--epochs", "2", "--resume", str(bad)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0] and str(bad) in err[0], err
+    assert "epoch" not in captured.out, captured.out
 
 
 def test_gpuflow_train_resume_of_other_state_prints_one_line(tmp_path, capsys):

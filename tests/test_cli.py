@@ -261,13 +261,142 @@ def test_resume_with_a_schedule_and_clip_equals_uninterrupted_run(tmp_path, monk
                for k, v in whole["parameters"].items())
 
 
-def test_resume_a_scheduled_run_without_schedule_is_one_line(tmp_path, capsys):
-    ckpt = str(tmp_path / "run.ckpt")
-    base = ["train", "--device", "cpu", *SMALL, "--quiet"]
-    assert main([*base, "--epochs", "1", "--schedule", "step", "--save", ckpt]) == 0
-    assert main([*base, "--epochs", "2", "--resume", ckpt]) == 2
+def test_resume_takes_the_runs_settings_from_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """Issue 18 item 10: `--resume` alone continues the run as it was saved (its model,
+    optimizer, rate, cosine schedule, --clip, total epochs): bit-identical to the run done at
+    once, saying in one line what it took. Forgetting --clip trained without clipping, and
+    the missing --schedule was refused."""
+    import shutil
+
+    from gpuflow import checkpoint
+    ckpt, first = str(tmp_path / "run.safetensors"), str(tmp_path / "epoch1.safetensors")
+    save = checkpoint.save
+
+    def save_and_keep_epoch_1(path, *args, **kwargs):  # as a run killed after epoch 1 leaves
+        save(path, *args, **kwargs)
+        if kwargs["epoch"] == 1:
+            shutil.copyfile(path, first)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_keep_epoch_1)
+    run = ["--dtype", "float64", "--hidden", "16", "--optimizer", "momentum", "--lr", "0.05",
+           "--schedule", "cosine", "--clip", "0.2", "--epochs", "3", "--seed", "3"]
+    assert main(["train", "--device", "cpu", *run, "--quiet", "--save", ckpt]) == 0
+    monkeypatch.undo()
+    whole = capsys.readouterr().out
+    assert main(["train", "--device", "cpu", "--resume", first]) == 0
+    out = capsys.readouterr().out
+    taken = [line for line in out.splitlines() if line.startswith("from the checkpoint: ")]
+    assert len(taken) == 1, out
+    for flag in ("--hidden 16", "--optimizer momentum", "--lr 0.05", "--schedule cosine",
+                 "--clip 0.2", "--epochs 3", "--seed 3", "--dtype float64"):
+        assert flag in taken[0], taken[0]
+    assert "epoch   2/3" in out and "epoch   3/3" in out and "epoch   1/3" not in out
+    final = [line for line in whole.splitlines() if line.startswith("final test accuracy")]
+    assert final[0] in out.splitlines()
+    resumed = train({"device": "cpu", "resume": first, "quiet": True})
+    uninterrupted = train(dict(device="cpu", dtype="float64", hidden=(16,), optimizer="momentum",
+                               lr=0.05, schedule="cosine", clip=0.2, epochs=3, seed=3, quiet=True))
+    for name, value in uninterrupted["parameters"].items():
+        assert np.array_equal(resumed["parameters"][name], value), name
+    assert resumed["lr"] == uninterrupted["lr"] and resumed["losses"] == uninterrupted["losses"]
+
+
+def test_resume_with_more_epochs_stretches_a_cosine_schedule_from_its_position(tmp_path,
+                                                                               capsys):
+    """--epochs on resume is the new total and the schedule follows it (T_max 2 -> 4 at epoch
+    2): the rate at epoch 3 is cosine's for T_max 4, not the old T_max's climb back up."""
+    ckpt = str(tmp_path / "run.safetensors")
+    opts = {**SCHEDULED, "schedule": "cosine"}
+    train({**opts, "epochs": 2, "save": ckpt})
+    assert main(["train", "--device", "cpu", "--resume", ckpt, "--epochs", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "the cosine schedule now spans 3 epochs (T_max 2 -> 3), at epoch 2 with lr 0.0125" \
+        in out, out
+    # the old T_max 2 climbed back: 0.025 at epoch 3, 0.05 at epoch 4
+    assert train({"device": "cpu", "resume": ckpt, "epochs": 3, "quiet": True})["lr"] == \
+        pytest.approx(0.0, abs=1e-15)                              # epoch 3 of T_max 3
+    resumed = train({"device": "cpu", "resume": ckpt, "epochs": 5, "quiet": True})
+    straight = train({**opts, "epochs": 5})  # the run planned for 5 from the start
+    assert resumed["lr"] == pytest.approx(straight["lr"], abs=1e-15) == 0.0
+    four = train({**opts, "epochs": 4})
+    assert four["lr"] == pytest.approx(0.0, abs=1e-15)
+
+
+def test_resume_refuses_only_a_real_contradiction(tmp_path, capsys):
+    ckpt = str(tmp_path / "run.safetensors")
+    train({**SCHEDULED, "epochs": 1, "schedule": "step", "save": ckpt})
+    base = ["train", "--device", "cpu", "--quiet", "--resume", ckpt]
+    assert main([*base, "--model", "cnn", "--optimizer", "adam"]) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert "StepLR" in line and "help: pass --schedule step" in line
+    assert "--model cnn (the checkpoint's run: --model mlp)" in line, line
+    assert "--optimizer adam (the checkpoint's run: --optimizer momentum)" in line, line
+    assert "help: drop those options to continue the run" in line, line
+    assert main([*base, "--lr", "0.5"]) == 2   # under a schedule, which sets the rate
+    line = _one_error_line(capsys.readouterr().err)
+    assert "--lr 0.5 (the checkpoint's run: --lr 0.05, under its --schedule step" in line
+    assert main([*base, "--schedule", "cosine"]) == 2
+    assert "--schedule cosine (the checkpoint's run: --schedule step)" in _one_error_line(
+        capsys.readouterr().err)
+    # what may change on resume: the total epochs, --clip, --batch-size, --dtype
+    assert main([*base, "--epochs", "2", "--clip", "1", "--batch-size", "32"]) == 0
+
+
+def test_resume_of_another_model_is_a_summary_and_a_list_on_separate_lines(tmp_path, capsys):
+    """Issue 18 item 11: a checkpoint of another model (here a CNN saved by a script, so it
+    carries no run settings) was one ~1,500-character line with the items run together."""
+    from gpuflow import checkpoint
+    from gpuflow.cli import build_model
+    from gpuflow.optim import Adam
+    opts = TrainOptions(model="cnn", hidden=(32,))
+    opts.check()
+    X_in, y_in, logits, loss, _ = build_model(opts, (1, 8, 8), 10)
+    graph = Graph(loss, device="cpu", dtype="float32", inputs=[X_in, y_in])
+    path = tmp_path / "cnn.safetensors"
+    checkpoint.save(path, graph, Adam(graph), epoch=1)
+    assert main(["train", "--device", "cpu", "--quiet", "--resume", str(path)]) == 2
+    err = capsys.readouterr().err
+    lines = err.rstrip("\n").splitlines()
+    assert lines[0].startswith("gpuflow train: error: ") and "Traceback" not in err, err
+    assert "the checkpoint is of another model, written by --model cnn --hidden 32" in lines[0]
+    assert "this run builds a 64-128-10 MLP (--model mlp --hidden 128)" in lines[0], lines[0]
+    assert "help: pass --model cnn --hidden 32" in lines[0], lines[0]
+    items = lines[1:]
+    assert 2 <= len(items) <= 9 and all(line.startswith("  ") for line in items), err
+    assert any("'layer1.W' (shape (64, 128)) is missing" in line for line in items), err
+    assert max(len(line) for line in lines) < 400, err
+
+
+def test_device_fastest_is_taken_and_leaves_no_trace(capsys):
+    """Issue 18 item 12: --device fastest was refused ("unknown device spec") though Graph
+    takes it. The timing steps change nothing: the run equals one on the chosen device."""
+    opts = dict(dtype="float64", hidden=(16,), dropout=0.2, epochs=1, quiet=True)
+    chosen = train({**opts, "device": "fastest:cpu"})
+    assert "device 'fastest' chose cpu" in capsys.readouterr().err
+    plain = train({**opts, "device": "cpu"})
+    for name, value in plain["parameters"].items():
+        assert np.array_equal(chosen["parameters"][name], value), name
+    assert chosen["losses"] == plain["losses"]
+    candidates = "fastest:cpu,torch:cpu" if _has("torch") else "fastest:cpu"
+    assert main(["train", "--device", candidates, *SMALL, "--epochs", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "device 'fastest' chose" in captured.err and "final test accuracy" in captured.out
+
+
+def test_first_step_that_compiles_is_announced(capsys, monkeypatch):
+    """Issue 18 item 15: on a device whose first step compiles (jax: seconds of XLA) the bar
+    sat at 0% without a word; the device says whether it compiles, the CLI says so once."""
+    argv = ["train", "--device", "cpu", *SMALL, "--epochs", "1"]
+    assert main(argv) == 0
+    assert "compiling" not in capsys.readouterr().out
+    monkeypatch.setattr(get_device("cpu"), "compiles_first_step", True)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "compiling the step for cpu (first step only)..." in out, out
+    assert out.index("compiling the step") < out.index("epoch   1/1")
+    if _has("jax"):  # the backend says it (no step run here: XLA takes seconds)
+        assert get_device("jax:cpu").compiles_first_step is True
+    if _has("torch"):
+        assert get_device("torch:cpu").compiles_first_step is False
 
 
 def test_dict_options_check_schedule_and_clip():
@@ -331,6 +460,8 @@ def test_cuda_without_a_gpu(capsys):
     assert main(["train", "--device", "cuda", "--epochs", "1"]) == 2
     line = _one_error_line(capsys.readouterr().err)
     assert "'cuda'" in line and "help:" in line
+    # issue 18 item 13: the command's flag, not the library's argument
+    assert "--device cpu" in line and "device='cpu'" not in line, line
 
 
 def test_missing_data_path(tmp_path, capsys):
@@ -491,6 +622,16 @@ def test_no_parser_takes_abbreviations():
     assert all(not sub.allow_abbrev for sub in parser.commands.values())
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--epoch", "3"])
+
+
+def test_train_help_says_it_trains_a_cnn_too(capsys):
+    """Issue 18 item 13: the help said 'Train an MLP classifier'."""
+    assert main(["--help"]) == 0
+    top = capsys.readouterr().out
+    assert main(["train", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "MLP classifier" not in text + top and "--model cnn a LeNet-style CNN" in text
+    assert "an MLP or a CNN" in " ".join(top.split())
 
 
 def test_train_help_shows_every_default_once(capsys):

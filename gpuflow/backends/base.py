@@ -27,7 +27,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   transfer counted), `is_gpu`, `supports_dlpack` (`xp.from_dlpack` takes other libraries'
   arrays), `collectives` (the name of device-side collectives, e.g. 'NCCL', or None: then
   distributed training sums through MPI on host memory), `flushes_subnormals` (results
-  below the smallest normal number become 0, as XLA's do).
+  below the smallest normal number become 0, as XLA's do), `compiles_first_step` (the first
+  step compiles: seconds, where later ones take milliseconds).
 - transfers, all counted in `LEDGER`: `put` (any value onto this device), `feed` (`put` with
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`; `adopt` shares another
   library's array in this device's memory through DLPack (no copy, nothing counted).
@@ -193,6 +194,9 @@ class Device:
     collectives: str | None = None  # device-side collectives (e.g. "NCCL"), None: MPI on host
     index: int | None = None       # the library's device number, None where it has none
     flushes_subnormals: bool = False  # results below the smallest normal number become 0 (XLA)
+    # The first step compiles (JAX: XLA compiles every operation at its first shapes, seconds
+    # where later steps take milliseconds): a command says so before it, not a bar stuck at 0%.
+    compiles_first_step: bool = False
 
     def __init__(self, name: str, xp: Any, native: Any) -> None:
         self.name = name        # canonical spec, e.g. "cpu", "cuda:0", "torch:cpu"

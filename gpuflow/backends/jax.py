@@ -56,6 +56,7 @@ class JaxDevice(Device):
 
     backend = "jax"
     mutable_arrays = False
+    compiles_first_step = True  # XLA compiles each operation at its first shapes (seconds)
 
     def __init__(self, name: str, xp: Any, native: Any) -> None:
         import jax
