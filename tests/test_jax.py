@@ -283,6 +283,24 @@ def test_compiled_step_carries_batchnorm_dropout_and_clipping(jdev, clip):
     opt.step()
 
 
+def test_compiled_step_leaves_frozen_parameters(jdev):
+    # Regression: the compiled step updated a parameter frozen after it was compiled, from
+    # the gradient it had before freezing (the backward computes none for it).
+    _, _, eager, eager_opt = _train("jax:cpu", "momentum", steps=0)
+    _, _, graph, opt = _train("jax:cpu", "momentum", steps=0)
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    for frozen in (False, True, False):
+        for g in (graph, eager):
+            g.named_parameters()["layer1.W"].trainable = not frozen
+        want = eager.item(eager.step(xb, yb))
+        eager_opt.step()
+        assert graph.item(step(xb, yb)) == pytest.approx(want, rel=1e-9)
+    for (name, p), q in zip(graph.named_parameters().items(), eager.parameters):
+        np.testing.assert_allclose(jdev.to_host(p.value), jdev.to_host(q.value), rtol=1e-9,
+                                   err_msg=name)
+
+
 def test_compile_step_refuses_other_node_state(jdev):
     class Counter(gf.Node):  # a node with state of its own, which compile_step cannot carry
         def __init__(self, x):
