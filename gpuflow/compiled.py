@@ -73,6 +73,9 @@ class CompiledStep:
         # whether the device has a compiler (else `compile_step` runs the eager calls)
         self.compiles = self._jit(lambda x: x) is not None
         self._fns: dict[tuple[bool, ...], Any] = {}  # one compiled function per frozen set
+        # every parameter the step reads: the graph's and the optimizer's (values in, not
+        # constants of the compiled function)
+        self._held = list(dict.fromkeys([*graph.parameters, *optimizer.params]))
         self._norms = [n for n in graph.nodes if isinstance(n, BatchNorm)]
         self._drops = [n for n in graph.nodes if isinstance(n, Dropout)]
         stateful = [n.label for n in graph.nodes if callable(getattr(n, "state_dict", None))
@@ -100,17 +103,16 @@ class CompiledStep:
         set_mode(graph.nodes, True, graph.plan)
         graph._feed(batches, graph.inputs)  # checks and uploads, as graph.step does
         amp = graph.amp
-        params = opt.params
-        active = tuple(bool(getattr(p, "trainable", True)) for p in params)
-        fn = self._fns.get(active)
+        held = self._held
+        key = tuple(bool(getattr(p, "trainable", True)) for p in held)  # frozen: False
+        fn = self._fns.get(key)
         if fn is None:
-            fn = self._fns[active] = self._jit(
-                lambda *args: self._pure(active, *args))
-        values = [p.value for p in params]
+            fn = self._fns[key] = self._jit(lambda *args: self._pure(key, *args))
+        graded, updated = self._split(key)
+        values = [p.value for p in held]
         # float32 masters under mixed precision, taken before anything changes (as eager)
-        masters = [amp.master_of(p) if on else None
-                   for p, on in zip(params, active)] if amp is not None else None
-        states = [opt.state[p] if on else None for p, on in zip(params, active)]
+        masters = [amp.master_of(p) for p in updated] if amp is not None else None
+        states = [opt.state[p] for p in updated]
         norm_state = [(n.running_mean, n.running_var) for n in self._norms]
         drawing = [n for n in self._drops if n.p > 0.0]  # training: each draws one mask
         seeds = [_mix(n.seed, n.steps) for n in drawing]
@@ -125,7 +127,7 @@ class CompiledStep:
             n.running_mean, n.running_var = mean, var
         for n in drawing:
             n.steps += 1
-        for p, grad in zip((p for p, on in zip(params, active) if on), grads):
+        for p, grad in zip(graded, grads):
             p.gradients[p] = grad
         graph.steps += 1
         if amp is not None:  # one read of the overflow flag, as the eager step makes
@@ -133,9 +135,7 @@ class CompiledStep:
                 ok = bool(graph.device.item(finite, what="mixed precision overflow check"))
             if not amp.record(ok):
                 return loss  # skipped: parameters, optimizer state and t stay as they were
-        for i, p in enumerate(params):
-            if not active[i]:
-                continue
+        for i, p in enumerate(updated):
             if isinstance(p, Input):
                 p._value = new_values[i]  # the compiled function's own array: nothing to copy
             else:
@@ -146,11 +146,18 @@ class CompiledStep:
         opt.t = t
         return loss
 
-    def _pure(self, active: tuple[bool, ...], values: list, masters: list | None,
-              states: list, norm_state: list, seeds: list, t: Any, lr: Any, scale: Any,
-              batch: list) -> tuple:
+    def _split(self, key: tuple[bool, ...]) -> tuple[list, list]:
+        """(the parameters the graph computes gradients for, those the optimizer updates):
+        the trainable ones of `self._held` (`key`: which are)."""
+        on = {p for p, trainable in zip(self._held, key) if trainable}
+        return ([p for p in self.graph.parameters if p in on],
+                [p for p in self.optimizer.params if p in on])
+
+    def _pure(self, key: tuple[bool, ...], values: list, masters: list | None, states: list,
+              norm_state: list, seeds: list, t: Any, lr: Any, scale: Any, batch: list) -> tuple:
         """The step as a function of arrays only (run once per trace, on JAX tracers)."""
         graph, opt, amp = self.graph, self.optimizer, self.graph.amp
+        graded, updated = self._split(key)
         # Tracing writes tracers into nodes (values, gradients, caches, state): put every node
         # and the optimizer back as they were, so that nothing traced leaks into eager use.
         saved = {n: {k: dict(v) if type(v) is dict else v for k, v in vars(n).items()}
@@ -159,7 +166,7 @@ class CompiledStep:
         try:
             for n, value in zip(graph.inputs, batch):
                 n._value = value
-            for p, value in zip(opt.params, values):
+            for p, value in zip(self._held, values):
                 p._value = value
             for n, (mean, var) in zip(self._norms, norm_state):
                 n.running_mean, n.running_var = mean, var
@@ -169,33 +176,27 @@ class CompiledStep:
                 graph.loss._grad_seed = scale
             _run_step(graph.plan.compute, graph.plan.backward)
             loss = graph.loss.value
-            trained = [p for p, on in zip(opt.params, active) if on]
             xp = graph.device.xp
             if amp is not None:  # unscaled into float32 (amp.after_step)
-                for p in trained:
+                for p in graded:
                     p.gradients[p] = xp.astype(p.gradients[p], amp.master_dtype) * (1.0 / scale)
-            if self.clip_norm is not None:
-                clip_grad_norm(trained, self.clip_norm)
-            grads = [p.gradients[p] for p in trained]
+            if self.clip_norm is not None:  # clip_grad_norm(graph, c): the graph's gradients
+                clip_grad_norm(graded, self.clip_norm)
             finite = None
             if amp is not None:  # amp._finite's test: NaN and Inf survive the sums
-                finite = xp.isfinite(sum(xp.sum(g) for g in grads))
+                finite = xp.isfinite(sum(xp.sum(p.gradients[p]) for p in updated))
             opt.t, opt.lr = t, lr
             new_values, new_masters, new_states = [], [], []
-            for i, p in enumerate(opt.params):
-                if not active[i]:
-                    new_values.append(None)
-                    new_masters.append(None)
-                    new_states.append(None)
-                    continue
-                state = dict(states[i])
+            for p, state, master in zip(updated, states, masters or [None] * len(updated)):
+                state = dict(state)
                 opt._param, opt.ops = p, p.ops
-                base = values[i] if amp is None else masters[i]
-                new = opt.update(p.xp, base, p.gradients[p], state)
+                new = opt.update(p.xp, p._value if amp is None else master, p.gradients[p],
+                                 state)
                 new_masters.append(None if amp is None else new)
-                new_values.append(new if amp is None else xp.astype(new, values[i].dtype))
+                new_values.append(new if amp is None else xp.astype(new, p._value.dtype))
                 new_states.append(state)
             new_norm_state = [(n.running_mean, n.running_var) for n in self._norms]
+            grads = [p.gradients[p] for p in graded]
             return (new_values, new_masters, new_states, new_norm_state, loss, grads, finite)
         finally:
             for n, attrs in saved.items():

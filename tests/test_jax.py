@@ -301,6 +301,26 @@ def test_compiled_step_leaves_frozen_parameters(jdev):
                                    err_msg=name)
 
 
+def test_compiled_clip_of_an_optimizer_over_some_parameters_clips_the_graphs_norm(jdev):
+    # clip_norm is clip_grad_norm(graph, c): the norm of every gradient the graph computes,
+    # also where the optimizer updates only some parameters (fine-tuning the last layer).
+    runs = []
+    for compiled in (False, True):
+        _, _, graph, _ = _train("jax:cpu", "sgd", steps=0)
+        opt = make_optimizer("sgd", [graph.named_parameters()["layer2.W"]], 0.05)
+        step = compile_step(graph, opt, clip_norm=0.01)
+        for xb, yb in list(Batches(*_digits(), 32, seed=1))[:3]:
+            if compiled:
+                step(xb, yb)
+            else:
+                graph.step(xb, yb)
+                assert graph.item(gf.optim.clip_grad_norm(graph, 0.01)) > 0.01
+                opt.step()
+        runs.append({n: jdev.to_host(p.value) for n, p in graph.named_parameters().items()})
+    for name, value in runs[0].items():
+        np.testing.assert_allclose(runs[1][name], value, rtol=1e-9, atol=1e-15, err_msg=name)
+
+
 def test_compile_step_refuses_other_node_state(jdev):
     class Counter(gf.Node):  # a node with state of its own, which compile_step cannot carry
         def __init__(self, x):
