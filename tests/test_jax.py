@@ -345,6 +345,28 @@ def test_compile_step_refuses_other_node_state(jdev):
         compile_step(graph, make_optimizer("sgd", graph, 0.1))
 
 
+def test_compiled_step_refuses_random_numbers_from_a_fixed_seed(jdev):
+    class Noise(gf.Node):  # draws from a seed of its own: constant in a compiled step
+        def forward(self):
+            x = self.inbound_nodes[0].value
+            self.value = x + self.device.rng(5).uniform(x.shape, x.dtype)
+
+        def backward(self):
+            self.gradients[self.inbound_nodes[0]] = self.upstream_gradient()
+
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(Noise([X]), [64, 10], seed=0, name="layer")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
+                     inputs=[X, y])
+    opt = make_optimizer("sgd", graph, 0.1)
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    step(xb, yb)  # the first step is eager
+    with pytest.raises(gf.GraphError, match=r"same at every step.*\n.*help:"):
+        step(xb, yb)
+    assert np.isfinite(graph.item(graph.step(xb, yb)))  # nothing traced stayed behind
+
+
 def _float16(loss_scale="dynamic"):
     X, y = gf.Input(name="X"), gf.Input(name="y")
     logits, _ = mlp(X, [64, 16, 10], seed=0, name="layer")
