@@ -198,22 +198,7 @@ class MixedPrecision:
         into the parameters, or skip the step (overflow). Returns whether it stepped."""
         params = optimizer._active  # frozen parameters (trainable False) are skipped
         masters = [self.master_of(p) for p in params]  # before anything can change
-        finite = self._finite([p.gradients[p] for p in params])
-        scale = self.scaler.scale
-        if not finite and not self.scaler.dynamic:
-            raise GraphError(
-                f"mixed precision: the gradients overflowed {self.name} with the static loss "
-                f"scale {scale:g} (an Inf or NaN); no parameter was updated.\nhelp: pass a "
-                "smaller loss_scale, or loss_scale='dynamic' (the default) to skip such steps.")
-        self.scaler.update(finite)
-        if not finite:
-            if self.scaler.scale < MIN_SCALE:
-                raise GraphError(
-                    f"mixed precision: the gradients are not finite even with the loss scale at "
-                    f"{scale:g}: the forward or backward pass overflows {self.name} (values "
-                    "beyond its range) or training diverged; no parameter was updated.\nhelp: "
-                    "lower the learning rate, use dtype='float32', or check_finite=True to find "
-                    "the node.")
+        if not self.record(self._finite([p.gradients[p] for p in params])):
             return False
         optimizer.t += 1
         for p, master in zip(params, masters):
@@ -223,6 +208,27 @@ class MixedPrecision:
             p.value = self.device.xp.astype(new, p.value.dtype)
             self._written[p] = p.value
         return True
+
+    def record(self, finite: bool) -> bool:
+        """The loss scaler's rule after a step's overflow check (`finite`: every gradient is
+        finite): update the scale and return whether the optimizer steps (False: skip it).
+        GraphError for an overflow under a static scale, or with the scale below MIN_SCALE.
+        `optimizer_step` and the compiled step (gpuflow/compiled.py) both decide here."""
+        scale = self.scaler.scale
+        if not finite and not self.scaler.dynamic:
+            raise GraphError(
+                f"mixed precision: the gradients overflowed {self.name} with the static loss "
+                f"scale {scale:g} (an Inf or NaN); no parameter was updated.\nhelp: pass a "
+                "smaller loss_scale, or loss_scale='dynamic' (the default) to skip such steps.")
+        self.scaler.update(finite)
+        if not finite and self.scaler.scale < MIN_SCALE:
+            raise GraphError(
+                f"mixed precision: the gradients are not finite even with the loss scale at "
+                f"{scale:g}: the forward or backward pass overflows {self.name} (values "
+                "beyond its range) or training diverged; no parameter was updated.\nhelp: "
+                "lower the learning rate, use dtype='float32', or check_finite=True to find "
+                "the node.")
+        return finite
 
     def _finite(self, grads: Iterable[Any]) -> bool:
         """Whether every gradient is finite: one device flag, read once (NaN and Inf survive

@@ -78,6 +78,7 @@ class Dropout(Node):
         self.seed = int(seed)
         self.steps = 0        # masks drawn so far
         self.mask: Any = None  # this step's mask, scaled (None: the identity)
+        self._seed_in: Any = None  # set only while a compiled step is traced
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
@@ -85,7 +86,10 @@ class Dropout(Node):
             self.mask = None
             self.value = x
             return
-        rng = self.device.rng(_mix(self.seed, self.steps))
+        # `_seed_in`: the seed as an argument of a compiled step (gpuflow/compiled.py), which
+        # computes _mix(seed, steps) itself, so the masks follow the same sequence as here.
+        rng = self.device.rng(_mix(self.seed, self.steps) if self._seed_in is None
+                              else self._seed_in)
         self.steps += 1
         ops, buffers = self.ops, self.buffers
         u = rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])

@@ -15,7 +15,7 @@ import gpuflow as gf
 from gpuflow.checkpoint import load, save
 from gpuflow.compiled import compile_step
 from gpuflow.data import Batches, load_digits
-from gpuflow.layers import mlp
+from gpuflow.layers import lenet, mlp
 from gpuflow.optim import make_optimizer
 from conftest import REPO, child_env
 
@@ -231,31 +231,206 @@ def test_compile_step_is_the_eager_step_without_a_compiler():
     assert opt.t == 2
 
 
-def test_compiled_step_refuses_dropout_and_leaves_the_graph_eager_ready(jdev):
+def _cnn(optimizer="momentum", dtype="float64"):
+    """A tiny CNN with BatchNorm and Dropout (issue 18): 4 channels on 8x8 digits."""
     X, y = gf.Input(name="X"), gf.Input(name="y")
-    logits, _ = mlp(gf.Dropout(X, 0.5, seed=3), [64, 10], seed=0, name="layer")
+    logits, _ = lenet(X, (1, 8, 8), 10, channels=(4,), hidden=8, dropout=0.25,
+                      batch_norm=True, seed=3)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="jax:cpu", dtype=dtype,
+                     inputs=[X, y])
+    return graph, make_optimizer(optimizer, graph, 0.05)
+
+
+def _state(graph):
+    """Every parameter, BatchNorm's running statistics and Dropout's counter, on the host."""
+    out = {n: graph.device.to_host(p.value) for n, p in graph.named_parameters().items()}
+    for node in graph.nodes:
+        for key, value in getattr(node, "state_dict", dict)().items():
+            out[f"{node.name}/{key}"] = np.asarray(graph.device.to_host(value)
+                                                    if hasattr(value, "shape") else value)
+    return out
+
+
+@pytest.mark.parametrize("clip", [None, 0.05])
+def test_compiled_step_carries_batchnorm_dropout_and_clipping(jdev, clip):
+    # Regression (issue 18): compile_step refused BatchNorm and Dropout (so no CNN), and had
+    # no clipping. Their state goes through the compiled step, which equals the eager steps.
+    eager, eager_opt = _cnn()
+    graph, opt = _cnn()
+    step = compile_step(graph, opt, **({} if clip is None else {"clip_norm": clip}))
+    assert type(step).__name__ == "CompiledStep"
+    X, y = _digits(64)
+    X = X.reshape(-1, 1, 8, 8)
+    for i in range(4):
+        xb, yb = X[16 * i:16 * i + 16], y[16 * i:16 * i + 16]
+        want = eager.item(eager.step(xb, yb))
+        if clip is not None:
+            norm = eager.item(gf.optim.clip_grad_norm(eager, clip))
+            assert norm > clip, "the clip must act for this test to test it"
+        eager_opt.step()
+        assert graph.item(step(xb, yb)) == pytest.approx(want, rel=1e-12)
+    assert opt.t == eager_opt.t == 4 and graph.steps == 4
+    got, want = _state(graph), _state(eager)
+    assert got.keys() == want.keys() and "cnn.bn1/running_var" in got
+    assert got["cnn.dropout/steps"] == 4
+    for key, value in want.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-12, atol=1e-15, err_msg=key)
+    # Evaluation uses the running statistics the compiled steps moved.
+    assert graph.item(graph.run(None, xb, yb)) == pytest.approx(
+        eager.item(eager.run(None, xb, yb)), rel=1e-12)
+    # Nothing traced stayed behind: eager steps go on from the compiled ones.
+    assert np.isfinite(graph.item(graph.step(xb, yb)))
+    opt.step()
+
+
+def test_compiled_step_leaves_frozen_parameters(jdev):
+    # Regression: the compiled step updated a parameter frozen after it was compiled, from
+    # the gradient it had before freezing (the backward computes none for it).
+    _, _, eager, eager_opt = _train("jax:cpu", "momentum", steps=0)
+    _, _, graph, opt = _train("jax:cpu", "momentum", steps=0)
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    for frozen in (False, True, False):
+        for g in (graph, eager):
+            g.named_parameters()["layer1.W"].trainable = not frozen
+        want = eager.item(eager.step(xb, yb))
+        eager_opt.step()
+        assert graph.item(step(xb, yb)) == pytest.approx(want, rel=1e-9)
+    for (name, p), q in zip(graph.named_parameters().items(), eager.parameters):
+        np.testing.assert_allclose(jdev.to_host(p.value), jdev.to_host(q.value), rtol=1e-9,
+                                   err_msg=name)
+
+
+def test_compiled_clip_of_an_optimizer_over_some_parameters_clips_the_graphs_norm(jdev):
+    # clip_norm is clip_grad_norm(graph, c): the norm of every gradient the graph computes,
+    # also where the optimizer updates only some parameters (fine-tuning the last layer).
+    runs = []
+    for compiled in (False, True):
+        _, _, graph, _ = _train("jax:cpu", "sgd", steps=0)
+        opt = make_optimizer("sgd", [graph.named_parameters()["layer2.W"]], 0.05)
+        step = compile_step(graph, opt, clip_norm=0.01)
+        for xb, yb in list(Batches(*_digits(), 32, seed=1))[:3]:
+            if compiled:
+                step(xb, yb)
+            else:
+                graph.step(xb, yb)
+                assert graph.item(gf.optim.clip_grad_norm(graph, 0.01)) > 0.01
+                opt.step()
+        runs.append({n: jdev.to_host(p.value) for n, p in graph.named_parameters().items()})
+    for name, value in runs[0].items():
+        np.testing.assert_allclose(runs[1][name], value, rtol=1e-9, atol=1e-15, err_msg=name)
+
+
+def test_compile_step_refuses_other_node_state(jdev):
+    class Counter(gf.Node):  # a node with state of its own, which compile_step cannot carry
+        def __init__(self, x):
+            gf.Node.__init__(self, [x])
+            self.count = 0
+
+        def forward(self):
+            self.count += 1
+            self.value = self.inbound_nodes[0].value
+
+        def backward(self):
+            self.gradients[self.inbound_nodes[0]] = self.upstream_gradient()
+
+        def state_dict(self):
+            return {"count": self.count}
+
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(Counter(X), [64, 10], seed=0, name="layer")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
+                     inputs=[X, y])
+    with pytest.raises(gf.GraphError, match=r"Counter.*keeps state.*\n.*help:"):
+        compile_step(graph, make_optimizer("sgd", graph, 0.1))
+
+
+def test_compiled_step_refuses_random_numbers_from_a_fixed_seed(jdev):
+    class Noise(gf.Node):  # draws from a seed of its own: constant in a compiled step
+        def forward(self):
+            x = self.inbound_nodes[0].value
+            self.value = x + self.device.rng(5).uniform(x.shape, x.dtype)
+
+        def backward(self):
+            self.gradients[self.inbound_nodes[0]] = self.upstream_gradient()
+
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = mlp(Noise([X]), [64, 10], seed=0, name="layer")
     graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
                      inputs=[X, y])
     opt = make_optimizer("sgd", graph, 0.1)
     step = compile_step(graph, opt)
     xb, yb = _digits(32)
     step(xb, yb)  # the first step is eager
-    with pytest.raises(gf.GraphError, match=r"compiled step.*\n.*help:"):
+    with pytest.raises(gf.GraphError, match=r"same at every step.*\n.*help:"):
         step(xb, yb)
-    before = graph.item(graph.step(xb, yb))  # nothing traced stayed behind
-    opt.step()
-    assert np.isfinite(before)
+    assert np.isfinite(graph.item(graph.step(xb, yb)))  # nothing traced stayed behind
 
 
-def test_compile_step_refuses_batchnorm_whose_statistics_it_would_drop(jdev):
-    # Regression: tracing puts every node back as it was, so under compiled steps BatchNorm's
-    # running statistics stopped moving after the first (eager) step, and graph.run then
-    # normalised with stale statistics: other predictions than eager training, silently.
+def _float16(loss_scale="dynamic"):
     X, y = gf.Input(name="X"), gf.Input(name="y")
-    h, _ = gf.batchnorm(X, 64, name="bn")
-    logits, _ = mlp(h, [64, 10], seed=0, name="layer")
-    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=jdev, dtype="float64",
-                     inputs=[X, y])
-    opt = make_optimizer("sgd", graph, 0.1)
-    with pytest.raises(gf.GraphError, match=r"BatchNorm 'bn' keeps state.*\n.*help:"):
-        compile_step(graph, opt)
+    logits, _ = mlp(X, [64, 16, 10], seed=0, name="layer")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="jax:cpu", dtype="float16",
+                     inputs=[X, y], loss_scale=loss_scale)
+    return graph, gf.optim.SGD(graph, 0.05)
+
+
+def test_compiled_step_unscales_mixed_precision_gradients(jdev):
+    # Regression (issue 18): compile_step ignored mixed precision: the gradients kept the loss
+    # scale (8568 where eager gives 0.145) and a float16 graph was NaN after 3 SGD steps.
+    eager, eager_opt = _float16()
+    graph, opt = _float16()
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    for _ in range(4):
+        want = eager.item(eager.step(xb, yb))
+        eager_opt.step()
+        assert graph.item(step(xb, yb)) == pytest.approx(want, rel=1e-2)
+    assert opt.t == eager_opt.t == 4
+    for p, q in zip(graph.parameters, eager.parameters):
+        got, want = jdev.to_host(p.gradients[p]), jdev.to_host(q.gradients[q])
+        assert got.dtype == np.float32  # unscaled into float32, as eager
+        np.testing.assert_allclose(got, want, rtol=0.05, atol=2e-3, err_msg=p.label)
+        np.testing.assert_allclose(jdev.to_host(p.value).astype(np.float32),
+                                   jdev.to_host(q.value).astype(np.float32), rtol=1e-2,
+                                   atol=1e-3, err_msg=p.label)
+        np.testing.assert_allclose(jdev.to_host(graph.amp.master[p]),
+                                   jdev.to_host(eager.amp.master[q]), rtol=1e-2, atol=1e-4)
+    assert graph.amp.scaler.state_dict() == eager.amp.scaler.state_dict()
+
+
+def test_compiled_step_skips_overflowing_steps_as_eager(jdev):
+    eager, eager_opt = _float16()
+    graph, opt = _float16()
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    step(xb, yb)  # the first step is eager
+    eager.step(xb, yb)
+    eager_opt.step()
+    for g in (graph, eager):  # the scaled backward overflows float16: skipped, scale halved
+        g.amp.scaler.scale = 2.0 ** 40
+    before = {p: jdev.to_host(p.value) for p in graph.parameters}
+    master = {p: jdev.to_host(graph.amp.master[p]) for p in graph.parameters}
+    for _ in range(3):
+        eager.step(xb, yb)
+        eager_opt.step()
+        step(xb, yb)
+    assert graph.amp.scaler.state_dict() == eager.amp.scaler.state_dict() == {
+        "scale": 2.0 ** 37, "good_steps": 0, "skipped": 3}
+    assert opt.t == eager_opt.t == 1
+    for p in graph.parameters:
+        np.testing.assert_array_equal(jdev.to_host(p.value), before[p])
+        np.testing.assert_array_equal(jdev.to_host(graph.amp.master[p]), master[p])
+
+
+def test_compiled_step_refuses_a_static_scale_overflow(jdev):
+    graph, opt = _float16(loss_scale=1.0)
+    step = compile_step(graph, opt)
+    xb, yb = _digits(32)
+    step(xb, yb)
+    graph.amp.scaler.scale = 2.0 ** 40
+    values = [jdev.to_host(p.value) for p in graph.parameters]
+    with pytest.raises(gf.GraphError, match=r"static loss scale.*\n.*help:"):
+        step(xb, yb)
+    for p, value in zip(graph.parameters, values):
+        np.testing.assert_array_equal(jdev.to_host(p.value), value)

@@ -58,3 +58,18 @@ def test_training_snippet_reshuffles_every_epoch(monkeypatch, tmp_path):
         exec(_blocks()[2].replace("range(25)", "range(2)").replace('"auto"', '"cpu"'), {})
     assert len(orders) == 2, len(orders)
     assert not np.array_equal(orders[0], orders[1]), "both epochs used the same batch order"
+
+
+def test_compile_step_snippet_runs_on_jax():
+    import pytest
+    pytest.importorskip("jax")
+    blocks = _blocks()
+    snippet = next(b for b in blocks if "compile_step" in b)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(blocks[2].replace("range(25)", "range(0)").replace('"auto"', '"jax:cpu"'),
+             namespace)
+        exec(snippet, namespace)
+    graph, step = namespace["graph"], namespace["step"]
+    assert type(step).__name__ == "CompiledStep" and graph.steps > 1
+    assert graph.item(namespace["loss_value"]) < 2.3

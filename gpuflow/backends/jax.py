@@ -26,12 +26,17 @@ import_problem = missing_library("jax")
 
 
 class JaxRng:
-    """Device-side uniform numbers from one JAX key, split at every call."""
+    """Device-side uniform numbers from one JAX key, split at every call.
 
-    def __init__(self, seed: int, device: "JaxDevice") -> None:
+    `seed` is a Python int, or a traced integer: an argument of a compiled step
+    (gpuflow/compiled.py threads each Dropout's seed through the step), which gives the same
+    key as that int would."""
+
+    def __init__(self, seed: Any, device: "JaxDevice") -> None:
         import jax
         self._random, self._tracer = jax.random, jax.core.Tracer
         self._device = device
+        self._threaded = isinstance(seed, self._tracer)  # an argument of the compiled step
         with device.scope():
             self._key = jax.random.key(seed)
 
@@ -39,13 +44,14 @@ class JaxRng:
         """An array of `shape` in [0, 1) on the device, in `dtype` (`out` is ignored: JAX
         arrays are immutable)."""
         new_key, key = self._random.split(self._key)
-        if isinstance(new_key, self._tracer):
-            # Inside jax.jit the key would be a constant of the compiled step: the same
-            # numbers at every step. Refused until the key is threaded through the step.
+        if isinstance(new_key, self._tracer) and not self._threaded:
+            # Inside jax.jit a key made from a Python int would be a constant of the compiled
+            # step: the same numbers at every step. Only a seed threaded through it is taken.
             raise GraphError(
-                f"random numbers on {self._device.name} cannot be drawn inside a compiled "
-                "step yet (the same ones would come back at every step).\nhelp: train this "
-                "graph with graph.step(...) and optimizer.step() instead of compile_step.")
+                f"random numbers on {self._device.name} drawn inside a compiled step from a "
+                "seed fixed when it was compiled would be the same at every step (compile_step "
+                "threads Dropout's seeds only).\nhelp: train this graph with graph.step(...) "
+                "and optimizer.step() instead of compile_step.")
         self._key = new_key
         with self._device.scope():
             return self._random.uniform(key, tuple(shape), dtype=self._device.dtype(dtype))
@@ -73,6 +79,8 @@ class JaxDevice(Device):
             self.flushes_subnormals = bool(self._to_host(tiny / 4) == 0)
 
     def owns(self, value: Any) -> bool:
+        if isinstance(value, self._jax.core.Tracer):  # inside this device's compiled step
+            return True
         try:
             return isinstance(value, self._jax.Array) and value.device == self.native
         except (AttributeError, ValueError):  # a sharded array has no single device
