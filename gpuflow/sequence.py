@@ -57,6 +57,14 @@ def _send(node: Node, grads: Sequence[Any]) -> None:
     node.gradients.update(out)
 
 
+def _refused(node: Node, message: str) -> GraphError:
+    """The error for a node refused as it is made, which leaves its inputs as they were
+    (`Node.__init__` listed it among their outbound nodes)."""
+    for n in node.inbound_nodes:
+        n.outbound_nodes = [m for m in n.outbound_nodes if m is not node]
+    return GraphError(message)
+
+
 def _axis(node: Node, axis: Any, ndim: int) -> int:
     """`axis` (negative counts from the end) as an index into `ndim` dimensions."""
     if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
@@ -216,7 +224,7 @@ class Scale(Node):
     def __init__(self, x: Node, c: float, *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise GraphError(f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
+            raise _refused(self, f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
                              "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
         self.c = float(c)
 
@@ -242,7 +250,7 @@ class Reshape(Node):
             self.shape = (shape,)
         if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1
                     for n in self.shape) or self.shape.count(-1) > 1):
-            raise GraphError(f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 with "
+            raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 with "
                              "at most one -1.\nhelp: e.g. Reshape(x, (-1, 64)).")
 
     def _target(self, x: Any) -> tuple[int, ...]:
@@ -279,7 +287,7 @@ class Transpose(Node):
         if (not all(isinstance(a, int) and not isinstance(a, bool) for a in self.axes)
                 or sorted(a % n if -n <= a < n else a + 2 * n for a in self.axes)
                 != list(range(n))):
-            raise GraphError(f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
+            raise _refused(self, f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
                              f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
         self.axes = tuple(a % n for a in self.axes)
 
@@ -305,7 +313,7 @@ class Concat(Node):
         if not self.inbound_nodes:
             raise GraphError("Concat needs at least one node.\nhelp: Concat([a, b], axis=-1).")
         if isinstance(axis, bool) or not isinstance(axis, int):
-            raise GraphError(f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
+            raise _refused(self, f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
                              "axis=-1.")
         self.axis = axis
 
@@ -328,7 +336,7 @@ class Concat(Node):
         axis = _axis(self, self.axis, G.ndim)
         grads, start = [], 0
         for size in self._sizes:
-            index = (slice(None),) * axis + (slice(start, start + size),)
+            index = (slice(None),) * axis + (slice(start, start + size), ...)
             grads.append(G[index])
             start += size
         _send(self, grads)
@@ -343,7 +351,7 @@ class Slice(Node):
         Node.__init__(self, [x], name=name)
         for what, v in (("start", start), ("stop", stop), ("axis", axis)):
             if isinstance(v, bool) or not (isinstance(v, int) or (v is None and what != "axis")):
-                raise GraphError(f"{self.label}: {what}={v!r} must be an integer"
+                raise _refused(self, f"{self.label}: {what}={v!r} must be an integer"
                                  f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
                                  "Slice(x, 0, 16, axis=-1).")
         self.start, self.stop, self.axis = start, stop, axis
@@ -352,7 +360,7 @@ class Slice(Node):
         axis = _axis(self, self.axis, len(shape))
         start, stop, _ = slice(self.start, self.stop).indices(shape[axis])
         stop = max(start, stop)
-        return axis, (slice(None),) * axis + (slice(start, stop),), start, stop
+        return axis, (slice(None),) * axis + (slice(start, stop), ...), start, stop
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
@@ -382,7 +390,7 @@ class GELU(Node):
     def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         if approximate not in ("none", "tanh"):
-            raise GraphError(f"{self.label}: approximate={approximate!r} must be 'none' or "
+            raise _refused(self, f"{self.label}: approximate={approximate!r} must be 'none' or "
                              "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
         self.approximate = approximate
 
@@ -443,17 +451,20 @@ class ScaledDotProductAttention(Node):
                  name: str | None = None):
         Node.__init__(self, [q, k, v], name=name)
         if not isinstance(causal, bool):
-            raise GraphError(f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
+            raise _refused(self, f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
                              "causal=True for a decoder's self-attention.")
         if causal and mask is not None:
-            raise GraphError(f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
+            raise _refused(self, f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
                              "help: fold the causal pattern into the mask (True where "
                              "allowed).")
         if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
             from .backends.numpy import host_array
-            mask = host_array(mask, f"{self.label} mask")
+            try:
+                mask = host_array(mask, f"{self.label} mask")
+            except GraphError as exc:
+                raise _refused(self, str(exc)) from None
         if mask is not None and getattr(mask.dtype, "kind", "b") != "b":
-            raise GraphError(f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
+            raise _refused(self, f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
                              "array (True where attention is allowed).\nhelp: pass mask != 0, "
                              "or a boolean array.")
         self.causal, self.mask = causal, mask

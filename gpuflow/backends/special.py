@@ -35,8 +35,10 @@ def _horner(coefficients: tuple, t: Any) -> Any:
 def erf(xp: Any, x: Any) -> Any:
     """The error function of a real floating array, in its dtype (see the fits above)."""
     a = xp.abs(x)
-    small = a * _horner(_ERF_SMALL, a * a - 2.0)
-    large = xp.minimum(xp.maximum(a, 2.0), 6.0)  # each branch sees its own range: no 1/0
+    # Each branch sees only its own range: no overflow, no 1/0.
+    small = xp.minimum(a, 2.0)
+    small = small * _horner(_ERF_SMALL, small * small - 2.0)
+    large = xp.minimum(xp.maximum(a, 2.0), 6.0)
     large = 1.0 - xp.exp(-(large * large)) * _horner(_ERFCX_LARGE, 1.0 / large - 1.0 / 3.0)
     return xp.sign(x) * xp.where(a < 2.0, small, large)
 
