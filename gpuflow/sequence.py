@@ -225,7 +225,7 @@ class Scale(Node):
         Node.__init__(self, [x], name=name)
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
             raise _refused(self, f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
-                             "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
+                                 "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
         self.c = float(c)
 
     def forward(self) -> None:
@@ -250,8 +250,8 @@ class Reshape(Node):
             self.shape = (shape,)
         if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1
                     for n in self.shape) or self.shape.count(-1) > 1):
-            raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 with "
-                             "at most one -1.\nhelp: e.g. Reshape(x, (-1, 64)).")
+            raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 "
+                                 "with at most one -1.\nhelp: e.g. Reshape(x, (-1, 64)).")
 
     def _target(self, x: Any) -> tuple[int, ...]:
         count, known = math.prod(x.shape), math.prod(n for n in self.shape if n != -1)
@@ -288,7 +288,7 @@ class Transpose(Node):
                 or sorted(a % n if -n <= a < n else a + 2 * n for a in self.axes)
                 != list(range(n))):
             raise _refused(self, f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
-                             f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
+                                 f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
         self.axes = tuple(a % n for a in self.axes)
 
     def forward(self) -> None:
@@ -314,7 +314,7 @@ class Concat(Node):
             raise GraphError("Concat needs at least one node.\nhelp: Concat([a, b], axis=-1).")
         if isinstance(axis, bool) or not isinstance(axis, int):
             raise _refused(self, f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
-                             "axis=-1.")
+                                 "axis=-1.")
         self.axis = axis
 
     def forward(self) -> None:
@@ -352,8 +352,8 @@ class Slice(Node):
         for what, v in (("start", start), ("stop", stop), ("axis", axis)):
             if isinstance(v, bool) or not (isinstance(v, int) or (v is None and what != "axis")):
                 raise _refused(self, f"{self.label}: {what}={v!r} must be an integer"
-                                 f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
-                                 "Slice(x, 0, 16, axis=-1).")
+                                     f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
+                                     "Slice(x, 0, 16, axis=-1).")
         self.start, self.stop, self.axis = start, stop, axis
 
     def _index(self, shape: tuple[int, ...]) -> tuple[int, tuple, int, int]:
@@ -385,13 +385,15 @@ class Slice(Node):
 class GELU(Node):
     """x Phi(x), Phi the standard normal distribution function, as torch.nn.functional.gelu:
     `approximate="none"` as 0.5 (1 + erf(x / sqrt 2)) (the device's erf, `ops.erf`),
-    "tanh" as 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+    "tanh" as 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). torch's formulas, value and
+    gradient: 1 + erf and 1 + tanh cancel in the far negative tail, here as in torch (an error
+    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x)."""
 
     def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         if approximate not in ("none", "tanh"):
             raise _refused(self, f"{self.label}: approximate={approximate!r} must be 'none' or "
-                             "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
+                                 "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
         self.approximate = approximate
 
     def forward(self) -> None:
@@ -452,11 +454,11 @@ class ScaledDotProductAttention(Node):
         Node.__init__(self, [q, k, v], name=name)
         if not isinstance(causal, bool):
             raise _refused(self, f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
-                             "causal=True for a decoder's self-attention.")
+                                 "causal=True for a decoder's self-attention.")
         if causal and mask is not None:
             raise _refused(self, f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
-                             "help: fold the causal pattern into the mask (True where "
-                             "allowed).")
+                                 "help: fold the causal pattern into the mask (True where "
+                                 "allowed).")
         if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
             from .backends.numpy import host_array
             try:
@@ -465,8 +467,8 @@ class ScaledDotProductAttention(Node):
                 raise _refused(self, str(exc)) from None
         if mask is not None and getattr(mask.dtype, "kind", "b") != "b":
             raise _refused(self, f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
-                             "array (True where attention is allowed).\nhelp: pass mask != 0, "
-                             "or a boolean array.")
+                                 "array (True where attention is allowed).\nhelp: pass mask != 0, "
+                                 "or a boolean array.")
         self.causal, self.mask = causal, mask
         self._keep: Any = None  # (key, the mask on the device)
 
