@@ -19,6 +19,8 @@ from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
 from .norm import BatchNorm, Dropout, LayerNorm
+from .sequence import (GELU, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+                       ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 
 __version__ = "0.1.0"
@@ -30,6 +32,8 @@ __all__ = [
     "Graph", "Parameter", "dense", "mlp", "gradient_check",
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
+    "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
+    "SiLU", "ScaledDotProductAttention",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

@@ -126,9 +126,7 @@ class Input(Node):
                 if self._keep_integers and device.in_host_memory():  # labels: the host
                     self._check_labels(value)  # checks, on the caller's array
                 elif self._keep_integers and not device.xp.isdtype(shared.dtype, "integral"):
-                    raise GraphError(f"{self.label}: labels have dtype {shared.dtype}; expected "
-                                     "integer class indices.\nhelp: feed an integer array "
-                                     "(e.g. y.astype('int64')).")  # the range: at the first step
+                    raise self._dtype_error(shared.dtype)  # the range: at the first step
                 value = shared
         if adopted or not (device.owns(value) and (
                 value.dtype == self._float_dtype
@@ -158,17 +156,25 @@ class Input(Node):
         from .backends.numpy import host_array, host_range
         host = host_array(value, f"{self.label}.value")
         if host.dtype.kind not in "iu":
-            raise GraphError(f"{self.label}: labels have dtype {host.dtype}; expected integer "
-                             "class indices.\nhelp: feed an integer array "
-                             "(e.g. y.astype('int64')).")
+            raise self._dtype_error(host.dtype)
         if host.size:
             lo, hi = host_range(host)
             classes = self._classes
             if lo < 0 or (classes is not None and hi >= classes):
+                noun, _, fix = self.integer_words
                 limit = f"0 .. {classes - 1}" if classes is not None else ">= 0"
-                raise GraphError(f"{self.label}: labels range from {lo} to {hi}, but must be in "
-                                 f"{limit}.\nhelp: check the labels, or the number of outputs "
-                                 "of the last layer.")
+                raise GraphError(f"{self.label}: {noun} range from {lo} to {hi}, but must be in "
+                                 f"{limit}.\nhelp: {fix}.")
+
+    # How messages name integer data: class labels, unless the node reading them says
+    # otherwise (Embedding: token ids); (noun, what they are, the fix for a bad range).
+    integer_words = ("labels", "class indices",
+                     "check the labels, or the number of outputs of the last layer")
+
+    def _dtype_error(self, dtype: Any) -> GraphError:
+        noun, what, _ = self.integer_words
+        return GraphError(f"{self.label}: {noun} have dtype {dtype}; expected integer {what}."
+                          "\nhelp: feed an integer array (e.g. y.astype('int64')).")
 
     def forward(self) -> None:
         """Nothing to compute: the value was fed (GraphError if it was set back to None)."""

@@ -52,6 +52,7 @@ import importlib
 from typing import Any, Callable
 
 from ..errors import DeviceError, GraphError
+from . import special
 from .ledger import LEDGER
 
 
@@ -69,6 +70,10 @@ class Ops:
     sqrt (x, out=None); greater and equal (x1, x2, dtype, out=None) give 1 or 0 in `dtype`.
     Reductions of floating arrays: sum, max (x, axis=None, keepdims=False, out=None).
     matmul (x1, x2, out=None). `out` must have the result's shape and dtype.
+    Beyond the standard (portable versions in `special`, a library's own where it has one):
+    erf (x, out=None); take_rows (table, ids, out=None), the rows table[ids] of a 2-D table
+    for 1-D integer ids; scatter_add_rows (ids, values, rows, out=None), its adjoint: a
+    (rows, dim) array adding each row of values (M, dim) into row ids[i].
 
     To add an op: write its generic version here; if its signature is the NumPy ufunc's own
     (`f(x1, x2, out=None)`), add its name to `LIBRARY_NAMED` so that `UfuncOps` binds each
@@ -124,6 +129,15 @@ class Ops:
 
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self.xp.max(x, axis=axis, keepdims=keepdims)
+
+    def erf(self, x: Any, out: Any = None) -> Any:
+        return special.erf(self.xp, x)
+
+    def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
+        return self.xp.take(table, ids, axis=0)
+
+    def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
+        return special.scatter_add_rows(self.xp, ids, values, rows)
 
 
 class UfuncOps(Ops):

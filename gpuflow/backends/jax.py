@@ -19,7 +19,7 @@ from typing import Any
 import numpy
 
 from ..errors import DeviceError, GraphError
-from .base import Device, missing_library
+from .base import Device, Ops, missing_library
 
 EXAMPLE_SPECS = ("jax:cpu",)
 import_problem = missing_library("jax")
@@ -57,6 +57,22 @@ class JaxRng:
             return self._random.uniform(key, tuple(shape), dtype=self._device.dtype(dtype))
 
 
+class JaxOps(Ops):
+    """The generic `Ops` (JAX takes no `out=`), with JAX's own erf and scatter-add."""
+
+    def __init__(self, xp: Any) -> None:
+        import jax.scipy.special
+        super().__init__(xp)
+        self._erf = jax.scipy.special.erf
+
+    def erf(self, x: Any, out: Any = None) -> Any:
+        return self._erf(x)
+
+    def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
+        zeros = self.xp.zeros((rows, values.shape[1]), dtype=values.dtype, device=values.device)
+        return zeros.at[ids].add(values)  # repeated ids add up
+
+
 class JaxDevice(Device):
     """One JAX device (the CPU or one GPU)."""
 
@@ -77,6 +93,9 @@ class JaxDevice(Device):
         with self.scope():
             tiny = self.xp.asarray(numpy.finfo(numpy.float32).tiny, device=native)
             self.flushes_subnormals = bool(self._to_host(tiny / 4) == 0)
+
+    def _make_ops(self) -> Ops:
+        return JaxOps(self.xp)
 
     def owns(self, value: Any) -> bool:
         if isinstance(value, self._jax.core.Tracer):  # inside this device's compiled step

@@ -81,6 +81,15 @@ class NumpyOps(UfuncOps):
     def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
         return split_along_first(col2im_in_place, parts, out, kw, sh, sw)
 
+    def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
+        return numpy.take(table, ids, axis=0, out=out)
+
+    def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
+        out = numpy.zeros((rows, values.shape[1]), values.dtype) if out is None else out
+        out.fill(0)
+        numpy.add.at(out, ids, values)  # repeated ids add up
+        return out
+
 
 class NumpyDevice(Device):
     """The CPU, through NumPy."""

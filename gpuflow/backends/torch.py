@@ -25,6 +25,8 @@ class TorchOps(UfuncOps):
         self._conv_backward = torch.ops.aten.convolution_backward
         self._aten = torch.ops.aten
         self._addmm = torch.addmm
+        self._erf, self._index_select, self._zeros = torch.special.erf, torch.index_select, \
+            torch.zeros
 
     def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
         if not isinstance(x2, self._tensor):   # torch.maximum takes tensors only
@@ -51,6 +53,20 @@ class TorchOps(UfuncOps):
 
     def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
         return self._stack(arrays, dim=axis, out=out)
+
+    def erf(self, x: Any, out: Any = None) -> Any:
+        return self._erf(x, out=out)
+
+    def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
+        return self._index_select(table, 0, ids, out=out)
+
+    def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
+        """torch.nn.functional.embedding's backward: index_add_ into zeros."""
+        if out is None:
+            out = self._zeros((rows, values.shape[1]), dtype=values.dtype, device=values.device)
+        else:
+            out.zero_()
+        return out.index_add_(0, ids, values)
 
     def conv2d(self, x: Any, w: Any, bias: Any, stride: tuple, padding: tuple) -> Any:
         """gpuflow.Conv2D's value by torch's own convolution (oneDNN on CPUs, cuDNN on GPUs)."""

@@ -1,0 +1,539 @@
+"""Sequence nodes, layouts and numbers as PyTorch's: Embedding, MatMul, Mul, Scale, Reshape,
+Transpose, Concat, Slice, GELU, SiLU and ScaledDotProductAttention.
+
+Where an operation broadcasts (MatMul over leading dimensions, Mul both ways, the attention's
+batch dimensions), each input's gradient is summed back to that input's shape, as autograd
+does. A node that takes one input twice (`Mul(x, x)`) sends it the sum of both gradients.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+from .errors import GraphError
+from .nodes import Input, Node
+
+_SQRT1_2 = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_KAPPA = 0.044715  # the tanh approximation's cubic coefficient (torch's kKappa)
+
+
+def _shape(value: Any) -> tuple[int, ...]:
+    return tuple(value.shape)
+
+
+def _broadcast(node: Node, *shapes: tuple[int, ...], what: str = "") -> tuple[int, ...]:
+    """The broadcast of `shapes` (NumPy's rules); GraphError naming `node` if they do not."""
+    out: list[int] = []
+    for i in range(1, max(map(len, shapes), default=0) + 1):
+        sizes = {s[-i] for s in shapes if len(s) >= i} - {1}
+        if len(sizes) > 1:
+            listing = " and ".join(str(s) for s in shapes)
+            raise GraphError(f"{node.label}: {what or 'the inputs'} have shapes {listing}, which "
+                             "do not broadcast (each dimension must match or be 1).\nhelp: "
+                             "reshape the inputs, or check the layer before.")
+        out.append(sizes.pop() if sizes else 1)
+    return tuple(reversed(out))
+
+
+def _unbroadcast(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
+    """`grad` summed over the dimensions broadcasting added to an input of `shape`."""
+    if _shape(grad) == shape:
+        return grad
+    lead = grad.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
+                                      if n == 1 and grad.shape[lead + i] != 1)
+    return xp.reshape(xp.sum(grad, axis=axes) if axes else grad, shape)
+
+
+def _send(node: Node, grads: Sequence[Any]) -> None:
+    """Store each needed gradient for its inbound node; one node met twice gets their sum."""
+    out: dict[Node, Any] = {}
+    for n, g, need in zip(node.inbound_nodes, grads, node.needs_grad):
+        if need and g is not None:
+            out[n] = out[n] + g if n in out else g
+    node.gradients.update(out)
+
+
+def _refused(node: Node, message: str) -> GraphError:
+    """The error for a node refused as it is made, which leaves its inputs as they were
+    (`Node.__init__` listed it among their outbound nodes)."""
+    for n in node.inbound_nodes:
+        n.outbound_nodes = [m for m in n.outbound_nodes if m is not node]
+    return GraphError(message)
+
+
+def _axis(node: Node, axis: Any, ndim: int) -> int:
+    """`axis` (negative counts from the end) as an index into `ndim` dimensions."""
+    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+        raise GraphError(f"{node.label}: axis {axis!r} is not an axis of a {ndim}-D input (-{ndim}"
+                         f" .. {ndim - 1}).\nhelp: pass an integer axis in that range.")
+    return axis % ndim
+
+
+class Embedding(Node):
+    """Rows of a table, as torch.nn.functional.embedding: `ids` (integers in [0, vocab), any
+    shape) and W (vocab, dim) give ids.shape + (dim,).
+
+    The backward adds each position's gradient into its id's row of W (a repeated id's
+    gradients add up); ids get none. Ids fed to an Input are range-checked when fed, once
+    the vocabulary size is known (W's value when the node is made, else the first step), as
+    class labels are: an id out of range is a GraphError, never an index error later.
+    """
+
+    integer_inputs = (0,)
+
+    def __init__(self, ids: Node, W: Node, *, name: str | None = None):
+        Node.__init__(self, [ids, W], name=name)
+        self._checked = None  # (vocab, ids dtype) the ids were last checked for
+        if isinstance(ids, Input):
+            ids.integer_words = ("ids", "token ids", "check the ids")
+            table = W.value if isinstance(W, Input) else None
+            if getattr(table, "ndim", 0) == 2:
+                self._vocabulary(table.shape[0])
+
+    def _vocabulary(self, vocab: int) -> None:
+        """Later feeds of the ids Input are checked against `vocab` rows."""
+        ids, W = self.inbound_nodes
+        if isinstance(ids, Input):
+            ids._classes = vocab
+            ids.integer_words = ("ids", "token ids", f"{self.label} has a vocabulary of {vocab} "
+                                 f"(the rows of {W.label}): check the ids, or give it more rows")
+
+    def forward(self) -> None:
+        ids_node, W = self.inbound_nodes
+        xp, ids, w = self.xp, ids_node.value, W.value
+        if w.ndim != 2:
+            raise GraphError(f"{self.label}: W has shape {_shape(w)}; expected (vocab, dim).\n"
+                             f"help: feed {W.label} a 2-D table, one row per id.")
+        vocab, dim = w.shape
+        if self._checked != (vocab, ids.dtype):
+            if not xp.isdtype(ids.dtype, "integral"):
+                raise GraphError(f"{self.label}: ids have dtype {ids.dtype}; expected integer "
+                                 f"token ids.\nhelp: feed {ids_node.label} an integer array "
+                                 "(e.g. ids.astype('int64')).")
+            self._check_range(ids, vocab)
+            self._checked = (vocab, ids.dtype)
+            self._vocabulary(vocab)
+        flat = xp.reshape(ids, (-1,))
+        rows = self.ops.take_rows(w, flat, out=self.buffers["value", (flat.shape[0], dim),
+                                                            w.dtype])
+        self.value = xp.reshape(rows, _shape(ids) + (dim,))
+
+    def _check_range(self, ids: Any, vocab: int) -> None:
+        """The ids on the device, once per vocabulary (later host feeds: when fed)."""
+        from .backends import LEDGER
+        if not math.prod(ids.shape):
+            return
+        xp = self.xp
+        with LEDGER.allowed():  # once, at the first step
+            lo = int(self.device.item(xp.min(ids), what="id check"))
+            hi = int(self.device.item(xp.max(ids), what="id check"))
+        if lo < 0 or hi >= vocab:
+            ids_node, W = self.inbound_nodes
+            raise GraphError(f"{self.label}: {ids_node.label} has ids from {lo} to {hi}, but "
+                             f"the vocabulary has {vocab} entries (0 .. {vocab - 1}, the rows "
+                             f"of {W.label}).\nhelp: check the ids, or give the table more "
+                             "rows.")
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        ids, W = self.inbound_nodes
+        if self.needs_grad[1]:
+            w, xp = W.value, self.xp
+            flat = xp.reshape(ids.value, (-1,))
+            G2 = xp.reshape(G, (flat.shape[0], w.shape[1]))
+            self.gradients[W] = self.ops.scatter_add_rows(
+                flat, G2, w.shape[0], out=self.buffers["dW", _shape(w), G.dtype])
+
+
+class MatMul(Node):
+    """The matrix product a @ b, as torch.matmul: broadcast over leading dimensions, a 1-D
+    operand taken as a row (a) or a column (b) and its dimension dropped from the result."""
+
+    def __init__(self, a: Node, b: Node, *, name: str | None = None):
+        Node.__init__(self, [a, b], name=name)
+
+    def _matrices(self, a: Any, b: Any) -> tuple[Any, Any, tuple[int, ...], tuple[int, ...]]:
+        """a and b as (..., n, k) and (..., k, m) arrays, their broadcast leading dimensions,
+        and the result's shape."""
+        xp = self.xp
+        if a.ndim == 0 or b.ndim == 0 or a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+            A, B = self.inbound_nodes
+            raise GraphError(f"{self.label}: a has shape {_shape(a)} and b {_shape(b)}; "
+                             "expected a (..., n, k) and b (..., k, m) with a.shape[-1] == "
+                             f"b.shape[-2].\nhelp: check {A.label} and {B.label} (transpose "
+                             "one of them?).")
+        a2 = a if a.ndim > 1 else xp.reshape(a, (1, -1))
+        b2 = b if b.ndim > 1 else xp.reshape(b, (-1, 1))
+        batch = _broadcast(self, _shape(a2)[:-2], _shape(b2)[:-2],
+                           what="the leading (batch) dimensions of a and b")
+        shape = batch + _shape(a)[-2:-1] + (_shape(b)[-1:] if b.ndim > 1 else ())
+        return a2, b2, batch, shape
+
+    def forward(self) -> None:
+        a, b = (n.value for n in self.inbound_nodes)
+        shape = self._matrices(a, b)[3]
+        self.value = self.ops.matmul(a, b, out=self.buffers["value", shape, a.dtype])
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        xp, ops = self.xp, self.ops
+        a, b = (n.value for n in self.inbound_nodes)
+        a2, b2, batch, _ = self._matrices(a, b)
+        G2 = xp.reshape(G, batch + (a2.shape[-2], b2.shape[-1]))
+        need_a, need_b = self.needs_grad
+        da = db = None
+        if need_a:
+            da = ops.matmul(G2, xp.matrix_transpose(b2),
+                            out=self.buffers["da", _shape(G2)[:-1] + (b2.shape[-2],), G.dtype])
+            da = xp.reshape(_unbroadcast(xp, da, _shape(a2)), _shape(a))
+        if need_b:
+            db = ops.matmul(xp.matrix_transpose(a2), G2,
+                            out=self.buffers["db", _shape(G2)[:-2] + (a2.shape[-1],
+                                                                      G2.shape[-1]), G.dtype])
+            db = xp.reshape(_unbroadcast(xp, db, _shape(b2)), _shape(b))
+        _send(self, (da, db))
+
+
+class Mul(Node):
+    """a * b elementwise, broadcasting both ways."""
+
+    def __init__(self, a: Node, b: Node, *, name: str | None = None):
+        Node.__init__(self, [a, b], name=name)
+
+    def forward(self) -> None:
+        a, b = (n.value for n in self.inbound_nodes)
+        shape = _broadcast(self, _shape(a), _shape(b), what="a and b")
+        self.value = self.ops.multiply(a, b, out=self.buffers["value", shape, a.dtype])
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        xp = self.xp
+        a, b = (n.value for n in self.inbound_nodes)
+        need_a, need_b = self.needs_grad
+        _send(self, (_unbroadcast(xp, G * b, _shape(a)) if need_a else None,
+                     _unbroadcast(xp, G * a, _shape(b)) if need_b else None))
+
+
+class Scale(Node):
+    """x times a Python number c."""
+
+    def __init__(self, x: Node, c: float, *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+            raise _refused(self, f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
+                                 "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
+        self.c = float(c)
+
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        self.value = self.ops.multiply(x, self.c, out=self.buffers["value", _shape(x), x.dtype])
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        self.gradients[self.inbound_nodes[0]] = self.ops.multiply(
+            G, self.c, out=self.buffers["grad", _shape(G), G.dtype])
+
+
+class Reshape(Node):
+    """x with a new shape of as many elements, as torch.reshape: one entry may be -1 (the
+    size that makes the count fit)."""
+
+    def __init__(self, x: Node, shape: Sequence[int], *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+        try:
+            self.shape = tuple(shape)
+        except TypeError:
+            self.shape = (shape,)
+        if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1
+                    for n in self.shape) or self.shape.count(-1) > 1):
+            raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 "
+                                 "with at most one -1.\nhelp: e.g. Reshape(x, (-1, 64)).")
+
+    def _target(self, x: Any) -> tuple[int, ...]:
+        count, known = math.prod(x.shape), math.prod(n for n in self.shape if n != -1)
+        shape = self.shape
+        if -1 in shape and known and count % known == 0:
+            shape = tuple(count // known if n == -1 else n for n in shape)
+        if math.prod(shape) != count or -1 in shape:
+            raise GraphError(f"{self.label}: x has shape {_shape(x)} ({count} values), which "
+                             f"does not fit shape {self.shape}.\nhelp: make the sizes multiply "
+                             f"to {count}, or use -1 for one of them.")
+        return shape
+
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        self.value = self.xp.reshape(x, self._target(x))
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        x = self.inbound_nodes[0]
+        self.gradients[x] = self.xp.reshape(G, _shape(x.value))
+
+
+class Transpose(Node):
+    """x with its axes permuted, as torch.permute: output axis i is input axis axes[i]."""
+
+    def __init__(self, x: Node, axes: Sequence[int], *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+        try:
+            self.axes = tuple(axes)
+        except TypeError:
+            self.axes = (axes,)
+        n = len(self.axes)
+        if (not all(isinstance(a, int) and not isinstance(a, bool) for a in self.axes)
+                or sorted(a % n if -n <= a < n else a + 2 * n for a in self.axes)
+                != list(range(n))):
+            raise _refused(self, f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
+                                 f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
+        self.axes = tuple(a % n for a in self.axes)
+
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        if x.ndim != len(self.axes):
+            raise GraphError(f"{self.label}: x has shape {_shape(x)} ({x.ndim}-D) but axes "
+                             f"{self.axes} permute {len(self.axes)} axes.\nhelp: give one "
+                             "entry per axis of x.")
+        self.value = self.xp.permute_dims(x, self.axes)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        inverse = tuple(sorted(range(len(self.axes)), key=self.axes.__getitem__))
+        self.gradients[self.inbound_nodes[0]] = self.xp.permute_dims(G, inverse)
+
+
+class Concat(Node):
+    """The inputs joined along `axis`, as torch.cat: every other dimension must match."""
+
+    def __init__(self, nodes: Sequence[Node], axis: int = 0, *, name: str | None = None):
+        Node.__init__(self, list(nodes), name=name)
+        if not self.inbound_nodes:
+            raise GraphError("Concat needs at least one node.\nhelp: Concat([a, b], axis=-1).")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise _refused(self, f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
+                                 "axis=-1.")
+        self.axis = axis
+
+    def forward(self) -> None:
+        values = [n.value for n in self.inbound_nodes]
+        ndim = values[0].ndim
+        axis = _axis(self, self.axis, max(ndim, 1))
+        shapes = [_shape(v) for v in values]
+        if any(len(s) != ndim or s[:axis] + s[axis + 1:] != shapes[0][:axis] +
+               shapes[0][axis + 1:] for s in shapes):
+            listing = ", ".join(f"{n.label} {s}" for n, s in zip(self.inbound_nodes, shapes))
+            raise GraphError(f"{self.label}: the inputs' shapes ({listing}) differ outside "
+                             f"axis {self.axis}.\nhelp: every dimension but the joined one must "
+                             "match.")
+        self._sizes = [s[axis] for s in shapes]
+        self.value = self.xp.concat(values, axis=axis)
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        axis = _axis(self, self.axis, G.ndim)
+        grads, start = [], 0
+        for size in self._sizes:
+            index = (slice(None),) * axis + (slice(start, start + size), ...)
+            grads.append(G[index])
+            start += size
+        _send(self, grads)
+
+
+class Slice(Node):
+    """x[start:stop] along `axis`, with Python's slice rules (negative or None bounds, clipped
+    to the axis)."""
+
+    def __init__(self, x: Node, start: int | None, stop: int | None, axis: int = 0, *,
+                 name: str | None = None):
+        Node.__init__(self, [x], name=name)
+        for what, v in (("start", start), ("stop", stop), ("axis", axis)):
+            if isinstance(v, bool) or not (isinstance(v, int) or (v is None and what != "axis")):
+                raise _refused(self, f"{self.label}: {what}={v!r} must be an integer"
+                                     f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
+                                     "Slice(x, 0, 16, axis=-1).")
+        self.start, self.stop, self.axis = start, stop, axis
+
+    def _index(self, shape: tuple[int, ...]) -> tuple[int, tuple, int, int]:
+        axis = _axis(self, self.axis, len(shape))
+        start, stop, _ = slice(self.start, self.stop).indices(shape[axis])
+        stop = max(start, stop)
+        return axis, (slice(None),) * axis + (slice(start, stop), ...), start, stop
+
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        self.value = x[self._index(_shape(x))[1]]
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        x = self.inbound_nodes[0].value
+        xp, shape = self.xp, _shape(x)
+        axis, _, start, stop = self._index(shape)
+        parts = []
+        for size in (start, None, shape[axis] - stop):  # G put back between zeros
+            if size is None:
+                parts.append(G)
+            elif size:
+                parts.append(xp.zeros(shape[:axis] + (size,) + shape[axis + 1:], dtype=G.dtype,
+                                      device=self.device.native))
+        self.gradients[self.inbound_nodes[0]] = (parts[0] if len(parts) == 1
+                                                 else xp.concat(parts, axis=axis))
+
+
+class GELU(Node):
+    """x Phi(x), Phi the standard normal distribution function, as torch.nn.functional.gelu:
+    `approximate="none"` as 0.5 (1 + erf(x / sqrt 2)) (the device's erf, `ops.erf`),
+    "tanh" as 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). torch's formulas, value and
+    gradient: 1 + erf and 1 + tanh cancel in the far negative tail, here as in torch (an error
+    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x)."""
+
+    def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+        if approximate not in ("none", "tanh"):
+            raise _refused(self, f"{self.label}: approximate={approximate!r} must be 'none' or "
+                                 "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
+        self.approximate = approximate
+
+    def forward(self) -> None:
+        x = self.inbound_nodes[0].value
+        ops = self.ops
+        if self.approximate == "none":
+            self.cdf = 0.5 * (1.0 + ops.erf(x * _SQRT1_2))
+        else:
+            self.t = ops.tanh(_SQRT_2_OVER_PI * (x + _KAPPA * (x * x * x)))
+            self.cdf = 0.5 * (1.0 + self.t)
+        self.value = x * self.cdf
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        x, xp = self.inbound_nodes[0].value, self.xp
+        if self.approximate == "none":  # Phi(x) + x phi(x); exp underflows to 0 in the tails
+            slope = self.cdf + x * (xp.exp(-0.5 * (x * x)) * _INV_SQRT_2PI)
+        else:
+            slope = self.cdf + (0.5 * x) * (1.0 - self.t * self.t) * (
+                _SQRT_2_OVER_PI * (1.0 + 3.0 * _KAPPA * (x * x)))
+        self.gradients[self.inbound_nodes[0]] = G * slope
+
+
+class SiLU(Node):
+    """x sigmoid(x) (swish), as torch.nn.functional.silu; the sigmoid in the split form of
+    gpuflow.Sigmoid (no exp of a positive number: no overflow in either tail)."""
+
+    def __init__(self, x: Node, *, name: str | None = None):
+        Node.__init__(self, [x], name=name)
+
+    def forward(self) -> None:
+        x, xp = self.inbound_nodes[0].value, self.xp
+        e = xp.exp(-xp.abs(x))                  # exp(-|x|) <= 1
+        positive = x >= 0
+        self.sigmoid = xp.where(positive, 1.0, e) / (1.0 + e)
+        self.complement = xp.where(positive, e, 1.0) / (1.0 + e)  # 1 - sigmoid, no cancelling
+        self.value = x * self.sigmoid
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        x = self.inbound_nodes[0].value
+        self.gradients[self.inbound_nodes[0]] = G * (self.sigmoid * (1.0 + x * self.complement))
+
+
+class ScaledDotProductAttention(Node):
+    """softmax(q k^T / sqrt(d)) v, as torch.nn.functional.scaled_dot_product_attention.
+
+    q (N, H, T_q, d), k (N, H, T_k, d), v (N, H, T_k, d_v) (any leading dimensions that
+    broadcast) give (N, H, T_q, d_v). causal: position i attends to j <= i (torch's
+    is_causal, aligned at the top left when T_q != T_k). mask: a boolean array broadcasting to
+    (T_q, T_k) or (N, H, T_q, T_k), True where attention is allowed, False where blocked (not
+    with causal). A row with every position blocked gives 0, as torch does. The softmax
+    subtracts each row's maximum (no overflow); the backward runs inside the node.
+    """
+
+    def __init__(self, q: Node, k: Node, v: Node, *, causal: bool = False, mask: Any = None,
+                 name: str | None = None):
+        Node.__init__(self, [q, k, v], name=name)
+        if not isinstance(causal, bool):
+            raise _refused(self, f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
+                                 "causal=True for a decoder's self-attention.")
+        if causal and mask is not None:
+            raise _refused(self, f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
+                                 "help: fold the causal pattern into the mask (True where "
+                                 "allowed).")
+        if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
+            from .backends.numpy import host_array
+            try:
+                mask = host_array(mask, f"{self.label} mask")
+            except GraphError as exc:
+                raise _refused(self, str(exc)) from None
+        if mask is not None and getattr(mask.dtype, "kind", "b") != "b":
+            raise _refused(self, f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
+                                 "array (True where attention is allowed).\nhelp: pass mask != 0, "
+                                 "or a boolean array.")
+        self.causal, self.mask = causal, mask
+        self._keep: Any = None  # (key, the mask on the device)
+
+    def _allowed(self, scores_shape: tuple[int, ...]) -> Any:
+        """The boolean (…, T_q, T_k) array of allowed positions on the device, or None."""
+        if not self.causal and self.mask is None:
+            return None
+        tq, tk = scores_shape[-2:]
+        key = (self.device, tq, tk) if self.causal else (self.device,)
+        if self._keep is None or self._keep[0] != key:
+            xp, native = self.xp, self.device.native
+            if self.causal:
+                rows = xp.reshape(xp.arange(tq, device=native), (-1, 1))
+                keep = rows >= xp.arange(tk, device=native)
+            else:
+                keep = self.device.put(self.mask, what=f"{self.label} mask")
+                if not xp.isdtype(keep.dtype, "bool"):
+                    raise GraphError(f"{self.label}: mask has dtype {keep.dtype}; expected a "
+                                     "boolean array (True where attention is allowed).\nhelp: "
+                                     "pass mask != 0, or a boolean array.")
+            self._keep = (key, keep)
+        keep = self._keep[1]
+        if keep.ndim > len(scores_shape) or any(
+                m not in (1, s) for m, s in zip(_shape(keep)[::-1], scores_shape[::-1])):
+            raise GraphError(f"{self.label}: mask has shape {_shape(keep)}, which does not "
+                             f"broadcast to the attention scores {scores_shape} (N, H, T_q, "
+                             f"T_k).\nhelp: pass a ({tq}, {tk}) boolean mask, or one that "
+                             "broadcasts to the scores.")
+        return keep
+
+    def forward(self) -> None:
+        q, k, v = (n.value for n in self.inbound_nodes)
+        xp = self.xp
+        if (min(q.ndim, k.ndim, v.ndim) < 2 or q.shape[-1] != k.shape[-1]
+                or k.shape[-2] != v.shape[-2]):
+            raise GraphError(f"{self.label}: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; "
+                             "expected q (N, H, T_q, d), k (N, H, T_k, d), v (N, H, T_k, d_v)."
+                             "\nhelp: split the heads with Reshape and Transpose first.")
+        batch = _broadcast(self, _shape(q)[:-2], _shape(k)[:-2], _shape(v)[:-2],
+                           what="the leading dimensions of q, k and v")
+        self.scale = 1.0 / math.sqrt(q.shape[-1])
+        scores = (q @ xp.matrix_transpose(k)) * self.scale
+        allowed = self._allowed(batch + (q.shape[-2], k.shape[-2]))
+        if allowed is not None:
+            scores = xp.where(allowed, scores, -math.inf)
+        top = xp.max(scores, axis=-1, keepdims=True)
+        if allowed is not None:  # a row blocked everywhere: exp(-inf - 0) = 0, no NaN
+            top = xp.where(top == -math.inf, 0.0, top)
+        e = xp.exp(scores - top)
+        total = xp.sum(e, axis=-1, keepdims=True)
+        if allowed is not None:
+            total = xp.where(total > 0.0, total, 1.0)
+        self.p = e / total
+        self.value = self.p @ v
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        xp, p = self.xp, self.p
+        q, k, v = (n.value for n in self.inbound_nodes)
+        need_q, need_k, need_v = self.needs_grad
+        dv = _unbroadcast(xp, xp.matrix_transpose(p) @ G, _shape(v)) if need_v else None
+        dq = dk = None
+        if need_q or need_k:
+            dp = G @ xp.matrix_transpose(v)
+            ds = p * (dp - xp.sum(dp * p, axis=-1, keepdims=True)) * self.scale  # softmax'
+            dq = _unbroadcast(xp, ds @ k, _shape(q)) if need_q else None
+            dk = _unbroadcast(xp, xp.matrix_transpose(ds) @ q, _shape(k)) if need_k else None
+        _send(self, (dq, dk, dv))

@@ -1,0 +1,343 @@
+"""The sequence nodes (gpuflow/sequence.py): central differences on every device, PyTorch
+autograd as the oracle (float64, rel 1e-9, forward and every input's gradient), float32 through
+gf.Graph, the tails of GELU and SiLU, the portable erf, and the errors for bad inputs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+
+import gpuflow as gf
+from conftest import Project, host
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+RNG = np.random.default_rng(23)
+
+
+def _normal(*shape):
+    return RNG.normal(size=shape)
+
+
+IDS = np.array([[0, 3, 3], [1, 0, 3]])  # repeated ids: their gradients add up in W
+CAUSAL_5 = np.tril(np.ones((5, 5), dtype=bool))
+BLOCKS = np.array([[True, False, True], [True, True, False], [False, False, False]])  # row 2: none
+BATCH_MASK = RNG.random((2, 1, 3, 4)) > 0.4
+BATCH_MASK[..., 0] = True
+
+
+def _sdpa(**options):
+    return (lambda q, k, v: gf.ScaledDotProductAttention(q, k, v, **options),
+            lambda q, k, v: F.scaled_dot_product_attention(
+                q, k, v, is_causal=options.get("causal", False),
+                attn_mask=None if options.get("mask") is None else torch.tensor(options["mask"])))
+
+
+# name: (builder over Inputs, float inputs, integer inputs, the same in torch). The integer
+# inputs come after the float ones in both functions' arguments.
+CASES = {
+    "Embedding": (lambda W, ids: gf.Embedding(ids, W), [_normal(5, 4)], [IDS],
+                  lambda W, ids: F.embedding(ids, W)),
+    "Embedding-1d-one-id": (lambda W, ids: gf.Embedding(ids, W), [_normal(3, 2)],
+                            [np.array([2, 2, 2])], lambda W, ids: F.embedding(ids, W)),
+    "MatMul-2d": (gf.MatMul, [_normal(3, 4), _normal(4, 2)], [], torch.matmul),
+    "MatMul-broadcast": (gf.MatMul, [_normal(2, 1, 3, 4), _normal(3, 4, 5)], [], torch.matmul),
+    "MatMul-vector-left": (gf.MatMul, [_normal(4), _normal(2, 4, 3)], [], torch.matmul),
+    "MatMul-vector-right": (gf.MatMul, [_normal(2, 3, 4), _normal(4)], [], torch.matmul),
+    "MatMul-same-input": (lambda x: gf.MatMul(x, x), [_normal(3, 3)], [],
+                          lambda x: x @ x),
+    "Mul-same-shape": (gf.Mul, [_normal(3, 4), _normal(3, 4)], [], torch.mul),
+    "Mul-broadcast-both": (gf.Mul, [_normal(2, 1, 4), _normal(3, 1)], [], torch.mul),
+    "Mul-same-input": (lambda x: gf.Mul(x, x), [_normal(2, 3)], [], lambda x: x * x),
+    "Scale": (lambda x: gf.Scale(x, -2.5), [_normal(2, 3)], [], lambda x: x * -2.5),
+    "Reshape-minus-one": (lambda x: gf.Reshape(x, (3, -1, 2)), [_normal(2, 3, 4)], [],
+                          lambda x: x.reshape(3, -1, 2)),
+    "Transpose": (lambda x: gf.Transpose(x, (0, 2, 1, 3)), [_normal(2, 3, 4, 2)], [],
+                  lambda x: x.permute(0, 2, 1, 3)),
+    "Transpose-negative": (lambda x: gf.Transpose(x, (-1, 0, 1)), [_normal(2, 3, 4)], [],
+                           lambda x: x.permute(-1, 0, 1)),
+    "Concat": (lambda a, b, c: gf.Concat([a, b, c], axis=1),
+               [_normal(2, 1, 3), _normal(2, 4, 3), _normal(2, 2, 3)], [],
+               lambda a, b, c: torch.cat([a, b, c], dim=1)),
+    "Concat-last-axis-same-input": (lambda a, b: gf.Concat([a, b, a], axis=-1),
+                                    [_normal(2, 3), _normal(2, 1)], [],
+                                    lambda a, b: torch.cat([a, b, a], dim=-1)),
+    "Slice": (lambda x: gf.Slice(x, 1, 4, axis=1), [_normal(3, 6)], [], lambda x: x[:, 1:4]),
+    "Slice-negative-length-1": (lambda x: gf.Slice(x, -1, None, axis=0), [_normal(3, 2)], [],
+                                lambda x: x[-1:]),
+    "GELU": (gf.GELU, [_normal(3, 4) * 3], [], F.gelu),
+    "GELU-tanh": (lambda x: gf.GELU(x, approximate="tanh"), [_normal(3, 4) * 3], [],
+                  lambda x: F.gelu(x, approximate="tanh")),
+    "SiLU": (gf.SiLU, [_normal(3, 4) * 3], [], F.silu),
+    "SDPA": (*_sdpa()[:1], [_normal(2, 2, 3, 4), _normal(2, 2, 3, 4), _normal(2, 2, 3, 2)], [],
+             _sdpa()[1]),
+    "SDPA-causal": (_sdpa(causal=True)[0],
+                    [_normal(1, 2, 5, 3), _normal(1, 2, 5, 3), _normal(1, 2, 5, 3)], [],
+                    _sdpa(causal=True)[1]),
+    "SDPA-causal-Tq-lt-Tk": (_sdpa(causal=True)[0],
+                             [_normal(1, 2, 3, 4), _normal(1, 2, 5, 4), _normal(1, 2, 5, 2)], [],
+                             _sdpa(causal=True)[1]),
+    "SDPA-mask-as-causal": (_sdpa(mask=CAUSAL_5)[0],
+                            [_normal(1, 1, 5, 3), _normal(1, 1, 5, 3), _normal(1, 1, 5, 3)], [],
+                            _sdpa(mask=CAUSAL_5)[1]),
+    "SDPA-mask-blocked-row": (_sdpa(mask=BLOCKS)[0],
+                              [_normal(2, 1, 3, 2), _normal(2, 1, 3, 2), _normal(2, 1, 3, 2)],
+                              [], _sdpa(mask=BLOCKS)[1]),
+    "SDPA-mask-broadcast": (_sdpa(mask=BATCH_MASK)[0],
+                            [_normal(2, 2, 3, 2), _normal(2, 2, 4, 2), _normal(2, 2, 4, 3)], [],
+                            _sdpa(mask=BATCH_MASK)[1]),
+    "SDPA-length-1": (_sdpa(causal=True)[0],
+                      [_normal(2, 1, 1, 3), _normal(2, 1, 1, 3), _normal(2, 1, 1, 3)], [],
+                      _sdpa(causal=True)[1]),
+}
+
+
+def _build(name):
+    """(node, float Inputs, integer Inputs, feed) for a case, on fresh Inputs."""
+    builder, floats, integers, _ = CASES[name]
+    float_inputs = [gf.Input(name=f"x{i}") for i in range(len(floats))]
+    int_inputs = [gf.Input(name=f"ids{i}") for i in range(len(integers))]
+    node = builder(*float_inputs, *int_inputs)
+    feed = dict(zip(float_inputs + int_inputs, floats + integers))
+    return node, float_inputs, int_inputs, feed
+
+
+def _torch(name, upstream=None):
+    """torch's output and the gradients of sum(output * upstream) for every float input."""
+    _, floats, integers, fn = CASES[name]
+    tensors = [torch.tensor(a, requires_grad=True) for a in floats]
+    out = fn(*tensors, *(torch.tensor(a) for a in integers))
+    if upstream is not None:
+        (out * torch.tensor(upstream)).sum().backward()
+    return out.detach().numpy(), [t.grad.numpy() if t.grad is not None else None
+                                  for t in tensors]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradients_match_central_differences(name, device):
+    node, *_, feed = _build(name)
+    report = gf.gradient_check(node, feed, device=device, samples=24)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
+    # MiniFlow's surface: topological_sort + forward_and_backward
+    node, float_inputs, _, feed = _build(name)
+    expected, _ = _torch(name)
+    R = gf.Input(name="R")
+    feed[R] = upstream = RNG.normal(size=expected.shape)
+    Project(node, R)
+    graph = gf.topological_sort(feed, device=device, dtype="float64")
+    gf.forward_and_backward(graph)
+    expected, grads = _torch(name, upstream)
+    np.testing.assert_allclose(host(device, node.value), expected, rtol=1e-9, atol=1e-12,
+                               err_msg=f"{name} forward on {device.name}")
+    for inp, want in zip(float_inputs, grads):
+        got = host(device, inp.gradients[inp])
+        assert got.shape == want.shape, (name, inp.label, got.shape, want.shape)
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12,
+                                   err_msg=f"{name}: d/d {inp.label} on {device.name}")
+
+
+# float32 through gf.Graph: each node once (JAX compiles every new shape: time)
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "Scale",
+                 "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
+                 "SDPA-causal", "SDPA-mask-broadcast"]
+
+
+@pytest.mark.parametrize("name", FLOAT32_CASES)
+def test_float32_through_a_graph(name, device):
+    node, float_inputs, int_inputs, feed = _build(name)
+    expected, _ = _torch(name)
+    R = gf.Input(name="R")
+    feed[R] = upstream = RNG.normal(size=expected.shape)
+    graph = gf.Graph(Project(node, R), device=device, dtype="float32",
+                     inputs=[R, *int_inputs, *float_inputs], parameters=float_inputs)
+    for _ in range(2):  # a second step reuses what the first one kept
+        loss = graph.step(feed)
+    expected, grads = _torch(name, upstream)
+    assert host(device, node.value).dtype == np.float32
+    np.testing.assert_allclose(host(device, node.value), expected, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(graph.item(loss), float((expected * upstream).sum()),
+                               rtol=1e-4, atol=1e-5)
+    for inp, want in zip(float_inputs, grads):
+        np.testing.assert_allclose(host(device, inp.gradients[inp]), want, rtol=1e-4,
+                                   atol=1e-5, err_msg=f"{name}: d/d {inp.label}")
+
+
+def test_embedding_repeated_ids_add_up(device):
+    ids, W = gf.Input(name="ids"), gf.Input(name="W")
+    node = gf.Embedding(ids, W)
+    R = gf.Input()
+    w = _normal(4, 3)
+    Project(node, R)
+    graph = gf.topological_sort({ids: np.array([[2, 2], [2, 0]]), W: w, R: np.ones((2, 2, 3))},
+                                device=device, dtype="float64")
+    gf.forward_and_backward(graph)
+    np.testing.assert_array_equal(host(device, W.gradients[W]),
+                                  [[1, 1, 1], [0, 0, 0], [3, 3, 3], [0, 0, 0]])
+    assert not np.issubdtype(host(device, ids.value).dtype, np.floating), "ids became floats"
+    assert ids not in node.gradients, "ids got a gradient"
+
+
+# -- the tails ------------------------------------------------------------------------------
+TAILS = np.array([-1e4, -50.0, -10.0, -6.0, -2.5, -1e-30, 0.0, 1e-30, 2.5, 6.0, 10.0, 50.0, 1e4])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("kind", ["none", "tanh", "silu"])
+def test_gelu_and_silu_tails_equal_torch_without_nan_or_warning(device, dtype, kind):
+    X, R = gf.Input(), gf.Input()
+    node = gf.SiLU(X) if kind == "silu" else gf.GELU(X, approximate=kind)
+    Project(node, R)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with np.errstate(all="raise", under="ignore"):
+            graph = gf.topological_sort({X: TAILS, R: np.ones_like(TAILS)}, device=device,
+                                        dtype=dtype)
+            gf.forward_and_backward(graph)
+    x = torch.tensor(TAILS, dtype=getattr(torch, dtype), requires_grad=True)
+    out = F.silu(x) if kind == "silu" else F.gelu(x, approximate=kind)
+    out.sum().backward()
+    value, grad = host(device, node.value), host(device, X.gradients[X])
+    assert np.isfinite(value).all() and np.isfinite(grad).all(), (value, grad)
+    # atol: 1 + erf and 1 + tanh cancel in the far negative tail, in torch as here (float64
+    # rounding of a quantity of order 1)
+    rtol, atol = (1e-12, 1e-14) if dtype == "float64" else (1e-5, 1e-6)
+    np.testing.assert_allclose(value, out.detach().numpy(), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(grad, x.grad.numpy(), rtol=rtol, atol=atol)
+
+
+def test_every_devices_erf_is_accurate_to_float64_rounding(device):
+    mpmath = pytest.importorskip("mpmath")
+    x = np.concatenate([np.linspace(-7.0, 7.0, 4001), np.geomspace(1e-300, 7.0, 600),
+                        [0.0, 1.9999999999999998, 2.0, 6.0, 1e4, -1e4]])
+    x = np.concatenate([x, -x])
+    exact = np.array([float(mpmath.erf(mpmath.mpf(v))) for v in x])
+    got = host(device, device.ops.erf(device.put(x)))
+    ulps = np.abs(got - exact) / np.spacing(np.abs(exact))
+    assert ulps.max() <= 2, f"{ulps.max()} ulp at x = {x[ulps.argmax()]} on {device.name}"
+
+
+# -- bad inputs ------------------------------------------------------------------------------
+def expect(fn, *parts):
+    with pytest.raises(gf.GraphError) as info:
+        fn()
+    msg = str(info.value)
+    for part in (*parts, "help:"):
+        assert part in msg, f"{part!r} missing from: {msg}"
+    return msg
+
+
+def _embedding_graph(device, ids):
+    ids_in, W = gf.Input(name="ids"), gf.Parameter(_normal(5, 3), name="table")
+    node = gf.Embedding(ids_in, W, name="embed")
+    R = gf.Input(name="R")
+    graph = gf.Graph(Project(node, R), device=device, dtype="float64", inputs=[ids_in, R])
+    return graph, ids_in, W, node, R
+
+
+@pytest.mark.parametrize("bad", [-1, 5, 9])
+def test_ids_out_of_range_are_refused_when_fed(device, bad):
+    graph, ids, W, node, R = _embedding_graph(device, None)
+    graph.step(np.array([[0, 4]]), np.ones((1, 2, 3)))
+    before = (host(device, ids.value).copy(), host(device, W.value).copy(),
+              host(device, W.gradients[W]).copy())
+    expect(lambda: graph.step(np.array([[0, bad]]), np.ones((1, 2, 3))),
+           "Input 'ids'", f"from {min(0, bad)} to {max(0, bad)}", "0 .. 4",
+           "vocabulary of 5", "Parameter 'table'")
+    after = (host(device, ids.value), host(device, W.value), host(device, W.gradients[W]))
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_ids_out_of_range_on_the_first_step_of_a_fed_table(device):
+    # W an Input fed with the ids: the vocabulary is known at the first forward
+    ids, W = gf.Input(name="ids"), gf.Input(name="W")
+    node = gf.Embedding(ids, W, name="embed")
+    graph = gf.topological_sort({ids: np.array([1, 7]), W: _normal(4, 2)}, device=device)
+    expect(lambda: gf.forward_pass(node, graph), "Embedding 'embed'", "Input 'ids'",
+           "from 1 to 7", "4 entries")
+
+
+@pytest.mark.parametrize("when", ["build", "later"])
+def test_float_ids_are_refused(device, when):
+    if when == "build":
+        expect(lambda: _embedding_graph(device, None)[0].step(np.array([[0.0, 1.5]]),
+                                                              np.ones((1, 2, 3))),
+               "Input 'ids'", "ids have dtype float64", "integer token ids")
+        return
+    graph, ids, *_ = _embedding_graph(device, None)
+    graph.step(np.array([[0, 1]]), np.ones((1, 2, 3)))
+    expect(lambda: graph.step(np.array([[0.0, 1.0]]), np.ones((1, 2, 3))),
+           "Input 'ids'", "ids have dtype float64")
+    np.testing.assert_array_equal(host(device, ids.value), [[0, 1]])
+
+
+def _attention(device, mask, shape=(1, 2, 3, 4)):
+    q = gf.Input(name="q")
+    node = gf.ScaledDotProductAttention(q, q, q, mask=mask, name="attn")
+    graph = gf.topological_sort({q: _normal(*shape)}, device=device)
+    return lambda: gf.forward_pass(node, graph)
+
+
+@pytest.mark.parametrize("mask", [np.ones((4, 3), dtype=bool), np.ones((2, 2, 3, 3), dtype=bool),
+                                  np.ones((1, 1, 1, 3, 3), dtype=bool)])
+def test_a_mask_of_the_wrong_shape(device, mask):
+    expect(_attention(device, mask), "ScaledDotProductAttention 'attn'",
+           f"mask has shape {mask.shape}", "(1, 2, 3, 3)")
+
+
+def test_a_mask_that_is_not_boolean_and_a_mask_with_causal():
+    q = gf.Input()
+    expect(lambda: gf.ScaledDotProductAttention(q, q, q, mask=np.ones((3, 3))),
+           "mask has dtype float64", "boolean")
+    expect(lambda: gf.ScaledDotProductAttention(q, q, q, mask=CAUSAL_5, causal=True),
+           "not both")
+
+
+def test_a_reshape_that_does_not_fit(device):
+    for shape, count in [((5, -1), 24), ((4, 5), 24), ((0, -1), 24)]:
+        X = gf.Input(name="x")
+        node = gf.Reshape(X, shape, name="r")
+        graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
+        expect(lambda: gf.forward_pass(node, graph), "Reshape 'r'", "(2, 3, 4)",
+               str(shape), f"multiply to {count}")
+    expect(lambda: gf.Reshape(X, (-1, -1)), "at most one -1")
+
+
+def test_bad_axes(device):
+    X = gf.Input(name="x")
+    expect(lambda: gf.Transpose(X, (0, 0, 1)), "not a permutation")
+    expect(lambda: gf.Transpose(X, (0, 3, 1)), "not a permutation")
+    expect(lambda: gf.Transpose(X, 0.5), "not a permutation")
+    assert X.outbound_nodes == [], "a refused node stayed attached to its input"
+    cases = [(lambda x: gf.Transpose(x, (1, 0)), "(2, 3, 4) (3-D)"),
+             (lambda x: gf.Concat([x, x], axis=3), "axis 3"),
+             (lambda x: gf.Slice(x, 0, 1, axis=-4), "axis -4"),
+             (lambda x: gf.Concat([x, gf.Transpose(x, (0, 2, 1))], axis=0),
+              "differ outside axis 0"),
+             (lambda x: gf.MatMul(x, x), "a.shape[-1] == b.shape[-2]"),
+             (lambda x: gf.Mul(x, gf.Transpose(x, (1, 0, 2))), "do not broadcast")]
+    for builder, part in cases:
+        X = gf.Input(name="x")
+        node = builder(X)
+        graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
+        expect(lambda: gf.forward_pass(node, graph), node.label, part)
+
+
+def test_bad_options():
+    X = gf.Input()
+    expect(lambda: gf.GELU(X, approximate="erf"), "'none' or 'tanh'")
+    expect(lambda: gf.Scale(X, math.inf), "finite")
+    expect(lambda: gf.Scale(X, np.ones(2)), "Python number")
+    expect(lambda: gf.Slice(X, 0.5, 2), "start=0.5")
+    expect(lambda: gf.Concat([]), "at least one")
+    expect(lambda: gf.Concat([X], axis=None), "axis None")
+    expect(lambda: gf.ScaledDotProductAttention(X, X, X, mask=[["a"]]), "not numbers")
+    assert X.outbound_nodes == [], "a refused node stayed attached to its input"
