@@ -374,10 +374,13 @@ class Graph:
             return copy_if_kept(output.value, self.device)
 
     def compare(self, other_device: "str | Device", *batches: Any, dtype: Any = "float64",
-                rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Any:
+                rtol: float | None = None, atol: float | None = None,
+                training: bool = True) -> Any:
         """Run one step here and on `other_device` from the same weights, in `dtype`; return the
         first node whose value (forward order) or gradient (backward order) differs beyond
-        the tolerance, with both numbers (a `placement.Difference`; `.found` is False if none).
+        the tolerance (default: the dtype compared's, `placement.TOLERANCES`: float64 1e-7
+        relative and 1e-9 absolute, float32 1e-4 and 1e-5, float16 1e-2 and 1e-3, bfloat16
+        5e-2 and 1e-2), with both numbers (a `placement.Difference`; `.found` is False if none).
         batches: as `step` takes them (default: the last batch fed). Dropout's masks differ
         between devices: pass training=False to compare a graph with Dropout. The graph is left
         as it was (device, dtype, weights, node state); its gradients are not, and Dropout's

@@ -231,12 +231,34 @@ class Difference:
                 f"{self.here!r}, {b} gives {self.there!r}")
 
 
+# The tolerances `compare` uses for each dtype compared (rtol, atol), unless given: two
+# libraries round a whole step differently (summation order, fused kernels), by a few units in
+# the last place of the dtype, grown through the layers. float64's are the strictest; the others
+# are about 1000 units of the dtype's epsilon (float32: 1.2e-7, float16: 9.8e-4, bfloat16:
+# 7.8e-3), capped where that would pass everything, and absolute for values near 0.
+TOLERANCES = {"float64": (1e-7, 1e-9), "float32": (1e-4, 1e-5),
+              "float16": (1e-2, 1e-3), "bfloat16": (5e-2, 1e-2)}
+
+
+def tolerances(dtype: Any, rtol: float | None = None, atol: float | None = None
+               ) -> tuple[float, float]:
+    """(rtol, atol) for comparing values of `dtype` (a name, a NumPy or namespace dtype):
+    those given, else TOLERANCES' for that dtype (float64's for a dtype not listed)."""
+    from .backends import dtype_name
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    default = TOLERANCES.get(str(name), TOLERANCES["float64"])
+    return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)
+
+
 def compare(graph: Any, other: "str | Device", batches: tuple, *, dtype: Any = "float64",
-            rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Difference:
+            rtol: float | None = None, atol: float | None = None,
+            training: bool = True) -> Difference:
     """Run one step of `graph` on its device and on `other` from the same weights, in `dtype`;
-    the first node (forward order, then backward order) whose value or gradient differs."""
+    the first node (forward order, then backward order) whose value or gradient differs beyond
+    rtol/atol (default: `TOLERANCES` of the dtype compared)."""
     other = get_device(other)
     dtype = graph.plan._dtype_spec if dtype is None else dtype
+    rtol, atol = tolerances(dtype, rtol, atol)
     here = graph.device
     saved = (here, graph.plan._dtype_spec, graph.steps, graph.amp)
     masters = dict(graph.amp._written) if graph.amp is not None else None

@@ -139,6 +139,34 @@ def test_compare_keeps_a_mixed_precision_graphs_masters():
         assert np.abs(host(graph.device, graph.amp.master[p]) - m).max() < 0.1
 
 
+@pytest.mark.parametrize("dtype, other", [("float32", "array_api_strict"),
+                                          ("float16", "torch:cpu")])
+def test_compare_tolerances_follow_the_dtype_compared(dtype, other):
+    # two libraries round BatchNorm differently by about 1e-7 in float32 (1e-4 in float16): no
+    # difference at that dtype, while a planted doubling is still found
+    if other.startswith("torch"):
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    xb, yb = rng.normal(size=(8, 1, 8, 8)), rng.integers(0, 10, 8)
+    graph, _ = _cnn("cpu")
+    graph.step(xb, yb)
+    found = graph.compare(other, xb, yb, dtype=dtype)
+    assert not found.found, str(found)
+    assert graph.compare(other, xb, yb, dtype=dtype, rtol=0, atol=0).found
+    planted = _graph("cpu", "forward")
+    planted.step(XB, YB)
+    pytest.importorskip("torch")
+    found = planted.compare("torch:cpu", XB, YB, dtype=dtype)
+    assert found.found and found.node == "Shaky 'shaky'", str(found)
+
+
+def test_compare_tolerances_by_dtype():
+    assert placement.tolerances("float64") == (1e-7, 1e-9)
+    assert placement.tolerances(np.float32) == placement.TOLERANCES["float32"]
+    assert placement.tolerances("float16", atol=0.5) == (1e-2, 0.5)
+    assert placement.tolerances("bfloat16")[0] > placement.tolerances("float16")[0]
+
+
 def test_compare_needs_a_batch():
     graph = _graph("cpu")
     with pytest.raises(gf.GraphError, match="has no value yet.*\n.*graph.compare"):
