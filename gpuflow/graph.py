@@ -200,8 +200,10 @@ class Graph:
     dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
     float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
     for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
-    device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
-    and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
+    device='fastest' (or 'fastest:cpu,torch:cpu') times whole steps of the first batch (the
+    update of every optimizer already made over its parameters included) on each device, warmed
+    until steady and in alternating rounds, keeps the fastest by the median and says how sure
+    that is (gpuflow/placement.py). capture: True or 'auto' asks for one captured
     launch per step (CUDA graphs); devices without it run as usual and say so once.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
