@@ -188,8 +188,13 @@ class Graph:
     are computed for (default: every node with a `trainable` attribute, e.g. `Parameter`); one
     whose `trainable` is False (frozen, also later: the backward is planned again) gets none.
     outputs: extra nodes to run for inference (e.g. logits for predictions).
-    strict: after the first step, refuse every host<->device transfer or synchronisation
-    except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
+    strict: after the first step, refuse a host<->device transfer or synchronisation in the
+    forward and backward pass, except the batch upload and `item` (default:
+    GPUFLOW_STRICT_TRANSFERS), where it can be seen: every one made through the `Device` on a
+    device whose arrays are not host memory (cuda, torch:cuda, jax:gpu, array_api_strict),
+    and a node's own float(x)/int(x)/bool(x) of a device array on array_api_strict and on
+    CuPy (allow_synchronize), not on torch:cuda or jax:gpu. On cpu, torch:cpu and jax:cpu
+    nothing moves: it never raises there.
     check_finite: after every step, check every value and gradient for NaN or Inf and raise
     a GraphError naming the node where one first appeared (one extra read per step).
     reuse_buffers: nodes write values and gradients into arrays they keep from step to step
