@@ -188,8 +188,13 @@ class Graph:
     are computed for (default: every node with a `trainable` attribute, e.g. `Parameter`); one
     whose `trainable` is False (frozen, also later: the backward is planned again) gets none.
     outputs: extra nodes to run for inference (e.g. logits for predictions).
-    strict: after the first step, refuse every host<->device transfer or synchronisation
-    except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
+    strict: after the first step, refuse a host<->device transfer or synchronisation in the
+    forward and backward pass, except the batch upload and `item` (default:
+    GPUFLOW_STRICT_TRANSFERS), where it can be seen: every one made through the `Device` on a
+    device whose arrays are not host memory (cuda, torch:cuda, jax:gpu, array_api_strict),
+    and a node's own float(x)/int(x)/bool(x) of a device array on array_api_strict and on
+    CuPy (allow_synchronize), not on torch:cuda or jax:gpu. On cpu, torch:cpu and jax:cpu
+    nothing moves: it never raises there.
     check_finite: after every step, check every value and gradient for NaN or Inf and raise
     a GraphError naming the node where one first appeared (one extra read per step).
     reuse_buffers: nodes write values and gradients into arrays they keep from step to step
@@ -200,8 +205,10 @@ class Graph:
     dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
     float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
     for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
-    device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
-    and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
+    device='fastest' (or 'fastest:cpu,torch:cpu') times whole steps of the first batch (the
+    update of every optimizer already made over its parameters included) on each device, warmed
+    until steady and in alternating rounds, keeps the fastest by the median and says how sure
+    that is (gpuflow/placement.py). capture: True or 'auto' asks for one captured
     launch per step (CUDA graphs); devices without it run as usual and say so once.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
@@ -374,10 +381,13 @@ class Graph:
             return copy_if_kept(output.value, self.device)
 
     def compare(self, other_device: "str | Device", *batches: Any, dtype: Any = "float64",
-                rtol: float = 1e-7, atol: float = 1e-9, training: bool = True) -> Any:
+                rtol: float | None = None, atol: float | None = None,
+                training: bool = True) -> Any:
         """Run one step here and on `other_device` from the same weights, in `dtype`; return the
         first node whose value (forward order) or gradient (backward order) differs beyond
-        the tolerance, with both numbers (a `placement.Difference`; `.found` is False if none).
+        the tolerance (default: the dtype compared's, `placement.TOLERANCES`: float64 1e-7
+        relative and 1e-9 absolute, float32 1e-4 and 1e-5, float16 1e-2 and 1e-3, bfloat16
+        5e-2 and 1e-2), with both numbers (a `placement.Difference`; `.found` is False if none).
         batches: as `step` takes them (default: the last batch fed). Dropout's masks differ
         between devices: pass training=False to compare a graph with Dropout. The graph is left
         as it was (device, dtype, weights, node state); its gradients are not, and Dropout's

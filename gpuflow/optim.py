@@ -12,6 +12,7 @@ Nothing writes with `x[...] = v`.
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Iterable, Mapping
 
 from . import amp
@@ -60,6 +61,10 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
         if value is not t.value:  # immutable arrays and scalars come back new
             t.value = value
 
+
+# Every optimizer made, held weakly: device="fastest" times the update of those over a graph's
+# parameters as part of its step (gpuflow/placement.py).
+LIVE: "weakref.WeakSet[Optimizer]" = weakref.WeakSet()
 
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
@@ -147,6 +152,7 @@ class Optimizer:
         self.ops: Any = self._param.ops       # its array operations, which take out=
         self._changes = -1  # Parameter.trainable_changes when `active` was last listed
         self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
+        LIVE.add(self)
 
     def step(self) -> None:
         """One update of every parameter from its current gradient (frozen ones, whose

@@ -147,3 +147,37 @@ def test_bench_quick_conv_json(tmp_path):
     w = out["workloads"]["W5"]
     assert w["image"] == [1, 28, 28] and w["batch"] == 64 and w["layers"][0] == ["conv", 6, 5, 2]
     assert all(m > 0 for m in w["timing"]["median_s"].values())
+
+
+def test_bench_defaults_to_one_thread_on_a_small_machine(tmp_path, monkeypatch):
+    # on 2 cores the default run's torch eager W2 took 0.98 ms to 124 ms; one thread repeats
+    from gpuflow.bench import machine
+    calls = []
+    monkeypatch.setattr(bench, "set_threads", calls.append)
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2, raising=False)
+    rc, out = _run(tmp_path, "--workloads", "W1")
+    assert rc == 0 and calls == [1] and out["threads"] == 1
+    monkeypatch.setattr(machine, "usable_cores", lambda: 64)
+    rc, out = _run(tmp_path, "--workloads", "W1")
+    assert calls == [1] and out["threads"] is None  # a large machine: the libraries' own
+    monkeypatch.setattr(machine, "usable_cores", lambda: 2)
+    rc, out = _run(tmp_path, "--workloads", "W1", "--threads", "0")
+    assert calls == [1] and out["threads"] is None  # 0: leave them
+
+
+def test_bench_says_when_the_rounds_disagree(tmp_path, monkeypatch, capsys):
+    from gpuflow.bench import timing
+    real = timing.time_variants
+
+    def one_slow_round(*args, **kwargs):  # a busy machine: one floor block 10x slower
+        out = real(*args, **kwargs)
+        out["samples_s"]["floor"][0] *= 10
+        out["spread_x"] = {n: timing.spread(s) for n, s in out["samples_s"].items()}
+        return out
+
+    monkeypatch.setattr(bench, "time_variants", one_slow_round)
+    rc, out = _run(tmp_path, "--workloads", "W1")
+    assert rc == 0 and out["workloads"]["W1"]["unsteady"]["floor"] >= 2
+    printed = capsys.readouterr().out
+    assert "W1: the rounds disagree by more than 2x" in printed, printed
+    assert "floor " in printed and "may not repeat" in printed

@@ -106,6 +106,48 @@ def test_strict_mode_names_the_node_that_transfers():
         graph.step(xb, yb)
 
 
+class _Peek(gf.Node):
+    """x, after reading its largest value as a Python float: a hidden device-to-host read."""
+
+    def __init__(self, node):
+        gf.Node.__init__(self, [node], name="peek")
+
+    def forward(self):
+        x = self.inbound_nodes[0].value
+        self.seen = float(self.xp.max(x))
+        self.value = x
+
+    def backward(self):
+        self.gradients[self.inbound_nodes[0]] = self.upstream_gradient()
+
+
+def _peek_graph(device, strict):
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, _ = gf.mlp(_Peek(X), [8, 4], seed=0)
+    return gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, dtype="float64",
+                    inputs=[X, y], strict=strict)
+
+
+def test_strict_mode_sees_a_nodes_own_float_read_on_array_api_strict():
+    # what strict mode claims (README, Graph's docstring): a node's float()/bool()/int() of a
+    # device array is refused on array_api_strict's devices (a stand-in for a GPU), and not
+    # seen on the host devices, where it moves nothing
+    xb, yb = _batch(sizes=(8, 4))
+    graph = _peek_graph("array_api_strict:device1", strict=True)
+    graph.step(xb, yb)  # the first step may read
+    with pytest.raises(gf.TransferError, match=r"_Peek 'peek'.forward\(\): strict transfer "
+                                               r"mode: d2h .* \(float\(\) of an array\)"):
+        graph.step(xb, yb)
+    before = LEDGER.snapshot()["d2h_calls"]
+    x = graph.inputs[0].value
+    assert float(graph.device.xp.max(x)) == xb.max()  # outside a strict step: as ever
+    assert LEDGER.snapshot()["d2h_calls"] == before
+    for device, strict in (("array_api_strict:device1", False), ("cpu", True)):
+        graph = _peek_graph(device, strict)
+        for _ in range(3):
+            graph.step(xb, yb)
+
+
 def test_strict_mode_allows_batch_upload_and_loss_read(monkeypatch):
     monkeypatch.setenv("GPUFLOW_STRICT_TRANSFERS", "1")
     device = gf.get_device("array_api_strict:device1")

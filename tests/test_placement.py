@@ -73,6 +73,57 @@ def test_fastest_times_each_device_picks_the_fastest_and_says_by_how_much(capsys
         assert all(graph.device.owns(b) for b in opt.state[p].values())
 
 
+def test_fastest_times_warmed_whole_steps_in_alternating_rounds(monkeypatch, capsys):
+    # A fake clock that moves only inside the optimizer's update: 5 s for the first update on
+    # each device (a compilation), then 1 ms on cpu and 3 ms on array_api_strict. Any time
+    # measured at all is the optimizer's update, measured inside the timed steps.
+    from gpuflow.bench import timing
+    now, updates = [0.0], []
+    monkeypatch.setattr(timing, "clock", lambda: now[0], raising=False)
+
+    class Clocked(gf.optim.SGD):
+        def step(self):
+            name = self.params[0].device.name
+            now[0] += 5.0 if name not in updates else {"cpu": 1e-3}.get(name, 3e-3)
+            updates.append(name)
+            super().step()
+
+    graph = _graph("fastest:cpu,array_api_strict")
+    opt = Clocked(graph, lr=1e-2)
+    graph.step(XB, YB)
+    assert set(updates) == {"cpu", "array_api_strict"}  # the update ran on both, in timing
+    report = graph.fastest
+    # compile steps not counted: every timed round is a steady step
+    assert report.samples["cpu"] == [pytest.approx(1e-3)] * placement.ROUNDS
+    assert report.seconds["array_api_strict"] == pytest.approx(3e-3)
+    assert report.chosen == "cpu" and graph.device.name == "cpu"
+    assert report.ratio == pytest.approx(3.0) and report.sure
+    assert all(n >= placement.STEADY_WINDOW + 1 for n in report.warmup_steps.values())
+    # the devices alternate: after the warm-up, the updates switch device round after round
+    timed = updates[updates.index("array_api_strict"):]
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= placement.ROUNDS, updates
+    err = capsys.readouterr().err
+    assert "graph.step + Clocked.step" in err and "median of 5 alternating rounds" in err, err
+    assert "3.00x faster than array_api_strict" in err and "a sure choice" in err, err
+    # and the timing left the weights, optimizer state and step count as they were
+    assert opt.t == 0 and graph.steps == 1
+    plain = _graph("cpu")
+    for p, q in zip(graph.parameters, plain.parameters):
+        np.testing.assert_array_equal(host(graph.device, p.value), host(plain.device, q.value))
+
+
+def test_fastest_report_says_when_the_runner_up_is_within_the_noise():
+    report = placement.FastestReport(
+        {"cpu": 1.0e-3, "torch:cpu": 1.1e-3}, "cpu", {}, ((32, 64), (32,)),
+        {"cpu": [0.9e-3, 1.0e-3, 1.3e-3], "torch:cpu": [1.0e-3, 1.1e-3, 1.2e-3]})
+    assert not report.sure and report.ratio == pytest.approx(1.1)
+    assert report.spread["cpu"] == pytest.approx(1.3 / 0.9)
+    text = str(report)
+    assert "NOT a sure choice: torch:cpu is within the noise" in text, text
+    assert "rounds within 1.44x" in text and "graph.step only" in text, text
+
+
 def test_fastest_reports_a_device_that_cannot_run_the_graph(capsys):
     graph = _graph("fastest:cpu,array_api_strict", dtype="float16")
     graph.step(XB, YB)
@@ -137,6 +188,34 @@ def test_compare_keeps_a_mixed_precision_graphs_masters():
     assert opt.t == 4 and graph.amp is opt._amp
     for p, m in masters.items():  # updated from the kept masters, not from float16 values
         assert np.abs(host(graph.device, graph.amp.master[p]) - m).max() < 0.1
+
+
+@pytest.mark.parametrize("dtype, other", [("float32", "array_api_strict"),
+                                          ("float16", "torch:cpu")])
+def test_compare_tolerances_follow_the_dtype_compared(dtype, other):
+    # two libraries round BatchNorm differently by about 1e-7 in float32 (1e-4 in float16): no
+    # difference at that dtype, while a planted doubling is still found
+    if other.startswith("torch"):
+        pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    xb, yb = rng.normal(size=(8, 1, 8, 8)), rng.integers(0, 10, 8)
+    graph, _ = _cnn("cpu")
+    graph.step(xb, yb)
+    found = graph.compare(other, xb, yb, dtype=dtype)
+    assert not found.found, str(found)
+    assert graph.compare(other, xb, yb, dtype=dtype, rtol=0, atol=0).found
+    planted = _graph("cpu", "forward")
+    planted.step(XB, YB)
+    pytest.importorskip("torch")
+    found = planted.compare("torch:cpu", XB, YB, dtype=dtype)
+    assert found.found and found.node == "Shaky 'shaky'", str(found)
+
+
+def test_compare_tolerances_by_dtype():
+    assert placement.tolerances("float64") == (1e-7, 1e-9)
+    assert placement.tolerances(np.float32) == placement.TOLERANCES["float32"]
+    assert placement.tolerances("float16", atol=0.5) == (1e-2, 0.5)
+    assert placement.tolerances("bfloat16")[0] > placement.tolerances("float16")[0]
 
 
 def test_compare_needs_a_batch():

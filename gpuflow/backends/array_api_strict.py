@@ -11,6 +11,7 @@ from typing import Any
 
 from ..errors import DeviceError
 from .base import Device, dtype_name, missing_library
+from .ledger import LEDGER
 
 EXAMPLE_SPECS = ("array_api_strict", "array_api_strict:device1")
 import_problem = missing_library("array_api_strict")
@@ -35,6 +36,13 @@ class StrictDevice(Device):
 
     def describe(self) -> str:
         return f"array_api_strict {self.xp.__version__}, {self.native}"
+
+    def forbid_sync(self) -> "_CountedReads":
+        """Strict mode's guard: a Python number read from one of this device's arrays inside
+        a node (`float(x)`, `int(x)`, `bool(x)` as in `if x:`, `complex(x)`, an index) is
+        counted as a device-to-host copy, so strict mode refuses it (TransferError naming the
+        node), as a GPU would stall on it; the way to find such reads on a CPU machine."""
+        return _CountedReads(self)
 
     def rng(self, seed: int) -> "_StrictRng":
         return _StrictRng(seed, self)
@@ -73,6 +81,51 @@ def array_device_name(value: Any) -> str | None:
 
 def _is_strict_array(value: Any) -> bool:
     return type(value).__module__.startswith("array_api_strict")
+
+
+# The Array methods that turn an array into a Python number: each a read of the device's memory.
+_READS = ("__float__", "__int__", "__bool__", "__complex__", "__index__")
+
+
+class _CountedReads:
+    """Within it, array_api_strict's Array counts a number read from an array of `device` in
+    the transfer ledger (the methods are wrapped on entry and put back on exit; re-entrant)."""
+
+    _depth = 0
+    _saved: dict[str, Any] = {}
+
+    def __init__(self, device: StrictDevice) -> None:
+        self.device = device
+
+    def __enter__(self) -> None:
+        cls, array = type(self), type(self.device.xp.asarray(0))
+        if cls._depth == 0:
+            cls._saved = {name: getattr(array, name) for name in _READS}
+            for name, method in cls._saved.items():
+                setattr(array, name, _counted(name, method, self.device))
+        cls._depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        cls = type(self)
+        cls._depth -= 1
+        if cls._depth == 0:
+            array = type(self.device.xp.asarray(0))
+            for name, method in cls._saved.items():
+                setattr(array, name, method)
+
+
+def _counted(name: str, method: Any, device: StrictDevice) -> Any:
+    """`method` of Array, first recording a read of an array of `device` in the ledger."""
+    import numpy
+
+    def read(value: Any, *args: Any) -> Any:
+        if value.device == device.native:
+            nbytes = numpy.dtype(dtype_name(value.dtype)).itemsize * int(value.size or 0)
+            LEDGER.record("d2h", nbytes, device, f"{name.strip('_')}() of an array")
+        return method(value, *args)
+
+    read.__name__ = name
+    return read
 
 
 class _StrictRng:

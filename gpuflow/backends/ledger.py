@@ -3,6 +3,12 @@
 `Device.put`, `Device.to_host` and `Device.synchronize` record into `LEDGER`; tests and the
 bench read it, and strict mode (GPUFLOW_STRICT_TRANSFERS=1, or `Graph(strict_transfers=True)`)
 turns an unexpected transfer inside a training step into a `TransferError`.
+
+What strict mode can see: the copies and syncs a `Device` makes (on host devices, `cpu`,
+`torch:cpu`, `jax:cpu`, `to_host` and `synchronize` move nothing and record nothing), and what
+a device's `forbid_sync()` adds: CuPy's `allow_synchronize(False)`, and on array_api_strict a
+node's own `float(x)`, `int(x)`, `bool(x)` of a device array (counted here as a d2h copy). A
+node's own reads on torch or JAX arrays go around gpuflow and are not seen.
 """
 
 from __future__ import annotations

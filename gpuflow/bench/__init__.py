@@ -48,9 +48,9 @@ from gpuflow.commandline import CommandParser, report_error
 from gpuflow.errors import DeviceError
 
 from .floor_numpy import NdarrayFloor
-from .machine import machine_info, set_threads
+from .machine import default_threads, machine_info, set_threads
 from .report import report
-from .timing import cross_check, memory, time_variants
+from .timing import UNSTEADY, cross_check, memory, time_variants
 from .variants import VARIANTS, make_variants
 from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, ConvWorkload, Workload
 
@@ -77,7 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min-time", type=float, default=None,
                    help="seconds per variant per round (default 0.2)")
     p.add_argument("--threads", type=int, default=None,
-                   help="set NumPy's OpenBLAS and torch's thread counts (default: leave them)")
+                   help="set NumPy's OpenBLAS and torch's thread counts; 0 leaves the "
+                        "libraries' own (default: 1 on a machine with 4 or fewer usable "
+                        "cores, where more threads made the timings unrepeatable, else 0)")
     p.add_argument("--split-threads", type=int, default=None, metavar="N",
                    help="split gpuflow's large NumPy operations over N threads "
                         "(gf.set_num_threads; default: GPUFLOW_NUM_THREADS, else 1)")
@@ -98,11 +100,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rounds < 1 or min_time < 0:
         return report_error("gpuflow bench", f"--rounds ({rounds}) must be >= 1 and --min-time "
                             f"({min_time}) >= 0.\nhelp: e.g. --rounds 7 --min-time 0.2.")
-    if args.threads is not None:
-        if args.threads < 1:
-            return report_error("gpuflow bench", f"--threads must be >= 1, got {args.threads}."
-                                "\nhelp: pass e.g. --threads 1.")
-        set_threads(args.threads)
+    threads = args.threads if args.threads is not None else default_threads()
+    if threads is not None and threads < 0:
+        return report_error("gpuflow bench", f"--threads must be >= 0, got {args.threads}."
+                            "\nhelp: pass e.g. --threads 1 (0: the libraries' own counts).")
+    if threads:
+        set_threads(threads)
     if args.split_threads is not None:
         if args.split_threads < 1:
             return report_error("gpuflow bench", "--split-threads must be >= 1, got "
@@ -128,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rtol = 1e-3 if args.dtype == "float32" else 1e-6
 
     results: dict[str, Any] = {"device": device.name, "dtype": args.dtype, "rounds": rounds,
-                               "threads_option": args.threads,
+                               "threads_option": args.threads, "threads": threads or None,
                                "split_threads_option": args.split_threads,
                                "min_time": min_time, "seed": args.seed, "rtol": rtol,
                                "lr": LEARNING_RATE, "workloads": {}}
@@ -152,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "miniflow/graph": _ratio(med.get("miniflow"), med.get("graph")),
                        "torch/floor": _ratio(med.get("torch"), med.get("floor"))},
             "memory": memory(variants),
+            "unsteady": {v: x for v, x in timing["spread_x"].items() if x > UNSTEADY},
         }
         del variants
         gc.collect()

@@ -24,6 +24,25 @@ def _openblas_threads() -> int | None:
     return int(fn()) if fn is not None else None
 
 
+# `gpuflow bench` holds NumPy's OpenBLAS and torch to one thread by default on machines with at
+# most this many usable cores: there a second thread waits for a core other jobs hold, and the
+# same run took 0.98 ms or 124 ms (torch eager, W2, 2 cores) where one thread gave 0.57 ms twice.
+SMALL_MACHINE_CORES = 4
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_threads() -> int | None:
+    """`gpuflow bench`'s default thread count: 1 on a small machine (SMALL_MACHINE_CORES or
+    fewer usable cores), else None (the libraries' own)."""
+    return 1 if usable_cores() <= SMALL_MACHINE_CORES else None
+
+
 def set_threads(n: int) -> None:
     """Use n threads in NumPy's OpenBLAS and in torch (intra-op), where they are present.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .timing import UNSTEADY
 from .variants import VARIANTS
 from .workloads import CHECK_STEPS
 
@@ -59,6 +60,15 @@ def report(results: dict[str, Any]) -> str:
         mem_rows.append([name] + [_fmt_bytes(r["memory"].get(v, {}).get("bytes"))
                                   for v in VARIANTS] + [lf(led.get("graph")),
                                                         lf(led.get("miniflow"))])
+        unsteady = r.get("unsteady") or {}
+        if unsteady:
+            notes.append(f"!! {name}: the rounds disagree by more than {UNSTEADY:g}x (slowest "
+                         "block / fastest: " + ", ".join(f"{v} {x:.1f}x" for v, x in
+                                                          unsteady.items()) +
+                         "): the machine was busy and these medians and ratios may not repeat."
+                         "\n   help: run again with " + ("" if results.get("threads") == 1 else
+                                                     "--threads 1 (on a shared machine), ") +
+                         "more --rounds, or on a quiet machine.")
         if not r["check"]["ok"]:
             notes.append(f"!!! {name}: LOSS MISMATCH: " + "; ".join(r["check"]["mismatches"]))
     mem_kinds = sorted({m["kind"] for r in results["workloads"].values()

@@ -1,7 +1,9 @@
 """Measuring: the loss cross-check, interleaved timing rounds with medians, memory of one step.
 
 Variants are timed in interleaved rounds (blocks of steps, synchronised at the end of each
-block) so machine noise hits all of them alike; the median per-step time is what is compared.
+block) so machine noise hits all of them alike; the median per-step time is what is compared,
+and the spread of the rounds (slowest / fastest block) says how far to trust it.
+`device="fastest"` (gpuflow/placement.py) times its candidate devices with `time_variants` too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,11 @@ from gpuflow.backends import LEDGER
 from .variants import Variant
 from .workloads import CHECK_STEPS
 
+clock = time.perf_counter  # looked up at every call: tests put a fake clock here
+# Rounds of one variant that disagree by more than this factor (slowest / fastest block) are
+# called unsteady in the report: the machine was busy, and the median may not repeat.
+UNSTEADY = 2.0
+
 
 def cross_check(variants: dict[str, Variant | None], rtol: float) -> dict[str, Any]:
     """Run CHECK_STEPS steps of each variant; compare every loss with the floor's."""
@@ -35,14 +42,15 @@ def cross_check(variants: dict[str, Variant | None], rtol: float) -> dict[str, A
 
 def _block(v: Variant, k: int) -> tuple[float, dict[str, int] | None]:
     """Seconds per step over k steps (synchronised at the end), and the ledger change."""
+    v.prepare()
     v.sync()
     before = LEDGER.snapshot() if v.ledger else None
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(k):
         v.step()
     after = LEDGER.snapshot() if v.ledger else None  # before the block-end sync we add
     v.sync()
-    dt = (time.perf_counter() - t0) / k
+    dt = (clock() - t0) / k
     delta = {key: after[key] - before[key] for key in after} if before and after else None
     return dt, delta
 
@@ -50,7 +58,8 @@ def _block(v: Variant, k: int) -> tuple[float, dict[str, int] | None]:
 def time_variants(variants: dict[str, Variant | None], rounds: int, min_time: float,
                   warmup: int) -> dict[str, Any]:
     """Interleaved rounds: each round times a block of k steps of every variant in turn
-    (order rotated each round). k is set in warm-up so that a block lasts about min_time."""
+    (order rotated each round). k is set in warm-up so that a block lasts about min_time.
+    `spread_x`: each variant's slowest block over its fastest (above UNSTEADY: unsteady)."""
     live = [(n, v) for n, v in variants.items() if v is not None]
     steps: dict[str, int] = {}
     for name, v in live:
@@ -73,11 +82,17 @@ def time_variants(variants: dict[str, Variant | None], rounds: int, min_time: fl
     return {
         "median_s": {n: statistics.median(s) for n, s in samples.items()},
         "min_s": {n: min(s) for n, s in samples.items()},
+        "spread_x": {n: spread(s) for n, s in samples.items()},
         "samples_s": samples,
         "steps_per_block": steps,
         "ledger_per_step": {n: {k: val / timed_steps[n] for k, val in d.items()}
                             for n, d in ledger.items()},
     }
+
+
+def spread(samples: list[float]) -> float:
+    """The slowest sample over the fastest (1.0: all alike)."""
+    return max(samples) / max(min(samples), 1e-12)
 
 
 def memory(variants: dict[str, Variant | None]) -> dict[str, Any]:

@@ -40,6 +40,9 @@ class Variant:
         """The loss as a Python float (synchronises)."""
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Called before each timed block, untimed (device='fastest' moves its graph here)."""
+
     def sync(self) -> None:
         """Wait for queued device work (no-op on CPUs)."""
 
