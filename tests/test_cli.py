@@ -592,7 +592,7 @@ def test_writable_check_leaves_nothing_behind(tmp_path):
     (["train", "--device", "nope"], "gpuflow train", "unknown device spec 'nope'"),
     (["bench", "--device", "nope"], "gpuflow bench", "unknown device spec 'nope'"),
     (["bench", "--bogus"], "gpuflow bench", "unrecognized arguments: --bogus"),
-    (["bench", "--quick", "--threads", "0"], "gpuflow bench", "--threads must be >= 1"),
+    (["bench", "--quick", "--threads", "-1"], "gpuflow bench", "--threads must be >= 0"),
     (["devices", "--bogus"], "gpuflow devices", "unrecognized arguments: --bogus"),
     (["train", "--epochs", "0"], "gpuflow train", "--epochs must be an integer >= 1"),
 ])
