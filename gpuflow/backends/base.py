@@ -32,7 +32,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`; `adopt` shares another
   library's array in this device's memory through DLPack (no copy, nothing counted).
 - `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
-  gives an array on this device in [0, 1) without a host round trip.
+  gives an array on this device in [0, 1) without a host round trip, in any floating dtype
+  the device has (float16 included, where a library draws only float32/float64).
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
   when `collectives` is not None.
 - `jit(fn)`: a pure function of arrays compiled by the library (`jax.jit`), or None where it

@@ -198,7 +198,17 @@ class HostRng:
         self._generator = numpy.random.default_rng(seed)
 
     def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
-        """Uniform numbers in [0, 1) of `shape` and `dtype` (float32 or float64), into `out`
-        if given."""
-        return self._generator.random(tuple(shape), dtype=dtype, out=out)
+        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given. NumPy draws
+        only float32 and float64: float16 comes from float32 numbers, rounded and kept below 1."""
+        if numpy.dtype(dtype) in (numpy.float32, numpy.float64):
+            return self._generator.random(tuple(shape), dtype=dtype, out=out)
+        return below_one(numpy, self._generator.random(tuple(shape), dtype=numpy.float32),
+                         dtype, out)
+
+
+def below_one(lib: Any, u: Any, dtype: Any, out: Any = None) -> Any:
+    """float32 numbers `u` in [0, 1) rounded to the narrower `dtype` (NumPy or CuPy), into `out`
+    if given: those that round up to 1 become the largest number below it."""
+    top = lib.nextafter(lib.asarray(1, dtype=dtype), lib.asarray(0, dtype=dtype))
+    return lib.minimum(u.astype(dtype), top, out=out)
 
