@@ -190,8 +190,10 @@ class Graph:
     outputs: extra nodes to run for inference (e.g. logits for predictions).
     strict: after the first step, refuse every host<->device transfer or synchronisation
     except the batch upload and `item` (default: GPUFLOW_STRICT_TRANSFERS).
-    check_finite: after every step, check every value and gradient for NaN or Inf and raise
-    a GraphError naming the node where one first appeared (one extra read per step).
+    check_finite: after every step, check every value, gradient and node state (what a node
+    lists in `state_arrays()`: BatchNorm's running statistics) for NaN or Inf and raise a
+    GraphError naming the node where one first appeared (one extra read per step); the
+    library's own overflow warnings (NumPy's) are off in those steps, the error replaces them.
     reuse_buffers: nodes write values and gradients into arrays they keep from step to step
     (NumPy, CuPy, torch): no allocation per step after the first. `node.value` and
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
@@ -280,7 +282,8 @@ class Graph:
         self._feed(batches, self.inputs)
         if self.amp is not None:
             self.amp.before_step(self)
-        with self.device.scope():
+        with self.device.scope(), (self.device.quiet_float_errors() if self.check_finite
+                                   else NULL_SCOPE):
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()
@@ -331,9 +334,13 @@ class Graph:
                 "graph with that dtype.")
 
     def _check_finite(self) -> None:
-        """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
+        """GraphError naming the first node (forward, then backward order) with NaN or Inf in
+        its value, its state (`Node.state_arrays`) or a gradient."""
         xp = self.device.xp
-        arrays = [(n, "value", n.value) for n in self.plan.compute]
+        arrays = []
+        for n in self.plan.compute:
+            arrays.append((n, "value", n.value))
+            arrays += [(n, f"state {name}", a) for name, a in n.state_arrays().items()]
         if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients
             arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
                        for target, g in n.gradients.items() if not isinstance(g, float)]

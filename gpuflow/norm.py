@@ -237,6 +237,13 @@ class BatchNorm(Node):
         return [dx, xp.reshape(dgamma, (-1,)) if need_gamma else None,
                 xp.reshape(dbeta, (-1,)) if need_beta else None]
 
+    def state_arrays(self) -> dict[str, Any]:
+        """The running statistics as they are (for Graph(check_finite=True)); none before the
+        first forward pass."""
+        if self.running_mean is None:
+            return {}
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
+
     def state_dict(self) -> dict[str, Any]:
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host
         arrays before the graph first runs)."""
