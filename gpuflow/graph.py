@@ -9,6 +9,7 @@ Parameter updates live in gpuflow/optim.py.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Iterable, Sequence
 
@@ -43,8 +44,9 @@ class SortedGraph(list):
 
 def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
             parameters: Sequence[Node], loss: Node | None) -> str:
-    """`print(graph)`: device, dtype, the nodes in order with their output shapes (once a step
-    has run), the parameters and their number of values."""
+    """`print(graph)`: device, dtype, the nodes in graph order (`_written_order`) with their
+    output shapes (once a step has run), the parameters and their number of values."""
+    nodes = _written_order(nodes)
     params = set(parameters)
     counts = {p: math.prod(p.value.shape) for p in parameters
               if getattr(p.value, "shape", None) is not None}
@@ -61,6 +63,26 @@ def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
     for r in [header] + rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
+
+
+def _written_order(nodes: Sequence[Node]) -> list[Node]:
+    """`nodes` in the order a model is written: every node after its inputs, and otherwise in
+    creation order (layer1's parameters before layer2's), as torch lists a module's. Kahn's
+    sort from the loss, which a graph runs, may list independent nodes in another order."""
+    members = set(nodes)
+    waiting = {n: sum(1 for m in n.inbound_nodes if m in members) for n in nodes}
+    ready = [(n._id, n) for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    order: list[Node] = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        order.append(node)
+        for m in dict.fromkeys(node.outbound_nodes):
+            if m in members:
+                waiting[m] -= sum(1 for i in m.inbound_nodes if i is node)
+                if waiting[m] == 0:
+                    heapq.heappush(ready, (m._id, m))
+    return order if len(order) == len(nodes) else list(nodes)
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,

@@ -545,6 +545,22 @@ def test_print_graph_summarises_device_dtype_nodes_shapes_and_parameters(device)
     assert "object at 0x" not in text
 
 
+def test_print_graph_lists_nodes_in_the_order_the_model_is_written():
+    # Regression (issue 18.23): the rows followed Kahn's sort from the loss, which put
+    # layer3's parameters first and layer1's last.
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [3, 5, 4, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits, name="loss"), inputs=[X, y])
+    rows = [line.split()[1:3] for line in str(graph).splitlines()[2:]]
+    labels = [f"{kind} {name}" for kind, name in rows]
+    assert [label.split("'")[1] for label in labels if label.startswith("Parameter")] == \
+        list(params) == ["layer1.W", "layer1.b", "layer2.W", "layer2.b", "layer3.W", "layer3.b"]
+    position = {n.label: labels.index(n.label) for n in graph.nodes}
+    assert all(position[m.label] < position[n.label] for n in graph.nodes
+               for m in n.inbound_nodes)  # every node after its inputs
+    assert labels[:2] == ["Input 'X'", "Input 'y'"] and labels[-1] == "SoftmaxCrossEntropy 'loss'"
+
+
 def test_print_sorted_graph_summarises_the_miniflow_list(device):
     inputs, weights, bias = gf.Input(name="x"), gf.Input(name="w"), gf.Input(name="b")
     f = gf.Linear(inputs, weights, bias, name="f")
