@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Device, dtype_name, get_device
+from .buffers import NO_BUFFERS
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
 from .host import to_numpy
@@ -140,11 +141,52 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
     ('float64': h=1e-6 gives ~1e-9 relative accuracy). samples: check this many random
     entries (seeded) of each input instead of all of them (2 forward passes per entry).
     A node whose output is not a scalar is reduced as sum(node * R), R fixed random numbers.
-    The graph is built again in `dtype`; the values of the inputs are left as they were (a
-    Graph passed in binds back to its own dtype at its next step).
+    The check builds a graph of its own over the target's nodes, on `device` in `dtype`, and
+    then leaves every node as it found it (device, dtype, values, gradients, buffers, state):
+    the same node can be checked on one device after another, and a Graph passed in trains on
+    as before.
     Returns a GradientReport; raises GradientCheckError if a gradient differs (unless
     `raise_on_failure=False`) and GraphError for a target that cannot run.
     """
+    if device is None:  # the target's own (before `_unbind` lets go of a node's)
+        device = getattr(target, "device", None)
+    if isinstance(target, Graph):
+        nodes = list(target.nodes)
+    else:
+        nodes = reachable([target], "inbound_nodes") if isinstance(target, Node) else []
+    kept = _unbind(nodes)
+    try:
+        return _check(target, batches, wrt, device, dtype, h, rtol, atol, samples, seed,
+                      raise_on_failure)
+    finally:
+        _restore(kept)
+
+
+def _unbind(nodes: Sequence[Node]) -> dict[Node, dict[str, Any]]:
+    """Each node's attributes as they are (its outbound list copied: the check's reduction is
+    appended to it), for `_restore`; then the node lets go of its device, buffers and kept
+    zeros, and an Input's value becomes a host copy: the check binds the nodes to its own
+    device, and its passes allocate arrays of their own instead of writing into the caller's."""
+    kept = {n: {**vars(n), "outbound_nodes": list(n.outbound_nodes)} for n in nodes}
+    for n in nodes:
+        n.device, n.buffers, n._zeros = None, NO_BUFFERS, None
+        if isinstance(n, Input) and n.value is not None:
+            n._value, n._private = to_numpy(n.value), None
+    return kept
+
+
+def _restore(kept: dict[Node, dict[str, Any]]) -> None:
+    """Put every node's attributes back as `_unbind` found them: device, bindings, values,
+    gradients, buffers and state (a graph that held them binds them again at its next step)."""
+    for node, attributes in kept.items():
+        vars(node).clear()
+        vars(node).update(attributes)
+
+
+def _check(target: "Node | Graph", batches: tuple, wrt: Sequence[Node] | None,
+           device: "str | Device | None", dtype: str, h: float, rtol: float, atol: float,
+           samples: int | None, seed: int, raise_on_failure: bool) -> GradientReport:
+    """`gradient_check` itself, on nodes that `_unbind` let go of their buffers."""
     if isinstance(target, Graph):
         label = f"the graph under {target.loss.label}"
         device = get_device(device if device is not None else target.device)

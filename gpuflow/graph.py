@@ -9,6 +9,7 @@ Parameter updates live in gpuflow/optim.py.
 
 from __future__ import annotations
 
+import heapq
 import math
 from typing import Any, Iterable, Sequence
 
@@ -43,8 +44,9 @@ class SortedGraph(list):
 
 def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
             parameters: Sequence[Node], loss: Node | None) -> str:
-    """`print(graph)`: device, dtype, the nodes in order with their output shapes (once a step
-    has run), the parameters and their number of values."""
+    """`print(graph)`: device, dtype, the nodes in graph order (`_written_order`) with their
+    output shapes (once a step has run), the parameters and their number of values."""
+    nodes = _written_order(nodes)
     params = set(parameters)
     counts = {p: math.prod(p.value.shape) for p in parameters
               if getattr(p.value, "shape", None) is not None}
@@ -61,6 +63,26 @@ def summary(title: str, nodes: Sequence[Node], device: Device, dtype: Any,
     for r in [header] + rows:
         lines.append("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     return "\n".join(lines)
+
+
+def _written_order(nodes: Sequence[Node]) -> list[Node]:
+    """`nodes` in the order a model is written: every node after its inputs, and otherwise in
+    creation order (layer1's parameters before layer2's), as torch lists a module's. Kahn's
+    sort from the loss, which a graph runs, may list independent nodes in another order."""
+    members = set(nodes)
+    waiting = {n: sum(1 for m in n.inbound_nodes if m in members) for n in nodes}
+    ready = [(n._id, n) for n in nodes if waiting[n] == 0]
+    heapq.heapify(ready)
+    order: list[Node] = []
+    while ready:
+        _, node = heapq.heappop(ready)
+        order.append(node)
+        for m in dict.fromkeys(node.outbound_nodes):
+            if m in members:
+                waiting[m] -= sum(1 for i in m.inbound_nodes if i is node)
+                if waiting[m] == 0:
+                    heapq.heappush(ready, (m._id, m))
+    return order if len(order) == len(nodes) else list(nodes)
 
 
 def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
@@ -195,8 +217,10 @@ class Graph:
     and a node's own float(x)/int(x)/bool(x) of a device array on array_api_strict and on
     CuPy (allow_synchronize), not on torch:cuda or jax:gpu. On cpu, torch:cpu and jax:cpu
     nothing moves: it never raises there.
-    check_finite: after every step, check every value and gradient for NaN or Inf and raise
-    a GraphError naming the node where one first appeared (one extra read per step).
+    check_finite: after every step, check every value, gradient and node state (what a node
+    lists in `state_arrays()`: BatchNorm's running statistics) for NaN or Inf and raise a
+    GraphError naming the node where one first appeared (one extra read per step); the
+    library's own overflow warnings (NumPy's) are off in those steps, the error replaces them.
     reuse_buffers: nodes write values and gradients into arrays they keep from step to step
     (NumPy, CuPy, torch): no allocation per step after the first. `node.value` and
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
@@ -287,7 +311,8 @@ class Graph:
         self._feed(batches, self.inputs)
         if self.amp is not None:
             self.amp.before_step(self)
-        with self.device.scope():
+        with self.device.scope(), (self.device.quiet_float_errors() if self.check_finite
+                                   else NULL_SCOPE):
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()
@@ -338,9 +363,13 @@ class Graph:
                 "graph with that dtype.")
 
     def _check_finite(self) -> None:
-        """GraphError naming the first node (forward, then backward order) with NaN or Inf."""
+        """GraphError naming the first node (forward, then backward order) with NaN or Inf in
+        its value, its state (`Node.state_arrays`) or a gradient."""
         xp = self.device.xp
-        arrays = [(n, "value", n.value) for n in self.plan.compute]
+        arrays = []
+        for n in self.plan.compute:
+            arrays.append((n, "value", n.value))
+            arrays += [(n, f"state {name}", a) for name, a in n.state_arrays().items()]
         if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients
             arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward
                        for target, g in n.gradients.items() if not isinstance(g, float)]

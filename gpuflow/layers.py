@@ -52,9 +52,12 @@ INITIALIZERS: dict[str, Callable[..., Any]] = {
 class Parameter(Input):
     """A trainable Input: a named array that optimizers update.
 
-    shape: the array's shape (a tuple of positive ints, or one int); or an array (NumPy, a
-    list of lists, any device's array), which is then the initial value, copied (as
-    `Parameter.from_array(W, name=...)` says explicitly). init: 'zeros', 'normal', 'xavier'
+    shape: the array's shape (a tuple of positive ints, or one int); or an array (NumPy, any
+    device's array, a list of numbers or nested lists), which is then the initial value,
+    copied (as `Parameter.from_array(W, name=...)` says explicitly). The rule, as torch's
+    `torch.empty((3, 4))` and `torch.tensor([3.0, 4.0])` read them: an int or a tuple of ints
+    is a shape, a list (flat or nested) or a nested tuple is a value, in floating point
+    (`Parameter([3, 4], ...)` starts from [3.0, 4.0]; for a shape pass `(3, 4)`). init: 'zeros', 'normal', 'xavier'
     (= 'glorot', the default), 'he' (= 'kaiming') or a function (rng, shape, fan_in,
     fan_out) -> host array; rng: a seeded host generator (gpuflow.layers.host_rng(seed)), a
     seed, or None for a seed made from the name (so two layers built apart never start
@@ -87,12 +90,18 @@ class Parameter(Input):
                  name: str, rng: Any = None, fan_in: int | None = None,
                  fan_out: int | None = None) -> None:
         Input.__init__(self, name=name)
-        if getattr(shape, "ndim", 0) or _nested(shape):  # an array: the initial value
+        if getattr(shape, "ndim", 0) or isinstance(shape, list) or _nested(shape):  # a value
             if init is not None:
                 raise GraphError(f"Parameter '{name}': got an initial array and init={init!r}."
                                  "\nhelp: pass either an array (the initial value) or a "
-                                 "shape with init.")
+                                 "shape (a tuple) with init.")
             value = host_copy(to_numpy(shape))
+            if isinstance(shape, (list, tuple)) and value.dtype.kind in "biu":
+                value = value.astype("float64")  # [3, 4] is a value of floats, as weights are
+            if value.size == 0:
+                raise GraphError(f"Parameter '{name}': the initial value has shape "
+                                 f"{tuple(value.shape)}, no entries.\nhelp: pass a value with "
+                                 "at least one entry, or a shape tuple, e.g. (3, 4).")
             self.shape = _checked_shape(value.shape, name)
             self.value = value
             return
@@ -135,8 +144,8 @@ def _checked_shape(shape: Any, name: str) -> tuple[int, ...]:
         ok = False
     if not ok or not sizes or min(int(s) for s in sizes) < 1:
         raise GraphError(f"Parameter '{name}': shape {shape!r:.60} must be a tuple of positive "
-                         "ints.\nhelp: pass e.g. Parameter((3, 4), name=...), or an array as "
-                         "the initial value.")
+                         "ints.\nhelp: pass e.g. Parameter((3, 4), name=...), or a list or an "
+                         "array as the initial value (Parameter([0.1, 0.2], name=...)).")
     return tuple(int(s) for s in sizes)
 
 

@@ -69,6 +69,13 @@ class Node:
         """Store in `self.gradients[n]` the gradient of the loss for each inbound node `n`."""
         raise NotImplementedError(f"{self.label} must implement backward()")
 
+    def state_arrays(self) -> dict[str, Any]:
+        """{name: array}: the device arrays this node updates in a step besides its value and
+        gradients (BatchNorm's running statistics), as they are, not copied. A node with such
+        state lists it here, so that Graph(check_finite=True) checks it too and names the node;
+        none by default."""
+        return {}
+
     def upstream_gradient(self) -> Any:
         """The sum of the gradients every outbound node sent back (zeros if none did)."""
         senders = self._senders

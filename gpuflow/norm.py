@@ -66,7 +66,8 @@ class Dropout(Node):
     checkpoints) resumes the sequence exactly. Across devices the masks are the same on 'cpu'
     and the array_api_strict devices (NumPy's generator) and differ between libraries (torch,
     CuPy, CPU or GPU each have their own generator); the keep rate and the scaling hold
-    everywhere.
+    everywhere. A float16/bfloat16 graph draws its numbers in float32 (so its masks are those
+    of a float32 graph on the same device) and applies the mask in its own dtype.
     """
 
     def __init__(self, x: Node, p: float = 0.5, *, seed: int = 0, name: str | None = None):
@@ -92,8 +93,12 @@ class Dropout(Node):
                               else self._seed_in)
         self.steps += 1
         ops, buffers = self.ops, self.buffers
-        u = rng.uniform(x.shape, x.dtype, out=buffers["mask", x.shape, x.dtype])
-        mask = ops.greater(u, self.p, x.dtype, out=u)      # kept with probability 1 - p
+        # float16/bfloat16 x: u in float32 (not every generator draws those, NumPy's does
+        # not), so the masks are those of a float32 graph; the mask itself in x's dtype.
+        wide = _statistics_dtype(self, x.dtype) or x.dtype
+        u = rng.uniform(x.shape, wide, out=buffers["mask", x.shape, wide])
+        out = u if wide == x.dtype else buffers["keep", x.shape, x.dtype]
+        mask = ops.greater(u, self.p, x.dtype, out=out)    # kept with probability 1 - p
         self.mask = ops.multiply(mask, 1.0 / (1.0 - self.p), out=mask)
         self.value = ops.multiply(x, self.mask, out=buffers["value", x.shape, x.dtype])
 
@@ -235,6 +240,13 @@ class BatchNorm(Node):
                 dx = ops.subtract(dx, dbeta * (scale / self.count), out=dx)
         return [dx, xp.reshape(dgamma, (-1,)) if need_gamma else None,
                 xp.reshape(dbeta, (-1,)) if need_beta else None]
+
+    def state_arrays(self) -> dict[str, Any]:
+        """The running statistics as they are (for Graph(check_finite=True)); none before the
+        first forward pass."""
+        if self.running_mean is None:
+            return {}
+        return {"running_mean": self.running_mean, "running_var": self.running_var}
 
     def state_dict(self) -> dict[str, Any]:
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host

@@ -137,6 +137,10 @@ def test_a_graph_passes_and_trains_on_unchanged_afterwards(device):
             assert report.ok and report.dtype == "float64", str(report)
             assert [r.checked for r in report.inputs] == [6, 5, 6, 3]  # b2 has 3 entries
             assert [r.label for r in report.inputs] == [p.label for p in graph.parameters]
+            # regression (issue 18.9): a check on another device bound the graph's nodes there
+            other = "array_api_strict" if device.name == "cpu" else "cpu"
+            assert gf.gradient_check(graph, xb, yb, samples=2, device=other).ok
+            assert all(n.device is graph.device for n in graph.nodes)
         losses = []
         for _ in range(3):
             losses.append(graph.item(graph.step(xb, yb)))
@@ -145,6 +149,22 @@ def test_a_graph_passes_and_trains_on_unchanged_afterwards(device):
         runs.append(losses + [host(graph.device, p.value) for p in graph.parameters])
     for a, b in zip(*runs):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_node_checked_on_one_device_then_another_is_left_as_found(device):
+    # Regression (issue 18.9): the check bound the user's Input to its device, so checking the
+    # same node on torch:cpu after cpu failed with "Input 'x' already belongs to a graph on cpu".
+    x, W, b = gf.Input(name="x"), gf.Input(name="W"), gf.Input(name="b")
+    node = gf.Tanh(gf.Linear(x, W, b))
+    feed = {x: RNG.normal(size=(3, 4)), W: RNG.normal(size=(4, 2)), b: RNG.normal(size=2)}
+    nodes = gf.graph.reachable([node], "inbound_nodes")
+    outbound = {n: list(n.outbound_nodes) for n in nodes}
+    for spec in ("cpu", device, "cpu"):
+        report = gf.gradient_check(node, feed, device=spec)
+        assert report.ok and report.device == gf.get_device(spec).name, str(report)
+        for n in nodes:
+            assert n.device is None and n.value is None, f"{n.label} left bound"
+            assert n.outbound_nodes == outbound[n]
 
 
 def test_bad_targets_are_refused():

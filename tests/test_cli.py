@@ -668,6 +668,16 @@ def test_threads_split_a_cnn_run_to_the_same_result_and_are_given_back(monkeypat
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")  # float16 overflows
+def test_float16_cnn_with_its_default_dropout_trains_on_cpu(capsys):
+    # Regression (issue 18.1): the CNN's Dropout (0.25 by default) asked NumPy for float16
+    # random numbers and the run died with a TypeError traceback.
+    argv = ["train", "--model", "cnn", "--dtype", "float16", "--epochs", "1", "--quiet",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    assert "final test accuracy: " in capsys.readouterr().out
+
+
 def test_dict_options_with_an_unknown_key_are_refused():
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['test_fraction'\]"):
         train({"test_fraction": 0.3, "epochs": 1})

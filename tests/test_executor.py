@@ -202,6 +202,26 @@ def test_check_finite_names_the_node_and_step(device):
         graph.step(bad, yb)
 
 
+def test_check_finite_checks_node_state_and_names_batchnorm(device):
+    # Regression (issue 18.5): BatchNorm's running variance overflowed to inf while every value
+    # and gradient stayed finite (a batch variance of inf gives inv_std 0, xhat 0), and the
+    # check said nothing; NumPy printed overflow warnings from norm.py instead.
+    import warnings
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    h, _ = gf.dense(X, 4, 3, name="fc", rng=0)
+    h, _ = gf.batchnorm(h, 3, name="bn")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, h), device=device, dtype="float32",
+                     inputs=[X, y], check_finite=True)
+    rng = np.random.default_rng(0)
+    graph.step(rng.normal(size=(8, 4)), np.arange(8) % 3)  # a finite state passes
+    huge = rng.normal(size=(8, 4)) * 1e20  # squares past float32's 3.4e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the error replaces NumPy's warnings
+        with pytest.raises(gf.GraphError, match=r"first appeared in BatchNorm 'bn', in its "
+                                                r"state running_var \(shape \(3,\)\) at step 1"):
+            graph.step(huge, np.arange(8) % 3)
+
+
 def test_graph_needs_a_dtype():
     X, y, logits, loss, params = _classifier()
     with pytest.raises(gf.GraphError, match="dtype=None(.|\n)*help: pass dtype='float32'"):

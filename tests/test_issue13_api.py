@@ -325,6 +325,27 @@ def test_parameter_from_an_array_is_copied_when_made():
     assert gf.Parameter([[1.0, 2.0]], name="rows").shape == (1, 2)
 
 
+def test_a_list_of_numbers_is_an_initial_value_and_a_tuple_of_ints_a_shape():
+    # Regression (issue 18.21): a flat list was read as a shape ("shape [0.1, 0.2, 0.3] must be
+    # a tuple of positive ints"); as torch.tensor reads it, a list is a value.
+    b = gf.Parameter([0.1, 0.2, 0.3], name="b")
+    assert b.shape == (3,)
+    np.testing.assert_array_equal(gf.to_numpy(b.value), [0.1, 0.2, 0.3])
+    ints = gf.Parameter([3, 4], name="v")  # a value too (of floats), not the shape (3, 4)
+    assert ints.shape == (2,) and gf.to_numpy(ints.value).dtype == np.float64
+    assert gf.Parameter([[1, 2], [3, 4]], name="M").shape == (2, 2)
+    assert gf.Parameter((3, 4), name="W").shape == (3, 4)  # a tuple of ints: a shape
+    expect(gf.GraphError, lambda: gf.Parameter((0.1, 0.2), name="t"), "must be a tuple of "
+           "positive ints", "a list or an array as the initial value")
+    expect(gf.GraphError, lambda: gf.Parameter([], name="e"), "no entries")
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    W = gf.Parameter([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5]], name="W")
+    graph = gf.Graph(gf.MSE(y, gf.Linear(X, W, b)), dtype="float32", inputs=[X, y])
+    graph.step(np.ones((4, 2)), np.zeros((4, 3)))
+    SGD(graph, 0.1).step()
+    assert not np.allclose(gf.to_numpy(b.value), [0.1, 0.2, 0.3])
+
+
 def test_parameter_from_a_device_array():
     torch = pytest.importorskip("torch")
     W = gf.Parameter(torch.ones(2, 3, requires_grad=True), name="W")
@@ -522,6 +543,22 @@ def test_print_graph_summarises_device_dtype_nodes_shapes_and_parameters(device)
            for name in ("Input 'X'", "Linear 'layer1'", "Linear 'layer2'", "'loss'")}
     assert row["Input 'X'"] < row["Linear 'layer1'"] < row["Linear 'layer2'"] < row["'loss'"]
     assert "object at 0x" not in text
+
+
+def test_print_graph_lists_nodes_in_the_order_the_model_is_written():
+    # Regression (issue 18.23): the rows followed Kahn's sort from the loss, which put
+    # layer3's parameters first and layer1's last.
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [3, 5, 4, 2], seed=0)
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits, name="loss"), inputs=[X, y])
+    rows = [line.split()[1:3] for line in str(graph).splitlines()[2:]]
+    labels = [f"{kind} {name}" for kind, name in rows]
+    assert [label.split("'")[1] for label in labels if label.startswith("Parameter")] == \
+        list(params) == ["layer1.W", "layer1.b", "layer2.W", "layer2.b", "layer3.W", "layer3.b"]
+    position = {n.label: labels.index(n.label) for n in graph.nodes}
+    assert all(position[m.label] < position[n.label] for n in graph.nodes
+               for m in n.inbound_nodes)  # every node after its inputs
+    assert labels[:2] == ["Input 'X'", "Input 'y'"] and labels[-1] == "SoftmaxCrossEntropy 'loss'"
 
 
 def test_print_sorted_graph_summarises_the_miniflow_list(device):

@@ -242,6 +242,35 @@ def test_dropout_same_seed_same_masks_and_new_masks_each_step(device):
     assert not np.array_equal(host(device, other.value), masks["a"][0])
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dropout_trains_in_float16_and_bfloat16_with_a_float32_graphs_masks(dtype, device):
+    # Regression (issue 18.1): on 'cpu' a float16 Dropout asked NumPy's generator for float16
+    # numbers and died with "Unsupported dtype float16 for random" in forward().
+    masks = {}
+    for graph_dtype in (dtype, "float32"):
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        logits, _ = gf.mlp(X, [5, 6, 3], seed=0)
+        node = gf.Dropout(logits, 0.25, seed=4, name="drop")
+        loss = gf.SoftmaxCrossEntropy(y, node, name="loss")
+        try:
+            graph = gf.Graph(loss, device=device, dtype=graph_dtype, inputs=[X, y])
+        except gf.GraphError as exc:
+            if f"has no {dtype}" in str(exc):
+                pytest.skip(f"{device.name}: {str(exc).splitlines()[0]}")
+            raise
+        opt = SGD(graph, lr=0.1)
+        loss_value = graph.item(graph.step(RNG.normal(size=(40, 5)), np.arange(40) % 3))
+        opt.step()
+        assert math.isfinite(loss_value)
+        assert node.mask.dtype == graph.dtype and node.value.dtype == graph.dtype
+        assert_on_device(device, node.mask, "mask")
+        masks[graph_dtype] = host(device, node.mask).astype(np.float64)
+    low, wide = masks[dtype], masks["float32"]
+    np.testing.assert_array_equal(low != 0, wide != 0)  # the same entries dropped
+    np.testing.assert_allclose(low, wide, rtol=1e-2)   # kept ones scaled by 1 / (1 - p)
+    assert 0 < (low == 0).sum() < low.size
+
+
 def test_dropout_refuses_p_outside_0_1():
     for p in (-0.1, 1.0, "0.5"):
         with pytest.raises(gf.GraphError, match=r"p=.* must be a number in \[0, 1\)"):
@@ -356,6 +385,16 @@ def test_device_rng_is_seeded_uniform_on_the_device(device):
     assert not np.array_equal(host_a, host(device, device.rng(8).uniform((300, 4), dtype)))
     f32 = device.rng(7).uniform((5,), device.dtype("float32"))
     assert f32.dtype == device.dtype("float32")
+    for name in ("float16", "bfloat16"):  # regression (issue 18.1): NumPy draws neither
+        try:
+            low = device.dtype(name)
+        except gf.GraphError:
+            continue  # the device has no such dtype
+        u = device.rng(7).uniform((20000,), low)
+        assert_on_device(device, u, f"{name} rng.uniform")
+        assert u.dtype == low
+        host_u = host(device, device.xp.astype(u, device.dtype("float32")))
+        assert 0.0 <= host_u.min() and host_u.max() < 1.0 and abs(host_u.mean() - 0.5) < 0.02
     if device.backend == "array_api_strict":  # NumPy's stream, as documented
         cpu = gf.get_device("cpu")
         np.testing.assert_array_equal(host_a, cpu.rng(7).uniform((300, 4), cpu.dtype("float64")))

@@ -47,6 +47,10 @@ class StrictDevice(Device):
     def rng(self, seed: int) -> "_StrictRng":
         return _StrictRng(seed, self)
 
+    def quiet_float_errors(self) -> Any:
+        from .numpy import quiet_float_errors  # its arrays compute through NumPy
+        return quiet_float_errors()
+
     def _put(self, host: Any, dtype: Any) -> Any:
         return self.xp.asarray(host, dtype=dtype, device=self.native)
 

@@ -33,12 +33,13 @@ about a library, so that nothing there imports one or switches on a backend's na
   the dtype rules of a fed Input), `to_host`, `item`, `synchronize`; `adopt` shares another
   library's array in this device's memory through DLPack (no copy, nothing counted).
 - `rng(seed)`: device-side random numbers, a generator whose `uniform(shape, dtype, out=None)`
-  gives an array on this device in [0, 1) without a host round trip.
+  gives an array on this device in [0, 1) without a host round trip, in any floating dtype
+  the device has (float16 included, where a library draws only float32/float64).
 - `communicator(mpi_comm)`, `collectives_problem()`, `identity()`: the device-side collectives
   when `collectives` is not None.
 - `jit(fn)`: a pure function of arrays compiled by the library (`jax.jit`), or None where it
   has no compiler; `gpuflow.compiled.compile_step` builds a whole training step on it.
-- `scope()`, `forbid_sync()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
+- `scope()`, `forbid_sync()`, `quiet_float_errors()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
   `is_floating()`, `owns()`.
 
 A subclass implements `owns`, `describe`, `_put`, `_to_host` (and `_synchronize` where the
@@ -465,6 +466,13 @@ class Device:
     def forbid_sync(self) -> Any:
         """A context manager in which the library itself refuses implicit synchronisation
         (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
+        return NULL_SCOPE
+
+    def quiet_float_errors(self) -> Any:
+        """A context manager in which the library does not warn about overflow, invalid
+        operations or division by zero (NumPy's errstate): where a check reports the first
+        NaN/Inf itself (Graph(check_finite=True)), warnings before it would only bury it. A
+        no-op where the library does not warn."""
         return NULL_SCOPE
 
     def describe(self) -> str:

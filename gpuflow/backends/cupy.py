@@ -92,14 +92,20 @@ class _CupyRng:
     host round trip (its numbers differ from NumPy's for the same seed)."""
 
     def __init__(self, seed: int, device: CupyDevice) -> None:
-        self._device = device.native
+        self._device, self._cupy = device.native, device._cupy
         with self._device:
             self._generator = device._cupy.random.default_rng(seed)
 
     def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
-        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given."""
+        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given (float16 from
+        float32 numbers, as on 'cpu': CuPy draws only float32 and float64)."""
+        cupy = self._cupy
         with self._device:
-            return self._generator.random(tuple(shape), dtype=dtype, out=out)
+            if cupy.dtype(dtype) in (cupy.float32, cupy.float64):
+                return self._generator.random(tuple(shape), dtype=dtype, out=out)
+            from .numpy import below_one
+            return below_one(cupy, self._generator.random(tuple(shape), dtype=cupy.float32),
+                             dtype, out)
 
 
 class _QuietForbid:

@@ -122,6 +122,9 @@ class NumpyDevice(Device):
     def rng(self, seed: int) -> "HostRng":
         return HostRng(seed)
 
+    def quiet_float_errors(self) -> Any:
+        return quiet_float_errors()
+
     def _put(self, host: Any, dtype: Any) -> Any:
         out = host if dtype is None or host.dtype == dtype else host.astype(dtype)
         # A fed scalar stays an immutable NumPy scalar, as MiniFlow's Python scalars were:
@@ -185,6 +188,12 @@ def host_range(value: Any) -> tuple[Any, Any]:
     return value.min(), value.max()
 
 
+def quiet_float_errors() -> Any:
+    """NumPy without overflow, invalid and divide-by-zero warnings, in this thread (the
+    numpy_threads workers take the caller's setting)."""
+    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
+
+
 def host_rng(seed: int | None) -> numpy.random.Generator:
     """The seeded host generator that initial weights are drawn from on every device."""
     return numpy.random.default_rng(seed)
@@ -207,7 +216,17 @@ class HostRng:
         self._generator = numpy.random.default_rng(seed)
 
     def uniform(self, shape: tuple[int, ...], dtype: Any, out: Any = None) -> Any:
-        """Uniform numbers in [0, 1) of `shape` and `dtype` (float32 or float64), into `out`
-        if given."""
-        return self._generator.random(tuple(shape), dtype=dtype, out=out)
+        """Uniform numbers in [0, 1) of `shape` and `dtype`, into `out` if given. NumPy draws
+        only float32 and float64: float16 comes from float32 numbers, rounded and kept below 1."""
+        if numpy.dtype(dtype) in (numpy.float32, numpy.float64):
+            return self._generator.random(tuple(shape), dtype=dtype, out=out)
+        return below_one(numpy, self._generator.random(tuple(shape), dtype=numpy.float32),
+                         dtype, out)
+
+
+def below_one(lib: Any, u: Any, dtype: Any, out: Any = None) -> Any:
+    """float32 numbers `u` in [0, 1) rounded to the narrower `dtype` (NumPy or CuPy), into `out`
+    if given: those that round up to 1 become the largest number below it."""
+    top = lib.nextafter(lib.asarray(1, dtype=dtype), lib.asarray(0, dtype=dtype))
+    return lib.minimum(u.astype(dtype), top, out=out)
 
