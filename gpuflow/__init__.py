@@ -19,7 +19,7 @@ from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
 from .norm import BatchNorm, Dropout, LayerNorm
-from .sequence import (GELU, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from .sequence import (GELU, LSTM, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 
@@ -33,7 +33,7 @@ __all__ = [
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
-    "SiLU", "ScaledDotProductAttention",
+    "SiLU", "ScaledDotProductAttention", "LSTM",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

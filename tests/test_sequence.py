@@ -37,6 +37,18 @@ def _sdpa(**options):
                 attn_mask=None if options.get("mask") is None else torch.tensor(options["mask"])))
 
 
+def _torch_lstm(x, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.LSTM(batch_first=True), one layer, zero initial state, with these weights."""
+    layer = torch.nn.LSTM(x.shape[-1], w_hh.shape[1], batch_first=True, dtype=x.dtype)
+    weights = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": b_ih, "bias_hh_l0": b_hh}
+    return torch.func.functional_call(layer, weights, (x,))[0]
+
+
+def _lstm_inputs(n, t, n_in, hidden):
+    return [_normal(n, t, n_in), _normal(4 * hidden, n_in) * 0.7,
+            _normal(4 * hidden, hidden) * 0.7, _normal(4 * hidden), _normal(4 * hidden)]
+
+
 # name: (builder over Inputs, float inputs, integer inputs, the same in torch). The integer
 # inputs come after the float ones in both functions' arguments.
 CASES = {
@@ -93,6 +105,11 @@ CASES = {
     "SDPA-length-1": (_sdpa(causal=True)[0],
                       [_normal(2, 1, 1, 3), _normal(2, 1, 1, 3), _normal(2, 1, 1, 3)], [],
                       _sdpa(causal=True)[1]),
+    "LSTM": (gf.LSTM, _lstm_inputs(2, 4, 3, 2), [], _torch_lstm),
+    "LSTM-length-1": (gf.LSTM, _lstm_inputs(2, 1, 3, 2), [], _torch_lstm),
+    "LSTM-shared-bias": (lambda x, w_ih, w_hh, b: gf.LSTM(x, w_ih, w_hh, b, b),
+                         _lstm_inputs(1, 3, 2, 2)[:4], [],
+                         lambda x, w_ih, w_hh, b: _torch_lstm(x, w_ih, w_hh, b, b)),
 }
 
 
@@ -147,7 +164,7 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
 FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "Scale",
                  "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
-                 "SDPA-causal", "SDPA-mask-broadcast"]
+                 "SDPA-causal", "SDPA-mask-broadcast", "LSTM"]
 
 
 @pytest.mark.parametrize("name", FLOAT32_CASES)
@@ -329,6 +346,18 @@ def test_bad_axes(device):
         node = builder(X)
         graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
         expect(lambda: gf.forward_pass(node, graph), node.label, part)
+
+
+def test_lstm_shapes_that_do_not_fit(device):
+    good = {"x": (2, 3, 4), "W_ih": (8, 4), "W_hh": (8, 2), "b_ih": (8,), "b_hh": (8,)}
+    for slot, shape in [("x", (2, 4)), ("x", (2, 0, 4)), ("x", (2, 3, 5)), ("W_ih", (8, 3)),
+                        ("W_hh", (8, 3)), ("W_hh", (6, 2)), ("b_ih", (4,)), ("b_hh", (8, 1))]:
+        inputs = {k: gf.Input(name=k) for k in good}
+        node = gf.LSTM(*inputs.values(), name="rnn")
+        feed = {inputs[k]: _normal(*(shape if k == slot else s)) for k, s in good.items()}
+        graph = gf.topological_sort(feed, device=device)
+        expect(lambda: gf.forward_pass(node, graph), "LSTM 'rnn'", str(shape),
+               "W_hh (4H, H)", "Input 'W_ih'")
 
 
 def test_bad_options():
