@@ -65,9 +65,13 @@ CASES = {
     "Mul-same-shape": (gf.Mul, [_normal(3, 4), _normal(3, 4)], [], torch.mul),
     "Mul-broadcast-both": (gf.Mul, [_normal(2, 1, 4), _normal(3, 1)], [], torch.mul),
     "Mul-same-input": (lambda x: gf.Mul(x, x), [_normal(2, 3)], [], lambda x: x * x),
+    "BiasAdd": (gf.BiasAdd, [_normal(2, 3, 4), _normal(4)], [], torch.add),
+    "BiasAdd-same-shape": (gf.BiasAdd, [_normal(3, 2), _normal(3, 2)], [], torch.add),
     "Scale": (lambda x: gf.Scale(x, -2.5), [_normal(2, 3)], [], lambda x: x * -2.5),
     "Reshape-minus-one": (lambda x: gf.Reshape(x, (3, -1, 2)), [_normal(2, 3, 4)], [],
                           lambda x: x.reshape(3, -1, 2)),
+    "Reshape-keep-leading": (lambda x: gf.Reshape(x, (None, None, 2, -1)), [_normal(2, 3, 4)],
+                             [], lambda x: x.reshape(2, 3, 2, -1)),
     "Transpose": (lambda x: gf.Transpose(x, (0, 2, 1, 3)), [_normal(2, 3, 4, 2)], [],
                   lambda x: x.permute(0, 2, 1, 3)),
     "Transpose-negative": (lambda x: gf.Transpose(x, (-1, 0, 1)), [_normal(2, 3, 4)], [],
@@ -162,7 +166,7 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 
 
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
-FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "Scale",
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "BiasAdd", "Scale",
                  "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
                  "SDPA-causal", "SDPA-mask-broadcast", "LSTM"]
 
@@ -325,6 +329,11 @@ def test_a_reshape_that_does_not_fit(device):
         graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
         expect(lambda: gf.forward_pass(node, graph), "Reshape 'r'", "(2, 3, 4)",
                str(shape), f"multiply to {count}")
+    X = gf.Input(name="x")
+    node = gf.Reshape(X, (None, 3, None, -1), name="r")
+    graph = gf.topological_sort({X: _normal(4, 6)}, device=device)
+    expect(lambda: gf.forward_pass(node, graph), "Reshape 'r'", "position 2 (None)",
+           "(4, 6) (2-D)")
     expect(lambda: gf.Reshape(X, (-1, -1)), "at most one -1")
 
 
@@ -340,7 +349,8 @@ def test_bad_axes(device):
              (lambda x: gf.Concat([x, gf.Transpose(x, (0, 2, 1))], axis=0),
               "differ outside axis 0"),
              (lambda x: gf.MatMul(x, x), "a.shape[-1] == b.shape[-2]"),
-             (lambda x: gf.Mul(x, gf.Transpose(x, (1, 0, 2))), "do not broadcast")]
+             (lambda x: gf.Mul(x, gf.Transpose(x, (1, 0, 2))), "do not broadcast"),
+             (lambda x: gf.BiasAdd(gf.Slice(x, 0, 1, axis=1), x), "would broadcast x")]
     for builder, part in cases:
         X = gf.Input(name="x")
         node = builder(X)
