@@ -20,7 +20,8 @@ from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, 
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
 from .norm import BatchNorm, Dropout, LayerNorm
-from .sequence import (GELU, LSTM, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from .recurrent import LSTM
+from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 

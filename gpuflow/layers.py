@@ -16,8 +16,9 @@ from .conv import Conv2D, Flatten, MaxPool2D, _pair
 from .host import to_numpy
 from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
-from .sequence import (LSTM, BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention,
-                       Slice, Transpose)
+from .recurrent import LSTM
+from .sequence import (BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention, Slice,
+                       Transpose)
 
 
 def zeros(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
