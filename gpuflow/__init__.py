@@ -15,11 +15,13 @@ from .errors import (CheckpointError, DataError, DeviceError, DistributedError, 
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
-from .layers import Parameter, batchnorm, conv2d, dense, layernorm, mlp
+from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
+                     lstm, mlp)
 from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
                     Tanh)
 from .norm import BatchNorm, Dropout, LayerNorm
-from .sequence import (GELU, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from .recurrent import LSTM
+from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 
@@ -33,7 +35,7 @@ __all__ = [
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
-    "SiLU", "ScaledDotProductAttention",
+    "SiLU", "ScaledDotProductAttention", "LSTM", "BiasAdd", "embedding", "lstm", "attention",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

@@ -11,11 +11,14 @@ import zlib
 from typing import Any, Callable, Sequence
 
 from .backends.numpy import host_copy, host_rng, host_zeros
-from .errors import GraphError
+from .errors import GraphError, check_int
 from .conv import Conv2D, Flatten, MaxPool2D, _pair
 from .host import to_numpy
 from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
+from .recurrent import LSTM
+from .sequence import (BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention, Slice,
+                       Transpose)
 
 
 def zeros(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
@@ -42,6 +45,18 @@ def xavier(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
 def he(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
     """He/Kaiming normal: N(0, 2 / fan_in), for ReLU layers."""
     return rng.standard_normal(size=shape) * math.sqrt(2.0 / fan_in)
+
+
+def torch_uniform(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)): torch.nn.Linear's default weight and bias (its
+    kaiming_uniform_ with a = sqrt(5)), and every torch.nn.LSTM weight (fan_in = H)."""
+    a = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-a, a, size=shape)
+
+
+def standard_normal(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
+    """N(0, 1): torch.nn.Embedding's table."""
+    return rng.standard_normal(size=shape)
 
 
 INITIALIZERS: dict[str, Callable[..., Any]] = {
@@ -254,6 +269,82 @@ def layernorm(x: Node, size: int, *, name: str,
     node = LayerNorm(x, gamma, beta, eps=eps, name=name)
     return node, {gamma.name: gamma, beta.name: beta}
 
+
+def embedding(ids: Node, vocab: int, dim: int, *, name: str,
+              rng: Any = None) -> tuple[Node, dict[str, Parameter]]:
+    """Token embeddings, as torch.nn.Embedding(vocab, dim): integer ids of any shape give
+    ids.shape + (dim,). Returns (node, {"<name>.weight": the (vocab, dim) table}), drawn
+    N(0, 1) as torch's."""
+    vocab, dim = (check_int(v, k, 1, where=f"embedding '{name}'", error=GraphError)
+                  for k, v in (("vocab", vocab), ("dim", dim)))
+    W = Parameter((vocab, dim), standard_normal, name=f"{name}.weight", rng=_generator(rng, name))
+    return Embedding(ids, W, name=name), {W.name: W}
+
+
+def lstm(x: Node, input_size: int, hidden_size: int, *, name: str,
+         rng: Any = None) -> tuple[Node, dict[str, Parameter]]:
+    """One LSTM layer over x (N, T, input_size), as torch.nn.LSTM(input_size, hidden_size,
+    batch_first=True) with a zero initial state: gives the hidden states (N, T, hidden_size).
+
+    Returns (node, parameters) named as torch's state_dict: "<name>.weight_ih_l0"
+    (4H, input_size), "<name>.weight_hh_l0" (4H, H), "<name>.bias_ih_l0" and
+    "<name>.bias_hh_l0" (4H,), the gates stacked i, f, g, o, all drawn U(-1/sqrt(H),
+    1/sqrt(H)) as torch's.
+    """
+    where = f"lstm '{name}'"
+    n_in = check_int(input_size, "input_size", 1, where=where, error=GraphError)
+    H = check_int(hidden_size, "hidden_size", 1, where=where, error=GraphError)
+    rng = _generator(rng, name)
+    params = [Parameter(shape, torch_uniform, name=f"{name}.{key}", rng=rng, fan_in=H)
+              for key, shape in (("weight_ih_l0", (4 * H, n_in)), ("weight_hh_l0", (4 * H, H)),
+                                 ("bias_ih_l0", (4 * H,)), ("bias_hh_l0", (4 * H,)))]
+    return LSTM(x, *params, name=name), {p.name: p for p in params}
+
+
+def attention(x: Node, dim: int, heads: int, *, causal: bool = True, name: str,
+              rng: Any = None) -> tuple[Node, dict[str, Parameter]]:
+    """Multi-head self-attention over x (N, T, dim), as torch.nn.MultiheadAttention(dim, heads,
+    batch_first=True) called as mha(x, x, x) (with a causal mask if `causal`, position t
+    attending to positions <= t): gives (N, T, dim).
+
+    Returns (node, parameters) named and laid out as that module's state_dict:
+    "<name>.in_proj_weight" (3 dim, dim), the query, key and value projections stacked, drawn
+    Xavier-uniform; "<name>.in_proj_bias" (3 dim,) zeros; "<name>.out_proj.weight" (dim, dim)
+    drawn U(-1/sqrt(dim), 1/sqrt(dim)); "<name>.out_proj.bias" (dim,) zeros, as torch's.
+    Built of the sequence nodes: the projections as MatMul with the transposed weight and
+    BiasAdd, the heads split with Reshape and Transpose, ScaledDotProductAttention.
+    """
+    where = f"attention '{name}'"
+    dim = check_int(dim, "dim", 1, where=where, error=GraphError)
+    heads = check_int(heads, "heads", 1, where=where, error=GraphError)
+    if dim % heads:
+        fits = [h for h in range(1, dim + 1) if dim % h == 0]
+        raise GraphError(f"{where}: {heads} heads do not divide the width dim={dim} (each head "
+                         f"takes dim / heads features).\nhelp: use a head count that divides "
+                         f"{dim} ({', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''}"
+                         f"), or a width that is a multiple of {heads}.")
+    rng = _generator(rng, name)
+    W_in = Parameter((3 * dim, dim), "xavier", name=f"{name}.in_proj_weight", rng=rng,
+                     fan_in=dim, fan_out=3 * dim)
+    b_in = Parameter((3 * dim,), "zeros", name=f"{name}.in_proj_bias", rng=rng)
+    W_out = Parameter((dim, dim), torch_uniform, name=f"{name}.out_proj.weight", rng=rng,
+                      fan_in=dim)
+    b_out = Parameter((dim,), "zeros", name=f"{name}.out_proj.bias", rng=rng)
+    qkv = BiasAdd(MatMul(x, Transpose(W_in, (1, 0)), name=f"{name}.in_proj"), b_in,
+                  name=f"{name}.in_proj_bias_add")
+
+    def split(i: int, part: str) -> Node:  # (N, T, dim) slice -> (N, heads, T, dim / heads)
+        sliced = Slice(qkv, i * dim, (i + 1) * dim, axis=-1, name=f"{name}.{part}")
+        return Transpose(Reshape(sliced, (None, None, heads, -1), name=f"{name}.{part}.heads"),
+                         (0, 2, 1, 3), name=f"{name}.{part}.heads_first")
+
+    out = ScaledDotProductAttention(split(0, "q"), split(1, "k"), split(2, "v"), causal=causal,
+                                    name=f"{name}.sdpa")
+    merged = Reshape(Transpose(out, (0, 2, 1, 3), name=f"{name}.heads_last"),
+                     (None, None, dim), name=f"{name}.merge")
+    node = BiasAdd(MatMul(merged, Transpose(W_out, (1, 0)), name=f"{name}.out_proj"), b_out,
+                   name=name)
+    return node, {p.name: p for p in (W_in, b_in, W_out, b_out)}
 
 
 def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,

@@ -1,5 +1,6 @@
-"""Sequence nodes, layouts and numbers as PyTorch's: Embedding, MatMul, Mul, Scale, Reshape,
-Transpose, Concat, Slice, GELU, SiLU and ScaledDotProductAttention.
+"""Sequence nodes, layouts and numbers as PyTorch's: Embedding, MatMul, Mul, BiasAdd, Scale,
+Reshape, Transpose, Concat, Slice, GELU, SiLU and ScaledDotProductAttention (the LSTM:
+gpuflow/recurrent.py).
 
 Where an operation broadcasts (MatMul over leading dimensions, Mul both ways, the attention's
 batch dimensions), each input's gradient is summed back to that input's shape, as autograd
@@ -55,6 +56,14 @@ def _send(node: Node, grads: Sequence[Any]) -> None:
         if need and g is not None:
             out[n] = out[n] + g if n in out else g
     node.gradients.update(out)
+
+
+def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:
+    """sigmoid(x) and 1 - sigmoid(x) in gpuflow.Sigmoid's split form: no exp of a positive
+    number (no overflow in either tail), and the complement without cancelling."""
+    e = xp.exp(-xp.abs(x))                  # exp(-|x|) <= 1
+    positive = x >= 0
+    return xp.where(positive, 1.0, e) / (1.0 + e), xp.where(positive, e, 1.0) / (1.0 + e)
 
 
 def _refused(node: Node, message: str) -> GraphError:
@@ -218,6 +227,28 @@ class Mul(Node):
                      _unbroadcast(xp, G * a, _shape(b)) if need_b else None))
 
 
+class BiasAdd(Node):
+    """x + b, b broadcasting against x (as torch's `x + b`: a bias (n,) added to every row of
+    an (..., n) x); b's gradient is summed back to b's shape. x keeps its shape: a b that
+    would make it larger is refused (Mul broadcasts both ways)."""
+
+    def __init__(self, x: Node, b: Node, *, name: str | None = None):
+        Node.__init__(self, [x, b], name=name)
+
+    def forward(self) -> None:
+        x, b = (n.value for n in self.inbound_nodes)
+        if _broadcast(self, _shape(x), _shape(b), what="x and b") != _shape(x):
+            X, B = self.inbound_nodes
+            raise GraphError(f"{self.label}: b has shape {_shape(b)}, which would broadcast x "
+                             f"{_shape(x)} to a larger shape.\nhelp: check {B.label}: a bias "
+                             f"is (n,) for x (..., n).")
+        self.value = self.ops.add(x, b, out=self.buffers["value", _shape(x), x.dtype])
+
+    def backward(self) -> None:
+        G = self.upstream_gradient()
+        _send(self, (G, _unbroadcast(self.xp, G, _shape(self.inbound_nodes[1].value))))
+
+
 class Scale(Node):
     """x times a Python number c."""
 
@@ -240,22 +271,30 @@ class Scale(Node):
 
 class Reshape(Node):
     """x with a new shape of as many elements, as torch.reshape: one entry may be -1 (the
-    size that makes the count fit)."""
+    size that makes the count fit). An entry None keeps x's size at that position, for the
+    sizes a graph does not know when it is built: Reshape(x, (None, None, heads, -1)) splits
+    the last dimension of an (N, T, dim) x into heads, whatever N and T are fed."""
 
-    def __init__(self, x: Node, shape: Sequence[int], *, name: str | None = None):
+    def __init__(self, x: Node, shape: Sequence[int | None], *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         try:
             self.shape = tuple(shape)
         except TypeError:
             self.shape = (shape,)
-        if (not all(isinstance(n, int) and not isinstance(n, bool) and n >= -1
+        if (not all(n is None or isinstance(n, int) and not isinstance(n, bool) and n >= -1
                     for n in self.shape) or self.shape.count(-1) > 1):
             raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 "
-                                 "with at most one -1.\nhelp: e.g. Reshape(x, (-1, 64)).")
+                                 "(or None, x's size there) with at most one -1.\nhelp: e.g. "
+                                 "Reshape(x, (-1, 64)) or Reshape(x, (None, None, 4, -1)).")
 
     def _target(self, x: Any) -> tuple[int, ...]:
-        count, known = math.prod(x.shape), math.prod(n for n in self.shape if n != -1)
-        shape = self.shape
+        past = [i for i, n in enumerate(self.shape) if n is None and i >= x.ndim]
+        if past:
+            raise GraphError(f"{self.label}: shape {self.shape} keeps x's size at position "
+                             f"{past[0]} (None), but x has shape {_shape(x)} ({x.ndim}-D).\n"
+                             "help: use None only at positions x has, or give the size.")
+        shape = tuple(x.shape[i] if n is None else n for i, n in enumerate(self.shape))
+        count, known = math.prod(x.shape), math.prod(n for n in shape if n != -1)
         if -1 in shape and known and count % known == 0:
             shape = tuple(count // known if n == -1 else n for n in shape)
         if math.prod(shape) != count or -1 in shape:
@@ -419,17 +458,14 @@ class GELU(Node):
 
 class SiLU(Node):
     """x sigmoid(x) (swish), as torch.nn.functional.silu; the sigmoid in the split form of
-    gpuflow.Sigmoid (no exp of a positive number: no overflow in either tail)."""
+    gpuflow.Sigmoid (`_sigmoid`: no exp of a positive number, no overflow in either tail)."""
 
     def __init__(self, x: Node, *, name: str | None = None):
         Node.__init__(self, [x], name=name)
 
     def forward(self) -> None:
-        x, xp = self.inbound_nodes[0].value, self.xp
-        e = xp.exp(-xp.abs(x))                  # exp(-|x|) <= 1
-        positive = x >= 0
-        self.sigmoid = xp.where(positive, 1.0, e) / (1.0 + e)
-        self.complement = xp.where(positive, e, 1.0) / (1.0 + e)  # 1 - sigmoid, no cancelling
+        x = self.inbound_nodes[0].value
+        self.sigmoid, self.complement = _sigmoid(self.xp, x)  # 1 - sigmoid, no cancelling
         self.value = x * self.sigmoid
 
     def backward(self) -> None:
@@ -537,3 +573,4 @@ class ScaledDotProductAttention(Node):
             dq = _unbroadcast(xp, ds @ k, _shape(q)) if need_q else None
             dk = _unbroadcast(xp, xp.matrix_transpose(ds) @ q, _shape(k)) if need_k else None
         _send(self, (dq, dk, dv))
+

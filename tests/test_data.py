@@ -1,4 +1,5 @@
-"""Tests for gpuflow.data: bundled digits, IDX/MNIST loading, splitting and Batches."""
+"""Tests for gpuflow.data: bundled digits, IDX/MNIST loading, splitting and Batches; text and
+SequenceBatches."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpuflow.data import Batches, load_digits, load_mnist, read_idx, train_test_split
+from gpuflow.data import (Batches, SequenceBatches, load_digits, load_mnist, load_text, read_idx,
+                          train_test_split)
 from gpuflow.data.digits import DIGITS_SHA256, parse_digits
 from gpuflow.errors import DataError
 
@@ -606,6 +608,109 @@ def test_batches_on_digits_end_to_end():
     batches = Batches(X_tr, y_tr, 64, seed=1)
     total = sum(len(yb) for _, yb in batches)
     assert total == len(X_tr) == 1797 - math.ceil(1797 * 0.2)
+
+
+# --- text and SequenceBatches ---------------------------------------------------------------
+
+
+def test_load_text_default_is_pythons_own_docs():
+    from pydoc_data.topics import topics
+    ids, vocabulary = load_text()
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    assert ids.dtype == np.int64 and ids.shape == (len(text),) and len(text) > 400_000
+    assert vocabulary == "".join(sorted(set(text)))
+    assert "".join(vocabulary[i] for i in ids[:5000]) == text[:5000]
+    np.testing.assert_array_equal(ids[-5000:], [vocabulary.index(c) for c in text[-5000:]])
+    again, _ = load_text("python-docs")
+    np.testing.assert_array_equal(again, ids)
+
+
+def test_load_text_from_a_utf8_file(tmp_path):
+    path = tmp_path / "tiny.txt"
+    path.write_text("héllo wörld\n€ 😀", encoding="utf-8")
+    for source in (path, str(path)):
+        ids, vocabulary = load_text(source)
+        assert vocabulary == "".join(sorted(set("héllo wörld\n€ 😀")))
+        assert "".join(vocabulary[i] for i in ids) == "héllo wörld\n€ 😀"
+
+
+@pytest.mark.parametrize("name, content, pattern", [
+    ("missing.txt", None, r"missing\.txt: no such file"),
+    ("empty.txt", b"", r"empty\.txt: the text is empty"),
+    ("image.bin", b"\x89PNG\r\n\x1a\n\xff\x00", r"image\.bin: not UTF-8 text \(byte 0 of 10"),
+    ("nul.txt", b"ab\x00cd", r"nul\.txt: holds NUL bytes \(the first at byte 2 of 5\)"),
+    ("folder", "folder", r"folder: is a folder"),
+])
+def test_load_text_bad_files(tmp_path, name, content, pattern):
+    path = tmp_path / name
+    if content == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(DataError, match=pattern) as info:
+        load_text(path)
+    assert str(path) in str(info.value) and "\nhelp: " in str(info.value)
+
+
+def _epoch(batches):
+    return [(x.copy(), y.copy()) for x, y in batches]
+
+
+def test_sequence_batches_windows_shift_by_one_and_hold_out_the_tail():
+    ids = np.arange(1000)  # every id is its position
+    batches = SequenceBatches(ids, 8, 16, seed=3, held_out=0.1)
+    n_train = 900
+    for epoch in range(3):
+        starts = []
+        for x, y in batches:
+            assert x.shape[1] == y.shape[1] == 8 and x.dtype == y.dtype == np.int64
+            np.testing.assert_array_equal(x, x[:, :1] + np.arange(8))  # contiguous windows
+            np.testing.assert_array_equal(y, x + 1)                     # shifted by one
+            assert y.max() < n_train, "a training window reached the held-out tail"
+            starts += x[:, 0].tolist()
+        assert len(starts) == len(set(starts)) == (n_train - 1) // 8 == 112 == 16 * len(batches), \
+            "windows repeat or go missing"
+        assert len({s % 8 for s in starts}) == 1, "windows overlap"
+    held = list(batches.held_out_batches())
+    x = np.concatenate([x for x, _ in held])
+    y = np.concatenate([y for _, y in held])
+    np.testing.assert_array_equal(x[:, 0], ids[900 + 8 * np.arange(len(x))])
+    np.testing.assert_array_equal(y, ids[900 + 8 * np.arange(len(x))[:, None] + np.arange(1, 9)])
+    assert len(x) == 99 // 8 and [len(b) for b, _ in held] == [12]
+    assert list(SequenceBatches(ids, 8, 16, held_out=0).held_out_batches()) == []
+
+
+def test_sequence_batches_fresh_order_each_epoch_seeded_and_resumable():
+    ids = np.arange(2000)
+    a = SequenceBatches(ids, 10, 8, seed=1)
+    first, second = _epoch(a), _epoch(a)
+    assert not np.array_equal(first[0][0], second[0][0]), "the same order twice"
+    assert len({a.offset(epoch) for epoch in range(10)}) > 1, "the same windows every epoch"
+    again = SequenceBatches(ids, 10, 8, seed=1)
+    for (x1, y1), (x2, y2) in zip(first, _epoch(again)):
+        np.testing.assert_array_equal(x1, x2)
+        np.testing.assert_array_equal(y1, y2)
+    other = SequenceBatches(ids, 10, 8, seed=2)
+    assert not np.array_equal(_epoch(other)[0][0], first[0][0])
+    resumed = SequenceBatches(ids, 10, 8, seed=0)
+    resumed.load_state_dict(a.state_dict())
+    for (x1, _), (x2, _) in zip(_epoch(a), _epoch(resumed)):
+        np.testing.assert_array_equal(x1, x2)
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"ids": np.arange(20), "context": 20}, r"context=20 needs 21 ids a window .* the training "
+                                            r"part has 18 \(20 ids, held_out=0\.1\)"),
+    ({"ids": np.arange(200), "context": 20}, r"the held-out tail has 20 \(200 ids"),
+    ({"ids": np.arange(0), "context": 2}, r"the training part has 0"),
+    ({"ids": np.arange(50), "context": 2, "held_out": 1.0}, r"held_out is 1\.0"),
+    ({"ids": np.arange(50.0), "context": 2}, r"dtype float64; expected a 1-D integer array"),
+    ({"ids": np.arange(50), "context": 0}, r"context must be an integer >= 1, got 0"),
+])
+def test_sequence_batches_bad_inputs(kwargs, pattern):
+    kwargs = {"batch_size": 4, **kwargs}
+    with pytest.raises(DataError, match=pattern):
+        SequenceBatches(**kwargs)
 
 
 # --- house style ----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ NUMPY_ALLOWED = {
     "gpuflow/data/batches.py": "data loading: host arrays cut into batches",
     "gpuflow/data/digits.py": "data loading",
     "gpuflow/data/idx.py": "data loading (IDX files)",
+    "gpuflow/data/text.py": "data loading: text as host id arrays, cut into windows",
     "gpuflow/distributed/mpi.py": "MPI sums and broadcasts on host memory",
 }
 # Strings that look like a backend's name but name something else.

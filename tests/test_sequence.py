@@ -37,6 +37,18 @@ def _sdpa(**options):
                 attn_mask=None if options.get("mask") is None else torch.tensor(options["mask"])))
 
 
+def _torch_lstm(x, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.LSTM(batch_first=True), one layer, zero initial state, with these weights."""
+    layer = torch.nn.LSTM(x.shape[-1], w_hh.shape[1], batch_first=True, dtype=x.dtype)
+    weights = {"weight_ih_l0": w_ih, "weight_hh_l0": w_hh, "bias_ih_l0": b_ih, "bias_hh_l0": b_hh}
+    return torch.func.functional_call(layer, weights, (x,))[0]
+
+
+def _lstm_inputs(n, t, n_in, hidden):
+    return [_normal(n, t, n_in), _normal(4 * hidden, n_in) * 0.7,
+            _normal(4 * hidden, hidden) * 0.7, _normal(4 * hidden), _normal(4 * hidden)]
+
+
 # name: (builder over Inputs, float inputs, integer inputs, the same in torch). The integer
 # inputs come after the float ones in both functions' arguments.
 CASES = {
@@ -53,9 +65,13 @@ CASES = {
     "Mul-same-shape": (gf.Mul, [_normal(3, 4), _normal(3, 4)], [], torch.mul),
     "Mul-broadcast-both": (gf.Mul, [_normal(2, 1, 4), _normal(3, 1)], [], torch.mul),
     "Mul-same-input": (lambda x: gf.Mul(x, x), [_normal(2, 3)], [], lambda x: x * x),
+    "BiasAdd": (gf.BiasAdd, [_normal(2, 3, 4), _normal(4)], [], torch.add),
+    "BiasAdd-same-shape": (gf.BiasAdd, [_normal(3, 2), _normal(3, 2)], [], torch.add),
     "Scale": (lambda x: gf.Scale(x, -2.5), [_normal(2, 3)], [], lambda x: x * -2.5),
     "Reshape-minus-one": (lambda x: gf.Reshape(x, (3, -1, 2)), [_normal(2, 3, 4)], [],
                           lambda x: x.reshape(3, -1, 2)),
+    "Reshape-keep-leading": (lambda x: gf.Reshape(x, (None, None, 2, -1)), [_normal(2, 3, 4)],
+                             [], lambda x: x.reshape(2, 3, 2, -1)),
     "Transpose": (lambda x: gf.Transpose(x, (0, 2, 1, 3)), [_normal(2, 3, 4, 2)], [],
                   lambda x: x.permute(0, 2, 1, 3)),
     "Transpose-negative": (lambda x: gf.Transpose(x, (-1, 0, 1)), [_normal(2, 3, 4)], [],
@@ -93,6 +109,11 @@ CASES = {
     "SDPA-length-1": (_sdpa(causal=True)[0],
                       [_normal(2, 1, 1, 3), _normal(2, 1, 1, 3), _normal(2, 1, 1, 3)], [],
                       _sdpa(causal=True)[1]),
+    "LSTM": (gf.LSTM, _lstm_inputs(2, 4, 3, 2), [], _torch_lstm),
+    "LSTM-length-1": (gf.LSTM, _lstm_inputs(2, 1, 3, 2), [], _torch_lstm),
+    "LSTM-shared-bias": (lambda x, w_ih, w_hh, b: gf.LSTM(x, w_ih, w_hh, b, b),
+                         _lstm_inputs(1, 3, 2, 2)[:4], [],
+                         lambda x, w_ih, w_hh, b: _torch_lstm(x, w_ih, w_hh, b, b)),
 }
 
 
@@ -145,9 +166,9 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 
 
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
-FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "Scale",
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "BiasAdd", "Scale",
                  "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
-                 "SDPA-causal", "SDPA-mask-broadcast"]
+                 "SDPA-causal", "SDPA-mask-broadcast", "LSTM"]
 
 
 @pytest.mark.parametrize("name", FLOAT32_CASES)
@@ -308,6 +329,11 @@ def test_a_reshape_that_does_not_fit(device):
         graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
         expect(lambda: gf.forward_pass(node, graph), "Reshape 'r'", "(2, 3, 4)",
                str(shape), f"multiply to {count}")
+    X = gf.Input(name="x")
+    node = gf.Reshape(X, (None, 3, None, -1), name="r")
+    graph = gf.topological_sort({X: _normal(4, 6)}, device=device)
+    expect(lambda: gf.forward_pass(node, graph), "Reshape 'r'", "position 2 (None)",
+           "(4, 6) (2-D)")
     expect(lambda: gf.Reshape(X, (-1, -1)), "at most one -1")
 
 
@@ -323,12 +349,25 @@ def test_bad_axes(device):
              (lambda x: gf.Concat([x, gf.Transpose(x, (0, 2, 1))], axis=0),
               "differ outside axis 0"),
              (lambda x: gf.MatMul(x, x), "a.shape[-1] == b.shape[-2]"),
-             (lambda x: gf.Mul(x, gf.Transpose(x, (1, 0, 2))), "do not broadcast")]
+             (lambda x: gf.Mul(x, gf.Transpose(x, (1, 0, 2))), "do not broadcast"),
+             (lambda x: gf.BiasAdd(gf.Slice(x, 0, 1, axis=1), x), "would broadcast x")]
     for builder, part in cases:
         X = gf.Input(name="x")
         node = builder(X)
         graph = gf.topological_sort({X: _normal(2, 3, 4)}, device=device)
         expect(lambda: gf.forward_pass(node, graph), node.label, part)
+
+
+def test_lstm_shapes_that_do_not_fit(device):
+    good = {"x": (2, 3, 4), "W_ih": (8, 4), "W_hh": (8, 2), "b_ih": (8,), "b_hh": (8,)}
+    for slot, shape in [("x", (2, 4)), ("x", (2, 0, 4)), ("x", (2, 3, 5)), ("W_ih", (8, 3)),
+                        ("W_hh", (8, 3)), ("W_hh", (6, 2)), ("b_ih", (4,)), ("b_hh", (8, 1))]:
+        inputs = {k: gf.Input(name=k) for k in good}
+        node = gf.LSTM(*inputs.values(), name="rnn")
+        feed = {inputs[k]: _normal(*(shape if k == slot else s)) for k, s in good.items()}
+        graph = gf.topological_sort(feed, device=device)
+        expect(lambda: gf.forward_pass(node, graph), "LSTM 'rnn'", str(shape),
+               "W_hh (4H, H)", "Input 'W_ih'")
 
 
 def test_bad_options():
