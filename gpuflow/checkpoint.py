@@ -13,13 +13,15 @@ it. Its tensors:
     optim/<name>/<buffer>   optimizer buffers (SGD 'momentum', Adam 'm' and 'v')
     node/<node>/<key>       the state of every node with `state_dict()` (BatchNorm's statistics)
     schedule/<key>          array entries of a schedule's state (its numbers are metadata)
+    ema/<name>              one per parameter: the weight average of `save(..., ema=)`
+                            (gpuflow.optim.EMA; its decay and update count are metadata)
     state/<key>             extra state that is an array (scalars live in the metadata)
 
 Its string metadata: "format" ("gpuflow-checkpoint"), "format_version" ("2"),
 "gpuflow_version", "architecture" (JSON: the graph's nodes in order, each {"name", "type",
 "inputs"}) and "gpuflow" (JSON: dtype, device, parameter names and shapes, optimizer class,
 hyper-parameters, step count and buffer names, node state keys, schedule class and numbers,
-a mixed-precision graph's loss scale, step, epoch, scalar extra state, CRC-32s).
+the EMA's decay, update count and names, a mixed-precision graph's loss scale, step, epoch, scalar extra state, CRC-32s).
 
 `save` writes this format whatever the file is called, but refuses a name ending in `.npz`,
 the old format (a zip of `.npy` members), which `load` still reads (checkpoint_npz.py); `load`
@@ -62,12 +64,13 @@ _TENSOR_DTYPES = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32",
 # -- saving -------------------------------------------------------------------------------------
 def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
          schedule: Any = None, step: int = 0, epoch: int = 0,
-         state: "dict[str, Any] | None" = None) -> None:
-    """Write `graph`'s parameters and node state (and `optimizer`'s and `schedule`'s state) to
-    the safetensors file `path`, atomically.
+         state: "dict[str, Any] | None" = None, ema: Any = None) -> None:
+    """Write `graph`'s parameters and node state (and `optimizer`'s, `schedule`'s and `ema`'s
+    state) to the safetensors file `path`, atomically.
 
     step, epoch: ints stored as they are. schedule: an object with `state_dict()` (numbers) and
-    `load_state_dict()`, e.g. gpuflow.optim.StepLR. state: extra things to restore, {str: int,
+    `load_state_dict()`, e.g. gpuflow.optim.StepLR. ema: a gpuflow.optim.EMA of `graph`
+    (not swapped in: the parameters saved are the graph's own). state: extra things to restore, {str: int,
     float, str, bool, list of numbers, or NumPy array} (e.g. a Batches' state_dict, a host RNG's
     state). The file at `path` is replaced only once the new one is complete on disk.
     Raises CheckpointError for a value that cannot be stored, a path ending in `.npz`, or a
@@ -79,6 +82,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     step = _check_int(step, "step", path)
     epoch = _check_int(epoch, "epoch", path)
     arrays: dict[str, np.ndarray] = {}
+    ema_meta = None if ema is None else _ema_meta(ema, graph, arrays, path)
     params = graph.named_parameters()
     amp = getattr(graph, "amp", None)  # mixed precision: the float32 masters are the weights
     for name, p in params.items():
@@ -98,6 +102,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
             "dtype": amp.name, "scaler": pack(amp.scaler.state_dict(), arrays, "amp/", path)},
         "nodes": {},
         "schedule": None,
+        "ema": ema_meta,
         "step": step,
         "epoch": epoch,
     }
@@ -165,6 +170,24 @@ def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray]) -> dict[str, 
             "t": int(sd.get("t", 0)), "buffers": buffers}
 
 
+def _ema_meta(ema: Any, graph: Any, arrays: dict[str, np.ndarray], path: str) -> dict[str, Any]:
+    """The EMA's decay, update count and parameter names; its averages go into `arrays`."""
+    if getattr(ema, "graph", None) is not graph or not callable(getattr(ema, "state_dict", None)):
+        raise CheckpointError(f"checkpoint {path!r}: ema must be the gpuflow.optim.EMA of this "
+                              f"graph, got {type(ema).__name__}.\nhelp: pass EMA(graph), or "
+                              "ema=None.")
+    if getattr(ema, "_swapped", None) is not None:
+        raise CheckpointError(f"checkpoint {path!r}: the EMA's averaged weights are swapped into "
+                              "the graph, which would save them as its parameters.\nhelp: save "
+                              "outside `with ema.swapped():` (or after ema.swap_out()).")
+    sd = ema.state_dict()
+    names = [k for k in sd if k not in ("n_averaged", "decay")]
+    for name in names:
+        arrays[f"ema/{name}"] = np.asarray(sd[name], order="C")
+    return {"class": type(ema).__name__, "decay": float(sd["decay"]),
+            "n_averaged": int(sd["n_averaged"]), "names": names}
+
+
 def _jsonable(value: Any) -> bool:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return True
@@ -181,9 +204,10 @@ def _state_of(schedule: Any, path: str) -> dict[str, Any]:
 
 
 def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
-         schedule: Any = None) -> dict[str, Any]:
+         schedule: Any = None, ema: Any = None) -> dict[str, Any]:
     """Restore a checkpoint written by `save` (safetensors, or an old `.npz`) into `graph` (and
-    `optimizer`, and `schedule`), on the graph's current device and in its dtype.
+    `optimizer`, `schedule` and `ema`, a gpuflow.optim.EMA of `graph`), on the graph's current
+    device and in its dtype.
 
     Returns {"step": int, "epoch": int, "state": {key: value}, "meta": {...}}; array state comes
     back as NumPy arrays, scalars as Python ints, floats, strs and bools, lists as lists. The
@@ -191,7 +215,8 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     meta["optimizer"]["hyper"]); a schedule sets the optimizer's rate when it is restored.
     Raises CheckpointError, naming the file and the problem, for a missing or damaged file, a
     file that is not a gpuflow checkpoint, a parameter or node state missing, extra or of
-    another shape, or an optimizer or schedule of another class; nothing is changed then.
+    another shape, an optimizer or schedule of another class, or an EMA the file does not
+    hold; nothing is changed then.
     """
     path = fspath(path)
     contents = checkpoint_io.read(path)
@@ -203,6 +228,7 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     _check_fit(path, meta, arrays, params, nodes)
     opt_state = _check_optimizer(path, meta, arrays, optimizer) if optimizer is not None else None
     sched_state = _check_schedule(path, meta, arrays, schedule) if schedule is not None else None
+    ema_state = _check_ema(path, meta, arrays, ema, graph) if ema is not None else None
     state = unpack(meta["state"], arrays, "state/")
 
     # Everything is checked: move the values to the device (nothing assigned yet), restore the
@@ -229,6 +255,8 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
         node.load_state_dict(new_states[name])
     if sched_state is not None:
         schedule.load_state_dict(sched_state)
+    if ema_state is not None:
+        ema.load_state_dict(ema_state)
     for name, p in params.items():
         p.value = new_values[name]
         if amp is not None:
@@ -304,6 +332,8 @@ def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarra
     if meta["optimizer"] is not None:
         for name, bufs in meta["optimizer"]["buffers"].items():
             listed += [(f"optim/{name}/{b}", shapes.get(name), floating) for b in bufs]
+    if meta["ema"] is not None:
+        listed += [(f"ema/{name}", shapes.get(name), floating) for name in meta["ema"]["names"]]
     for name, keys in meta["nodes"].items():
         listed += [(f"node/{name}/{k}", None, "biuf") for k in keys]
     packs = [("state/", meta["state"])]
@@ -457,6 +487,33 @@ def _check_schedule(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarra
             check(state)
         except CheckpointError as exc:
             raise bad_meta(path, f"schedule.state: {str(exc).splitlines()[0]}") from None
+    return state
+
+
+def _check_ema(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], ema: Any,
+               graph: Any) -> dict[str, Any]:
+    """The EMA's saved state as `load_state_dict` takes it, checked against `ema`."""
+    saved = meta["ema"]
+    if getattr(ema, "graph", None) is not graph:
+        raise CheckpointError(f"checkpoint {path!r}: ema must be the gpuflow.optim.EMA of the "
+                              f"graph being loaded, got {type(ema).__name__}.\nhelp: pass "
+                              "EMA(graph), or ema=None.")
+    if saved is None:
+        raise CheckpointError(f"checkpoint {path!r} holds no EMA weights, but load was given "
+                              "an EMA.\nhelp: pass ema=None (and start the average afresh).")
+    own = {name: tuple(avg.shape) for name, avg in ema.average.items()}
+    if sorted(saved["names"]) != sorted(own):
+        raise CheckpointError(f"checkpoint {path!r}: its EMA averages {sorted(saved['names'])}, "
+                              f"this graph's parameters are {sorted(own)}.\nhelp: build the "
+                              "model the checkpoint was saved from, or pass ema=None.")
+    state: dict[str, Any] = {"n_averaged": saved["n_averaged"], "decay": saved["decay"]}
+    for name in saved["names"]:
+        host = arrays[f"ema/{name}"]
+        if tuple(host.shape) != own[name]:
+            raise CheckpointError(f"checkpoint {path!r}: the EMA average of {name!r} has shape "
+                                  f"{tuple(host.shape)}, this graph's parameter {own[name]}.\n"
+                                  "help: build the model the checkpoint was saved from.")
+        state[name] = host
     return state
 
 

@@ -95,6 +95,7 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     meta.setdefault("nodes", {})      # absent from format 1
     meta.setdefault("schedule", None)
     meta.setdefault("amp", None)      # absent before mixed precision
+    meta.setdefault("ema", None)      # absent before weight averaging
     if meta["format_version"] >= 2:
         for key, crc in _field(path, meta, "crc32", "dict").items():
             _expect(path, crc, "size", f"crc32[{key!r}]")
@@ -125,6 +126,13 @@ def check_meta(path: str, meta: dict[str, Any]) -> None:
     if sched is not None:
         _field(path, sched, "class", "str", "schedule.")
         _check_packed(path, _field(path, sched, "state", "dict", "schedule."), "schedule.state")
+    ema = _field(path, meta, "ema", "dict?")
+    if ema is not None:
+        _field(path, ema, "class", "str", "ema.")
+        _field(path, ema, "decay", "float", "ema.")
+        _field(path, ema, "n_averaged", "size", "ema.")
+        for j, name in enumerate(_field(path, ema, "names", "list", "ema.")):
+            _expect(path, name, "str", f"ema.names[{j}]")
     amp = _field(path, meta, "amp", "dict?")
     if amp is not None:
         _field(path, amp, "dtype", "str", "amp.")

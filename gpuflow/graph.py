@@ -424,6 +424,15 @@ class Graph:
         return placement.compare(self, other_device, batches, dtype=dtype, rtol=rtol,
                                  atol=atol, training=training)
 
+    def profile(self, *batches: Any, steps: int = 10, warmup: int = 2,
+                optimizer: Any = None) -> Any:
+        """Time each node's forward and backward (and `optimizer.step()`, as a row of its own)
+        over `steps` training steps on `batches` after `warmup` untimed ones; a report that
+        prints as a table, slowest first (gpuflow/profiler.py). Profiling trains: the steps
+        are real ones. Only these steps are timed: a normal step calls no timer."""
+        from .profiler import profile
+        return profile(self, batches, steps=steps, warmup=warmup, optimizer=optimizer)
+
     def item(self, value: Any) -> float:
         """A device scalar (e.g. the loss) as a Python float: synchronises, counted."""
         with LEDGER.allowed():

@@ -84,6 +84,21 @@ def test_bench_refuses_gpu_only_workload_on_cpu(capsys):
     assert "only on GPU" in capsys.readouterr().err
 
 
+def test_bench_profile_prints_the_per_node_table(tmp_path, capsys):
+    """`gpuflow bench --profile W2`: Graph.profile's table for the workload, not the benchmark."""
+    rc, data = _run(tmp_path, "--profile", "w2")
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("W2: 784-128-10 relu, softmax CE, batch 64, float32")
+    assert "output shape" in out and "SGD update" in out and "wall per step over 2 steps" in out
+    rows = data["profile"]["rows"]
+    assert {r["kind"] for r in rows} >= {"Linear", "ReLU", "SoftmaxCrossEntropy", "SGD update"}
+    assert [r["total_s"] for r in rows] == sorted((r["total_s"] for r in rows), reverse=True)
+    assert "timing" not in data  # the benchmark itself did not run
+    assert bench.main(["--quick", "--profile", "W9"]) == 2
+    assert "unknown workload 'W9'" in capsys.readouterr().err
+    assert bench.main(["--quick", "--profile", "W4"]) == 2
+
+
 def test_bench_reports_a_loss_mismatch(tmp_path, monkeypatch, capsys):
     real = bench.NdarrayFloor.step
 

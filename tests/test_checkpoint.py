@@ -135,6 +135,69 @@ def test_resume_equals_uninterrupted(device, tmp_path, opt_name):
         np.testing.assert_allclose(resumed, full_losses, rtol=1e-12, atol=0)
 
 
+def train_ema(graph, optimizer, ema, batches, n, index=0):
+    """`train` with `ema.update()` after every optimizer step."""
+    losses, i = [], index - 1
+    it = stream(batches, index)
+    for _ in range(n):
+        i, (xb, yb) = next(it)
+        losses.append(graph.item(graph.step(xb, yb)))
+        optimizer.step()
+        ema.update()
+    return losses, i + 1
+
+
+def host_ema(ema):
+    return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v)
+            for k, v in ema.state_dict().items()}
+
+
+def test_resume_restores_the_ema_bit_for_bit(device, tmp_path):
+    """save(..., ema=) / load(..., ema=): the averages and the update count come back bit for
+    bit, and the resumed run's averages equal an uninterrupted run's."""
+    from gpuflow.optim import EMA
+    exact = device.name == "cpu"
+    graph = build(device)
+    opt, ema = Adam(graph, lr=1e-2), EMA(graph, decay=0.8)
+    train_ema(graph, opt, ema, make_batches(), N_STEPS + M_STEPS)
+    expected = host_ema(ema)
+
+    graph = build(device)
+    opt = Adam(graph, lr=1e-2)
+    ema = EMA(graph, decay=0.8)
+    _, index = train_ema(graph, opt, ema, make_batches(), N_STEPS)
+    saved = host_ema(ema)
+    path = tmp_path / "run.safetensors"
+    save(path, graph, opt, ema=ema, state={"index": index})
+    with safetensors.safe_open(path, framework="numpy") as f:
+        assert {k for k in f.keys() if k.startswith("ema/")} == {
+            f"ema/{n}" for n in graph.named_parameters()}
+    with ema.swapped(), pytest.raises(CheckpointError, match="swapped"):
+        save(tmp_path / "other.safetensors", graph, opt, ema=ema)
+
+    graph = build(device, seed=1)
+    opt = Adam(graph, lr=1e-2)
+    ema = EMA(graph, decay=0.8)
+    load(path, graph, opt, ema=ema)
+    assert ema.n_averaged == N_STEPS
+    assert_same(host_ema(ema), saved, exact=True, what="EMA state after load")
+    assert all(device.owns(a) for a in ema.average.values())
+    batches = make_batches()
+    for _ in range(N_STEPS // 5):  # the epochs the first run went through
+        list(batches)
+    train_ema(graph, opt, ema, batches, M_STEPS, index=index)
+    assert_same(host_ema(ema), expected, exact=exact, what="EMA state")
+
+    # a checkpoint without an EMA refuses one, and changes nothing
+    plain = tmp_path / "plain.safetensors"
+    save(plain, graph, opt)
+    before = host_params(graph)
+    with pytest.raises(CheckpointError, match="holds no EMA"):
+        load(plain, graph, opt, ema=ema)
+    assert_same(host_params(graph), before, exact=True, what="parameter")
+    load(path, graph, opt)  # and one with an EMA loads without it
+
+
 def test_resume_without_optimizer_state_differs(tmp_path):
     """The resume test above can fail: a fresh Adam (t = 0, no moments) gives other weights."""
     graph = build()

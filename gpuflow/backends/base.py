@@ -39,6 +39,8 @@ about a library, so that nothing there imports one or switches on a backend's na
   when `collectives` is not None.
 - `jit(fn)`: a pure function of arrays compiled by the library (`jax.jit`), or None where it
   has no compiler; `gpuflow.compiled.compile_step` builds a whole training step on it.
+- `profile_clock()`: how gpuflow's profiler (gpuflow/profiler.py) times work on this device
+  (`HostClock` here; CUDA events in the CuPy and torch backends).
 - `scope()`, `forbid_sync()`, `quiet_float_errors()`, `describe()`, `new_buffer()`, `memory_keys()`, `dtype()`,
   `is_floating()`, `owns()`.
 
@@ -50,6 +52,7 @@ below. See docs/backends.md for a worked example (JAX).
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any, Callable
 
 from ..errors import DeviceError, GraphError
@@ -454,6 +457,17 @@ class Device:
         indices get the same answer): a PCI bus id where the library gives one, else `name`."""
         return self.name
 
+    # -- profiling ---------------------------------------------------------------------------------
+    def profile_clock(self) -> "HostClock":
+        """A clock for the profiler (`Graph.profile`): `mark(results=None)` a point after the
+        work queued so far (`results`: the arrays the work just timed made, where a library
+        can wait for those alone), `seconds(start, end)` between two marks once `wait()` has
+        returned. Here: wait for
+        the device where it queues work, then read time.perf_counter; GPU backends record
+        events instead, which wait for nothing. Only the profiler makes one: a normal step
+        times nothing. Its waits are not counted in LEDGER (they exist only while profiling)."""
+        return HostClock(None if self.is_host else self._synchronize)
+
     # -- library-specific ----------------------------------------------------------------------
     def owns(self, value: Any) -> bool:
         """Whether `value` is an array of this library on this device."""
@@ -489,6 +503,29 @@ class Device:
 
     def _synchronize(self) -> None:
         pass
+
+
+class HostClock:
+    """`Device.profile_clock()` on devices without events: each mark waits for the device's
+    queued work (`wait`, None where nothing is queued) and reads time.perf_counter."""
+
+    kind = "time.perf_counter after the device's synchronise"
+
+    def __init__(self, wait: "Callable[[], None] | None") -> None:
+        self._wait = wait
+
+    def mark(self, results: Any = None) -> float:
+        if self._wait is not None:
+            self._wait()
+        return time.perf_counter()
+
+    def wait(self) -> None:
+        if self._wait is not None:
+            self._wait()
+
+    @staticmethod
+    def seconds(start: float, end: float) -> float:
+        return end - start
 
 
 def dtype_name(dtype: Any) -> str:

@@ -86,6 +86,30 @@ class CupyDevice(Device):
     def _synchronize(self) -> None:
         self.native.synchronize()
 
+    def profile_clock(self) -> "_CupyEvents":
+        return _CupyEvents(self)
+
+
+class _CupyEvents:
+    """`profile_clock()` on a GPU: CUDA events recorded on the current stream (a mark waits
+    for nothing; `wait()` synchronises once, before `seconds` reads them)."""
+
+    kind = "CUDA events (cupy.cuda.Event)"
+
+    def __init__(self, device: CupyDevice) -> None:
+        self._cuda, self._device = device._cupy.cuda, device.native
+
+    def mark(self, results: Any = None) -> Any:
+        event = self._cuda.Event()
+        event.record()
+        return event
+
+    def wait(self) -> None:
+        self._device.synchronize()
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return self._cuda.get_elapsed_time(start, end) / 1e3
+
 
 class _CupyRng:
     """CuPy's generator on one GPU: `uniform(shape, dtype, out=None)` in [0, 1) there, with no

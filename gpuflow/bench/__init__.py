@@ -26,6 +26,7 @@ block) so machine noise hits all of them alike; the table shows the median per-s
 
     python -m gpuflow.bench --device cpu
     python -m gpuflow.bench --device cuda --workloads W3,W4 --json out.json
+    python -m gpuflow.bench --profile W6      # which node takes the time (Graph.profile)
 
 The package: `workloads` (networks, batches, weights), `variants` (gpuflow's Graph and MiniFlow
 variants, and the table that picks a device's floor), one module per library floor
@@ -87,7 +88,30 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny rounds for tests (2 rounds, 1 step per block)")
     p.add_argument("--json", metavar="PATH", help="write every number to PATH")
+    p.add_argument("--profile", metavar="W", default=None,
+                   help="instead of the benchmark, print the per-node profile of workload W's "
+                        "Graph + SGD step (Graph.profile: each node's forward and backward, "
+                        "the update; 10 steps, 2 with --quick)")
     return p
+
+
+def _profile(name: str, device: Any, dtype: str, seed: int, quick: bool,
+             json_path: str | None) -> int:
+    """`gpuflow bench --profile W`: the Graph variant's step of workload W, profiled."""
+    from .variants import GraphVariant
+    w = WORKLOADS[name]
+    print(f"[{name}] {w.describe()}: profile of the gpuflow Graph + SGD step ...",
+          file=sys.stderr, flush=True)
+    v = GraphVariant(w, device, dtype, seed, w.make_data(dtype, seed))
+    result = v.graph.profile(v.xb, v.yb, steps=2 if quick else 10, warmup=1 if quick else 2,
+                             optimizer=v.opt)
+    print(f"{name}: {w.describe()}, {dtype}")
+    print(result)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"workload": name, "describe": w.describe(), "dtype": dtype,
+                       "profile": result.to_dict()}, f, indent=1)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,6 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 "--workloads or pass --device cuda.")
     else:
         names = [n for n, w in WORKLOADS.items() if device.is_gpu or not w.gpu_only]
+    if args.profile is not None:
+        name = args.profile.strip().upper()
+        if name not in WORKLOADS:
+            return report_error("gpuflow bench", f"--profile: unknown workload {args.profile!r}."
+                                f"\nhelp: choose one of {','.join(WORKLOADS)}.")
+        if WORKLOADS[name].gpu_only and not device.is_gpu:
+            return report_error("gpuflow bench", f"{name} runs only on GPU devices, and "
+                                f"{device.name} is not one.\nhelp: pass --device cuda, or "
+                                "profile another workload.")
+        return _profile(name, device, args.dtype, args.seed, args.quick, args.json)
     rtol = 1e-3 if args.dtype == "float32" else 1e-6
 
     results: dict[str, Any] = {"device": device.name, "dtype": args.dtype, "rounds": rounds,

@@ -40,8 +40,10 @@ def cross_check(variants: dict[str, Variant | None], rtol: float) -> dict[str, A
     return {"ok": not bad, "rtol": rtol, "losses": losses, "mismatches": bad}
 
 
-def _block(v: Variant, k: int) -> tuple[float, dict[str, int] | None]:
-    """Seconds per step over k steps (synchronised at the end), and the ledger change."""
+def time_block(v: Variant, k: int) -> tuple[float, dict[str, int] | None]:
+    """Seconds per step over k steps of `v` (synchronised before and at the end), and the
+    ledger change. The one timing loop: the rounds below and the profiler
+    (gpuflow/profiler.py) use it."""
     v.prepare()
     v.sync()
     before = LEDGER.snapshot() if v.ledger else None
@@ -63,7 +65,7 @@ def time_variants(variants: dict[str, Variant | None], rounds: int, min_time: fl
     live = [(n, v) for n, v in variants.items() if v is not None]
     steps: dict[str, int] = {}
     for name, v in live:
-        per_step, _ = _block(v, warmup)
+        per_step, _ = time_block(v, warmup)
         steps[name] = max(1, math.ceil(min_time / max(per_step, 1e-9)))
     samples: dict[str, list[float]] = {n: [] for n, _ in live}
     ledger: dict[str, dict[str, int]] = {}
@@ -72,7 +74,7 @@ def time_variants(variants: dict[str, Variant | None], rounds: int, min_time: fl
     for r in range(rounds):
         shift = r % len(live)
         for name, v in live[shift:] + live[:shift]:
-            dt, delta = _block(v, steps[name])
+            dt, delta = time_block(v, steps[name])
             samples[name].append(dt)
             timed_steps[name] += steps[name]
             if delta is not None:
