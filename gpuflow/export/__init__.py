@@ -37,12 +37,12 @@ benchmarks/export_onnx.py --ndonnx): tracing the array-API forward pass (the sta
 module's `predict`) through ndonnx fails with a dynamic batch dimension (the forward code
 makes arrays of its input's shape, `xp.zeros((n, ...))`, and n is unknown while tracing); with
 the batch fixed at 256 it records 333 operators (187 Constants; the convolution as im2col
-slices, Concat and MatMul, no ONNX Conv), which onnxruntime ran in 42 ms at batch 256 against
-0.85 ms for the 13 operators the mapping writes (Conv, BatchNormalization, MaxPool, Gemm run
-by the runtime's own kernels, which TensorRT, CoreML or web runtimes also fuse). ndonnx would
-also be a second array backend for every node to support (devices, buffers, `ops`). The
-mapping costs one short function per node kind and keeps `onnx` the only dependency
-(`pip install 'gpuflow[onnx]'`).
+slices, Concat and MatMul, no ONNX Conv), which onnxruntime ran in 42 to 55 ms at batch 256
+(two runs) against 0.85 to 1.2 ms for the 13 operators the mapping writes (Conv,
+BatchNormalization, MaxPool, Gemm: the runtime's own kernels, which TensorRT, CoreML or web
+runtimes also fuse). Running the nodes themselves on ndonnx would also make it a gpuflow
+backend that every node must support (devices, buffers, `ops`). The mapping costs one short
+function per node kind and keeps `onnx` the only dependency (`pip install 'gpuflow[onnx]'`).
 """
 
 from __future__ import annotations
@@ -129,12 +129,13 @@ class Plan:
                    and exporter(n, kind) is None]
         if missing:
             names = ", ".join(sorted({type(n).__name__ for n in missing}))
+            first = names.split(",")[0]
             raise ExportError(
                 f"export: no {'ONNX' if kind == 'onnx' else 'Python'} exporter for "
                 f"{', '.join(n.label for n in missing[:4])}"
                 f"{', ...' if len(missing) > 4 else ''} ({names}).\nhelp: give the class a "
-                f"method to_{kind}(self, ctx), or call gpuflow.export.register({names.split(',')[0]}"
-                f", {kind}=fn); see help(gpuflow.export).")
+                f"method to_{kind}(self, ctx), or call gpuflow.export.register({first}, "
+                f"{kind}=fn); see help(gpuflow.export).")
         # One evaluation pass on the example: every node's shape, and gpuflow's outputs.
         batches = example if isinstance(example, (tuple, list)) else (example,)
         try:

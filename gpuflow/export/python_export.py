@@ -111,9 +111,9 @@ def _module(plan: Plan, ctx: PythonContext) -> str:
     returned = ", ".join(outputs)
     helpers = "\n\n".join(HELPERS[name].strip("\n") for name in ctx.helpers)
     args = ", ".join(inputs)
-    return f'''"""The evaluation pass of a gpuflow graph (Dropout the identity, BatchNorm with its running
-statistics), exported by gpuflow {__version__}. It imports nothing from gpuflow and runs on any
-array-API library (NumPy, CuPy, PyTorch, JAX, ...):
+    return f'''"""The evaluation pass of a gpuflow graph (Dropout the identity, BatchNorm with its
+running statistics), exported by gpuflow {__version__}. It imports nothing from gpuflow and runs
+on any array-API library (NumPy, CuPy, PyTorch, JAX, ...):
 
     import numpy as np                  # or torch, jax.numpy, cupy, ...
     import model
