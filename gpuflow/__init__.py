@@ -39,3 +39,4 @@ __all__ = [
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py
+from . import export  # noqa: E402 - gpuflow.export.to_onnx / to_python; imports onnx only when used

@@ -1,4 +1,4 @@
-"""The `gpuflow` command: `train` a classifier, list `devices`, run the `bench` suite.
+"""The `gpuflow` command: `train` a classifier, `export` it, list `devices`, run `bench`.
 
     gpuflow train                      # 64-128-10 MLP on the bundled digits, device 'auto'
     gpuflow train --device cpu --epochs 5 --hidden 256 128 --optimizer sgd --lr 0.1
@@ -8,6 +8,7 @@
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
+    gpuflow export run.safetensors --onnx model.onnx    # or --python FOLDER (gpuflow.export)
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -499,7 +500,8 @@ def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, A
             if opts.save is not None and ctx.is_root:  # every rank holds the same state
                 checkpoint.save(opts.save, graph, optimizer, schedule=schedule, step=step,
                                 epoch=epoch + 1,
-                                state=_checkpoint_state(batches, losses, accuracies, opts))
+                                state={**_checkpoint_state(batches, losses, accuracies, opts),
+                                       **model_state(X_train.shape[1:], n_classes)})
 
     final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
     seconds = time.perf_counter() - started
@@ -539,6 +541,12 @@ def build_model(opts: TrainOptions, sample_shape: tuple[int, ...], n_classes: in
         arch = "-".join(str(s) for s in sizes) + " MLP"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     return X_in, y_in, logits, loss, arch
+
+
+def model_state(sample_shape: tuple[int, ...], n_classes: int) -> dict[str, Any]:
+    """What build_model needs besides the run's settings, saved with them for `gpuflow export`:
+    {"run.sample_shape": [...], "run.classes": n}."""
+    return {"run.sample_shape": [int(s) for s in sample_shape], "run.classes": int(n_classes)}
 
 
 def make_schedule(name: str | None, optimizer: Any, epochs: int) -> Any:
@@ -667,7 +675,7 @@ def build_parser() -> CommandParser:
     """The `gpuflow` argument parser with its train, devices and bench commands."""
     parser = CommandParser(prog=PROG, description="gpuflow: MiniFlow's graph on any array-API "
                            "backend (NumPy, CuPy, PyTorch).")
-    commands = parser.add_subparsers(dest="command", metavar="{train,devices,bench}",
+    commands = parser.add_subparsers(dest="command", metavar="{train,export,devices,bench}",
                                      parser_class=CommandParser)
     commands.required = True
     d = TrainOptions()
@@ -729,6 +737,20 @@ def build_parser() -> CommandParser:
     t.add_argument("--check-finite", action="store_true",
                    help="after every step, check every value and gradient for NaN/Inf and stop "
                    "at the first, naming the node and the step (one extra read per step)")
+    e = parser.add_command(
+        commands, "export", help="export a checkpoint of gpuflow train as ONNX or as a "
+        "standalone Python module", formatter_class=HelpFormatter,
+        description="Rebuild the model a checkpoint of 'gpuflow train --save' holds (from the "
+        "run's settings saved with it) and write its evaluation pass (Dropout off, BatchNorm's "
+        "running statistics): --onnx as an ONNX file with a dynamic batch dimension (needs "
+        "the onnx package: pip install 'gpuflow[onnx]'), --python as FOLDER/model.py and "
+        "FOLDER/weights.safetensors, which run without gpuflow on NumPy, CuPy, PyTorch or JAX.")
+    e.add_argument("checkpoint", metavar="CHECKPOINT", help="a file written by gpuflow train "
+                   "--save")
+    e.add_argument("--onnx", metavar="PATH", help="write the ONNX model here")
+    e.add_argument("--python", metavar="FOLDER", help="write model.py and weights.safetensors "
+                   "into this folder (made if missing)")
+    e.add_argument("--opset", type=int, metavar="N", help="ONNX opset (default: 17)")
     parser.add_command(commands, "devices",
                        help="list every backend and device, available or not")
     parser.add_command(commands, "bench", help="run benchmarks (gpuflow.bench); "
@@ -758,6 +780,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog = f"{PROG} {ns.command}"
         if ns.command == "devices":
             return devices()
+        if ns.command == "export":
+            from .export.checkpoints import export_checkpoint
+            return export_checkpoint(ns.checkpoint, onnx=ns.onnx, python=ns.python,
+                                     opset=ns.opset)
         ns.given = given_options(parser.commands["train"], args[1:])
         train(ns)
         return 0

@@ -32,6 +32,11 @@ class DistributedError(GpuflowError, RuntimeError):
     """A multi-process run that cannot go on: a failed collective, a rank that died, a bad shard."""
 
 
+class ExportError(GpuflowError, ValueError):
+    """A graph that cannot be exported (gpuflow.export): a node without an exporter, an output
+    not in the graph, a path that cannot be written."""
+
+
 def check_int(value: object, name: str, low: int = 0, *, where: str = "",
               error: type[Exception] = ValueError) -> int:
     """`value` as an int >= `low`, else `error` naming `name` (and `where`, e.g. the function);
@@ -41,3 +46,4 @@ def check_int(value: object, name: str, low: int = 0, *, where: str = "",
         raise error(f"{prefix}{name} must be an integer >= {low}, got {value!r}.\n"
                     f"help: pass e.g. {name}={max(low, 1)}.")
     return int(value)
+

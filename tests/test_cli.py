@@ -700,3 +700,67 @@ def test_messages_name_nodes_without_a_doubled_quote():
         source = path.read_text()
         assert not re.search(r"label\}'s", source), f"{path.name}: {{...label}}'s"
         assert "help: build a {" not in source, path.name
+
+
+# -- gpuflow export ------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_export_writes_the_model_of_a_train_checkpoint(tmp_path, capsys, model):
+    """`gpuflow export CHECKPOINT --onnx PATH --python FOLDER` rebuilds the model from the run's
+    settings saved with the checkpoint (the CNN on 28x28 images: run.sample_shape) and writes
+    its evaluation pass; both give gpuflow's logits."""
+    from gpuflow import checkpoint
+    from gpuflow.cli import build_model
+    ckpt = str(tmp_path / "run.safetensors")
+    data = write_tiny_mnist(tmp_path / "mnist") if model == "cnn" else None
+    opts = {"model": model, "hidden": (8,), "dropout": 0.1, "seed": 3}
+    train({**opts, "device": "cpu", "epochs": 1, "quiet": True, "save": ckpt,
+           "data": str(data) if data else None})
+    onnx_path, folder = tmp_path / "model.onnx", tmp_path / "standalone"
+    has_onnx = _has("onnx")
+    args = ["export", ckpt, "--python", str(folder)] + (["--onnx", str(onnx_path)] if has_onnx
+                                                        else [])
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"wrote {folder / 'model.py'}" in out, out
+    # gpuflow's own evaluation of the checkpoint, built here from the options
+    shape = (1, 28, 28) if model == "cnn" else (64,)
+    X, y, logits, loss, _ = build_model(TrainOptions(**opts), shape, 10)
+    graph = Graph(loss, device="cpu", inputs=[X, y], outputs=[logits])
+    checkpoint.load(ckpt, graph)
+    x = np.random.default_rng(0).random((5, *shape), dtype=np.float32)
+    expected = gf.to_numpy(graph.run(logits, x))
+    namespace: dict = {}
+    exec(compile((folder / "model.py").read_text(), "model.py", "exec"), namespace)
+    got = namespace["predict"](x, namespace["load"](str(folder / "weights.safetensors"), np))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    if has_onnx and _has("onnxruntime"):
+        import onnxruntime
+        session = onnxruntime.InferenceSession(str(onnx_path),
+                                               providers=["CPUExecutionProvider"])
+        got = session.run(None, {"X": x})[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_export_needs_the_run_settings_in_the_checkpoint(tmp_path, capsys):
+    """A checkpoint without the run's settings (an older gpuflow, or checkpoint.save) is one
+    line saying so, and nothing is written; one from before run.sample_shape (an MLP) is
+    rebuilt from its parameters' shapes."""
+    from gpuflow import checkpoint
+    from gpuflow.cli import _run_state, build_model
+    opts = TrainOptions(hidden=(6,))
+    opts.check()
+    X, y, logits, loss, _ = build_model(opts, (64,), 10)
+    graph = Graph(loss, device="cpu", inputs=[X, y], outputs=[logits])
+    bare, older = str(tmp_path / "bare.safetensors"), str(tmp_path / "older.safetensors")
+    checkpoint.save(bare, graph)
+    checkpoint.save(older, graph, state=_run_state(opts))
+    folder = tmp_path / "out"
+    assert main(["export", bare, "--python", str(folder)]) == 2
+    line = _one_error_line(capsys.readouterr().err, prog="gpuflow export")
+    assert "does not say which model it holds" in line, line
+    assert not folder.exists()
+    assert main(["export", older, "--python", str(folder)]) == 0
+    assert (folder / "model.py").is_file() and (folder / "weights.safetensors").is_file()
+    assert main(["export", older]) == 2
+    assert "pass --onnx PATH, --python FOLDER" in _one_error_line(capsys.readouterr().err,
+                                                                  prog="gpuflow export")

@@ -1,0 +1,281 @@
+"""Standalone export: `model.py` (one readable line, or small block, per node) and
+`weights.safetensors`, which run without gpuflow on any array-API library.
+
+An exporter is fn(node, ctx): it reads the expressions of its inputs (`ctx.input(node, i)`: a
+variable, or `weights["name"]` for a weight) and writes lines that assign
+`ctx.output(node)` (`ctx.line(...)`), using `xp`, the namespace of the input array, and only
+the array API standard. Convolution and pooling use helper functions written into model.py
+(`ctx.helper("conv2d")`): im2col by slicing and one matmul, as gpuflow's portable route does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from ..errors import CheckpointError, ExportError
+from ..nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
+from ..norm import BatchNorm, Dropout, LayerNorm
+from . import Plan, check_target, exporter, register
+
+
+class PythonContext:
+    """What a Python exporter writes with: expressions for inputs and weights, lines, helpers."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.lines: list[str] = []
+        self.helpers: list[str] = []
+
+    def output(self, node: Node) -> str:
+        """The expression of `node`'s value: its variable ('cnn_conv1'), or for a weight
+        `weights["cnn.conv1.W"]`."""
+        if isinstance(node, Input) and node not in self.plan.inputs:
+            return self.weight(self.plan.weight_key(node))
+        return self.plan.names.of(node)
+
+    def input(self, node: Node, i: int = 0) -> str:
+        """The expression of the node's inbound node i."""
+        return self.output(node.inbound_nodes[i])
+
+    def weight(self, key: str) -> str:
+        """The expression of the stored array `key`."""
+        return f"weights[{json.dumps(key)}]"
+
+    def state(self, node: Node) -> dict[str, str]:
+        """{key: expression} of the node's state (BatchNorm's running statistics), stored."""
+        return {key: self.weight(name) for key, name in self.plan.state(node).items()}
+
+    def shape(self, node: Node) -> tuple[int, ...]:
+        """The node's value's shape on the example (its first entry is the batch size there)."""
+        return self.plan.shapes[node]
+
+    def line(self, text: str) -> None:
+        """Append a line (or lines) to predict's body."""
+        self.lines.extend(text.splitlines())
+
+    def helper(self, name: str) -> str:
+        """Write the helper function `name` (of HELPERS) into model.py; returns the name."""
+        for needed in _HELPER_NEEDS.get(name, ()) + (name,):
+            if needed not in self.helpers:
+                self.helpers.append(needed)
+        return name
+
+
+def to_python(graph: Any, folder: "str | os.PathLike[str]", outputs: Any, *,
+              example: Any) -> Path:
+    """gpuflow.export.to_python (see there)."""
+    from safetensors.numpy import save as to_bytes
+
+    target = check_target(folder, "to_python: folder", folder=True)
+    plan = Plan(graph, outputs, example, "python")
+    ctx = PythonContext(plan)
+    for node in plan.nodes:
+        if not isinstance(node, Input):
+            exporter(node, "python")(node, ctx)
+    source = _module(plan, ctx)
+    compile(source, "model.py", "exec")  # a broken exporter fails here, before any write
+    weights = to_bytes(dict(plan.weights), metadata={"format": "gpuflow-export"})
+    from ..checkpoint_io import write_atomically
+    made = not target.exists()
+    try:
+        target.mkdir(exist_ok=True)
+        write_atomically(str(target / "weights.safetensors"), weights)
+        write_atomically(str(target / "model.py"), source.encode())
+    except (OSError, CheckpointError) as exc:
+        for name in ("weights.safetensors", "model.py"):
+            if made:
+                (target / name).unlink(missing_ok=True)
+        if made and target.is_dir():
+            target.rmdir()
+        raise ExportError(f"to_python: cannot write {os.fspath(folder)}: "
+                          f"{exc.__cause__ or exc}.\nhelp: check the free space and "
+                          "permissions there.") from None
+    return target / "model.py"
+
+
+def _module(plan: Plan, ctx: PythonContext) -> str:
+    """The text of model.py."""
+    from .. import __version__
+    inputs = [plan.names.of(n) for n in plan.inputs]
+    outputs = [ctx.output(n) for n in plan.outputs]
+
+    def described(nodes: list, names: list) -> str:
+        return ", ".join(f"{name} {('N', *plan.shapes[n][1:])}".replace("'N'", "N")
+                         for n, name in zip(nodes, names))
+
+    body = "\n".join(f"    {line}" if line else "" for line in ctx.lines)
+    returned = ", ".join(outputs)
+    helpers = "\n\n".join(HELPERS[name].strip("\n") for name in ctx.helpers)
+    args = ", ".join(inputs)
+    return f'''"""The evaluation pass of a gpuflow graph (Dropout the identity, BatchNorm with its
+running statistics), exported by gpuflow {__version__}. It imports nothing from gpuflow and runs
+on any array-API library (NumPy, CuPy, PyTorch, JAX, ...):
+
+    import numpy as np                  # or torch, jax.numpy, cupy, ...
+    import model
+    weights = model.load("weights.safetensors", np)
+    outputs = model.predict({args}, weights)
+
+Inputs: {described(plan.inputs, inputs)}, {plan.dtype}.
+Outputs: {described(plan.outputs, outputs)}.
+"""
+
+from array_api_compat import array_namespace, device as device_of
+
+
+def load(path, xp, device=None):
+    """The weights stored in `path` (safetensors) as arrays of the namespace `xp`, on `device`
+    (None: xp's default)."""
+    from safetensors.numpy import load_file
+    arrays = load_file(path)
+    if device is None:
+        return {{name: xp.asarray(array) for name, array in arrays.items()}}
+    return {{name: xp.asarray(array, device=device) for name, array in arrays.items()}}
+
+
+def predict({args}, weights):
+    """{returned} from {args}, computed in the namespace of {inputs[0]}."""
+    xp = array_namespace({args})
+{body}
+    return {returned}
+''' + (f"\n\n# -- helpers: only the array API standard --\n\n{helpers}\n" if helpers else "")
+
+
+# -- helper functions written into model.py -----------------------------------------------------
+HELPERS = {
+    "pad2d": '''
+def pad2d(xp, x, ph, pw):
+    """x (N, C, H, W) with ph zero rows above and below, pw zero columns left and right."""
+    n, c, h, w = x.shape
+    if ph:
+        rows = xp.zeros((n, c, ph, w), dtype=x.dtype, device=device_of(x))
+        x = xp.concat([rows, x, rows], axis=2)
+    if pw:
+        cols = xp.zeros((n, c, h + 2 * ph, pw), dtype=x.dtype, device=device_of(x))
+        x = xp.concat([cols, x, cols], axis=3)
+    return x
+''',
+    "windows": '''
+def windows(x, kh, kw, sh, sw):
+    """The kh * kw strided slices of x (N, C, H, W), (N, C, Ho, Wo) each: entry (i, j) of
+    every window of size (kh, kw) and stride (sh, sw)."""
+    ho, wo = (x.shape[2] - kh) // sh + 1, (x.shape[3] - kw) // sw + 1
+    return [x[:, :, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+            for i in range(kh) for j in range(kw)]
+''',
+    "conv2d": '''
+def conv2d(xp, x, w, b, stride, padding):
+    """Cross-correlation as torch's conv2d: x (N, C, H, W), w (O, C, kh, kw), b (O,) or None.
+    im2col by slicing, then one matmul."""
+    n, o, (kh, kw) = x.shape[0], w.shape[0], w.shape[2:]
+    x = pad2d(xp, x, *padding)
+    parts = windows(x, kh, kw, *stride)
+    ho, wo = parts[0].shape[2:]
+    cols = xp.reshape(xp.stack(parts, axis=2), (n, -1, ho * wo))   # (N, C kh kw, Ho Wo)
+    out = xp.reshape(xp.matmul(xp.reshape(w, (o, -1)), cols), (n, o, ho, wo))
+    return out if b is None else out + xp.reshape(b, (1, o, 1, 1))
+''',
+    "batch_norm": '''
+def batch_norm(xp, x, gamma, beta, mean, var, eps):
+    """BatchNorm in evaluation, per channel (axis 1) of x (N, C) or (N, C, H, W): the running
+    mean and variance normalise x."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    mean, var, gamma, beta = (xp.reshape(v, shape) for v in (mean, var, gamma, beta))
+    return (x - mean) * (1.0 / xp.sqrt(var + eps)) * gamma + beta
+''',
+    "max_pool2d": '''
+def max_pool2d(xp, x, size, stride):
+    """The maximum over each window, as torch's max_pool2d (no padding)."""
+    return xp.max(xp.stack(windows(x, *size, *stride), axis=0), axis=0)
+''',
+    "avg_pool2d": '''
+def avg_pool2d(xp, x, size, stride):
+    """The mean over each window, as torch's avg_pool2d (no padding)."""
+    return xp.mean(xp.stack(windows(x, *size, *stride), axis=0), axis=0)
+''',
+}
+_HELPER_NEEDS = {"conv2d": ("pad2d", "windows"), "max_pool2d": ("windows",),
+                 "avg_pool2d": ("windows",)}
+
+
+# -- the built-in nodes --------------------------------------------------------------------------
+def _linear(node: Node, ctx: PythonContext) -> None:
+    x, w, b = (ctx.input(node, i) for i in range(3))
+    ctx.line(f"{ctx.output(node)} = {x} @ {w} + {b}")
+
+
+def _sigmoid(node: Node, ctx: PythonContext) -> None:
+    x, out = ctx.input(node), ctx.output(node)
+    ctx.line(f"e = xp.exp(-xp.abs({x}))  # Sigmoid without overflow: e / (1 + e) for x < 0\n"
+             f"{out} = xp.where({x} >= 0, 1.0 / (1.0 + e), e / (1.0 + e))")
+
+
+def _relu(node: Node, ctx: PythonContext) -> None:
+    x = ctx.input(node)
+    ctx.line(f"{ctx.output(node)} = xp.maximum({x}, xp.zeros_like({x}))")
+
+
+def _tanh(node: Node, ctx: PythonContext) -> None:
+    ctx.line(f"{ctx.output(node)} = xp.tanh({ctx.input(node)})")
+
+
+def _softmax(node: Node, ctx: PythonContext) -> None:
+    x = ctx.input(node)
+    ctx.line(f"e = xp.exp({x} - xp.max({x}, axis=-1, keepdims=True))\n"
+             f"{ctx.output(node)} = e / xp.sum(e, axis=-1, keepdims=True)")
+
+
+def _conv2d(node: Conv2D, ctx: PythonContext) -> None:
+    x, w = ctx.input(node, 0), ctx.input(node, 1)
+    b = ctx.input(node, 2) if len(node.inbound_nodes) == 3 else "None"
+    ctx.line(f"{ctx.output(node)} = {ctx.helper('conv2d')}(xp, {x}, {w}, {b}, "
+             f"stride={node.stride}, padding={node.padding})")
+
+
+def _pool(helper: str) -> Any:
+    def export(node: Any, ctx: PythonContext) -> None:
+        ctx.line(f"{ctx.output(node)} = {ctx.helper(helper)}(xp, {ctx.input(node)}, "
+                 f"size={node.size}, stride={node.stride})")
+    return export
+
+
+def _flatten(node: Node, ctx: PythonContext) -> None:
+    x = ctx.input(node)
+    ctx.line(f"{ctx.output(node)} = xp.reshape({x}, ({x}.shape[0], -1))")
+
+
+def _dropout(node: Node, ctx: PythonContext) -> None:
+    ctx.line(f"{ctx.output(node)} = {ctx.input(node)}  # Dropout(p={node.p:g}): the identity "
+             "in evaluation")
+
+
+def _batchnorm(node: BatchNorm, ctx: PythonContext) -> None:
+    x, gamma, beta = (ctx.input(node, i) for i in range(3))
+    state, out = ctx.state(node), ctx.output(node)
+    ctx.line(f"{out} = {ctx.helper('batch_norm')}(xp, {x}, {gamma}, {beta},\n"
+             f"{' ' * (len(out) + 14)}{state['running_mean']}, {state['running_var']}, "
+             f"eps={node.eps!r})")
+
+
+def _layernorm(node: LayerNorm, ctx: PythonContext) -> None:
+    x, gamma, beta = (ctx.input(node, i) for i in range(3))
+    ctx.line(f"centred = {x} - xp.mean({x}, axis=-1, keepdims=True)  # LayerNorm\n"
+             f"{ctx.output(node)} = (centred / xp.sqrt(xp.mean(centred * centred, axis=-1, "
+             f"keepdims=True) + {node.eps!r})) * {gamma} + {beta}")
+
+
+def _add(node: Add, ctx: PythonContext) -> None:
+    terms = [ctx.input(node, i) if w == 1.0 else f"{w!r} * {ctx.input(node, i)}"
+             for i, w in enumerate(node.weights)]
+    ctx.line(f"{ctx.output(node)} = {' + '.join(terms)}")
+
+
+for _cls, _fn in [(Linear, _linear), (Sigmoid, _sigmoid), (ReLU, _relu), (Tanh, _tanh),
+                  (Softmax, _softmax), (Conv2D, _conv2d), (MaxPool2D, _pool("max_pool2d")),
+                  (AvgPool2D, _pool("avg_pool2d")), (Flatten, _flatten), (Dropout, _dropout),
+                  (BatchNorm, _batchnorm), (LayerNorm, _layernorm), (Add, _add)]:
+    register(_cls, python=_fn)
