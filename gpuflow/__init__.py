@@ -25,7 +25,7 @@ from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, S
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401
 
 __all__ = [
     "Node", "Input", "Linear", "Sigmoid", "ReLU", "Tanh", "MSE", "SoftmaxCrossEntropy",

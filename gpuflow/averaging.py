@@ -30,8 +30,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator
 
-from .errors import CheckpointError, GraphError
-from .graph import Graph
+from .errors import CheckpointError, GraphError, check_hyperparameter
 
 __all__ = ["EMA"]
 
@@ -45,9 +44,8 @@ class EMA:
     parameters' values now; `n_averaged` counts the updates (0: the next one copies).
     """
 
-    def __init__(self, graph: Graph, decay: float = 0.999) -> None:
-        from .optim import check_hyperparameter  # gpuflow.optim re-exports this module
-        if not isinstance(graph, Graph):
+    def __init__(self, graph: Any, decay: float = 0.999) -> None:
+        if not callable(getattr(graph, "named_parameters", None)):  # a gpuflow Graph
             raise GraphError(f"EMA needs a gpuflow Graph, got {type(graph).__name__}.\n"
                              "help: pass the Graph whose weights to average: EMA(graph).")
         self.decay = check_hyperparameter(decay, "decay", "EMA", high=1.0, example="0.999")

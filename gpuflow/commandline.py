@@ -9,6 +9,12 @@ import difflib
 import sys
 from typing import Any, NoReturn, Sequence
 
+from .errors import GpuflowError
+
+
+class CommandError(GpuflowError):
+    """A command-line mistake or a missing optional dependency, reported as one line."""
+
 
 class CommandParser(argparse.ArgumentParser):
     """argparse as every gpuflow command uses it: no abbreviations (`--epoch` is not

@@ -1,7 +1,9 @@
 """The exceptions gpuflow raises for user mistakes (each names where, what, and the fix), and
 `check_int`, the integer check that several modules share."""
 
+import math
 import numbers
+from typing import Any
 
 
 class GpuflowError(Exception):
@@ -47,3 +49,27 @@ def check_int(value: object, name: str, low: int = 0, *, where: str = "",
                     f"help: pass e.g. {name}={max(low, 1)}.")
     return int(value)
 
+
+def check_hyperparameter(value: Any, name: str, owner: str | None, *, low: float = 0.0,
+                         low_open: bool = False, high: float | None = None,
+                         example: str = "0.9") -> float:
+    """`value` as a float; ValueError naming `owner` (the optimizer, if any) and the argument
+    `name` unless it is a finite number >= `low` (> `low` with `low_open`), < `high` if given.
+    The one check of every optimizer hyperparameter, the learning rate included."""
+    what = f"{owner}: {name}" if owner else name
+    # float() would also take "0.9" (an argparse option without type=float) and True.
+    number = None if isinstance(value, (str, bytes, bool)) else value
+    try:
+        number = float(number)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        raise ValueError(f"{what} must be a number, got {value!r}.\n"
+                         f"help: pass e.g. {name}={example} (a float).")
+    rule = f"> {low:g}" if low_open else f">= {low:g}"
+    rule += f" and < {high:g}" if high is not None else ""
+    if not math.isfinite(number) or number < low or (low_open and number == low) or (
+            high is not None and number >= high):
+        raise ValueError(f"{what} must be a finite number {rule}, got {value!r}.\n"
+                         f"help: pass e.g. {name}={example}.")
+    return number

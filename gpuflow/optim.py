@@ -17,10 +17,11 @@ from typing import Any, Iterable, Mapping
 
 from . import amp
 from .backends import LEDGER
-from .errors import CheckpointError, GraphError
+from .errors import CheckpointError, GraphError, check_hyperparameter  # noqa: F401 - re-exported
 from .graph import Graph
 from .layers import Parameter
 from .nodes import Node
+from .placement import LIVE
 
 
 def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:
@@ -62,9 +63,8 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
             t.value = value
 
 
-# Every optimizer made, held weakly: device="fastest" times the update of those over a graph's
-# parameters as part of its step (gpuflow/placement.py).
-LIVE: "weakref.WeakSet[Optimizer]" = weakref.WeakSet()
+# Every optimizer made registers in placement.LIVE (held weakly): device="fastest" times the
+# update of those over a graph's parameters as part of its step.
 
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
 
@@ -90,31 +90,6 @@ def _parameter_list(params: Any, owner: str) -> list[Node]:
         raise GraphError(f"{owner}: parameters must be gpuflow nodes; got {what}.\nhelp: pass "
                          "the Graph, graph.parameters, or the dict gf.mlp(...) returns.")
     return found
-
-
-def check_hyperparameter(value: Any, name: str, owner: str | None, *, low: float = 0.0,
-                         low_open: bool = False, high: float | None = None,
-                         example: str = "0.9") -> float:
-    """`value` as a float; ValueError naming `owner` (the optimizer, if any) and the argument
-    `name` unless it is a finite number >= `low` (> `low` with `low_open`), < `high` if given.
-    The one check of every optimizer hyperparameter, the learning rate included."""
-    what = f"{owner}: {name}" if owner else name
-    # float() would also take "0.9" (an argparse option without type=float) and True.
-    number = None if isinstance(value, (str, bytes, bool)) else value
-    try:
-        number = float(number)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        number = None
-    if number is None:
-        raise ValueError(f"{what} must be a number, got {value!r}.\n"
-                         f"help: pass e.g. {name}={example} (a float).")
-    rule = f"> {low:g}" if low_open else f">= {low:g}"
-    rule += f" and < {high:g}" if high is not None else ""
-    if not math.isfinite(number) or number < low or (low_open and number == low) or (
-            high is not None and number >= high):
-        raise ValueError(f"{what} must be a finite number {rule}, got {value!r}.\n"
-                         f"help: pass e.g. {name}={example}.")
-    return number
 
 
 def check_betas(betas: Any, owner: str) -> tuple[float, float]:

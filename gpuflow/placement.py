@@ -22,6 +22,7 @@ import dataclasses
 import statistics
 import sys
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import numpy as np
@@ -214,10 +215,14 @@ BLOCK_SECONDS = 0.01
 REWARM = 2  # untimed steps after each move (the first step checks dtypes and allocates)
 
 
+# Every optimizer made (gpuflow.optim's add themselves), held weakly: device='fastest' times
+# the update of those over a graph's parameters as part of its step.
+LIVE: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
 def _optimizers_of(graph: Any) -> list[Any]:
     """The optimizers made so far over any of `graph`'s parameters (Adam(graph),
     Adam(graph.parameters), Adam(params_dict))."""
-    from .optim import LIVE
     params = set(graph.parameters)
     return [o for o in list(LIVE) if params.intersection(o.params)]
 
@@ -273,7 +278,7 @@ def warm_until_steady(candidate: Any, max_steps: int = MAX_WARMUP) -> list[float
     """Untimed-for-the-choice steps of `candidate` until its step time is steady: the last
     STEADY_WINDOW steps within STEADY_FACTOR of each other, after at least one step before
     them (a compiling first step), at most `max_steps`. Returns the step times seen."""
-    from .bench import timing
+    from . import timing
     times: list[float] = []
     for _ in range(max_steps):
         start = timing.clock()
@@ -298,7 +303,7 @@ def choose_fastest(graph: Any, batches: tuple, candidates: Sequence[str], *,
     their median; the report says how sure the choice is. Timing changes nothing the user
     sees: the weights, node state (BatchNorm's statistics, Dropout's counter), optimizer state
     and step count, and the loss scale are put back as they were before it."""
-    from .bench.timing import time_variants
+    from .timing import time_variants
     failed: dict[str, str] = {}
     states = node_states(graph)  # timing steps train BatchNorm's statistics: put back after
     weights = {p: _host_copy(graph.device, p.value) for p in graph.parameters}

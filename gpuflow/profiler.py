@@ -125,8 +125,7 @@ def profile(graph: Any, batches: Sequence[Any], *, steps: int = 10, warmup: int 
                          f"{type(optimizer).__name__}.\nhelp: pass the gpuflow.optim optimizer "
                          "that trains this graph, or leave it out.")
     # The benchmark's timing loop (imported now: `import gpuflow` stays light).
-    from .bench.timing import time_block
-    from .bench.variants import Variant
+    from .timing import Variant, time_block
 
     clock = graph.device.profile_clock()
     spans: list[tuple[Any, str, Any, Any]] = []  # (node or optimizer, phase, start, end)

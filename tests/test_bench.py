@@ -181,7 +181,7 @@ def test_bench_defaults_to_one_thread_on_a_small_machine(tmp_path, monkeypatch):
 
 
 def test_bench_says_when_the_rounds_disagree(tmp_path, monkeypatch, capsys):
-    from gpuflow.bench import timing
+    from gpuflow import timing
     real = timing.time_variants
 
     def one_slow_round(*args, **kwargs):  # a busy machine: one floor block 10x slower

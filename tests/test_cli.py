@@ -746,14 +746,15 @@ def test_export_needs_the_run_settings_in_the_checkpoint(tmp_path, capsys):
     line saying so, and nothing is written; one from before run.sample_shape (an MLP) is
     rebuilt from its parameters' shapes."""
     from gpuflow import checkpoint
-    from gpuflow.cli import _run_state, build_model
+    from gpuflow.cli import build_model
+    from gpuflow.runs import run_state
     opts = TrainOptions(hidden=(6,))
     opts.check()
     X, y, logits, loss, _ = build_model(opts, (64,), 10)
     graph = Graph(loss, device="cpu", inputs=[X, y], outputs=[logits])
     bare, older = str(tmp_path / "bare.safetensors"), str(tmp_path / "older.safetensors")
     checkpoint.save(bare, graph)
-    checkpoint.save(older, graph, state=_run_state(opts))
+    checkpoint.save(older, graph, state=run_state(opts))
     folder = tmp_path / "out"
     assert main(["export", bare, "--python", str(folder)]) == 2
     line = _one_error_line(capsys.readouterr().err, prog="gpuflow export")

@@ -77,7 +77,7 @@ def test_fastest_times_warmed_whole_steps_in_alternating_rounds(monkeypatch, cap
     # A fake clock that moves only inside the optimizer's update: 5 s for the first update on
     # each device (a compilation), then 1 ms on cpu and 3 ms on array_api_strict. Any time
     # measured at all is the optimizer's update, measured inside the timed steps.
-    from gpuflow.bench import timing
+    from gpuflow import timing
     now, updates = [0.0], []
     monkeypatch.setattr(timing, "clock", lambda: now[0], raising=False)
 

@@ -47,11 +47,12 @@ from typing import Any, Sequence
 import gpuflow as gf
 from gpuflow.commandline import CommandParser, report_error
 from gpuflow.errors import DeviceError
+from gpuflow.timing import UNSTEADY, time_variants
 
 from .floor_numpy import NdarrayFloor
 from .machine import default_threads, machine_info, set_threads
 from .report import report
-from .timing import UNSTEADY, cross_check, memory, time_variants
+from .timing import cross_check, memory
 from .variants import VARIANTS, make_variants
 from .workloads import CHECK_STEPS, LEARNING_RATE, WORKLOADS, ConvWorkload, Workload
 

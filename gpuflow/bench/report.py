@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .timing import UNSTEADY
+from gpuflow.timing import UNSTEADY
+
 from .variants import VARIANTS
 from .workloads import CHECK_STEPS
 

@@ -16,6 +16,7 @@ import numpy as np
 import gpuflow as gf
 from gpuflow.backends import LEDGER, Device
 from gpuflow.optim import SGD
+from gpuflow.timing import Variant
 
 from .workloads import LEARNING_RATE, AnyWorkload, initial_weights
 
@@ -26,30 +27,6 @@ VARIANTS = ("floor", "graph", "miniflow", "torch")
 # written in plain array-API calls.
 FLOOR_MODULES = {"numpy": "floor_numpy", "cupy": "floor_cupy", "torch": "floor_torch"}
 GENERIC_FLOOR = "floor_array_api"
-
-
-class Variant:
-    """One way of running a training step. `step()` returns the loss (on the device)."""
-
-    ledger = False   # whether the step goes through gpuflow's transfer ledger
-
-    def step(self) -> Any:
-        raise NotImplementedError
-
-    def read(self, loss: Any) -> float:
-        """The loss as a Python float (synchronises)."""
-        raise NotImplementedError
-
-    def prepare(self) -> None:
-        """Called before each timed block, untimed (device='fastest' moves its graph here)."""
-
-    def sync(self) -> None:
-        """Wait for queued device work (no-op on CPUs)."""
-
-    def memory(self) -> dict[str, Any] | None:
-        """The memory of one step, measured by the library that allocates it; None where host
-        memory that tracemalloc sees holds the arrays (the caller measures that)."""
-        return None
 
 
 def floor_module(device: Device) -> ModuleType:

@@ -5,6 +5,7 @@ BatchNorm statistics loaded, then exported (gpuflow.export)."""
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from ..errors import CheckpointError, ExportError
@@ -15,7 +16,7 @@ def rebuild(path: str) -> tuple[Any, Any, tuple[int, ...], str]:
     cpu, in float32 (float64 for a float64 run), its weights and node state loaded.
     CheckpointError for a checkpoint that does not say which model it holds."""
     from .. import checkpoint
-    from ..cli import TrainOptions, _saved_settings, build_model
+    from ..runs import _saved_settings, build_model
     from ..graph import Graph
 
     info = checkpoint.read_info(path)
@@ -29,8 +30,8 @@ def rebuild(path: str) -> tuple[Any, Any, tuple[int, ...], str]:
     saved = _saved_settings(path, info)
     shapes = {p["name"]: tuple(p["shape"]) for p in info["meta"]["parameters"]}
     sample_shape, classes = _model_shape(path, state, saved, shapes)
-    opts = TrainOptions(model=saved["model"], hidden=saved["hidden"],
-                        dropout=saved.get("dropout", 0.0), seed=saved.get("seed", 0))
+    opts = types.SimpleNamespace(model=saved["model"], hidden=saved["hidden"],
+                                 dropout=saved.get("dropout", 0.0), seed=saved.get("seed", 0))
     X, y, logits, loss, arch = build_model(opts, sample_shape, classes)
     dtype = "float64" if saved.get("dtype") == "float64" else "float32"
     graph = Graph(loss, device="cpu", dtype=dtype, inputs=[X, y], outputs=[logits])
@@ -64,7 +65,8 @@ def export_checkpoint(path: str, *, onnx: str | None = None, python: str | None 
                           "help: e.g. gpuflow export run.safetensors --onnx model.onnx.")
     if opset is not None and onnx is None:
         raise ExportError("--opset is for --onnx.\nhelp: add --onnx PATH, or drop --opset.")
-    from . import check_target, to_onnx, to_python
+    from . import to_onnx, to_python
+    from .core import check_target
     from .onnx_export import _require_onnx
     if onnx is not None:  # checked before anything is loaded or written
         _require_onnx()

@@ -15,7 +15,7 @@ from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from ..errors import ExportError
 from ..nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
 from ..norm import BatchNorm, Dropout, LayerNorm
-from . import Plan, check_target, exporter, register
+from .core import Plan, check_target, exporter, register
 
 DEFAULT_OPSET = 17   # LayerNormalization's first; onnxruntime 1.12 and later run it
 
@@ -118,7 +118,7 @@ class OnnxContext:
         outputs = [info(n) for n in plan.outputs]
         graph = helper.make_graph(self.operators, "gpuflow", inputs, outputs,
                                   initializer=list(self.initializers.values()))
-        from .. import __version__
+        from ..version import __version__
         model = helper.make_model(graph, producer_name="gpuflow", producer_version=__version__,
                                   opset_imports=[helper.make_opsetid("", self.opset)])
         # The IR version this onnx package writes may be newer than runtimes read: the oldest

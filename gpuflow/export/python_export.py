@@ -19,7 +19,7 @@ from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from ..errors import CheckpointError, ExportError
 from ..nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
 from ..norm import BatchNorm, Dropout, LayerNorm
-from . import Plan, check_target, exporter, register
+from .core import Plan, check_target, exporter, register
 
 
 class PythonContext:
@@ -99,7 +99,7 @@ def to_python(graph: Any, folder: "str | os.PathLike[str]", outputs: Any, *,
 
 def _module(plan: Plan, ctx: PythonContext) -> str:
     """The text of model.py."""
-    from .. import __version__
+    from ..version import __version__
     inputs = [plan.names.of(n) for n in plan.inputs]
     outputs = [ctx.output(n) for n in plan.outputs]
 
