@@ -6,6 +6,7 @@ graph's device (and cast to its dtype), so one seed gives bit-identical weights 
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from typing import Any, Callable, Sequence
@@ -196,6 +197,24 @@ def dense(x: Node, n_in: int, n_out: int, *, name: str, rng: Any = None,
     return out, {W.name: W, b.name: b}
 
 
+def _all_or_nothing(build: Callable[..., Any]) -> Callable[..., Any]:
+    """A builder of several layers that refuses midway (a bad size or dropout for a later
+    layer) leaves x as it was: the layers it already linked to x are taken off again
+    (`Node._unlink`, as a refused node is), so no half-built model hangs off the user's graph."""
+    @functools.wraps(build)
+    def wrapper(x: Node, *args: Any, **kwargs: Any) -> Any:
+        before = {id(m) for m in getattr(x, "outbound_nodes", ())}
+        try:
+            return build(x, *args, **kwargs)
+        except BaseException:
+            for m in list(getattr(x, "outbound_nodes", ())):
+                if id(m) not in before:
+                    m._unlink()
+            raise
+    return wrapper
+
+
+@_all_or_nothing
 def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 0,
         name: str = "layer", dropout: float = 0.0) -> tuple[Node, dict[str, Parameter]]:
     """A multi-layer perceptron: sizes = [n_in, hidden..., n_out].
@@ -347,6 +366,7 @@ def attention(x: Node, dim: int, heads: int, *, causal: bool = True, name: str,
     return node, {p.name: p for p in (W_in, b_in, W_out, b_out)}
 
 
+@_all_or_nothing
 def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
           channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0,
           batch_norm: bool = False, seed: int = 0, name: str = "cnn") -> tuple[Node, dict[str, Parameter]]:

@@ -7,6 +7,7 @@ node sent back to it, and stores one gradient per inbound node in `self.gradient
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -41,16 +42,44 @@ class Node:
         self.gradients: dict[Node, Any] = {}
         self.name = name
         self._id = next(Node._ids)
-        for i, n in enumerate(self.inbound_nodes):
+        for i, n in enumerate(self.inbound_nodes):  # all checked before any is linked
             if not isinstance(n, Node):
                 raise GraphError(f"{self.label}: inbound node {i} is {type(n).__name__} "
                                  f"{n!r:.60}, not a gpuflow Node.\nhelp: wrap data in an Input() "
                                  "and feed it through feed_dict.")
+        for n in self.inbound_nodes:
             n.outbound_nodes.append(self)
         # Set by the executor when a graph is built (see graph.py):
         self.needs_grad = (True,) * len(self.inbound_nodes)  # which inbound gradients to compute
         self._senders: tuple[Node, ...] = ()    # outbound nodes that send a gradient back
         self._grad_seed: Any = None  # the loss's gradient for itself, 1.0; None elsewhere
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A node refused as it is made leaves its inputs as they were: `Node.__init__` lists
+        it among their outbound nodes, so every subclass's `__init__` is wrapped to take it
+        off them again (`_unlink`) when it raises, whether before or after `Node.__init__`;
+        else a later topological_sort or Graph over those inputs would find the broken node."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None or getattr(init, "_unlinks_on_error", False):
+            return
+
+        @functools.wraps(init)
+        def __init__(self: Node, *args: Any, **kw: Any) -> None:
+            try:
+                init(self, *args, **kw)
+            except BaseException:
+                self._unlink()
+                raise
+
+        __init__._unlinks_on_error = True  # type: ignore[attr-defined]
+        cls.__init__ = __init__  # type: ignore[method-assign]
+
+    def _unlink(self) -> None:
+        """Take this node off its inputs' outbound lists (every occurrence)."""
+        for n in getattr(self, "inbound_nodes", ()):
+            if isinstance(n, Node):
+                n.outbound_nodes[:] = [m for m in n.outbound_nodes if m is not self]
 
     @property
     def label(self) -> str:

@@ -66,14 +66,6 @@ def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:
     return xp.where(positive, 1.0, e) / (1.0 + e), xp.where(positive, e, 1.0) / (1.0 + e)
 
 
-def _refused(node: Node, message: str) -> GraphError:
-    """The error for a node refused as it is made, which leaves its inputs as they were
-    (`Node.__init__` listed it among their outbound nodes)."""
-    for n in node.inbound_nodes:
-        n.outbound_nodes = [m for m in n.outbound_nodes if m is not node]
-    return GraphError(message)
-
-
 def _axis(node: Node, axis: Any, ndim: int) -> int:
     """`axis` (negative counts from the end) as an index into `ndim` dimensions."""
     if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
@@ -255,8 +247,8 @@ class Scale(Node):
     def __init__(self, x: Node, c: float, *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-            raise _refused(self, f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
-                                 "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
+            raise GraphError(f"{self.label}: c={c!r} must be a finite Python number.\nhelp: "
+                             "e.g. Scale(x, 0.125); multiply by an array with Mul(x, y).")
         self.c = float(c)
 
     def forward(self) -> None:
@@ -283,7 +275,7 @@ class Reshape(Node):
             self.shape = (shape,)
         if (not all(n is None or isinstance(n, int) and not isinstance(n, bool) and n >= -1
                     for n in self.shape) or self.shape.count(-1) > 1):
-            raise _refused(self, f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 "
+            raise GraphError(f"{self.label}: shape {shape!r} must be a tuple of sizes >= 0 "
                                  "(or None, x's size there) with at most one -1.\nhelp: e.g. "
                                  "Reshape(x, (-1, 64)) or Reshape(x, (None, None, 4, -1)).")
 
@@ -326,8 +318,8 @@ class Transpose(Node):
         if (not all(isinstance(a, int) and not isinstance(a, bool) for a in self.axes)
                 or sorted(a % n if -n <= a < n else a + 2 * n for a in self.axes)
                 != list(range(n))):
-            raise _refused(self, f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
-                                 f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
+            raise GraphError(f"{self.label}: axes {axes!r} is not a permutation of 0 .. "
+                             f"{n - 1}.\nhelp: name every axis once, e.g. (0, 2, 1, 3).")
         self.axes = tuple(a % n for a in self.axes)
 
     def forward(self) -> None:
@@ -352,8 +344,8 @@ class Concat(Node):
         if not self.inbound_nodes:
             raise GraphError("Concat needs at least one node.\nhelp: Concat([a, b], axis=-1).")
         if isinstance(axis, bool) or not isinstance(axis, int):
-            raise _refused(self, f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
-                                 "axis=-1.")
+            raise GraphError(f"{self.label}: axis {axis!r} must be an integer.\nhelp: e.g. "
+                             "axis=-1.")
         self.axis = axis
 
     def forward(self) -> None:
@@ -390,9 +382,9 @@ class Slice(Node):
         Node.__init__(self, [x], name=name)
         for what, v in (("start", start), ("stop", stop), ("axis", axis)):
             if isinstance(v, bool) or not (isinstance(v, int) or (v is None and what != "axis")):
-                raise _refused(self, f"{self.label}: {what}={v!r} must be an integer"
-                                     f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
-                                     "Slice(x, 0, 16, axis=-1).")
+                raise GraphError(f"{self.label}: {what}={v!r} must be an integer"
+                                 f"{'' if what == 'axis' else ' or None'}.\nhelp: e.g. "
+                                 "Slice(x, 0, 16, axis=-1).")
         self.start, self.stop, self.axis = start, stop, axis
 
     def _index(self, shape: tuple[int, ...]) -> tuple[int, tuple, int, int]:
@@ -431,8 +423,8 @@ class GELU(Node):
     def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
         Node.__init__(self, [x], name=name)
         if approximate not in ("none", "tanh"):
-            raise _refused(self, f"{self.label}: approximate={approximate!r} must be 'none' or "
-                                 "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
+            raise GraphError(f"{self.label}: approximate={approximate!r} must be 'none' or "
+                             "'tanh'.\nhelp: use 'none' (exact, torch's default) or 'tanh'.")
         self.approximate = approximate
 
     def forward(self) -> None:
@@ -489,22 +481,22 @@ class ScaledDotProductAttention(Node):
                  name: str | None = None):
         Node.__init__(self, [q, k, v], name=name)
         if not isinstance(causal, bool):
-            raise _refused(self, f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
-                                 "causal=True for a decoder's self-attention.")
+            raise GraphError(f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
+                             "causal=True for a decoder's self-attention.")
         if causal and mask is not None:
-            raise _refused(self, f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
-                                 "help: fold the causal pattern into the mask (True where "
-                                 "allowed).")
+            raise GraphError(f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
+                             "help: fold the causal pattern into the mask (True where "
+                             "allowed).")
         if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
             from .backends.numpy import host_array
             try:
                 mask = host_array(mask, f"{self.label} mask")
             except GraphError as exc:
-                raise _refused(self, str(exc)) from None
+                raise GraphError(str(exc)) from None
         if mask is not None and getattr(mask.dtype, "kind", "b") != "b":
-            raise _refused(self, f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
-                                 "array (True where attention is allowed).\nhelp: pass mask != 0, "
-                                 "or a boolean array.")
+            raise GraphError(f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
+                             "array (True where attention is allowed).\nhelp: pass mask != 0, "
+                             "or a boolean array.")
         self.causal, self.mask = causal, mask
         self._keep: Any = None  # (key, the mask on the device)
 

@@ -650,3 +650,54 @@ def test_run_of_something_not_a_node_is_a_graph_error():
     graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", outputs=[logits])
     with pytest.raises(gf.GraphError, match="'logits' is not in this graph"):
         graph.run("logits", np.ones((2, 3)))
+
+
+class _RefusesAfterInit(gf.Node):
+    """A MiniFlow-style custom node that checks an option after Node.__init__ linked it."""
+
+    def __init__(self, x, scale):
+        gf.Node.__init__(self, [x])
+        if scale <= 0:
+            raise gf.GraphError("scale must be > 0.\nhelp: pass scale=1.")
+        self.scale = scale
+
+
+# Each builds on X (2, 1, 4, 4) and P (a second Input) and must be refused when made.
+REFUSED_CONSTRUCTIONS = {
+    "Conv2D stride": lambda X, P: gf.Conv2D(X, P, stride=0),
+    "Conv2D padding": lambda X, P: gf.Conv2D(X, P, P, padding=-1),
+    "MaxPool2D size": lambda X, P: gf.MaxPool2D(X, 0),
+    "AvgPool2D stride": lambda X, P: gf.AvgPool2D(X, 2, stride=(1, 2, 3)),
+    "Dropout p": lambda X, P: gf.Dropout(X, 1.0),
+    "BatchNorm momentum": lambda X, P: gf.BatchNorm(X, P, P, momentum=2.0),
+    "LayerNorm eps": lambda X, P: gf.LayerNorm(X, P, P, eps=0.0),
+    "Add weights": lambda X, P: gf.Add(X, P, weights=(1.0,)),
+    "Linear not a node": lambda X, P: gf.Linear(X, P, np.zeros(3)),  # Node.__init__'s check
+    "Scale c": lambda X, P: gf.Scale(X, math.inf),
+    "attention causal and mask": lambda X, P: gf.ScaledDotProductAttention(
+        X, P, X, causal=True, mask=np.ones((4, 4), bool)),
+    "custom node": lambda X, P: _RefusesAfterInit(X, 0),
+    "mlp dropout": lambda X, P: gf.mlp(X, [16, 8, 8, 2], dropout=1.5)[0],
+    "lenet too many blocks": lambda X, P: gf.layers.lenet(X, (1, 4, 4), 3, channels=(2, 2, 2)),
+    "lenet dropout": lambda X, P: gf.layers.lenet(X, (1, 4, 4), 3, channels=(2,), dropout=1.0),
+}
+
+
+@pytest.mark.parametrize("build", REFUSED_CONSTRUCTIONS.values(), ids=REFUSED_CONSTRUCTIONS)
+def test_a_refused_node_leaves_its_inputs_as_they_were(build):
+    # Regression: nodes that checked their options after Node.__init__ stayed in their inputs'
+    # outbound_nodes, so the next sort over those inputs ran the broken node.
+    X, P = gf.Input(name="x"), gf.Input(name="p")
+    ok = gf.ReLU(X, name="ok")
+    before = {n: list(n.outbound_nodes) for n in (X, P, ok)}
+    with pytest.raises(gf.GraphError):
+        build(X, P)
+    assert {n: list(n.outbound_nodes) for n in (X, P, ok)} == before
+    x = np.linspace(-1.0, 1.0, 32).reshape(2, 1, 4, 4)
+    graph = gf.topological_sort({X: x, P: np.ones(3)}, device="cpu")
+    assert set(graph) == {X, P, ok}
+    np.testing.assert_array_equal(gf.forward_pass(ok, graph), np.maximum(x, 0.0))
+    y = gf.Input(name="y")
+    loss = gf.SoftmaxCrossEntropy(y, gf.Linear(gf.Flatten(ok), gf.Parameter((16, 3), name="W"),
+                                               gf.Parameter((3,), "zeros", name="b")))
+    assert gf.Graph(loss, device="cpu").step(x, np.array([0, 2])) > 0

@@ -73,3 +73,20 @@ def test_compile_step_snippet_runs_on_jax():
     graph, step = namespace["graph"], namespace["step"]
     assert type(step).__name__ == "CompiledStep" and graph.steps > 1
     assert graph.item(namespace["loss_value"]) < 2.3
+
+
+def test_the_fastest_message_is_the_one_choose_fastest_prints():
+    # Regression: the README still quoted the old one-line `device='fastest'` message (no
+    # optimizer, rounds, spread or sureness) after choose_fastest began printing them.
+    from gpuflow.placement import FastestReport
+
+    text = " ".join(README.read_text().split())
+    quoted = re.search(r"`(gpuflow: device 'fastest' chose [^`]*)`", text).group(1)
+    report = FastestReport({"cpu": 1e-3, "torch:cpu": 5e-2}, "cpu", {}, ((64, 64), (64,)),
+                           {"cpu": [1e-3] * 5, "torch:cpu": [5e-2] * 5}, {"cpu": 4, "torch:cpu": 4},
+                           ("Adam",))
+
+    def skeleton(message: str) -> str:  # the wording, every number replaced
+        return re.sub(r"\d+(\.\d+)?", "N", message)
+
+    assert skeleton(quoted) == skeleton(str(report)), (quoted, str(report))
