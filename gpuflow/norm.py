@@ -66,8 +66,12 @@ class Dropout(Node):
     checkpoints) resumes the sequence exactly. Across devices the masks are the same on 'cpu'
     and the array_api_strict devices (NumPy's generator) and differ between libraries (torch,
     CuPy, CPU or GPU each have their own generator); the keep rate and the scaling hold
-    everywhere.
+    everywhere. The step counter is gpuflow's own: checkpoints keep it, weight files
+    (`export_weights`, `load_weights`) leave it out, as torch.nn.Dropout has no state.
     """
+
+    # state_dict() keys that checkpoints keep and weight files leave out (weights.py)
+    checkpoint_only_state = ("steps",)
 
     def __init__(self, x: Node, p: float = 0.5, *, seed: int = 0, name: str | None = None):
         Node.__init__(self, [x], name=name)

@@ -12,12 +12,17 @@ ReLU(), Linear(32, 10))`. A node's parameter in inbound slot 1 (Linear's and Con
 norm's gamma) is `<index>.weight`, in slot 2 (b, beta) `<index>.bias`, in another slot
 `<index>.<its name>`; a node's state (BatchNorm's running statistics) is `<index>.<key>`
 (BatchNorm's num_batches_tracked, which gpuflow does not keep, is written as 0 and ignored).
+A weight file holds the weights and the state a torch module has, nothing else: the state
+keys a node lists in `checkpoint_only_state` (Dropout's step counter, where its mask sequence
+resumes) are left out of it and left as they are by `load_weights`; `checkpoint.save` keeps
+them.
 Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
 Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
 tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
 are called fc1, fc2. layout="gpuflow": gpuflow's own names, nothing transposed.
 
-A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters, by name.
+A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters and node
+state, by name.
 """
 
 from __future__ import annotations
@@ -49,11 +54,12 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
         raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
                               f"help: export to {path[:-4] + '.safetensors'!r}.")
     tensors = {}
-    for entry in _entries(graph, layout, mapping, path).values():
+    entries = _entries(graph, layout, mapping, path)
+    for entry in entries.values():
         host = to_host(graph, entry.get(), f"export of {entry.what}")
         tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
     if layout == "torch":
-        tensors.update(_torch_extras(graph))
+        tensors.update(_torch_extras(entries))
     metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
                 "gpuflow_version": gpuflow_version(), "architecture": architecture(graph)}
     checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
@@ -74,8 +80,9 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
     path = fspath(path)
     contents = checkpoint_io.read(path)
     tensors = contents.arrays
-    if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters, by name
-        tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters and node state
+        tensors = {k.partition("/")[2]: v for k, v in tensors.items()  # by name
+                   if k.startswith(("param/", "node/"))}
         layout, strict = "gpuflow", False
     entries = _entries(graph, layout, mapping, path)
     problems, used = [], set()
@@ -95,7 +102,7 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
             problems.append(f"tensor {entry.file_name!r} has dtype {host.dtype}, not a "
                             "floating-point type")
     if layout == "torch":  # buffers PyTorch keeps that gpuflow has no use for
-        used.update(_torch_extras(graph))
+        used.update(_torch_extras(entries))
     unused = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()) if k not in used]
     if unused and strict:
         problems.append(f"tensors in the file that nothing took: {', '.join(unused[:8])}"
@@ -112,7 +119,9 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
     for key, entry in entries.items():  # everything is on the device: now assign
         entry.set(new[key])
     for node, names in _node_states(entries).items():
-        node.load_state_dict({k: new[key] for k, key in names.items()})
+        kept = {k: v for k, v in node.state_dict().items()  # what no weight file holds
+                if k in getattr(node, "checkpoint_only_state", ())}
+        node.load_state_dict({**kept, **{k: new[key] for k, key in names.items()}})
 
 
 class _Entry:
@@ -174,13 +183,18 @@ def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
     return guess
 
 
-def _torch_extras(graph: Any) -> dict[str, np.ndarray]:
+def _torch_extras(entries: dict[str, _Entry]) -> dict[str, np.ndarray]:
     """Tensors of an equal torch module that gpuflow does not keep: BatchNorm's
-    num_batches_tracked (PyTorch uses it only with momentum=None), written as 0 so that
-    torch's strict load_state_dict finds it, and ignored when loading."""
-    compute = [n for n in graph.nodes if not isinstance(n, Input)]
-    return {f"{i}.num_batches_tracked": np.zeros((), np.int64)
-            for i, n in enumerate(compute) if type(n).__name__ == "BatchNorm"}
+    num_batches_tracked (PyTorch uses it only with momentum=None), beside its running_mean
+    (under the mapped name too), written as 0 so that torch's strict load_state_dict finds
+    it, and ignored when loading."""
+    extras = {}
+    for entry in entries.values():
+        if type(entry.node).__name__ == "BatchNorm" and entry.key == "running_mean":
+            prefix = entry.file_name.rpartition(".")[0]
+            extras[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = \
+                np.zeros((), np.int64)
+    return extras
 
 
 def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:
@@ -211,6 +225,8 @@ def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
                                param=p, transpose=transpose)
     for node_name, (node, state) in stateful_nodes(graph, path).items():
         for key, value in state.items():
+            if key in getattr(node, "checkpoint_only_state", ()):
+                continue  # gpuflow's own (Dropout's step counter): checkpoints keep it
             gf_name = f"{node_name}/{key}"
             file_name = f"{index[node]}.{key}" if torch and node in index else gf_name
             entries[gf_name] = _Entry(graph, mapping.pop(gf_name, file_name),
