@@ -19,8 +19,11 @@ them.
 Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
 Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
 tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
-are called fc1, fc2. layout="gpuflow": gpuflow's own names, nothing transposed.
+are called fc1, fc2 (when names differ, the error suggests the mapping that pairs the layers
+by what they hold, roles and shapes, in order). layout="gpuflow": gpuflow's own names, nothing
+transposed.
 
+Weight files are safetensors; a PyTorch pickle (torch.save's .pt) is refused, never loaded.
 A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters and node
 state, by name.
 """
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -78,6 +82,11 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
     tensors it has that nothing took and every shape that differs; nothing changes then.
     """
     path = fspath(path)
+    if _is_torch_pickle(path):
+        raise CheckpointError(f"weights {path!r} are a PyTorch pickle (torch.save), which gpuflow "
+                              "never unpickles (unpickling runs code the file names).\nhelp: "
+                              "save them as safetensors in PyTorch: safetensors.torch."
+                              "save_file(model.state_dict(), 'model.safetensors').")
     contents = checkpoint_io.read(path)
     tensors = contents.arrays
     if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters and node state
@@ -124,6 +133,20 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
         node.load_state_dict({**kept, **{k: new[key] for k, key in names.items()}})
 
 
+def _is_torch_pickle(path: str) -> bool:
+    """Whether `path` is a torch.save file: a zip archive holding `<name>/data.pkl` (an .npz
+    checkpoint is a zip of .npy members; anything else is checkpoint_io.read's to judge)."""
+    try:
+        with open(path, "rb") as f:
+            if not f.read(4).startswith(b"PK"):
+                return False
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
+
+
 class _Entry:
     """One tensor of the exchange: a parameter's value or one key of a node's state."""
 
@@ -154,8 +177,14 @@ class _Entry:
 def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
                    used: set[str]) -> "dict[str, str] | None":
     """The mapping that pairs the entries the file lacks with the tensors nothing took, layer
-    by layer in order (the file's layers in natural order: fc2 before fc10), if every pair has
-    the same role (weight, bias, ...) and shape; else None."""
+    by layer, if every layer pairs; else None.
+
+    A layer is what shares a name up to its last dot (`bn1.weight`, `bn1.running_mean`), and
+    two layers pair when they hold the same roles (weight, bias, running_mean, ...) in the
+    same shapes: a conv1/bn1/fc1 module pairs with the graph's Conv2D, BatchNorm and Linear
+    whatever the names' alphabetical order (a safetensors file keeps no module order: its
+    tensors are sorted by dtype and name). Layers alike pair in order: the graph's in the
+    graph's order, the file's in the natural order of their names (fc2 before fc10)."""
     missing = [(k, e) for k, e in entries.items() if e.file_name not in tensors]
     spare = [k for k in tensors if k not in used and not k.endswith(".num_batches_tracked")]
     if not missing or len(missing) != len(spare):
@@ -164,22 +193,25 @@ def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
     for key, entry in missing:
         ours.setdefault(entry.file_name.rpartition(".")[0], []).append((key, entry))
     theirs: dict[str, list[str]] = {}
-    for name in spare:
+    for name in sorted(spare):
         theirs.setdefault(name.rpartition(".")[0], []).append(name)
     natural = sorted(theirs, key=lambda n: [int(t) if t.isdigit() else t
                                             for t in re.split(r"(\d+)", n)])
-    if len(ours) != len(natural):
-        return None
+    alike: dict[tuple, list[str]] = {}  # the file's layers by what they hold: {((role, shape),
+    for prefix in natural:                 # ...): [their names, in natural order]}
+        layout = tuple(sorted((name.rpartition(".")[2], tuple(tensors[name].shape))
+                              for name in theirs[prefix]))
+        alike.setdefault(layout, []).append(prefix)
     guess = {}
-    for group, prefix in zip(ours.values(), natural):
-        for key, entry in group:
-            name = f"{prefix}.{entry.file_name.rpartition('.')[2]}" if prefix else \
-                entry.file_name.rpartition(".")[2]
-            host = tensors.get(name)
-            shape = None if host is None else tuple(host.shape)
-            if shape is None or (shape[::-1] if entry.transpose else shape) != entry.shape:
-                return None
-            guess[key] = name
+    for group in ours.values():  # in the graph's order
+        roles = {entry.file_name.rpartition(".")[2]: (key, entry) for key, entry in group}
+        layout = tuple(sorted((role, entry.shape[::-1] if entry.transpose else entry.shape)
+                              for role, (_, entry) in roles.items()))
+        if not alike.get(layout):
+            return None
+        prefix = alike[layout].pop(0)
+        for role, (key, _) in roles.items():
+            guess[key] = f"{prefix}.{role}" if prefix else role
     return guess
 
 

@@ -375,3 +375,68 @@ def test_cnn_with_dropout_both_ways(device, tmp_path, batch_norm):
         theirs = model(torch.from_numpy(X)).numpy()
     ours = np.asarray(other.device.to_host(other.run(other_logits, X)))
     assert_same_predictions(ours, theirs, f"torch lenet -> gpuflow on {device.name}")
+
+
+def test_named_torch_cnn_is_paired_by_layer_structure(tmp_path):
+    """Issue 18 item 22: a module whose children are named conv1, bn1, fc1 (a safetensors file
+    keeps no module order: its tensors are sorted by dtype and name, bn1 before conv1) is
+    paired layer by layer by what each layer holds (roles and shapes), in the graph's order;
+    the suggested mapping loads strictly, BatchNorm's num_batches_tracked included."""
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(OrderedDict(
+        conv1=torch.nn.Conv2d(1, 4, 3, padding=1), bn1=torch.nn.BatchNorm2d(4),
+        relu1=torch.nn.ReLU(), pool1=torch.nn.MaxPool2d(2), flat=torch.nn.Flatten(),
+        fc1=torch.nn.Linear(4 * 4 * 4, 10)))
+    X, _ = images()
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(X))  # the running statistics move
+    model.eval()
+    save_file(model.state_dict(), tmp_path / "named.safetensors")
+    graph, logits = cnn()
+    with pytest.raises(CheckpointError) as info:
+        load_weights(graph, tmp_path / "named.safetensors")
+    help_line = str(info.value).splitlines()[-1]
+    assert help_line.startswith("help: if this pairing by order and shape is right, pass "
+                                "mapping={"), help_line
+    mapping = ast.literal_eval(help_line[help_line.index("{"):-1])
+    assert mapping == {"conv.W": "conv1.weight", "conv.b": "conv1.bias",
+                       "bn.gamma": "bn1.weight", "bn.beta": "bn1.bias",
+                       "bn/running_mean": "bn1.running_mean",
+                       "bn/running_var": "bn1.running_var",
+                       "fc.W": "fc1.weight", "fc.b": "fc1.bias"}
+    load_weights(graph, tmp_path / "named.safetensors", mapping=mapping)  # strict
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    assert_same_predictions(np.asarray(graph.run(logits, X)), theirs, "named torch cnn")
+    export_weights(graph, tmp_path / "back.safetensors", mapping=mapping)  # and back
+    torch_cnn_named = type(model)(OrderedDict(model.named_children()))
+    torch_cnn_named.load_state_dict(load_file(tmp_path / "back.safetensors"))  # strict
+
+
+def test_layers_alike_pair_in_natural_order(tmp_path):
+    """Layers that hold the same shapes pair in the file names' natural order (fc2 before
+    fc10), the graph's layers in the graph's order."""
+    X = gf.Input(name="X")
+    out, _ = gf.mlp(X, [8, 8, 8, 8], seed=0)
+    graph = gf.Graph(out, device="cpu", dtype="float32", inputs=[X])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict(
+        (name, torch.nn.Linear(8, 8)) for name in ("fc2", "fc10", "fc11")))
+    save_file(model.state_dict(), tmp_path / "alike.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_weights(graph, tmp_path / "alike.safetensors")
+    help_line = str(info.value).splitlines()[-1]
+    mapping = ast.literal_eval(help_line[help_line.index("{"):-1])
+    assert [mapping[f"layer{i}.W"] for i in (1, 2, 3)] == ["fc2.weight", "fc10.weight",
+                                                          "fc11.weight"]
+
+
+def test_a_torch_pickle_is_refused_as_such(tmp_path):
+    """A torch.save file (a zip holding a pickle) is never unpickled: one error saying what
+    it is and how to save safetensors instead, not 'damaged'."""
+    torch.save(torch_cnn().state_dict(), tmp_path / "model.pt")
+    graph, _ = cnn()
+    with pytest.raises(CheckpointError, match="PyTorch pickle .*torch.save.*never unpickles"
+                                              "(.|\n)*save_file\\(model.state_dict\\(\\)"):
+        load_weights(graph, tmp_path / "model.pt")
