@@ -51,8 +51,6 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
     """Write `graph`'s parameters and node state to the safetensors file `path` (atomically),
     named and laid out for `layout` ('torch': an equal torch.nn.Sequential's state_dict;
     'gpuflow': gpuflow's names). Raises CheckpointError for a path that cannot be written."""
-    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
-
     path = fspath(path)
     if path.lower().endswith(".npz"):
         raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
@@ -66,7 +64,7 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
         tensors.update(_torch_extras(entries))
     metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
                 "gpuflow_version": gpuflow_version(), "architecture": architecture(graph)}
-    checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
+    checkpoint_io.write_atomically(path, checkpoint_io.safetensors_bytes(tensors, metadata))
 
 
 def load_weights(graph: Any, path: "str | os.PathLike[str]",
