@@ -191,23 +191,23 @@ def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
     for key, entry in missing:
         ours.setdefault(entry.file_name.rpartition(".")[0], []).append((key, entry))
     theirs: dict[str, list[str]] = {}
-    for name in sorted(spare):
+    for name in spare:
         theirs.setdefault(name.rpartition(".")[0], []).append(name)
     natural = sorted(theirs, key=lambda n: [int(t) if t.isdigit() else t
                                             for t in re.split(r"(\d+)", n)])
     alike: dict[tuple, list[str]] = {}  # the file's layers by what they hold: {((role, shape),
     for prefix in natural:                 # ...): [their names, in natural order]}
-        layout = tuple(sorted((name.rpartition(".")[2], tuple(tensors[name].shape))
-                              for name in theirs[prefix]))
-        alike.setdefault(layout, []).append(prefix)
+        holds = tuple(sorted((name.rpartition(".")[2], tuple(tensors[name].shape))
+                             for name in theirs[prefix]))
+        alike.setdefault(holds, []).append(prefix)
     guess = {}
     for group in ours.values():  # in the graph's order
         roles = {entry.file_name.rpartition(".")[2]: (key, entry) for key, entry in group}
-        layout = tuple(sorted((role, entry.shape[::-1] if entry.transpose else entry.shape)
-                              for role, (_, entry) in roles.items()))
-        if not alike.get(layout):
+        holds = tuple(sorted((role, entry.shape[::-1] if entry.transpose else entry.shape)
+                             for role, (_, entry) in roles.items()))
+        if len(roles) != len(group) or not alike.get(holds):
             return None
-        prefix = alike[layout].pop(0)
+        prefix = alike[holds].pop(0)
         for role, (key, _) in roles.items():
             guess[key] = f"{prefix}.{role}" if prefix else role
     return guess
