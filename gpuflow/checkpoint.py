@@ -76,8 +76,6 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     Raises CheckpointError for a value that cannot be stored, a path ending in `.npz`, or a
     file that cannot be written; nothing is written then.
     """
-    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
-
     path = check_save_path(path)
     step = _check_int(step, "step", path)
     epoch = _check_int(epoch, "epoch", path)
@@ -127,7 +125,7 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     metadata = {"format": _FORMAT_NAME, "format_version": str(CHECKPOINT_FORMAT),
                 "gpuflow_version": gpuflow_version(), "architecture": architecture(graph),
                 "gpuflow": text, "gpuflow_crc32": str(zlib.crc32(text.encode("utf-8")))}
-    checkpoint_io.write_atomically(path, to_bytes(arrays, metadata=metadata))
+    checkpoint_io.write_atomically(path, checkpoint_io.safetensors_bytes(arrays, metadata))
 
 
 def _crc(array: np.ndarray) -> int:

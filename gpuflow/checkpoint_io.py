@@ -8,6 +8,7 @@ file exactly without overlap, shapes that must match their byte ranges, no code 
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from typing import Any, NamedTuple
@@ -107,6 +108,26 @@ def _describe_head(head: bytes) -> str:
 
 
 # -- writing ------------------------------------------------------------------------------------
+def safetensors_bytes(arrays: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    """`arrays` and the string `metadata` as a safetensors file, the same bytes for the same
+    contents in every process and every save (so that a file can be hashed and cached).
+
+    The safetensors library keeps the metadata in a Rust HashMap, which writes its keys in a
+    new random order each time: the header is written again with them sorted, and the tensor
+    entries in the order of their data (which the library sorts by dtype and name), padded
+    with spaces to 8 bytes as the library pads it."""
+    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
+
+    data = to_bytes(arrays, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items()))}
+    ordered.update(sorted(header.items(), key=lambda item: item[1]["data_offsets"]))
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return b"".join((len(text).to_bytes(8, "little"), text, memoryview(data)[8 + size:]))
+
+
 def write_atomically(path: str, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, rename it onto `path`, fsync
     the directory: a crash leaves either the old file or the new one, never a mix."""

@@ -67,8 +67,13 @@ class Dropout(Node):
     and the array_api_strict devices (NumPy's generator) and differ between libraries (torch,
     CuPy, CPU or GPU each have their own generator); the keep rate and the scaling hold
     everywhere. A float16/bfloat16 graph draws its numbers in float32 (so its masks are those
-    of a float32 graph on the same device) and applies the mask in its own dtype.
+    of a float32 graph on the same device) and applies the mask in its own dtype. The step
+    counter is gpuflow's own: checkpoints keep it, weight files (`export_weights`,
+    `load_weights`) leave it out, as torch.nn.Dropout has no state.
     """
+
+    # state_dict() keys that checkpoints keep and weight files leave out (weights.py)
+    checkpoint_only_state = ("steps",)
 
     def __init__(self, x: Node, p: float = 0.5, *, seed: int = 0, name: str | None = None):
         Node.__init__(self, [x], name=name)

@@ -12,18 +12,27 @@ ReLU(), Linear(32, 10))`. A node's parameter in inbound slot 1 (Linear's and Con
 norm's gamma) is `<index>.weight`, in slot 2 (b, beta) `<index>.bias`, in another slot
 `<index>.<its name>`; a node's state (BatchNorm's running statistics) is `<index>.<key>`
 (BatchNorm's num_batches_tracked, which gpuflow does not keep, is written as 0 and ignored).
+A weight file holds the weights and the state a torch module has, nothing else: the state
+keys a node lists in `checkpoint_only_state` (Dropout's step counter, where its mask sequence
+resumes) are left out of it and left as they are by `load_weights`; `checkpoint.save` keeps
+them.
 Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
 Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
 tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
-are called fc1, fc2. layout="gpuflow": gpuflow's own names, nothing transposed.
+are called fc1, fc2 (when names differ, the error suggests the mapping that pairs the layers
+by what they hold, roles and shapes, in order). layout="gpuflow": gpuflow's own names, nothing
+transposed.
 
-A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters, by name.
+Weight files are safetensors; a PyTorch pickle (torch.save's .pt) is refused, never loaded.
+A gpuflow checkpoint (written by `checkpoint.save`) also loads here: its parameters and node
+state, by name.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import zipfile
 from typing import Any
 
 import numpy as np
@@ -42,21 +51,20 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
     """Write `graph`'s parameters and node state to the safetensors file `path` (atomically),
     named and laid out for `layout` ('torch': an equal torch.nn.Sequential's state_dict;
     'gpuflow': gpuflow's names). Raises CheckpointError for a path that cannot be written."""
-    from safetensors.numpy import save as to_bytes  # imported here: `import gpuflow` stays light
-
     path = fspath(path)
     if path.lower().endswith(".npz"):
         raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
                               f"help: export to {path[:-4] + '.safetensors'!r}.")
     tensors = {}
-    for entry in _entries(graph, layout, mapping, path).values():
+    entries = _entries(graph, layout, mapping, path)
+    for entry in entries.values():
         host = to_host(graph, entry.get(), f"export of {entry.what}")
         tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
     if layout == "torch":
-        tensors.update(_torch_extras(graph))
+        tensors.update(_torch_extras(entries))
     metadata = {"format": "pt" if layout == "torch" else "gpuflow-weights",
                 "gpuflow_version": gpuflow_version(), "architecture": architecture(graph)}
-    checkpoint_io.write_atomically(path, to_bytes(tensors, metadata=metadata))
+    checkpoint_io.write_atomically(path, checkpoint_io.safetensors_bytes(tensors, metadata))
 
 
 def load_weights(graph: Any, path: "str | os.PathLike[str]",
@@ -72,10 +80,16 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
     tensors it has that nothing took and every shape that differs; nothing changes then.
     """
     path = fspath(path)
+    if _is_torch_pickle(path):
+        raise CheckpointError(f"weights {path!r} are a PyTorch pickle (torch.save), which gpuflow "
+                              "never unpickles (unpickling runs code the file names).\nhelp: "
+                              "save them as safetensors in PyTorch: safetensors.torch."
+                              "save_file(model.state_dict(), 'model.safetensors').")
     contents = checkpoint_io.read(path)
     tensors = contents.arrays
-    if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters, by name
-        tensors = {k[len("param/"):]: v for k, v in tensors.items() if k.startswith("param/")}
+    if "gpuflow" in contents.metadata:  # a gpuflow checkpoint: its parameters and node state
+        tensors = {k.partition("/")[2]: v for k, v in tensors.items()  # by name
+                   if k.startswith(("param/", "node/"))}
         layout, strict = "gpuflow", False
     entries = _entries(graph, layout, mapping, path)
     problems, used = [], set()
@@ -95,7 +109,7 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
             problems.append(f"tensor {entry.file_name!r} has dtype {host.dtype}, not a "
                             "floating-point type")
     if layout == "torch":  # buffers PyTorch keeps that gpuflow has no use for
-        used.update(_torch_extras(graph))
+        used.update(_torch_extras(entries))
     unused = [f"{k} {tuple(v.shape)}" for k, v in sorted(tensors.items()) if k not in used]
     if unused and strict:
         problems.append(f"tensors in the file that nothing took: {', '.join(unused[:8])}"
@@ -112,7 +126,23 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
     for key, entry in entries.items():  # everything is on the device: now assign
         entry.set(new[key])
     for node, names in _node_states(entries).items():
-        node.load_state_dict({k: new[key] for k, key in names.items()})
+        kept = {k: v for k, v in node.state_dict().items()  # what no weight file holds
+                if k in getattr(node, "checkpoint_only_state", ())}
+        node.load_state_dict({**kept, **{k: new[key] for k, key in names.items()}})
+
+
+def _is_torch_pickle(path: str) -> bool:
+    """Whether `path` is a torch.save file: a zip archive holding `<name>/data.pkl` (an .npz
+    checkpoint is a zip of .npy members; anything else is checkpoint_io.read's to judge)."""
+    try:
+        with open(path, "rb") as f:
+            if not f.read(4).startswith(b"PK"):
+                return False
+            f.seek(0)
+            with zipfile.ZipFile(f) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return False
 
 
 class _Entry:
@@ -145,8 +175,14 @@ class _Entry:
 def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
                    used: set[str]) -> "dict[str, str] | None":
     """The mapping that pairs the entries the file lacks with the tensors nothing took, layer
-    by layer in order (the file's layers in natural order: fc2 before fc10), if every pair has
-    the same role (weight, bias, ...) and shape; else None."""
+    by layer, if every layer pairs; else None.
+
+    A layer is what shares a name up to its last dot (`bn1.weight`, `bn1.running_mean`), and
+    two layers pair when they hold the same roles (weight, bias, running_mean, ...) in the
+    same shapes: a conv1/bn1/fc1 module pairs with the graph's Conv2D, BatchNorm and Linear
+    whatever the names' alphabetical order (a safetensors file keeps no module order: its
+    tensors are sorted by dtype and name). Layers alike pair in order: the graph's in the
+    graph's order, the file's in the natural order of their names (fc2 before fc10)."""
     missing = [(k, e) for k, e in entries.items() if e.file_name not in tensors]
     spare = [k for k in tensors if k not in used and not k.endswith(".num_batches_tracked")]
     if not missing or len(missing) != len(spare):
@@ -159,28 +195,36 @@ def _guess_mapping(entries: dict[str, _Entry], tensors: dict[str, np.ndarray],
         theirs.setdefault(name.rpartition(".")[0], []).append(name)
     natural = sorted(theirs, key=lambda n: [int(t) if t.isdigit() else t
                                             for t in re.split(r"(\d+)", n)])
-    if len(ours) != len(natural):
-        return None
+    alike: dict[tuple, list[str]] = {}  # the file's layers by what they hold: {((role, shape),
+    for prefix in natural:                 # ...): [their names, in natural order]}
+        holds = tuple(sorted((name.rpartition(".")[2], tuple(tensors[name].shape))
+                             for name in theirs[prefix]))
+        alike.setdefault(holds, []).append(prefix)
     guess = {}
-    for group, prefix in zip(ours.values(), natural):
-        for key, entry in group:
-            name = f"{prefix}.{entry.file_name.rpartition('.')[2]}" if prefix else \
-                entry.file_name.rpartition(".")[2]
-            host = tensors.get(name)
-            shape = None if host is None else tuple(host.shape)
-            if shape is None or (shape[::-1] if entry.transpose else shape) != entry.shape:
-                return None
-            guess[key] = name
+    for group in ours.values():  # in the graph's order
+        roles = {entry.file_name.rpartition(".")[2]: (key, entry) for key, entry in group}
+        holds = tuple(sorted((role, entry.shape[::-1] if entry.transpose else entry.shape)
+                             for role, (_, entry) in roles.items()))
+        if len(roles) != len(group) or not alike.get(holds):
+            return None
+        prefix = alike[holds].pop(0)
+        for role, (key, _) in roles.items():
+            guess[key] = f"{prefix}.{role}" if prefix else role
     return guess
 
 
-def _torch_extras(graph: Any) -> dict[str, np.ndarray]:
+def _torch_extras(entries: dict[str, _Entry]) -> dict[str, np.ndarray]:
     """Tensors of an equal torch module that gpuflow does not keep: BatchNorm's
-    num_batches_tracked (PyTorch uses it only with momentum=None), written as 0 so that
-    torch's strict load_state_dict finds it, and ignored when loading."""
-    compute = [n for n in graph.nodes if not isinstance(n, Input)]
-    return {f"{i}.num_batches_tracked": np.zeros((), np.int64)
-            for i, n in enumerate(compute) if type(n).__name__ == "BatchNorm"}
+    num_batches_tracked (PyTorch uses it only with momentum=None), beside its running_mean
+    (under the mapped name too), written as 0 so that torch's strict load_state_dict finds
+    it, and ignored when loading."""
+    extras = {}
+    for entry in entries.values():
+        if type(entry.node).__name__ == "BatchNorm" and entry.key == "running_mean":
+            prefix = entry.file_name.rpartition(".")[0]
+            extras[f"{prefix}.num_batches_tracked" if prefix else "num_batches_tracked"] = \
+                np.zeros((), np.int64)
+    return extras
 
 
 def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:
@@ -211,6 +255,8 @@ def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
                                param=p, transpose=transpose)
     for node_name, (node, state) in stateful_nodes(graph, path).items():
         for key, value in state.items():
+            if key in getattr(node, "checkpoint_only_state", ()):
+                continue  # gpuflow's own (Dropout's step counter): checkpoints keep it
             gf_name = f"{node_name}/{key}"
             file_name = f"{index[node]}.{key}" if torch and node in index else gf_name
             entries[gf_name] = _Entry(graph, mapping.pop(gf_name, file_name),

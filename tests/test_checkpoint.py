@@ -340,6 +340,60 @@ def test_file_layout_and_metadata(tmp_path):
     assert {k: v for k, v in info["meta"].items() if k != "architecture"} == meta
 
 
+_SAVE_THREE_TIMES = """
+import sys
+import numpy as np
+import gpuflow as gf
+from gpuflow.checkpoint import export_weights, save
+from gpuflow.data import load_digits
+from gpuflow.optim import Adam, StepLR
+
+X, y = gf.Input(name="X"), gf.Input(name="y")
+logits, _ = gf.layers.lenet(X, (1, 8, 8), 10, hidden=16, channels=(4,), dropout=0.25,
+                            batch_norm=True, seed=3)
+graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", dtype="float32",
+                 inputs=[X, y])
+opt = Adam(graph, lr=1e-2)
+schedule = StepLR(opt, step_size=1)
+images, labels = load_digits()
+for _ in range(2):
+    graph.step(images[:32].reshape(-1, 1, 8, 8), labels[:32])
+    opt.step()
+schedule.step()
+state = {"seen": 64, "names": np.array(["a", "bc"]), "order": [3, 1, 2], "rate": 0.5}
+out = sys.argv[1]
+for i in range(3):  # three saves in one process too
+    save(f"{out}/c{i}.safetensors", graph, opt, schedule=schedule, step=2, epoch=1, state=state)
+    export_weights(graph, f"{out}/t{i}.safetensors")
+    export_weights(graph, f"{out}/g{i}.safetensors", layout="gpuflow")
+"""
+
+
+def test_the_same_state_saves_the_same_bytes(tmp_path):
+    """Issue 18 item 24: the same state gives the same file, byte for byte, across processes
+    (PYTHONHASHSEED 0 and 1) and saves (safetensors' metadata map came out in a random order
+    each time): checkpoints and exported weights of both layouts, which users can hash."""
+    import subprocess
+    import sys
+    script = tmp_path / "save.py"
+    script.write_text(_SAVE_THREE_TIMES)
+    repo = str(pathlib.Path(__file__).resolve().parents[1])
+    for seed in ("0", "1"):
+        out = tmp_path / seed
+        out.mkdir()
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+        run = subprocess.run([sys.executable, str(script), str(out)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    for kind in ("c", "t", "g"):
+        files = [tmp_path / seed / f"{kind}{i}.safetensors" for seed in "01" for i in range(3)]
+        first = files[0].read_bytes()
+        assert all(f.read_bytes() == first for f in files), f"{kind}: the bytes differ"
+    with safetensors.safe_open(files[0], framework="numpy") as f:  # still a safetensors file
+        assert f.metadata()["format"] == "gpuflow-weights"
+
+
 def test_pytorch_reads_the_checkpoint(tmp_path):
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file

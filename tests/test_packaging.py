@@ -27,7 +27,18 @@ def test_editable_install_wins_over_the_clone_folder_next_to_a_script(tmp_path):
     """README: `pip install -e '.[test]'` in a clone named gpuflow/, then a script saved next
     to the clone folder. Python puts the script's folder first on sys.path, where the clone
     folder (no __init__.py) is a namespace package `gpuflow`; the installed package must win.
-    A real editable install into a fresh venv (about 10 s; no network: no deps, no isolation)."""
+    A real editable install into a fresh venv (about 10 s; no network: no deps, no isolation).
+
+    The venv builds with the setuptools of the environment the tests run in, which the test
+    extra brings (`pip install -e '.[test]'`: setuptools>=77, as pyproject.toml's
+    build-system needs for `license = "MIT"`); a fresh virtual environment of Python 3.11
+    has setuptools 65.5, of 3.12 none."""
+    import importlib.metadata
+
+    setuptools = importlib.metadata.version("setuptools")
+    assert int(setuptools.split(".")[0]) >= 77, (
+        f"setuptools {setuptools} cannot build this project (pyproject.toml needs >= 77); "
+        "pip install -e '.[test]' installs it")
     clone = tmp_path / "gpuflow"
     clone.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -35,9 +46,15 @@ def test_editable_install_wins_over_the_clone_folder_next_to_a_script(tmp_path):
     shutil.copytree(REPO / "gpuflow", clone / "gpuflow",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     env_dir = tmp_path / "venv"
-    # The venv sees this interpreter's packages (numpy, setuptools) but has none of its own.
-    venv.create(env_dir, system_site_packages=True, with_pip=False)
+    venv.create(env_dir, with_pip=False)
     python = env_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    # The venv sees the packages of the environment these tests run in (numpy, setuptools),
+    # after its own (the editable install's .pth sorts first): system_site_packages would
+    # give the base interpreter's instead, which in a virtual environment has neither.
+    inner = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                            "['purelib'])"], capture_output=True, text=True, check=True)
+    outer = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    Path(inner.stdout.strip(), "zz_tests_environment.pth").write_text("\n".join(outer) + "\n")
     env = {k: v for k, v in os.environ.items()
            if k != "PYTHONPATH" and not k.startswith("GPUFLOW_")}
     install = subprocess.run(

@@ -299,3 +299,144 @@ def test_cnn_with_batchnorm_both_ways(device, tmp_path):
         theirs = model(torch.from_numpy(X)).numpy()
     ours = np.asarray(other.device.to_host(other.run(other_logits, X)))
     assert_same_predictions(ours, theirs, f"torch cnn -> gpuflow on {device.name}")
+
+
+def torch_lenet(batch_norm, dropout, hidden=64, seed=0):
+    """The torch.nn.Sequential equal to gf.layers.lenet(x, (1, 8, 8), 10, ...)."""
+    torch.manual_seed(seed)
+    layers, c, side = [], 1, 8
+    for width in (16, 32):
+        layers.append(torch.nn.Conv2d(c, width, 3, padding=1, bias=not batch_norm))
+        if batch_norm:
+            layers.append(torch.nn.BatchNorm2d(width))
+        layers += [torch.nn.ReLU(), torch.nn.MaxPool2d(2)]
+        c, side = width, side // 2
+    layers += [torch.nn.Flatten(), torch.nn.Linear(c * side * side, hidden), torch.nn.ReLU(),
+               torch.nn.Dropout(dropout), torch.nn.Linear(hidden, 10)]
+    return torch.nn.Sequential(*layers)
+
+
+def gf_lenet(batch_norm, device="cpu", seed=0):
+    """gf.layers.lenet with dropout 0.25; with BatchNorm, the model of `gpuflow train --model
+    cnn`, built by the CLI's own build_model."""
+    if batch_norm:
+        from gpuflow.cli import TrainOptions, build_model
+        opts = TrainOptions(model="cnn", hidden=(64,), seed=seed)
+        opts.check()
+        X, y, logits, loss, _ = build_model(opts, (1, 8, 8), 10)
+    else:
+        X, y = gf.Input(name="X"), gf.Input(name="y")
+        logits, _ = gf.layers.lenet(X, (1, 8, 8), 10, hidden=64, dropout=0.25, seed=seed)
+        loss = gf.SoftmaxCrossEntropy(y, logits)
+    graph = gf.Graph(loss, device=device, dtype="float32", inputs=[X, y], outputs=[logits])
+    assert any(isinstance(n, gf.Dropout) for n in graph.nodes)
+    return graph, logits
+
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["lenet", "cli-cnn"])
+def test_cnn_with_dropout_both_ways(device, tmp_path, batch_norm):
+    """Issue 18 item 4: Dropout's step counter is checkpoint state, not a weight: a file from
+    export_weights loads into the equal torch module with strict load_state_dict, and a torch
+    state_dict loads strictly into the gpuflow model, with and without BatchNorm."""
+    X, y = images()
+    graph, logits = gf_lenet(batch_norm)
+    opt = Adam(graph, lr=1e-2)
+    for _ in range(3):  # the dropout masks are drawn: its step counter moves
+        graph.step(X, y)
+        opt.step()
+    export_weights(graph, tmp_path / "cnn.safetensors")
+    tensors = load_file(tmp_path / "cnn.safetensors")
+    assert not any(k.endswith(".steps") for k in tensors), sorted(tensors)
+    save(tmp_path / "run.safetensors", graph, opt)  # a checkpoint keeps it, for the resume
+    assert int(load_file(tmp_path / "run.safetensors")["node/cnn.dropout/steps"]) == 3
+    again, again_logits = gf_lenet(batch_norm, seed=4)  # and load_weights takes its weights
+    load_weights(again, tmp_path / "run.safetensors")
+    np.testing.assert_array_equal(np.asarray(again.run(again_logits, X)),
+                                  np.asarray(graph.run(logits, X)))
+    model = torch_lenet(batch_norm, 0.25, seed=1)
+    model.load_state_dict(tensors)  # strict
+    model.eval()
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    assert_same_predictions(np.asarray(graph.run(logits, X)), theirs, "gpuflow lenet -> torch")
+
+    model = torch_lenet(batch_norm, 0.25, seed=2)
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(X))  # BatchNorm's running statistics move
+    model.eval()
+    save_file(model.state_dict(), tmp_path / "torch.safetensors")
+    other, other_logits = gf_lenet(batch_norm, device, seed=3)
+    dropout = next(n for n in other.nodes if isinstance(n, gf.Dropout))
+    dropout.steps = 5
+    load_weights(other, tmp_path / "torch.safetensors")  # strict
+    assert dropout.steps == 5  # its own state, which no weight file holds, is left as it was
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    ours = np.asarray(other.device.to_host(other.run(other_logits, X)))
+    assert_same_predictions(ours, theirs, f"torch lenet -> gpuflow on {device.name}")
+
+
+def test_named_torch_cnn_is_paired_by_layer_structure(tmp_path):
+    """Issue 18 item 22: a module whose children are named conv1, bn1, fc1 (a safetensors file
+    keeps no module order: its tensors are sorted by dtype and name, bn1 before conv1) is
+    paired layer by layer by what each layer holds (roles and shapes), in the graph's order;
+    the suggested mapping loads strictly, BatchNorm's num_batches_tracked included."""
+    torch.manual_seed(8)
+    model = torch.nn.Sequential(OrderedDict(
+        conv1=torch.nn.Conv2d(1, 4, 3, padding=1), bn1=torch.nn.BatchNorm2d(4),
+        relu1=torch.nn.ReLU(), pool1=torch.nn.MaxPool2d(2), flat=torch.nn.Flatten(),
+        fc1=torch.nn.Linear(4 * 4 * 4, 10)))
+    X, _ = images()
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(X))  # the running statistics move
+    model.eval()
+    save_file(model.state_dict(), tmp_path / "named.safetensors")
+    graph, logits = cnn()
+    with pytest.raises(CheckpointError) as info:
+        load_weights(graph, tmp_path / "named.safetensors")
+    help_line = str(info.value).splitlines()[-1]
+    assert help_line.startswith("help: if this pairing by order and shape is right, pass "
+                                "mapping={"), help_line
+    mapping = ast.literal_eval(help_line[help_line.index("{"):-1])
+    assert mapping == {"conv.W": "conv1.weight", "conv.b": "conv1.bias",
+                       "bn.gamma": "bn1.weight", "bn.beta": "bn1.bias",
+                       "bn/running_mean": "bn1.running_mean",
+                       "bn/running_var": "bn1.running_var",
+                       "fc.W": "fc1.weight", "fc.b": "fc1.bias"}
+    load_weights(graph, tmp_path / "named.safetensors", mapping=mapping)  # strict
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(X)).numpy()
+    assert_same_predictions(np.asarray(graph.run(logits, X)), theirs, "named torch cnn")
+    export_weights(graph, tmp_path / "back.safetensors", mapping=mapping)  # and back
+    torch_cnn_named = type(model)(OrderedDict(model.named_children()))
+    torch_cnn_named.load_state_dict(load_file(tmp_path / "back.safetensors"))  # strict
+
+
+def test_layers_alike_pair_in_natural_order(tmp_path):
+    """Layers that hold the same shapes pair in the file names' natural order (fc2 before
+    fc10), the graph's layers in the graph's order."""
+    X = gf.Input(name="X")
+    out, _ = gf.mlp(X, [8, 8, 8, 8], seed=0)
+    graph = gf.Graph(out, device="cpu", dtype="float32", inputs=[X])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(OrderedDict(
+        (name, torch.nn.Linear(8, 8)) for name in ("fc2", "fc10", "fc11")))
+    save_file(model.state_dict(), tmp_path / "alike.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_weights(graph, tmp_path / "alike.safetensors")
+    help_line = str(info.value).splitlines()[-1]
+    mapping = ast.literal_eval(help_line[help_line.index("{"):-1])
+    assert [mapping[f"layer{i}.W"] for i in (1, 2, 3)] == ["fc2.weight", "fc10.weight",
+                                                          "fc11.weight"]
+
+
+def test_a_torch_pickle_is_refused_as_such(tmp_path):
+    """A torch.save file (a zip holding a pickle) is never unpickled: one error saying what
+    it is and how to save safetensors instead, not 'damaged'."""
+    torch.save(torch_cnn().state_dict(), tmp_path / "model.pt")
+    graph, _ = cnn()
+    with pytest.raises(CheckpointError, match="PyTorch pickle .*torch.save.*never unpickles"
+                                              "(.|\n)*save_file\\(model.state_dict\\(\\)"):
+        load_weights(graph, tmp_path / "model.pt")
