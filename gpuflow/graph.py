@@ -199,7 +199,9 @@ class Graph:
     rules: gpuflow/buffers.py).
     dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
     float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
-    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
+    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32. Every
+    optimizer over its parameters follows it, however they were passed (`Adam(graph)`,
+    `Adam(graph.parameters)`, `Adam(params)`; the rule: gpuflow/amp.py).
     device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
     and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
     launch per step (CUDA graphs); devices without it run as usual and say so once.
@@ -247,6 +249,7 @@ class Graph:
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
         self.steps = 0
+        amp.claim(self)  # optimizers over its parameters find its mixed precision
 
     def __repr__(self) -> str:
         return summary("Graph", self.nodes, self.device, self.dtype, self.parameters, self.loss)
@@ -278,6 +281,8 @@ class Graph:
         self.plan.ensure()
         set_mode(self.nodes, training, self.plan)
         self._feed(batches, self.inputs)
+        if amp._STEPPED[0] is not self._ref:  # the parameters' gradients are this graph's
+            amp.note_step(self)
         if self.amp is not None:
             self.amp.before_step(self)
         with self.device.scope():

@@ -28,6 +28,7 @@ class Node:
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
     _plan: Any = None    # the plan.Plan that bound this node, if any
+    _graph: Any = None   # a parameter's Graph (a weak reference; see gpuflow/amp.py), if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)

@@ -62,6 +62,7 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
 
 
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
+_SEVERAL = object()  # an optimizer's parameters record several graphs (or some none)
 
 
 def _parameter_list(params: Any, owner: str) -> list[Node]:
@@ -130,6 +131,13 @@ class Optimizer:
 
     `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
     gpuflow.optim does, once per epoch) and it is checked once, at that step.
+
+    params: the Graph, `graph.parameters`, the {name: Parameter} dict `gf.mlp` returns, or any
+    iterable of parameters. Each form follows the graph's settings alike: a float16/bfloat16
+    graph's float32 master weights and loss scaling, its `check_finite`. Over parameters
+    that is the Graph whose step computed their gradients (so an optimizer made before its
+    graph works too); parameters of two graphs, one of them mixed precision, are a GraphError
+    at `step()` (one optimizer per graph); see gpuflow/amp.py.
     """
 
     def __init__(self, params: "Graph | Iterable[Node] | Mapping[str, Node]", lr: float) -> None:
@@ -141,12 +149,30 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
-        # a float16/bfloat16 Graph's float32 masters and loss scale (private: not a hyper-parameter)
-        self._amp = amp.for_optimizer(params, self.params)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
         self._changes = -1  # Parameter.trainable_changes when `active` was last listed
         self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
+        # The Graph(s) whose settings apply: a float16/bfloat16 graph's float32 masters and
+        # loss scale (`_amp`), check_finite. Optimizer(graph) follows that graph; over
+        # parameters, the graph whose step computed their gradients, looked up again at a step
+        # when a parameter records another one (the rule: gpuflow/amp.py). Private: not
+        # hyper-parameters.
+        self._source: Any = None  # the weak reference every parameter recorded, if one
+        self._graphs: list[Graph] = []
+        self._amp: "amp.MixedPrecision | None" = None
+        self._follow(strict=False)
+
+    def _follow(self, strict: bool) -> None:
+        """Find the graph(s) this optimizer follows (see __init__); GraphError if `strict`
+        (at a step) for parameters of several graphs, one of them mixed precision."""
+        if self._graph is not None:
+            self._graphs = [self._graph]
+        else:
+            refs = {id(p._graph): p._graph for p in self._active}  # weak references
+            self._source = next(iter(refs.values())) if len(refs) == 1 else _SEVERAL
+            self._graphs = amp.graphs_of(self._active)
+        self._amp = amp.for_optimizer(type(self).__name__, self._graphs, strict)
 
     def step(self) -> None:
         """One update of every parameter from its current gradient (frozen ones, whose
@@ -157,16 +183,21 @@ class Optimizer:
         if self._changes != Parameter.trainable_changes:  # one int compare per step
             self._changes = Parameter.trainable_changes
             self._active = [p for p in self.params if getattr(p, "trainable", True)]
+        source, moved = self._source, self._graph is None and self._source is _SEVERAL
         for p in self._active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
+            if p._graph is not source:  # another graph stepped it (or several graphs did)
+                moved = True
+        if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
+            self._follow(strict=True)
         if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
             self._amp.optimizer_step(self)
             return
         self.t += 1
         self._update_all()
-        if self._graph is not None and self._graph.check_finite:
+        if any(g.check_finite for g in self._graphs):
             self._check_finite()
 
     def _check_finite(self) -> None:
@@ -222,6 +253,7 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output onto the parameters' device (checked first)."""
+        self._follow(strict=False)  # the state's dtype: float32 under mixed precision
         names = {p.name: p for p in self.params}
         new: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
         for key, host in state.items():

@@ -303,3 +303,150 @@ def test_a_frozen_parameter_keeps_its_last_gradient_as_in_float32(device, dtype)
     np.testing.assert_array_equal(host(device, W.gradients[W]), grad)
     np.testing.assert_array_equal(host(device, W.value), value)
     assert not np.array_equal(host(device, other.value), other_value), "the others train"
+
+
+# -- every way of passing parameters gets the graph's mixed precision (issue 18, item 2) ------
+def _mlp_graph(device, dtype="float16", seed=0):
+    """(graph, params): the digits MLP and the {name: Parameter} dict gf.mlp returns."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [64, 24, 10], activation="relu", seed=seed)
+    return _graph_or_skip(gf.SoftmaxCrossEntropy(y, logits, name="loss"), device, dtype,
+                          [X, y]), params
+
+
+def _graph_or_skip(loss, device, dtype, inputs):
+    try:
+        return gf.Graph(loss, device=device, dtype=dtype, inputs=inputs)
+    except gf.GraphError as exc:
+        if "has no float16" in str(exc):
+            pytest.skip(f"{device.name}: {str(exc).splitlines()[0]}")
+        raise
+
+
+@pytest.mark.parametrize("form", ["graph", "graph.parameters", "gf.mlp's dict", "a generator",
+                                  "made before the graph"])
+def test_every_way_of_passing_parameters_gets_masters_and_loss_scaling(device, form):
+    """Adam(graph.parameters) and Adam(params) once got no float32 masters and no loss
+    scaling (the float16 values updated directly, overflows applied as NaN)."""
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    for make in (lambda a: SGD(a, lr=0.1, momentum=0.9), lambda a: Adam(a, lr=1e-2),
+                 lambda a: gf.optim.AdamW(a, lr=1e-2)):
+        if form == "made before the graph":
+            X, y = gf.Input(name="X"), gf.Input(name="y")
+            logits, params = gf.mlp(X, [64, 24, 10], activation="relu", seed=0)
+            opt = make(params)
+            graph = _graph_or_skip(gf.SoftmaxCrossEntropy(y, logits), device, "float16", [X, y])
+        else:
+            graph, params = _mlp_graph(device)
+            opt = make({"graph": graph, "graph.parameters": graph.parameters,
+                        "gf.mlp's dict": params,
+                        "a generator": (p for p in params.values())}[form])
+        for _ in range(2):
+            graph.step(xb, yb)
+            opt.step()
+        float32 = device.dtype("float32")
+        for p in graph.parameters:
+            master = graph.amp.master.get(p)
+            assert master is not None and master.dtype == float32, f"{form}: no master"
+            np.testing.assert_array_equal(host(device, p.value),
+                                          host(device, master).astype(np.float16))
+            for buf in opt.state[p].values():
+                assert buf.dtype == float32, f"{form}: {type(opt).__name__}'s state"
+        before = _snapshot(graph, opt)
+        graph.amp.scaler.scale = 2.0 ** 40  # the scaled backward overflows float16
+        graph.step(xb, yb)
+        opt.step()
+        for a, b in zip(before, _snapshot(graph, opt)):
+            np.testing.assert_array_equal(a, b)  # skipped: nothing changed, no NaN
+        assert graph.amp.scaler.skipped == 1 and graph.amp.scaler.scale == 2.0 ** 39, form
+
+
+def test_two_optimizers_over_one_graph_skip_together_and_back_off_once(device):
+    """Parameter groups: each optimizer skips its overflowing step; the scale halves once."""
+    graph, params = _mlp_graph(device)
+    names = list(params)
+    first = Adam([params[n] for n in names[:2]], lr=1e-2)
+    second = SGD([params[n] for n in names[2:]], lr=0.1)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    graph.step(xb, yb)
+    first.step()
+    second.step()
+    assert first.t == second.t == 1 and graph.amp.scaler.good_steps == 1
+    graph.amp.scaler.scale = 2.0 ** 40
+    graph.step(xb, yb)
+    first.step()
+    second.step()
+    assert first.t == second.t == 1
+    assert graph.amp.scaler.scale == 2.0 ** 39 and graph.amp.scaler.skipped == 1
+
+
+def test_one_optimizer_over_two_mixed_precision_graphs_is_refused():
+    device = gf.get_device("cpu")
+    (g1, p1), (g2, p2) = _mlp_graph(device, seed=1), _mlp_graph(device, seed=2)
+    opt = Adam([*p1.values(), *p2.values()], lr=1e-2)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    g1.step(xb, yb)
+    g2.step(xb, yb)
+    before = [host(device, p.value).copy() for p in opt.params]
+    with pytest.raises(gf.GraphError, match="(?s)come from 2 graphs.*help: make one optimizer "
+                                            "per graph"):
+        opt.step()
+    for p, value in zip(opt.params, before):
+        np.testing.assert_array_equal(host(device, p.value), value)
+
+
+def test_a_checkpoint_after_every_epoch_holds_the_trained_weights_and_resumes(device,
+                                                                              tmp_path):
+    """A script saving after every epoch once wrote the masters of its first save again
+    (52% off the trained weights after two epochs); a resume then started from them."""
+    from gpuflow.checkpoint import load, save
+    X_train, y_train = SPLIT[0][:320], SPLIT[1][:320]
+
+    def epoch(graph, opt, number):
+        for xb, yb in Batches(X_train, y_train, 32, seed=number):
+            graph.step(xb, yb)
+            opt.step()
+
+    graph, params = _mlp_graph(device)
+    opt = Adam(params, lr=1e-2)
+    for number in range(2):
+        epoch(graph, opt, number)
+        save(tmp_path / f"epoch{number}.safetensors", graph, opt, epoch=number + 1)
+    saved = safetensors_numpy(tmp_path / "epoch1.safetensors")
+    for name, p in graph.named_parameters().items():
+        np.testing.assert_array_equal(saved[f"param/{name}"], host(device, graph.amp.master[p]))
+        np.testing.assert_array_equal(saved[f"param/{name}"].astype(np.float16),
+                                      host(device, p.value))
+    epoch(graph, opt, 2)  # continuing without a break ...
+    resumed, resumed_params = _mlp_graph(device)
+    again = Adam(resumed_params, lr=1e-2)
+    assert load(tmp_path / "epoch1.safetensors", resumed, again)["epoch"] == 2
+    epoch(resumed, again, 2)  # ... equals resuming from the second checkpoint
+    for p, q in zip(graph.parameters, resumed.parameters):
+        np.testing.assert_array_equal(host(device, p.value), host(device, q.value))
+        np.testing.assert_array_equal(host(device, graph.amp.master[p]),
+                                      host(device, resumed.amp.master[q]))
+
+
+def test_a_checkpoint_holds_values_changed_in_place_since_the_last_save(device, tmp_path):
+    """MiniFlow's sgd_update writes into the parameters' arrays: the next save must hold
+    those values, not the masters of the save before."""
+    from gpuflow.checkpoint import save
+    from gpuflow.optim import sgd_update
+    graph, _ = _mlp_graph(device)
+    xb, yb = SPLIT[0][:32], SPLIT[1][:32]
+    save(tmp_path / "first.safetensors", graph)
+    for _ in range(3):
+        graph.step(xb, yb)
+        sgd_update(graph.parameters, 0.5)
+    save(tmp_path / "second.safetensors", graph)
+    saved = safetensors_numpy(tmp_path / "second.safetensors")
+    for name, p in graph.named_parameters().items():
+        np.testing.assert_array_equal(saved[f"param/{name}"].astype(np.float16),
+                                      host(device, p.value))
+
+
+def safetensors_numpy(path):
+    from safetensors.numpy import load_file
+    return load_file(str(path))
+
