@@ -10,7 +10,9 @@ of the parameters (its state is float32 too) and rounds them into the parameters
 
 Dynamic scaling (the default): a step whose gradients hold an Inf or NaN (the scaled backward
 overflowed) is skipped: no parameter, optimizer state or step count changes, and the scale
-halves. After `growth_interval` good steps in a row the scale doubles. Deciding to skip needs
+halves. After `growth_interval` good steps in a row the scale doubles. Such an overflow is
+expected: NumPy's warnings for it are off within the graph's step, the optimizer's step and a
+gradient clip (`Device.overflow_expected`), and only there. Deciding to skip needs
 one read of a device flag per optimizer step (torch's GradScaler.step reads one too). Several
 optimizers over one graph's parameters (parameter groups) each skip on their own gradients,
 and the scale changes once per graph step, backing off if any of them overflowed (torch's
@@ -41,7 +43,7 @@ import math
 import weakref
 from typing import Any, Iterable
 
-from .backends import LEDGER, Device, dtype_name
+from .backends import LEDGER, NULL_SCOPE, Device, dtype_name
 from .errors import GraphError
 
 LOW_PRECISION = ("float16", "bfloat16")
@@ -225,7 +227,12 @@ class MixedPrecision:
 
     def optimizer_step(self, optimizer: Any) -> bool:
         """Check the gradients; update the masters through `optimizer.update` and round them
-        into the parameters, or skip the step (overflow). Returns whether it stepped."""
+        into the parameters, or skip the step (overflow, expected: no NumPy warning). Returns
+        whether it stepped."""
+        with self.device.overflow_expected():
+            return self._optimizer_step(optimizer)
+
+    def _optimizer_step(self, optimizer: Any) -> bool:
         params = optimizer._active  # frozen parameters (trainable False) are skipped
         masters = [self.master_of(p) for p in params]  # before anything can change
         finite = self._finite([p.gradients[p] for p in params])
@@ -323,6 +330,14 @@ def graphs_of(params: Iterable[Any]) -> list[Any]:
     """The live Graphs that the parameters record (see `note_step`), each once, in order."""
     refs = {id(p._graph): p._graph for p in params if p._graph is not None}  # a dead weak
     return [g for g in (r() for r in refs.values()) if g is not None]  # reference: no hash
+
+
+def overflow_expected(params: list[Any]) -> Any:
+    """`device.overflow_expected()` where one of the parameters' graphs is mixed precision
+    (a gradient clip between its step and the optimizer's), else a no-op context."""
+    if params and any(g.amp is not None for g in graphs_of(params)):
+        return params[0].device.overflow_expected()
+    return NULL_SCOPE
 
 
 def for_optimizer(owner: str, graphs: list[Any], strict: bool) -> "MixedPrecision | None":

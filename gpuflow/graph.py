@@ -285,7 +285,9 @@ class Graph:
             amp.note_step(self)
         if self.amp is not None:
             self.amp.before_step(self)
-        with self.device.scope():
+        # mixed precision: an overflow is expected (the step is then skipped), not warned of
+        quiet = self.device.overflow_expected() if self.amp is not None else NULL_SCOPE
+        with self.device.scope(), quiet:
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()

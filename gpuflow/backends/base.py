@@ -449,6 +449,13 @@ class Device:
         (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
         return NULL_SCOPE
 
+    def overflow_expected(self) -> Any:
+        """A context manager in which floating overflow (to Inf, and the NaN that follows)
+        computes without a warning: a mixed-precision step, whose loss scaler finds the
+        overflow and skips the step (gpuflow/amp.py). A no-op where the library does not warn
+        (torch, JAX, CuPy); nothing outside the context changes."""
+        return NULL_SCOPE
+
     def describe(self) -> str:
         """A one-line description: library version, device name, memory."""
         raise NotImplementedError

@@ -123,6 +123,11 @@ class NumpyDevice(Device):
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
 
+    def overflow_expected(self) -> Any:
+        # NumPy's RuntimeWarnings for overflow and invalid values (inf - inf), in this thread
+        # and the numpy_threads workers (they take the caller's errstate)
+        return numpy.errstate(over="ignore", invalid="ignore")
+
     def rng(self, seed: int) -> "HostRng":
         return HostRng(seed)
 
