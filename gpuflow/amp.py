@@ -12,7 +12,7 @@ Dynamic scaling (the default): a step whose gradients hold an Inf or NaN (the sc
 overflowed) is skipped: no parameter, optimizer state or step count changes, and the scale
 halves. After `growth_interval` good steps in a row the scale doubles. Such an overflow is
 expected: NumPy's warnings for it are off within the graph's step, the optimizer's step and a
-gradient clip (`Device.overflow_expected`), and only there. Deciding to skip needs
+gradient clip (`Device.quiet_float_errors`), and only there. Deciding to skip needs
 one read of a device flag per optimizer step (torch's GradScaler.step reads one too). Several
 optimizers over one graph's parameters (parameter groups) each skip on their own gradients,
 and the scale changes once per graph step, backing off if any of them overflowed (torch's
@@ -229,28 +229,13 @@ class MixedPrecision:
         """Check the gradients; update the masters through `optimizer.update` and round them
         into the parameters, or skip the step (overflow, expected: no NumPy warning). Returns
         whether it stepped."""
-        with self.device.overflow_expected():
+        with self.device.quiet_float_errors():
             return self._optimizer_step(optimizer)
 
     def _optimizer_step(self, optimizer: Any) -> bool:
         params = optimizer._active  # frozen parameters (trainable False) are skipped
         masters = [self.master_of(p) for p in params]  # before anything can change
-        finite = self._finite([p.gradients[p] for p in params])
-        scale = self.scaler.scale
-        if not finite and not self.scaler.dynamic:
-            raise GraphError(
-                f"mixed precision: the gradients overflowed {self.name} with the static loss "
-                f"scale {scale:g} (an Inf or NaN); no parameter was updated.\nhelp: pass a "
-                "smaller loss_scale, or loss_scale='dynamic' (the default) to skip such steps.")
-        self._judge(finite)
-        if not finite:
-            if self.scaler.scale < MIN_SCALE:
-                raise GraphError(
-                    f"mixed precision: the gradients are not finite even with the loss scale at "
-                    f"{scale:g}: the forward or backward pass overflows {self.name} (values "
-                    "beyond its range) or training diverged; no parameter was updated.\nhelp: "
-                    "lower the learning rate, use dtype='float32', or check_finite=True to find "
-                    "the node.")
+        if not self._decide(self._finite([p.gradients[p] for p in params])):
             return False
         optimizer.t += 1
         for p, master in zip(params, masters):
@@ -261,15 +246,36 @@ class MixedPrecision:
             self._written[p] = p.value
         return True
 
-    def _judge(self, finite: bool) -> None:
-        """Update the scale once per graph step: the first optimizer to look decides, and a
-        later one (another parameter group) that found an overflow backs off then."""
-        if self._verdict is None:
-            self.scaler.update(finite)
+    def record(self, finite: bool) -> bool:
+        """The loss scaler's rule after a step's overflow check (`finite`: every gradient is
+        finite): update the scale and return whether the optimizer steps (False: skip it).
+        GraphError for an overflow under a static scale, or with the scale below MIN_SCALE.
+        `optimizer_step` and the compiled step (gpuflow/compiled.py) both decide here."""
+        scale = self.scaler.scale
+        if not finite and not self.scaler.dynamic:
+            raise GraphError(
+                f"mixed precision: the gradients overflowed {self.name} with the static loss "
+                f"scale {scale:g} (an Inf or NaN); no parameter was updated.\nhelp: pass a "
+                "smaller loss_scale, or loss_scale='dynamic' (the default) to skip such steps.")
+        self.scaler.update(finite)
+        if not finite and self.scaler.scale < MIN_SCALE:
+            raise GraphError(
+                f"mixed precision: the gradients are not finite even with the loss scale at "
+                f"{scale:g}: the forward or backward pass overflows {self.name} (values "
+                "beyond its range) or training diverged; no parameter was updated.\nhelp: "
+                "lower the learning rate, use dtype='float32', or check_finite=True to find "
+                "the node.")
+        return finite
+
+    def _decide(self, finite: bool) -> bool:
+        """`record` once per graph step (parameter groups: several optimizers over one graph):
+        the first optimizer to look records; a later one that finds an overflow where the first
+        found none records it then (the scale backs off once). Each optimizer steps or skips
+        on its own gradients, as torch's GradScaler.step does."""
+        if self._verdict is None or (self._verdict and not finite):
             self._verdict = finite
-        elif self._verdict and not finite:
-            self.scaler.update(False)
-            self._verdict = False
+            return self.record(finite)
+        return finite
 
     def _finite(self, grads: Iterable[Any]) -> bool:
         """Whether every gradient is finite: one device flag, read once (NaN and Inf survive
@@ -332,11 +338,12 @@ def graphs_of(params: Iterable[Any]) -> list[Any]:
     return [g for g in (r() for r in refs.values()) if g is not None]  # reference: no hash
 
 
-def overflow_expected(params: list[Any]) -> Any:
-    """`device.overflow_expected()` where one of the parameters' graphs is mixed precision
-    (a gradient clip between its step and the optimizer's), else a no-op context."""
+def quiet_float_errors(params: list[Any]) -> Any:
+    """`device.quiet_float_errors()` where one of the parameters' graphs is mixed precision
+    (a gradient clip between its step, which may overflow, and the optimizer's), else a no-op
+    context."""
     if params and any(g.amp is not None for g in graphs_of(params)):
-        return params[0].device.overflow_expected()
+        return params[0].device.quiet_float_errors()
     return NULL_SCOPE
 
 

@@ -199,9 +199,7 @@ class Graph:
     rules: gpuflow/buffers.py).
     dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
     float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
-    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32. Every
-    optimizer over its parameters follows it, however they were passed (`Adam(graph)`,
-    `Adam(graph.parameters)`, `Adam(params)`; the rule: gpuflow/amp.py).
+    for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
     device='fastest' (or 'fastest:cpu,torch:cpu') times the first batch's step on each device
     and keeps the fastest (gpuflow/placement.py). capture: True or 'auto' asks for one captured
     launch per step (CUDA graphs); devices without it run as usual and say so once.
@@ -285,9 +283,10 @@ class Graph:
             amp.note_step(self)
         if self.amp is not None:
             self.amp.before_step(self)
-        # mixed precision: an overflow is expected (the step is then skipped), not warned of
-        quiet = self.device.overflow_expected() if self.amp is not None else NULL_SCOPE
-        with self.device.scope(), quiet:
+        # check_finite reports the first NaN/Inf itself; mixed precision expects overflow (the
+        # loss scaler skips the step): the library's warnings are off in such steps only
+        with self.device.scope(), (self.device.quiet_float_errors()
+                                   if self.check_finite or self.amp is not None else NULL_SCOPE):
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()

@@ -62,7 +62,6 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
 
 
 _SCRATCH = ("optimizer work 0", "optimizer work 1", "optimizer work 2")
-_SEVERAL = object()  # an optimizer's parameters record several graphs (or some none)
 
 
 def _parameter_list(params: Any, owner: str) -> list[Node]:
@@ -126,6 +125,9 @@ def check_betas(betas: Any, owner: str) -> tuple[float, float]:
             check_hyperparameter(pair[1], "betas[1]", owner, high=1.0, example="0.999"))
 
 
+_SEVERAL = object()  # an optimizer's parameters record several graphs (or some none)
+
+
 class Optimizer:
     """Base class: `step()` updates every parameter from `p.gradients[p]`.
 
@@ -149,10 +151,6 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
-        self._param: Node = self.params[0]   # the parameter `update` is working on
-        self.ops: Any = self._param.ops       # its array operations, which take out=
-        self._changes = -1  # Parameter.trainable_changes when `active` was last listed
-        self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
         # The Graph(s) whose settings apply: a float16/bfloat16 graph's float32 masters and
         # loss scale (`_amp`), check_finite. Optimizer(graph) follows that graph; over
         # parameters, the graph whose step computed their gradients, looked up again at a step
@@ -161,18 +159,11 @@ class Optimizer:
         self._source: Any = None  # the weak reference every parameter recorded, if one
         self._graphs: list[Graph] = []
         self._amp: "amp.MixedPrecision | None" = None
-        self._follow(strict=False)
-
-    def _follow(self, strict: bool) -> None:
-        """Find the graph(s) this optimizer follows (see __init__); GraphError if `strict`
-        (at a step) for parameters of several graphs, one of them mixed precision."""
-        if self._graph is not None:
-            self._graphs = [self._graph]
-        else:
-            refs = {id(p._graph): p._graph for p in self._active}  # weak references
-            self._source = next(iter(refs.values())) if len(refs) == 1 else _SEVERAL
-            self._graphs = amp.graphs_of(self._active)
-        self._amp = amp.for_optimizer(type(self).__name__, self._graphs, strict)
+        self._follow(self.params, strict=False)
+        self._param: Node = self.params[0]   # the parameter `update` is working on
+        self.ops: Any = self._param.ops       # its array operations, which take out=
+        self._changes = -1  # Parameter.trainable_changes when `active` was last listed
+        self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
 
     def step(self) -> None:
         """One update of every parameter from its current gradient (frozen ones, whose
@@ -191,7 +182,7 @@ class Optimizer:
             if p._graph is not source:  # another graph stepped it (or several graphs did)
                 moved = True
         if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
-            self._follow(strict=True)
+            self._follow(self._active, strict=True)
         if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
             self._amp.optimizer_step(self)
             return
@@ -199,6 +190,18 @@ class Optimizer:
         self._update_all()
         if any(g.check_finite for g in self._graphs):
             self._check_finite()
+
+    def _follow(self, params: list[Node], strict: bool) -> None:
+        """Find the graph(s) this optimizer follows (see __init__) from `params` (those not
+        frozen); GraphError if `strict` (at a step) for parameters of several graphs, one of
+        them mixed precision."""
+        if self._graph is not None:
+            self._graphs = [self._graph]
+        else:
+            refs = {id(p._graph): p._graph for p in params}  # weak references: no hash
+            self._source = next(iter(refs.values())) if len(refs) == 1 else _SEVERAL
+            self._graphs = amp.graphs_of(params)
+        self._amp = amp.for_optimizer(type(self).__name__, self._graphs, strict)
 
     def _check_finite(self) -> None:
         """GraphError naming this optimizer and the first parameter its update made NaN/Inf."""
@@ -253,7 +256,7 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output onto the parameters' device (checked first)."""
-        self._follow(strict=False)  # the state's dtype: float32 under mixed precision
+        self._follow(self.params, strict=False)  # the state's dtype: float32 if mixed precision
         names = {p.name: p for p in self.params}
         new: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
         for key, host in state.items():

@@ -286,7 +286,7 @@ def clip_grad_norm(graph_or_parameters: Any, max_norm: float, *, eps: float = 1e
     if not params:
         raise ValueError("clip_grad_norm: no parameters to clip.\nhelp: pass graph or "
                          "graph.parameters.")
-    with amp.overflow_expected(params):  # mixed precision: Inf gradients of a step it skips
+    with amp.quiet_float_errors(params):  # mixed precision: Inf gradients of a step it skips
         return _clip_norm(params, max_norm, eps)
 
 

@@ -449,11 +449,11 @@ class Device:
         (CuPy's allow_synchronize(False)); a no-op where the library has no such switch."""
         return NULL_SCOPE
 
-    def overflow_expected(self) -> Any:
-        """A context manager in which floating overflow (to Inf, and the NaN that follows)
-        computes without a warning: a mixed-precision step, whose loss scaler finds the
-        overflow and skips the step (gpuflow/amp.py). A no-op where the library does not warn
-        (torch, JAX, CuPy); nothing outside the context changes."""
+    def quiet_float_errors(self) -> Any:
+        """A context manager in which the library does not warn about overflow, invalid
+        operations or division by zero (NumPy's errstate): where a check reports the first
+        NaN/Inf itself (Graph(check_finite=True)), warnings before it would only bury it. A
+        no-op where the library does not warn."""
         return NULL_SCOPE
 
     def describe(self) -> str:

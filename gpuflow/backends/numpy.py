@@ -123,13 +123,11 @@ class NumpyDevice(Device):
     def describe(self) -> str:
         return f"NumPy {numpy.__version__} on the CPU"
 
-    def overflow_expected(self) -> Any:
-        # NumPy's RuntimeWarnings for overflow and invalid values (inf - inf), in this thread
-        # and the numpy_threads workers (they take the caller's errstate)
-        return numpy.errstate(over="ignore", invalid="ignore")
-
     def rng(self, seed: int) -> "HostRng":
         return HostRng(seed)
+
+    def quiet_float_errors(self) -> Any:
+        return quiet_float_errors()
 
     def _put(self, host: Any, dtype: Any) -> Any:
         out = host if dtype is None or host.dtype == dtype else host.astype(dtype)
@@ -192,6 +190,12 @@ def host_array(value: Any, what: str) -> numpy.ndarray:
 def host_range(value: Any) -> tuple[Any, Any]:
     """(min, max) of a non-empty host array."""
     return value.min(), value.max()
+
+
+def quiet_float_errors() -> Any:
+    """NumPy without overflow, invalid and divide-by-zero warnings, in this thread (the
+    numpy_threads workers take the caller's setting)."""
+    return numpy.errstate(over="ignore", invalid="ignore", divide="ignore")
 
 
 def host_rng(seed: int | None) -> numpy.random.Generator:
