@@ -158,7 +158,7 @@ class Optimizer:
         # hyper-parameters.
         self._source: Any = None  # the weak reference every parameter recorded, if one
         self._graphs: list[Graph] = []
-        self._amp: "amp.MixedPrecision | None" = None
+        self._mixed: "amp.MixedPrecision | None" = None
         self._follow(self.params, strict=False)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
@@ -183,8 +183,8 @@ class Optimizer:
                 moved = True
         if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
             self._follow(self._active, strict=True)
-        if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
-            self._amp.optimizer_step(self)
+        if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self._mixed.optimizer_step(self)
             return
         self.t += 1
         self._update_all()
@@ -201,7 +201,15 @@ class Optimizer:
             refs = {id(p._graph): p._graph for p in params}  # weak references: no hash
             self._source = next(iter(refs.values())) if len(refs) == 1 else _SEVERAL
             self._graphs = amp.graphs_of(params)
-        self._amp = amp.for_optimizer(type(self).__name__, self._graphs, strict)
+        self._mixed = amp.for_optimizer(type(self).__name__, self._graphs, strict)
+
+    @property
+    def _amp(self) -> "amp.MixedPrecision | None":
+        """The graph's mixed precision this optimizer follows, or None, looked up now (over
+        parameters: an optimizer made before its graph finds it once the graph is built;
+        compile_step and device='fastest' read it before any step)."""
+        self._follow(self._active, strict=False)
+        return self._mixed
 
     def _check_finite(self) -> None:
         """GraphError naming this optimizer and the first parameter its update made NaN/Inf."""
@@ -230,7 +238,7 @@ class Optimizer:
 
     def _state_dtype(self, p: Node) -> Any:
         """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
-        return self._amp.master_dtype if self._amp is not None else p.value.dtype
+        return self._mixed.master_dtype if self._mixed is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """The updated `value`, from `grad`: `value` itself, updated in place, where arrays are

@@ -526,3 +526,13 @@ def test_an_overflow_the_loss_scaler_skips_warns_nothing_and_float32_still_warns
     wide = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device=device, inputs=[X, y])
     with pytest.warns(RuntimeWarning, match="encountered in"):
         wide.step(big, yb[:4])  # float32 code outside mixed precision warns as before
+
+
+def test_an_optimizer_made_before_its_graph_reports_the_graphs_mixed_precision():
+    """What compile_step and device='fastest' read before any step (Optimizer._amp)."""
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    logits, params = gf.mlp(X, [64, 10], seed=0)
+    opt = Adam(params, lr=1e-2)
+    assert opt._amp is None  # no graph holds the parameters yet: plain updates
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", dtype="float16")
+    assert opt._amp is graph.amp
