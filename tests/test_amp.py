@@ -536,3 +536,15 @@ def test_an_optimizer_made_before_its_graph_reports_the_graphs_mixed_precision()
     assert opt._amp is None  # no graph holds the parameters yet: plain updates
     graph = gf.Graph(gf.SoftmaxCrossEntropy(y, logits), device="cpu", dtype="float16")
     assert opt._amp is graph.amp
+
+
+def test_gpuflow_train_float16_cnn_leaks_no_overflow_warning():
+    """`gpuflow train --model cnn --dtype float16` printed NumPy's 'overflow encountered in
+    matmul' for the steps its loss scaler skipped (issue 18, item 14)."""
+    import warnings
+    from gpuflow.cli import train
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        result = train(dict(device="cpu", model="cnn", dtype="float16", dropout=0.0, epochs=1,
+                            quiet=True))
+    assert np.isfinite(result["losses"]).all()
