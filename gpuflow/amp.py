@@ -10,8 +10,13 @@ of the parameters (its state is float32 too) and rounds them into the parameters
 
 Dynamic scaling (the default): a step whose gradients hold an Inf or NaN (the scaled backward
 overflowed) is skipped: no parameter, optimizer state or step count changes, and the scale
-halves. After `growth_interval` good steps in a row the scale doubles. Deciding to skip needs
-one read of a device flag per optimizer step (torch's GradScaler.step reads one too).
+halves. After `growth_interval` good steps in a row the scale doubles. Such an overflow is
+expected: NumPy's warnings for it are off within the graph's step, the optimizer's step and a
+gradient clip (`Device.quiet_float_errors`), and only there. Deciding to skip needs
+one read of a device flag per optimizer step (torch's GradScaler.step reads one too). Several
+optimizers over one graph's parameters (parameter groups) each skip on their own gradients,
+and the scale changes once per graph step, backing off if any of them overflowed (torch's
+GradScaler.update after several `scaler.step(opt)`).
 `loss_scale=<number>` scales statically: an overflow then raises a GraphError (nothing is
 updated) instead of silently skipping forever; `loss_scale=1` is plain low precision with
 master weights. Nothing ever turns NaN silently: a scale that falls below 2**-24 (the
@@ -19,14 +24,26 @@ gradients overflow even unscaled) raises.
 
 bfloat16 exists on torch devices; NumPy has none (ml_dtypes adds a storage type, but NumPy's
 matmul and ufuncs would run on it emulated and slowly), which is said with a clear error.
+
+Which graph's mixed precision an optimizer follows: every way of passing parameters gives the
+same. `Adam(graph)` follows that graph. `Adam(graph.parameters)`, `Adam(params)` (the dict
+`gf.mlp` returns) or any list of parameters follow the Graph whose `step` computed their
+gradients: each `Graph.step` records itself on its parameters (`p._graph`, a weak reference;
+before any step, the first Graph built over a parameter holds it), and `optimizer.step()`
+reads that record, so an optimizer made before its graph, or over part of a graph's parameters,
+gets it too. Parameters that no Graph holds (MiniFlow's `topological_sort`) get plain updates.
+One optimizer over parameters whose gradients come from two graphs, one of them mixed
+precision, is a GraphError at its step: each such graph scales its gradients by its own loss
+scale (make one optimizer per graph).
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any, Iterable
 
-from .backends import LEDGER, Device, dtype_name
+from .backends import LEDGER, NULL_SCOPE, Device, dtype_name
 from .errors import GraphError
 
 LOW_PRECISION = ("float16", "bfloat16")
@@ -131,6 +148,9 @@ class MixedPrecision:
         self.master_dtype = device.xp.float32
         self.master: dict[Any, Any] = {}   # parameter -> its float32 master value
         self._written: dict[Any, Any] = {}  # parameter -> the value we last gave it
+        # Whether this graph step's gradients were found finite by an optimizer (None: no
+        # optimizer has looked yet): the scale changes once per graph step.
+        self._verdict: bool | None = None
 
     def __repr__(self) -> str:
         kind = "dynamic" if self.scaler.dynamic else "static"
@@ -146,6 +166,7 @@ class MixedPrecision:
     def before_step(self, graph: Any) -> None:
         """The backward pass starts from the scale instead of 1."""
         graph.loss._grad_seed = self.scaler.scale
+        self._verdict = None
 
     def after_step(self, graph: Any) -> None:
         """Each parameter's gradient unscaled into float32 (device work, no read back).
@@ -187,6 +208,17 @@ class MixedPrecision:
             return bool(self.device.item(xp.astype(same, self.master_dtype),
                                          what="mixed precision master check"))
 
+    def current_master(self, p: Any) -> Any:
+        """p's float32 master value, checked against p.value (one read): where it no longer
+        rounds to the value (numbers written into p's array in place, e.g. MiniFlow's
+        `sgd_update`), it is made again from the value. For checkpoints, which must hold the
+        weights the graph computes with whatever changed them since the last save."""
+        value, master = p.value, self.master.get(p)
+        if master is None or not self._rounds_to(master, value):
+            master = self.master[p] = self.device.xp.astype(value, self.master_dtype, copy=True)
+        self._written[p] = value
+        return master
+
     def set_master(self, p: Any, master: Any) -> None:
         """Take `master` (float32, on the device) as p's master value, p.value being its
         rounding: a checkpoint load restores the masters instead of remaking them."""
@@ -195,10 +227,15 @@ class MixedPrecision:
 
     def optimizer_step(self, optimizer: Any) -> bool:
         """Check the gradients; update the masters through `optimizer.update` and round them
-        into the parameters, or skip the step (overflow). Returns whether it stepped."""
+        into the parameters, or skip the step (overflow, expected: no NumPy warning). Returns
+        whether it stepped."""
+        with self.device.quiet_float_errors():
+            return self._optimizer_step(optimizer)
+
+    def _optimizer_step(self, optimizer: Any) -> bool:
         params = optimizer._active  # frozen parameters (trainable False) are skipped
         masters = [self.master_of(p) for p in params]  # before anything can change
-        if not self.record(self._finite([p.gradients[p] for p in params])):
+        if not self._decide(self._finite([p.gradients[p] for p in params])):
             return False
         optimizer.t += 1
         for p, master in zip(params, masters):
@@ -228,6 +265,16 @@ class MixedPrecision:
                 "beyond its range) or training diverged; no parameter was updated.\nhelp: "
                 "lower the learning rate, use dtype='float32', or check_finite=True to find "
                 "the node.")
+        return finite
+
+    def _decide(self, finite: bool) -> bool:
+        """`record` once per graph step (parameter groups: several optimizers over one graph):
+        the first optimizer to look records; a later one that finds an overflow where the first
+        found none records it then (the scale backs off once). Each optimizer steps or skips
+        on its own gradients, as torch's GradScaler.step does."""
+        if self._verdict is None or (self._verdict and not finite):
+            self._verdict = finite
+            return self.record(finite)
         return finite
 
     def _finite(self, grads: Iterable[Any]) -> bool:
@@ -261,10 +308,59 @@ class MixedPrecision:
                 for p, m in self.master.items()}
 
 
-def for_optimizer(params: Any, param_list: list[Any]) -> "MixedPrecision | None":
-    """The MixedPrecision of the Graph an optimizer was made for (its own, or the one its
-    parameters were last bound by), or None."""
-    amp = getattr(params, "amp", None)
-    if amp is None and param_list:
-        amp = getattr(getattr(param_list[0], "_owner", None), "amp", None)
-    return amp
+_STEPPED: list = [None]  # the weak reference of the Graph whose step ran last
+
+
+def claim(graph: Any) -> None:
+    """At Graph(...): each of its parameters that no live Graph holds yet records this one
+    (an optimizer made over them before any step finds this graph's mixed precision)."""
+    ref = graph._ref = weakref.ref(graph)  # one object per graph, compared by identity
+    for p in graph.parameters:
+        held = p._graph
+        if held is None or held() is None:
+            p._graph = ref
+
+
+def note_step(graph: Any) -> None:
+    """At Graph.step: each of its parameters records this graph, whose step computes their
+    gradients now. A loop over the parameters only when another graph stepped last."""
+    ref = graph._ref
+    if _STEPPED[0] is ref:
+        return
+    for p in graph.parameters:
+        p._graph = ref
+    _STEPPED[0] = ref
+
+
+def graphs_of(params: Iterable[Any]) -> list[Any]:
+    """The live Graphs that the parameters record (see `note_step`), each once, in order."""
+    refs = {id(p._graph): p._graph for p in params if p._graph is not None}  # a dead weak
+    return [g for g in (r() for r in refs.values()) if g is not None]  # reference: no hash
+
+
+def quiet_float_errors(params: list[Any]) -> Any:
+    """`device.quiet_float_errors()` where one of the parameters' graphs is mixed precision
+    (a gradient clip between its step, which may overflow, and the optimizer's), else a no-op
+    context."""
+    if params and any(g.amp is not None for g in graphs_of(params)):
+        return params[0].device.quiet_float_errors()
+    return NULL_SCOPE
+
+
+def for_optimizer(owner: str, graphs: list[Any], strict: bool) -> "MixedPrecision | None":
+    """The MixedPrecision an optimizer over parameters of `graphs` (see `graphs_of`) follows:
+    the one graph's, or None. Parameters of several graphs, one of them mixed precision, are
+    a GraphError if `strict` (at a step; None otherwise: before any step a parameter may be
+    held by another graph than the one that will step it)."""
+    if len(graphs) == 1:
+        return graphs[0].amp
+    mixed = [g for g in graphs if g.amp is not None]
+    if mixed and strict:
+        listing = ", ".join(f"the {dtype_name(g.dtype)} graph of {g.loss.label} on "
+                            f"{g.device.name}" for g in graphs)
+        raise GraphError(
+            f"{owner}: the gradients of its parameters come from {len(graphs)} graphs "
+            f"({listing}), {len(mixed)} of them mixed precision; each scales its gradients by "
+            "its own loss scale, so one optimizer cannot follow them all.\nhelp: make one "
+            f"optimizer per graph, e.g. {owner}(graph), or one over each graph's parameters.")
+    return None

@@ -82,9 +82,11 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     arrays: dict[str, np.ndarray] = {}
     ema_meta = None if ema is None else _ema_meta(ema, graph, arrays, path)
     params = graph.named_parameters()
-    amp = getattr(graph, "amp", None)  # mixed precision: the float32 masters are the weights
+    # Mixed precision: the float32 masters are the weights, checked against the values the
+    # graph computes with (one read each: a value changed in place gets a new master).
+    amp = getattr(graph, "amp", None)
     for name, p in params.items():
-        value = amp.master_of(p) if amp is not None else p.value
+        value = amp.current_master(p) if amp is not None else p.value
         arrays[f"param/{name}"] = to_host(graph, value, f"checkpoint of {p.label}")
     meta: dict[str, Any] = {
         "format": _FORMAT_NAME,

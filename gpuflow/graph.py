@@ -278,6 +278,7 @@ class Graph:
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
         self.steps = 0
+        amp.claim(self)  # optimizers over its parameters find its mixed precision
 
     def __repr__(self) -> str:
         return summary("Graph", self.nodes, self.device, self.dtype, self.parameters, self.loss)
@@ -309,10 +310,14 @@ class Graph:
         self.plan.ensure()
         set_mode(self.nodes, training, self.plan)
         self._feed(batches, self.inputs)
+        if amp._STEPPED[0] is not self._ref:  # the parameters' gradients are this graph's
+            amp.note_step(self)
         if self.amp is not None:
             self.amp.before_step(self)
-        with self.device.scope(), (self.device.quiet_float_errors() if self.check_finite
-                                   else NULL_SCOPE):
+        # check_finite reports the first NaN/Inf itself; mixed precision expects overflow (the
+        # loss scaler skips the step): the library's warnings are off in such steps only
+        with self.device.scope(), (self.device.quiet_float_errors()
+                                   if self.check_finite or self.amp is not None else NULL_SCOPE):
             if self.strict and self.steps > 0:
                 with LEDGER.enforcing(), self.device.forbid_sync():
                     self._forward_backward()

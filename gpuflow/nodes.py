@@ -18,6 +18,28 @@ from .buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
 from .errors import GraphError
 
 
+_ACCUMULATION: dict[Any, Any] = {}  # (xp, dtype) -> accumulation_dtype(xp, dtype)
+
+
+def accumulation_dtype(xp: Any, dtype: Any) -> Any:
+    """float32 for a floating dtype narrower than float32 (float16, bfloat16), else None.
+
+    A sum of many float16 numbers (a batch's losses, squared errors) overflows float16 at
+    65504 although their mean is small: such sums are computed in float32 and only the mean is
+    rounded to the graph's dtype, as torch's autocast computes losses in float32."""
+    key = (xp, dtype)  # xp first: dtypes of two libraries are never compared
+    try:
+        return _ACCUMULATION[key]
+    except (KeyError, TypeError):
+        wide = (xp.float32 if xp.isdtype(dtype, "real floating") and xp.finfo(dtype).bits < 32
+                else None)
+        try:
+            _ACCUMULATION[key] = wide
+        except TypeError:
+            pass
+        return wide
+
+
 class Node:
     """Base class: keeps `inbound_nodes`, `outbound_nodes`, `value` and `gradients`."""
 
@@ -29,6 +51,7 @@ class Node:
     buffers: "Buffers | _NoBuffers" = NO_BUFFERS
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
     _plan: Any = None    # the plan.Plan that bound this node, if any
+    _graph: Any = None   # a parameter's Graph (a weak reference; see gpuflow/amp.py), if any
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
@@ -388,7 +411,8 @@ class ReLU(Node):
 
 class MSE(Node):
     """Mean of (y - a)^2 over all elements; y and a are flattened to columns, as in MiniFlow:
-    `self.diff` is y - a as a column (m, 1), `self.m` the number of elements."""
+    `self.diff` is y - a as a column (m, 1), `self.m` the number of elements. In float16 or
+    bfloat16 the squares are summed in float32 and the mean rounded to that dtype."""
 
     is_loss = True
 
@@ -410,7 +434,12 @@ class MSE(Node):
         self.diff = diff = self.ops.subtract(yv, av, out=self.buffers["diff", yv.shape, av.dtype])
         flat = xp.reshape(diff, (-1,))
         self.m = flat.shape[0]
-        self.value = (flat @ flat) / self.m  # a new scalar each step: callers keep losses
+        wide = accumulation_dtype(xp, flat.dtype)
+        if wide is None:
+            self.value = (flat @ flat) / self.m  # a new scalar each step: callers keep losses
+        else:  # float16: the squares and their sum in float32, only the mean rounded
+            flat = xp.astype(flat, wide)
+            self.value = xp.astype((flat @ flat) / self.m, diff.dtype)
 
     def backward(self) -> None:
         g = self.upstream_gradient()
@@ -431,7 +460,9 @@ class MSE(Node):
 class SoftmaxCrossEntropy(Node):
     """Mean over the batch of -log softmax(logits)[label], via log-sum-exp.
 
-    labels: integer class indices, shape (batch,); logits: (batch, classes).
+    labels: integer class indices, shape (batch,); logits: (batch, classes). In float16 or
+    bfloat16 the batch's sum is taken in float32 and the mean rounded to that dtype (a
+    float16 sum of 40,000 losses of 2.7 would be inf).
     """
 
     is_loss = True
@@ -479,7 +510,13 @@ class SoftmaxCrossEntropy(Node):
         # since each one-hot row sums to 1.
         log_total = ops.log(self.total, out=column)
         picked = ops.multiply(self.onehot, shifted, out=shifted)  # shifted is not needed again
-        self.value = (xp.sum(log_total) - xp.sum(picked)) / n  # a new scalar each step
+        wide = accumulation_dtype(xp, dtype)
+        if wide is None:
+            self.value = (xp.sum(log_total) - xp.sum(picked)) / n  # a new scalar each step
+        else:  # float16: the batch's sums in float32 (they overflow past 65504), the mean
+            # rounded to the graph's dtype
+            total = xp.sum(log_total, dtype=wide) - xp.sum(picked, dtype=wide)
+            self.value = xp.astype(total / n, dtype)
 
     def _check_labels_on_device(self, y: Any, k: int) -> None:
         from .backends import LEDGER

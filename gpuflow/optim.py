@@ -105,11 +105,21 @@ def check_betas(betas: Any, owner: str) -> tuple[float, float]:
             check_hyperparameter(pair[1], "betas[1]", owner, high=1.0, example="0.999"))
 
 
+_SEVERAL = object()  # an optimizer's parameters record several graphs (or some none)
+
+
 class Optimizer:
     """Base class: `step()` updates every parameter from `p.gradients[p]`.
 
     `lr` is the learning rate the next `step()` uses: set it between steps (a schedule from
     gpuflow.optim does, once per epoch) and it is checked once, at that step.
+
+    params: the Graph, `graph.parameters`, the {name: Parameter} dict `gf.mlp` returns, or any
+    iterable of parameters. Each form follows the graph's settings alike: a float16/bfloat16
+    graph's float32 master weights and loss scaling, its `check_finite`. Over parameters
+    that is the Graph whose step computed their gradients (so an optimizer made before its
+    graph works too); parameters of two graphs, one of them mixed precision, are a GraphError
+    at `step()` (one optimizer per graph); see gpuflow/amp.py.
     """
 
     def __init__(self, params: "Graph | Iterable[Node] | Mapping[str, Node]", lr: float) -> None:
@@ -121,8 +131,15 @@ class Optimizer:
         self.lr = self._checked_lr = check_learning_rate(lr, f"{type(self).__name__}: lr")
         self.t = 0  # steps taken
         self.state: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
-        # a float16/bfloat16 Graph's float32 masters and loss scale (private: not a hyper-parameter)
-        self._amp = amp.for_optimizer(params, self.params)
+        # The Graph(s) whose settings apply: a float16/bfloat16 graph's float32 masters and
+        # loss scale (`_amp`), check_finite. Optimizer(graph) follows that graph; over
+        # parameters, the graph whose step computed their gradients, looked up again at a step
+        # when a parameter records another one (the rule: gpuflow/amp.py). Private: not
+        # hyper-parameters.
+        self._source: Any = None  # the weak reference every parameter recorded, if one
+        self._graphs: list[Graph] = []
+        self._mixed: "amp.MixedPrecision | None" = None
+        self._follow(self.params, strict=False)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
         self._changes = -1  # Parameter.trainable_changes when `active` was last listed
@@ -138,17 +155,42 @@ class Optimizer:
         if self._changes != Parameter.trainable_changes:  # one int compare per step
             self._changes = Parameter.trainable_changes
             self._active = [p for p in self.params if getattr(p, "trainable", True)]
+        source, moved = self._source, self._graph is None and self._source is _SEVERAL
         for p in self._active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
-        if self._amp is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
-            self._amp.optimizer_step(self)
+            if p._graph is not source:  # another graph stepped it (or several graphs did)
+                moved = True
+        if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
+            self._follow(self._active, strict=True)
+        if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+            self._mixed.optimizer_step(self)
             return
         self.t += 1
         self._update_all()
-        if self._graph is not None and self._graph.check_finite:
+        if any(g.check_finite for g in self._graphs):
             self._check_finite()
+
+    def _follow(self, params: list[Node], strict: bool) -> None:
+        """Find the graph(s) this optimizer follows (see __init__) from `params` (those not
+        frozen); GraphError if `strict` (at a step) for parameters of several graphs, one of
+        them mixed precision."""
+        if self._graph is not None:
+            self._graphs = [self._graph]
+        else:
+            refs = {id(p._graph): p._graph for p in params}  # weak references: no hash
+            self._source = next(iter(refs.values())) if len(refs) == 1 else _SEVERAL
+            self._graphs = amp.graphs_of(params)
+        self._mixed = amp.for_optimizer(type(self).__name__, self._graphs, strict)
+
+    @property
+    def _amp(self) -> "amp.MixedPrecision | None":
+        """The graph's mixed precision this optimizer follows, or None, looked up now (over
+        parameters: an optimizer made before its graph finds it once the graph is built;
+        compile_step and device='fastest' read it before any step)."""
+        self._follow(self._active, strict=False)
+        return self._mixed
 
     def _check_finite(self) -> None:
         """GraphError naming this optimizer and the first parameter its update made NaN/Inf."""
@@ -177,7 +219,7 @@ class Optimizer:
 
     def _state_dtype(self, p: Node) -> Any:
         """The dtype of `p`'s optimizer state: its own, or float32 under mixed precision."""
-        return self._amp.master_dtype if self._amp is not None else p.value.dtype
+        return self._mixed.master_dtype if self._mixed is not None else p.value.dtype
 
     def update(self, xp: Any, value: Any, grad: Any, state: dict[str, Any]) -> Any:
         """The updated `value`, from `grad`: `value` itself, updated in place, where arrays are
@@ -203,6 +245,7 @@ class Optimizer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore `state_dict()` output onto the parameters' device (checked first)."""
+        self._follow(self.params, strict=False)  # the state's dtype: float32 if mixed precision
         names = {p.name: p for p in self.params}
         new: dict[Node, dict[str, Any]] = {p: {} for p in self.params}
         for key, host in state.items():

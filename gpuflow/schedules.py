@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from . import amp
 from .errors import CheckpointError, GraphError
 from .nodes import Node
 
@@ -300,6 +301,11 @@ def clip_grad_norm(graph_or_parameters: Any, max_norm: float, *, eps: float = 1e
     if not params:
         raise ValueError("clip_grad_norm: no parameters to clip.\nhelp: pass graph or "
                          "graph.parameters.")
+    with amp.quiet_float_errors(params):  # mixed precision: Inf gradients of a step it skips
+        return _clip_norm(params, max_norm, eps)
+
+
+def _clip_norm(params: list[Any], max_norm: float, eps: float) -> Any:
     xp = params[0].xp
     total = None
     for p in params:

@@ -211,6 +211,19 @@ def test_check_finite_names_the_optimizer_and_parameter_whose_update_overflowed(
     assert "Linear" not in msg
 
 
+@pytest.mark.parametrize("form", ["graph.parameters", "gf.mlp's dict"])
+def test_check_finite_checks_an_optimizer_over_the_graphs_parameters_too(form):
+    """Only SGD(graph) was checked; SGD(graph.parameters) and SGD(params) follow the graph's
+    settings alike (issue 18, item 2)."""
+    graph, params, xb, yb = _classifier_graph("cpu", "float32", check_finite=True)
+    opt = SGD(graph.parameters if form == "graph.parameters" else params, lr=1e10)
+    graph.step(xb, yb)
+    W = params["layer1.W"]
+    W.gradients[W] = np.full(W.shape, 1e30, dtype=np.float32)  # lr * 1e30 overflows
+    with np.errstate(over="ignore", invalid="ignore"):
+        expect(gf.GraphError, opt.step, "SGD's update of Parameter 'layer1.W'")
+
+
 def test_check_finite_off_leaves_the_optimizer_unchecked():
     graph, params, xb, yb = _classifier_graph("cpu", "float32")
     opt = SGD(graph, lr=1e10)

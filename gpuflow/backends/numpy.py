@@ -31,6 +31,8 @@ def _fast_namespace() -> types.ModuleType:
     def sum(x, /, *, axis=None, dtype=None, keepdims=False):  # noqa: A001 - the API's name
         if dtype is None and x.dtype.kind in "biu":
             return compat_numpy.sum(x, axis=axis, keepdims=keepdims)  # the API's int promotion
+        if dtype is None and x.dtype == HALF:  # added in float32 (see NumpyOps), a float16 result
+            return add_reduce(x, axis=axis, dtype=numpy.float32, keepdims=keepdims).astype(HALF)
         return add_reduce(x, axis=axis, dtype=dtype, keepdims=keepdims)
 
     def max(x, /, *, axis=None, keepdims=False):  # noqa: A001
@@ -43,19 +45,30 @@ def _fast_namespace() -> types.ModuleType:
     return ns
 
 
+HALF = numpy.dtype(numpy.float16)
 xp = _fast_namespace()
 
 
 class NumpyOps(UfuncOps):
     """NumPy's own functions (see `Ops`); sums and maxima straight to the ufuncs' reduce,
     without np.sum's Python wrapper; elementwise operations, im2col's stack and col2im split
-    over the CPU's cores when their result is large (`numpy_threads`)."""
+    over the CPU's cores when their result is large (`numpy_threads`).
+
+    float16 sums are added in float32 and rounded once, as torch, JAX and CuPy add them:
+    NumPy adds float16 along an axis in float16, so 40,000 values of 0.01 summed over the
+    batch (a bias gradient) come to 32, not 400, and sums past 65504 overflow on the way."""
 
     def __init__(self, xp: Any) -> None:
         super().__init__(xp, numpy)
-        add_reduce, max_reduce = numpy.add.reduce, numpy.maximum.reduce
-        self.sum = lambda x, axis=None, keepdims=False, out=None: add_reduce(
-            x, axis=axis, keepdims=keepdims, out=out)
+        add_reduce, max_reduce, wide = numpy.add.reduce, numpy.maximum.reduce, numpy.float32
+
+        def sum(x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+            if x.dtype != HALF:
+                return add_reduce(x, axis=axis, keepdims=keepdims, out=out)
+            total = add_reduce(x, axis=axis, dtype=wide, keepdims=keepdims, out=out)
+            return total if out is not None else total.astype(HALF)  # out: rounded there
+
+        self.sum = sum
         self.max = lambda x, axis=None, keepdims=False, out=None: max_reduce(
             x, axis=axis, keepdims=keepdims, out=out)
         self.split(WORKERS.threads > 1)
