@@ -22,6 +22,7 @@ from .norm import BatchNorm, Dropout, LayerNorm
 from .sequence import (GELU, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
+from .recomputation import recompute
 
 __version__ = "0.1.0"
 
@@ -33,7 +34,7 @@ __all__ = [
     "Conv2D", "MaxPool2D", "AvgPool2D", "Flatten", "Dropout", "BatchNorm", "LayerNorm",
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
-    "SiLU", "ScaledDotProductAttention",
+    "SiLU", "ScaledDotProductAttention", "recompute",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py
