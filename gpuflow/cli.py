@@ -8,6 +8,7 @@
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
+    gpuflow train --model cnn --recompute            # recompute each block's values in backward
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -83,6 +84,7 @@ class TrainOptions:
     schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
     clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
+    recompute: bool = False      # each block (hidden layer) recomputed in the backward pass
     # The options the user gave (argv's flags, a dict's keys); None: those that differ from the
     # defaults. With --resume, the run's settings not given are taken from the checkpoint.
     given: "frozenset[str] | None" = dataclasses.field(default=None, repr=False, compare=False)
@@ -530,13 +532,20 @@ def build_model(opts: TrainOptions, sample_shape: tuple[int, ...], n_classes: in
     X_in, y_in = Input(name="X"), Input(name="y")
     if opts.model == "cnn":
         logits, _ = lenet(X_in, sample_shape, n_classes, hidden=opts.hidden[0],
-                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
+                          dropout=opts.dropout, batch_norm=True, seed=opts.seed,
+                          recompute=opts.recompute)
         arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
                 f"{opts.dropout:g}; {'x'.join(str(s) for s in sample_shape)} images)")
     else:
         sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
-        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
+        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout,
+                        recompute=opts.recompute)
         arch = "-".join(str(s) for s in sizes) + " MLP"
+    # --recompute: each block is built inside gf.recompute (gpuflow/recomputation.py), by
+    # lenet's and mlp's recompute=True; a model added here (the GPT: each transformer block)
+    # does the same. It changes no number, so it is not a run setting (--resume may change it).
+    if opts.recompute:
+        arch += ", each block recomputed in the backward pass"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     return X_in, y_in, logits, loss, arch
 
@@ -726,6 +735,9 @@ def build_parser() -> CommandParser:
                    help="write a PNG of loss and accuracy curves (needs matplotlib)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-epoch lines: the summary only")
+    t.add_argument("--recompute", action="store_true",
+                   help="keep only each block's output after the forward pass and recompute "
+                   "its other values in the backward pass: less memory, the same numbers")
     t.add_argument("--check-finite", action="store_true",
                    help="after every step, check every value and gradient for NaN/Inf and stop "
                    "at the first, naming the node and the step (one extra read per step)")
