@@ -52,6 +52,7 @@ after the pass, and a node that keeps state between steps lists it in
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -153,7 +154,7 @@ class Arena:
     @property
     def nbytes(self) -> int:
         """The bytes the pool keeps."""
-        return sum(int(a.size) * a.dtype.itemsize for a in self.buffers.values())
+        return sum(math.prod(a.shape) * a.dtype.itemsize for a in self.buffers.values())
 
 
 class Borrowed(dict):
