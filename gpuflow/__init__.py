@@ -24,6 +24,7 @@ from .recurrent import LSTM
 from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
+from .recomputation import recompute
 
 from .version import __version__  # noqa: F401
 
@@ -36,6 +37,7 @@ __all__ = [
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
     "SiLU", "ScaledDotProductAttention", "LSTM", "BiasAdd", "embedding", "lstm", "attention",
+    "recompute",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

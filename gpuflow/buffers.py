@@ -26,6 +26,9 @@ their results, as they do in PyTorch). The rules, stated here once (node docstri
   `Graph.step`'s loss, `Graph.run`'s output) and what a caller feeds an Input (one graph's
   output fed to the next, an RNN's state) is copied if it shares memory with a kept buffer,
   and handed over as it is otherwise.
+- **Borrow** (gpuflow/recomputation.py). The interior nodes of a recomputed segment
+  (`gf.recompute`) take their buffers from one pool per graph for one pass of the segment and
+  give them back after it, so segments of one shape share one set of arrays.
 - **Copy a feed** (`copy_feed`). A value the caller gives when the graph is built is copied
   once: training updates parameters in place where the device allows it, and the caller's
   array must not change with them (it would on the CPU only, where no transfer copies it).

@@ -9,6 +9,7 @@
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
     gpuflow export run.safetensors --onnx model.onnx    # or --python FOLDER (gpuflow.export)
+    gpuflow train --model cnn --recompute            # recompute each block's values in backward
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -79,6 +80,7 @@ class TrainOptions:
     schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
     clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
+    recompute: bool = False      # each block (hidden layer) recomputed in the backward pass
     # The options the user gave (argv's flags, a dict's keys); None: those that differ from the
     # defaults. With --resume, the run's settings not given are taken from the checkpoint.
     given: "frozenset[str] | None" = dataclasses.field(default=None, repr=False, compare=False)
@@ -486,6 +488,9 @@ def build_parser() -> CommandParser:
                    help="write a PNG of loss and accuracy curves (needs matplotlib)")
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-epoch lines: the summary only")
+    t.add_argument("--recompute", action="store_true",
+                   help="keep only each block's output after the forward pass and recompute "
+                   "its other values in the backward pass: less memory, the same numbers")
     t.add_argument("--check-finite", action="store_true",
                    help="after every step, check every value and gradient for NaN/Inf and stop "
                    "at the first, naming the node and the step (one extra read per step)")

@@ -373,7 +373,8 @@ class Graph:
         xp = self.device.xp
         arrays = []
         for n in self.plan.compute:
-            arrays.append((n, "value", n.value))
+            if n.value is not None:  # None: a recomputed segment's interior (recomputation.py)
+                arrays.append((n, "value", n.value))
             arrays += [(n, f"state {name}", a) for name, a in n.state_arrays().items()]
         if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients
             arrays += [(n, f"gradient for {target.label}", g) for n in self.plan.backward

@@ -18,6 +18,7 @@ from .host import to_numpy
 from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
 from .recurrent import LSTM
+from .recomputation import recompute as _recompute
 from .sequence import (BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention, Slice,
                        Transpose)
 
@@ -216,11 +217,13 @@ def _all_or_nothing(build: Callable[..., Any]) -> Callable[..., Any]:
 
 @_all_or_nothing
 def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 0,
-        name: str = "layer", dropout: float = 0.0) -> tuple[Node, dict[str, Parameter]]:
+        name: str = "layer", dropout: float = 0.0,
+        recompute: bool = False) -> tuple[Node, dict[str, Parameter]]:
     """A multi-layer perceptron: sizes = [n_in, hidden..., n_out].
 
     Every layer but the last applies `activation` (then Dropout(`dropout`) if > 0); the last
-    returns raw outputs (logits).
+    returns raw outputs (logits). `recompute`: each hidden layer is a recomputed segment
+    (gpuflow/recomputation.py): the same numbers, less memory.
     Returns (output node, {parameter name: Parameter}) in layer order. One `seed` gives the
     same weights on every device.
     """
@@ -233,11 +236,18 @@ def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 
     out = x
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:]), start=1):
         last = i == len(sizes) - 1
-        out, p = dense(out, n_in, n_out, name=f"{name}{i}", rng=rng,
-                       activation=None if last else activation)
+
+        def layer(out: Node, i: int = i, n_in: int = n_in, n_out: int = n_out,
+                  last: bool = last) -> tuple[Node, dict[str, Parameter]]:
+            out, p = dense(out, n_in, n_out, name=f"{name}{i}", rng=rng,
+                           activation=None if last else activation)
+            if dropout > 0.0 and not last:
+                out = Dropout(out, dropout, seed=seed + i, name=f"{name}{i}.dropout")
+            return out, p
+
+        out, p = (_recompute(layer, out, name=f"{name}{i}") if recompute and not last
+                  else layer(out))
         params.update(p)
-        if dropout > 0.0 and not last:
-            out = Dropout(out, dropout, seed=seed + i, name=f"{name}{i}.dropout")
     return out, params
 
 
@@ -369,13 +379,15 @@ def attention(x: Node, dim: int, heads: int, *, causal: bool = True, name: str,
 @_all_or_nothing
 def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
           channels: Sequence[int] = (16, 32), hidden: int = 64, dropout: float = 0.0,
-          batch_norm: bool = False, seed: int = 0, name: str = "cnn") -> tuple[Node, dict[str, Parameter]]:
+          batch_norm: bool = False, seed: int = 0, name: str = "cnn",
+          recompute: bool = False) -> tuple[Node, dict[str, Parameter]]:
     """A small LeNet-style CNN for x (N, C, H, W) images of `image_shape` (C, H, W).
 
     One block per entry of `channels`: a 3x3 convolution (padding 1), BatchNorm if
     `batch_norm` (then the convolution has no bias), ReLU and 2x2 max pooling; then Flatten, a ReLU dense layer of `hidden` units, Dropout(`dropout`) if > 0,
     and a dense layer of `n_classes` logits. Returns (logits, {parameter name: Parameter});
-    one `seed` gives the same weights on every device.
+    one `seed` gives the same weights on every device. `recompute`: each block is a
+    recomputed segment (gpuflow/recomputation.py): the same numbers, less memory.
     """
     c, h, w = (int(s) for s in image_shape)
     rng = host_rng(seed)
@@ -385,13 +397,18 @@ def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
         if h < 2 or w < 2:
             raise GraphError(f"lenet: {len(channels)} pooling blocks halve {tuple(image_shape)} "
                              f"below 2x2 at block {i}.\nhelp: use fewer channels entries.")
-        out, p = conv2d(out, c, width, 3, padding=1, name=f"{name}.conv{i}", rng=rng,
-                        bias=not batch_norm)
+
+        def block(out: Node, i: int = i, c: int = c,
+                  width: int = width) -> tuple[Node, dict[str, Parameter]]:
+            out, p = conv2d(out, c, width, 3, padding=1, name=f"{name}.conv{i}", rng=rng,
+                            bias=not batch_norm)
+            if batch_norm:
+                out, q = batchnorm(out, width, name=f"{name}.bn{i}")
+                p.update(q)
+            return MaxPool2D(ReLU(out, name=f"{name}.relu{i}"), 2, name=f"{name}.pool{i}"), p
+
+        out, p = _recompute(block, out, name=f"{name}.block{i}") if recompute else block(out)
         params.update(p)
-        if batch_norm:
-            out, p = batchnorm(out, width, name=f"{name}.bn{i}")
-            params.update(p)
-        out = MaxPool2D(ReLU(out, name=f"{name}.relu{i}"), 2, name=f"{name}.pool{i}")
         c, h, w = width, h // 2, w // 2
     out = Flatten(out, name=f"{name}.flatten")
     out, p = dense(out, c * h * w, hidden, name=f"{name}.fc1", rng=rng, activation="relu")

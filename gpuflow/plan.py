@@ -15,6 +15,7 @@ from collections import deque
 from typing import Any, Iterable, Sequence
 
 from .backends import Device, dtype_name
+from . import recomputation
 from .buffers import NO_BUFFERS, Buffers, copy_feed
 from .errors import GraphError
 from .nodes import Input, Node
@@ -42,6 +43,7 @@ class Plan:
         self.fed = [n for n in self.nodes if type(n).forward is Input.forward]
         self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
         self.backward: list[Node] = []
+        self.segments: list = []  # the recomputed segments (gpuflow/recomputation.py)
         self.stale = True   # nothing bound yet
         self.keeping = True  # False while running forward only (see buffers.forward_only)
         self.mode: bool | None = None  # the training mode set_mode last gave these nodes
@@ -55,6 +57,7 @@ class Plan:
             self._dtype_spec = self.dtype
         wanted = [n for n in self.wanted if getattr(n, "trainable", True)]  # not the frozen
         self.backward = plan_backward(self.nodes, self.loss, wanted, fresh=fresh)
+        self.segments = recomputation.install(self)
         self.stale = False
         self.mode = None  # another graph may have set these nodes' mode meanwhile
         return self

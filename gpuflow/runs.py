@@ -225,12 +225,19 @@ def build_model(opts: Any, sample_shape: tuple[int, ...], n_classes: int
     X_in, y_in = Input(name="X"), Input(name="y")
     if opts.model == "cnn":
         logits, _ = lenet(X_in, sample_shape, n_classes, hidden=opts.hidden[0],
-                          dropout=opts.dropout, batch_norm=True, seed=opts.seed)
+                          dropout=opts.dropout, batch_norm=True, seed=opts.seed,
+                          recompute=getattr(opts, "recompute", False))
         arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
                 f"{opts.dropout:g}; {'x'.join(str(s) for s in sample_shape)} images)")
     else:
         sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
-        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout)
+        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout,
+                        recompute=getattr(opts, "recompute", False))
         arch = "-".join(str(s) for s in sizes) + " MLP"
+    # --recompute: each block is built inside gf.recompute (gpuflow/recomputation.py), by
+    # lenet's and mlp's recompute=True; a model added here (the GPT: each transformer block)
+    # does the same. It changes no number, so it is not a run setting (--resume may change it).
+    if getattr(opts, "recompute", False):
+        arch += ", each block recomputed in the backward pass"
     loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
     return X_in, y_in, logits, loss, arch
