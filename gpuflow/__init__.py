@@ -12,13 +12,13 @@ from .backends.numpy_threads import get_num_threads, set_num_threads
 from .check import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
+from .activations import ReLU, Sigmoid, Softmax, Tanh
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
                      lstm, mlp)
-from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
-                    Tanh)
+from .nodes import MSE, Add, Input, Linear, Node, SoftmaxCrossEntropy
 from .norm import BatchNorm, Dropout, LayerNorm
 from .recurrent import LSTM
 from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,

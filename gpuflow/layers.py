@@ -15,7 +15,8 @@ from .backends.numpy import host_copy, host_rng, host_zeros
 from .errors import GraphError, check_int
 from .conv import Conv2D, Flatten, MaxPool2D, _pair
 from .host import to_numpy
-from .nodes import Input, Linear, Node, ReLU, Sigmoid, Tanh
+from .activations import ReLU, Sigmoid, Tanh
+from .nodes import Input, Linear, Node
 from .norm import BatchNorm, Dropout, LayerNorm
 from .recurrent import LSTM
 from .recomputation import recompute as _recompute

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from ..errors import ExportError
-from ..nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
+from ..activations import ReLU, Sigmoid, Softmax, Tanh
+from ..nodes import Add, Input, Linear, Node
 from ..norm import BatchNorm, Dropout, LayerNorm
 from .core import Plan, check_target, exporter, register
 
