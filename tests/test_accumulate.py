@@ -246,3 +246,19 @@ def test_resume_carries_accumulate(tmp_path, capsys):
 def test_accumulate_is_checked(capsys):
     assert main(["train", "--device", "cpu", "--accumulate", "0"]) == 2
     assert "--accumulate must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_the_readme_snippet_runs():
+    """The README's accumulation snippet, after its training snippet (no epochs run)."""
+    import contextlib
+    import io
+    import re
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "README.md")).read()
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    snippet = next(b for b in blocks if "accumulate_step" in b)
+    namespace: dict = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(blocks[2].replace("range(25)", "range(0)").replace('"auto"', '"cpu"'), namespace)
+        exec(snippet, namespace)
+    graph, opt = namespace["graph"], namespace["opt"]
+    assert graph.steps == 4 * opt.t and opt.t == 6  # 1437 samples: 6 batches of up to 256
