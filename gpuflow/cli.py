@@ -8,6 +8,7 @@
     gpuflow train --check-finite --lr 10             # stop at the first NaN/Inf, naming the node
     gpuflow train --model cnn --dropout 0.25         # a LeNet-style CNN on 1x8x8 (1x28x28) images
     gpuflow train --schedule cosine --clip 1.0       # anneal the rate per epoch, clip the norm
+    gpuflow train --batch-size 32 --accumulate 4     # one optimizer step per 4 batches of 32
     gpuflow export run.safetensors --onnx model.onnx    # or --python FOLDER (gpuflow.export)
     gpuflow train --model cnn --recompute            # recompute each block's values in backward
     gpuflow devices                    # every backend and device, available or not, and why
@@ -38,6 +39,7 @@ from .backends.numpy_threads import get_num_threads, set_num_threads
 from .commandline import CommandError, CommandParser, HelpFormatter, report_error
 from .data import Batches, load_digits, load_mnist, train_test_split
 from .errors import CheckpointError, DeviceError, GpuflowError, check_int
+from .accumulate import split_batch
 from .graph import Graph
 from .optim import OPTIMIZERS, check_learning_rate, clip_grad_norm, make_optimizer
 from .plot import plot_curves, require_matplotlib
@@ -79,6 +81,7 @@ class TrainOptions:
     dropout: float | None = None  # after the hidden dense layer(s); None: 0.25 cnn, 0 mlp
     schedule: str | None = None  # 'step', 'cosine', 'exponential' per epoch; None: constant lr
     clip: float | None = None    # clip_grad_norm's max_norm before every opt.step; None: off
+    accumulate: int = 1          # batches of batch_size per optimizer step (Graph.accumulate_step)
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
     recompute: bool = False      # each block (hidden layer) recomputed in the backward pass
     # The options the user gave (argv's flags, a dict's keys); None: those that differ from the
@@ -137,6 +140,7 @@ class TrainOptions:
                              "help: pass e.g. --clip 1.0 (the largest global gradient norm).")
         check_int(self.epochs, "--epochs", 1)
         check_int(self.batch_size, "--batch-size", 1)
+        check_int(self.accumulate, "--accumulate", 1)
         check_int(self.seed, "--seed", 0)
         if self.threads is not None:
             check_int(self.threads, "--threads", 1)
@@ -252,8 +256,9 @@ def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, A
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
     schedule = make_schedule(opts.schedule, optimizer, opts.epochs)
     ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
-    batches = (ctx.batches(X_train, y_train, opts.batch_size, seed=opts.seed) if ctx.size > 1
-               else Batches(X_train, y_train, opts.batch_size, seed=opts.seed))
+    per_step = opts.batch_size * opts.accumulate  # --accumulate K: K micro-batches per step
+    batches = (ctx.batches(X_train, y_train, per_step, seed=opts.seed) if ctx.size > 1
+               else Batches(X_train, y_train, per_step, seed=opts.seed))
 
     losses: list[float] = []
     accuracies: list[float] = []
@@ -291,10 +296,11 @@ def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, A
                if opts.device.strip().lower() == "auto" and not device.is_gpu else "")
         print(f"training a {arch} on {source} ({len(X_train)} train, {len(X_test)} test) "
               f"on {device.name}{why}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
-              f"batch {opts.batch_size}")
+              f"batch {opts.batch_size}" + (f", {opts.accumulate} accumulated per step"
+                                             if opts.accumulate > 1 else ""))
         if ctx.size > 1:
             print(f"data-parallel over {ctx.size} MPI ranks, devices {', '.join(devices)}; "
-                  f"each rank takes a slice of every batch of {opts.batch_size}")
+                  f"each rank takes a slice of every batch of {per_step}")
         if opts.resume is not None:
             print(f"resumed from {opts.resume} at epoch {start_epoch}")
         if carried:
@@ -317,7 +323,8 @@ def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, A
             bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", not say)
             refresh = max(1, len(batches) // 10)
             for i, (Xb, yb) in enumerate(bar):
-                value = graph.step(Xb, yb)
+                value = (graph.step(Xb, yb) if opts.accumulate == 1 else  # the mean loss
+                         graph.accumulate_step(split_batch(opts.accumulate, Xb, yb)))
                 ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
                 if opts.clip is not None:  # the global norm of the whole batch's gradient
                     clip_grad_norm(graph, opts.clip)
@@ -452,7 +459,12 @@ def build_parser() -> CommandParser:
                    help="total epochs (with --resume: including those already done; a "
                         "--schedule is stretched to the new total at its position; default "
                         "with --resume: the run's)")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="samples per step")
+    t.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="samples per forward and backward pass (per step without --accumulate)")
+    t.add_argument("--accumulate", type=int, default=d.accumulate, metavar="K",
+                   help="gradient accumulation: one optimizer step per K batches of "
+                        "--batch-size, equal to one step on a batch of K x --batch-size "
+                        "(BatchNorm still sees each batch on its own; default 1)")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     t.add_argument("--model", default=d.model, choices=MODELS,
                    help="mlp, or cnn: a LeNet-style CNN on the images (default %(default)s)")

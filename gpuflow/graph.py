@@ -330,6 +330,20 @@ class Graph:
             self.steps += 1
             return copy_if_kept(self.loss.value, self.device)
 
+    def accumulate_step(self, micro_batches: Iterable[Any], *, training: bool = True) -> Any:
+        """Gradient accumulation: `step` on each micro-batch, leaving in `p.gradients[p]`
+        the gradient of the mean loss over all their samples (micro-batch i, of m_i samples
+        along its first data Input's first axis, weighted m_i / sum(m)); return that loss
+        (a device scalar). Then clip, all-reduce and `optimizer.step()` once, as after one
+        `step` on the concatenated batch, whose parameters they give (gpuflow/accumulate.py;
+        BatchNorm and Dropout see each micro-batch on its own, as in PyTorch).
+
+        micro_batches: batches as `step` takes them, each a tuple (or list) of one array per
+        data Input, or a dict; `gpuflow.accumulate.split_batch(k, xb, yb)` cuts a batch into k.
+        """
+        from .accumulate import accumulate_step
+        return accumulate_step(self, micro_batches, training)
+
     def _forward_backward(self) -> None:
         plan = self.plan
         if self.steps == 0:  # the first step checks each node's dtype as it goes

@@ -42,10 +42,10 @@ def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
 # takes back on --resume where the command line does not give them. RUN_FIXED cannot change
 # within a run (the model, its optimizer and schedule, the held-out split): giving another value
 # is refused. The others may change on resume (a new total of --epochs, another --lr without a
-# schedule, --clip, --batch-size, --dtype, a --data folder that moved).
+# schedule, --clip, --batch-size, --accumulate, --dtype, a --data folder that moved).
 RUN_SETTINGS = {"model": str, "hidden": list, "dropout": float, "optimizer": str, "lr": float,
                 "schedule": str, "clip": float, "epochs": int, "batch_size": int, "seed": int,
-                "test_size": float, "dtype": str, "data": str}
+                "test_size": float, "dtype": str, "data": str, "accumulate": int}
 RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size")
 _SCHEDULE_NAMES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "ExponentialLR": "exponential"}
 

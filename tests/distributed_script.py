@@ -6,6 +6,9 @@
     phase1 CKPT               Adam, epoch 0 (5 steps of 7); rank 0 alone writes CKPT
     phase2 CKPT OUT           resume CKPT, epoch 1; every rank writes OUT/rank<r>.npz
     die / raise               rank 1 dies (os._exit(1)) / raises at step 2 of a long run
+    accumulate OUT            SGD and Adam, global batches of 8 (5 steps), each rank's slice in 3
+                              micro-batches (Graph.accumulate_step), clipped to norm 0.5; every
+                              rank writes OUT/rank<r>.npz with the all-reduces it made
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpuflow as gf  # noqa: E402
 import gpuflow.checkpoint  # noqa: E402
-from gpuflow.optim import SGD, Adam  # noqa: E402
+from gpuflow.accumulate import split_batch  # noqa: E402
+from gpuflow.optim import SGD, Adam, clip_grad_norm  # noqa: E402
 
 N_SAMPLES, N_IN, N_CLASSES, INIT_SEED, DATA_SEED = 35, 6, 3, 100, 1
 OPTIMIZERS = {"sgd": lambda g: SGD(g, lr=0.1, momentum=0.9), "adam": lambda g: Adam(g, lr=0.01)}
@@ -98,6 +102,26 @@ def main(argv: list[str]) -> None:
         else:
             np.savez(os.path.join(argv[2], f"rank{ctx.rank}.npz"), size=np.asarray(ctx.size),
                      **parameters(graph))
+    elif mode == "accumulate":
+        out = {"size": np.asarray(ctx.size)}
+        for name, make in OPTIMIZERS.items():
+            graph = model(seed=INIT_SEED + ctx.rank)
+            ctx.broadcast_parameters(graph)
+            comm = ctx.communicator(graph.device)
+            made = comm.allreduce_sum
+            calls = []
+            comm.allreduce_sum = lambda *a, **k: calls.append(1) or made(*a, **k)
+            optimizer, steps = make(graph), 0
+            for xb, yb in ctx.batches(X, y, 8, seed=DATA_SEED):
+                graph.accumulate_step(split_batch(3, xb, yb))
+                ctx.allreduce_gradients(graph)
+                clip_grad_norm(graph, 0.5)
+                optimizer.step()
+                steps += 1
+            comm.allreduce_sum = made
+            out.update({f"{name}/{k}": v for k, v in parameters(graph).items()})
+            out[f"{name}:allreduces"], out[f"{name}:steps"] = np.asarray(len(calls)), steps
+        np.savez(os.path.join(argv[1], f"rank{ctx.rank}.npz"), **out)
     elif mode in ("die", "raise"):
         graph = model()
         optimizer = OPTIMIZERS["sgd"](graph)
