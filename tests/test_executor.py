@@ -129,8 +129,8 @@ def _peek_graph(device, strict):
 
 
 def test_strict_mode_sees_a_nodes_own_float_read_on_array_api_strict():
-    # what strict mode claims (README, Graph's docstring): a node's float()/bool()/int() of a
-    # device array is refused on array_api_strict's devices (a stand-in for a GPU), and not
+    # what strict mode claims (docs/guide.md, Graph's docstring): a node's float()/bool()/int()
+    # of a device array is refused on array_api_strict's devices (a stand-in for a GPU), and not
     # seen on the host devices, where it moves nothing
     xb, yb = _batch(sizes=(8, 4))
     graph = _peek_graph("array_api_strict:device1", strict=True)

@@ -8,6 +8,7 @@ import pathlib
 import re
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+GUIDE = README.parent / "docs" / "guide.md"  # the longer explanations moved out of the README
 
 
 def _blocks() -> list[str]:
@@ -77,10 +78,11 @@ def test_compile_step_snippet_runs_on_jax():
 
 def test_the_fastest_message_is_the_one_choose_fastest_prints():
     # Regression: the README still quoted the old one-line `device='fastest'` message (no
-    # optimizer, rounds, spread or sureness) after choose_fastest began printing them.
+    # optimizer, rounds, spread or sureness) after choose_fastest began printing them. The
+    # quote now lives in docs/guide.md ("Which device, and where two differ").
     from gpuflow.placement import FastestReport
 
-    text = " ".join(README.read_text().split())
+    text = " ".join(GUIDE.read_text().split())
     quoted = re.search(r"`(gpuflow: device 'fastest' chose [^`]*)`", text).group(1)
     report = FastestReport({"cpu": 1e-3, "torch:cpu": 5e-2}, "cpu", {}, ((64, 64), (64,)),
                            {"cpu": [1e-3] * 5, "torch:cpu": [5e-2] * 5}, {"cpu": 4, "torch:cpu": 4},
