@@ -59,14 +59,17 @@ def stream(batches, index):
         index = 0
 
 
-def train(graph, optimizer, batches, n, index=0):
-    """n steps; returns the losses and the index of the next batch in the current epoch."""
+def train(graph, optimizer, batches, n, index=0, ema=None):
+    """n steps (with `ema.update()` after each optimizer step if given); returns the losses and
+    the index of the next batch in the current epoch."""
     losses, i = [], index - 1
     it = stream(batches, index)
     for _ in range(n):
         i, (xb, yb) = next(it)
         losses.append(graph.item(graph.step(xb, yb)))
         optimizer.step()
+        if ema is not None:
+            ema.update()
     return losses, i + 1
 
 
@@ -135,18 +138,6 @@ def test_resume_equals_uninterrupted(device, tmp_path, opt_name):
         np.testing.assert_allclose(resumed, full_losses, rtol=1e-12, atol=0)
 
 
-def train_ema(graph, optimizer, ema, batches, n, index=0):
-    """`train` with `ema.update()` after every optimizer step."""
-    losses, i = [], index - 1
-    it = stream(batches, index)
-    for _ in range(n):
-        i, (xb, yb) = next(it)
-        losses.append(graph.item(graph.step(xb, yb)))
-        optimizer.step()
-        ema.update()
-    return losses, i + 1
-
-
 def host_ema(ema):
     return {k: (np.array(v, copy=True) if isinstance(v, np.ndarray) else v)
             for k, v in ema.state_dict().items()}
@@ -159,13 +150,13 @@ def test_resume_restores_the_ema_bit_for_bit(device, tmp_path):
     exact = device.name == "cpu"
     graph = build(device)
     opt, ema = Adam(graph, lr=1e-2), EMA(graph, decay=0.8)
-    train_ema(graph, opt, ema, make_batches(), N_STEPS + M_STEPS)
+    train(graph, opt, make_batches(), N_STEPS + M_STEPS, ema=ema)
     expected = host_ema(ema)
 
     graph = build(device)
     opt = Adam(graph, lr=1e-2)
     ema = EMA(graph, decay=0.8)
-    _, index = train_ema(graph, opt, ema, make_batches(), N_STEPS)
+    _, index = train(graph, opt, make_batches(), N_STEPS, ema=ema)
     saved = host_ema(ema)
     path = tmp_path / "run.safetensors"
     save(path, graph, opt, ema=ema, state={"index": index})
@@ -185,7 +176,7 @@ def test_resume_restores_the_ema_bit_for_bit(device, tmp_path):
     batches = make_batches()
     for _ in range(N_STEPS // 5):  # the epochs the first run went through
         list(batches)
-    train_ema(graph, opt, ema, batches, M_STEPS, index=index)
+    train(graph, opt, batches, M_STEPS, index=index, ema=ema)
     assert_same(host_ema(ema), expected, exact=exact, what="EMA state")
 
     # a checkpoint without an EMA refuses one, and changes nothing
