@@ -217,3 +217,26 @@ def test_collectives_fall_back_to_mpi_and_say_why(problem, other, why, capsys):
     comm = ctx.communicator(_FastDevice(problem))
     assert type(comm).__name__ == "MpiCommunicator"
     assert why in capsys.readouterr().err
+
+
+def test_to_host_is_the_one_way_back(device):
+    """backends.to_host (used by to_numpy, checkpoints, moving a graph, the gradient check): a
+    device's array comes back as a new host array; a host value as it is, or copied."""
+    from gpuflow.backends import LEDGER, to_host
+    host = np.arange(6.0).reshape(2, 3)
+    array = device.put(host)
+    back = to_host(array, device, what="test")
+    assert isinstance(back, np.ndarray) and back is not array
+    np.testing.assert_array_equal(back, host)
+    if device.mutable_arrays:  # never the live array
+        back[...] = -1
+        np.testing.assert_array_equal(device.to_host(array), host)
+    assert to_host(host, None) is host and to_host(3.0, device) == 3.0
+    copied = to_host(host, None, copy=True)
+    assert copied is not host and np.array_equal(copied, host)
+    with LEDGER.enforcing():  # strict mode: `allowed` lets it through
+        np.testing.assert_array_equal(to_host(array, device, allowed=True), host)
+        if not device.is_host:  # a host device moves nothing, so records nothing
+            with pytest.raises(gf.TransferError):
+                to_host(array, device)
+    np.testing.assert_array_equal(gf.to_numpy(array), host)
