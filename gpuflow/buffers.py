@@ -35,8 +35,8 @@ their results, as they do in PyTorch). The rules, stated here once (node docstri
 
 Process-wide state: gpuflow's whole list. Everything else lives on a graph's `Plan` (its
 order, whether another graph took its nodes, whether it runs forward only, the training mode
-it last set: gpuflow/plan.py), on nodes and on optimizers. These six stay global because
-what they track crosses graphs:
+it last set: gpuflow/plan.py), on nodes and on optimizers. These stay global because what
+they track crosses graphs:
 
 - `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
   another (a loss, an output fed to a second graph), so the check must see all graphs' buffers.
@@ -48,9 +48,21 @@ what they track crosses graphs:
 - `gpuflow.nodes.Node._ids`: the creation counter behind node labels ("Linear #3") and the
   order of a Graph's default inputs and parameters; unique across graphs by design.
 - `gpuflow.backends.numpy_threads.WORKERS`: the threads large NumPy operations are split
-  over (`gpuflow.set_num_threads`; off by default), one pool as the CPU's cores are one.
+  over (`gpuflow.set_num_threads`; off by default), one pool as the CPU's cores are one;
+  `gpuflow.backends.numpy.OPS`, the CPU's one set of ops, whose routes follow that count; and
+  `numpy_threads._HOLDERS`, the products now holding OpenBLAS to one thread and its count
+  before (two Python threads may run products at once).
 - `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
   and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
+- `gpuflow.placement.LIVE`: every optimizer made (held weakly), whose update
+  device='fastest' times as part of a step; `gpuflow.placement._SAID`: the devices already
+  told that `capture` changes nothing there (said once per device).
+- `gpuflow.amp._STEPPED`: the Graph whose step ran last (weakly): parameters shared between
+  graphs record the one stepping now with one compare per step.
+
+Caches of answers that never change (no state a user sees): `gpuflow.nodes._ACCUMULATION`
+and `gpuflow.optim._NARROW` (per (namespace, dtype)), `numpy_threads._BLAS` (OpenBLAS's
+thread functions).
 """
 
 from __future__ import annotations

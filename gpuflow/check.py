@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .backends import Device, dtype_name, get_device
+from .backends import Device, dtype_name, get_device, to_host
 from .buffers import NO_BUFFERS
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
@@ -306,11 +306,8 @@ def _node_graph(node: Node, batches: tuple, wrt: Sequence[Node] | None, device: 
 
 def _host(value: Any, device: Device) -> Any:
     """A value as a NumPy array (device arrays brought back, host values as they are)."""
-    if isinstance(value, (np.ndarray, np.generic, int, float, list, tuple)):
-        return np.asarray(value)
-    if device.owns(value):
-        return np.asarray(device.to_host(value, what="gradient check"))
-    return np.asarray(value)
+    host_data = isinstance(value, (np.ndarray, np.generic, int, float, list, tuple))
+    return np.asarray(to_host(value, None if host_data else device, what="gradient check"))
 
 
 def _training_loss(check: Graph, saved: dict[Node, Any]) -> Any:

@@ -43,8 +43,8 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint_io
-from .backends import dtype_name
-from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
+from .backends import dtype_name, to_host
+from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
 from .checkpoint_io import NPZ, fspath
 from .checkpoint_meta import bad_meta, check_depth, check_meta, pack, unpack
 from .errors import CheckpointError
@@ -87,7 +87,8 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     amp = getattr(graph, "amp", None)
     for name, p in params.items():
         value = amp.current_master(p) if amp is not None else p.value
-        arrays[f"param/{name}"] = to_host(graph, value, f"checkpoint of {p.label}")
+        arrays[f"param/{name}"] = np.asarray(  # C order: what safetensors writes
+            to_host(value, graph.device, what=f"checkpoint of {p.label}"), order="C")
     meta: dict[str, Any] = {
         "format": _FORMAT_NAME,
         "format_version": CHECKPOINT_FORMAT,
@@ -109,7 +110,8 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     for name, (node, node_state) in stateful_nodes(graph, path).items():
         meta["nodes"][name] = list(node_state)
         for key, value in node_state.items():
-            arrays[f"node/{name}/{key}"] = to_host(graph, value, f"state {key!r} of {node.label}")
+            arrays[f"node/{name}/{key}"] = np.asarray(to_host(
+                value, graph.device, what=f"state {key!r} of {node.label}"), order="C")
     if schedule is not None:
         meta["schedule"] = {"class": type(schedule).__name__,
                             "state": pack(_state_of(schedule, path), arrays, "schedule/", path)}

@@ -16,13 +16,6 @@ import numpy as np
 from .errors import CheckpointError
 
 
-def to_host(graph: Any, value: Any, what: str) -> np.ndarray:
-    """`value` as a C-contiguous NumPy array on the host (what safetensors writes)."""
-    if isinstance(value, (numbers.Number, np.generic)):
-        return np.asarray(value)
-    return np.asarray(graph.device.to_host(value, what=what), order="C")
-
-
 def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
     """`host` as the kind of value `old` (a node's state entry) was: a Python scalar, a host
     array (a node that has not run yet keeps its state on the host), or an array on the

@@ -180,7 +180,7 @@ class Conv2D(Node):
         xp, x, w = self.xp, self.inbound_nodes[0].value, self.inbound_nodes[1].value
         ho, wo = self._shapes(x, w)
         bias = self.inbound_nodes[2].value if len(self.inbound_nodes) == 3 else None
-        native = getattr(self.ops, "conv2d", None)  # the library's own (torch: oneDNN, cuDNN)
+        native = self.ops.conv2d  # the library's own (torch: oneDNN, cuDNN)
         if native is not None:
             self.value = native(x, w, bias, self.stride, self.padding)
             return
@@ -203,7 +203,7 @@ class Conv2D(Node):
         xp, X, Wn = self.xp, self.inbound_nodes[0], self.inbound_nodes[1]
         x, w = X.value, Wn.value
         need = self.needs_grad
-        native = getattr(self.ops, "conv2d_backward", None)
+        native = self.ops.conv2d_backward
         if native is not None:
             grads = native(G, x, w, self.stride, self.padding, need)
             for node, grad, wanted in zip(self.inbound_nodes, grads, need):
@@ -242,7 +242,7 @@ def _slices(x: Any, kh: int, kw: int, sh: int, sw: int, ho: int, wo: int) -> lis
 
 def _stack(node: Node, parts: list, name: str) -> Any:
     """xp.stack(parts, axis=1), into the node's buffer `name` where the library writes there."""
-    stack = getattr(node.ops, "stack", None)
+    stack = node.ops.stack
     if stack is None:
         return node.xp.stack(parts, axis=1)
     a, b, ho, wo = parts[0].shape
@@ -253,7 +253,7 @@ def _stack(node: Node, parts: list, name: str) -> Any:
 def _col2im(node: Node, parts: list, kh: int, kw: int, sh: int, sw: int, hp: int,
             wp: int) -> Any:
     """`col2im`, or the device's own (adding in place into a kept buffer) where it has one."""
-    own = getattr(node.ops, "col2im", None)
+    own = node.ops.col2im
     if own is None:
         return col2im(node.xp, parts, kh, kw, sh, sw, hp, wp, node.device.native)
     shape, dtype = (*parts[0].shape[:2], hp, wp), parts[0].dtype
@@ -307,7 +307,7 @@ class MaxPool2D(_Pool2D):
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
         ho, wo = self._out_shape(x)
-        native = getattr(self.ops, "max_pool2d", None)
+        native = self.ops.max_pool2d
         if native is not None:
             self.value, self.argmax = native(x, self.size, self.stride)
         elif self.size == self.stride:
@@ -325,7 +325,7 @@ class MaxPool2D(_Pool2D):
     def backward(self) -> None:
         G = self.upstream_gradient()
         x = self.inbound_nodes[0].value
-        native = getattr(self.ops, "max_pool2d_backward", None)
+        native = self.ops.max_pool2d_backward
         if native is not None:
             dx = native(G, x, self.argmax, self.size, self.stride)
         elif self.size == self.stride:
@@ -412,7 +412,7 @@ class AvgPool2D(_Pool2D):
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
         ho, wo = self._out_shape(x)
-        native = getattr(self.ops, "avg_pool2d", None)
+        native = self.ops.avg_pool2d
         if native is not None:
             self.value = native(x, self.size, self.stride)
             return
@@ -426,7 +426,7 @@ class AvgPool2D(_Pool2D):
     def backward(self) -> None:
         G = self.upstream_gradient()
         x = self.inbound_nodes[0].value
-        native = getattr(self.ops, "avg_pool2d_backward", None)
+        native = self.ops.avg_pool2d_backward
         if native is not None:
             self.gradients[self.inbound_nodes[0]] = native(G, x, self.size, self.stride)
             return

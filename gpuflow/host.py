@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .backends import LEDGER, foreign_device_name, get_device
+from .backends import array_device, to_host
 from .backends.numpy import host_array, host_copy
 
 
@@ -15,10 +15,6 @@ def to_numpy(x: Any) -> Any:
     would give it (a copy; a 0-d array for a scalar), so that the next step, which overwrites
     `node.value` and `node.gradients`, leaves it alone. Counted, and allowed also in strict
     transfer mode."""
-    name = foreign_device_name(x)
-    if name is None or name.startswith("an unknown library"):
-        return host_copy(host_array(x, "to_numpy's argument"))
-    device = get_device(name)
-    with LEDGER.allowed():
-        host = host_array(device.to_host(x, what="to_numpy"), "to_numpy's argument")
-    return host_copy(host) if device.is_host else host  # a host device may share memory
+    host = to_host(x, array_device(x), what="to_numpy", allowed=True)
+    array = host_array(host, "to_numpy's argument")
+    return array if host is not x else host_copy(array)  # a device's to_host is a new array

@@ -277,7 +277,7 @@ class Linear(Node):
                 f"help: check the size of {b.label}.")
         # x's dtype: every floating value of a bound graph has the graph's dtype.
         out = self.buffers["value", (x.shape[0], w.shape[1]), x.dtype]
-        fused = getattr(self.ops, "matmul_add", None)  # one kernel (torch's addmm)
+        fused = self.ops.matmul_add  # one kernel (torch's addmm)
         if fused is not None and bias.dtype == x.dtype:  # addmm refuses mixed dtypes
             self.value = fused(x, w, bias, out=out)
             return

@@ -50,7 +50,7 @@ def sgd_steps(trainables: Iterable[Node], lr: float) -> None:
     arrays (unchecked)."""
     for t in trainables:
         value, grad = t.value, t.gradients[t]
-        fused = getattr(t.ops, "subtract_scaled", None)  # one kernel (torch's sub_)
+        fused = t.ops.subtract_scaled  # one kernel (torch's sub_)
         if fused is not None and t.device.owns(value) and t.device.owns(grad):
             fused(value, grad, lr)
             continue

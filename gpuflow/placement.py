@@ -27,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import LEDGER, Device, available_devices, get_device
+from .backends import LEDGER, Device, available_devices, get_device, to_host
 from .errors import DeviceError, GraphError
 from .nodes import NO_BUFFERS, Input, Node
 
@@ -38,11 +38,8 @@ _NOT_CANDIDATES = ("array_api_strict",)
 
 # -- moving a graph -------------------------------------------------------------------------------
 def _host_copy(device: Device | None, value: Any) -> Any:
-    """`value` as host data (a NumPy array or the Python value it is)."""
-    if device is not None and device.owns(value):
-        with LEDGER.allowed():
-            return np.array(device.to_host(value, what="moving the graph"), copy=True)
-    return value
+    """`value` as host data (a NumPy array or the Python value it is): backends.to_host."""
+    return to_host(value, device, what="moving the graph", allowed=True)
 
 
 def node_states(graph: Any) -> dict[Node, dict[str, Any]]:

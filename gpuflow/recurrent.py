@@ -16,7 +16,7 @@ from .sequence import _send, _shape, _sigmoid
 def _stack_steps(node: Node, steps: list, name: str) -> Any:
     """xp.stack(steps, axis=1) ((N, ...) each, one per time step), into the node's buffer
     `name` where the library writes there."""
-    stack = getattr(node.ops, "stack", None)
+    stack = node.ops.stack
     if stack is None:
         return node.xp.stack(steps, axis=1)
     first = steps[0]

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from . import checkpoint_io
-from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes, to_host
+from .backends import to_host
+from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
 from .checkpoint_io import fspath
 from .errors import CheckpointError
 from .nodes import Input, Linear
@@ -58,7 +59,8 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
     tensors = {}
     entries = _entries(graph, layout, mapping, path)
     for entry in entries.values():
-        host = to_host(graph, entry.get(), f"export of {entry.what}")
+        host = np.asarray(to_host(entry.get(), graph.device, what=f"export of {entry.what}"),
+                          order="C")
         tensors[entry.file_name] = np.asarray(host.T if entry.transpose else host, order="C")
     if layout == "torch":
         tensors.update(_torch_extras(entries))

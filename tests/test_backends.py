@@ -12,6 +12,7 @@ import pytest
 import gpuflow as gf
 from gpuflow.backends import (BACKENDS, INSTALL_HINTS, REGISTRY, Device, Ops, UfuncOps,
                               parse_spec, rank_spec)
+from gpuflow.backends.ops import OP_NAMES
 from gpuflow.distributed import Context
 
 MODULE_NAMES = ("import_problem", "EXAMPLE_SPECS", "make_device", "candidate_specs",
@@ -91,7 +92,7 @@ def test_fused_routes_agree_with_the_ops_they_replace(device):
     two-op route they stand in for gives (subtract_scaled rounds once: within an ulp), with and
     without out=."""
     ops = device.ops
-    routes = [n for n in ("matmul_add", "subtract_scaled") if hasattr(ops, n)]
+    routes = [n for n in ("matmul_add", "subtract_scaled") if getattr(ops, n) is not None]
     if not routes:
         pytest.skip(f"{device.name} has no fused routes: nodes take the two-op ones")
     rng = np.random.default_rng(1)
@@ -119,7 +120,7 @@ def test_fused_routes_agree_with_the_ops_they_replace(device):
         np.testing.assert_allclose(device.to_host(out), want[name], rtol=1e-14, err_msg=name)
 
 
-def test_ufunc_ops_bind_the_library_by_name_unless_overridden():
+def test_ufunc_ops_bind_the_table_of_routes_they_are_given():
     class Lib:  # a library with some of the ops, under NumPy's names
         add = staticmethod(np.add)
         tanh = staticmethod(np.tanh)
@@ -128,10 +129,12 @@ def test_ufunc_ops_bind_the_library_by_name_unless_overridden():
         def tanh(self, x, out=None):
             return "mine"
 
-    ops = Mine(None, Lib)
-    assert ops.add is np.add                     # bound: the library's own function
-    assert ops.tanh(1.0) == "mine"              # a backend's own route wins
-    assert ops.exp.__func__ is Ops.exp          # not in the library: the generic one
+    ops = Mine(None, Lib, routes={"add": Lib.add})
+    assert ops.add is np.add                     # bound as it is: the library's own function
+    assert ops.tanh(1.0) == "mine"              # not in the table: the backend's own method
+    assert ops.exp.__func__ is Ops.exp          # in neither: the generic one
+    with pytest.raises(TypeError, match="addd"):  # a route the contract does not declare
+        UfuncOps(None, Lib, routes={"addd": np.add})
     before = gf.get_num_threads()  # GPUFLOW_NUM_THREADS may have turned splitting on
     gf.set_num_threads(1)
     try:  # with splitting off (the default), the cpu ops are NumPy's own functions
@@ -139,6 +142,22 @@ def test_ufunc_ops_bind_the_library_by_name_unless_overridden():
         assert all(getattr(cpu, n) is getattr(np, n) for n in Ops.LIBRARY_NAMED)
     finally:
         gf.set_num_threads(before)
+
+
+def test_every_route_a_backend_binds_is_declared_in_ops(device):
+    """The op you read is the op that runs: each public op or route of a device's ops (its
+    class's methods, the table it binds) is declared in `Ops`, and each optional route is None
+    (the portable route runs) or callable."""
+    ops = device.ops
+    names = {n for n in dir(ops) if not n.startswith("_") and callable(getattr(ops, n))}
+    assert names <= OP_NAMES, f"{device.name} binds routes Ops does not declare: " \
+                              f"{sorted(names - OP_NAMES)} (declare them in backends/ops.py)"
+    for name in Ops.OPTIONAL:
+        route = getattr(Ops, name)
+        assert route is None, f"Ops.{name} must default to None (the portable route)"
+        assert getattr(ops, name) is None or callable(getattr(ops, name)), name
+    declared = Ops.__dict__.get("__annotations__", {})
+    assert set(Ops.OPTIONAL) <= set(declared), "each optional route is annotated in Ops"
 
 
 def test_rank_spec_gives_gpus_an_index_and_leaves_the_rest():
@@ -198,3 +217,26 @@ def test_collectives_fall_back_to_mpi_and_say_why(problem, other, why, capsys):
     comm = ctx.communicator(_FastDevice(problem))
     assert type(comm).__name__ == "MpiCommunicator"
     assert why in capsys.readouterr().err
+
+
+def test_to_host_is_the_one_way_back(device):
+    """backends.to_host (used by to_numpy, checkpoints, moving a graph, the gradient check): a
+    device's array comes back as a new host array; a host value as it is, or copied."""
+    from gpuflow.backends import LEDGER, to_host
+    host = np.arange(6.0).reshape(2, 3)
+    array = device.put(host)
+    back = to_host(array, device, what="test")
+    assert isinstance(back, np.ndarray) and back is not array
+    np.testing.assert_array_equal(back, host)
+    if device.mutable_arrays:  # never the live array
+        back[...] = -1
+        np.testing.assert_array_equal(device.to_host(array), host)
+    assert to_host(host, None) is host and to_host(3.0, device) == 3.0
+    copied = to_host(host, None, copy=True)
+    assert copied is not host and np.array_equal(copied, host)
+    with LEDGER.enforcing():  # strict mode: `allowed` lets it through
+        np.testing.assert_array_equal(to_host(array, device, allowed=True), host)
+        if not device.is_host:  # a host device moves nothing, so records nothing
+            with pytest.raises(gf.TransferError):
+                to_host(array, device)
+    np.testing.assert_array_equal(gf.to_numpy(array), host)

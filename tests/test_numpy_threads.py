@@ -259,3 +259,31 @@ def test_a_forked_child_makes_its_own_threads():
     done = subprocess.run([sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True,
                           timeout=120, cwd=root)
     assert done.returncode == 0, done.stderr
+
+
+def test_a_graph_bound_before_set_num_threads_follows_it(monkeypatch):
+    """The cpu device has one set of ops (backends/numpy.OPS): a graph bound with one thread
+    splits once gf.set_num_threads(2) is called, and stops at set_num_threads(1)."""
+    before = gf.get_num_threads()
+    gf.set_num_threads(1)
+    monkeypatch.setattr(nt, "MIN_SPLIT", 1)
+    runs = []
+    real = nt.WORKERS.run
+    monkeypatch.setattr(nt.WORKERS, "run", lambda slabs: (runs.append(len(slabs)), real(slabs)))
+    try:
+        X = gf.Input(name="X")
+        graph = gf.Graph(gf.Tanh(X), device="cpu", dtype="float64", inputs=[X])
+        xb = RNG.normal(size=(8, 3))
+        one = graph.run(None, xb).copy()
+        assert not runs
+        assert graph.device.ops is gf.get_device("cpu").ops
+        gf.set_num_threads(2)
+        two = graph.run(None, xb)
+        assert runs, "the bound graph did not split after set_num_threads(2)"
+        np.testing.assert_array_equal(two, one)
+        gf.set_num_threads(1)
+        runs.clear()
+        graph.run(None, xb)
+        assert not runs
+    finally:
+        gf.set_num_threads(before)

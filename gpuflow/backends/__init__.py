@@ -22,9 +22,9 @@ from .base import NULL_SCOPE, Device, Ops, UfuncOps, dtype_name, missing_library
 from .ledger import LEDGER, TransferLedger
 
 __all__ = ["BACKENDS", "INSTALL_HINTS", "LEDGER", "NULL_SCOPE", "REGISTRY", "Device", "Ops",
-           "TransferLedger", "UfuncOps", "available_devices", "backend_report", "dtype_name",
-           "foreign_device_name", "get_device", "load_backend", "missing_library", "parse_spec",
-           "rank_spec"]
+           "TransferLedger", "UfuncOps", "array_device", "available_devices", "backend_report",
+           "dtype_name", "foreign_device_name", "get_device", "load_backend", "missing_library",
+           "parse_spec", "rank_spec", "to_host"]
 
 
 class Backend(NamedTuple):
@@ -66,6 +66,33 @@ def foreign_device_name(value: Any) -> str | None:
             if name is not None:
                 return name
     return f"an unknown library ({type(value).__module__}.{type(value).__name__})"
+
+
+def array_device(value: Any) -> Device | None:
+    """The device holding `value`, an array of any backend library; None for host values and
+    arrays of a library gpuflow has no backend for."""
+    name = foreign_device_name(value)
+    if name is None or name.startswith("an unknown library"):
+        return None
+    return get_device(name)
+
+
+def to_host(value: Any, device: Device | None, *, what: str = "array", copy: bool = False,
+            allowed: bool = False) -> Any:
+    """The one way gpuflow brings a value back to the host (to_numpy, checkpoints, moving a
+    graph, the gradient check). An array `device` owns comes back through `device.to_host`: a
+    new NumPy array, counted in `LEDGER` as `what` (`allowed`: also in strict transfer mode).
+    Anything else (device None, a NumPy array, scalar, list, None) is a host value, returned as
+    it is, or with `copy` as `backends.numpy.host_copy` gives it (a NumPy array's copy)."""
+    if device is not None and device.owns(value):
+        if not allowed:
+            return device.to_host(value, what=what)
+        with LEDGER.allowed():
+            return device.to_host(value, what=what)
+    if not copy:
+        return value
+    from .numpy import host_copy
+    return host_copy(value)
 
 
 def _loaded_backend(backend: str) -> Any:

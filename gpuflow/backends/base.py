@@ -21,7 +21,8 @@ about a library, so that nothing there imports one or switches on a backend's na
 
 - `xp` the array namespace (array API standard), `native` the library's device object,
   `name` the canonical spec, `backend` the registry name, `index` the library's device number
-  (None where it has none), `ops` the operations of a training step (`Ops`).
+  (None where it has none), `ops` the operations of a training step (`Ops`, backends/ops.py:
+  every op and optional route node code may call is declared there).
 - capabilities: `ops.writes_out` (ops write into `out=` buffers), `mutable_arrays` (arrays can
   be updated in place: `x[...] = v`, `x *= a`), `is_host` (arrays live in host memory: no
   transfer counted), `is_gpu`, `supports_dlpack` (`xp.from_dlpack` takes other libraries'
@@ -56,134 +57,8 @@ import time
 from typing import Any, Callable
 
 from ..errors import DeviceError, GraphError
-from . import special
 from .ledger import LEDGER
-
-
-class Ops:
-    """The array operations a training step makes, each able to write into an `out` array.
-
-    The array API standard has no `out=`; NumPy, CuPy and torch do, and writing into buffers a
-    node keeps from step to step (`Node.buffers`) is what makes a step allocation-free. Every
-    function returns its result: `out` itself where the backend writes there, a new array
-    where it cannot. `out` may be None (compute a new array). This generic version, built on
-    the array namespace and used for libraries without `out=` (array_api_strict, JAX), ignores
-    `out`; `writes_out` says which.
-
-    Elementwise: add, subtract, multiply, divide, maximum (x1, x2, out=None); tanh, exp, log,
-    sqrt (x, out=None); greater and equal (x1, x2, dtype, out=None) give 1 or 0 in `dtype`.
-    Reductions of floating arrays: sum, max (x, axis=None, keepdims=False, out=None).
-    matmul (x1, x2, out=None). `out` must have the result's shape and dtype.
-    Beyond the standard (portable versions in `special`, a library's own where it has one):
-    erf (x, out=None); take_rows (table, ids, out=None), the rows table[ids] of a 2-D table
-    for 1-D integer ids; scatter_add_rows (ids, values, rows, out=None), its adjoint: a
-    (rows, dim) array adding each row of values (M, dim) into row ids[i].
-
-    To add an op: write its generic version here; if its signature is the NumPy ufunc's own
-    (`f(x1, x2, out=None)`), add its name to `LIBRARY_NAMED` so that `UfuncOps` binds each
-    library's function of that name; a backend with another fast route overrides it.
-    """
-
-    writes_out = False
-    # Ops whose NumPy-style signature (arrays, then out=) libraries share under the same name.
-    LIBRARY_NAMED = ("matmul", "add", "subtract", "multiply", "divide", "maximum",
-                     "tanh", "exp", "log", "sqrt")
-
-    def __init__(self, xp: Any) -> None:
-        self.xp = xp
-
-    def matmul(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return x1 @ x2
-
-    def add(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return x1 + x2
-
-    def subtract(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return x1 - x2
-
-    def multiply(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return x1 * x2
-
-    def divide(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return x1 / x2
-
-    def maximum(self, x1: Any, x2: Any, out: Any = None) -> Any:
-        return self.xp.maximum(x1, x2)
-
-    def tanh(self, x: Any, out: Any = None) -> Any:
-        return self.xp.tanh(x)
-
-    def exp(self, x: Any, out: Any = None) -> Any:
-        return self.xp.exp(x)
-
-    def log(self, x: Any, out: Any = None) -> Any:
-        return self.xp.log(x)
-
-    def sqrt(self, x: Any, out: Any = None) -> Any:
-        return self.xp.sqrt(x)
-
-    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        return self.xp.astype(x1 > x2, dtype)
-
-    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        return self.xp.astype(x1 == x2, dtype)
-
-    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self.xp.sum(x, axis=axis, keepdims=keepdims)
-
-    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self.xp.max(x, axis=axis, keepdims=keepdims)
-
-    def erf(self, x: Any, out: Any = None) -> Any:
-        return special.erf(self.xp, x)
-
-    def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
-        return self.xp.take(table, ids, axis=0)
-
-    def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
-        return special.scatter_add_rows(self.xp, ids, values, rows)
-
-
-class UfuncOps(Ops):
-    """`Ops` for a library `lib` whose functions take `out=` (NumPy, CuPy, torch): each op of
-    `LIBRARY_NAMED` is the library's own function of that name, bound once, unless `lib` has
-    none or a subclass writes its own; greater, equal, sum and max use `lib`'s NumPy names."""
-
-    writes_out = True
-
-    def __init__(self, xp: Any, lib: Any) -> None:
-        super().__init__(xp)
-        self._lib = lib
-        self._greater, self._equal = getattr(lib, "greater", None), getattr(lib, "equal", None)
-        for name in self.LIBRARY_NAMED:
-            own = getattr(type(self), name) is not getattr(Ops, name)  # a subclass's route
-            if not own and hasattr(lib, name):
-                setattr(self, name, getattr(lib, name))
-
-    def greater(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return self._lib.greater(x1, x2).astype(dtype)
-        return self._greater(x1, x2, out=out)  # True/False written as 1/0 in out's dtype
-
-    def equal(self, x1: Any, x2: Any, dtype: Any, out: Any = None) -> Any:
-        if out is None:
-            return self._lib.equal(x1, x2).astype(dtype)
-        return self._equal(x1, x2, out=out)
-
-    def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self._lib.sum(x, axis=axis, keepdims=keepdims, out=out)
-
-    def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-        return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
-
-    def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
-        """xp.stack, into `out` (gpuflow.conv's im2col columns)."""
-        return self._lib.stack(arrays, axis=axis, out=out)
-
-    def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
-        """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
-        from .windows import col2im_in_place
-        return col2im_in_place(parts, kw, sh, sw, out)
+from .ops import OP_NAMES, Ops, UfuncOps  # noqa: F401 (the contract's ops, re-exported)
 
 
 class _NullScope:

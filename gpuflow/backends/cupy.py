@@ -26,7 +26,11 @@ class CupyDevice(Device):
         self.index = index
 
     def _make_ops(self) -> Ops:
-        return UfuncOps(self.xp, self._cupy)  # CuPy's ufuncs take out= as NumPy's do
+        cp = self._cupy  # CuPy's own functions, bound as they are: they take out= as NumPy's
+        return UfuncOps(self.xp, cp, routes={
+            "matmul": cp.matmul, "add": cp.add, "subtract": cp.subtract,
+            "multiply": cp.multiply, "divide": cp.divide, "maximum": cp.maximum,
+            "tanh": cp.tanh, "exp": cp.exp, "log": cp.log, "sqrt": cp.sqrt})
 
     def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
         with self.native:

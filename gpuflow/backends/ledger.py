@@ -1,7 +1,7 @@
 """The transfer ledger: every host<->device copy and synchronisation a `Device` makes, counted.
 
 `Device.put`, `Device.to_host` and `Device.synchronize` record into `LEDGER`; tests and the
-bench read it, and strict mode (GPUFLOW_STRICT_TRANSFERS=1, or `Graph(strict_transfers=True)`)
+bench read it, and strict mode (GPUFLOW_STRICT_TRANSFERS=1, or `Graph(strict=True)`)
 turns an unexpected transfer inside a training step into a `TransferError`.
 
 What strict mode can see: the copies and syncs a `Device` makes (on host devices, `cpu`,

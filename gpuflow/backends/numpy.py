@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import types
 
@@ -12,7 +12,7 @@ import numpy
 
 from ..errors import DeviceError, GraphError
 from .base import Device, Ops, UfuncOps, missing_library
-from .numpy_threads import OPS, WORKERS, split_along_first, split_matmul, split_ufunc
+from .numpy_threads import WORKERS, split_along_first, split_matmul, split_ufunc
 from .windows import col2im_in_place
 
 EXAMPLE_SPECS = ("cpu",)
@@ -49,41 +49,63 @@ HALF = numpy.dtype(numpy.float16)
 xp = _fast_namespace()
 
 
+def _reductions() -> tuple[Callable[..., Any], Callable[..., Any]]:
+    """NumpyOps' sum and max: straight to the ufuncs' reduce; float16 added in float32."""
+    add_reduce, max_reduce, wide = numpy.add.reduce, numpy.maximum.reduce, numpy.float32
+
+    def sum(x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        if x.dtype != HALF:
+            return add_reduce(x, axis=axis, keepdims=keepdims, out=out)
+        total = add_reduce(x, axis=axis, dtype=wide, keepdims=keepdims, out=out)
+        return total if out is not None else total.astype(HALF)  # out: rounded there
+
+    def max(x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        return max_reduce(x, axis=axis, keepdims=keepdims, out=out)
+
+    return sum, max
+
+
+_sum, _max = _reductions()
+
+
+# NumpyOps' routes, bound as they are (no Python layer in between: a small net's step makes
+# hundreds of these calls). One thread (the default): NumPy's own functions.
+ONE_THREAD = {
+    "matmul": numpy.matmul, "add": numpy.add, "subtract": numpy.subtract,
+    "multiply": numpy.multiply, "divide": numpy.divide, "maximum": numpy.maximum,
+    "tanh": numpy.tanh, "exp": numpy.exp, "log": numpy.log, "sqrt": numpy.sqrt,
+    "sum": _sum, "max": _max}
+# gf.set_num_threads(n > 1): the same functions split over the threads when their result is
+# large (numpy_threads; matmul with OpenBLAS held to one thread). Sums and maxima never split.
+SPLIT = {name: split_matmul if name == "matmul" else split_ufunc(fn)
+         for name, fn in ONE_THREAD.items() if name not in ("sum", "max")}
+SPLIT.update(sum=_sum, max=_max)
+_COMPARE = {False: (numpy.greater, numpy.equal),
+            True: (split_ufunc(numpy.greater), split_ufunc(numpy.equal))}
+
+
 class NumpyOps(UfuncOps):
     """NumPy's own functions (see `Ops`); sums and maxima straight to the ufuncs' reduce,
     without np.sum's Python wrapper; elementwise operations, im2col's stack and col2im split
     over the CPU's cores when their result is large (`numpy_threads`).
+
+    NumPy has only the CPU: the process has one NumpyOps, `OPS`, every NumpyDevice's ops. It
+    binds `ONE_THREAD`, or `SPLIT` while `gf.set_num_threads(n)` has n > 1 (that call hands
+    the count to `OPS._bind_routes`), so a graph bound before the call follows it.
 
     float16 sums are added in float32 and rounded once, as torch, JAX and CuPy add them:
     NumPy adds float16 along an axis in float16, so 40,000 values of 0.01 summed over the
     batch (a bias gradient) come to 32, not 400, and sums past 65504 overflow on the way."""
 
     def __init__(self, xp: Any) -> None:
-        super().__init__(xp, numpy)
-        add_reduce, max_reduce, wide = numpy.add.reduce, numpy.maximum.reduce, numpy.float32
+        super().__init__(xp, numpy, routes=ONE_THREAD)
+        self._bind_routes(WORKERS.threads)
 
-        def sum(x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
-            if x.dtype != HALF:
-                return add_reduce(x, axis=axis, keepdims=keepdims, out=out)
-            total = add_reduce(x, axis=axis, dtype=wide, keepdims=keepdims, out=out)
-            return total if out is not None else total.astype(HALF)  # out: rounded there
-
-        self.sum = sum
-        self.max = lambda x, axis=None, keepdims=False, out=None: max_reduce(
-            x, axis=axis, keepdims=keepdims, out=out)
-        self.split(WORKERS.threads > 1)
-        OPS.add(self)
-
-    def split(self, on: bool) -> None:
-        """Bind the splitting versions of the elementwise ops and matmul (`on`), or NumPy's own
-        functions, called with no Python layer in between (the default: a small net's step
-        makes hundreds of these calls)."""
-        for name in self.LIBRARY_NAMED:
-            fn = getattr(numpy, name)
-            setattr(self, name, (split_matmul if name == "matmul" else split_ufunc(fn))
-                    if on else fn)
-        self._greater = split_ufunc(numpy.greater) if on else numpy.greater
-        self._equal = split_ufunc(numpy.equal) if on else numpy.equal
+    def _bind_routes(self, threads: int) -> None:
+        """Bind the routes for `threads` (numpy_threads.set_num_threads calls it on `OPS`)."""
+        split = threads > 1
+        vars(self).update(SPLIT if split else ONE_THREAD)
+        self._greater, self._equal = _COMPARE[split]
 
     def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
         if out is None or axis % (arrays[0].ndim + 1) == 0 or WORKERS.threads < 2:
@@ -115,7 +137,7 @@ class NumpyDevice(Device):
         self._dtypes = {k: numpy.dtype(v) for k, v in self._dtypes.items()}
 
     def _make_ops(self) -> Ops:
-        return NumpyOps(self.xp)
+        return OPS
 
     def new_buffer(self, shape: tuple[int, ...], dtype: Any) -> Any:
         return numpy.empty(shape, dtype=dtype)
@@ -147,6 +169,9 @@ class NumpyDevice(Device):
 
     def _to_host(self, value: Any) -> Any:
         return numpy.array(value, copy=True)  # a snapshot, never the live array
+
+
+OPS = NumpyOps(xp)  # the CPU's one set of ops (see NumpyOps)
 
 
 def make_device(rest: str, spec: str) -> NumpyDevice:

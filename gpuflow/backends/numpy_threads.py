@@ -40,7 +40,6 @@ import glob
 import os
 import signal
 import threading
-import weakref
 from typing import Any, Callable
 
 import numpy
@@ -206,7 +205,6 @@ class _Workers:
 
 
 WORKERS = _Workers()
-OPS: "weakref.WeakSet[Any]" = weakref.WeakSet()  # NumpyOps objects, told when splitting turns on
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=WORKERS.after_fork)
 
@@ -219,8 +217,8 @@ def set_num_threads(n: int) -> None:
                          "gf.set_num_threads(os.cpu_count()), or 1 to stop splitting.")
     if n != WORKERS.threads:
         WORKERS.resize(n)
-        for ops in list(OPS):
-            ops.split(n > 1)
+        from .numpy import OPS  # the cpu device's ops (numpy.py imports this module)
+        OPS._bind_routes(n)
 
 
 def get_num_threads() -> int:

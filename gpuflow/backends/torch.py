@@ -16,7 +16,11 @@ class TorchOps(UfuncOps):
 
     def __init__(self, xp: Any) -> None:
         import torch
-        super().__init__(xp, torch)  # matmul, add, subtract, ... under their NumPy names
+        # torch's own functions, bound as they are (maximum is TorchOps' own: see below).
+        super().__init__(xp, torch, routes={
+            "matmul": torch.matmul, "add": torch.add, "subtract": torch.subtract,
+            "multiply": torch.multiply, "divide": torch.divide, "tanh": torch.tanh,
+            "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt})
         self._tensor = torch.Tensor
         self._maximum, self._clamp_min = torch.maximum, torch.clamp_min
         self._gt, self._eq, self._sum, self._amax = torch.gt, torch.eq, torch.sum, torch.amax
@@ -81,8 +85,8 @@ class TorchOps(UfuncOps):
                                          padding, (1, 1), False, (0, 0), 1, mask)
         return (dx, dW, db)[:len(need)]
 
-    # Fused routes nodes and optimizers take where a device's ops have them (one kernel where
-    # the generic route makes two; the same kernels torch's autograd and optimizers run).
+    # Optional routes declared in Ops (one kernel where the generic route makes two; the same
+    # kernels torch's autograd and optimizers run).
     def matmul_add(self, x1: Any, x2: Any, x3: Any, out: Any = None) -> Any:
         """x1 @ x2 + x3 (gpuflow.Linear's value), as torch's addmm."""
         return self._addmm(x3, x1, x2, out=out)
