@@ -68,9 +68,10 @@ def to_onnx(graph: Any, path: "str | os.PathLike[str]", outputs: "Node | Sequenc
     """Write the graph's evaluation pass from its data Inputs to `outputs` as the ONNX file
     `path` (a dynamic batch dimension 'N', and sequence length 'T' for a sequence model;
     opset `opset`, default 17, or higher where a node needs it; GELU is ONNX's Gelu from opset
-    20, its formula before). Returns the onnx.ModelProto, checked by onnx.checker.check_model. Needs the
-    `onnx` package (pip install 'gpuflow[onnx]'). ExportError, with nothing written, for a node
-    without an exporter, an output not in the graph, or a path that cannot be written."""
+    20, its formula before). Returns the onnx.ModelProto, checked by onnx.checker.check_model.
+    Needs the `onnx` package (pip install 'gpuflow[onnx]'). ExportError, with nothing
+    written, for a node without an exporter, an output not in the graph, or a path that cannot
+    be written."""
     from . import onnx_export
     return onnx_export.to_onnx(graph, path, outputs, example=example, opset=opset)
 

@@ -125,7 +125,6 @@ class Plan:
         second time with one more row and one step fewer (more where the example has 1) and
         every node's shapes compared. A graph that takes no other length there (a mask or a
         shape that fixes T) keeps T fixed, its batch dimension only named 'N'."""
-        import numpy as np
         from ..host import to_numpy
         feed = batches[0] if len(batches) == 1 and isinstance(batches[0], dict) else None
         arrays = ([to_numpy(feed[n]) for n in self.inputs if n in feed] if feed is not None
@@ -135,12 +134,12 @@ class Plan:
         t2 = t1 - 1 if t1 >= 2 else 2
         n2 = n1 + 1 if n1 + 1 != t2 else n1 + 2
 
-        def resized(a: Any) -> Any:
+        def resized(a: Any) -> Any:  # rows repeated from the first, steps from the start
             a = to_numpy(a)
             if a.ndim:
-                a = np.concatenate([a] + [a[:1]] * (n2 - n1), axis=0)
+                a = a.take(list(range(n1)) + [0] * (n2 - n1), axis=0)
             if a.ndim >= 2:
-                a = np.concatenate([a, a], axis=1)[:, :t2]
+                a = a.take([j % a.shape[1] for j in range(t2)], axis=1)
             return a
 
         second = ([{n: resized(v) for n, v in feed.items()}] if feed is not None

@@ -285,9 +285,9 @@ def _slice(node: Slice, ctx: OnnxContext) -> None:
     big = 2 ** 63 - 1
     start = 0 if node.start is None else node.start
     stop = big if node.stop is None else node.stop
-    ctx.add("Slice", [ctx.input(node), ctx.constant(_ints([start]), "start"),
-                      ctx.constant(_ints([stop]), "stop"), ctx.constant(_ints([node.axis]), "axis")],
-            [ctx.output(node)])
+    bounds = [ctx.constant(_ints([v]), hint) for v, hint in
+              ((start, "start"), (stop, "stop"), (node.axis, "axis"))]
+    ctx.add("Slice", [ctx.input(node), *bounds], [ctx.output(node)])
 
 
 def _gelu(node: GELU, ctx: OnnxContext) -> None:
