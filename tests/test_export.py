@@ -1,6 +1,7 @@
-"""gpuflow.export: the digits MLP and CNN as ONNX (run by onnxruntime) and as a standalone
-module (run without gpuflow on NumPy, PyTorch, JAX and array_api_strict), equal to gpuflow's
-evaluation outputs; the errors, with nothing written."""
+"""gpuflow.export: the digits MLP and CNN, and sequence models (attention, LSTM, every other
+sequence node), as ONNX (run by onnxruntime) and as a standalone module (run without gpuflow on
+NumPy, PyTorch, JAX and array_api_strict), equal to gpuflow's evaluation outputs; the errors,
+with nothing written."""
 
 from __future__ import annotations
 
@@ -147,9 +148,10 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def run_standalone(folder: Path, device: gf.Device, inputs: dict[int, np.ndarray]) -> dict:
+def run_standalone(folder: Path, device: gf.Device, inputs: dict) -> dict:
     """model.py in `folder` run on `device`'s library, in a child Python whose sys.modules
-    never holds gpuflow (asserted there): {rows: outputs}."""
+    never holds gpuflow (asserted there): {key: outputs} for inputs {key: array}, a key the
+    rows (an int) or a name ('3x5')."""
     for rows, x in inputs.items():
         np.save(folder / f"x{rows}.npy", x)
     (folder / "child.py").write_text(CHILD)
@@ -274,3 +276,146 @@ def test_errors_write_nothing(tmp_path, export):
             write(graph, tmp_path, out, example=x)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     assert blocker.read_text() == "not a folder"
+
+
+# -- sequence models: dynamic batch and sequence length ------------------------------------------
+VOCAB, WIDTH = 11, 8
+SIZES = ((1, 6), (3, 2))   # (N, T): two batch sizes and two sequence lengths, one graph
+SEQUENCE_KINDS = ["attention", "lstm", "every_node"]
+
+
+def sequence_model(kind: str, device: "str | gf.Device" = "cpu", dtype: str = "float32"):
+    """(graph, output node): ids (N, T) -> gf.embedding -> `kind` -> a head of MatMul and
+    BiasAdd. "attention": gf.attention, causal; "lstm": gf.lstm; "every_node": GELU (erf and
+    tanh), SiLU, Mul, Scale, Concat, Slice, Reshape (None and -1), Transpose, non-causal
+    ScaledDotProductAttention and a Slice along T (its output has T - 1 steps)."""
+    rng = np.random.default_rng(7)
+    ids, y = gf.Input(name="ids"), gf.Input(name="y")
+    x, _ = gf.embedding(ids, VOCAB, WIDTH, name="emb", rng=0)
+    if kind == "attention":
+        x, _ = gf.attention(x, WIDTH, 2, causal=True, name="attn", rng=1)
+        width = WIDTH
+    elif kind == "lstm":
+        width = 6
+        x, _ = gf.lstm(x, WIDTH, width, name="lstm", rng=1)
+    else:
+        gain = gf.Input(name="gain")
+        gain.value = rng.uniform(0.5, 1.5, size=WIDTH)
+        a = gf.GELU(x, name="gelu")
+        b = gf.GELU(x, approximate="tanh", name="gelu_tanh")
+        both = gf.Mul(a, gf.Mul(b, gain, name="gained"), name="mul")
+        x = gf.Concat([both, gf.Scale(gf.SiLU(x, name="silu"), 0.5, name="half")], axis=-1,
+                      name="concat")                                             # (N, T, 16)
+        x = gf.Slice(x, 2, -2, axis=-1, name="middle")                            # (N, T, 12)
+        heads = gf.Transpose(gf.Reshape(x, (None, None, 3, -1), name="split"), (0, 2, 1, 3),
+                             name="heads")                                        # (N, 3, T, 4)
+        mixed = gf.ScaledDotProductAttention(heads, heads, heads, name="sdpa")
+        x = gf.Reshape(gf.Transpose(mixed, (0, 2, 1, 3), name="back"), (None, None, 12),
+                       name="merge")
+        x = gf.Slice(x, 1, None, axis=1, name="later")                            # (N, T-1, 12)
+        width = 12
+    W, b = gf.Input(name="head.W"), gf.Input(name="head.b")
+    W.value, b.value = rng.normal(size=(width, VOCAB)), rng.normal(size=VOCAB)
+    out = gf.BiasAdd(gf.MatMul(x, W, name="head"), b, name="logits")
+    graph = gf.Graph(gf.MSE(y, out), device=device, dtype=dtype, inputs=[ids, y], outputs=[out])
+    return graph, out
+
+
+def token_ids(rows: int, steps: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 10 * rows + steps).integers(0, VOCAB, (rows, steps))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opset", [None, 20])
+@pytest.mark.parametrize("kind", SEQUENCE_KINDS)
+def test_sequence_onnx_equals_gpuflow(tmp_path, kind, opset, dtype):
+    """One exported graph runs at two batch sizes and two sequence lengths (dims 'N' and
+    'T'), equal to gpuflow; GELU is ONNX's Gelu from opset 20, its formula before; LSTM is
+    ONNX's LSTM, attention MatMul and Softmax with the causal mask from the lengths."""
+    _need("onnx")
+    _need("onnxruntime")
+    import onnx
+    graph, out = sequence_model(kind, dtype=dtype)
+    path = tmp_path / "model.onnx"
+    to_onnx(graph, path, out, example=token_ids(2, 4), opset=opset)
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+
+    def dims(info):
+        return [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim]
+
+    assert dims(model.graph.input[0]) == ["N", "T"]
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert dims(model.graph.output[0]) == (["N", "T", VOCAB] if kind != "every_node" else
+                                           ["N", "logits_1", VOCAB])  # T - 1: a name of its own
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Gather", "MatMul", "Add"} <= ops
+    expected_ops = {"attention": {"Softmax", "Range", "GreaterOrEqual", "Where", "Transpose",
+                                  "Reshape", "Slice"},
+                    "lstm": {"LSTM", "Transpose", "Squeeze"},
+                    "every_node": {"Softmax", "Sigmoid", "Concat", "Slice", "Reshape",
+                                   "Transpose", "Mul"} | ({"Gelu"} if opset == 20 else
+                                                          {"Erf", "Tanh"})}[kind]
+    assert expected_ops <= ops, expected_ops - ops
+    for rows, steps in SIZES:
+        x = token_ids(rows, steps)
+        try:
+            got = ort_outputs(path, x)
+        except Exception as exc:  # no float64 LSTM or Erf kernel in onnxruntime 1.32
+            if dtype == "float64" and ("NOT_IMPLEMENTED" in str(exc) or "double" in str(exc)):
+                pytest.skip(f"onnxruntime has no float64 kernel: {str(exc)[-80:]}")
+            raise
+        expected = gf.to_numpy(graph.run(out, x))
+        assert got.shape == expected.shape == (rows, steps - (kind == "every_node"), VOCAB)
+        assert got.dtype == np.dtype(dtype)
+        assert_close(got, expected, 1e-5 if dtype == "float32" else 1e-12)
+
+
+def test_attention_mask_exports_with_blocked_row(tmp_path):
+    """A boolean mask fixes the sequence length (T stays a number, N is dynamic); a row it
+    blocks everywhere gives 0 in ONNX and in model.py, as in gpuflow."""
+    _need("onnx")
+    _need("onnxruntime")
+    _need("safetensors")
+    ids, y = gf.Input(name="ids"), gf.Input(name="y")
+    x, _ = gf.embedding(ids, VOCAB, WIDTH, name="emb", rng=0)
+    mask = np.tril(np.ones((4, 4), bool))
+    mask[2] = False  # query 2 attends nowhere
+    out = gf.ScaledDotProductAttention(x, x, x, mask=mask, name="sdpa")
+    graph = gf.Graph(gf.MSE(y, out), device="cpu", dtype="float32", inputs=[ids, y],
+                     outputs=[out])
+    to_onnx(graph, tmp_path / "m.onnx", out, example=token_ids(2, 4))
+    to_python(graph, tmp_path / "py", out, example=token_ids(2, 4))
+    import onnx
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [d.dim_param or d.dim_value for d in
+            model.graph.input[0].type.tensor_type.shape.dim] == ["N", 4]
+    namespace: dict = {}
+    exec(compile((tmp_path / "py" / "model.py").read_text(), "model.py", "exec"), namespace)
+    weights = namespace["load"](str(tmp_path / "py" / "weights.safetensors"), np)
+    for rows in (1, 3):
+        x = token_ids(rows, 4)
+        expected = gf.to_numpy(graph.run(out, x))
+        assert np.all(expected[:, 2] == 0) and np.abs(expected).max() > 0
+        assert_close(ort_outputs(tmp_path / "m.onnx", x), expected, 1e-5)
+        assert_close(namespace["predict"](x, weights), expected, 1e-5)
+
+
+@pytest.mark.parametrize("kind", SEQUENCE_KINDS)
+def test_sequence_standalone_module_equals_gpuflow(tmp_path, device, kind):
+    _need("safetensors")
+    graph, out = sequence_model(kind, device=device)
+    folder = tmp_path / "exported"
+    source = to_python(graph, folder, out, example=token_ids(2, 4)).read_text()
+    assert "gpuflow" not in source.split('"""', 2)[2]
+    for name in {"attention": ["emb", "attn_q_heads", "attn_sdpa", "attn_merge", "head",
+                               "logits"],
+                 "lstm": ["emb", "lstm", "head", "logits"],
+                 "every_node": ["gelu", "gelu_tanh", "mul", "silu", "half", "concat", "middle",
+                                "split", "heads", "sdpa", "merge", "later"]}[kind]:
+        assert f"    {name} = " in source, name
+    assert ("def erf(" in source) == (kind == "every_node")  # the standard has no erf
+    inputs = {f"{rows}x{steps}": token_ids(rows, steps) for rows, steps in SIZES}
+    outputs = run_standalone(folder, device, inputs)
+    for key, x in inputs.items():
+        assert_close(outputs[key], gf.to_numpy(graph.run(out, x)), 1e-5)

@@ -10,7 +10,12 @@ Both write the evaluation pass (Dropout the identity, BatchNorm with its running
 from the graph's data Inputs to `outputs` (a node or a list of nodes of the graph). `example`
 is one batch as `Graph.run` takes it (one array per data Input, a tuple of them, or a dict
 {Input: array}); it is run once through gpuflow to fix every node's shape but the batch size,
-which stays free (ONNX: a dynamic first dimension "N"). Weights are stored in the graph's dtype.
+which stays free (ONNX: a dynamic first dimension "N"). A sequence model (one with Embedding,
+LSTM or ScaledDotProductAttention) also keeps its sequence length free: axis 1 of its data
+Inputs, "T" in ONNX; the graph is run once more with another batch size and length to find
+every dimension that follows them (one that varies otherwise, e.g. T - 1 after a Slice, is
+named "<node>_<axis>"), and where the graph takes no other length (a mask of fixed size), T
+stays the example's. Weights are stored in the graph's dtype.
 
 Each kind of node exports through a small function that maps it to ONNX operators, and another
 that writes its line of Python (gpuflow/export/onnx_export.py, python_export.py). A node of
@@ -61,10 +66,12 @@ __all__ = ["to_onnx", "to_python", "register", "ExportError"]
 def to_onnx(graph: Any, path: "str | os.PathLike[str]", outputs: "Node | Sequence[Node]", *,
             example: Any, opset: int | None = None) -> Any:
     """Write the graph's evaluation pass from its data Inputs to `outputs` as the ONNX file
-    `path` (a dynamic batch dimension 'N'; opset `opset`, default 17, or higher where a node
-    needs it). Returns the onnx.ModelProto, checked by onnx.checker.check_model. Needs the
-    `onnx` package (pip install 'gpuflow[onnx]'). ExportError, with nothing written, for a node
-    without an exporter, an output not in the graph, or a path that cannot be written."""
+    `path` (a dynamic batch dimension 'N', and sequence length 'T' for a sequence model;
+    opset `opset`, default 17, or higher where a node needs it; GELU is ONNX's Gelu from opset
+    20, its formula before). Returns the onnx.ModelProto, checked by onnx.checker.check_model.
+    Needs the `onnx` package (pip install 'gpuflow[onnx]'). ExportError, with nothing
+    written, for a node without an exporter, an output not in the graph, or a path that cannot
+    be written."""
     from . import onnx_export
     return onnx_export.to_onnx(graph, path, outputs, example=example, opset=opset)
 

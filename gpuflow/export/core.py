@@ -10,6 +10,11 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ExportError, GraphError
 from ..nodes import Input, Node
+from ..recurrent import LSTM
+from ..sequence import Embedding, ScaledDotProductAttention
+
+# The nodes that make a graph a sequence model: its data Inputs are (N, T, ...), T dynamic.
+SEQUENCE_NODES = (Embedding, LSTM, ScaledDotProductAttention)
 
 # {node class: exporter(node, ctx)}, filled by onnx_export.py and python_export.py
 ONNX_EXPORTERS: dict[type, Callable[[Node, Any], None]] = {}
@@ -110,6 +115,58 @@ class Plan:
                 array = to_numpy(n.value)
                 self.weights[self.weight_key(n)] = (array.astype(self.dtype)
                                                     if array.dtype.kind == "f" else array)
+        self.sequence = any(isinstance(n, SEQUENCE_NODES) for n in self.nodes)
+        self.dims = self._dims(batches) if self.sequence else {}
+
+    def _dims(self, batches: Sequence[Any]) -> dict[Node, tuple["int | str", ...]]:
+        """A sequence graph's dimensions, named where they follow the batch size ('N') or the
+        sequence length ('T', axis 1 of each data Input of 2 or more dimensions) or vary with
+        them otherwise ('<node>_<axis>', e.g. N * T rows after a Reshape): the graph is run a
+        second time with one more row and one step fewer (more where the example has 1) and
+        every node's shapes compared. A graph that takes no other length there (a mask or a
+        shape that fixes T) keeps T fixed, its batch dimension only named 'N'."""
+        from ..host import to_numpy
+        feed = batches[0] if len(batches) == 1 and isinstance(batches[0], dict) else None
+        arrays = ([to_numpy(feed[n]) for n in self.inputs if n in feed] if feed is not None
+                  else [to_numpy(b) for b in batches])
+        n1 = arrays[0].shape[0] if arrays and arrays[0].ndim else 0
+        t1 = next((a.shape[1] for a in arrays if a.ndim >= 2), 0)
+        t2 = t1 - 1 if t1 >= 2 else 2
+        n2 = n1 + 1 if n1 + 1 != t2 else n1 + 2
+
+        def resized(a: Any) -> Any:  # rows repeated from the first, steps from the start
+            a = to_numpy(a)
+            if a.ndim:
+                a = a.take(list(range(n1)) + [0] * (n2 - n1), axis=0)
+            if a.ndim >= 2:
+                a = a.take([j % a.shape[1] for j in range(t2)], axis=1)
+            return a
+
+        second = ([{n: resized(v) for n, v in feed.items()}] if feed is not None
+                  else [resized(b) for b in batches])
+        try:
+            for out in self.outputs:
+                self.graph.run(out, *second)
+        except GraphError:
+            return {}
+        dims = {}
+        for n in self.nodes:
+            second = tuple(getattr(n.value, "shape", ()))
+            if len(second) != len(self.shapes[n]):
+                return {}
+            dims[n] = tuple(d if d == e else "N" if (d, e) == (n1, n2) else "T"
+                            if (d, e) == (t1, t2) else f"{self.names.of(n)}_{i}"
+                            for i, (d, e) in enumerate(zip(self.shapes[n], second)))
+        return dims
+
+    def dims_of(self, node: Node) -> tuple["int | str", ...]:
+        """The node's dimensions in the export: sizes, and names for the dynamic ones ('N',
+        'T'); outside sequence graphs (and where the sequence length is fixed) the first of a
+        data Input's or an output's is 'N'."""
+        if node in self.dims:
+            return self.dims[node]
+        shape = self.shapes[node]
+        return ("N", *shape[1:]) if shape else ()
 
     def weight_key(self, node: Node) -> str:
         """The name an Input's array is stored under: the parameter's name."""
@@ -154,6 +211,7 @@ class _Names:
 
 _RESERVED = {"xp", "weights", "load", "predict", "conv2d", "max_pool2d", "avg_pool2d", "pad2d",
              "batch_norm", "windows", "array_namespace", "device_of", "e", "mean", "var", "centred",
+             "erf", "sigmoid", "attention", "lstm_layer", "start", "stop", "slice", "max",
              "and", "as", "assert", "break", "class", "continue", "def", "del", "elif", "else",
              "except", "finally", "for", "from", "global", "if", "import", "in", "is",
              "lambda", "nonlocal", "not", "or", "pass", "raise", "return", "try", "while",

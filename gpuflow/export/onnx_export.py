@@ -16,6 +16,9 @@ from ..errors import ExportError
 from ..activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
 from ..norm import BatchNorm, Dropout, LayerNorm
+from ..recurrent import LSTM
+from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
 
 DEFAULT_OPSET = 17   # LayerNormalization's first; onnxruntime 1.12 and later run it
@@ -103,17 +106,19 @@ class OnnxContext:
             self.opset = version
 
     def model(self) -> Any:
-        """The checked ModelProto: data Inputs in, outputs out, batch dimension 'N'."""
+        """The checked ModelProto: data Inputs in, outputs out, batch dimension 'N' (and the
+        sequence length 'T' of a sequence model)."""
         helper, plan = self.helper, self.plan
 
         def info(node: Node) -> Any:
-            dims = ["N", *self.plan.shapes[node][1:]] if self.plan.shapes[node] else []
-            dtype = getattr(node.value, "dtype", None)
+            import numpy as np
             from ..backends import dtype_name
+            dtype = getattr(node.value, "dtype", None)
             elem = self.elem_type
-            if dtype is not None and "int" in dtype_name(dtype):
-                elem = self.onnx.TensorProto.INT64
-            return helper.make_tensor_value_info(self.output(node), elem, dims)
+            if dtype is not None and dtype_name(dtype) != self.plan.dtype:  # integer ids
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype_name(dtype)))
+            return helper.make_tensor_value_info(self.output(node), elem,
+                                                 list(self.plan.dims_of(node)))
 
         inputs = [info(n) for n in plan.inputs]
         outputs = [info(n) for n in plan.outputs]
@@ -233,6 +238,145 @@ def _add(node: Add, ctx: OnnxContext) -> None:
     else:
         ctx.add("Sum", terms, [ctx.output(node)])
 
+
+# -- the sequence nodes ---------------------------------------------------------------------------
+def _ints(values: Sequence[int]) -> Any:
+    import numpy as np
+    return np.asarray(values, dtype=np.int64)
+
+
+def _embedding(node: Embedding, ctx: OnnxContext) -> None:
+    ctx.add("Gather", [ctx.input(node, 1), ctx.input(node, 0)], [ctx.output(node)], axis=0)
+
+
+def _binary(op: str) -> Any:
+    def export(node: Node, ctx: OnnxContext) -> None:
+        ctx.add(op, [ctx.input(node, 0), ctx.input(node, 1)], [ctx.output(node)])
+    export.__name__ = f"_{op.lower()}"
+    return export
+
+
+def _scale(node: Scale, ctx: OnnxContext) -> None:
+    ctx.add("Mul", [ctx.input(node), ctx.constant(node.c, "scale")], [ctx.output(node)])
+
+
+def _reshape(node: Reshape, ctx: OnnxContext) -> None:
+    """None (keep x's size there) is ONNX's 0, 'copy this dimension' (allowzero=0)."""
+    if 0 in node.shape:
+        raise ExportError(f"to_onnx: {node.label} reshapes to a size 0 {node.shape}, which "
+                          "ONNX's Reshape reads as 'copy this dimension'.\nhelp: leave the "
+                          "empty Reshape out of the exported graph.")
+    shape = ctx.constant(_ints([0 if n is None else n for n in node.shape]), "shape")
+    ctx.add("Reshape", [ctx.input(node), shape], [ctx.output(node)])
+
+
+def _transpose(node: Transpose, ctx: OnnxContext) -> None:
+    ctx.add("Transpose", [ctx.input(node)], [ctx.output(node)], perm=list(node.axes))
+
+
+def _concat(node: Concat, ctx: OnnxContext) -> None:
+    ctx.add("Concat", [ctx.input(node, i) for i in range(len(node.inbound_nodes))],
+            [ctx.output(node)], axis=node.axis)
+
+
+def _slice(node: Slice, ctx: OnnxContext) -> None:
+    """Python's slice rules are ONNX Slice's (negative bounds count from the end, bounds
+    clipped to the axis, start >= stop empty); None: the axis' start or end."""
+    big = 2 ** 63 - 1
+    start = 0 if node.start is None else node.start
+    stop = big if node.stop is None else node.stop
+    bounds = [ctx.constant(_ints([v]), hint) for v, hint in
+              ((start, "start"), (stop, "stop"), (node.axis, "axis"))]
+    ctx.add("Slice", [ctx.input(node), *bounds], [ctx.output(node)])
+
+
+def _gelu(node: GELU, ctx: OnnxContext) -> None:
+    """ONNX's Gelu from opset 20; before, gpuflow's formula (Erf, or Tanh) in its order."""
+    from ..sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
+    x = ctx.input(node)
+    if ctx.opset >= 20:
+        ctx.add("Gelu", [x], [ctx.output(node)], approximate=node.approximate)
+        return
+    if node.approximate == "none":  # 0.5 (1 + erf(x / sqrt 2))
+        inner = ctx.add("Erf", [ctx.add("Mul", [x, ctx.constant(_SQRT1_2, "c")])])
+    else:                           # 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+        cube = ctx.add("Mul", [ctx.add("Mul", [x, x]), x])
+        inner = ctx.add("Add", [x, ctx.add("Mul", [ctx.constant(_KAPPA, "c"), cube])])
+        inner = ctx.add("Tanh", [ctx.add("Mul", [ctx.constant(_SQRT_2_OVER_PI, "c"), inner])])
+    cdf = ctx.add("Mul", [ctx.constant(0.5, "c"),
+                          ctx.add("Add", [ctx.constant(1.0, "c"), inner])])
+    ctx.add("Mul", [x, cdf], [ctx.output(node)])
+
+
+def _silu(node: SiLU, ctx: OnnxContext) -> None:
+    x = ctx.input(node)
+    ctx.add("Mul", [x, ctx.add("Sigmoid", [x])], [ctx.output(node)])
+
+
+def _attention(node: ScaledDotProductAttention, ctx: OnnxContext) -> None:
+    """MatMul, the scale, the causal mask built from the dynamic lengths (Range and
+    GreaterOrEqual on Shape(q) and Shape(k)) or the boolean mask, Softmax, MatMul. A row the
+    mask blocks everywhere gives 0, as gpuflow (Softmax's NaN there replaced by Where)."""
+    import math
+    import numpy as np
+    from ..host import to_numpy
+    q, k, v = (ctx.input(node, i) for i in range(3))
+    rank = len(ctx.shape(node.inbound_nodes[1]))
+    kt = ctx.add("Transpose", [k], perm=[*range(rank - 2), rank - 1, rank - 2])
+    scores = ctx.add("Mul", [ctx.add("MatMul", [q, kt]),
+                             ctx.constant(1.0 / math.sqrt(ctx.shape(node.inbound_nodes[0])[-1]),
+                                          "scale")])
+    rows_ok = None
+    if node.causal:  # position i attends to j <= i
+        second_last = ctx.constant(np.asarray(-2, np.int64), "axis")
+        zero, one = ctx.constant(np.asarray(0, np.int64), "zero"), ctx.constant(
+            np.asarray(1, np.int64), "one")
+        tq, tk = (ctx.add("Gather", [ctx.add("Shape", [t]), second_last], axis=0) for t in (q, k))
+        rows = ctx.add("Unsqueeze", [ctx.add("Range", [zero, tq, one]),
+                                     ctx.constant(_ints([1]), "axes")])
+        keep = ctx.add("GreaterOrEqual", [rows, ctx.add("Range", [zero, tk, one])])
+    elif node.mask is not None:
+        mask = to_numpy(node.mask).astype(bool)
+        keep = ctx.constant(mask, "mask")
+        if not mask.any(axis=-1).all():
+            rows_ok = ctx.constant(mask.any(axis=-1, keepdims=True), "rows")
+    if node.causal or node.mask is not None:
+        scores = ctx.add("Where", [keep, scores, ctx.constant(-np.inf, "blocked")])
+    p = ctx.add("Softmax", [scores], axis=-1)
+    if rows_ok is not None:
+        p = ctx.add("Where", [rows_ok, p, ctx.constant(0.0, "zero")])
+    ctx.add("MatMul", [p, v], [ctx.output(node)])
+
+
+def _lstm(node: LSTM, ctx: OnnxContext) -> None:
+    """ONNX's LSTM: the weights' gate blocks reordered from torch's i, f, g, o to ONNX's i, o,
+    f, c (Gather, which runtimes fold into the initializers) and stacked (W, R, B); x (N, T,
+    input) made sequence-first and the hidden states (T, 1, N, H) batch-first by Transposes
+    (onnxruntime does not run LSTM's layout=1)."""
+    import numpy as np
+    x, w_ih, w_hh, b_ih, b_hh = (ctx.input(node, i) for i in range(5))
+    H = ctx.shape(node.inbound_nodes[2])[1]
+    order = ctx.constant(np.concatenate([np.arange(a * H, (a + 1) * H) for a in (0, 3, 1, 2)]),
+                         "gates_iofc")
+    first = ctx.constant(_ints([0]), "axes")
+
+    def reordered(w: str) -> str:
+        return ctx.add("Gather", [w, order], axis=0)
+
+    W, R = (ctx.add("Unsqueeze", [reordered(w), first]) for w in (w_ih, w_hh))
+    B = ctx.add("Unsqueeze", [ctx.add("Concat", [reordered(b_ih), reordered(b_hh)], axis=0),
+                              first])
+    xs = ctx.add("Transpose", [x], perm=[1, 0, 2])
+    ys = ctx.add("LSTM", [xs, W, R, B], hidden_size=H)                 # (T, 1, N, H)
+    ctx.add("Squeeze", [ctx.add("Transpose", [ys], perm=[2, 0, 1, 3]),  # (N, T, 1, H)
+                        ctx.constant(_ints([2]), "axes")], [ctx.output(node)])
+
+
+for _cls, _fn in [(Embedding, _embedding), (MatMul, _binary("MatMul")), (Mul, _binary("Mul")),
+                  (BiasAdd, _binary("Add")), (Scale, _scale), (Reshape, _reshape),
+                  (Transpose, _transpose), (Concat, _concat), (Slice, _slice), (GELU, _gelu),
+                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm)]:
+    register(_cls, onnx=_fn)
 
 for _cls, _fn in [(Linear, _linear), (Sigmoid, _unary("Sigmoid")), (ReLU, _unary("Relu")),
                   (Tanh, _unary("Tanh")), (Softmax, _softmax), (Conv2D, _conv2d),

@@ -20,6 +20,9 @@ from ..errors import CheckpointError, ExportError
 from ..activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
 from ..norm import BatchNorm, Dropout, LayerNorm
+from ..recurrent import LSTM
+from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
 
 
@@ -105,7 +108,8 @@ def _module(plan: Plan, ctx: PythonContext) -> str:
     outputs = [ctx.output(n) for n in plan.outputs]
 
     def described(nodes: list, names: list) -> str:
-        return ", ".join(f"{name} {('N', *plan.shapes[n][1:])}".replace("'N'", "N")
+        return ", ".join(f"{name} ({', '.join(map(str, plan.dims_of(n)))}"
+                         f"{',' if len(plan.dims_of(n)) == 1 else ''})"
                          for n, name in zip(nodes, names))
 
     body = "\n".join(f"    {line}" if line else "" for line in ctx.lines)
@@ -199,8 +203,86 @@ def avg_pool2d(xp, x, size, stride):
     return xp.mean(xp.stack(windows(x, *size, *stride), axis=0), axis=0)
 ''',
 }
+
+
+def _erf_helper() -> str:
+    """The erf helper's text: gpuflow's portable erf (gpuflow/backends/special.py), whose
+    coefficients it writes out (erf is not in the array API standard)."""
+    from ..backends import special
+
+    def listed(values: tuple) -> str:
+        rows = [", ".join(repr(v) for v in values[i:i + 3]) for i in range(0, len(values), 3)]
+        return "(\n    " + ",\n    ".join(rows) + ")"
+
+    return f'''
+_ERF_SMALL = {listed(special._ERF_SMALL)}
+_ERFCX_LARGE = {listed(special._ERFCX_LARGE)}
+
+
+def erf(xp, x):
+    """The error function, which the array API standard lacks: x P(x^2 - 2) for |x| < 2 and
+    1 - exp(-x^2) Q(1/|x| - 1/3) for 2 <= |x| < 6 (1 beyond), P and Q Chebyshev fits (within
+    2 ulp of erf in float64)."""
+    def horner(coefficients, t):
+        total = coefficients[0] * t + coefficients[1]
+        for c in coefficients[2:]:
+            total = total * t + c
+        return total
+
+    a = xp.abs(x)
+    small = xp.minimum(a, 2.0)  # each branch sees only its own range
+    small = small * horner(_ERF_SMALL, small * small - 2.0)
+    large = xp.minimum(xp.maximum(a, 2.0), 6.0)
+    large = 1.0 - xp.exp(-(large * large)) * horner(_ERFCX_LARGE, 1.0 / large - 1.0 / 3.0)
+    return xp.sign(x) * xp.where(a < 2.0, small, large)
+'''
+
+
+HELPERS["erf"] = _erf_helper()
+HELPERS["sigmoid"] = '''
+def sigmoid(xp, x):
+    """1 / (1 + exp(-x)) without overflow: exp of -|x| only."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+'''
+HELPERS["attention"] = '''
+def attention(xp, q, k, v, scale, causal=False, keep=None):
+    """softmax(q k^T scale) v, as torch's scaled_dot_product_attention: q (..., T_q, d), k
+    (..., T_k, d), v (..., T_k, d_v). causal: position i attends to j <= i; keep: a boolean
+    mask, True where allowed. A row blocked everywhere gives 0."""
+    scores = (q @ xp.matrix_transpose(k)) * scale
+    if causal:
+        rows = xp.arange(scores.shape[-2], device=device_of(scores))
+        keep = xp.reshape(rows, (-1, 1)) >= xp.arange(scores.shape[-1], device=device_of(scores))
+    if keep is None:
+        e = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+        return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
+    scores = xp.where(keep, scores, xp.full_like(scores, -xp.inf))
+    top = xp.max(scores, axis=-1, keepdims=True)
+    top = xp.where(top == -xp.inf, xp.zeros_like(top), top)  # a blocked row: exp(-inf) = 0
+    e = xp.exp(scores - top)
+    total = xp.sum(e, axis=-1, keepdims=True)
+    return (e / xp.where(total > 0.0, total, xp.ones_like(total))) @ v
+'''
+HELPERS["lstm_layer"] = '''
+def lstm_layer(xp, x, w_ih, w_hh, b_ih, b_hh):
+    """torch.nn.LSTM(batch_first=True), one layer, zero initial state: x (N, T, input) gives
+    the hidden states (N, T, H); the weights' rows stacked by gate i, f, g, o as torch's."""
+    H = w_hh.shape[1]
+    xw = x @ xp.matrix_transpose(w_ih) + (b_ih + b_hh)  # every step's input part
+    h = c = None
+    hs = []
+    for t in range(x.shape[1]):
+        z = xw[:, t, :] if h is None else xw[:, t, :] + h @ xp.matrix_transpose(w_hh)
+        i, f, o = (sigmoid(xp, z[:, j * H:(j + 1) * H]) for j in (0, 1, 3))
+        g = xp.tanh(z[:, 2 * H:3 * H])
+        c = i * g if c is None else f * c + i * g
+        h = o * xp.tanh(c)
+        hs.append(h)
+    return xp.stack(hs, axis=1)
+'''
 _HELPER_NEEDS = {"conv2d": ("pad2d", "windows"), "max_pool2d": ("windows",),
-                 "avg_pool2d": ("windows",)}
+                 "avg_pool2d": ("windows",), "lstm_layer": ("sigmoid",)}
 
 
 # -- the built-in nodes --------------------------------------------------------------------------
@@ -274,6 +356,95 @@ def _add(node: Add, ctx: PythonContext) -> None:
              for i, w in enumerate(node.weights)]
     ctx.line(f"{ctx.output(node)} = {' + '.join(terms)}")
 
+
+# -- the sequence nodes ---------------------------------------------------------------------------
+def _embedding(node: Embedding, ctx: PythonContext) -> None:
+    ids, w = ctx.input(node, 0), ctx.input(node, 1)
+    ctx.line(f"{ctx.output(node)} = xp.reshape(xp.take({w}, xp.reshape({ids}, (-1,)), axis=0), "
+             f"(*{ids}.shape, {w}.shape[1]))")
+
+
+def _operator(symbol: str) -> Any:
+    def export(node: Node, ctx: PythonContext) -> None:
+        ctx.line(f"{ctx.output(node)} = {ctx.input(node, 0)} {symbol} {ctx.input(node, 1)}")
+    return export
+
+
+def _scale(node: Scale, ctx: PythonContext) -> None:
+    ctx.line(f"{ctx.output(node)} = {ctx.input(node)} * {node.c!r}")
+
+
+def _reshape(node: Reshape, ctx: PythonContext) -> None:
+    x = ctx.input(node)
+    sizes = [f"{x}.shape[{i}]" if n is None else str(n) for i, n in enumerate(node.shape)]
+    ctx.line(f"{ctx.output(node)} = xp.reshape({x}, ({', '.join(sizes)}"
+             f"{',' if len(sizes) == 1 else ''}))")
+
+
+def _transpose(node: Transpose, ctx: PythonContext) -> None:
+    ctx.line(f"{ctx.output(node)} = xp.permute_dims({ctx.input(node)}, {node.axes})")
+
+
+def _concat(node: Concat, ctx: PythonContext) -> None:
+    parts = ", ".join(ctx.input(node, i) for i in range(len(node.inbound_nodes)))
+    ctx.line(f"{ctx.output(node)} = xp.concat([{parts}], axis={node.axis})")
+
+
+def _slice(node: Slice, ctx: PythonContext) -> None:
+    """Bounds clipped to the axis as Python's slice rules (the standard leaves bounds outside
+    the axis unspecified): at export for a fixed size, in model.py for a dynamic one."""
+    x, out = ctx.input(node), ctx.output(node)
+    shape = ctx.shape(node.inbound_nodes[0])
+    axis = node.axis % len(shape)
+    lead = ":, " * axis
+    if isinstance(ctx.plan.dims_of(node.inbound_nodes[0])[axis], str):  # N or T: dynamic
+        ctx.line(f"start, stop, _ = slice({node.start}, {node.stop}).indices({x}.shape[{axis}])\n"
+                 f"{out} = {x}[{lead}start:max(start, stop), ...]")
+    else:
+        start, stop, _ = slice(node.start, node.stop).indices(shape[axis])
+        ctx.line(f"{out} = {x}[{lead}{start}:{max(start, stop)}, ...]")
+
+
+def _gelu(node: GELU, ctx: PythonContext) -> None:
+    from ..sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
+    x, out = ctx.input(node), ctx.output(node)
+    if node.approximate == "none":
+        ctx.line(f"{out} = {x} * (0.5 * (1.0 + {ctx.helper('erf')}(xp, {x} * {_SQRT1_2!r})))"
+                 "  # GELU")
+    else:
+        ctx.line(f"{out} = {x} * (0.5 * (1.0 + xp.tanh({_SQRT_2_OVER_PI!r} * ({x} + {_KAPPA!r} "
+                 f"* ({x} * {x} * {x})))))  # GELU, tanh approximation")
+
+
+def _silu(node: SiLU, ctx: PythonContext) -> None:
+    x = ctx.input(node)
+    ctx.line(f"{ctx.output(node)} = {x} * {ctx.helper('sigmoid')}(xp, {x})  # SiLU")
+
+
+def _attention(node: ScaledDotProductAttention, ctx: PythonContext) -> None:
+    import math
+    from ..host import to_numpy
+    q, k, v = (ctx.input(node, i) for i in range(3))
+    scale = 1.0 / math.sqrt(ctx.shape(node.inbound_nodes[0])[-1])
+    how = ", causal=True" if node.causal else ""
+    if node.mask is not None:
+        key = f"{node.name or ctx.plan.names.of(node)}.mask"
+        ctx.plan.weights[key] = to_numpy(node.mask).astype(bool)
+        how = f", keep={ctx.weight(key)}"
+    ctx.line(f"{ctx.output(node)} = {ctx.helper('attention')}(xp, {q}, {k}, {v}, "
+             f"scale={scale!r}{how})")
+
+
+def _lstm(node: LSTM, ctx: PythonContext) -> None:
+    args = ", ".join(ctx.input(node, i) for i in range(5))
+    ctx.line(f"{ctx.output(node)} = {ctx.helper('lstm_layer')}(xp, {args})")
+
+
+for _cls, _fn in [(Embedding, _embedding), (MatMul, _operator("@")), (Mul, _operator("*")),
+                  (BiasAdd, _operator("+")), (Scale, _scale), (Reshape, _reshape),
+                  (Transpose, _transpose), (Concat, _concat), (Slice, _slice), (GELU, _gelu),
+                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm)]:
+    register(_cls, python=_fn)
 
 for _cls, _fn in [(Linear, _linear), (Sigmoid, _sigmoid), (ReLU, _relu), (Tanh, _tanh),
                   (Softmax, _softmax), (Conv2D, _conv2d), (MaxPool2D, _pool("max_pool2d")),
