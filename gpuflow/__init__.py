@@ -17,8 +17,8 @@ from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topol
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
                      lstm, mlp)
-from .nodes import (MSE, Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, SoftmaxCrossEntropy,
-                    Tanh)
+from .losses import MSE, SoftmaxCrossEntropy
+from .nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
 from .recurrent import LSTM
 from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
