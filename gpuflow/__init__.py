@@ -16,7 +16,7 @@ from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
-                     lstm, mlp)
+                     lstm, mlp, transformer_block)
 from .losses import MSE, SoftmaxCrossEntropy
 from .nodes import Add, Input, Linear, Node, ReLU, Sigmoid, Softmax, Tanh
 from .norm import BatchNorm, Dropout, LayerNorm
@@ -36,6 +36,7 @@ __all__ = [
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
     "SiLU", "ScaledDotProductAttention", "LSTM", "BiasAdd", "embedding", "lstm", "attention",
+    "transformer_block",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py
