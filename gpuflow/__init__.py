@@ -13,6 +13,7 @@ from .check import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from .generate import generate
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
@@ -36,7 +37,7 @@ __all__ = [
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
     "SiLU", "ScaledDotProductAttention", "LSTM", "BiasAdd", "embedding", "lstm", "attention",
-    "transformer_block",
+    "transformer_block", "generate",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

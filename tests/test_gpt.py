@@ -211,3 +211,42 @@ def test_bad_gpt_sizes():
             gf.layers.gpt(ids, **sizes, **options, rng=0)
         assert part in str(info.value) and "help:" in str(info.value), str(info.value)
         assert ids.outbound_nodes == []
+
+
+def test_generate_continues_a_prompt_as_the_torch_module(device, tmp_path):
+    graph, logits, _ = _gpt_graph(device)
+    path = tmp_path / "gpt.safetensors"
+    export_weights(graph, path)
+    model = TorchGPT(VOCAB, CONTEXT, DIM, LAYERS, HEADS).double()
+    model.load_state_dict(safetensors_torch.load_file(path))
+    prompt = np.array([3, 1, 4, 1, 5])
+    greedy = gf.generate(graph, logits, prompt, 6, temperature=0)  # crosses the context (8)
+    ids = torch.tensor(prompt)[None]
+    with torch.no_grad():
+        for _ in range(6):
+            ids = torch.cat([ids, model(ids[:, -CONTEXT:])[:, -1].argmax(-1, keepdim=True)], 1)
+    np.testing.assert_array_equal(greedy, ids[0].numpy())
+    assert greedy.shape == (11,) and greedy.dtype == np.int64
+    np.testing.assert_array_equal(gf.generate(graph, logits, prompt, 6, top_k=1, seed=5), greedy)
+    # sampling: one seed, one text; the prompt kept; (N, T) prompts row by row
+    first = gf.generate(graph, logits, prompt[None].repeat(2, 0), 12, temperature=1.5, seed=1)
+    again = gf.generate(graph, logits, prompt[None].repeat(2, 0), 12, temperature=1.5, seed=1)
+    other = gf.generate(graph, logits, prompt[None].repeat(2, 0), 12, temperature=1.5, seed=2)
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == (2, 17) and (first[:, :5] == prompt).all()
+    assert not np.array_equal(first, other) and not np.array_equal(first[0], first[1])
+    assert first.min() >= 0 and first.max() < VOCAB
+    top2 = gf.generate(graph, logits, prompt, 30, top_k=2, temperature=3.0, seed=0)
+    assert len(set(top2[5:].tolist())) > 1
+
+
+def test_generate_refuses_bad_arguments():
+    graph, logits, _ = _gpt_graph("cpu")
+    for kwargs, part in [({"prompt": np.array([0.5])}, "expected integer ids"),
+                         ({"temperature": -1.0}, "temperature=-1.0 must be a finite number"),
+                         ({"top_k": 0}, "top_k must be an integer >= 1"),
+                         ({"n": -1}, "n must be an integer >= 0")]:
+        args = {"prompt": np.array([1, 2]), "n": 2, **kwargs}
+        with pytest.raises(gf.GraphError) as info:
+            gf.generate(graph, logits, args.pop("prompt"), args.pop("n"), **args)
+        assert part in str(info.value) and "help:" in str(info.value), str(info.value)

@@ -12,6 +12,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import Project, host
+from gpuflow.positions import Positions
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -126,6 +127,10 @@ CASES = {
                       [LABELS.reshape(-1)], _torch_cross_entropy),
     "SCE-3d-length-1": (lambda z, y: gf.SoftmaxCrossEntropy(y, z), [_normal(3, 1, 4)],
                         [np.array([[3], [0], [-100]])], _torch_cross_entropy),
+    "Positions": (lambda W, ids: Positions(ids, W), [_normal(5, 3)], [IDS],
+                  lambda W, ids: W[:ids.shape[-1]]),
+    "Positions-whole-table": (lambda W, ids: Positions(ids, W), [_normal(3, 2)], [IDS],
+                              lambda W, ids: W[:ids.shape[-1]]),
     "LSTM": (gf.LSTM, _lstm_inputs(2, 4, 3, 2), [], _torch_lstm),
     "LSTM-length-1": (gf.LSTM, _lstm_inputs(2, 1, 3, 2), [], _torch_lstm),
     "LSTM-shared-bias": (lambda x, w_ih, w_hh, b: gf.LSTM(x, w_ih, w_hh, b, b),
