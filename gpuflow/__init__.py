@@ -14,11 +14,13 @@ from .errors import (CheckpointError, DataError, DeviceError, DistributedError, 
                      GraphError, TransferError)
 from .activations import ReLU, Sigmoid, Softmax, Tanh
 from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from .generate import generate
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
-                     lstm, mlp)
-from .nodes import MSE, Add, Input, Linear, Node, SoftmaxCrossEntropy
+                     lstm, mlp, transformer_block)
+from .losses import MSE, SoftmaxCrossEntropy
+from .nodes import Add, Input, Linear, Node
 from .norm import BatchNorm, Dropout, LayerNorm
 from .recurrent import LSTM
 from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
@@ -37,7 +39,7 @@ __all__ = [
     "Softmax", "Add", "conv2d", "batchnorm", "layernorm", "to_numpy",
     "Embedding", "MatMul", "Mul", "Scale", "Reshape", "Transpose", "Concat", "Slice", "GELU",
     "SiLU", "ScaledDotProductAttention", "LSTM", "BiasAdd", "embedding", "lstm", "attention",
-    "recompute",
+    "recompute", "transformer_block", "generate",
 ]
 
 from . import distributed  # noqa: E402 - after the core it builds on; never imports mpi4py

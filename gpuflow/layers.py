@@ -16,12 +16,13 @@ from .errors import GraphError, check_int
 from .conv import Conv2D, Flatten, MaxPool2D, _pair
 from .host import to_numpy
 from .activations import ReLU, Sigmoid, Tanh
-from .nodes import Input, Linear, Node
+from .nodes import Add, Input, Linear, Node
 from .norm import BatchNorm, Dropout, LayerNorm
+from .positions import Positions
 from .recurrent import LSTM
 from .recomputation import recompute as _recompute
-from .sequence import (BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention, Slice,
-                       Transpose)
+from .sequence import (GELU, BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention,
+                       Slice, Transpose)
 
 
 def zeros(rng: Any, shape: tuple[int, ...], fan_in: int, fan_out: int) -> Any:
@@ -83,6 +84,9 @@ class Parameter(Input):
     """
 
     _trainable = True
+    # The name of this parameter in an equal torch module's state_dict, where a layer builder
+    # knows it (gf.layers.gpt): export_weights / load_weights use it for layout="torch".
+    torch_name: str | None = None
     trainable_changes = 0  # counts every change of any Parameter's `trainable` (for optimizers)
 
     @property
@@ -344,15 +348,7 @@ def attention(x: Node, dim: int, heads: int, *, causal: bool = True, name: str,
     Built of the sequence nodes: the projections as MatMul with the transposed weight and
     BiasAdd, the heads split with Reshape and Transpose, ScaledDotProductAttention.
     """
-    where = f"attention '{name}'"
-    dim = check_int(dim, "dim", 1, where=where, error=GraphError)
-    heads = check_int(heads, "heads", 1, where=where, error=GraphError)
-    if dim % heads:
-        fits = [h for h in range(1, dim + 1) if dim % h == 0]
-        raise GraphError(f"{where}: {heads} heads do not divide the width dim={dim} (each head "
-                         f"takes dim / heads features).\nhelp: use a head count that divides "
-                         f"{dim} ({', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''}"
-                         f"), or a width that is a multiple of {heads}.")
+    dim, heads = _heads(f"attention '{name}'", dim, heads)
     rng = _generator(rng, name)
     W_in = Parameter((3 * dim, dim), "xavier", name=f"{name}.in_proj_weight", rng=rng,
                      fan_in=dim, fan_out=3 * dim)
@@ -375,6 +371,135 @@ def attention(x: Node, dim: int, heads: int, *, causal: bool = True, name: str,
     node = BiasAdd(MatMul(merged, Transpose(W_out, (1, 0)), name=f"{name}.out_proj"), b_out,
                    name=name)
     return node, {p.name: p for p in (W_in, b_in, W_out, b_out)}
+
+
+def _heads(where: str, dim: Any, heads: Any) -> tuple[int, int]:
+    """dim and heads as ints, heads dividing dim; else a GraphError naming `where`."""
+    dim = check_int(dim, "dim", 1, where=where, error=GraphError)
+    heads = check_int(heads, "heads", 1, where=where, error=GraphError)
+    if dim % heads:
+        fits = [h for h in range(1, dim + 1) if dim % h == 0]
+        raise GraphError(f"{where}: {heads} heads do not divide the width dim={dim} (each head "
+                         f"takes dim / heads features).\nhelp: use a head count that divides "
+                         f"{dim} ({', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''}"
+                         f"), or a width that is a multiple of {heads}.")
+    return dim, heads
+
+
+def _gpt2_normal(std: float) -> Callable[..., Any]:
+    """N(0, std^2) weights: GPT-2's initialisation (std 0.02), as nanoGPT's."""
+    return functools.partial(normal, std=std)
+
+
+def _linear(x: Node, n_in: int, n_out: int, *, name: str, rng: Any,
+            std: float = 0.02) -> tuple[Node, dict[str, Parameter]]:
+    """Linear(x, W, b) over x (..., n_in), torch.nn.Linear's names ("<name>.weight" (n_in,
+    n_out), gpuflow's layout, "<name>.bias"), W drawn N(0, std^2) and b zero as GPT-2's."""
+    W = Parameter((n_in, n_out), _gpt2_normal(std), name=f"{name}.weight", rng=rng)
+    b = Parameter((n_out,), "zeros", name=f"{name}.bias", rng=rng)
+    return Linear(x, W, b, name=name), {W.name: W, b.name: b}
+
+
+def _layer_norm(x: Node, dim: int, *, name: str) -> tuple[Node, dict[str, Parameter]]:
+    """LayerNorm over the last dimension, torch.nn.LayerNorm's names (weight, bias)."""
+    gamma = Parameter((dim,), "ones", name=f"{name}.weight")
+    beta = Parameter((dim,), "zeros", name=f"{name}.bias")
+    return LayerNorm(x, gamma, beta, name=name), {gamma.name: gamma, beta.name: beta}
+
+
+def _check_dropout(where: str, dropout: Any) -> None:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise GraphError(f"{where}: dropout={dropout!r} must be a number in [0, 1).\nhelp: "
+                         "e.g. dropout=0.1, or 0.0 for none.")
+
+
+def _dropout(x: Node, p: float, rng: Any, *, name: str) -> Node:
+    """Dropout(p) with a seed drawn from `rng`, or x itself for p == 0."""
+    return Dropout(x, p, seed=int(rng.integers(2**31)), name=name) if p else x
+
+
+@_all_or_nothing
+def transformer_block(x: Node, dim: int, heads: int, *, mlp_ratio: int = 4,
+                      dropout: float = 0.0, causal: bool = True, name: str,
+                      rng: Any = None) -> tuple[Node, dict[str, Parameter]]:
+    """The pre-LayerNorm GPT-2 block over x (N, T, dim), as nanoGPT's `Block`:
+
+        x = x + dropout(attn(ln1(x)))
+        x = x + dropout(mlp(ln2(x)))    mlp: Linear(dim, mlp_ratio dim), GELU, Linear back
+
+    attn is gf.attention (torch.nn.MultiheadAttention's parameters and initialisation; causal
+    by default), the GELU the exact one (approximate="none", torch.nn.GELU()'s default; GPT-2
+    itself used the tanh form), the dropout (none by default) after the attention's and the
+    MLP's output projections, as GPT-2's residual dropout. Returns (node, parameters) named as
+    the state_dict of a torch module with submodules ln1, attn, ln2 and mlp =
+    Sequential(Linear, GELU, Linear): "<name>.ln1.weight", "<name>.attn.in_proj_weight", ...,
+    "<name>.mlp.0.weight" (dim, hidden: gpuflow's (in, out) layout, the transpose of
+    torch's), "<name>.mlp.2.bias"; the MLP's weights drawn N(0, 0.02^2), biases zero.
+    """
+    where = f"transformer_block '{name}'"
+    dim, heads = _heads(where, dim, heads)
+    hidden = dim * check_int(mlp_ratio, "mlp_ratio", 1, where=where, error=GraphError)
+    _check_dropout(where, dropout)
+    rng = _generator(rng, name)
+    params: dict[str, Parameter] = {}
+
+    def add(built: tuple[Node, dict[str, Parameter]]) -> Node:
+        params.update(built[1])
+        return built[0]
+
+    h = add(_layer_norm(x, dim, name=f"{name}.ln1"))
+    h = add(attention(h, dim, heads, causal=causal, name=f"{name}.attn", rng=rng))
+    x = Add(x, _dropout(h, dropout, rng, name=f"{name}.attn.dropout"), name=f"{name}.residual1")
+    h = add(_layer_norm(x, dim, name=f"{name}.ln2"))
+    h = GELU(add(_linear(h, dim, hidden, name=f"{name}.mlp.0", rng=rng)), name=f"{name}.mlp.1")
+    h = add(_linear(h, hidden, dim, name=f"{name}.mlp.2", rng=rng))
+    x = Add(x, _dropout(h, dropout, rng, name=f"{name}.mlp.dropout"), name=f"{name}.residual2")
+    return x, params
+
+
+@_all_or_nothing
+def gpt(ids: Node, vocab: int, context: int, dim: int, layers: int, heads: int, *,
+        dropout: float = 0.0, mlp_ratio: int = 4, rng: Any = None,
+        name: str = "gpt") -> tuple[Node, dict[str, Parameter]]:
+    """A GPT over integer ids (N, T), T <= context: logits (N, T, vocab), as nanoGPT's `GPT`
+    (without its weight tying): token embeddings plus learned position embeddings, dropout,
+    `layers` transformer_blocks (causal), a final LayerNorm and a linear head (with a bias).
+
+    Returns (logits, parameters) named "<name>." + the state_dict key of the torch module
+    with submodules tok_emb = Embedding(vocab, dim), pos_emb = Embedding(context, dim),
+    blocks = ModuleList of blocks (see transformer_block), ln_f = LayerNorm(dim), head =
+    Linear(dim, vocab) (each Parameter's `torch_name`; export_weights / load_weights use it).
+    Initialisation as GPT-2's: embeddings, MLP and head weights N(0, 0.02^2), the MLP's output
+    projection N(0, 0.02^2 / (2 layers)), biases zero, the attention as torch's
+    MultiheadAttention. A T longer than `context` is a GraphError at the step; a head count
+    that does not divide dim one here. One `rng` (a seed) gives the same weights everywhere.
+    """
+    where = f"gpt '{name}'"
+    vocab, context, layers = (check_int(v, k, 1, where=where, error=GraphError) for k, v in
+                              (("vocab", vocab), ("context", context), ("layers", layers)))
+    dim, heads = _heads(where, dim, heads)
+    _check_dropout(where, dropout)
+    rng = _generator(rng, name)
+    tok = Parameter((vocab, dim), _gpt2_normal(0.02), name=f"{name}.tok_emb.weight", rng=rng)
+    pos = Parameter((context, dim), _gpt2_normal(0.02), name=f"{name}.pos_emb.weight", rng=rng)
+    params = {tok.name: tok, pos.name: pos}
+    x: Node = BiasAdd(Embedding(ids, tok, name=f"{name}.tok_emb"),
+                      Positions(ids, pos, name=f"{name}.pos_emb"), name=f"{name}.embed")
+    x = _dropout(x, dropout, rng, name=f"{name}.dropout")
+    for i in range(layers):
+        block = f"{name}.blocks.{i}"
+        x, p = transformer_block(x, dim, heads, dropout=dropout, mlp_ratio=mlp_ratio,
+                                 name=block, rng=rng)
+        p[f"{block}.mlp.2.weight"].value = p[f"{block}.mlp.2.weight"].value / math.sqrt(
+            2 * layers)  # GPT-2's scaled residual projections
+        params.update(p)
+    x, p = _layer_norm(x, dim, name=f"{name}.ln_f")
+    params.update(p)
+    logits, p = _linear(x, dim, vocab, name=f"{name}.head", rng=rng)
+    params.update(p)
+    for key, param in params.items():
+        param.torch_name = key[len(name) + 1:]
+    return logits, params
 
 
 @_all_or_nothing

@@ -2,7 +2,8 @@
 
 Node code calls `self.xp`, the array namespace of the graph's device, and never imports NumPy or
 CuPy. A node's `backward` starts from `self.upstream_gradient()`, the sum of what every outbound
-node sent back to it, and stores one gradient per inbound node in `self.gradients`.
+node sent back to it, and stores one gradient per inbound node in `self.gradients`. The losses
+(MSE, SoftmaxCrossEntropy) are in gpuflow/losses.py.
 """
 
 from __future__ import annotations
@@ -218,15 +219,23 @@ class Input(Node):
             raise self._dtype_error(host.dtype)
         if host.size:
             lo, hi = host_range(host)
-            classes = self._classes
+            classes, ignore = self._classes, self._ignore
+            if ignore is not None and ignore in (lo, hi):  # SoftmaxCrossEntropy's ignore_index
+                rest = host[host != ignore]                # (-100): allowed, not a class
+                if not rest.size:
+                    return
+                lo, hi = host_range(rest)
             if lo < 0 or (classes is not None and hi >= classes):
                 noun, _, fix = self.integer_words
                 limit = f"0 .. {classes - 1}" if classes is not None else ">= 0"
+                if ignore is not None:
+                    limit += f" (or {ignore}, the ignore_index)"
                 raise GraphError(f"{self.label}: {noun} range from {lo} to {hi}, but must be in "
                                  f"{limit}.\nhelp: {fix}.")
 
     # How messages name integer data: class labels, unless the node reading them says
     # otherwise (Embedding: token ids); (noun, what they are, the fix for a bad range).
+    _ignore: Any = None  # a label value allowed besides 0 .. classes - 1 (an ignore_index)
     integer_words = ("labels", "class indices",
                      "check the labels, or the number of outputs of the last layer")
 
@@ -253,7 +262,9 @@ class Input(Node):
 
 
 class Linear(Node):
-    """`X @ W + b`: X (batch, n_in), W (n_in, n_out), b (n_out,)."""
+    """`X @ W + b`: X (batch, n_in), W (n_in, n_out), b (n_out,). An N-D X (..., n_in) gives
+    (..., n_out), as torch.nn.Linear: its rows are multiplied as one (rows, n_in) matrix, and
+    W's and b's gradients sum over every leading axis."""
 
     def __init__(self, X: Node, W: Node, b: Node, *, name: str | None = None):
         Node.__init__(self, [X, W, b], name=name)
@@ -262,28 +273,36 @@ class Linear(Node):
         X, W, b = self.inbound_nodes
         x, w, bias = X.value, W.value, b.value
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+            if x.ndim > 2 and w.ndim == 2 and x.shape[-1] == w.shape[0]:  # (..., n_in)
+                xp = self.xp
+                rows = self._matrix_forward(xp.reshape(x, (-1, w.shape[0])), w, bias)
+                self.value = xp.reshape(rows, tuple(x.shape[:-1]) + (w.shape[1],))
+                return
             if x.ndim in (1, 2) and w.ndim in (1, 2) and x.shape[-1] == w.shape[0]:
                 self.value = self._vector_forward(x, w, bias)
                 return
             raise GraphError(
                 f"{self.label}: X has shape {tuple(x.shape)} but W has shape {tuple(w.shape)}; "
-                "X must be 2-D (batch, n_in) or 1-D (n_in,), W 2-D (n_in, n_out) or 1-D "
-                "(n_in,), X.shape[-1] == W.shape[0].\n"
+                "X must be 2-D (batch, n_in), N-D (..., n_in) or 1-D (n_in,), W 2-D "
+                "(n_in, n_out) or 1-D (n_in,), X.shape[-1] == W.shape[0].\n"
                 f"help: check the sizes of {X.label} and {W.label}.")
+        self.value = self._matrix_forward(x, w, bias)
+
+    def _matrix_forward(self, x: Any, w: Any, bias: Any) -> Any:
+        """x (rows, n_in) @ w (n_in, n_out) + bias, into the kept buffer."""
         if bias.shape != w.shape[1:] and tuple(bias.shape) != (1, w.shape[1]):
             raise GraphError(
                 f"{self.label}: b has shape {tuple(bias.shape)} but W has shape "
                 f"{tuple(w.shape)}; b must have shape ({w.shape[1]},), one bias per output.\n"
-                f"help: check the size of {b.label}.")
+                f"help: check the size of {self.inbound_nodes[2].label}.")
         # x's dtype: every floating value of a bound graph has the graph's dtype.
         out = self.buffers["value", (x.shape[0], w.shape[1]), x.dtype]
         fused = self.ops.matmul_add  # one kernel (torch's addmm)
         if fused is not None and bias.dtype == x.dtype:  # addmm refuses mixed dtypes
-            self.value = fused(x, w, bias, out=out)
-            return
+            return fused(x, w, bias, out=out)
         out = self.ops.matmul(x, w, out=out)
         out += bias
-        self.value = out
+        return out
 
     def _vector_forward(self, x: Any, w: Any, bias: Any) -> Any:
         """MiniFlow's np.dot(X, W) + b where X or W is a vector (the lesson's first quiz):
@@ -315,12 +334,17 @@ class Linear(Node):
         G = self.upstream_gradient()
         X, W, b = self.inbound_nodes
         x, w, ops, buffers = X.value, W.value, self.ops, self.buffers
+        shape = None  # an N-D X's shape: its gradient is computed for its rows
         if x.ndim != 2 or w.ndim != 2:
-            self._vector_backward(G)
-            return
+            if x.ndim <= 2 or w.ndim != 2:
+                self._vector_backward(G)
+                return
+            shape, xp = tuple(x.shape), self.xp
+            x, G = xp.reshape(x, (-1, w.shape[0])), xp.reshape(G, (-1, w.shape[1]))
         grad_X, grad_W, grad_b = self.needs_grad
         if grad_X:
-            self.gradients[X] = ops.matmul(G, w.T, out=buffers["dX", x.shape, G.dtype])
+            dX = ops.matmul(G, w.T, out=buffers["dX", x.shape, G.dtype])
+            self.gradients[X] = dX if shape is None else self.xp.reshape(dX, shape)
         if grad_W:
             dW = ops.matmul(x.T, G, out=buffers["dW", w.shape, G.dtype])
             # Linear(X, X, b) computes X @ X: both uses' gradients add up.
@@ -328,138 +352,6 @@ class Linear(Node):
         if grad_b:
             db = ops.sum(G, axis=0, out=buffers["db", w.shape[1:], G.dtype])
             self.gradients[b] = db if b.value.ndim == 1 else self.xp.reshape(db, b.value.shape)
-
-
-class MSE(Node):
-    """Mean of (y - a)^2 over all elements; y and a are flattened to columns, as in MiniFlow:
-    `self.diff` is y - a as a column (m, 1), `self.m` the number of elements. In float16 or
-    bfloat16 the squares are summed in float32 and the mean rounded to that dtype."""
-
-    is_loss = True
-
-    def __init__(self, y: Node, a: Node, *, name: str | None = None):
-        Node.__init__(self, [y, a], name=name)
-
-    def forward(self) -> None:
-        y, a = self.inbound_nodes
-        xp, yv, av = self.xp, y.value, a.value
-        if yv.ndim != 2 or yv.shape[1] != 1 or yv.shape != av.shape:
-            # MiniFlow's columns (m, 1), so lesson code reading `diff` sees its shape; e.g.
-            # y (n,) and a (n, 1) are compared as columns. Gradients keep the inputs' shapes.
-            yv, av = xp.reshape(yv, (-1, 1)), xp.reshape(av, (-1, 1))
-            if yv.shape[0] != av.shape[0]:
-                raise GraphError(
-                    f"{self.label}: y has shape {tuple(y.value.shape)} ({yv.shape[0]} values) "
-                    f"but a has shape {tuple(a.value.shape)} ({av.shape[0]} values); they must "
-                    f"have as many elements.\nhelp: check {y.label} and {a.label}.")
-        self.diff = diff = self.ops.subtract(yv, av, out=self.buffers["diff", yv.shape, av.dtype])
-        flat = xp.reshape(diff, (-1,))
-        self.m = flat.shape[0]
-        wide = accumulation_dtype(xp, flat.dtype)
-        if wide is None:
-            self.value = (flat @ flat) / self.m  # a new scalar each step: callers keep losses
-        else:  # float16: the squares and their sum in float32, only the mean rounded
-            flat = xp.astype(flat, wide)
-            self.value = xp.astype((flat @ flat) / self.m, diff.dtype)
-
-    def backward(self) -> None:
-        g = self.upstream_gradient()
-        y, a = self.inbound_nodes
-        scale = (2.0 / self.m) * g
-        ops, diff, need_y, need_a = self.ops, self.diff, *self.needs_grad
-        if need_y:
-            dy = ops.multiply(diff, scale, out=self.buffers["dy", diff.shape, diff.dtype])
-            self.gradients[y] = self._shaped(dy, y.value)
-        if need_a:
-            da = ops.multiply(diff, -scale, out=self.buffers["da", diff.shape, diff.dtype])
-            self.gradients[a] = self._shaped(da, a.value)
-
-    def _shaped(self, grad: Any, like: Any) -> Any:
-        return grad if grad.shape == like.shape else self.xp.reshape(grad, like.shape)
-
-
-class SoftmaxCrossEntropy(Node):
-    """Mean over the batch of -log softmax(logits)[label], via log-sum-exp.
-
-    labels: integer class indices, shape (batch,); logits: (batch, classes). In float16 or
-    bfloat16 the batch's sum is taken in float32 and the mean rounded to that dtype (a
-    float16 sum of 40,000 losses of 2.7 would be inf).
-    """
-
-    is_loss = True
-    integer_inputs = (0,)
-
-    def __init__(self, labels: Node, logits: Node, *, name: str | None = None):
-        Node.__init__(self, [labels, logits], name=name)
-        self._class_range = None  # arange(classes) on the device, made once
-        self._checked = None      # (classes, label dtype) the labels were last checked for
-
-    def forward(self) -> None:
-        labels, logits = self.inbound_nodes
-        xp = self.xp
-        z, y = logits.value, labels.value
-        if z.ndim != 2 or y.ndim != 1 or y.shape[0] != z.shape[0]:
-            raise GraphError(
-                f"{self.label}: labels have shape {tuple(y.shape)} and logits "
-                f"{tuple(z.shape)}; expected labels (batch,) and logits (batch, classes).\n"
-                f"help: feed {labels.label} one integer class per row of {logits.label}.")
-        n, k = z.shape
-        if self._checked != (k, y.dtype):
-            # First forward: check these labels here; later host labels are checked on feed.
-            if not xp.isdtype(y.dtype, "integral"):
-                raise GraphError(
-                    f"{self.label}: labels have dtype {y.dtype}; expected integer class "
-                    f"indices.\nhelp: feed {labels.label} an integer array "
-                    "(e.g. y.astype('int64')).")
-            self._checked = (k, y.dtype)
-            if isinstance(labels, Input):  # later host labels are range-checked on feed
-                labels._classes = k
-            self._check_labels_on_device(y, k)
-        if (self._class_range is None or self._class_range.shape[0] != k
-                or self._class_range.dtype != y.dtype):
-            self._class_range = xp.arange(k, dtype=y.dtype, device=self.device.native)
-        ops, buffers, dtype = self.ops, self.buffers, z.dtype
-        column = buffers["column", (n, 1), dtype]
-        shifted = ops.subtract(z, ops.max(z, axis=1, keepdims=True, out=column),
-                               out=buffers["shifted", (n, k), dtype])
-        self.exp = ops.exp(shifted, out=buffers["exp", (n, k), dtype])
-        self.total = ops.sum(self.exp, axis=1, keepdims=True, out=buffers["total", (n, 1), dtype])
-        self.onehot = ops.equal(xp.reshape(y, (-1, 1)), self._class_range, dtype,
-                                out=buffers["onehot", (n, k), dtype])
-        self.n = n
-        # -mean(log softmax[label]) = (sum of log-sum-exp - sum of the labels' logits) / n,
-        # since each one-hot row sums to 1.
-        log_total = ops.log(self.total, out=column)
-        picked = ops.multiply(self.onehot, shifted, out=shifted)  # shifted is not needed again
-        wide = accumulation_dtype(xp, dtype)
-        if wide is None:
-            self.value = (xp.sum(log_total) - xp.sum(picked)) / n  # a new scalar each step
-        else:  # float16: the batch's sums in float32 (they overflow past 65504), the mean
-            # rounded to the graph's dtype
-            total = xp.sum(log_total, dtype=wide) - xp.sum(picked, dtype=wide)
-            self.value = xp.astype(total / n, dtype)
-
-    def _check_labels_on_device(self, y: Any, k: int) -> None:
-        from .backends import LEDGER
-        xp = self.xp
-        with LEDGER.allowed():  # once, at the first step
-            lo = self.device.item(xp.min(y), what="label check")
-            hi = self.device.item(xp.max(y), what="label check")
-        if lo < 0 or hi >= k:
-            raise GraphError(f"{self.label}: labels range from {lo:g} to {hi:g}, but the logits "
-                             f"have {k} classes (0 .. {k - 1}).\nhelp: check the labels, or "
-                             "the number of outputs of the last layer.")
-
-    def backward(self) -> None:
-        g = self.upstream_gradient()
-        labels, logits = self.inbound_nodes
-        if self.needs_grad[1]:
-            grad = self.ops.divide(self.exp, self.total,   # softmax
-                                   out=self.buffers["grad", self.exp.shape, self.exp.dtype])
-            grad -= self.onehot
-            grad *= g / self.n
-            self.gradients[logits] = grad
-
 
 
 class Add(Node):

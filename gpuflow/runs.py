@@ -10,7 +10,8 @@ from . import checkpoint
 from .commandline import CommandError
 from .errors import CheckpointError
 from .layers import lenet, mlp
-from .nodes import Input, SoftmaxCrossEntropy
+from .losses import SoftmaxCrossEntropy
+from .nodes import Input
 from .optim import CosineAnnealingLR, ExponentialLR, StepLR
 
 SCHEDULES = ("step", "cosine", "exponential")  # --schedule; make_schedule gives the settings

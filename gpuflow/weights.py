@@ -16,6 +16,9 @@ A weight file holds the weights and the state a torch module has, nothing else: 
 keys a node lists in `checkpoint_only_state` (Dropout's step counter, where its mask sequence
 resumes) are left out of it and left as they are by `load_weights`; `checkpoint.save` keeps
 them.
+A parameter whose layer names it for torch (its `torch_name`, set by `gf.layers.gpt`: the
+state_dict key of the equal torch module, e.g. "blocks.0.attn.in_proj_weight") goes by that
+name instead of its module index.
 Linear's W is (in, out) in gpuflow and (out, in) in PyTorch: it is transposed both ways;
 Conv2D's W is laid out as PyTorch's already. `mapping={gpuflow name: file name}` names any
 tensor explicitly (a node's state as "<node name>/<key>"), e.g. for a torch module whose layers
@@ -253,6 +256,8 @@ def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
         transpose = torch and isinstance(consumer, Linear) and slot == 1 and np.ndim(p.value) == 2
         role = {1: "weight", 2: "bias"}.get(slot, name)
         file_name = f"{index[consumer]}.{role}" if torch and consumer is not None else name
+        if torch and getattr(p, "torch_name", None):  # a layer that knows its torch name
+            file_name = p.torch_name
         entries[name] = _Entry(graph, mapping.pop(name, file_name), f"parameter {name!r}",
                                param=p, transpose=transpose)
     for node_name, (node, state) in stateful_nodes(graph, path).items():

@@ -35,6 +35,7 @@ NUMPY_ALLOWED = {
     "gpuflow/weights.py": "weight files (safetensors) are NumPy arrays on the host",
     "gpuflow/cli.py": "the run history saved in checkpoints; NumPy's warning switch for "
                       "--check-finite",
+    "gpuflow/generate.py": "sampling: the prompt, the ids and their probabilities on the host",
     "gpuflow/export/checkpoints.py": "an example batch of host zeros for the exporters",
     "gpuflow/export/onnx_export.py": "ONNX initializers are made from host NumPy arrays",
     "gpuflow/runs.py": "the run history saved in checkpoints",

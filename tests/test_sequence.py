@@ -12,6 +12,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import Project, host
+from gpuflow.positions import Positions
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -47,6 +48,13 @@ def _torch_lstm(x, w_ih, w_hh, b_ih, b_hh):
 def _lstm_inputs(n, t, n_in, hidden):
     return [_normal(n, t, n_in), _normal(4 * hidden, n_in) * 0.7,
             _normal(4 * hidden, hidden) * 0.7, _normal(4 * hidden), _normal(4 * hidden)]
+
+
+LABELS = np.array([[1, -100, 4, 0], [-100, 2, 2, 3]])  # ignored positions (-100) among them
+
+
+def _torch_cross_entropy(z, y):
+    return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=-100)
 
 
 # name: (builder over Inputs, float inputs, integer inputs, the same in torch). The integer
@@ -109,6 +117,20 @@ CASES = {
     "SDPA-length-1": (_sdpa(causal=True)[0],
                       [_normal(2, 1, 1, 3), _normal(2, 1, 1, 3), _normal(2, 1, 1, 3)], [],
                       _sdpa(causal=True)[1]),
+    "Linear-3d": (gf.Linear, [_normal(2, 3, 4), _normal(4, 5), _normal(5)], [],
+                  lambda x, w, b: x @ w + b),
+    "Linear-4d-one-row": (gf.Linear, [_normal(1, 2, 1, 3), _normal(3, 2), _normal(2)], [],
+                          lambda x, w, b: x @ w + b),
+    "SCE-3d-ignore": (lambda z, y: gf.SoftmaxCrossEntropy(y, z), [_normal(2, 4, 5) * 3],
+                      [LABELS], _torch_cross_entropy),
+    "SCE-2d-ignore": (lambda z, y: gf.SoftmaxCrossEntropy(y, z), [_normal(8, 5) * 3],
+                      [LABELS.reshape(-1)], _torch_cross_entropy),
+    "SCE-3d-length-1": (lambda z, y: gf.SoftmaxCrossEntropy(y, z), [_normal(3, 1, 4)],
+                        [np.array([[3], [0], [-100]])], _torch_cross_entropy),
+    "Positions": (lambda W, ids: Positions(ids, W), [_normal(5, 3)], [IDS],
+                  lambda W, ids: W[:ids.shape[-1]]),
+    "Positions-whole-table": (lambda W, ids: Positions(ids, W), [_normal(3, 2)], [IDS],
+                              lambda W, ids: W[:ids.shape[-1]]),
     "LSTM": (gf.LSTM, _lstm_inputs(2, 4, 3, 2), [], _torch_lstm),
     "LSTM-length-1": (gf.LSTM, _lstm_inputs(2, 1, 3, 2), [], _torch_lstm),
     "LSTM-shared-bias": (lambda x, w_ih, w_hh, b: gf.LSTM(x, w_ih, w_hh, b, b),
@@ -168,7 +190,7 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
 FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "BiasAdd", "Scale",
                  "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
-                 "SDPA-causal", "SDPA-mask-broadcast", "LSTM"]
+                 "SDPA-causal", "SDPA-mask-broadcast", "LSTM", "Linear-3d", "SCE-3d-ignore"]
 
 
 @pytest.mark.parametrize("name", FLOAT32_CASES)
@@ -298,6 +320,45 @@ def test_float_ids_are_refused(device, when):
     expect(lambda: graph.step(np.array([[0.0, 1.0]]), np.ones((1, 2, 3))),
            "Input 'ids'", "ids have dtype float64")
     np.testing.assert_array_equal(host(device, ids.value), [[0, 1]])
+
+
+def _sce_graph(device, labels):
+    y, Z = gf.Input(name="y"), gf.Parameter(_normal(2, 4, 5), name="logits")
+    graph = gf.Graph(gf.SoftmaxCrossEntropy(y, Z, name="loss"), device=device,
+                     dtype="float64", inputs=[y])
+    loss = graph.step(labels)
+    return graph, y, Z, loss
+
+
+@pytest.mark.parametrize("bad", [-1, -99, 5])
+def test_labels_out_of_range_beside_ignored_ones_are_refused_when_fed(device, bad):
+    graph, y, Z, _ = _sce_graph(device, LABELS)
+    before = host(device, Z.gradients[Z]).copy()
+    labels = LABELS.copy()
+    labels[1, 1] = bad
+    expect(lambda: graph.step(labels), "Input 'y'", str(bad), "0 .. 4",
+           "-100, the ignore_index")
+    np.testing.assert_array_equal(host(device, y.value), LABELS)
+    np.testing.assert_array_equal(host(device, Z.gradients[Z]), before)
+
+
+def test_every_label_ignored_gives_nan_as_torch_and_a_zero_gradient(device):
+    with warnings.catch_warnings():  # NumPy warns of 0 / 0; torch says nothing
+        warnings.simplefilter("ignore", RuntimeWarning)
+        graph, y, Z, loss = _sce_graph(device, np.full((2, 4), -100))
+    assert math.isnan(graph.item(loss))
+    assert not host(device, Z.gradients[Z]).any()
+    expected = _torch_cross_entropy(torch.tensor(host(device, Z.value)),
+                                    torch.full((2, 4), -100))
+    assert math.isnan(float(expected))
+
+
+def test_labels_of_the_wrong_shape_for_3d_logits(device):
+    y, Z = gf.Input(name="y"), gf.Input(name="Z")
+    loss = gf.SoftmaxCrossEntropy(y, Z, name="loss")
+    graph = gf.topological_sort({y: LABELS.T, Z: _normal(2, 4, 5)}, device=device)
+    expect(lambda: gf.forward_pass(loss, graph), "SoftmaxCrossEntropy 'loss'",
+           "labels have shape (4, 2)", "logits (2, 4, 5)", "labels (N, T)")
 
 
 def _attention(device, mask, shape=(1, 2, 3, 4)):
