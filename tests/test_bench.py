@@ -196,3 +196,33 @@ def test_bench_says_when_the_rounds_disagree(tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "W1: the rounds disagree by more than 2x" in printed, printed
     assert "floor " in printed and "may not repeat" in printed
+
+
+def test_bench_quick_gpt_w7_losses_agree(tmp_path):
+    # W7 (gf.layers.gpt at batch 32): the floor, gpuflow's Graph and PyTorch eager start from
+    # gf.layers.gpt's weights and report the same first losses; there is no MiniFlow GPT.
+    rc, out = _run(tmp_path, "--workloads", "W7", "--rounds", "1")
+    assert rc == 0 and out["check_ok"] is True
+    w = out["workloads"]["W7"]
+    assert (w["vocab"], w["context"], w["dim"], w["layers"], w["heads"], w["batch"]) == \
+        (96, 64, 128, 2, 4, 32)
+    losses = w["check"]["losses"]
+    assert "miniflow" not in losses and set(losses) >= {"floor", "graph"}
+    assert len(set(losses["floor"])) == 3  # the SGD steps change the weights
+
+
+def test_bench_gpt_variants_agree_in_float64(device):
+    # Every variant of W7 (the hand-written floor of the device's library, Graph, PyTorch eager)
+    # trains the same GPT: three float64 SGD steps of a small one give the same losses to 1e-9,
+    # so each floor's written-out forward and backward match autograd's.
+    import dataclasses
+
+    from gpuflow.bench.timing import cross_check
+    from gpuflow.bench.variants import make_variants
+    w = dataclasses.replace(bench.WORKLOADS["W7"], vocab=11, context=8, dim=16, batch=2)
+    variants = make_variants(w, device, "float64", 0, w.make_data("float64", 0))
+    check = cross_check(variants, 1e-9)
+    assert check["ok"], check["mismatches"]
+    assert variants["miniflow"] is None
+    assert len(check["losses"]) == 3 - (variants["torch"] is None)
+    assert len(set(check["losses"]["floor"])) == 3

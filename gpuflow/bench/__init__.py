@@ -3,8 +3,9 @@ and PyTorch eager.
 
 Workloads: W1-W4 are MLPs (W4 on GPUs only), W5 a LeNet-5 on 1x28x28 images (batch 64), W6
 three 3x3 convolutions of 32, 64 and 128 channels, each with 2x2 max pooling, on 3x32x32 images
-(batch 128). For each workload, four variants train the same network from the same seeded
-weights on the same fixed host batch:
+(batch 128), W7 the GPT of `gpuflow train --model gpt` (gf.layers.gpt: 2 layers, width 128,
+4 heads, context 64, vocabulary 96; batch 32; no MiniFlow variant). For each workload, four
+variants train the same network from the same seeded weights on the same fixed host batch:
 
   floor     the same maths hand-written in the device's own library (NumPy in place with
             out= and preallocated buffers for 'cpu', im2col + one GEMM per convolution pass;

@@ -3,14 +3,15 @@ calls, new arrays each step, no gradient for the data."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from gpuflow.backends import Device
+from gpuflow.backends import Device, special
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, ConvWorkload, Workload
+from .workloads import LEARNING_RATE, AnyWorkload, ConvWorkload, GPTWorkload, Workload
 
 
 class ArrayApiFloor(Variant):
@@ -196,9 +197,126 @@ class ConvArrayApiFloor(ArrayApiFloor):
         return self.params[index]
 
 
-def make_floor(w: Workload | ConvWorkload, device: Device, dtype: str,
+class GPTArrayApiFloor(ArrayApiFloor):
+    """(c) W7 in plain array-API calls: the GPT's forward and backward written out (LayerNorm,
+    the attention's softmax and its gradient, the exact GELU with gpuflow's portable erf, the
+    embeddings' scatter-add as gpuflow's portable route, a one-hot matmul); no gradient for
+    the ids. Nothing written in place."""
+
+    def __init__(self, w: GPTWorkload, device: Device, dtype: str,
+                 weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> None:
+        xp, dev = device.xp, device.native
+        self.device, self.xp, self.dev, self.w = device, xp, dev, w
+        self.dt = device.dtype(dtype)
+        self.params = {k: xp.asarray(np.asarray(a, dtype=dtype), device=dev)
+                       for k, a in zip(w.names(), weights)}
+        self.xh, self.yh = data
+        self.classes = xp.arange(w.vocab, dtype=xp.int64, device=dev)
+        t = xp.arange(w.context, device=dev)
+        self.allowed = xp.reshape(t, (-1, 1)) >= t   # causal: position i sees j <= i
+
+    def _ln(self, x: Any, g: Any, b: Any) -> tuple[Any, tuple[Any, Any]]:
+        """LayerNorm over the last axis (eps 1e-5, biased variance, as torch's)."""
+        xp = self.xp
+        xc = x - xp.mean(x, axis=-1, keepdims=True)
+        rstd = 1.0 / xp.sqrt(xp.mean(xc * xc, axis=-1, keepdims=True) + 1e-5)
+        xhat = xc * rstd
+        return xhat * g + b, (xhat, rstd)
+
+    def _ln_back(self, dh: Any, saved: tuple[Any, Any], g: Any) -> tuple[Any, Any, Any]:
+        """(dx, dgamma, dbeta) of a LayerNorm from d out and what _ln saved."""
+        xp = self.xp
+        xhat, rstd = saved
+        dxhat = dh * g
+        dx = rstd * (dxhat - xp.mean(dxhat, axis=-1, keepdims=True)
+                     - xhat * xp.mean(dxhat * xhat, axis=-1, keepdims=True))
+        return dx, xp.sum(dh * xhat, axis=(0, 1)), xp.sum(dh, axis=(0, 1))
+
+    def _heads(self, x: Any) -> Any:
+        """(N, T, C) -> (N, H, T, C / H)."""
+        n, t, c = x.shape
+        h = self.w.heads
+        return self.xp.permute_dims(self.xp.reshape(x, (n, t, h, c // h)), (0, 2, 1, 3))
+
+    def _merge(self, x: Any) -> Any:
+        """(N, H, T, d) -> (N, T, H d)."""
+        n, h, t, d = x.shape
+        return self.xp.reshape(self.xp.permute_dims(x, (0, 2, 1, 3)), (n, t, h * d))
+
+    def step(self) -> Any:
+        xp, P, w = self.xp, self.params, self.w
+        mT, rows = xp.matrix_transpose, lambda a: xp.reshape(a, (-1, a.shape[-1]))  # noqa
+        ids = xp.asarray(self.xh, device=self.dev)
+        y = xp.asarray(self.yh, device=self.dev)
+        n, t = ids.shape
+        c, flat = w.dim, xp.reshape(ids, (-1,))
+        scale = 1.0 / math.sqrt(c // w.heads)
+        x = xp.reshape(xp.take(P["tok_emb.weight"], flat, axis=0), (n, t, c)) + \
+            P["pos_emb.weight"][:t, :]
+        saved = []
+        for i in range(w.layers):
+            B = {k[len(f"blocks.{i}."):]: a for k, a in P.items() if k.startswith(f"blocks.{i}.")}
+            h1, ln1 = self._ln(x, B["ln1.weight"], B["ln1.bias"])
+            qkv = h1 @ mT(B["attn.in_proj_weight"]) + B["attn.in_proj_bias"]
+            q, k, v = (self._heads(qkv[..., j * c:(j + 1) * c]) for j in range(3))
+            s = xp.where(self.allowed[:t, :t], (q @ mT(k)) * scale, -math.inf)
+            e = xp.exp(s - xp.max(s, axis=-1, keepdims=True))
+            p = e / xp.sum(e, axis=-1, keepdims=True)
+            o = self._merge(p @ v)
+            x = x + (o @ mT(B["attn.out_proj.weight"]) + B["attn.out_proj.bias"])
+            h2, ln2 = self._ln(x, B["ln2.weight"], B["ln2.bias"])
+            u = h2 @ B["mlp.0.weight"] + B["mlp.0.bias"]
+            cdf = 0.5 * (1.0 + special.erf(xp, u * math.sqrt(0.5)))
+            g = u * cdf
+            x = x + (g @ B["mlp.2.weight"] + B["mlp.2.bias"])
+            saved.append((B, h1, ln1, q, k, v, p, o, h2, ln2, u, cdf, g))
+        hf, lnf = self._ln(x, P["ln_f.weight"], P["ln_f.bias"])
+        logits = hf @ P["head.weight"] + P["head.bias"]
+        loss, G = self.softmax_ce(rows(logits), xp.reshape(y, (-1,)))
+        grads = {"head.weight": mT(rows(hf)) @ G, "head.bias": xp.sum(G, axis=0)}
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = self._ln_back(
+            xp.reshape(G @ mT(P["head.weight"]), (n, t, c)), lnf, P["ln_f.weight"])
+        for i in range(w.layers - 1, -1, -1):
+            B, h1, ln1, q, k, v, p, o, h2, ln2, u, cdf, g = saved[i]
+            d: dict[str, Any] = {}
+            Gr = rows(dx)
+            d["mlp.2.weight"], d["mlp.2.bias"] = mT(rows(g)) @ Gr, xp.sum(Gr, axis=0)
+            slope = cdf + u * (xp.exp(-0.5 * (u * u)) * (1.0 / math.sqrt(2.0 * math.pi)))
+            du = rows((Gr @ mT(B["mlp.2.weight"])) * rows(slope))
+            d["mlp.0.weight"], d["mlp.0.bias"] = mT(rows(h2)) @ du, xp.sum(du, axis=0)
+            dh, d["ln2.weight"], d["ln2.bias"] = self._ln_back(
+                xp.reshape(du @ mT(B["mlp.0.weight"]), (n, t, c)), ln2, B["ln2.weight"])
+            dx = dx + dh
+            Gr = rows(dx)
+            d["attn.out_proj.weight"] = mT(Gr) @ rows(o)
+            d["attn.out_proj.bias"] = xp.sum(Gr, axis=0)
+            do = self._heads(xp.reshape(Gr @ B["attn.out_proj.weight"], (n, t, c)))
+            dp = do @ mT(v)
+            ds = p * (dp - xp.sum(dp * p, axis=-1, keepdims=True)) * scale
+            dqkv = rows(xp.concat([self._merge(ds @ k), self._merge(mT(ds) @ q),
+                                   self._merge(mT(p) @ do)], axis=-1))
+            d["attn.in_proj_weight"] = mT(dqkv) @ rows(h1)
+            d["attn.in_proj_bias"] = xp.sum(dqkv, axis=0)
+            dh, d["ln1.weight"], d["ln1.bias"] = self._ln_back(
+                xp.reshape(dqkv @ B["attn.in_proj_weight"], (n, t, c)), ln1, B["ln1.weight"])
+            dx = dx + dh
+            grads.update({f"blocks.{i}.{key}": a for key, a in d.items()})
+        grads["tok_emb.weight"] = special.scatter_add_rows(xp, flat, rows(dx), w.vocab)
+        dpos = xp.sum(dx, axis=0)
+        if t < w.context:
+            dpos = xp.concat([dpos, xp.zeros((w.context - t, c), dtype=dpos.dtype,
+                                             device=self.dev)])
+        grads["pos_emb.weight"] = dpos
+        # reassigned, not updated in place: some array-API libraries' arrays are immutable
+        self.params = {k: a - LEARNING_RATE * grads[k] for k, a in P.items()}
+        return loss
+
+
+def make_floor(w: AnyWorkload, device: Device, dtype: str,
                weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The floor in plain array-API calls on `device`."""
+    if isinstance(w, GPTWorkload):
+        return GPTArrayApiFloor(w, device, dtype, weights, data)
     if isinstance(w, ConvWorkload):
         return ConvArrayApiFloor(w, device, dtype, weights, data)
     return ArrayApiFloor(w, device, dtype, weights, data)

@@ -1,5 +1,7 @@
 """The floor for CuPy devices ('cuda[:N]'): NumPy's floors (`NdarrayFloor`, `ConvNdarrayFloor`)
-run by CuPy on one GPU, with that GPU current; memory read from CuPy's pool."""
+run by CuPy on one GPU, with that GPU current; memory read from CuPy's pool. W7's GPT floor is
+the array-API one (floor_array_api.GPTArrayApiFloor) run on CuPy: NumPy's GPT floor calls
+NumPy by name (np.add.at, NumPy's erf route)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import numpy as np
 
 from gpuflow.backends import Device
 
+from .floor_array_api import GPTArrayApiFloor
 from .floor_numpy import ConvNdarrayFloor, NdarrayFloor
 from .variants import Variant
-from .workloads import AnyWorkload, ConvWorkload
+from .workloads import AnyWorkload, ConvWorkload, GPTWorkload
 
 
 class CupyFloor(Variant):
@@ -21,8 +24,11 @@ class CupyFloor(Variant):
     def __init__(self, w: AnyWorkload, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray], device: Device) -> None:
         self.gpu = device.native
-        kind = ConvNdarrayFloor if isinstance(w, ConvWorkload) else NdarrayFloor
         with self.gpu:
+            if isinstance(w, GPTWorkload):
+                self.inner: Variant = GPTArrayApiFloor(w, device, dtype, weights, data)
+                return
+            kind = ConvNdarrayFloor if isinstance(w, ConvWorkload) else NdarrayFloor
             self.inner = kind(w, cupy, dtype, weights, data, sync=self.gpu.synchronize,
                               upload=cupy.asarray)
 
@@ -34,7 +40,7 @@ class CupyFloor(Variant):
         return self.inner.read(loss)
 
     def sync(self) -> None:
-        self.inner.sync()
+        self.gpu.synchronize()
 
     def memory(self) -> dict[str, Any] | None:
         return memory(self, self.gpu)

@@ -4,14 +4,15 @@ the same class (floor_cupy.py)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from gpuflow.backends import Device
+from gpuflow.backends import Device, special
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, ConvWorkload, Workload
+from .workloads import LEARNING_RATE, AnyWorkload, ConvWorkload, GPTWorkload, Workload
 
 
 def softmax_ce(xp: Any, out: Any, y: Any, rows: Any, col: Any, col2: Any) -> Any:
@@ -294,9 +295,183 @@ class ConvNdarrayFloor(NdarrayFloor):
         return loss
 
 
-def make_floor(w: Workload | ConvWorkload, device: Device, dtype: str,
+def _layer_norm(x: Any, g: Any, b: Any, xhat: Any, rstd: Any, out: Any) -> None:
+    """out = LayerNorm(x) over axis 1 of x (M, C) (eps 1e-5, as torch's); keeps xhat, rstd."""
+    np.mean(x, axis=1, keepdims=True, out=rstd)
+    np.subtract(x, rstd, out=xhat)
+    np.multiply(xhat, xhat, out=out)
+    np.mean(out, axis=1, keepdims=True, out=rstd)
+    rstd += 1e-5
+    np.sqrt(rstd, out=rstd)
+    np.divide(1.0, rstd, out=rstd)
+    xhat *= rstd
+    np.multiply(xhat, g, out=out)
+    out += b
+
+
+def _layer_norm_back(dh: Any, xhat: Any, rstd: Any, g: Any, dg: Any, db: Any, tmp: Any,
+                     col: Any, dx: Any) -> None:
+    """dx += the input's gradient of a LayerNorm, d out = dh (M, C), overwritten; dg, db."""
+    np.multiply(dh, xhat, out=tmp)
+    np.sum(tmp, axis=0, out=dg)
+    np.sum(dh, axis=0, out=db)
+    dh *= g                                   # d xhat
+    np.multiply(dh, xhat, out=tmp)
+    np.mean(tmp, axis=1, keepdims=True, out=col)
+    np.multiply(xhat, col, out=tmp)
+    dh -= tmp
+    np.mean(dh, axis=1, keepdims=True, out=col)
+    dh -= col
+    dh *= rstd
+    dx += dh
+
+
+class GPTNdarrayFloor(Variant):
+    """(c) W7 for NumPy: the GPT's forward and backward written out on (N T, C) rows, matmuls
+    into buffers kept across steps, LayerNorm and the softmax in place; the exact GELU with
+    gpuflow's portable erf (NumPy has none), which allocates its temporaries."""
+
+    def __init__(self, w: GPTWorkload, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.w = w
+        dt = np.dtype(dtype)
+        self.params = {k: np.array(a, dtype=dt) for k, a in zip(w.names(), weights)}
+        self.grads = {k: np.empty_like(a) for k, a in self.params.items()}
+        n, t, c, H = w.batch, w.context, w.dim, w.heads
+        m, hid = n * t, w.mlp_ratio * c
+        new = lambda *shape: np.empty(shape, dtype=dt)  # noqa: E731
+        self.blocks = [{"x": new(m, c), "h1": new(m, c), "xhat1": new(m, c), "rstd1": new(m, 1),
+                        "qkv": new(m, 3 * c), "p": new(n, H, t, t), "o4": new(n, H, t, c // H),
+                        "o": new(m, c), "xmid": new(m, c), "h2": new(m, c), "xhat2": new(m, c),
+                        "rstd2": new(m, 1), "u": new(m, hid), "cdf": new(m, hid),
+                        "g": new(m, hid)} for _ in range(w.layers)]
+        self.x, self.hf, self.xhatf, self.rstdf = new(m, c), new(m, c), new(m, c), new(m, 1)
+        self.logits, self.col, self.col2 = new(m, w.vocab), new(m, 1), new(m, 1)
+        self.dx, self.dh, self.tmp, self.dcol = new(m, c), new(m, c), new(m, c), new(m, 1)
+        self.dg, self.dhid, self.dqkv = new(m, hid), new(m, hid), new(m, 3 * c)
+        self.ds, self.dqkv5 = new(n, H, t, t), new(3, n, H, t, c // H)
+        self.col4 = new(n, H, t, 1)
+        self.blocked = np.triu(np.ones((t, t), dtype=bool), 1)
+        self.rows = np.arange(m)
+        self.xh, self.yh = data
+
+    def step(self) -> Any:
+        P, D, w = self.params, self.grads, self.w
+        ids, y = self.xh, self.yh
+        n, t = ids.shape
+        c, H = w.dim, w.heads
+        m, d = n * t, c // H
+        scale = 1.0 / math.sqrt(d)
+        flat = ids.reshape(-1)
+        x = self.x if w.layers == 0 else self.blocks[0]["x"]
+        np.take(P["tok_emb.weight"], flat, axis=0, out=x)
+        x.reshape(n, t, c)[...] += P["pos_emb.weight"][:t]
+        for i, S in enumerate(self.blocks):
+            B = lambda k: P[f"blocks.{i}.{k}"]  # noqa: E731
+            x = S["x"]
+            _layer_norm(x, B("ln1.weight"), B("ln1.bias"), S["xhat1"], S["rstd1"], S["h1"])
+            np.matmul(S["h1"], B("attn.in_proj_weight").T, out=S["qkv"])
+            S["qkv"] += B("attn.in_proj_bias")
+            q, k, v = S["qkv"].reshape(n, t, 3, H, d).transpose(2, 0, 3, 1, 4)
+            p = S["p"]
+            np.matmul(q, k.transpose(0, 1, 3, 2), out=p)
+            p *= scale
+            p[..., self.blocked] = -np.inf
+            np.max(p, axis=-1, keepdims=True, out=self.col4)
+            p -= self.col4
+            np.exp(p, out=p)
+            np.sum(p, axis=-1, keepdims=True, out=self.col4)
+            p /= self.col4
+            np.matmul(p, v, out=S["o4"])
+            S["o"].reshape(n, t, H, d)[...] = S["o4"].transpose(0, 2, 1, 3)
+            xmid = S["xmid"]
+            np.matmul(S["o"], B("attn.out_proj.weight").T, out=xmid)
+            xmid += B("attn.out_proj.bias")
+            xmid += x
+            _layer_norm(xmid, B("ln2.weight"), B("ln2.bias"), S["xhat2"], S["rstd2"], S["h2"])
+            u = S["u"]
+            np.matmul(S["h2"], B("mlp.0.weight"), out=u)
+            u += B("mlp.0.bias")
+            S["cdf"][...] = special.erf(np, u * math.sqrt(0.5))
+            S["cdf"] += 1.0
+            S["cdf"] *= 0.5
+            np.multiply(u, S["cdf"], out=S["g"])
+            x = self.blocks[i + 1]["x"] if i + 1 < len(self.blocks) else self.x
+            np.matmul(S["g"], B("mlp.2.weight"), out=x)
+            x += B("mlp.2.bias")
+            x += xmid
+        _layer_norm(x, P["ln_f.weight"], P["ln_f.bias"], self.xhatf, self.rstdf, self.hf)
+        G = self.logits
+        np.matmul(self.hf, P["head.weight"], out=G)
+        G += P["head.bias"]
+        loss = softmax_ce(np, G, y.reshape(-1), self.rows, self.col, self.col2)
+        np.matmul(self.hf.T, G, out=D["head.weight"])
+        np.sum(G, axis=0, out=D["head.bias"])
+        dx, dh, tmp, col = self.dx, self.dh, self.tmp, self.dcol
+        dx.fill(0)
+        np.matmul(G, P["head.weight"].T, out=dh)
+        _layer_norm_back(dh, self.xhatf, self.rstdf, P["ln_f.weight"], D["ln_f.weight"],
+                         D["ln_f.bias"], tmp, col, dx)
+        for i in range(len(self.blocks) - 1, -1, -1):
+            S = self.blocks[i]
+            B = lambda k: P[f"blocks.{i}.{k}"]  # noqa: E731
+            dB = lambda k: D[f"blocks.{i}.{k}"]  # noqa: E731
+            np.matmul(S["g"].T, dx, out=dB("mlp.2.weight"))
+            np.sum(dx, axis=0, out=dB("mlp.2.bias"))
+            du = self.dhid
+            np.matmul(dx, B("mlp.2.weight").T, out=du)
+            u, slope = S["u"], self.dg      # slope = Phi(u) + u phi(u)
+            np.multiply(u, u, out=slope)
+            slope *= -0.5
+            np.exp(slope, out=slope)
+            slope *= u
+            slope *= 1.0 / math.sqrt(2.0 * math.pi)
+            slope += S["cdf"]
+            du *= slope
+            np.matmul(S["h2"].T, du, out=dB("mlp.0.weight"))
+            np.sum(du, axis=0, out=dB("mlp.0.bias"))
+            np.matmul(du, B("mlp.0.weight").T, out=dh)
+            _layer_norm_back(dh, S["xhat2"], S["rstd2"], B("ln2.weight"), dB("ln2.weight"),
+                             dB("ln2.bias"), tmp, col, dx)
+            np.matmul(dx.T, S["o"], out=dB("attn.out_proj.weight"))
+            np.sum(dx, axis=0, out=dB("attn.out_proj.bias"))
+            np.matmul(dx, B("attn.out_proj.weight"), out=tmp)
+            do = tmp.reshape(n, t, H, d).transpose(0, 2, 1, 3)
+            q, k, v = S["qkv"].reshape(n, t, 3, H, d).transpose(2, 0, 3, 1, 4)
+            p, ds, dq5 = S["p"], self.ds, self.dqkv5
+            np.matmul(p.transpose(0, 1, 3, 2), do, out=dq5[2])           # dv
+            np.matmul(do, v.transpose(0, 1, 3, 2), out=ds)               # d p
+            np.multiply(ds, p, out=ds)
+            np.sum(ds, axis=-1, keepdims=True, out=self.col4)
+            ds -= p * self.col4
+            ds *= scale                                                   # d scores
+            np.matmul(ds, k, out=dq5[0])                                  # dq
+            np.matmul(ds.transpose(0, 1, 3, 2), q, out=dq5[1])            # dk
+            self.dqkv.reshape(n, t, 3, H, d)[...] = dq5.transpose(1, 3, 0, 2, 4)
+            np.matmul(self.dqkv.T, S["h1"], out=dB("attn.in_proj_weight"))
+            np.sum(self.dqkv, axis=0, out=dB("attn.in_proj_bias"))
+            np.matmul(self.dqkv, B("attn.in_proj_weight"), out=dh)
+            _layer_norm_back(dh, S["xhat1"], S["rstd1"], B("ln1.weight"), dB("ln1.weight"),
+                             dB("ln1.bias"), tmp, col, dx)
+        D["tok_emb.weight"].fill(0)
+        np.add.at(D["tok_emb.weight"], flat, dx)
+        D["pos_emb.weight"].fill(0)
+        np.sum(dx.reshape(n, t, c), axis=0, out=D["pos_emb.weight"][:t])
+        for key, param in P.items():
+            grad = D[key]
+            grad *= LEARNING_RATE
+            param -= grad
+        return loss
+
+    def read(self, loss: Any) -> float:
+        return float(loss)
+
+
+def make_floor(w: AnyWorkload, device: Device, dtype: str,
                weights: Sequence[np.ndarray], data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The hand-written NumPy floor."""
+    if isinstance(w, GPTWorkload):
+        return GPTNdarrayFloor(w, dtype, weights, data)
     if isinstance(w, ConvWorkload):
         return ConvNdarrayFloor(w, np, dtype, weights, data)
     return NdarrayFloor(w, np, dtype, weights, data)

@@ -14,7 +14,7 @@ from torch import nn
 from gpuflow.backends import Device
 
 from .variants import Variant
-from .workloads import LEARNING_RATE, AnyWorkload, ConvWorkload, Workload
+from .workloads import LEARNING_RATE, AnyWorkload, ConvWorkload, GPTWorkload, Workload
 
 
 class TorchFloor(Variant):
@@ -114,15 +114,18 @@ class TorchFloor(Variant):
 
 
 class TorchEager(Variant):
-    """(d) PyTorch eager: nn layers (Linear; Conv2d, MaxPool2d, Flatten), torch.optim.SGD,
-    loss.backward()."""
+    """(d) PyTorch eager: nn layers (Linear; Conv2d, MaxPool2d, Flatten; for W7 the GPT module
+    `TorchGPT`), torch.optim.SGD, loss.backward()."""
 
     def __init__(self, w: AnyWorkload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
                  data: tuple[np.ndarray, np.ndarray]) -> None:
         self.tdev, self.w = tdev, w
-        layers = _conv_layers(w, weights) if isinstance(w, ConvWorkload) else \
-            _mlp_layers(w, weights)
-        self.model = nn.Sequential(*layers).to(device=tdev, dtype=getattr(torch, dtype))
+        if isinstance(w, GPTWorkload):
+            model: Any = TorchGPT.from_weights(w, weights)
+        else:
+            model = nn.Sequential(*(_conv_layers(w, weights) if isinstance(w, ConvWorkload)
+                                    else _mlp_layers(w, weights)))
+        self.model = model.to(device=tdev, dtype=getattr(torch, dtype))
         self.opt = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.loss_fn = nn.MSELoss() if w.loss == "mse" else nn.CrossEntropyLoss()
         self.xh, self.yh = data
@@ -134,7 +137,10 @@ class TorchEager(Variant):
     def step(self) -> Any:
         x, y = self._upload(self.xh), self._upload(self.yh)
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model(x), y)
+        out = self.model(x)
+        if out.ndim == 3:  # the GPT's logits (N, T, V): CE over all N T positions
+            out, y = out.reshape(-1, out.shape[-1]), y.reshape(-1)
+        loss = self.loss_fn(out, y)
         loss.backward()
         self.opt.step()
         return loss.detach()
@@ -260,6 +266,144 @@ class TorchConvFloor(TorchFloor):
         return loss
 
 
+class TorchBlock(nn.Module):
+    """The pre-LayerNorm GPT-2 block equal to gf.transformer_block (exact GELU, no dropout)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim, dtype=F64)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True, dtype=F64)
+        self.ln2 = nn.LayerNorm(dim, dtype=F64)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim, dtype=F64), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim, dtype=F64))
+
+    def forward(self, x: Any) -> Any:
+        t = x.shape[1]
+        blocked = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=blocked, need_weights=False)[0]
+        return x + self.mlp(self.ln2(x))
+
+
+class TorchGPT(nn.Module):
+    """The torch module equal to gf.layers.gpt (tests/test_gpt.py's): its state_dict keys are
+    GPTWorkload.names()."""
+
+    def __init__(self, w: GPTWorkload) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(w.vocab, w.dim, dtype=F64)
+        self.pos_emb = nn.Embedding(w.context, w.dim, dtype=F64)
+        self.blocks = nn.ModuleList(TorchBlock(w.dim, w.heads, w.mlp_ratio)
+                                    for _ in range(w.layers))
+        self.ln_f = nn.LayerNorm(w.dim, dtype=F64)
+        self.head = nn.Linear(w.dim, w.vocab, dtype=F64)
+
+    @classmethod
+    def from_weights(cls, w: GPTWorkload, weights: Sequence[np.ndarray]) -> "TorchGPT":
+        """The module holding gpuflow's weights (Linear weights transposed to torch's)."""
+        model = cls(w)
+        model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(
+            a.T if _is_linear_weight(k) else a)) for k, a in zip(w.names(), weights)})
+        return model
+
+    def forward(self, ids: Any) -> Any:
+        x = self.tok_emb(ids) + self.pos_emb(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def _is_linear_weight(name: str) -> bool:
+    """Whether gf.layers.gpt's parameter `name` is a Linear's W, (in, out) in gpuflow."""
+    return name == "head.weight" or name.endswith((".mlp.0.weight", ".mlp.2.weight"))
+
+
+class TorchGPTFloor(TorchFloor):
+    """(c) W7 for torch devices: the GPT's forward and backward written out in torch ops, no
+    autograd: torch's own LayerNorm, GELU and softmax kernels and their aten backward
+    functions (the ones autograd calls), the attention as batched matmuls with an additive
+    causal mask, the embeddings' gradient by index_add_."""
+
+    def __init__(self, w: GPTWorkload, tdev: Any, dtype: str, weights: Sequence[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray]) -> None:
+        self.tdev, self.w = tdev, w
+        dt = getattr(torch, dtype)
+        self.params = {k: torch.as_tensor(np.ascontiguousarray(a), device=tdev).to(dt)
+                       for k, a in zip(w.names(), weights)}
+        t = w.context
+        self.mask = torch.zeros((t, t), dtype=dt, device=tdev).masked_fill_(
+            torch.ones((t, t), dtype=torch.bool, device=tdev).triu_(1), -float("inf"))
+        self.rows = torch.arange(w.batch * w.context, device=tdev)
+        self.xh, self.yh = data
+
+    def step(self) -> Any:
+        aten, P, w = torch.ops.aten, self.params, self.w
+        ids, y = self._upload(self.xh), self._upload(self.yh)
+        n, t = ids.shape
+        c, H = w.dim, w.heads
+        scale = 1.0 / (c // H) ** 0.5
+        lnb = lambda dh, x, saved, g, b: aten.native_layer_norm_backward(  # noqa: E731
+            dh, x, [c], saved[0], saved[1], g, b, [True, True, True])
+        x = F.embedding(ids, P["tok_emb.weight"]) + P["pos_emb.weight"][:t]
+        saved = []
+        for i in range(w.layers):
+            B = {k[len(f"blocks.{i}."):]: a for k, a in P.items() if k.startswith(f"blocks.{i}.")}
+            h1, *ln1 = torch.native_layer_norm(x, [c], B["ln1.weight"], B["ln1.bias"], 1e-5)
+            qkv = F.linear(h1, B["attn.in_proj_weight"], B["attn.in_proj_bias"])
+            q, k, v = qkv.view(n, t, 3, H, c // H).permute(2, 0, 3, 1, 4)
+            s = torch.matmul(q, k.transpose(-2, -1)).mul_(scale).add_(self.mask[:t, :t])
+            p = torch.softmax(s, dim=-1)
+            o = torch.matmul(p, v).transpose(1, 2).reshape(n * t, c)
+            x_mid = x + F.linear(o, B["attn.out_proj.weight"], B["attn.out_proj.bias"]).view(
+                n, t, c)
+            h2, *ln2 = torch.native_layer_norm(x_mid, [c], B["ln2.weight"], B["ln2.bias"],
+                                               1e-5)
+            h2 = h2.view(n * t, c)
+            u = torch.addmm(B["mlp.0.bias"], h2, B["mlp.0.weight"])
+            g = F.gelu(u)
+            saved.append((B, x, h1, ln1, q, k, v, p, o, x_mid, h2, ln2, u, g))
+            x = x_mid + torch.addmm(B["mlp.2.bias"], g, B["mlp.2.weight"]).view(n, t, c)
+        hf, *lnf = torch.native_layer_norm(x, [c], P["ln_f.weight"], P["ln_f.bias"], 1e-5)
+        hf = hf.view(n * t, c)
+        G = torch.addmm(P["head.bias"], hf, P["head.weight"])
+        loss = _softmax_ce(G, y.reshape(-1), self.rows)   # G becomes d loss / d logits
+        grads = {"head.weight": hf.T @ G, "head.bias": G.sum(0)}
+        dx, grads["ln_f.weight"], grads["ln_f.bias"] = lnb(
+            (G @ P["head.weight"].T).view(n, t, c), x, lnf, P["ln_f.weight"], P["ln_f.bias"])
+        for i in range(w.layers - 1, -1, -1):
+            B, x, h1, ln1, q, k, v, p, o, x_mid, h2, ln2, u, g = saved[i]
+            d: dict[str, Any] = {}
+            Gr = dx.view(n * t, c)
+            d["mlp.2.weight"], d["mlp.2.bias"] = g.T @ Gr, Gr.sum(0)
+            du = aten.gelu_backward(Gr @ B["mlp.2.weight"].T, u)
+            d["mlp.0.weight"], d["mlp.0.bias"] = h2.T @ du, du.sum(0)
+            dh, d["ln2.weight"], d["ln2.bias"] = lnb(
+                (du @ B["mlp.0.weight"].T).view(n, t, c), x_mid, ln2, B["ln2.weight"],
+                B["ln2.bias"])
+            dx = dx + dh
+            Gr = dx.view(n * t, c)
+            d["attn.out_proj.weight"], d["attn.out_proj.bias"] = Gr.T @ o, Gr.sum(0)
+            do = (Gr @ B["attn.out_proj.weight"]).view(n, t, H, c // H).transpose(1, 2)
+            ds = aten._softmax_backward_data(do @ v.transpose(-2, -1), p, -1, p.dtype)
+            ds.mul_(scale)
+            dqkv = torch.stack([ds @ k, ds.transpose(-2, -1) @ q, p.transpose(-2, -1) @ do])
+            dqkv = dqkv.permute(1, 3, 0, 2, 4).reshape(n * t, 3 * c)
+            d["attn.in_proj_weight"] = dqkv.T @ h1.view(n * t, c)
+            d["attn.in_proj_bias"] = dqkv.sum(0)
+            dh, d["ln1.weight"], d["ln1.bias"] = lnb(
+                (dqkv @ B["attn.in_proj_weight"]).view(n, t, c), x, ln1, B["ln1.weight"],
+                B["ln1.bias"])
+            dx = dx + dh
+            grads.update({f"blocks.{i}.{key}": a for key, a in d.items()})
+        grads["tok_emb.weight"] = torch.zeros_like(P["tok_emb.weight"]).index_add_(
+            0, ids.reshape(-1), dx.view(n * t, c))
+        grads["pos_emb.weight"] = torch.zeros_like(P["pos_emb.weight"])
+        grads["pos_emb.weight"][:t] = dx.sum(0)
+        for key, param in P.items():
+            param.sub_(grads[key], alpha=LEARNING_RATE)
+        return loss
+
+
 def _softmax_ce(out: Any, y: Any, rows: Any) -> Any:
     """Mean softmax cross-entropy of logits `out` for labels y; `out` becomes its gradient."""
     n = out.shape[0]
@@ -277,6 +421,8 @@ def _softmax_ce(out: Any, y: Any, rows: Any) -> Any:
 def make_floor(w: AnyWorkload, device: Device, dtype: str, weights: Sequence[np.ndarray],
                data: tuple[np.ndarray, np.ndarray]) -> Variant:
     """The hand-written torch floor on `device`'s torch device."""
+    if isinstance(w, GPTWorkload):
+        return TorchGPTFloor(w, device.native, dtype, weights, data)
     if isinstance(w, ConvWorkload):
         return TorchConvFloor(w, device.native, dtype, weights, data)
     return TorchFloor(w, device.native, dtype, weights, data)

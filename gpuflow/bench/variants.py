@@ -119,6 +119,7 @@ def make_variants(w: AnyWorkload, device: Device, dtype: str, seed: int,
     return {
         "floor": floor.make_floor(w, device, dtype, fresh(), data),
         "graph": GraphVariant(w, device, dtype, seed, data),
-        "miniflow": MiniFlowVariant(w, device, dtype, fresh(), data),
+        "miniflow": MiniFlowVariant(w, device, dtype, fresh(), data)
+        if getattr(w, "miniflow", True) else None,   # W7: no MiniFlow GPT
         "torch": torch.TorchEager(w, tdev, dtype, fresh(), data) if tdev is not None else None,
     }

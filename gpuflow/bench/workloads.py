@@ -1,6 +1,7 @@
 """The benchmark's workloads: the network, its loss, the fixed host batch, the initial weights.
 
-W1-W4 are MLPs (`Workload`), W5-W6 small convolutional networks (`ConvWorkload`). Each builds
+W1-W4 are MLPs (`Workload`), W5-W6 small convolutional networks (`ConvWorkload`), W7 a small
+character-level GPT (`GPTWorkload`, gf.layers.gpt). Each builds
 gpuflow's own model from seeded Parameters (for the Graph variant), the same network over given
 weight nodes (for the MiniFlow variant), and gives the weights as host arrays for the others.
 """
@@ -176,7 +177,67 @@ class ConvWorkload:
         return gf.SoftmaxCrossEntropy(y, h)
 
 
-AnyWorkload = Workload | ConvWorkload
+@dataclass(frozen=True)
+class GPTWorkload:
+    """A GPT training step (gf.layers.gpt: token and position embeddings, `layers` pre-LayerNorm
+    causal transformer blocks with an exact-GELU MLP, a final LayerNorm, a linear head) on
+    integer ids (batch, context), softmax CE over every position's next id. No dropout."""
+
+    name: str
+    vocab: int
+    context: int
+    dim: int
+    layers: int
+    heads: int
+    batch: int
+    gpu_only: bool = False
+    mlp_ratio = 4
+    loss = "ce"
+    miniflow = False   # the lessons' MiniFlow loop has no GPT (its weights are gpt's Parameters)
+
+    def describe(self) -> str:
+        return (f"GPT {self.layers} layers, width {self.dim}, {self.heads} heads, context "
+                f"{self.context}, vocab {self.vocab}, softmax CE, batch {self.batch}")
+
+    def fields(self) -> dict[str, Any]:
+        """What the JSON report records about the workload."""
+        return {"vocab": self.vocab, "context": self.context, "dim": self.dim,
+                "layers": self.layers, "heads": self.heads, "mlp_ratio": self.mlp_ratio,
+                "loss": self.loss, "batch": self.batch}
+
+    def make_data(self, dtype: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """The fixed host batch: int64 ids x (batch, context) and their targets y, x shifted by
+        one position (a random id last), as a language model's batch (`dtype` is unused)."""
+        rng = np.random.default_rng(seed + 1)
+        ids = rng.integers(0, self.vocab, size=(self.batch, self.context + 1)).astype(np.int64)
+        return np.ascontiguousarray(ids[:, :-1]), np.ascontiguousarray(ids[:, 1:])
+
+    def model(self, seed: int) -> tuple[gf.Input, gf.Input, gf.Node, list[gf.Parameter]]:
+        """gf.layers.gpt (seeded) with its loss: ids, y, loss, parameters."""
+        ids, y = gf.Input(name="ids"), gf.Input(name="y")
+        logits, params = gf.layers.gpt(ids, self.vocab, self.context, self.dim, self.layers,
+                                       self.heads, mlp_ratio=self.mlp_ratio, rng=seed)
+        return ids, y, gf.SoftmaxCrossEntropy(y, logits), list(params.values())
+
+    def parameters(self, seed: int) -> list[gf.Parameter]:
+        """gf.layers.gpt's seeded Parameters, in its order (see `names`)."""
+        return self.model(seed)[3]
+
+    def names(self) -> list[str]:
+        """The parameters' names, in `parameters`' order: the state_dict keys of the equal torch
+        module ("tok_emb.weight", ..., "blocks.0.attn.in_proj_weight", ..., "head.bias").
+        Linear weights ("*.mlp.0.weight", "*.mlp.2.weight", "head.weight") are gpuflow's
+        (in, out), the transpose of torch's; every other weight is laid out as torch's."""
+        out = ["tok_emb.weight", "pos_emb.weight"]
+        for i in range(self.layers):
+            out += [f"blocks.{i}.{key}" for key in (
+                "ln1.weight", "ln1.bias", "attn.in_proj_weight", "attn.in_proj_bias",
+                "attn.out_proj.weight", "attn.out_proj.bias", "ln2.weight", "ln2.bias",
+                "mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias")]
+        return out + ["ln_f.weight", "ln_f.bias", "head.weight", "head.bias"]
+
+
+AnyWorkload = Workload | ConvWorkload | GPTWorkload
 
 WORKLOADS: dict[str, AnyWorkload] = {w.name: w for w in (
     Workload("W1", (13, 10, 1), "sigmoid", "mse", 11),
@@ -189,6 +250,7 @@ WORKLOADS: dict[str, AnyWorkload] = {w.name: w for w in (
     ConvWorkload("W6", "conv 32-64-128 + pool", (3, 32, 32),
                  (("conv", 32, 3, 1), ("pool", 2), ("conv", 64, 3, 1), ("pool", 2),
                   ("conv", 128, 3, 1), ("pool", 2), ("fc", 10)), 128),
+    GPTWorkload("W7", vocab=96, context=64, dim=128, layers=2, heads=4, batch=32),
 )}
 
 
