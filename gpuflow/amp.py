@@ -165,7 +165,7 @@ class MixedPrecision:
     # -- Graph.step --------------------------------------------------------------------------
     def before_step(self, graph: Any) -> None:
         """The backward pass starts from the scale instead of 1."""
-        graph.loss._grad_seed = self.scaler.scale
+        graph.plan.seed_loss(self.scaler.scale)
         self._verdict = None
 
     def after_step(self, graph: Any) -> None:

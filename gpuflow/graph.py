@@ -111,14 +111,8 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     graph = SortedGraph(order, get_device(device), dtype, reuse_buffers)
-    before = [(node, dict(node.__dict__)) for node in order]
-    try:
-        graph.plan.build(feed_dict, require_values=True)
-    except Exception:  # a refused sort, like a refused Graph, changes no node
-        for node, attributes in before:
-            node.__dict__.clear()
-            node.__dict__.update(attributes)
-        raise
+    # a refused sort, like a refused Graph, changes no node
+    graph.plan.build(feed_dict, require_values=True, undo_on_error=True)
     return graph
 
 

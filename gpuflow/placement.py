@@ -29,7 +29,7 @@ import numpy as np
 
 from .backends import LEDGER, Device, available_devices, get_device
 from .errors import DeviceError, GraphError
-from .nodes import NO_BUFFERS, Input, Node
+from .nodes import Node
 
 FASTEST = "fastest"
 # array_api_strict is a test library (slow on purpose): a candidate only when named.
@@ -62,11 +62,9 @@ def move(graph: Any, device: Device, dtype: Any,
     exactly, node state too, or `states` given), and plan its backward pass again; the
     gradients start empty, Dropout's masks from their seed."""
     from . import amp
-    from .plan import Plan
-    old = graph.device
+    from .plan import Plan, unbind
     states = node_states(graph) if states is None else states
-    for node in graph.nodes:
-        _release(node, old)
+    unbind(graph.nodes, graph.device)
     new_amp = amp.for_graph(device, dtype, graph._loss_scale)  # checked before binding
     graph.device = device
     graph.plan = Plan(graph.nodes, device, dtype, loss=graph.loss, wanted=graph.parameters,
@@ -80,36 +78,6 @@ def move(graph: Any, device: Device, dtype: Any,
     graph.steps = 0
     for node, state in states.items():
         node.load_state_dict(state)
-
-
-# Per-device caches of the built-in nodes that are not arrays (SoftmaxCrossEntropy's record of
-# the label dtype it checked, Dropout's device generator); None means "not yet".
-_DEVICE_CACHES = ("_checked", "_rng", "_rng_device")
-
-
-def _owned(device: Device | None, value: Any) -> bool:
-    """Whether `value` is an array of `device` (anything else is kept)."""
-    if device is None or getattr(value, "shape", None) is None or isinstance(value, type):
-        return False
-    try:
-        return bool(device.owns(value))
-    except Exception:  # noqa: BLE001 - an object the library cannot judge is not its array
-        return False
-
-
-def _release(node: Node, device: Device | None) -> None:
-    """Unbind one node: its fed value to the host, every array it keeps on `device` dropped
-    (forward recomputes what backward needs)."""
-    if isinstance(node, Input):
-        node._value = _host_copy(node.device, node._value)
-        node._private = None
-    for key, value in list(vars(node).items()):
-        if key in _DEVICE_CACHES or (key != "_value" and _owned(device, value)):
-            setattr(node, key, None)
-    node.gradients = {}
-    node.buffers = NO_BUFFERS
-    for key in ("_zeros", "device", "xp", "ops", "_plan"):  # back to the class's defaults
-        node.__dict__.pop(key, None)
 
 
 # -- device="fastest" -----------------------------------------------------------------------------

@@ -232,6 +232,85 @@ def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
 
 
+# A node's binding (device, xp, ops, buffers, plan, dtype rules) and the private attributes
+# the plan keeps on a node: gpuflow/plan.py alone writes them; node code only reads them.
+BINDING_OWNER = "gpuflow/plan.py"
+BINDING_ATTRIBUTES = {"_binding", "_plan", "_float_dtype", "_keep_integers", "_private",
+                      "_grad_seed", "_senders", "_value"}
+
+
+def _binding_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of each write of a node's binding attribute: `x.<name> = ...` (an Input's
+    own `self._value = ...` aside), `setattr(x, '<name>', ...)`, `vars(x).pop('<name>')`, and
+    `vars(x)` or `x.__dict__` cleared or updated (which replaces every attribute)."""
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            for target in getattr(node, "targets", None) or [node.target]:
+                targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+        for target in targets:
+            if isinstance(target, ast.Attribute) and target.attr in BINDING_ATTRIBUTES and not (
+                    target.attr == "_value" and isinstance(target.value, ast.Name)
+                    and target.value.id == "self"):
+                out.append((target.lineno, f".{target.attr} ="))
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        names = {s for a in node.args[1:2] for s in _strings(a)}
+        if isinstance(func, ast.Name) and func.id == "setattr" and names & BINDING_ATTRIBUTES:
+            out.append((node.lineno, "setattr"))
+        if isinstance(func, ast.Attribute) and func.attr in ("clear", "update", "pop"):
+            holder = func.value
+            whole = (isinstance(holder, ast.Attribute) and holder.attr == "__dict__") or (
+                isinstance(holder, ast.Call) and isinstance(holder.func, ast.Name)
+                and holder.func.id == "vars")
+            popped = {s for a in node.args[:1] for s in _strings(a)}
+            if whole and (func.attr != "pop" or popped & BINDING_ATTRIBUTES):
+                out.append((node.lineno, f"{ast.unparse(holder)}.{func.attr}"))
+    return sorted(out)
+
+
+# Writes the check cannot tell from a node's: (module, what) -> why they are not a node's.
+BINDING_ALLOWED = {
+    ("gpuflow/compiled.py", "vars(opt).clear"): "the optimizer, put back after tracing",
+    ("gpuflow/compiled.py", "vars(opt).update"): "the optimizer, put back after tracing",
+}
+
+
+def test_the_binding_check_sees_what_it_looks_for():
+    sample = ast.parse("def f(n, kept):\n    n._plan = None\n    n.a, n._private = 1, 2\n"
+                       "    setattr(n, '_binding', 0)\n    vars(n).clear()\n"
+                       "    n.__dict__.update(kept)\n    vars(n).pop('_binding')\n"
+                       "    n._value = 1\n    self._value = 1\n    vars(n).pop('forward')\n")
+    assert [line for line, _ in _binding_writes(sample)] == [2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("rel", [r for r in _modules() if r != BINDING_OWNER])
+def test_only_the_plan_writes_a_nodes_binding(rel):
+    """Binding a node (its device, xp, ops, buffers, plan, dtype rules, the loss's seed) and
+    releasing it is gpuflow/plan.py's: other modules call its `bind`, `unbind`, `detach`,
+    `snapshot`/`restore`, `put_values`, `Plan.set_buffers` and `Plan.seed_loss`."""
+    found = [(line, what) for line, what in _binding_writes(_tree(rel))
+             if (rel, what) not in BINDING_ALLOWED]
+    assert not found, (f"{rel} writes a node's binding at line(s) "
+                       f"{', '.join(f'{line} ({what})' for line, what in found)}.\nhelp: ask "
+                       "gpuflow/plan.py (a function or Plan method there) to do it.")
+
+
+def test_a_nodes_binding_is_read_only():
+    """`node.device`, `.xp`, `.ops`, `.buffers` read the plan's Binding: no setter."""
+    from gpuflow.nodes import Input, Node
+    node = Input(name="x")
+    for name in ("device", "xp", "ops", "buffers", "_plan"):
+        with pytest.raises(AttributeError):
+            setattr(node, name, None)
+    for name in ("_float_dtype", "_keep_integers", "_private"):
+        with pytest.raises(AttributeError):
+            setattr(node, name, None)
+    assert isinstance(Node.__dict__["xp"], property)
+
+
 def test_modules_outside_backends_import_one_another_one_way():
     """No circle of imports, lazy ones included: a lower module never reaches back up (a
     function-level import that only hides a circle still ties both modules together).
