@@ -73,6 +73,9 @@ class Plan:
         self.mode = None  # another graph may have set these nodes' mode meanwhile
         return self
 
+    dtype_spec = property(lambda self: self._dtype_spec,
+                          doc="The dtype the graph asked for (None: what the feeds agree on).")
+
     def ensure(self) -> None:
         """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
         of the same nodes bound them since: a node holds one binding and one plan at a time.

@@ -311,6 +311,19 @@ def test_a_nodes_binding_is_read_only():
     assert isinstance(Node.__dict__["xp"], property)
 
 
+def test_placement_uses_only_the_graphs_public_methods():
+    """gpuflow/placement.py moves graphs through `Graph.move_to` and `Graph.trial`: it reads no
+    private attribute of a graph (nor of its plan or mixed precision) and assigns none of the
+    graph's attributes."""
+    found = []
+    for node in ast.walk(_tree("gpuflow/placement.py")):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in (
+                "graph", "self.graph", "graph.plan", "graph.amp") and (
+                node.attr.startswith("_") or isinstance(node.ctx, ast.Store)):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    assert not found, f"placement.py reaches into the graph: {found}"
+
+
 def test_modules_outside_backends_import_one_another_one_way():
     """No circle of imports, lazy ones included: a lower module never reaches back up (a
     function-level import that only hides a circle still ties both modules together).
