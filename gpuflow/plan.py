@@ -88,7 +88,7 @@ class Plan:
         is built: a segment's interior nodes borrow from its arena)."""
         if node._plan is not self:
             raise GraphError(f"{node.label} is not bound by this plan.")
-        node._binding.buffers = buffers
+        _set(node, "buffers", buffers)
 
     def seed_loss(self, value: Any) -> None:
         """Start the backward pass from `value` (mixed precision's loss scale) instead of 1."""
@@ -174,16 +174,16 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
             buffers = old.buffers
         if old.plan is not owner and old.plan is not None:
             old.plan.stale = True  # it binds and plans again before it next runs
-        node._binding = Binding(device, device.xp, device.ops, buffers, owner,
-                                old.float_dtype, old.keep_integers, old.private)
+        _install(node, Binding(device, device.xp, device.ops, buffers, owner,
+                               old.float_dtype, old.keep_integers, old.private))
     inputs = [node for node in order if isinstance(node, Input)]
     for node in inputs:
         binding = node._binding
-        binding.float_dtype = float_dtype
         consumers = [(m, i) for m in node.outbound_nodes
                      for i, n in enumerate(m.inbound_nodes) if n is node]
-        binding.keep_integers = bool(consumers) and all(
-            i in m.integer_inputs for m, i in consumers)
+        _set(node, "float_dtype", float_dtype)
+        _set(node, "keep_integers", bool(consumers) and all(
+            i in m.integer_inputs for m, i in consumers))
         value = feed_dict[node] if node in feed_dict else node.value
         if value is None and (node in feed_dict or require_values):
             users = ", ".join(m.label for m, _ in consumers) or "no node"
@@ -195,7 +195,7 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
         # (gpuflow/buffers.py): training updates it, and the caller's array must not change.
         private = node in feed_dict or binding.private is not value
         node.value = copy_feed(value, device) if private else value
-        binding.private = node._value
+        _set(node, "private", node._value)
     if float_dtype is None:
         float_dtype = _one_float_dtype(inputs, device)
     return float_dtype
@@ -216,7 +216,7 @@ def _one_float_dtype(inputs: Sequence[Input], device: Device) -> Any:
                          "or dtype='float64' to topological_sort, and every feed is converted.")
     common = next(iter(kinds)) if kinds else None
     for node in inputs:
-        node._binding.float_dtype = common
+        _set(node, "float_dtype", common)
     return common
 
 
@@ -275,6 +275,29 @@ def set_mode(nodes: Sequence[Node], training: bool, plan: Plan | None = None) ->
 
 
 # -- the other ways a node's binding changes: this module alone writes it -----------------------
+# A Binding's fields, as node code reads them on the node (plain attributes: see nodes.Binding);
+# an Input's dtype rules and private copy only on Inputs.
+_NAMES = {"device": "device", "xp": "xp", "ops": "ops", "buffers": "buffers", "plan": "_plan",
+          "float_dtype": "_float_dtype", "keep_integers": "_keep_integers",
+          "private": "_private"}
+_INPUT_ONLY = ("float_dtype", "keep_integers", "private")
+
+
+def _install(node: Node, binding: Binding) -> None:
+    """Give `node` its binding, and its fields as the node's attributes."""
+    attributes = vars(node)
+    attributes["_binding"] = binding
+    for field, name in _NAMES.items():
+        if field not in _INPUT_ONLY or isinstance(node, Input):
+            attributes[name] = getattr(binding, field)
+
+
+def _set(node: Node, field: str, value: Any) -> None:
+    """Change one field of the binding `node` got from the plan being built."""
+    setattr(node._binding, field, value)
+    vars(node)[_NAMES[field]] = value
+
+
 def unbind(nodes: Iterable[Node], device: Device | None) -> None:
     """Release every node from `device` (its graph moves to another one): a fed value to the
     host, every array the node keeps on `device` dropped (forward recomputes what backward
@@ -287,7 +310,8 @@ def unbind(nodes: Iterable[Node], device: Device | None) -> None:
                 setattr(node, key, None)
         node.gradients = {}
         node.release()
-        vars(node).pop("_binding", None)  # back to the class's UNBOUND
+        for name in ("_binding", *_NAMES.values()):  # back to the class's defaults (UNBOUND)
+            vars(node).pop(name, None)
 
 
 def _host_copy(device: Device | None, value: Any) -> Any:
@@ -332,8 +356,8 @@ def detach(nodes: Sequence[Node]) -> dict[Node, dict[str, Any]]:
     for n in nodes:
         b = n._binding
         fed = isinstance(n, Input) and n.value is not None
-        n._binding = Binding(None, b.xp, b.ops, NO_BUFFERS, b.plan, b.float_dtype,
-                             b.keep_integers, None if fed else b.private)
+        _install(n, Binding(None, b.xp, b.ops, NO_BUFFERS, b.plan, b.float_dtype,
+                            b.keep_integers, None if fed else b.private))
         n._zeros = None
         if fed:
             n._value = to_numpy(n.value)
