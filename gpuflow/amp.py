@@ -162,10 +162,15 @@ class MixedPrecision:
         self.device, self.name, self.master_dtype = other.device, other.name, other.master_dtype
         self.master, self._written = {}, {}
 
+    def values_kept(self) -> None:
+        """The parameters' values are new arrays with the numbers the masters were rounded to
+        (the graph moved away and back, `Graph.trial`): the masters stay valid."""
+        self._written = {p: p.value for p in self._written}
+
     # -- Graph.step --------------------------------------------------------------------------
     def before_step(self, graph: Any) -> None:
         """The backward pass starts from the scale instead of 1."""
-        graph.loss._grad_seed = self.scaler.scale
+        graph.plan.seed_loss(self.scaler.scale)
         self._verdict = None
 
     def after_step(self, graph: Any) -> None:

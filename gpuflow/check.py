@@ -19,12 +19,11 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from .backends import Device, dtype_name, get_device, to_host
-from .buffers import NO_BUFFERS
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
+from .plan import detach, restore
 from .host import to_numpy
 from .nodes import Input, Node
-from .norm import Dropout
 
 __all__ = ["gradient_check", "GradientReport", "GradientCheckError", "Project",
            "central_difference"]
@@ -148,45 +147,28 @@ def gradient_check(target: "Node | Graph", *batches: Any, wrt: Sequence[Node] | 
     Returns a GradientReport; raises GradientCheckError if a gradient differs (unless
     `raise_on_failure=False`) and GraphError for a target that cannot run.
     """
-    if device is None:  # the target's own (before `_unbind` lets go of a node's)
+    if device is None:  # the target's own (before `detach` lets go of a node's)
         device = getattr(target, "device", None)
     if isinstance(target, Graph):
         nodes = list(target.nodes)
     else:
         nodes = reachable([target], "inbound_nodes") if isinstance(target, Node) else []
-    kept = _unbind(nodes)
+    # Every node as it is (its outbound list copied: the check's reduction is appended to
+    # it), then let go of its device and buffers, an Input's value a host copy: the check
+    # binds the nodes to its own device, and its passes allocate arrays of their own. The
+    # nodes get back their device, bindings, values, gradients, buffers and state after.
+    kept = detach(nodes)
     try:
         return _check(target, batches, wrt, device, dtype, h, rtol, atol, samples, seed,
                       raise_on_failure)
     finally:
-        _restore(kept)
-
-
-def _unbind(nodes: Sequence[Node]) -> dict[Node, dict[str, Any]]:
-    """Each node's attributes as they are (its outbound list copied: the check's reduction is
-    appended to it), for `_restore`; then the node lets go of its device, buffers and kept
-    zeros, and an Input's value becomes a host copy: the check binds the nodes to its own
-    device, and its passes allocate arrays of their own instead of writing into the caller's."""
-    kept = {n: {**vars(n), "outbound_nodes": list(n.outbound_nodes)} for n in nodes}
-    for n in nodes:
-        n.device, n.buffers, n._zeros = None, NO_BUFFERS, None
-        if isinstance(n, Input) and n.value is not None:
-            n._value, n._private = to_numpy(n.value), None
-    return kept
-
-
-def _restore(kept: dict[Node, dict[str, Any]]) -> None:
-    """Put every node's attributes back as `_unbind` found them: device, bindings, values,
-    gradients, buffers and state (a graph that held them binds them again at its next step)."""
-    for node, attributes in kept.items():
-        vars(node).clear()
-        vars(node).update(attributes)
+        restore(kept)
 
 
 def _check(target: "Node | Graph", batches: tuple, wrt: Sequence[Node] | None,
            device: "str | Device | None", dtype: str, h: float, rtol: float, atol: float,
            samples: int | None, seed: int, raise_on_failure: bool) -> GradientReport:
-    """`gradient_check` itself, on nodes that `_unbind` let go of their buffers."""
+    """`gradient_check` itself, on nodes that `detach` let go of their buffers."""
     if isinstance(target, Graph):
         label = f"the graph under {target.loss.label}"
         device = get_device(device if device is not None else target.device)
@@ -236,10 +218,7 @@ def _same_masks(saved: dict[Node, Any], *, last: bool = False) -> None:
     in training mode, as the backward pass ran): Dropout draws the checked step's mask again,
     and BatchNorm's running statistics end where they started (`last`: after the check)."""
     for node, state in saved.items():
-        if isinstance(state, dict):
-            node.load_state_dict(state)
-        else:  # a Dropout without state_dict(): its generator, drawn again from its seed
-            node._rng, node._rng_device = state if last else (None, None)
+        node.load_state_dict(state)
 
 
 def _node_state(nodes: Iterable[Node]) -> dict[Node, Any]:
@@ -253,8 +232,6 @@ def _node_state(nodes: Iterable[Node]) -> dict[Node, Any]:
                                for k, v in node.state_dict().items()}
             except (AttributeError, TypeError):  # not bound nor fed yet: nothing to keep
                 pass
-        elif isinstance(node, Dropout):
-            saved[node] = (getattr(node, "_rng", None), getattr(node, "_rng_device", None))
     return saved
 
 

@@ -47,7 +47,7 @@ from .errors import GraphError
 from .graph import Graph, _run_step
 from .nodes import Input
 from .norm import BatchNorm, Dropout, _mix
-from .plan import set_mode
+from .plan import put_values, restore, set_mode, snapshot
 from .schedules import _number, clip_grad_norm
 
 
@@ -136,8 +136,8 @@ class CompiledStep:
             if not amp.record(ok):
                 return loss  # skipped: parameters, optimizer state and t stay as they were
         for i, p in enumerate(updated):
-            if isinstance(p, Input):
-                p._value = new_values[i]  # the compiled function's own array: nothing to copy
+            if isinstance(p, Input):  # the compiled function's own array: nothing to copy
+                put_values((p,), (new_values[i],))
             else:
                 p.value = new_values[i]
             if amp is not None:
@@ -160,20 +160,17 @@ class CompiledStep:
         graded, updated = self._split(key)
         # Tracing writes tracers into nodes (values, gradients, caches, state): put every node
         # and the optimizer back as they were, so that nothing traced leaks into eager use.
-        saved = {n: {k: dict(v) if type(v) is dict else v for k, v in vars(n).items()}
-                 for n in graph.nodes}
+        saved = snapshot(graph.nodes)
         saved_opt = dict(vars(opt))
         try:
-            for n, value in zip(graph.inputs, batch):
-                n._value = value
-            for p, value in zip(self._held, values):
-                p._value = value
+            put_values(graph.inputs, batch)
+            put_values(self._held, values)
             for n, (mean, var) in zip(self._norms, norm_state):
                 n.running_mean, n.running_var = mean, var
             for n, seed in zip((n for n in self._drops if n.p > 0.0), seeds):
                 n._seed_in = seed
             if amp is not None:  # the backward starts from the loss scale (amp.before_step)
-                graph.loss._grad_seed = scale
+                graph.plan.seed_loss(scale)
             _run_step(graph.plan.compute, graph.plan.backward)
             loss = graph.loss.value
             xp = graph.device.xp
@@ -199,9 +196,7 @@ class CompiledStep:
             grads = [p.gradients[p] for p in graded]
             return (new_values, new_masters, new_states, new_norm_state, loss, grads, finite)
         finally:
-            for n, attrs in saved.items():
-                vars(n).clear()
-                vars(n).update(attrs)
+            restore(saved)
             vars(opt).clear()
             vars(opt).update(saved_opt)
 

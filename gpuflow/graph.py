@@ -9,6 +9,7 @@ Parameter updates live in gpuflow/optim.py.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import math
 from typing import Any, Iterable, Sequence
@@ -18,7 +19,7 @@ from . import amp, placement
 from .buffers import copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
-from .plan import Plan, kahn_sort, reachable, set_mode
+from .plan import Plan, kahn_sort, reachable, set_mode, unbind
 
 
 class SortedGraph(list):
@@ -111,14 +112,8 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     nodes = reachable(reachable(list(feed_dict), "outbound_nodes"), "inbound_nodes")
     order = kahn_sort(nodes)
     graph = SortedGraph(order, get_device(device), dtype, reuse_buffers)
-    before = [(node, dict(node.__dict__)) for node in order]
-    try:
-        graph.plan.build(feed_dict, require_values=True)
-    except Exception:  # a refused sort, like a refused Graph, changes no node
-        for node, attributes in before:
-            node.__dict__.clear()
-            node.__dict__.update(attributes)
-        raise
+    # a refused sort, like a refused Graph, changes no node
+    graph.plan.build(feed_dict, require_values=True, undo_on_error=True)
     return graph
 
 
@@ -270,18 +265,65 @@ class Graph:
         self.amp = amp.for_graph(self.device, dtype, loss_scale)  # None unless float16/bfloat16
         self._loss_scale = loss_scale
         self.capture = placement.capture_option(capture, self.device)
-        self.reuse_buffers = reuse_buffers
         self.plan = Plan(self.nodes, self.device, dtype, loss=loss, wanted=self.parameters,
                          reuse_buffers=reuse_buffers).build()
-        self.dtype = self.plan.dtype
         self._run_orders: dict[Node, tuple[list[Node], list[Input]]] = {}
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
         self.steps = 0
         amp.claim(self)  # optimizers over its parameters find its mixed precision
 
+    # The plan holds what binding decides (it binds with them, and MiniFlow's SortedGraph has
+    # no other home for them): the graph reads them there, one home for both.
+    dtype = property(lambda self: self.plan.dtype, doc="The floating dtype of every value.")
+    reuse_buffers = property(lambda self: self.plan.reuse_buffers,
+                             doc="Whether nodes keep their arrays across steps.")
+
     def __repr__(self) -> str:
         return summary("Graph", self.nodes, self.device, self.dtype, self.parameters, self.loss)
+
+    def move_to(self, device: "str | Device", dtype: Any = None, *,
+                states: dict[Node, dict[str, Any]] | None = None) -> None:
+        """Bind every node to `device` in `dtype` (None: the graph's dtype), the weights and
+        fed values carried over exactly, node state too (BatchNorm's running statistics; or
+        `states`, host copies as `placement.node_states` makes them), and plan the backward
+        pass again. The gradients start empty, Dropout's masks from their seed, the step count
+        from 0; mixed precision (float16/bfloat16) keeps the object optimizers hold, its float32
+        masters made again from the values."""
+        device = get_device(device)
+        dtype = self.plan.dtype_spec if dtype is None else dtype
+        states = placement.node_states(self) if states is None else states
+        unbind(self.nodes, self.device)
+        new_amp = amp.for_graph(device, dtype, self._loss_scale)  # checked before binding
+        self.device = device
+        self.plan = Plan(self.nodes, device, dtype, loss=self.loss, wanted=self.parameters,
+                         reuse_buffers=self.reuse_buffers).build()
+        self._run_orders = {}
+        if self.amp is not None and new_amp is not None:
+            self.amp.move_to(new_amp)  # the optimizer keeps the object it was given
+        else:
+            self.amp = new_amp
+        self.steps = 0
+        for node, state in states.items():
+            node.load_state_dict(state)
+
+    @contextlib.contextmanager
+    def trial(self, states: dict[Node, dict[str, Any]] | None = None) -> Any:
+        """Moves and steps inside the block (`graph.compare`'s) run without the graph's mixed
+        precision, and leave it as it was after: its device and dtype (moved back, `states`
+        or the node state of now put back), its step count, and its mixed precision (the
+        object optimizers hold, whose float32 masters stay valid for the same weights)."""
+        here, dtype, steps, mixed = self.device, self.plan.dtype_spec, self.steps, self.amp
+        states = placement.node_states(self) if states is None else states
+        self.amp = None
+        try:
+            yield self
+        finally:
+            self.amp = None
+            self.move_to(here, dtype, states=states)
+            self.steps, self.amp = steps, mixed
+            if mixed is not None:
+                mixed.values_kept()
 
     def named_parameters(self) -> dict[str, Node]:
         """{name: parameter} in graph order; every parameter needs a unique name."""

@@ -88,6 +88,11 @@ class SoftmaxCrossEntropy(Node):
         self._class_range = None  # arange(classes) on the device, made once
         self._checked = None      # (classes, label dtype) the labels were last checked for
 
+    def release(self) -> None:
+        """Also forget the labels' check (made again on the next device)."""
+        self._class_range = self._checked = None
+        Node.release(self)
+
     def forward(self) -> None:
         labels, logits = self.inbound_nodes
         xp = self.xp

@@ -41,18 +41,53 @@ def accumulation_dtype(xp: Any, dtype: Any) -> Any:
         return wide
 
 
+class Binding:
+    """What a graph's plan gives a node when it binds it, in one object: the `device`, its
+    array namespace `xp` and operations `ops`, the node's `buffers`, the `plan` that holds it,
+    and for an Input the rules its fed values follow (`float_dtype`: the graph's floating
+    dtype, None keeps the fed one; `keep_integers`: labels keep their integer dtype) and
+    `private` (the value the plan copied in, not copied again at the next bind).
+
+    gpuflow/plan.py alone makes one (per node, at every bind), drops it (`plan.unbind`), and
+    sets its fields on the node as plain attributes, which node code reads: `self.device`,
+    `self.xp`, `self.ops`, `self.buffers`, `self._plan` (an Input's `self._float_dtype`,
+    `self._keep_integers`, `self._private`). Plain attributes, not properties over the
+    binding: node code reads them in every op, and a property read costs ~85 ns more (7%
+    of a 13-10-1 MLP's step). An unbound node reads the class's defaults (`UNBOUND`'s).
+    """
+
+    __slots__ = ("device", "xp", "ops", "buffers", "plan", "float_dtype", "keep_integers",
+                 "private")
+
+    def __init__(self, device: Any = None, xp: Any = None, ops: Any = None,
+                 buffers: "Buffers | _NoBuffers" = NO_BUFFERS, plan: Any = None,
+                 float_dtype: Any = None, keep_integers: bool = False,
+                 private: Any = None) -> None:
+        self.device, self.xp, self.ops, self.buffers = device, xp, ops, buffers
+        self.plan, self.float_dtype, self.keep_integers = plan, float_dtype, keep_integers
+        self.private = private
+
+
+UNBOUND = Binding(ops=Ops(None))  # what a node not bound to any graph reads
+
+
 class Node:
     """Base class: keeps `inbound_nodes`, `outbound_nodes`, `value` and `gradients`."""
 
-    xp: Any = None       # the array namespace of the graph's device, set when the graph is built
-    ops: Any = Ops(None)  # the device's operations that take out= (see backends.Ops)
-    device: Any = None   # the gpuflow Device the graph was built for
+    # The node's Binding, and its fields (set and dropped by gpuflow/plan.py only):
+    _binding: Binding = UNBOUND
+    xp: Any = UNBOUND.xp  # the array namespace of the graph's device
+    ops: Any = UNBOUND.ops  # the device's operations that take out= (see backends.Ops)
+    device: Any = UNBOUND.device  # the gpuflow Device the graph was built for
     # `self.buffers[name, shape, dtype]`: an array to pass as `out=` to `self.ops`, or None;
     # always use what the op returns (the keep / alias / copy rules: gpuflow/buffers.py).
-    buffers: "Buffers | _NoBuffers" = NO_BUFFERS
+    buffers: "Buffers | _NoBuffers" = UNBOUND.buffers
+    _plan: Any = UNBOUND.plan  # the plan.Plan that bound this node, if any
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
-    _plan: Any = None    # the plan.Plan that bound this node, if any
     _graph: Any = None   # a parameter's Graph (a weak reference; see gpuflow/amp.py), if any
+    # Set by the plan when a graph is built (gpuflow/plan.py):
+    _senders: "tuple[Node, ...]" = ()  # outbound nodes that send a gradient back
+    _grad_seed: Any = None  # the loss's gradient for itself (1.0, or amp's loss scale)
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
     training = True      # training or evaluation mode (Dropout, BatchNorm), set by the graph
     integer_inputs: tuple[int, ...] = ()   # inbound slots that take integer data (labels)
@@ -73,10 +108,8 @@ class Node:
                                  "and feed it through feed_dict.")
         for n in self.inbound_nodes:
             n.outbound_nodes.append(self)
-        # Set by the executor when a graph is built (see graph.py):
+        # Set by the plan when a graph is built (see plan.py):
         self.needs_grad = (True,) * len(self.inbound_nodes)  # which inbound gradients to compute
-        self._senders: tuple[Node, ...] = ()    # outbound nodes that send a gradient back
-        self._grad_seed: Any = None  # the loss's gradient for itself, 1.0; None elsewhere
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """A node refused as it is made leaves its inputs as they were: `Node.__init__` lists
@@ -121,6 +154,13 @@ class Node:
     def backward(self) -> None:
         """Store in `self.gradients[n]` the gradient of the loss for each inbound node `n`."""
         raise NotImplementedError(f"{self.label} must implement backward()")
+
+    def release(self) -> None:
+        """Let go of what this node keeps for the device it leaves (`plan.unbind`, when its
+        graph moves to another device, calls it after dropping every array of that device the
+        node holds): the kept zero gradient here. A node with device caches of its own (a
+        record of what it checked there) overrides this and calls `Node.release(self)`."""
+        self._zeros = None
 
     def state_arrays(self) -> dict[str, Any]:
         """{name: array}: the device arrays this node updates in a step besides its value and
@@ -168,8 +208,6 @@ class Input(Node):
 
     def __init__(self, *, name: str | None = None):
         self._value = None
-        self._float_dtype = None     # the graph's dtype for floating data (None keeps the fed one)
-        self._keep_integers = False  # labels keep their integer dtype; other data becomes float
         self._classes = None         # for labels: the number of classes, once known
         Node.__init__(self, name=name)
 
@@ -206,6 +244,12 @@ class Input(Node):
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
         self._value = value
+
+    # The binding's rules for fed values (gpuflow/plan.py sets them): the graph's dtype for
+    # floating data (None keeps the fed one); whether labels keep their integer dtype.
+    _float_dtype: Any = UNBOUND.float_dtype
+    _keep_integers: bool = UNBOUND.keep_integers
+    _private: Any = UNBOUND.private  # the value the plan copied in (not copied again)
 
     # Read through a C getter: a step reads every Input's value several times.
     value = property(operator.attrgetter("_value"), _set_value,

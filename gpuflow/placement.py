@@ -3,7 +3,8 @@
 A node lives on one device at a time (see `bind`). To run the same graph elsewhere, every node
 is released (its values brought to the host, every array it kept on the old device dropped,
 the state of nodes with `state_dict()` carried over), then bound to the new device: the same
-weights, bit for bit, wherever they go.
+weights, bit for bit, wherever they go. `Graph.move_to` (gpuflow/graph.py) does it; this
+module keeps the policies that move a graph, through its public methods only.
 
 - `device="fastest"` (or "fastest:cpu,torch:cpu" to name the candidates) times whole training
   steps (graph.step and the optimizer's update) at the first batch's shapes on each candidate
@@ -27,9 +28,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import LEDGER, Device, available_devices, get_device, to_host
+from .backends import LEDGER, Device, available_devices, dtype_name, get_device, to_host
 from .errors import DeviceError, GraphError
-from .nodes import NO_BUFFERS, Input, Node
+from .nodes import Node
 
 FASTEST = "fastest"
 # array_api_strict is a test library (slow on purpose): a candidate only when named.
@@ -51,62 +52,6 @@ def node_states(graph: Any) -> dict[Node, dict[str, Any]]:
         if callable(state_dict) and node.device is not None:
             states[node] = {k: _host_copy(node.device, v) for k, v in state_dict().items()}
     return states
-
-
-def move(graph: Any, device: Device, dtype: Any,
-         states: dict[Node, dict[str, Any]] | None = None) -> None:
-    """Bind every node of `graph` to `device` in `dtype` (weights and fed values carried over
-    exactly, node state too, or `states` given), and plan its backward pass again; the
-    gradients start empty, Dropout's masks from their seed."""
-    from . import amp
-    from .plan import Plan
-    old = graph.device
-    states = node_states(graph) if states is None else states
-    for node in graph.nodes:
-        _release(node, old)
-    new_amp = amp.for_graph(device, dtype, graph._loss_scale)  # checked before binding
-    graph.device = device
-    graph.plan = Plan(graph.nodes, device, dtype, loss=graph.loss, wanted=graph.parameters,
-                      reuse_buffers=graph.reuse_buffers).build()
-    graph.dtype = graph.plan.dtype
-    graph._run_orders = {}
-    if graph.amp is not None and new_amp is not None:
-        graph.amp.move_to(new_amp)  # the optimizer keeps the object it was given
-    else:
-        graph.amp = new_amp
-    graph.steps = 0
-    for node, state in states.items():
-        node.load_state_dict(state)
-
-
-# Per-device caches of the built-in nodes that are not arrays (SoftmaxCrossEntropy's record of
-# the label dtype it checked, Dropout's device generator); None means "not yet".
-_DEVICE_CACHES = ("_checked", "_rng", "_rng_device")
-
-
-def _owned(device: Device | None, value: Any) -> bool:
-    """Whether `value` is an array of `device` (anything else is kept)."""
-    if device is None or getattr(value, "shape", None) is None or isinstance(value, type):
-        return False
-    try:
-        return bool(device.owns(value))
-    except Exception:  # noqa: BLE001 - an object the library cannot judge is not its array
-        return False
-
-
-def _release(node: Node, device: Device | None) -> None:
-    """Unbind one node: its fed value to the host, every array it keeps on `device` dropped
-    (forward recomputes what backward needs)."""
-    if isinstance(node, Input):
-        node._value = _host_copy(node.device, node._value)
-        node._private = None
-    for key, value in list(vars(node).items()):
-        if key in _DEVICE_CACHES or (key != "_value" and _owned(device, value)):
-            setattr(node, key, None)
-    node.gradients = {}
-    node.buffers = NO_BUFFERS
-    for key in ("_zeros", "device", "xp", "ops", "_plan"):  # back to the class's defaults
-        node.__dict__.pop(key, None)
 
 
 # -- device="fastest" -----------------------------------------------------------------------------
@@ -239,8 +184,7 @@ class _Candidate:
     def prepare(self) -> None:
         if self.graph.device is self.device:
             return
-        graph = self.graph
-        move(graph, self.device, graph.plan._dtype_spec, _copied(self.states))
+        self.graph.move_to(self.device, states=_copied(self.states))
         with LEDGER.allowed():
             for p, host in self.weights.items():  # every block starts from the same weights
                 p.value = _copy(host)
@@ -346,7 +290,7 @@ def choose_fastest(graph: Any, batches: tuple, candidates: Sequence[str], *,
 def _put_back(graph: Any, device: Device, weights: dict[Node, Any],
               states: dict[Node, dict[str, Any]], saved_opt: list, saved_amp: list) -> None:
     """Move `graph` to `device` with everything as it was before timing."""
-    move(graph, device, graph.plan._dtype_spec, _copied(states))
+    graph.move_to(device, states=_copied(states))
     with LEDGER.allowed():
         for p, host in weights.items():
             p.value = _copy(host)
@@ -424,26 +368,18 @@ def compare(graph: Any, other: "str | Device", batches: tuple, *, dtype: Any = "
     the first node (forward order, then backward order) whose value or gradient differs beyond
     rtol/atol (default: `TOLERANCES` of the dtype compared)."""
     other = get_device(other)
-    dtype = graph.plan._dtype_spec if dtype is None else dtype
+    if dtype is None:  # the graph's own
+        dtype = dtype_name(graph.dtype)
     rtol, atol = tolerances(dtype, rtol, atol)
     here = graph.device
-    saved = (here, graph.plan._dtype_spec, graph.steps, graph.amp)
-    masters = dict(graph.amp._written) if graph.amp is not None else None
     states = node_states(graph)
     host_batches = _host_batches(graph, batches) if batches else _current_batch(graph)
     runs = []
-    try:
+    with graph.trial(states):  # put back as it was after, mixed precision included
         for device in (here, other):
-            graph.amp = None  # the comparison runs in `dtype`, without loss scaling
-            move(graph, device, dtype, states)
+            graph.move_to(device, dtype, states=states)
             graph.step(*host_batches, training=training)
             runs.append(_record(graph))
-    finally:
-        graph.amp = None
-        move(graph, here, saved[1], states)
-        graph.steps, graph.amp = saved[2], saved[3]
-        if masters is not None:  # the float32 masters stay valid: point them at the values
-            graph.amp._written = {p: p.value for p in masters}
     return _first_difference(runs, (here.name, other.name), rtol, atol)
 
 

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Iterable, Sequence
 
-from .backends import Device, dtype_name
+from .backends import LEDGER, Device, dtype_name
+from .backends.numpy import host_copy
 from . import recomputation
 from .buffers import NO_BUFFERS, Buffers, copy_feed
 from .errors import GraphError
-from .nodes import Input, Node
+from .host import to_numpy
+from .nodes import Binding, Input, Node
 
 
 class Plan:
@@ -49,8 +51,17 @@ class Plan:
         self.mode: bool | None = None  # the training mode set_mode last gave these nodes
 
     def build(self, feed_dict: dict | None = None, require_values: bool = False,
-              fresh: bool = True) -> "Plan":
-        """Bind every node (see `bind`) and plan the backward pass (see `plan_backward`)."""
+              fresh: bool = True, undo_on_error: bool = False) -> "Plan":
+        """Bind every node (see `bind`) and plan the backward pass (see `plan_backward`).
+        `undo_on_error`: a refused build (a missing feed: MiniFlow's topological_sort) leaves
+        every node as it was."""
+        if undo_on_error:
+            kept = snapshot(self.nodes)
+            try:
+                return self.build(feed_dict, require_values, fresh)
+            except Exception:
+                restore(kept)
+                raise
         self.dtype = bind(self.nodes, self.device, self._dtype_spec, feed_dict or {},
                           require_values, owner=self, reuse_buffers=self.reuse_buffers)
         if self._dtype_spec is None:  # the one the feeds agreed on: a re-bind converts to it
@@ -62,12 +73,26 @@ class Plan:
         self.mode = None  # another graph may have set these nodes' mode meanwhile
         return self
 
+    dtype_spec = property(lambda self: self._dtype_spec,
+                          doc="The dtype the graph asked for (None: what the feeds agree on).")
+
     def ensure(self) -> None:
         """Bind and plan again if another graph (a validation graph, a MiniFlow sort) over some
         of the same nodes bound them since: a node holds one binding and one plan at a time.
         The gradients already computed stay."""
         if self.stale:
             self.build(fresh=False)
+
+    def set_buffers(self, node: Node, buffers: Any) -> None:
+        """Give a node this plan binds other buffers (gpuflow/recomputation.py, as the plan
+        is built: a segment's interior nodes borrow from its arena)."""
+        if node._plan is not self:
+            raise GraphError(f"{node.label} is not bound by this plan.")
+        _set(node, "buffers", buffers)
+
+    def seed_loss(self, value: Any) -> None:
+        """Start the backward pass from `value` (mixed precision's loss scale) instead of 1."""
+        self.loss._grad_seed = value
 
 
 def reachable(start: Sequence[Node], edges: str, within: set | None = None) -> list[Node]:
@@ -122,8 +147,8 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
     """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
 
     With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
-    Every node records `owner` (the Plan binding it) as `node._plan`; the plan that held it
-    before is marked stale, to bind and plan again before it runs. With `reuse_buffers` (and a
+    Every node gets a new `Binding` (nodes.py) recording `owner` (the Plan binding it) as
+    `node._plan`; the plan that held it before is marked stale, to bind and plan again before it runs. With `reuse_buffers` (and a
     backend that writes into arrays) nodes keep their buffers across steps. Returns the
     floating dtype.
     """
@@ -139,24 +164,26 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
                 f"again for {device.name} (the same seed gives the same initial weights), or "
                 "save a checkpoint and load it into the new model.")
     reuse = reuse_buffers and device.ops.writes_out
-    for node in order:
+    for node in order:  # a new binding each: a snapshot (see `snapshot`) keeps the old one
+        old = node._binding
         if not reuse:
-            node.buffers = NO_BUFFERS
-        elif node.buffers is NO_BUFFERS or node.device is not device:
-            node.buffers = Buffers(node, device)
-        node.device = device
-        node.xp = device.xp
-        node.ops = device.ops
-        if node._plan is not owner and node._plan is not None:
-            node._plan.stale = True  # it binds and plans again before it next runs
-        node._plan = owner
+            buffers = NO_BUFFERS
+        elif old.buffers is NO_BUFFERS or old.device is not device:
+            buffers = Buffers(node, device)
+        else:
+            buffers = old.buffers
+        if old.plan is not owner and old.plan is not None:
+            old.plan.stale = True  # it binds and plans again before it next runs
+        _install(node, Binding(device, device.xp, device.ops, buffers, owner,
+                               old.float_dtype, old.keep_integers, old.private))
     inputs = [node for node in order if isinstance(node, Input)]
     for node in inputs:
-        node._float_dtype = float_dtype
+        binding = node._binding
         consumers = [(m, i) for m in node.outbound_nodes
                      for i, n in enumerate(m.inbound_nodes) if n is node]
-        node._keep_integers = bool(consumers) and all(
-            i in m.integer_inputs for m, i in consumers)
+        _set(node, "float_dtype", float_dtype)
+        _set(node, "keep_integers", bool(consumers) and all(
+            i in m.integer_inputs for m, i in consumers))
         value = feed_dict[node] if node in feed_dict else node.value
         if value is None and (node in feed_dict or require_values):
             users = ", ".join(m.label for m, _ in consumers) or "no node"
@@ -166,9 +193,9 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
                              ".value before building the graph.")
         # A value from the caller (fed, or set before the graph was built) is copied once
         # (gpuflow/buffers.py): training updates it, and the caller's array must not change.
-        private = node in feed_dict or getattr(node, "_private", None) is not value
+        private = node in feed_dict or binding.private is not value
         node.value = copy_feed(value, device) if private else value
-        node._private = node._value
+        _set(node, "private", node._value)
     if float_dtype is None:
         float_dtype = _one_float_dtype(inputs, device)
     return float_dtype
@@ -189,7 +216,7 @@ def _one_float_dtype(inputs: Sequence[Input], device: Device) -> Any:
                          "or dtype='float64' to topological_sort, and every feed is converted.")
     common = next(iter(kinds)) if kinds else None
     for node in inputs:
-        node._float_dtype = common
+        _set(node, "float_dtype", common)
     return common
 
 
@@ -245,3 +272,100 @@ def set_mode(nodes: Sequence[Node], training: bool, plan: Plan | None = None) ->
             holder.mode = None
     if plan is not None:
         plan.mode = training
+
+
+# -- the other ways a node's binding changes: this module alone writes it -----------------------
+# A Binding's fields, as node code reads them on the node (plain attributes: see nodes.Binding);
+# an Input's dtype rules and private copy only on Inputs.
+_NAMES = {"device": "device", "xp": "xp", "ops": "ops", "buffers": "buffers", "plan": "_plan",
+          "float_dtype": "_float_dtype", "keep_integers": "_keep_integers",
+          "private": "_private"}
+_INPUT_ONLY = ("float_dtype", "keep_integers", "private")
+
+
+def _install(node: Node, binding: Binding) -> None:
+    """Give `node` its binding, and its fields as the node's attributes."""
+    attributes = vars(node)
+    attributes["_binding"] = binding
+    for field, name in _NAMES.items():
+        if field not in _INPUT_ONLY or isinstance(node, Input):
+            attributes[name] = getattr(binding, field)
+
+
+def _set(node: Node, field: str, value: Any) -> None:
+    """Change one field of the binding `node` got from the plan being built."""
+    setattr(node._binding, field, value)
+    vars(node)[_NAMES[field]] = value
+
+
+def unbind(nodes: Iterable[Node], device: Device | None) -> None:
+    """Release every node from `device` (its graph moves to another one): a fed value to the
+    host, every array the node keeps on `device` dropped (forward recomputes what backward
+    needs), its gradients, its own device caches (`Node.release`), and its binding."""
+    for node in nodes:
+        if isinstance(node, Input):
+            node._value = _host_copy(node.device, node._value)
+        for key, value in list(vars(node).items()):
+            if key not in ("_value", "_binding") and _owned(device, value):
+                setattr(node, key, None)
+        node.gradients = {}
+        node.release()
+        for name in ("_binding", *_NAMES.values()):  # back to the class's defaults (UNBOUND)
+            vars(node).pop(name, None)
+
+
+def _host_copy(device: Device | None, value: Any) -> Any:
+    """`value` as host data of its own (a NumPy array, or the Python value it is)."""
+    if device is not None and device.owns(value):
+        with LEDGER.allowed():
+            return host_copy(device.to_host(value, what="moving the graph"))
+    return value
+
+
+def _owned(device: Device | None, value: Any) -> bool:
+    """Whether `value` is an array of `device` (anything else is kept)."""
+    if device is None or getattr(value, "shape", None) is None or isinstance(value, type):
+        return False
+    try:
+        return bool(device.owns(value))
+    except Exception:  # noqa: BLE001 - an object the library cannot judge is not its array
+        return False
+
+
+def snapshot(nodes: Iterable[Node]) -> dict[Node, dict[str, Any]]:
+    """Every node's attributes as they are, its binding included (dicts, such as the
+    gradients, and the outbound list copied), for `restore`."""
+    return {n: {k: dict(v) if type(v) is dict else v for k, v in vars(n).items()}
+            | {"outbound_nodes": list(n.outbound_nodes)} for n in nodes}
+
+
+def restore(kept: dict[Node, dict[str, Any]]) -> None:
+    """Put every node's attributes back as `snapshot` found them (a plan that held them, and
+    that another plan marked stale meanwhile, binds them again before it next runs)."""
+    for node, attributes in kept.items():
+        vars(node).clear()
+        vars(node).update(attributes)
+
+
+def detach(nodes: Sequence[Node]) -> dict[Node, dict[str, Any]]:
+    """`snapshot` the nodes, then let each go of its device, buffers and kept zeros, and make
+    an Input's value a host copy: another plan (gradient_check's) binds them to its own device,
+    and its passes allocate arrays of their own instead of writing into the caller's.
+    `restore` puts everything back."""
+    kept = snapshot(nodes)
+    for n in nodes:
+        b = n._binding
+        fed = isinstance(n, Input) and n.value is not None
+        _install(n, Binding(None, b.xp, b.ops, NO_BUFFERS, b.plan, b.float_dtype,
+                            b.keep_integers, None if fed else b.private))
+        n._zeros = None
+        if fed:
+            n._value = to_numpy(n.value)
+    return kept
+
+
+def put_values(nodes: Iterable[Input], values: Iterable[Any]) -> None:
+    """Set Inputs' values as they are, unchecked and uncopied: arrays a compiled step made on
+    the graph's device (or traced), which are already right (gpuflow/compiled.py)."""
+    for node, value in zip(nodes, values):
+        node._value = value

@@ -124,7 +124,7 @@ class Arena:
 
     def __init__(self, plan: Any) -> None:
         self.device = plan.device
-        self._plan = weakref.ref(plan)
+        self._plan_ref = weakref.ref(plan)
         self.free: dict[tuple, list] = {}
         self.buffers: dict[tuple, Any] = {}   # ("arena", n): array, for buffers._KEPT
         self.keys: set = set()                # the memory keys of every kept array
@@ -134,7 +134,7 @@ class Arena:
         if free:
             return free.pop()
         array = self.device.new_buffer(shape, dtype)
-        plan = self._plan()
+        plan = self._plan_ref()
         if plan is not None and plan.keeping:
             key = self.device.memory_keys(array)[0]
             name = ("arena", len(self.buffers))
@@ -217,7 +217,7 @@ class Schedule:
         self.last_backward = backward[-1] if backward else None
 
     # -- wrapping ------------------------------------------------------------------------------
-    def install(self) -> None:
+    def install(self, plan: Any) -> None:
         first, last = self.nodes[0], self.nodes[-1]
         for node in self.nodes:
             forward = type(node).forward.__get__(node)
@@ -227,7 +227,7 @@ class Schedule:
             node.backward = _Wrapped(self._backward_of(
                 node, backward, node is self.first_backward, node is self.last_backward))
             if self.arena is not None and node in self.inner:
-                node.buffers = Borrowed(self.arena)
+                plan.set_buffers(node, Borrowed(self.arena))
             if node in self.inner:  # where gradients sent out of the segment are copied
                 node._kept = (Buffers(node, self.device) if self.arena is not None
                               else NO_BUFFERS)
@@ -338,7 +338,7 @@ def install(plan: Any) -> list[Schedule]:
                 del vars(node)[key]
         if isinstance(node.buffers, Borrowed):
             node.buffers.give_back()
-            node.buffers = Buffers(node, device) if reuse else NO_BUFFERS
+            plan.set_buffers(node, Buffers(node, device) if reuse else NO_BUFFERS)
         segment = getattr(node, "_segment", None)
         if segment is not None and not isinstance(node, Input):
             groups.setdefault(segment, []).append(node)
@@ -349,6 +349,6 @@ def install(plan: Any) -> list[Schedule]:
     for nodes in groups.values():
         schedule = Schedule(nodes, plan, arena)
         if schedule.interior:
-            schedule.install()
+            schedule.install(plan)
             schedules.append(schedule)
     return schedules

@@ -95,6 +95,11 @@ class Embedding(Node):
             if getattr(table, "ndim", 0) == 2:
                 self._vocabulary(table.shape[0])
 
+    def release(self) -> None:
+        """Also forget the ids' check (made again on the next device)."""
+        self._checked = None
+        Node.release(self)
+
     def _vocabulary(self, vocab: int) -> None:
         """Later feeds of the ids Input are checked against `vocab` rows."""
         ids, W = self.inbound_nodes

@@ -4,6 +4,7 @@ array library or switches on a backend's name; it asks the device (see backends/
 from __future__ import annotations
 
 import ast
+import functools
 import os
 
 import pytest
@@ -231,6 +232,131 @@ def _cycle(edges: dict[str, set[str]]) -> list[str]:
 def test_the_cycle_check_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) == []
+
+
+# A node's binding (device, xp, ops, buffers, plan, dtype rules) and the private attributes
+# the plan keeps on a node: gpuflow/plan.py alone writes them; node code only reads them.
+BINDING_OWNER = "gpuflow/plan.py"
+BINDING_ATTRIBUTES = {"_binding", "device", "xp", "ops", "buffers", "_plan", "_float_dtype",
+                      "_keep_integers", "_private", "_grad_seed", "_senders", "_value"}
+
+
+def _binding_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of each write of a node's binding attribute: `x.<name> = ...` (an Input's
+    own `self._value = ...` aside), `setattr(x, '<name>', ...)`, `vars(x).pop('<name>')`, and
+    `vars(x)` or `x.__dict__` cleared or updated (which replaces every attribute)."""
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            for target in getattr(node, "targets", None) or [node.target]:
+                targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+        for target in targets:
+            if isinstance(target, ast.Attribute) and target.attr in BINDING_ATTRIBUTES and not (
+                    target.attr == "_value" and isinstance(target.value, ast.Name)
+                    and target.value.id == "self"):
+                out.append((target.lineno, f"{ast.unparse(target)} ="))
+        if not isinstance(node, ast.Call):
+            continue
+        func = node.func
+        names = {s for a in node.args[1:2] for s in _strings(a)}
+        if isinstance(func, ast.Name) and func.id == "setattr" and names & BINDING_ATTRIBUTES:
+            out.append((node.lineno, "setattr"))
+        if isinstance(func, ast.Attribute) and func.attr in ("clear", "update", "pop"):
+            holder = func.value
+            whole = (isinstance(holder, ast.Attribute) and holder.attr == "__dict__") or (
+                isinstance(holder, ast.Call) and isinstance(holder.func, ast.Name)
+                and holder.func.id == "vars")
+            popped = {s for a in node.args[:1] for s in _strings(a)}
+            if whole and (func.attr != "pop" or popped & BINDING_ATTRIBUTES):
+                out.append((node.lineno, f"{ast.unparse(holder)}.{func.attr}"))
+    return sorted(out)
+
+
+# Writes the check cannot tell from a node's: (module, what) -> why they are not a node's.
+BINDING_ALLOWED = {
+    ("gpuflow/amp.py", "optimizer.ops ="): "an optimizer's ops (the parameter's it updates)",
+    ("gpuflow/compiled.py", "opt.ops ="): "an optimizer's ops (the parameter's it updates)",
+    ("gpuflow/compiled.py", "vars(opt).clear"): "the optimizer, put back after tracing",
+    ("gpuflow/compiled.py", "vars(opt).update"): "the optimizer, put back after tracing",
+}
+PUBLIC_BINDING = {"device", "xp", "ops", "buffers"}  # names other objects use too
+
+
+@functools.lru_cache(maxsize=None)
+def _node_classes() -> frozenset[str]:
+    """The names of gpuflow's Node classes (Node and every class deriving from one)."""
+    bases = {}
+    for rel in _modules():
+        for node in ast.walk(_tree(rel)):
+            if isinstance(node, ast.ClassDef):
+                bases[node.name] = {ast.unparse(b).split(".")[-1] for b in node.bases}
+    found, grown = {"Node"}, True
+    while grown:
+        more = {name for name, b in bases.items() if b & found} - found
+        found |= more
+        grown = bool(more)
+    return frozenset(found)
+
+
+def _self_in_other_classes(tree: ast.AST, nodes: set[str]) -> set[int]:
+    """The lines of the classes that are not Node classes: their `self` is no node."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name not in nodes:
+            lines |= set(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def test_the_binding_check_sees_what_it_looks_for():
+    sample = ast.parse("def f(n, kept):\n    n._plan = None\n    n.a, n._private = 1, 2\n"
+                       "    setattr(n, '_binding', 0)\n    vars(n).clear()\n"
+                       "    n.__dict__.update(kept)\n    vars(n).pop('_binding')\n"
+                       "    n._value = 1\n    self._value = 1\n    vars(n).pop('forward')\n")
+    assert [line for line, _ in _binding_writes(sample)] == [2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("rel", [r for r in _modules() if r != BINDING_OWNER])
+def test_only_the_plan_writes_a_nodes_binding(rel):
+    """Binding a node (its device, xp, ops, buffers, plan, dtype rules, the loss's seed) and
+    releasing it is gpuflow/plan.py's: other modules call its `bind`, `unbind`, `detach`,
+    `snapshot`/`restore`, `put_values`, `Plan.set_buffers` and `Plan.seed_loss`."""
+    tree = _tree(rel)
+    others = _self_in_other_classes(tree, _node_classes())
+    found = [(line, what) for line, what in _binding_writes(tree)
+             if (rel, what) not in BINDING_ALLOWED and not (
+                 line in others and what.startswith("self.")
+                 and what.split(".")[1].split(" ")[0] in PUBLIC_BINDING)]
+    assert not found, (f"{rel} writes a node's binding at line(s) "
+                       f"{', '.join(f'{line} ({what})' for line, what in found)}.\nhelp: ask "
+                       "gpuflow/plan.py (a function or Plan method there) to do it.")
+
+
+def test_a_bound_nodes_attributes_are_its_bindings():
+    """plan.py sets a Binding's fields on the node (plain attributes, read in every op)."""
+    import gpuflow as gf
+    X = gf.Input(name="X")
+    loss = gf.MSE(X, X)
+    graph = gf.topological_sort({X: [[1.0, 2.0]]})
+    for node in (X, loss):
+        b = node._binding
+        assert (node.device, node.xp, node.ops, node.buffers, node._plan) == (
+            b.device, b.xp, b.ops, b.buffers, b.plan) and b.plan is graph.plan
+    assert (X._float_dtype, X._keep_integers, X._private) == (
+        X._binding.float_dtype, X._binding.keep_integers, X._binding.private)
+
+
+def test_placement_uses_only_the_graphs_public_methods():
+    """gpuflow/placement.py moves graphs through `Graph.move_to` and `Graph.trial`: it reads no
+    private attribute of a graph (nor of its plan or mixed precision) and assigns none of the
+    graph's attributes."""
+    found = []
+    for node in ast.walk(_tree("gpuflow/placement.py")):
+        if isinstance(node, ast.Attribute) and ast.unparse(node.value) in (
+                "graph", "self.graph", "graph.plan", "graph.amp") and (
+                node.attr.startswith("_") or isinstance(node.ctx, ast.Store)):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    assert not found, f"placement.py reaches into the graph: {found}"
 
 
 def test_modules_outside_backends_import_one_another_one_way():

@@ -190,6 +190,29 @@ def test_compare_keeps_a_mixed_precision_graphs_masters():
         assert np.abs(host(graph.device, graph.amp.master[p]) - m).max() < 0.1
 
 
+def test_move_to_carries_the_weights_exactly_and_the_graph_owns_its_insides(device):
+    """Graph.move_to is the graph's own: placement calls it; dtype and reuse_buffers have one
+    home (the plan), read through the graph."""
+    graph = _graph("cpu", dtype="float32")
+    opt = Adam(graph, lr=1e-2)
+    graph.step(XB, YB)
+    opt.step()
+    before = [host(graph.device, p.value).copy() for p in graph.parameters]
+    graph.move_to(device)
+    assert graph.device.name == gf.get_device(device).name and graph.steps == 0
+    assert graph.dtype is graph.plan.dtype and graph.plan.device is graph.device
+    assert all(n.device is graph.device and n._plan is graph.plan for n in graph.nodes)
+    for a, p in zip(before, graph.parameters):
+        np.testing.assert_array_equal(a, host(graph.device, p.value))
+    with pytest.raises(AttributeError):
+        graph.dtype = "float64"
+    with pytest.raises(AttributeError):
+        graph.reuse_buffers = False
+    assert np.isfinite(graph.item(graph.step(XB, YB)))
+    graph.move_to("cpu", "float64")
+    assert graph.dtype == np.float64 and graph.plan.reuse_buffers is graph.reuse_buffers
+
+
 @pytest.mark.parametrize("dtype, other", [("float32", "array_api_strict"),
                                           ("float16", "torch:cpu")])
 def test_compare_tolerances_follow_the_dtype_compared(dtype, other):
