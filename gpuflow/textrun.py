@@ -18,6 +18,7 @@ the batch order, so --resume continues bit for bit and `gpuflow export` rebuilds
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -139,12 +140,13 @@ def train_gpt(opts: Any, started: float, carried: str = "") -> dict[str, Any]:
     source = opts.data if opts.data is not None else "python-docs"
     text_ids, vocabulary = load_text(source, vocabulary=vocabulary)
     per_step = opts.batch_size * opts.accumulate
-    batches = SequenceBatches(text_ids, opts.context, per_step, seed=opts.seed,
-                              held_out=HELD_OUT, drop_last=True)
-    if not len(batches):
-        raise DataError(f"{source}: the training part holds {batches.num_samples} windows of "
+    windows = (len(text_ids) - math.ceil(HELD_OUT * len(text_ids)) - 1) // opts.context
+    if windows < per_step:  # as SequenceBatches cuts the text
+        raise DataError(f"{source}: the training part holds {max(0, windows)} windows of "
                         f"{opts.context} characters, fewer than one batch of {per_step}.\n"
                         "help: pass a longer text, or a smaller --batch-size or --context.")
+    batches = SequenceBatches(text_ids, opts.context, per_step, seed=opts.seed,
+                              held_out=HELD_OUT, drop_last=True)
     device = get_device(opts.device)
     ids, y, logits, loss, arch = build(opts, len(vocabulary))
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[ids, y], outputs=[logits],
