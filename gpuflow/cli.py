@@ -503,8 +503,8 @@ def build_parser() -> CommandParser:
     t.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the split, the initial weights and the batch order")
     t.add_argument("--data", metavar="PATH",
-                   help="MNIST-style IDX folder or .npz (default: the bundled 8x8 digits); "
-                   "with --model gpt a UTF-8 text file (default: Python's pydoc topics)")
+                   help="MNIST-style IDX folder or .npz, or with --model gpt a UTF-8 text "
+                   "file (default: the bundled 8x8 digits; for gpt Python's pydoc topics)")
     t.add_argument("--save", metavar="PATH", help="write a checkpoint after every epoch")
     t.add_argument("--resume", metavar="PATH",
                    help="continue from a checkpoint's epoch, with the settings of its run for "
