@@ -11,6 +11,7 @@
     gpuflow train --batch-size 32 --accumulate 4     # one optimizer step per 4 batches of 32
     gpuflow export run.safetensors --onnx model.onnx    # or --python FOLDER (gpuflow.export)
     gpuflow train --model cnn --recompute            # recompute each block's values in backward
+    gpuflow train --model gpt --steps 1000           # a character-level GPT (gpuflow/textrun.py)
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import checkpoint, distributed, placement
+from . import checkpoint, distributed, placement, textrun
 from .backends import backend_report, get_device
 from .backends.numpy_threads import get_num_threads, set_num_threads
 from .commandline import CommandError, CommandParser, HelpFormatter, report_error
@@ -48,7 +49,7 @@ from .runs import (SCHEDULES, another_model, build_model, checkpoint_state, foll
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "gpt")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # 16-bit: mixed precision (amp.py)
 EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
@@ -84,6 +85,13 @@ class TrainOptions:
     accumulate: int = 1          # batches of batch_size per optimizer step (Graph.accumulate_step)
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
     recompute: bool = False      # each block (hidden layer) recomputed in the backward pass
+    # --model gpt only (gpuflow/textrun.py, which also has its other defaults): a run of steps
+    steps: int = 1000
+    eval_every: int = 100        # steps between held-out reports (and --save)
+    layers: int = 2
+    width: int = 128
+    heads: int = 4
+    context: int = 64
     # The options the user gave (argv's flags, a dict's keys); None: those that differ from the
     # defaults. With --resume, the run's settings not given are taken from the checkpoint.
     given: "frozenset[str] | None" = dataclasses.field(default=None, repr=False, compare=False)
@@ -125,6 +133,7 @@ class TrainOptions:
         _check_choice("--dtype", self.dtype, DTYPES)
         _check_choice("--optimizer", self.optimizer.lower(), OPTIMIZER_NAMES)
         _check_choice("--model", self.model, MODELS)
+        textrun.check(self)
         if self.dropout is None:
             self.dropout = 0.25 if self.model == "cnn" else 0.0
         if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float))
@@ -205,6 +214,8 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     """
     opts = TrainOptions.from_any(options)
     opts.given = opts.explicit()  # before check() fills in defaults (--dropout)
+    if opts.model == "gpt":
+        textrun.take_defaults(opts)
     opts.check()
     started = time.perf_counter()
     carried = resume_settings(opts) if opts.resume is not None else ""
@@ -212,7 +223,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     if opts.threads is not None:
         set_num_threads(opts.threads)
     try:
-        return _train(opts, started, carried)
+        return (textrun.train_gpt if opts.model == "gpt" else _train)(opts, started, carried)
     finally:
         set_num_threads(threads)
 
@@ -467,15 +478,17 @@ def build_parser() -> CommandParser:
                         "(BatchNorm still sees each batch on its own; default 1)")
     t.add_argument("--lr", type=float, default=d.lr, help="learning rate")
     t.add_argument("--model", default=d.model, choices=MODELS,
-                   help="mlp, or cnn: a LeNet-style CNN on the images (default %(default)s)")
+                   help="mlp, or cnn: a LeNet-style CNN on the images, or gpt: a character-"
+                   "level GPT on a text, its options below (default %(default)s)")
     t.add_argument("--dropout", type=float, default=d.dropout, metavar="P",
                    help="dropout probability after the hidden dense layer(s) "
                         "(default 0.25 for cnn, 0 for mlp)")
     t.add_argument("--schedule", choices=SCHEDULES,
                    help="learning-rate schedule, stepped once per epoch: step (x0.1 every "
                         "max(1, epochs // 3) epochs), cosine (to 0 over --epochs), exponential "
-                        "(x0.9 per epoch); --resume continues the checkpoint's (default: none, "
-                        "a constant rate)")
+                        "(x0.9 per epoch), warmup-cosine (linear over the first tenth, then "
+                        "cosine to 0; per step with --model gpt, its default); --resume "
+                        "continues the checkpoint's (default: none, a constant rate)")
     t.add_argument("--clip", type=float, metavar="MAX_NORM",
                    help="scale the gradients to a global L2 norm of at most MAX_NORM before "
                         "every optimizer step (default: off)")
@@ -490,7 +503,8 @@ def build_parser() -> CommandParser:
     t.add_argument("--seed", type=int, default=d.seed,
                    help="seeds the split, the initial weights and the batch order")
     t.add_argument("--data", metavar="PATH",
-                   help="MNIST-style IDX folder or .npz (default: the bundled 8x8 digits)")
+                   help="MNIST-style IDX folder or .npz, or with --model gpt a UTF-8 text "
+                   "file (default: the bundled 8x8 digits; for gpt Python's pydoc topics)")
     t.add_argument("--save", metavar="PATH", help="write a checkpoint after every epoch")
     t.add_argument("--resume", metavar="PATH",
                    help="continue from a checkpoint's epoch, with the settings of its run for "
@@ -501,11 +515,13 @@ def build_parser() -> CommandParser:
     t.add_argument("--quiet", action="store_true",
                    help="no progress bar and no per-epoch lines: the summary only")
     t.add_argument("--recompute", action="store_true",
-                   help="keep only each block's output after the forward pass and recompute "
-                   "its other values in the backward pass: less memory, the same numbers")
+                   help="keep only each block's output (a GPT's transformer block) after the "
+                   "forward pass and recompute its other values in the backward pass: less "
+                   "memory, the same numbers")
     t.add_argument("--check-finite", action="store_true",
                    help="after every step, check every value and gradient for NaN/Inf and stop "
                    "at the first, naming the node and the step (one extra read per step)")
+    textrun.add_arguments(t)
     e = parser.add_command(
         commands, "export", help="export a checkpoint of gpuflow train as ONNX or as a "
         "standalone Python module", formatter_class=HelpFormatter,

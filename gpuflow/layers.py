@@ -460,7 +460,7 @@ def transformer_block(x: Node, dim: int, heads: int, *, mlp_ratio: int = 4,
 @_all_or_nothing
 def gpt(ids: Node, vocab: int, context: int, dim: int, layers: int, heads: int, *,
         dropout: float = 0.0, mlp_ratio: int = 4, rng: Any = None,
-        name: str = "gpt") -> tuple[Node, dict[str, Parameter]]:
+        name: str = "gpt", recompute: bool = False) -> tuple[Node, dict[str, Parameter]]:
     """A GPT over integer ids (N, T), T <= context: logits (N, T, vocab), as nanoGPT's `GPT`
     (without its weight tying): token embeddings plus learned position embeddings, dropout,
     `layers` transformer_blocks (causal), a final LayerNorm and a linear head (with a bias).
@@ -473,6 +473,8 @@ def gpt(ids: Node, vocab: int, context: int, dim: int, layers: int, heads: int, 
     projection N(0, 0.02^2 / (2 layers)), biases zero, the attention as torch's
     MultiheadAttention. A T longer than `context` is a GraphError at the step; a head count
     that does not divide dim one here. One `rng` (a seed) gives the same weights everywhere.
+    `recompute`: each block is a recomputed segment (gf.recompute, gpuflow/recomputation.py):
+    only its output is kept after the forward pass; the same numbers, less memory.
     """
     where = f"gpt '{name}'"
     vocab, context, layers = (check_int(v, k, 1, where=where, error=GraphError) for k, v in
@@ -488,8 +490,9 @@ def gpt(ids: Node, vocab: int, context: int, dim: int, layers: int, heads: int, 
     x = _dropout(x, dropout, rng, name=f"{name}.dropout")
     for i in range(layers):
         block = f"{name}.blocks.{i}"
-        x, p = transformer_block(x, dim, heads, dropout=dropout, mlp_ratio=mlp_ratio,
-                                 name=block, rng=rng)
+        build = functools.partial(transformer_block, dim=dim, heads=heads, dropout=dropout,
+                                  mlp_ratio=mlp_ratio, name=block, rng=rng)
+        x, p = _recompute(build, x, name=block) if recompute else build(x)
         p[f"{block}.mlp.2.weight"].value = p[f"{block}.mlp.2.weight"].value / math.sqrt(
             2 * layers)  # GPT-2's scaled residual projections
         params.update(p)

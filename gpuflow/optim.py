@@ -416,5 +416,5 @@ def make_optimizer(name: str, params: "Graph | Iterable[Node]", lr: float,
 
 
 from .schedules import (CosineAnnealingLR, ExponentialLR, LinearLR, LRSchedule,  # noqa: E402
-                        StepLR, clip_grad_norm, clip_grad_value)
+                        StepLR, WarmupCosineLR, clip_grad_norm, clip_grad_value)
 from .averaging import EMA  # noqa: E402,F401 - weight averaging, after the optimizers

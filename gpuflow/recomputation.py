@@ -203,8 +203,15 @@ class Schedule:
         members = set(plan.nodes)
         self.nodes = list(nodes)  # in forward order
         inside = set(self.nodes)
-        self.interior = [n for n in self.nodes if n is not plan.loss and any(
-            m in members for m in n.outbound_nodes) and all(
+        # Nodes computed from weights alone (a Transpose of a Parameter) keep their values as
+        # outputs do: they are small, and their backward runs after every other node's (the
+        # order puts them last), so as interior nodes they would hold the pool to the end.
+        weights = set(plan.wanted)  # the trainable parameters
+        for n in self.nodes:
+            if all(m in weights for m in n.inbound_nodes):
+                weights.add(n)
+        self.interior = [n for n in self.nodes if n is not plan.loss and n not in weights
+                         and any(m in members for m in n.outbound_nodes) and all(
             m in inside for m in n.outbound_nodes if m in members)]
         self.inner = set(self.interior)
         self.outputs = [n for n in self.nodes if n not in self.inner]
@@ -212,7 +219,8 @@ class Schedule:
         self.device = plan.device
         self.states: dict[Node, Any] = {}
         self.before: dict[Node, dict] = {}
-        backward = [n for n in plan.backward if n in inside]
+        backward = [n for n in plan.backward if n in inside and n not in weights] or [
+            n for n in plan.backward if n in inside]
         self.first_backward = backward[0] if backward else None
         self.last_backward = backward[-1] if backward else None
 

@@ -12,18 +12,22 @@ from .errors import CheckpointError
 from .layers import lenet, mlp
 from .losses import SoftmaxCrossEntropy
 from .nodes import Input
-from .optim import CosineAnnealingLR, ExponentialLR, StepLR
+from .optim import CosineAnnealingLR, ExponentialLR, StepLR, WarmupCosineLR
 
-SCHEDULES = ("step", "cosine", "exponential")  # --schedule; make_schedule gives the settings
+# --schedule; make_schedule gives the settings
+SCHEDULES = ("step", "cosine", "exponential", "warmup-cosine")
 
 
 def make_schedule(name: str | None, optimizer: Any, epochs: int) -> Any:
     """The --schedule: None (a constant rate), or a gpuflow.optim schedule stepped once per
-    epoch: 'step' (x0.1 every max(1, epochs // 3) epochs), 'cosine' (to 0 over `epochs`),
-    'exponential' (x0.9 every epoch). --resume restores the checkpoint's own settings."""
+    epoch (per optimizer step in a GPT run, `epochs` then its --steps): 'step' (x0.1 every
+    max(1, epochs // 3) epochs), 'cosine' (to 0 over `epochs`), 'exponential' (x0.9 every
+    epoch), 'warmup-cosine' (WarmupCosineLR: a linear warm-up over the first max(1, epochs //
+    10), then a cosine to 0 at `epochs`). --resume restores the checkpoint's own settings."""
     if name is None:
         return None
-    kind = {"step": StepLR, "cosine": CosineAnnealingLR, "exponential": ExponentialLR}[name]
+    kind = {"step": StepLR, "cosine": CosineAnnealingLR, "exponential": ExponentialLR,
+            "warmup-cosine": WarmupCosineLR}[name]
     return kind(optimizer, **_schedule_settings(name, epochs))
 
 
@@ -34,7 +38,10 @@ def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
     """The constructor's settings of --schedule `name` for `epochs` in total."""
     return {"step": {"step_size": max(1, epochs // 3), "gamma": 0.1},
             "cosine": {"T_max": epochs, "eta_min": 0.0},
-            "exponential": {"gamma": 0.9}}[name]
+            "exponential": {"gamma": 0.9},
+            "warmup-cosine": {"warmup": max(1, epochs // 10),
+                              "T_max": max(epochs, max(1, epochs // 10) + 1), "eta_min": 0.0},
+            }[name]
 
 
 
@@ -46,14 +53,21 @@ def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
 # schedule, --clip, --batch-size, --accumulate, --dtype, a --data folder that moved).
 RUN_SETTINGS = {"model": str, "hidden": list, "dropout": float, "optimizer": str, "lr": float,
                 "schedule": str, "clip": float, "epochs": int, "batch_size": int, "seed": int,
-                "test_size": float, "dtype": str, "data": str, "accumulate": int}
-RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size")
-_SCHEDULE_NAMES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "ExponentialLR": "exponential"}
+                "test_size": float, "dtype": str, "data": str, "accumulate": int,
+                # --model gpt's (gpuflow/textrun.py), saved by its runs only
+                "steps": int, "eval_every": int, "layers": int, "width": int, "heads": int,
+                "context": int}
+RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size",
+             "layers", "width", "heads", "context")
+_GPT_ONLY = ("steps", "eval_every", "layers", "width", "heads", "context")
+_SCHEDULE_NAMES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "ExponentialLR": "exponential",
+                   "WarmupCosineLR": "warmup-cosine"}
 
 
 def run_state(opts: Any) -> dict[str, Any]:
     """The run's settings as checkpoint state ("run.<name>"; None as "" or 0.0: off)."""
-    values = {name: getattr(opts, name) for name in RUN_SETTINGS}
+    values = {name: getattr(opts, name) for name in RUN_SETTINGS
+              if opts.model == "gpt" or name not in _GPT_ONLY}
     values.update(hidden=[int(n) for n in opts.hidden], schedule=opts.schedule or "",
                   clip=float(opts.clip or 0.0), data=opts.data or "",
                   dropout=float(opts.dropout), lr=float(opts.lr), test_size=float(opts.test_size))
@@ -172,13 +186,14 @@ def another_model(opts: Any, graph: Any, arch: str,
         f"\nhelp: pass {wrote} to resume it, or start a new run without --resume.")
 
 
-def follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int) -> tuple[Any, str]:
+def follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int,
+                  unit: str = "epochs") -> tuple[Any, str]:
     """The resumed `schedule` for `epochs` in total: on resume, --epochs is the new total and
     the schedule follows it, as a PyTorch user extending a cosine run expects (T_max = the new
     total; StepLR's step_size too). A schedule saved for another total is rebuilt for the new
     one and brought to its saved position (last_epoch), stepping as an uninterrupted run of
     the new total would, so its rate is that run's rate there. Returns (schedule, what changed
-    or '')."""
+    or ''). unit: "steps" for a GPT run, whose schedule steps per optimizer step."""
     wanted = {k: v for k, v in _schedule_settings(name, epochs).items() if k in _FOLLOWS_EPOCHS}
     changed = {k: v for k, v in wanted.items() if getattr(schedule, k) != v}
     if not changed:
@@ -192,8 +207,9 @@ def follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int) -> tupl
     for _ in range(position):
         rebuilt.step()
     after = ", ".join(str(v) for v in changed.values())
-    return rebuilt, (f"--epochs {epochs}: the {name} schedule now spans {epochs} epochs "
-                     f"({before} -> {after}), at epoch {position} with lr {rebuilt.last_lr:.4g}")
+    return rebuilt, (f"--{unit} {epochs}: the {name} schedule now spans {epochs} {unit} "
+                     f"({before} -> {after}), at {unit[:-1]} {position} with lr "
+                     f"{rebuilt.last_lr:.4g}")
 
 
 def model_state(sample_shape: tuple[int, ...], n_classes: int) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from .errors import CheckpointError, GraphError
 from .nodes import Node
 
 __all__ = ["LRSchedule", "StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR",
-           "clip_grad_norm", "clip_grad_value"]
+           "WarmupCosineLR", "clip_grad_norm", "clip_grad_value"]
 
 
 def _number(owner: str, name: str, value: Any, *, low: float | None = None,
@@ -53,7 +53,8 @@ def _number(owner: str, name: str, value: Any, *, low: float | None = None,
 
 
 _EXAMPLES = {"step_size": 10, "gamma": 0.1, "T_max": 50, "eta_min": 0.0, "start_factor": 0.1,
-             "end_factor": 1.0, "total_iters": 5, "max_norm": 1.0, "clip_value": 1.0}
+             "end_factor": 1.0, "total_iters": 5, "max_norm": 1.0, "clip_value": 1.0,
+             "warmup": 100}
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------
@@ -159,7 +160,7 @@ class LRSchedule:
         return f"{type(self).__name__}({args}; epoch {self.last_epoch}, lr {self.last_lr:g})"
 
 
-_INTEGERS = {"last_epoch", "step_size", "T_max", "total_iters"}
+_INTEGERS = {"last_epoch", "step_size", "T_max", "total_iters", "warmup"}
 
 
 class StepLR(LRSchedule):
@@ -238,6 +239,47 @@ class LinearLR(LRSchedule):
         if epoch > self.total_iters:
             return lr
         return lr * (1.0 + (end - start) / (self.total_iters * start + (epoch - 1) * (end - start)))
+
+
+class WarmupCosineLR(LRSchedule):
+    """A linear warm-up over `warmup` steps, then a cosine from base_lr down to `eta_min` at
+    step `T_max` (the total, warm-up included): the schedule GPT training uses, as PyTorch
+    users write it with
+
+        SequentialLR(opt, [LinearLR(opt, start_factor, 1.0, total_iters=warmup),
+                           CosineAnnealingLR(opt, T_max - warmup, eta_min)], milestones=[warmup])
+
+    whose rates it gives (to rounding; tests/test_schedules.py). Step it once per optimizer
+    step (or per epoch). start_factor: the first rate's share of base_lr; default 1 / (warmup
+    + 1), nanoGPT's warm-up lr (step + 1) / (warmup + 1). The rate is computed in closed form
+    from the step count alone (a rate set by hand is replaced at the next step); past T_max it
+    climbs back, as CosineAnnealingLR's does.
+    """
+
+    _hyper = ("warmup", "T_max", "start_factor", "eta_min")
+
+    def __init__(self, optimizer: Any, warmup: int, T_max: int, *,
+                 start_factor: float | None = None, eta_min: float = 0.0) -> None:
+        owner = "WarmupCosineLR"
+        self.warmup = _number(owner, "warmup", warmup, low=1, integer=True)
+        self.T_max = _number(owner, "T_max", T_max, low=self.warmup, low_open=True,
+                             integer=True)
+        self.start_factor = _number(owner, "start_factor", 1.0 / (self.warmup + 1)
+                                    if start_factor is None else start_factor,
+                                    low=0, low_open=True, high=1)
+        self.eta_min = _number(owner, "eta_min", eta_min, low=0)
+        lr = getattr(optimizer, "lr", None)
+        if isinstance(lr, (int, float)) and self.eta_min > lr:
+            raise ValueError(f"{owner}: eta_min ({eta_min:g}) is above the optimizer's lr "
+                             f"({lr:g}).\nhelp: pass eta_min below lr (e.g. eta_min=0.0).")
+        super().__init__(optimizer)
+
+    def _rate(self, lr: float) -> float:
+        step, warmup, base = self.last_epoch, self.warmup, self.base_lr
+        if step < warmup:
+            return base * (self.start_factor + (1.0 - self.start_factor) * step / warmup)
+        cosine = (1 + math.cos(math.pi * (step - warmup) / (self.T_max - warmup))) / 2
+        return self.eta_min + (base - self.eta_min) * cosine
 
 
 # -- gradient clipping ---------------------------------------------------------------------------

@@ -96,3 +96,17 @@ def test_digits_classifier_runs_on_each_library(device):
         pytest.importorskip(device.split(":")[0])
     out = _run_example("digits_classifier.py", "--device", device, "--epochs", "1")
     assert "parameters" in out, out
+
+
+@pytest.mark.parametrize("script, sizes", [
+    ("char_gpt.py", ["--width", "16", "--layers", "1"]),
+    ("char_lstm.py", ["--hidden", "16"])])
+def test_character_language_models_train_and_sample(script, sizes, tmp_path):
+    """examples/char_gpt.py and char_lstm.py: a few steps on a small text print the held-out
+    loss in nats per character (falling) and a sample that starts with the prompt."""
+    text = tmp_path / "tiny.txt"
+    text.write_text(" ".join(["The cat sat on the mat.", "A dog ran to it."] * 200))
+    out = _run_example(script, "--steps", "20", "--context", "16", "--data", str(text), *sizes)
+    held = [float(v) for v in re.findall(r"held-out ([0-9.]+) nats/char", out)]
+    assert len(held) == 5 and held[-1] < held[0], out
+    assert out.split("nats/char\n")[-1].startswith("The "), out

@@ -308,3 +308,44 @@ def test_clipping_a_graph_skips_its_frozen_parameters(device, clip):
     live = [p for p in graph.parameters if p is not frozen]
     expected = np.sqrt(sum((host(device, p.gradients[p]) ** 2).sum() for p in live))
     np.testing.assert_allclose(graph.item(clip_grad_norm(graph, 1e9)), expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("options", [dict(warmup=5, T_max=30), dict(warmup=1, T_max=4),
+                                     dict(warmup=10, T_max=25, start_factor=0.01,
+                                          eta_min=0.003)])
+def test_warmup_cosine_is_torchs_sequential_linear_then_cosine(options):
+    """WarmupCosineLR gives the rates of torch's SequentialLR([LinearLR, CosineAnnealingLR],
+    milestones=[warmup]) (which its docstring shows), past T_max too; its state resumes it."""
+    torch = pytest.importorskip("torch")
+    from gpuflow.optim import WarmupCosineLR
+    sched = torch.optim.lr_scheduler
+    W, _ = _parameter()
+    opt = SGD([W], lr=0.1)
+    schedule = WarmupCosineLR(opt, **options)
+    warmup, total = options["warmup"], options["T_max"]
+    start = options.get("start_factor", 1 / (warmup + 1))
+    topt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+    theirs = sched.SequentialLR(topt, [
+        sched.LinearLR(topt, start, 1.0, total_iters=warmup),
+        sched.CosineAnnealingLR(topt, total - warmup, eta_min=options.get("eta_min", 0.0))],
+        milestones=[warmup])
+    ours_lr, theirs_lr = [opt.lr], [topt.param_groups[0]["lr"]]
+    for _ in range(total + 5):
+        topt.step()
+        theirs.step()
+        ours_lr.append(schedule.step())
+        theirs_lr.append(topt.param_groups[0]["lr"])
+    np.testing.assert_allclose(ours_lr, theirs_lr, rtol=1e-12, atol=1e-17)
+    assert ours_lr[total] == pytest.approx(options.get("eta_min", 0.0), abs=1e-17)
+    again = WarmupCosineLR(SGD([W], lr=0.1), **options)
+    again.load_state_dict(schedule.state_dict())
+    assert again.step() == WarmupCosineLR.step(schedule)
+
+
+def test_warmup_cosine_refuses_a_total_within_the_warmup():
+    from gpuflow.optim import WarmupCosineLR
+    W, _ = _parameter()
+    with pytest.raises(ValueError, match="T_max must be an integer > 5"):
+        WarmupCosineLR(SGD([W], lr=0.1), warmup=5, T_max=5)
+    with pytest.raises(ValueError, match="warmup must be an integer >= 1"):
+        WarmupCosineLR(SGD([W], lr=0.1), warmup=0, T_max=5)

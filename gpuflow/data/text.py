@@ -19,7 +19,8 @@ __all__ = ["PYTHON_DOCS", "SequenceBatches", "load_text"]
 PYTHON_DOCS = "python-docs"
 
 
-def load_text(source: "str | os.PathLike[str]" = PYTHON_DOCS) -> tuple[np.ndarray, str]:
+def load_text(source: "str | os.PathLike[str]" = PYTHON_DOCS, *,
+              vocabulary: str | None = None) -> tuple[np.ndarray, str]:
     """A text as character ids: returns (ids, vocabulary).
 
     source: "python-docs" (the default), the text of CPython's own `pydoc_data.topics` (the
@@ -28,6 +29,8 @@ def load_text(source: "str | os.PathLike[str]" = PYTHON_DOCS) -> tuple[np.ndarra
     in the sorted order of its keys; or the path of a UTF-8 text file.
     vocabulary: a str of the distinct characters in code point order; ids: int64 (len(text),),
     text[i] == vocabulary[ids[i]], so `"".join(vocabulary[i] for i in ids)` decodes.
+    vocabulary: None (the text's own), or a model's vocabulary to encode the text with (a
+    resumed run, a model trained on another text): a character outside it is a DataError.
     Raises DataError naming the file if it is missing, empty or not UTF-8 text.
     """
     if isinstance(source, str) and source == PYTHON_DOCS:
@@ -37,7 +40,20 @@ def load_text(source: "str | os.PathLike[str]" = PYTHON_DOCS) -> tuple[np.ndarra
     if not text:
         raise DataError(f"{name}: the text is empty (0 characters).\nhelp: pass a file with "
                         f"some text, or the default corpus source={PYTHON_DOCS!r}.")
-    vocabulary = "".join(sorted(set(text)))
+    own = "".join(sorted(set(text)))
+    if vocabulary is None:
+        vocabulary = own
+    elif not isinstance(vocabulary, str) or not vocabulary or (
+            "".join(sorted(set(vocabulary))) != vocabulary):
+        raise DataError(f"load_text: vocabulary {vocabulary!r:.40} is not a str of distinct "
+                        "characters in code point order.\nhelp: pass the vocabulary "
+                        "load_text returned.")
+    else:
+        outside = sorted(set(own) - set(vocabulary))
+        if outside:
+            raise DataError(f"{name}: {len(outside)} character(s) are not in the vocabulary "
+                            f"of {len(vocabulary)}, e.g. {''.join(outside[:5])!r}.\nhelp: "
+                            "use the text the model was trained on, or train a new model.")
     codes = np.frombuffer(text.encode("utf-32-le"), dtype="<u4")
     table = np.frombuffer(vocabulary.encode("utf-32-le"), dtype="<u4")
     return np.searchsorted(table, codes).astype(np.int64), vocabulary

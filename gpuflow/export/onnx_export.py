@@ -17,6 +17,7 @@ from ..activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
 from ..norm import BatchNorm, Dropout, LayerNorm
 from ..recurrent import LSTM
+from ..positions import Positions
 from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                         ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
@@ -372,10 +373,18 @@ def _lstm(node: LSTM, ctx: OnnxContext) -> None:
                         ctx.constant(_ints([2]), "axes")], [ctx.output(node)])
 
 
+def _positions(node: Positions, ctx: OnnxContext) -> None:
+    """W[:T], T the ids' last dimension (gf.layers.gpt's learned positions)."""
+    length = ctx.add("Shape", [ctx.input(node, 0)], start=-1)
+    ctx.add("Slice", [ctx.input(node, 1), ctx.constant(_ints([0]), "start"), length,
+                      ctx.constant(_ints([0]), "axis")], [ctx.output(node)])
+
+
 for _cls, _fn in [(Embedding, _embedding), (MatMul, _binary("MatMul")), (Mul, _binary("Mul")),
                   (BiasAdd, _binary("Add")), (Scale, _scale), (Reshape, _reshape),
                   (Transpose, _transpose), (Concat, _concat), (Slice, _slice), (GELU, _gelu),
-                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm)]:
+                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm),
+                  (Positions, _positions)]:
     register(_cls, onnx=_fn)
 
 for _cls, _fn in [(Linear, _linear), (Sigmoid, _unary("Sigmoid")), (ReLU, _unary("Relu")),

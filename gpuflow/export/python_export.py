@@ -21,6 +21,7 @@ from ..activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
 from ..norm import BatchNorm, Dropout, LayerNorm
 from ..recurrent import LSTM
+from ..positions import Positions
 from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                         ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
@@ -440,10 +441,16 @@ def _lstm(node: LSTM, ctx: PythonContext) -> None:
     ctx.line(f"{ctx.output(node)} = {ctx.helper('lstm_layer')}(xp, {args})")
 
 
+def _positions(node: Positions, ctx: PythonContext) -> None:
+    ids, w = ctx.input(node, 0), ctx.input(node, 1)
+    ctx.line(f"{ctx.output(node)} = {w}[:{ids}.shape[-1], ...]  # the first T positions")
+
+
 for _cls, _fn in [(Embedding, _embedding), (MatMul, _operator("@")), (Mul, _operator("*")),
                   (BiasAdd, _operator("+")), (Scale, _scale), (Reshape, _reshape),
                   (Transpose, _transpose), (Concat, _concat), (Slice, _slice), (GELU, _gelu),
-                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm)]:
+                  (SiLU, _silu), (ScaledDotProductAttention, _attention), (LSTM, _lstm),
+                  (Positions, _positions)]:
     register(_cls, python=_fn)
 
 for _cls, _fn in [(Linear, _linear), (Sigmoid, _sigmoid), (ReLU, _relu), (Tanh, _tanh),
