@@ -1,9 +1,11 @@
-"""The exceptions gpuflow raises for user mistakes (each names where, what, and the fix), and
-`check_int`, the integer check that several modules share."""
+"""The exceptions gpuflow raises for user mistakes (each names where, what, and the fix),
+`CheckpointProblem` (a checkpoint check's error that `checkpoint_path` names the file in), and
+`check_int` / `check_hyperparameter`, the argument checks that several modules share."""
 
 import math
 import numbers
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 
 class GpuflowError(Exception):
@@ -24,6 +26,28 @@ class DataError(GpuflowError, ValueError):
 
 class CheckpointError(GpuflowError, ValueError):
     """A checkpoint that cannot be written or loaded into this model."""
+
+
+class CheckpointProblem(CheckpointError):
+    """A checkpoint check's error, raised where the file's path is not known: the message is
+    `before` + the path + `after`. `checkpoint_path(path)` around a save, a load or a read
+    turns it into the CheckpointError users see, the path put in once."""
+
+    def __init__(self, after: str, before: str = "checkpoint ") -> None:
+        super().__init__(f"{before}<file>{after}")
+        self.before, self.after = before, after
+
+    def at(self, path: str) -> CheckpointError:
+        return CheckpointError(f"{self.before}{path!r}{self.after}")
+
+
+@contextmanager
+def checkpoint_path(path: str) -> Iterator[None]:
+    """Re-raise a CheckpointProblem from the block as a CheckpointError naming `path`."""
+    try:
+        yield
+    except CheckpointProblem as exc:
+        raise exc.at(path) from exc.__cause__
 
 
 class TransferError(GpuflowError, RuntimeError):
