@@ -17,7 +17,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import gpuflow as gf  # noqa: E402
 from gpuflow.cli import TrainOptions, build_model  # noqa: E402
 from gpuflow.data import load_digits  # noqa: E402
 from gpuflow.export import to_onnx, to_python  # noqa: E402
+from gpuflow.timing import Steps, time_block  # noqa: E402
 
 
 def main() -> None:
@@ -76,16 +76,13 @@ def main() -> None:
     for batch in (1, 256):
         x = images[:batch]
         times: dict[str, list[float]] = {"gpuflow": [], **{k: [] for k in sessions}}
+        runs = {"gpuflow": Steps(lambda: graph.item(graph.run(logits, x)[0, 0]))}  # waits
+        runs.update({name: Steps(lambda s=s: s.run(None, {s.get_inputs()[0].name: x}))
+                     for name, s in sessions.items()
+                     if name != "ndonnx" or batch == 256})  # traced with a fixed batch of 256
         for _ in range(3 + args.rounds):  # 3 rounds of warm-up
-            start = time.perf_counter()
-            graph.item(graph.run(logits, x)[0, 0])  # waits for the device
-            times["gpuflow"].append(time.perf_counter() - start)
-            for name, s in sessions.items():
-                if name == "ndonnx" and batch != 256:
-                    continue  # traced with a fixed batch of 256
-                start = time.perf_counter()
-                s.run(None, {s.get_inputs()[0].name: x})
-                times[name].append(time.perf_counter() - start)
+            for name, v in runs.items():
+                times[name].append(time_block(v, 1)[0])
         times = {k: t[3:] for k, t in times.items()}
         row = [f"{1e3 * statistics.median(t):10.3f}" if t else f"{'-':>10}"
                for t in times.values()]

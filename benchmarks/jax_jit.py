@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this gpuflow
 
@@ -24,8 +23,9 @@ from gpuflow.optim import SGD
 import numpy as np
 
 from gpuflow.bench.floor_numpy import NdarrayFloor
-from gpuflow.bench.workloads import WORKLOADS, initial_weights, make_data
+from gpuflow.bench.workloads import WORKLOADS, initial_weights
 from gpuflow.compiled import compile_step
+from gpuflow.timing import Steps, time_block
 
 
 def graph_variant(w, spec, seed, data, compiled):
@@ -57,7 +57,7 @@ def main() -> None:
           f"{'jax jit':>12} | {'jit/floor':>9} | {'eager/floor':>11} | {'jit/eager':>9}")
     for name in args.workloads.split(","):
         w = WORKLOADS[name]
-        data = make_data(w, "float32", 0)
+        data = w.make_data("float32", 0)
         floor = NdarrayFloor(w, np, "float32", initial_weights(w, 0), data)
         runs = {"numpy floor": (floor.step, None)}
         runs["numpy Graph"] = graph_variant(w, "cpu", 0, data, False)
@@ -70,14 +70,11 @@ def main() -> None:
             losses[key] = float(graph.item(loss)) if graph is not None else float(loss)
         steps = args.steps or {"W1": 200, "W2": 50, "W3": 5}.get(name, 5)
         times: dict[str, list[float]] = {k: [] for k in runs}
+        variants = {key: Steps(step, None if graph is None else graph.item)  # waits for JAX
+                    for key, (step, graph) in runs.items()}
         for _ in range(args.repeats):
-            for key, (step, graph) in runs.items():
-                start = time.perf_counter()
-                for _ in range(steps):
-                    loss = step()
-                if graph is not None:
-                    graph.item(loss)  # wait for JAX's queued work
-                times[key].append((time.perf_counter() - start) / steps)
+            for key, v in variants.items():
+                times[key].append(time_block(v, steps)[0])
         med = {k: statistics.median(v) for k, v in times.items()}
         f = med["numpy floor"]
         print(f"{name:9} | " + " | ".join(f"{med[k] * 1e6:10.1f}us" for k in runs) +

@@ -17,7 +17,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import tracemalloc
 
 import numpy as np
@@ -26,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import gpuflow as gf  # noqa: E402
 from gpuflow.layers import batchnorm, dense, host_rng  # noqa: E402
+from gpuflow.timing import Steps, time_block  # noqa: E402
 
 
 def block(h: gf.Node, width: int, i: int) -> tuple[gf.Node, dict]:
@@ -46,6 +46,14 @@ def build(recompute: bool, blocks: int, width: int, n_in: int = 32, classes: int
     loss = gf.SoftmaxCrossEntropy(y, logits)
     graph = gf.Graph(loss, device="cpu", inputs=[X, y])
     return graph, gf.optim.SGD(graph, lr=0.01, momentum=0.9)
+
+
+def _variant(graph, opt, xb, yb) -> Steps:
+    """A training step of `graph` for gpuflow.timing; a block ends by reading the loss."""
+    def step() -> None:
+        graph.step(xb, yb)
+        opt.step()
+    return Steps(step, lambda _: graph.item(graph.loss.value))  # waits for the device
 
 
 def main() -> None:
@@ -69,15 +77,10 @@ def main() -> None:
         tracemalloc.stop()
         graphs[recompute] = graph, opt
     times: dict[bool, list[float]] = {False: [], True: []}
+    variants = {key: _variant(graph, opt, xb, yb) for key, (graph, opt) in graphs.items()}
     for _ in range(args.rounds):
         for recompute in (False, True):
-            graph, opt = graphs[recompute]
-            start = time.perf_counter()
-            for _ in range(3):
-                graph.step(xb, yb)
-                opt.step()
-            graph.item(graph.loss.value)
-            times[recompute].append((time.perf_counter() - start) / 3)
+            times[recompute].append(time_block(variants[recompute], 3)[0])
     normal, recomputed = (statistics.median(times[k]) for k in (False, True))
     print(f"{args.blocks} blocks, {args.rows} rows x width {args.width}, float32, cpu")
     print(f"peak memory: normal {peaks[False] / 2**20:.1f} MiB, recomputed "

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,6 +22,7 @@ import numpy as np  # noqa: E402
 
 import gpuflow as gf  # noqa: E402
 from gpuflow.optim import SGD  # noqa: E402
+from gpuflow.timing import Steps, clock, time_block  # noqa: E402
 
 SIZES, BATCH = [784, 1024, 1024, 10], 512
 
@@ -39,22 +39,23 @@ def measure(ctx, device: str, steps: int, flatten: bool) -> dict[str, float]:
     xb = graph.device.put(rng.standard_normal((BATCH, SIZES[0])), graph.dtype)
     yb = graph.device.put(rng.integers(0, SIZES[-1], BATCH))
     ctx.flatten = flatten
-    in_allreduce = 0.0
-    for i in range(3 + steps):
-        if i == 3:
-            ctx.barrier()
-            graph.device.synchronize()
-            start, in_allreduce = time.perf_counter(), 0.0
+    in_allreduce = [0.0]
+
+    def step() -> None:
         graph.step(xb, yb)
         graph.device.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         ctx.allreduce_gradients(graph)
         graph.device.synchronize()
-        in_allreduce += time.perf_counter() - t0
+        in_allreduce[0] += clock() - t0
         optimizer.step()
-    graph.device.synchronize()
-    elapsed = time.perf_counter() - start
-    return {"steps_per_s": steps / elapsed, "allreduce_ms": 1e3 * in_allreduce / steps}
+
+    v = Steps(step, lambda _: graph.device.synchronize(), prepare=ctx.barrier)
+    for _ in range(3):
+        v.step()
+    in_allreduce[0] = 0.0
+    per_step, _ = time_block(v, steps)  # the ranks start together (barrier), end synchronised
+    return {"steps_per_s": 1 / per_step, "allreduce_ms": 1e3 * in_allreduce[0] / steps}
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -16,12 +16,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this gpuflow
 
 import gpuflow as gf  # noqa: E402
 from gpuflow.bench.workloads import WORKLOADS  # noqa: E402
+from gpuflow.timing import Steps, time_block  # noqa: E402
 
 
 def measure(name: str, threads: int, blocks: int, min_time: float) -> tuple[float, float]:
@@ -32,24 +32,23 @@ def measure(name: str, threads: int, blocks: int, min_time: float) -> tuple[floa
     graph = gf.Graph(loss, device="cpu", dtype="float32")
     opt = gf.optim.SGD(params, lr=0.01)
     feed = {X: xs, y: ys}
-    for _ in range(3):
+
+    def step() -> None:
         graph.step(feed)
         opt.step()
-    start = time.perf_counter()
-    graph.step(feed)
-    opt.step()
-    steps = max(1, int(min_time / max(time.perf_counter() - start, 1e-6)))
+
+    def switch(n: int) -> None:
+        gf.set_num_threads(n)
+        step()  # the first step after a switch pays for it
+
+    variants = {n: Steps(step, prepare=lambda n=n: switch(n)) for n in (1, threads)}
+    for _ in range(3):
+        step()
+    steps = max(1, int(min_time / max(time_block(variants[1], 1)[0], 1e-6)))
     times: dict[int, list[float]] = {1: [], threads: []}
     for _ in range(blocks):
         for n in (1, threads):
-            gf.set_num_threads(n)
-            graph.step(feed)  # the first step after a switch pays for it
-            opt.step()
-            start = time.perf_counter()
-            for _ in range(steps):
-                graph.step(feed)
-                opt.step()
-            times[n].append((time.perf_counter() - start) / steps)
+            times[n].append(time_block(variants[n], steps)[0])
     gf.set_num_threads(1)
     return statistics.median(times[1]), statistics.median(times[threads])
 

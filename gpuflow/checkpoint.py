@@ -47,7 +47,7 @@ from .backends import dtype_name, to_host
 from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
 from .checkpoint_io import NPZ, fspath
 from .checkpoint_meta import bad_meta, check_depth, check_meta, pack, unpack
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointProblem, checkpoint_path
 from .weights import export_weights, load_weights
 
 __all__ = ["save", "load", "read_info", "load_weights", "export_weights", "check_save_path",
@@ -77,58 +77,59 @@ def save(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     file that cannot be written; nothing is written then.
     """
     path = check_save_path(path)
-    step = _check_int(step, "step", path)
-    epoch = _check_int(epoch, "epoch", path)
-    arrays: dict[str, np.ndarray] = {}
-    ema_meta = None if ema is None else _ema_meta(ema, graph, arrays, path)
-    params = graph.named_parameters()
-    # Mixed precision: the float32 masters are the weights, checked against the values the
-    # graph computes with (one read each: a value changed in place gets a new master).
-    amp = getattr(graph, "amp", None)
-    for name, p in params.items():
-        value = amp.current_master(p) if amp is not None else p.value
-        arrays[f"param/{name}"] = np.asarray(  # C order: what safetensors writes
-            to_host(value, graph.device, what=f"checkpoint of {p.label}"), order="C")
-    meta: dict[str, Any] = {
-        "format": _FORMAT_NAME,
-        "format_version": CHECKPOINT_FORMAT,
-        "gpuflow_version": gpuflow_version(),
-        "numpy_version": np.__version__,
-        "device": graph.device.name,
-        "dtype": dtype_name(graph.dtype) if graph.dtype is not None else None,
-        "parameters": [{"name": name, "shape": list(arrays[f"param/{name}"].shape),
-                        "dtype": str(arrays[f"param/{name}"].dtype)} for name in params],
-        "optimizer": None if optimizer is None else _optimizer_meta(optimizer, arrays),
-        "amp": None if amp is None else {
-            "dtype": amp.name, "scaler": pack(amp.scaler.state_dict(), arrays, "amp/", path)},
-        "nodes": {},
-        "schedule": None,
-        "ema": ema_meta,
-        "step": step,
-        "epoch": epoch,
-    }
-    for name, (node, node_state) in stateful_nodes(graph, path).items():
-        meta["nodes"][name] = list(node_state)
-        for key, value in node_state.items():
-            arrays[f"node/{name}/{key}"] = np.asarray(to_host(
-                value, graph.device, what=f"state {key!r} of {node.label}"), order="C")
-    if schedule is not None:
-        meta["schedule"] = {"class": type(schedule).__name__,
-                            "state": pack(_state_of(schedule, path), arrays, "schedule/", path)}
-    meta["state"] = pack(state, arrays, "state/", path)
-    for key, array in arrays.items():
-        if array.dtype.name not in _TENSOR_DTYPES:
-            raise CheckpointError(f"checkpoint {path!r}: {key!r} has dtype {array.dtype}, which "
-                                  "a safetensors file cannot hold.\nhelp: use float64 or "
-                                  "float32 (or an integer dtype).")
-    # safetensors has no checksum (zip had CRC-32): a flipped byte in a buffer or in the JSON
-    # would load as a valid but wrong checkpoint. CRC-32s of every buffer and of the JSON catch
-    # that (accidents, not tampering: see SECURITY.md).
-    meta["crc32"] = {key: _crc(array) for key, array in arrays.items()}
-    text = json.dumps(meta, sort_keys=True)
-    metadata = {"format": _FORMAT_NAME, "format_version": str(CHECKPOINT_FORMAT),
-                "gpuflow_version": gpuflow_version(), "architecture": architecture(graph),
-                "gpuflow": text, "gpuflow_crc32": str(zlib.crc32(text.encode("utf-8")))}
+    with checkpoint_path(path):  # the checks below raise without the path
+        step = _check_int(step, "step")
+        epoch = _check_int(epoch, "epoch")
+        arrays: dict[str, np.ndarray] = {}
+        ema_meta = None if ema is None else _ema_meta(ema, graph, arrays)
+        params = graph.named_parameters()
+        # Mixed precision: the float32 masters are the weights, checked against the values the
+        # graph computes with (one read each: a value changed in place gets a new master).
+        amp = getattr(graph, "amp", None)
+        for name, p in params.items():
+            value = amp.current_master(p) if amp is not None else p.value
+            arrays[f"param/{name}"] = np.asarray(  # C order: what safetensors writes
+                to_host(value, graph.device, what=f"checkpoint of {p.label}"), order="C")
+        meta: dict[str, Any] = {
+            "format": _FORMAT_NAME,
+            "format_version": CHECKPOINT_FORMAT,
+            "gpuflow_version": gpuflow_version(),
+            "numpy_version": np.__version__,
+            "device": graph.device.name,
+            "dtype": dtype_name(graph.dtype) if graph.dtype is not None else None,
+            "parameters": [{"name": name, "shape": list(arrays[f"param/{name}"].shape),
+                            "dtype": str(arrays[f"param/{name}"].dtype)} for name in params],
+            "optimizer": None if optimizer is None else _optimizer_meta(optimizer, arrays),
+            "amp": None if amp is None else {
+                "dtype": amp.name, "scaler": pack(amp.scaler.state_dict(), arrays, "amp/")},
+            "nodes": {},
+            "schedule": None,
+            "ema": ema_meta,
+            "step": step,
+            "epoch": epoch,
+        }
+        for name, (node, node_state) in stateful_nodes(graph).items():
+            meta["nodes"][name] = list(node_state)
+            for key, value in node_state.items():
+                arrays[f"node/{name}/{key}"] = np.asarray(to_host(
+                    value, graph.device, what=f"state {key!r} of {node.label}"), order="C")
+        if schedule is not None:
+            meta["schedule"] = {"class": type(schedule).__name__,
+                                "state": pack(_state_of(schedule), arrays, "schedule/")}
+        meta["state"] = pack(state, arrays, "state/")
+        for key, array in arrays.items():
+            if array.dtype.name not in _TENSOR_DTYPES:
+                raise CheckpointProblem(f": {key!r} has dtype {array.dtype}, which "
+                                        "a safetensors file cannot hold.\nhelp: use float64 or "
+                                        "float32 (or an integer dtype).")
+        # safetensors has no checksum (zip had CRC-32): a flipped byte in a buffer or in the JSON
+        # would load as a valid but wrong checkpoint. CRC-32s of every buffer and of the JSON catch
+        # that (accidents, not tampering: see SECURITY.md).
+        meta["crc32"] = {key: _crc(array) for key, array in arrays.items()}
+        text = json.dumps(meta, sort_keys=True)
+        metadata = {"format": _FORMAT_NAME, "format_version": str(CHECKPOINT_FORMAT),
+                    "gpuflow_version": gpuflow_version(), "architecture": architecture(graph),
+                    "gpuflow": text, "gpuflow_crc32": str(zlib.crc32(text.encode("utf-8")))}
     checkpoint_io.write_atomically(path, checkpoint_io.safetensors_bytes(arrays, metadata))
 
 
@@ -172,16 +173,16 @@ def _optimizer_meta(optimizer: Any, arrays: dict[str, np.ndarray]) -> dict[str, 
             "t": int(sd.get("t", 0)), "buffers": buffers}
 
 
-def _ema_meta(ema: Any, graph: Any, arrays: dict[str, np.ndarray], path: str) -> dict[str, Any]:
+def _ema_meta(ema: Any, graph: Any, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """The EMA's decay, update count and parameter names; its averages go into `arrays`."""
     if getattr(ema, "graph", None) is not graph or not callable(getattr(ema, "state_dict", None)):
-        raise CheckpointError(f"checkpoint {path!r}: ema must be the gpuflow.optim.EMA of this "
-                              f"graph, got {type(ema).__name__}.\nhelp: pass EMA(graph), or "
-                              "ema=None.")
+        raise CheckpointProblem(f": ema must be the gpuflow.optim.EMA of this "
+                                f"graph, got {type(ema).__name__}.\nhelp: pass EMA(graph), or "
+                                "ema=None.")
     if getattr(ema, "_swapped", None) is not None:
-        raise CheckpointError(f"checkpoint {path!r}: the EMA's averaged weights are swapped into "
-                              "the graph, which would save them as its parameters.\nhelp: save "
-                              "outside `with ema.swapped():` (or after ema.swap_out()).")
+        raise CheckpointProblem(f": the EMA's averaged weights are swapped into "
+                                "the graph, which would save them as its parameters.\nhelp: save "
+                                "outside `with ema.swapped():` (or after ema.swap_out()).")
     sd = ema.state_dict()
     names = [k for k in sd if k not in ("n_averaged", "decay")]
     for name in names:
@@ -196,12 +197,12 @@ def _jsonable(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(v, (bool, int, float, str)) for v in value)
 
 
-def _state_of(schedule: Any, path: str) -> dict[str, Any]:
+def _state_of(schedule: Any) -> dict[str, Any]:
     state = getattr(schedule, "state_dict", None)
     if not callable(state) or not callable(getattr(schedule, "load_state_dict", None)):
-        raise CheckpointError(f"checkpoint {path!r}: schedule must have state_dict() and "
-                              f"load_state_dict(), got {type(schedule).__name__}.\nhelp: pass "
-                              "a gpuflow.optim schedule (StepLR, ...), or schedule=None.")
+        raise CheckpointProblem(f": schedule must have state_dict() and "
+                                f"load_state_dict(), got {type(schedule).__name__}.\nhelp: pass "
+                                "a gpuflow.optim schedule (StepLR, ...), or schedule=None.")
     return state()
 
 
@@ -221,17 +222,18 @@ def load(path: "str | os.PathLike[str]", graph: Any, optimizer: Any = None, *,
     hold; nothing is changed then.
     """
     path = fspath(path)
-    contents = checkpoint_io.read(path)
-    meta = _parse_meta(path, contents)
-    arrays = contents.arrays
-    _check_contents(path, meta, arrays, legacy=contents.kind == NPZ)
-    params = graph.named_parameters()
-    nodes = stateful_nodes(graph, path)
-    _check_fit(path, meta, arrays, params, nodes)
-    opt_state = _check_optimizer(path, meta, arrays, optimizer) if optimizer is not None else None
-    sched_state = _check_schedule(path, meta, arrays, schedule) if schedule is not None else None
-    ema_state = _check_ema(path, meta, arrays, ema, graph) if ema is not None else None
-    state = unpack(meta["state"], arrays, "state/")
+    with checkpoint_path(path):
+        contents = checkpoint_io.read(path)
+        meta = _parse_meta(contents)
+        arrays = contents.arrays
+        _check_contents(meta, arrays, legacy=contents.kind == NPZ)
+        params = graph.named_parameters()
+        nodes = stateful_nodes(graph)
+        _check_fit(meta, arrays, params, nodes)
+        opt_state = _check_optimizer(meta, arrays, optimizer) if optimizer is not None else None
+        sched_state = _check_schedule(meta, arrays, schedule) if schedule is not None else None
+        ema_state = _check_ema(meta, arrays, ema, graph) if ema is not None else None
+        state = unpack(meta["state"], arrays, "state/")
 
     # Everything is checked: move the values to the device (nothing assigned yet), restore the
     # optimizer (which assigns only once all its buffers are on the device), the nodes' and
@@ -275,53 +277,55 @@ def read_info(path: "str | os.PathLike[str]") -> dict[str, Any]:
     `load` does before it compares it with a graph (CheckpointError for damage); `gpuflow
     train --resume` reads the run's settings from it before it builds the model."""
     path = fspath(path)
-    contents = checkpoint_io.read(path)
-    meta = _parse_meta(path, contents)
-    _check_contents(path, meta, contents.arrays, legacy=contents.kind == NPZ)
+    with checkpoint_path(path):
+        contents = checkpoint_io.read(path)
+        meta = _parse_meta(contents)
+        _check_contents(meta, contents.arrays, legacy=contents.kind == NPZ)
     meta["architecture"] = contents.metadata.get("architecture")
     return {"meta": meta, "state": unpack(meta["state"], contents.arrays, "state/")}
 
 
-def _parse_meta(path: str, contents: checkpoint_io.Contents) -> dict[str, Any]:
+def _parse_meta(contents: checkpoint_io.Contents) -> dict[str, Any]:
     """The JSON metadata, its format and version checked, then every field (_check_meta)."""
     text = contents.metadata.get("gpuflow")
     if text is None or contents.metadata.get("format", _FORMAT_NAME) != _FORMAT_NAME:
         names = sorted(contents.arrays)
         shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: a safetensors file without "
-                              f"gpuflow's metadata (it holds [{shown}]).\nhelp: for weights "
-                              "saved by another framework, use gpuflow.checkpoint.load_weights.")
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: a safetensors file without "
+                                f"gpuflow's metadata (it holds [{shown}]).\nhelp: for weights "
+                                "saved by another framework, use "
+                                "gpuflow.checkpoint.load_weights.", before="")
     if contents.kind != NPZ and contents.metadata.get("gpuflow_crc32") != str(
             zlib.crc32(text.encode("utf-8"))):
-        raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): its "
-                              "metadata does not match its checksum (CRC-32).\nhelp: use an "
-                              "earlier checkpoint.")
-    check_depth(path, text)  # before json.loads, which recursion too deep would end
+        raise CheckpointProblem(f" is damaged (truncated or corrupted?): its "
+                                "metadata does not match its checksum (CRC-32).\nhelp: use an "
+                                "earlier checkpoint.")
+    check_depth(text)  # before json.loads, which recursion too deep would end
     try:
         meta = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSON errors
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
-                              f"unreadable ({exc}).\nhelp: pass a file written by "
-                              "gpuflow.checkpoint.save.") from None
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: its metadata is "
+                                f"unreadable ({exc}).\nhelp: pass a file written by "
+                                "gpuflow.checkpoint.save.", before="") from None
     if not isinstance(meta, dict) or meta.get("format") != _FORMAT_NAME:
         found = meta.get("format") if isinstance(meta, dict) else meta
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
-                              f"unreadable (format is {found!r:.60}, expected {_FORMAT_NAME!r})."
-                              "\nhelp: pass a file written by gpuflow.checkpoint.save.")
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: its metadata is unreadable "
+                                f"(format is {found!r:.60}, expected {_FORMAT_NAME!r}).\nhelp: "
+                                "pass a file written by gpuflow.checkpoint.save.", before="")
     version = meta.get("format_version")
     if (not isinstance(version, int) or isinstance(version, bool) or version < 1
             or version > CHECKPOINT_FORMAT):
-        raise CheckpointError(
-            f"checkpoint {path!r} has format version {version!r:.40}; this gpuflow "
+        raise CheckpointProblem(
+            f" has format version {version!r:.40}; this gpuflow "
             f"({gpuflow_version()}) reads versions 1..{CHECKPOINT_FORMAT}.\n"
             f"help: load it with the gpuflow that wrote it ({meta.get('gpuflow_version')!r:.40}).")
     if (version == 1) != (contents.kind == NPZ):
-        raise bad_meta(path, f"format version {version} in a {contents.kind} file")
-    check_meta(path, meta)
+        raise bad_meta(f"format version {version} in a {contents.kind} file")
+    check_meta(meta)
     return meta
 
 
-def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], *,
+def _check_contents(meta: dict[str, Any], arrays: dict[str, np.ndarray], *,
                     legacy: bool) -> None:
     """The file agrees with its own metadata: every listed array is there, with its shape and a
     dtype of the right kind, and it holds nothing else."""
@@ -349,9 +353,9 @@ def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarra
                 listed.append((prefix + key, None, "f"))
     for key, shape, kinds in listed:
         if key not in arrays:
-            raise CheckpointError(f"checkpoint {path!r} is damaged: its metadata lists {key!r} "
-                                  "but the file does not hold it.\nhelp: use an earlier "
-                                  "checkpoint.")
+            raise CheckpointProblem(f" is damaged: its metadata lists {key!r} "
+                                    "but the file does not hold it.\nhelp: use an earlier "
+                                    "checkpoint.")
         array = arrays[key]
         problem = None
         if shape is not None and tuple(array.shape) != shape:
@@ -362,18 +366,18 @@ def _check_contents(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarra
                 array.ndim == 0 or array.shape[-1] != 2):
             problem = f"has shape {tuple(array.shape)}; complex values are stored as pairs"
         if problem:
-            raise CheckpointError(f"checkpoint {path!r} is damaged: {key!r} {problem}.\n"
-                                  "help: use an earlier checkpoint.")
+            raise CheckpointProblem(f" is damaged: {key!r} {problem}.\n"
+                                    "help: use an earlier checkpoint.")
     if not legacy:  # a zip member's CRC was checked when it was read
         for key, array in arrays.items():
             if meta["crc32"].get(key) != _crc(array):
-                raise CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?):"
-                                      f" {key!r} does not match its checksum (CRC-32).\n"
-                                      "help: use an earlier checkpoint.")
+                raise CheckpointProblem(f" is damaged (truncated or corrupted?):"
+                                        f" {key!r} does not match its checksum (CRC-32).\n"
+                                        "help: use an earlier checkpoint.")
     extra = sorted(set(arrays) - {key for key, _, _ in listed})
     if extra:
-        raise CheckpointError(f"checkpoint {path!r} is damaged: it holds {extra[:4]}, which its "
-                              "metadata does not list.\nhelp: use an earlier checkpoint.")
+        raise CheckpointProblem(f" is damaged: it holds {extra[:4]}, which its "
+                                "metadata does not list.\nhelp: use an earlier checkpoint.")
 
 
 def _kinds(kinds: str) -> str:
@@ -381,7 +385,7 @@ def _kinds(kinds: str) -> str:
         "numbers or strings"
 
 
-def _check_fit(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+def _check_fit(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                params: dict[str, Any], nodes: dict[str, tuple[Any, dict[str, Any]]]) -> None:
     """Every parameter and node state of the graph is in the checkpoint with its shape, and
     nothing else is."""
@@ -418,109 +422,109 @@ def _check_fit(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
             elif (isinstance(value, numbers.Integral) and not isinstance(value, bool)
                   and not (saved_value.dtype.kind in "iu" and int(saved_value) >= 0)):
                 # a counter (Dropout's steps): damage, not another model
-                raise bad_meta(path, f"the counter {key!r} of {node.label} is "
+                raise bad_meta(f"the counter {key!r} of {node.label} is "
                                f"{saved_value.item()!r:.40}, expected an int >= 0")
     for name in saved_nodes:
         if name not in nodes:
             problems.append(f"node state {name!r} is in the checkpoint but not in this model")
     if problems:
-        raise CheckpointError(
-            f"checkpoint {path!r} does not fit this model:\n  " + "\n  ".join(problems) +
+        raise CheckpointProblem(
+            f" does not fit this model:\n  " + "\n  ".join(problems) +
             f"\nhelp: build the model the checkpoint was saved from (it has "
             f"{len(saved)} parameters: {', '.join(list(saved)[:6])}"
             f"{', ...' if len(saved) > 6 else ''}).")
 
 
-def _check_optimizer(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+def _check_optimizer(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                      optimizer: Any) -> dict[str, Any]:
     """The optimizer's saved state as `load_state_dict` takes it, checked against `optimizer`."""
     saved = meta["optimizer"]
     cls = type(optimizer).__name__
     if saved is None:
-        raise CheckpointError(f"checkpoint {path!r} holds no optimizer state, but load was "
-                              f"given {cls}.\nhelp: pass optimizer=None to load only the "
-                              "parameters.")
+        raise CheckpointProblem(f" holds no optimizer state, but load was "
+                                f"given {cls}.\nhelp: pass optimizer=None to load only the "
+                                "parameters.")
     if saved["class"] != cls:
-        raise CheckpointError(f"checkpoint {path!r} holds optimizer state of class "
-                              f"{saved['class']}, but load was given {cls}.\n"
-                              f"help: build the optimizer as {saved['class']} (hyper-parameters "
-                              f"{saved['hyper']}), or pass optimizer=None.")
+        raise CheckpointProblem(f" holds optimizer state of class "
+                                f"{saved['class']}, but load was given {cls}.\n"
+                                f"help: build the optimizer as {saved['class']} (hyper-parameters "
+                                f"{saved['hyper']}), or pass optimizer=None.")
     params = {p.name: p for p in optimizer.params}
     state: dict[str, Any] = {"t": saved["t"]}
     for name, bufs in saved["buffers"].items():
         if name not in params:
-            raise CheckpointError(f"checkpoint {path!r}: the optimizer state names parameter "
-                                  f"{name!r}, which this {cls} does not optimise (it has "
-                                  f"{sorted(params)}).\nhelp: pass the optimizer of the model "
-                                  "the checkpoint was saved from, or optimizer=None.")
+            raise CheckpointProblem(f": the optimizer state names parameter "
+                                    f"{name!r}, which this {cls} does not optimise (it has "
+                                    f"{sorted(params)}).\nhelp: pass the optimizer of the model "
+                                    "the checkpoint was saved from, or optimizer=None.")
         expected = tuple(params[name].value.shape)
         for b in bufs:
             host = arrays[f"optim/{name}/{b}"]
             if tuple(host.shape) != expected:
-                raise CheckpointError(f"checkpoint {path!r}: optimizer buffer {name}/{b}: "
-                                      f"expected shape {expected}, actual {tuple(host.shape)}."
-                                      "\nhelp: pass the optimizer of the model the checkpoint "
-                                      "was saved from.")
+                raise CheckpointProblem(f": optimizer buffer {name}/{b}: "
+                                        f"expected shape {expected}, actual {tuple(host.shape)}."
+                                        "\nhelp: pass the optimizer of the model the checkpoint "
+                                        "was saved from.")
             state[f"{name}/{b}"] = host
     return state
 
 
-def _check_schedule(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray],
+def _check_schedule(meta: dict[str, Any], arrays: dict[str, np.ndarray],
                     schedule: Any) -> dict[str, Any]:
     """The schedule's saved state as `load_state_dict` takes it, checked against `schedule`."""
     saved = meta["schedule"]
     cls = type(schedule).__name__
     if saved is None:
-        raise CheckpointError(f"checkpoint {path!r} holds no schedule state, but load was given "
-                              f"{cls}.\nhelp: pass schedule=None.")
+        raise CheckpointProblem(f" holds no schedule state, but load was given "
+                                f"{cls}.\nhelp: pass schedule=None.")
     if saved["class"] != cls:
-        raise CheckpointError(f"checkpoint {path!r} holds the state of a {saved['class']} "
-                              f"schedule, but load was given {cls}.\nhelp: build a "
-                              f"{saved['class']}, or pass schedule=None.")
-    want = sorted(_state_of(schedule, path))
+        raise CheckpointProblem(f" holds the state of a {saved['class']} "
+                                f"schedule, but load was given {cls}.\nhelp: build a "
+                                f"{saved['class']}, or pass schedule=None.")
+    want = sorted(_state_of(schedule))
     if sorted(saved["state"]) != want:
-        raise CheckpointError(f"checkpoint {path!r}: the {cls} state has keys "
-                              f"{sorted(saved['state'])}, this {cls} has {want}.\nhelp: build "
-                              "the schedule the checkpoint was saved with, or schedule=None.")
+        raise CheckpointProblem(f": the {cls} state has keys "
+                                f"{sorted(saved['state'])}, this {cls} has {want}.\nhelp: build "
+                                "the schedule the checkpoint was saved with, or schedule=None.")
     state = unpack(saved["state"], arrays, "schedule/")
     check = getattr(schedule, "check_state", None)
     if callable(check):  # its numbers (a negative epoch ...), before anything is assigned
         try:
             check(state)
         except CheckpointError as exc:
-            raise bad_meta(path, f"schedule.state: {str(exc).splitlines()[0]}") from None
+            raise bad_meta(f"schedule.state: {str(exc).splitlines()[0]}") from None
     return state
 
 
-def _check_ema(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], ema: Any,
+def _check_ema(meta: dict[str, Any], arrays: dict[str, np.ndarray], ema: Any,
                graph: Any) -> dict[str, Any]:
     """The EMA's saved state as `load_state_dict` takes it, checked against `ema`."""
     saved = meta["ema"]
     if getattr(ema, "graph", None) is not graph:
-        raise CheckpointError(f"checkpoint {path!r}: ema must be the gpuflow.optim.EMA of the "
-                              f"graph being loaded, got {type(ema).__name__}.\nhelp: pass "
-                              "EMA(graph), or ema=None.")
+        raise CheckpointProblem(f": ema must be the gpuflow.optim.EMA of the "
+                                f"graph being loaded, got {type(ema).__name__}.\nhelp: pass "
+                                "EMA(graph), or ema=None.")
     if saved is None:
-        raise CheckpointError(f"checkpoint {path!r} holds no EMA weights, but load was given "
-                              "an EMA.\nhelp: pass ema=None (and start the average afresh).")
+        raise CheckpointProblem(f" holds no EMA weights, but load was given "
+                                "an EMA.\nhelp: pass ema=None (and start the average afresh).")
     own = {name: tuple(avg.shape) for name, avg in ema.average.items()}
     if sorted(saved["names"]) != sorted(own):
-        raise CheckpointError(f"checkpoint {path!r}: its EMA averages {sorted(saved['names'])}, "
-                              f"this graph's parameters are {sorted(own)}.\nhelp: build the "
-                              "model the checkpoint was saved from, or pass ema=None.")
+        raise CheckpointProblem(f": its EMA averages {sorted(saved['names'])}, "
+                                f"this graph's parameters are {sorted(own)}.\nhelp: build the "
+                                "model the checkpoint was saved from, or pass ema=None.")
     state: dict[str, Any] = {"n_averaged": saved["n_averaged"], "decay": saved["decay"]}
     for name in saved["names"]:
         host = arrays[f"ema/{name}"]
         if tuple(host.shape) != own[name]:
-            raise CheckpointError(f"checkpoint {path!r}: the EMA average of {name!r} has shape "
-                                  f"{tuple(host.shape)}, this graph's parameter {own[name]}.\n"
-                                  "help: build the model the checkpoint was saved from.")
+            raise CheckpointProblem(f": the EMA average of {name!r} has shape "
+                                    f"{tuple(host.shape)}, this graph's parameter {own[name]}.\n"
+                                    "help: build the model the checkpoint was saved from.")
         state[name] = host
     return state
 
 
-def _check_int(value: Any, name: str, path: str) -> int:
+def _check_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise CheckpointError(f"checkpoint {path!r}: {name} must be an int, got {value!r}.\n"
-                              f"help: pass {name}=<int>.")
+        raise CheckpointProblem(f": {name} must be an int, got {value!r}.\n"
+                                f"help: pass {name}=<int>.")
     return int(value)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointProblem
 
 
 def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
@@ -27,7 +27,7 @@ def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
     return device.put(host, old.dtype, what=what)
 
 
-def stateful_nodes(graph: Any, path: str) -> dict[str, tuple[Any, dict[str, Any]]]:
+def stateful_nodes(graph: Any) -> dict[str, tuple[Any, dict[str, Any]]]:
     """{name: (node, its state_dict())} for every node of `graph` with persistent state.
 
     A node is named by its `name`, else by its type and its position in the graph's order
@@ -42,8 +42,8 @@ def stateful_nodes(graph: Any, path: str) -> dict[str, tuple[Any, dict[str, Any]
             continue
         name = node.name or f"{type(node).__name__}:{i}"
         if name in found:
-            raise CheckpointError(f"checkpoint {path!r}: two nodes with state are named "
-                                  f"{name!r}.\nhelp: give every such node a unique name.")
+            raise CheckpointProblem(f": two nodes with state are named "
+                                    f"{name!r}.\nhelp: give every such node a unique name.")
         found[name] = (node, dict(state))
     return found
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .checkpoint_npz import ZIP_MAGIC, damaged, read_meta_text, read_npz
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointProblem, checkpoint_path
 
 SAFETENSORS = "safetensors"
 NPZ = "npz"
@@ -57,11 +57,12 @@ def read(path: str) -> Contents:
     except OSError as exc:
         raise CheckpointError(f"cannot read checkpoint {path!r}: {exc}.\n"
                               "help: check the file's permissions.") from None
-    if head.startswith(ZIP_MAGIC):
-        arrays = read_npz(path)
-        return Contents(NPZ, {"gpuflow": read_meta_text(path, arrays)}, arrays)
-    if len(head) > 8 and head[8:9] == b"{":
-        return _read_safetensors(path)
+    with checkpoint_path(path):  # the readers' checks raise without the path
+        if head.startswith(ZIP_MAGIC):
+            arrays = read_npz(path)
+            return Contents(NPZ, {"gpuflow": read_meta_text(arrays)}, arrays)
+        if len(head) > 8 and head[8:9] == b"{":
+            return _read_safetensors(path)
     raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: {_describe_head(head)}.\n"
                           "help: pass a file written by gpuflow.checkpoint.save.")
 
@@ -78,8 +79,8 @@ def _read_safetensors(path: str) -> Contents:
             odd = [f"{name!r} ({dtype})" for name, dtype in dtypes.items()
                    if dtype not in _NUMPY_DTYPES]
             if odd:
-                raise CheckpointError(
-                    f"checkpoint {path!r} holds tensors of dtypes NumPy cannot hold: "
+                raise CheckpointProblem(
+                    f" holds tensors of dtypes NumPy cannot hold: "
                     f"{', '.join(odd[:4])}{', ...' if len(odd) > 4 else ''}.\nhelp: save them "
                     "as float32 (in PyTorch: {k: v.float() for k, v in state_dict.items()}).")
             arrays = {name: f.get_tensor(name) for name in names}
@@ -88,7 +89,7 @@ def _read_safetensors(path: str) -> Contents:
     # The parser's own errors (SafetensorError: bad header length or JSON, offsets that do not
     # cover the file, unknown dtypes) and whatever else a damaged file makes the binding raise.
     except Exception as exc:  # noqa: BLE001 - every failure of the library is the file's
-        raise damaged(path, f"safetensors: {exc}") from None
+        raise damaged(f"safetensors: {exc}") from None
     return Contents(SAFETENSORS, metadata, arrays)
 
 

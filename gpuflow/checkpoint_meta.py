@@ -1,7 +1,9 @@
 """The metadata of a checkpoint: extra state packed into JSON and arrays, and every field
 checked for its type when a file is read, so that damaged metadata (a counter that is not an
 int, a list where a number belongs, an entry without its value) is one CheckpointError naming
-the file and the field, never a KeyError or TypeError from deep inside `load`."""
+the file and the field, never a KeyError or TypeError from deep inside `load`. The checks
+raise CheckpointProblem, without the file's path, which `load`, `save` and `read_info` add
+(errors.checkpoint_path)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointProblem
 
 # gpuflow's own metadata nests 5 deep (meta -> schedule -> state -> key -> value list); a file
 # nested deeper is refused before json.loads, whose recursion (and that of every walk of the
@@ -23,7 +25,7 @@ _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
-def check_depth(path: str, text: str) -> None:
+def check_depth(text: str) -> None:
     """CheckpointError if the JSON `text` nests arrays and objects deeper than MAX_DEPTH; one
     linear scan, no recursion (brackets inside strings do not count)."""
     depth = deepest = 0
@@ -31,24 +33,24 @@ def check_depth(path: str, text: str) -> None:
         depth += 1 if bracket in "[{" else -1
         deepest = max(deepest, depth)
     if deepest > MAX_DEPTH:
-        raise bad_meta(path, f"its JSON is nested {deepest} deep, where gpuflow's metadata "
+        raise bad_meta(f"its JSON is nested {deepest} deep, where gpuflow's metadata "
                        f"nests at most {MAX_DEPTH} deep")
 
 
-def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray], prefix: str,
-          path: str) -> dict[str, Any]:
+def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray],
+         prefix: str) -> dict[str, Any]:
     """Scalars of `state` as {"kind", "value"} for the JSON; arrays go into `arrays`."""
     packed: dict[str, Any] = {}
     if state is None:
         return packed
     where = "state" if prefix == "state/" else "schedule state"
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path!r}: {where} must be a dict {{str: value}}, got "
-                              f"{type(state).__name__}.\nhelp: pass a dict.")
+        raise CheckpointProblem(f": {where} must be a dict {{str: value}}, got "
+                                f"{type(state).__name__}.\nhelp: pass a dict.")
     for key, value in state.items():
         if not isinstance(key, str):
-            raise CheckpointError(f"checkpoint {path!r}: {where} key {key!r} is a "
-                                  f"{type(key).__name__}, not a str.\nhelp: use str keys.")
+            raise CheckpointProblem(f": {where} key {key!r} is a "
+                                    f"{type(key).__name__}, not a str.\nhelp: use str keys.")
         if isinstance(value, np.generic):
             value = value.item()  # NumPy scalars come back as the matching Python scalar
         if isinstance(value, bool):
@@ -78,99 +80,99 @@ def pack(state: "dict[str, Any] | None", arrays: dict[str, np.ndarray], prefix: 
         else:
             what = (f"a NumPy array of dtype {value.dtype}" if isinstance(value, np.ndarray)
                     else f"a {type(value).__name__}")
-            raise CheckpointError(
-                f"checkpoint {path!r}: {where}[{key!r}] is {what}, which a checkpoint cannot "
+            raise CheckpointProblem(
+                f": {where}[{key!r}] is {what}, which a checkpoint cannot "
                 "hold without pickling.\nhelp: store ints, floats, strs, bools, lists of "
                 "numbers or NumPy arrays of numbers or strings (flatten nested dicts into "
                 "several keys).")
     return packed
 
-def bad_meta(path: str, problem: str) -> CheckpointError:
-    return CheckpointError(f"checkpoint {path!r} has damaged metadata: {problem}.\n"
-                           "help: use an earlier checkpoint.")
+def bad_meta(problem: str) -> CheckpointProblem:
+    return CheckpointProblem(f" has damaged metadata: {problem}.\n"
+                             "help: use an earlier checkpoint.")
 
 
-def check_meta(path: str, meta: dict[str, Any]) -> None:
+def check_meta(meta: dict[str, Any]) -> None:
     """Every field the loader reads has the type it needs (damaged metadata is one error)."""
     meta.setdefault("nodes", {})      # absent from format 1
     meta.setdefault("schedule", None)
     meta.setdefault("amp", None)      # absent before mixed precision
     meta.setdefault("ema", None)      # absent before weight averaging
     if meta["format_version"] >= 2:
-        for key, crc in _field(path, meta, "crc32", "dict").items():
-            _expect(path, crc, "size", f"crc32[{key!r}]")
-    _field(path, meta, "step", "size")   # counters: a negative one is damage (issue 18)
-    _field(path, meta, "epoch", "size")
-    _field(path, meta, "dtype", "str?")
+        for key, crc in _field(meta, "crc32", "dict").items():
+            _expect(crc, "size", f"crc32[{key!r}]")
+    _field(meta, "step", "size")   # counters: a negative one is damage (issue 18)
+    _field(meta, "epoch", "size")
+    _field(meta, "dtype", "str?")
     names = set()
-    for i, p in enumerate(_field(path, meta, "parameters", "list")):
-        _expect(path, p, "dict", f"parameters[{i}]")
-        name = _field(path, p, "name", "str", f"parameters[{i}].")
-        for j, n in enumerate(_field(path, p, "shape", "list", f"parameters[{i}].")):
-            _expect(path, n, "size", f"parameters[{i}].shape[{j}]")
+    for i, p in enumerate(_field(meta, "parameters", "list")):
+        _expect(p, "dict", f"parameters[{i}]")
+        name = _field(p, "name", "str", f"parameters[{i}].")
+        for j, n in enumerate(_field(p, "shape", "list", f"parameters[{i}].")):
+            _expect(n, "size", f"parameters[{i}].shape[{j}]")
         if name in names:
-            raise bad_meta(path, f"parameter {name!r} is listed twice")
+            raise bad_meta(f"parameter {name!r} is listed twice")
         names.add(name)
-    opt = _field(path, meta, "optimizer", "dict?")
+    opt = _field(meta, "optimizer", "dict?")
     if opt is not None:
-        _field(path, opt, "class", "str", "optimizer.")
-        _field(path, opt, "hyper", "dict", "optimizer.")
-        _field(path, opt, "t", "size", "optimizer.")
-        for name, bufs in _field(path, opt, "buffers", "dict", "optimizer.").items():
-            for j, b in enumerate(_expect(path, bufs, "list", f"optimizer.buffers[{name!r}]")):
-                _expect(path, b, "str", f"optimizer.buffers[{name!r}][{j}]")
-    for name, keys in _field(path, meta, "nodes", "dict").items():
-        for j, k in enumerate(_expect(path, keys, "list", f"nodes[{name!r}]")):
-            _expect(path, k, "str", f"nodes[{name!r}][{j}]")
-    sched = _field(path, meta, "schedule", "dict?")
+        _field(opt, "class", "str", "optimizer.")
+        _field(opt, "hyper", "dict", "optimizer.")
+        _field(opt, "t", "size", "optimizer.")
+        for name, bufs in _field(opt, "buffers", "dict", "optimizer.").items():
+            for j, b in enumerate(_expect(bufs, "list", f"optimizer.buffers[{name!r}]")):
+                _expect(b, "str", f"optimizer.buffers[{name!r}][{j}]")
+    for name, keys in _field(meta, "nodes", "dict").items():
+        for j, k in enumerate(_expect(keys, "list", f"nodes[{name!r}]")):
+            _expect(k, "str", f"nodes[{name!r}][{j}]")
+    sched = _field(meta, "schedule", "dict?")
     if sched is not None:
-        _field(path, sched, "class", "str", "schedule.")
-        _check_packed(path, _field(path, sched, "state", "dict", "schedule."), "schedule.state")
-    ema = _field(path, meta, "ema", "dict?")
+        _field(sched, "class", "str", "schedule.")
+        _check_packed(_field(sched, "state", "dict", "schedule."), "schedule.state")
+    ema = _field(meta, "ema", "dict?")
     if ema is not None:
-        _field(path, ema, "class", "str", "ema.")
-        _field(path, ema, "decay", "float", "ema.")
-        _field(path, ema, "n_averaged", "size", "ema.")
-        for j, name in enumerate(_field(path, ema, "names", "list", "ema.")):
-            _expect(path, name, "str", f"ema.names[{j}]")
-    amp = _field(path, meta, "amp", "dict?")
+        _field(ema, "class", "str", "ema.")
+        _field(ema, "decay", "float", "ema.")
+        _field(ema, "n_averaged", "size", "ema.")
+        for j, name in enumerate(_field(ema, "names", "list", "ema.")):
+            _expect(name, "str", f"ema.names[{j}]")
+    amp = _field(meta, "amp", "dict?")
     if amp is not None:
-        _field(path, amp, "dtype", "str", "amp.")
-        scaler = _check_packed(path, _field(path, amp, "scaler", "dict", "amp."), "amp.scaler")
+        _field(amp, "dtype", "str", "amp.")
+        scaler = _check_packed(_field(amp, "scaler", "dict", "amp."), "amp.scaler")
         for key in ("scale", "good_steps", "skipped"):
             entry = scaler.get(key, {})
             value = entry.get("value")
             ok = entry.get("kind") in ("int", "float") and math.isfinite(value) and (
                 value > 0 if key == "scale" else value >= 0)
             if not ok:
-                raise bad_meta(path, f"amp.scaler[{key!r}] is {value!r:.40}, expected a "
+                raise bad_meta(f"amp.scaler[{key!r}] is {value!r:.40}, expected a "
                                "finite number > 0 (scale) or an int >= 0")
-    _check_packed(path, _field(path, meta, "state", "dict"), "state")
+    _check_packed(_field(meta, "state", "dict"), "state")
 
 
-def _check_packed(path: str, packed: dict[str, Any], where: str) -> dict[str, Any]:
+def _check_packed(packed: dict[str, Any], where: str) -> dict[str, Any]:
     """Each entry of packed state is {"kind", "value"} with a value of that kind; returns
     `packed`."""
     for key, entry in packed.items():
         at = f"{where}[{key!r}]"
-        _expect(path, entry, "dict", at)
-        kind = _field(path, entry, "kind", "str", f"{at}.")
+        _expect(entry, "dict", at)
+        kind = _field(entry, "kind", "str", f"{at}.")
         if kind in ("int", "float", "str", "bool"):
-            _field(path, entry, "value", kind, f"{at}.")
+            _field(entry, "value", kind, f"{at}.")
         elif kind == "list":
-            for j, v in enumerate(_field(path, entry, "value", "list", f"{at}.")):
-                _expect(path, v, "scalar", f"{at}.value[{j}]")
+            for j, v in enumerate(_field(entry, "value", "list", f"{at}.")):
+                _expect(v, "scalar", f"{at}.value[{j}]")
         elif kind == "complex":
-            if _field(path, entry, "dtype", "str", f"{at}.") not in ("complex64", "complex128"):
-                raise bad_meta(path, f"{at}.dtype is {entry['dtype']!r:.40}, not a complex dtype")
+            if _field(entry, "dtype", "str", f"{at}.") not in ("complex64", "complex128"):
+                raise bad_meta(f"{at}.dtype is {entry['dtype']!r:.40}, not a complex dtype")
         elif kind == "strings":
-            dtype = _field(path, entry, "dtype", "str", f"{at}.")
-            shape = _field(path, entry, "shape", "list", f"{at}.")
+            dtype = _field(entry, "dtype", "str", f"{at}.")
+            shape = _field(entry, "shape", "list", f"{at}.")
             for j, n in enumerate(shape):
-                _expect(path, n, "size", f"{at}.shape[{j}]")
-            text = _field(path, entry, "value", "list", f"{at}.")
+                _expect(n, "size", f"{at}.shape[{j}]")
+            text = _field(entry, "value", "list", f"{at}.")
             for j, s in enumerate(text):
-                _expect(path, s, "str", f"{at}.value[{j}]")
+                _expect(s, "str", f"{at}.value[{j}]")
             try:  # a forged dtype ('<U99999999999') must not allocate: bounded by the text
                 itemsize = np.dtype(dtype).itemsize if dtype[1:2] in ("U", "S") else -1
             except (TypeError, ValueError, OverflowError):
@@ -178,10 +180,10 @@ def _check_packed(path: str, packed: dict[str, Any], where: str) -> dict[str, An
             longest = max((len(s) for s in text), default=0)
             if (not 0 <= itemsize <= 4 * (longest + 64) or dtype[0] not in "<>|="
                     or len(text) != math.prod(shape)):
-                raise bad_meta(path, f"{at} holds {len(text)} strings of dtype {dtype!r:.20} "
+                raise bad_meta(f"{at} holds {len(text)} strings of dtype {dtype!r:.20} "
                                 f"for shape {tuple(shape)}")
         elif kind != "array":
-            raise bad_meta(path, f"{at} has unknown kind {kind!r:.40}")
+            raise bad_meta(f"{at} has unknown kind {kind!r:.40}")
     return packed
 
 _TYPES: dict[str, Any] = {"int": int, "size": int, "float": (int, float), "str": str,
@@ -191,7 +193,7 @@ _WORDS = {"int": "an int", "size": "an int >= 0", "float": "a number", "str": "a
           "dict": "a JSON object"}
 
 
-def _expect(path: str, value: Any, kind: str, what: str) -> Any:
+def _expect(value: Any, kind: str, what: str) -> Any:
     """`value` if it is of `kind` ('int', 'size', 'float', 'str', 'bool', 'list', 'dict'; a
     trailing '?' allows null); else the damaged-metadata error naming `what`."""
     if kind.endswith("?"):
@@ -205,15 +207,15 @@ def _expect(path: str, value: Any, kind: str, what: str) -> Any:
     if not ok:
         shown = json.dumps(value) if isinstance(value, (list, dict, str)) else repr(value)
         shown = shown if len(shown) <= 40 else shown[:37] + "..."
-        raise bad_meta(path, f"{what} is {shown} (a {type(value).__name__}), expected "
+        raise bad_meta(f"{what} is {shown} (a {type(value).__name__}), expected "
                         f"{_WORDS[kind]}")
     return value
 
 
-def _field(path: str, obj: dict[str, Any], key: str, kind: str, where: str = "") -> Any:
+def _field(obj: dict[str, Any], key: str, kind: str, where: str = "") -> Any:
     if key not in obj:
-        raise bad_meta(path, f"{where}{key} is missing")
-    return _expect(path, obj[key], kind, f"{where}{key}")
+        raise bad_meta(f"{where}{key} is missing")
+    return _expect(obj[key], kind, f"{where}{key}")
 
 
 def unpack(packed: dict[str, Any], arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:

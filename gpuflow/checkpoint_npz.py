@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointProblem
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 META_KEY = "__gpuflow__"
@@ -32,11 +32,11 @@ META_KEY = "__gpuflow__"
 _MAX_DEFLATE_RATIO = 1100
 
 
-def damaged(path: str, problem: str) -> CheckpointError:
+def damaged(problem: str) -> CheckpointProblem:
     """The one error for a file that is not what it claims to be (one line, one help line)."""
     problem = " ".join(str(problem).split())  # a library's message may span lines
-    return CheckpointError(f"checkpoint {path!r} is damaged (truncated or corrupted?): "
-                           f"{problem}.\nhelp: use an earlier checkpoint.")
+    return CheckpointProblem(f" is damaged (truncated or corrupted?): "
+                             f"{problem}.\nhelp: use an earlier checkpoint.")
 
 
 def read_npz(path: str) -> dict[str, np.ndarray]:
@@ -48,25 +48,25 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
             arrays = {}
             for info in archive.infolist():
                 key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
-                arrays[key] = _read_member(path, archive, info, size)
+                arrays[key] = _read_member(archive, info, size)
             return arrays
     except CheckpointError:
-        raise  # already names the file and the member: wrapping it would nest the messages
+        raise  # already names the member (read adds the file): wrapping it would nest them
     # zipfile raises NotImplementedError for unknown compression or zip versions and
     # RuntimeError for encrypted members
     except (OSError, ValueError, EOFError, KeyError, NotImplementedError, RuntimeError,
             OverflowError, zipfile.BadZipFile, zlib.error) as exc:
-        raise damaged(path, f"{type(exc).__name__}: {exc}") from exc
+        raise damaged(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo,
                  file_size: int) -> np.ndarray:
     """One `.npy` member, its sizes checked before anything is allocated: the array its header
     declares must be exactly the bytes the member holds, and the member can hold no more than
     its compressed bytes allow (a crafted header or zip entry cannot make us allocate more than
     about _MAX_DEFLATE_RATIO times the file's size). Object arrays (pickles) are refused."""
-    def member(problem: str) -> CheckpointError:
-        return damaged(path, f"member {info.filename!r} {problem}")
+    def member(problem: str) -> CheckpointProblem:
+        return damaged(f"member {info.filename!r} {problem}")
 
     if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
         raise member(f"uses zip compression method {info.compress_type}; a checkpoint "
@@ -84,10 +84,10 @@ def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
         else:
             raise member(f"has .npy format version {version}; expected 1.0 or 2.0")
         if dtype.hasobject:
-            raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: member "
-                                  f"{info.filename!r} is an object array, which only pickle "
-                                  "can load, and gpuflow never unpickles.\nhelp: pass a file "
-                                  "written by gpuflow.checkpoint.save.")
+            raise CheckpointProblem(f" is not a gpuflow checkpoint: member "
+                                    f"{info.filename!r} is an object array, which only pickle "
+                                    "can load, and gpuflow never unpickles.\nhelp: pass a file "
+                                    "written by gpuflow.checkpoint.save.", before="")
         nbytes = math.prod(shape) * dtype.itemsize
         held = info.file_size - stream.tell()
         if nbytes != held:
@@ -99,23 +99,23 @@ def _read_member(path: str, archive: zipfile.ZipFile, info: zipfile.ZipInfo,
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
-def read_meta_text(path: str, arrays: dict[str, np.ndarray]) -> str:
+def read_meta_text(arrays: dict[str, np.ndarray]) -> str:
     """The `__gpuflow__` member as text; CheckpointError if it is missing or not UTF-8 bytes."""
     raw = arrays.pop(META_KEY, None)
     if raw is None:
         keys = sorted(arrays)
         shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: an .npz without the "
-                              f"{META_KEY!r} metadata entry (it holds [{shown}]).\n"
-                              "help: pass a file written by gpuflow.checkpoint.save.")
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: an .npz without the "
+                                f"{META_KEY!r} metadata entry (it holds [{shown}]).\n"
+                                "help: pass a file written by gpuflow.checkpoint.save.", before="")
     if raw.dtype != np.uint8 or raw.ndim != 1:
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
-                              f"unreadable (expected a 1-d uint8 array, got {raw.dtype} "
-                              f"{raw.shape}).\nhelp: pass a file written by "
-                              "gpuflow.checkpoint.save.")
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: its metadata is "
+                                f"unreadable (expected a 1-d uint8 array, got {raw.dtype} "
+                                f"{raw.shape}).\nhelp: pass a file written by "
+                                "gpuflow.checkpoint.save.", before="")
     try:
         return raw.tobytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path!r} is not a gpuflow checkpoint: its metadata is "
-                              f"unreadable ({exc}).\nhelp: pass a file written by "
-                              "gpuflow.checkpoint.save.") from None
+        raise CheckpointProblem(f" is not a gpuflow checkpoint: its metadata is "
+                                f"unreadable ({exc}).\nhelp: pass a file written by "
+                                "gpuflow.checkpoint.save.", before="") from None

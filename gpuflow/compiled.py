@@ -43,12 +43,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .backends import LEDGER
-from .errors import GraphError
+from .errors import GraphError, check_hyperparameter
 from .graph import Graph, _run_step
 from .nodes import Input
 from .norm import BatchNorm, Dropout, _mix
 from .plan import put_values, restore, set_mode, snapshot
-from .schedules import _number, clip_grad_norm
+from .schedules import clip_grad_norm
 
 
 class CompiledStep:
@@ -57,8 +57,8 @@ class CompiledStep:
 
     def __init__(self, graph: Graph, optimizer: Any, clip_norm: float | None = None) -> None:
         self.graph, self.optimizer = graph, optimizer
-        self.clip_norm = None if clip_norm is None else _number(
-            "compile_step", "clip_norm", clip_norm, low=0, low_open=True)
+        self.clip_norm = None if clip_norm is None else check_hyperparameter(
+            clip_norm, "clip_norm", "compile_step", low_open=True, example="1")
         missing = [p.label for p in optimizer.params if p not in graph._members]
         if missing:
             raise GraphError(f"compile_step: the optimizer updates {', '.join(missing)}, which "

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .backends import LEDGER, Device, available_devices, dtype_name, get_device, to_host
+from .backends.numpy import host_copy
 from .errors import DeviceError, GraphError
 from .nodes import Node
 
@@ -187,7 +188,7 @@ class _Candidate:
         self.graph.move_to(self.device, states=_copied(self.states))
         with LEDGER.allowed():
             for p, host in self.weights.items():  # every block starts from the same weights
-                p.value = _copy(host)
+                p.value = host_copy(host)
         for opt in self.optimizers:  # its state was on the other device: made again here
             opt.state = {p: {} for p in opt.params}
         for _ in range(REWARM):
@@ -205,14 +206,8 @@ class _Candidate:
             self.device.synchronize(what="timing for device='fastest'")
 
 
-def _copy(host: Any) -> Any:
-    """A new copy of a host value: a CPU device keeps a fed NumPy array as its own and updates
-    it in place, which must not reach the values kept to put back."""
-    return np.array(host, copy=True) if isinstance(host, np.ndarray) else host
-
-
 def _copied(states: dict[Node, dict[str, Any]]) -> dict[Node, dict[str, Any]]:
-    return {node: {k: _copy(v) for k, v in state.items()} for node, state in states.items()}
+    return {node: {k: host_copy(v) for k, v in state.items()} for node, state in states.items()}
 
 
 def warm_until_steady(candidate: Any, max_steps: int = MAX_WARMUP) -> list[float]:
@@ -293,7 +288,7 @@ def _put_back(graph: Any, device: Device, weights: dict[Node, Any],
     graph.move_to(device, states=_copied(states))
     with LEDGER.allowed():
         for p, host in weights.items():
-            p.value = _copy(host)
+            p.value = host_copy(host)
         for opt, t, state in saved_opt:
             opt.t = t
             opt.state = {p: {k: p.device.put(v, opt._state_dtype(p), what="optimizer state")

@@ -20,41 +20,11 @@ import math
 from typing import Any
 
 from . import amp
-from .errors import CheckpointError, GraphError
+from .errors import CheckpointError, GraphError, check_hyperparameter, check_int
 from .nodes import Node
 
 __all__ = ["LRSchedule", "StepLR", "ExponentialLR", "CosineAnnealingLR", "LinearLR",
            "WarmupCosineLR", "clip_grad_norm", "clip_grad_value"]
-
-
-def _number(owner: str, name: str, value: Any, *, low: float | None = None,
-            low_open: bool = False, high: float | None = None, high_open: bool = False,
-            integer: bool = False) -> Any:
-    """`value` checked: a finite number (an int if `integer`) within the bounds given."""
-    kinds = (int,) if integer else (int, float)
-    ok = isinstance(value, kinds) and not isinstance(value, bool)
-    if ok and not integer:
-        ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if low_open else '>='} {low:g}")
-        if high is not None:
-            bounds.append(f"{'<' if high_open else '<='} {high:g}")
-        kind = "an integer" if integer else "a finite number"
-        where = f" {' and '.join(bounds)}" if bounds else ""
-        raise ValueError(f"{owner}: {name} must be {kind}{where}, got {value!r}.\n"
-                         f"help: pass e.g. {name}={_EXAMPLES.get(name, 1)}.")
-    return int(value) if integer else float(value)
-
-
-_EXAMPLES = {"step_size": 10, "gamma": 0.1, "T_max": 50, "eta_min": 0.0, "start_factor": 0.1,
-             "end_factor": 1.0, "total_iters": 5, "max_norm": 1.0, "clip_value": 1.0,
-             "warmup": 100}
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------
@@ -169,8 +139,8 @@ class StepLR(LRSchedule):
     _hyper = ("step_size", "gamma")
 
     def __init__(self, optimizer: Any, step_size: int, gamma: float = 0.1) -> None:
-        self.step_size = _number("StepLR", "step_size", step_size, low=1, integer=True)
-        self.gamma = _number("StepLR", "gamma", gamma, low=0, low_open=True)
+        self.step_size = check_int(step_size, "step_size", 1, where="StepLR", example=10)
+        self.gamma = check_hyperparameter(gamma, "gamma", "StepLR", low_open=True, example="0.1")
         super().__init__(optimizer)
 
     def _rate(self, lr: float) -> float:
@@ -185,7 +155,8 @@ class ExponentialLR(LRSchedule):
     _hyper = ("gamma",)
 
     def __init__(self, optimizer: Any, gamma: float) -> None:
-        self.gamma = _number("ExponentialLR", "gamma", gamma, low=0, low_open=True)
+        self.gamma = check_hyperparameter(gamma, "gamma", "ExponentialLR", low_open=True,
+                                          example="0.1")
         super().__init__(optimizer)
 
     def _rate(self, lr: float) -> float:
@@ -199,8 +170,9 @@ class CosineAnnealingLR(LRSchedule):
     _hyper = ("T_max", "eta_min")
 
     def __init__(self, optimizer: Any, T_max: int, eta_min: float = 0.0) -> None:
-        self.T_max = _number("CosineAnnealingLR", "T_max", T_max, low=1, integer=True)
-        self.eta_min = _number("CosineAnnealingLR", "eta_min", eta_min, low=0)
+        self.T_max = check_int(T_max, "T_max", 1, where="CosineAnnealingLR", example=50)
+        self.eta_min = check_hyperparameter(eta_min, "eta_min", "CosineAnnealingLR",
+                                            example="0.0")
         lr = getattr(optimizer, "lr", None)
         if isinstance(lr, (int, float)) and self.eta_min > lr:
             raise ValueError(f"CosineAnnealingLR: eta_min ({eta_min:g}) is above the "
@@ -226,10 +198,12 @@ class LinearLR(LRSchedule):
 
     def __init__(self, optimizer: Any, start_factor: float = 1.0 / 3, end_factor: float = 1.0,
                  total_iters: int = 5) -> None:
-        self.start_factor = _number("LinearLR", "start_factor", start_factor, low=0,
-                                    low_open=True, high=1)
-        self.end_factor = _number("LinearLR", "end_factor", end_factor, low=0, high=1)
-        self.total_iters = _number("LinearLR", "total_iters", total_iters, low=1, integer=True)
+        self.start_factor = check_hyperparameter(start_factor, "start_factor", "LinearLR",
+                                                 low_open=True, high=1, high_open=False,
+                                                 example="0.1")
+        self.end_factor = check_hyperparameter(end_factor, "end_factor", "LinearLR", high=1,
+                                               high_open=False, example="1.0")
+        self.total_iters = check_int(total_iters, "total_iters", 1, where="LinearLR", example=5)
         super().__init__(optimizer)
 
     def _rate(self, lr: float) -> float:
@@ -261,13 +235,12 @@ class WarmupCosineLR(LRSchedule):
     def __init__(self, optimizer: Any, warmup: int, T_max: int, *,
                  start_factor: float | None = None, eta_min: float = 0.0) -> None:
         owner = "WarmupCosineLR"
-        self.warmup = _number(owner, "warmup", warmup, low=1, integer=True)
-        self.T_max = _number(owner, "T_max", T_max, low=self.warmup, low_open=True,
-                             integer=True)
-        self.start_factor = _number(owner, "start_factor", 1.0 / (self.warmup + 1)
-                                    if start_factor is None else start_factor,
-                                    low=0, low_open=True, high=1)
-        self.eta_min = _number(owner, "eta_min", eta_min, low=0)
+        self.warmup = check_int(warmup, "warmup", 1, where=owner, example=100)
+        self.T_max = check_int(T_max, "T_max", self.warmup + 1, where=owner, example=1000)
+        self.start_factor = check_hyperparameter(
+            1.0 / (self.warmup + 1) if start_factor is None else start_factor, "start_factor",
+            owner, low_open=True, high=1, high_open=False, example="0.1")
+        self.eta_min = check_hyperparameter(eta_min, "eta_min", owner, example="0.0")
         lr = getattr(optimizer, "lr", None)
         if isinstance(lr, (int, float)) and self.eta_min > lr:
             raise ValueError(f"{owner}: eta_min ({eta_min:g}) is above the optimizer's lr "
@@ -338,7 +311,8 @@ def clip_grad_norm(graph_or_parameters: Any, max_norm: float, *, eps: float = 1e
     device scalar: nothing is read back to the host (no synchronisation) unless the caller
     reads it (`graph.item(norm)`). `p.gradients[p]` is replaced by the scaled gradient.
     """
-    max_norm = _number("clip_grad_norm", "max_norm", max_norm, low=0, low_open=True)
+    max_norm = check_hyperparameter(max_norm, "max_norm", "clip_grad_norm", low_open=True,
+                                    example="1.0")
     params = _with_gradients(graph_or_parameters, "clip_grad_norm")
     if not params:
         raise ValueError("clip_grad_norm: no parameters to clip.\nhelp: pass graph or "
@@ -370,7 +344,8 @@ def _clip_norm(params: list[Any], max_norm: float, eps: float) -> Any:
 def clip_grad_value(graph_or_parameters: Any, clip_value: float) -> None:
     """Clamp every gradient entry into [-clip_value, clip_value], on the device
     (torch.nn.utils.clip_grad_value_). `p.gradients[p]` is replaced by the clamped gradient."""
-    clip_value = _number("clip_grad_value", "clip_value", clip_value, low=0, low_open=True)
+    clip_value = check_hyperparameter(clip_value, "clip_value", "clip_grad_value", low_open=True,
+                                      example="1.0")
     for p in _with_gradients(graph_or_parameters, "clip_grad_value"):
         grad = p.gradients[p]
         if not hasattr(grad, "shape"):

@@ -1,6 +1,6 @@
 """The one timing loop: blocks of steps synchronised at both ends, and interleaved rounds of
-them with medians. The bench (gpuflow/bench/), `device="fastest"` (placement.py) and the
-profiler (profiler.py) all time through it.
+them with medians. The bench (gpuflow/bench/), `device="fastest"` (placement.py), the
+profiler (profiler.py) and the scripts in benchmarks/ (through `Steps`) all time through it.
 
 Variants are timed in interleaved rounds (blocks of steps, synchronised at the end of each
 block) so machine noise hits all of them alike; the median per-step time is what is compared,
@@ -45,6 +45,30 @@ class Variant:
         """The memory of one step, measured by the library that allocates it; None where host
         memory that tracemalloc sees holds the arrays (the caller measures that)."""
         return None
+
+
+class Steps(Variant):
+    """A Variant made of plain functions (the scripts in benchmarks/): `step()` runs one step
+    and returns its loss (or anything), `sync(last)` waits for the device's queued work given
+    what the last step returned (not called before the first step), `prepare()` runs untimed
+    before each block."""
+
+    def __init__(self, step: Any, sync: Any = None, prepare: Any = None) -> None:
+        self._step, self._sync, self._prepare = step, sync, prepare
+        self.last: Any = None
+        self._stepped = False
+
+    def step(self) -> Any:
+        self.last, self._stepped = self._step(), True
+        return self.last
+
+    def sync(self) -> None:
+        if self._sync is not None and self._stepped:
+            self._sync(self.last)
+
+    def prepare(self) -> None:
+        if self._prepare is not None:
+            self._prepare()
 
 
 def time_block(v: Variant, k: int) -> tuple[float, dict[str, int] | None]:

@@ -44,7 +44,7 @@ from . import checkpoint_io
 from .backends import to_host
 from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
 from .checkpoint_io import fspath
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointProblem, checkpoint_path
 from .nodes import Input, Linear
 
 LAYOUTS = ("torch", "gpuflow")
@@ -60,7 +60,8 @@ def export_weights(graph: Any, path: "str | os.PathLike[str]", layout: str = "to
         raise CheckpointError(f"export_weights {path!r}: weights are written as safetensors.\n"
                               f"help: export to {path[:-4] + '.safetensors'!r}.")
     tensors = {}
-    entries = _entries(graph, layout, mapping, path)
+    with checkpoint_path(path):
+        entries = _entries(graph, layout, mapping)
     for entry in entries.values():
         host = np.asarray(to_host(entry.get(), graph.device, what=f"export of {entry.what}"),
                           order="C")
@@ -96,7 +97,8 @@ def load_weights(graph: Any, path: "str | os.PathLike[str]",
         tensors = {k.partition("/")[2]: v for k, v in tensors.items()  # by name
                    if k.startswith(("param/", "node/"))}
         layout, strict = "gpuflow", False
-    entries = _entries(graph, layout, mapping, path)
+    with checkpoint_path(path):
+        entries = _entries(graph, layout, mapping)
     problems, used = [], set()
     for entry in entries.values():
         host = tensors.get(entry.file_name)
@@ -240,12 +242,12 @@ def _node_states(entries: dict[str, _Entry]) -> dict[Any, dict[str, str]]:
     return out
 
 
-def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
-             path: str) -> dict[str, _Entry]:
-    """{gpuflow name: _Entry} for every parameter and node state key of `graph`."""
+def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None") -> dict[str, _Entry]:
+    """{gpuflow name: _Entry} for every parameter and node state key of `graph`; a
+    CheckpointProblem (without the file's path) for a layout or mapping that does not fit."""
     if layout not in LAYOUTS:
-        raise CheckpointError(f"weights {path!r}: layout={layout!r}; expected one of "
-                              f"{LAYOUTS}.\nhelp: layout='torch' for PyTorch's names.")
+        raise CheckpointProblem(f": layout={layout!r}; expected one of {LAYOUTS}.\nhelp: "
+                                "layout='torch' for PyTorch's names.", before="weights ")
     mapping = dict(mapping or {})
     torch = layout == "torch"
     index = {n: i for i, n in enumerate(n for n in graph.nodes if not isinstance(n, Input))}
@@ -260,7 +262,7 @@ def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
             file_name = p.torch_name
         entries[name] = _Entry(graph, mapping.pop(name, file_name), f"parameter {name!r}",
                                param=p, transpose=transpose)
-    for node_name, (node, state) in stateful_nodes(graph, path).items():
+    for node_name, (node, state) in stateful_nodes(graph).items():
         for key, value in state.items():
             if key in getattr(node, "checkpoint_only_state", ()):
                 continue  # gpuflow's own (Dropout's step counter): checkpoints keep it
@@ -270,7 +272,8 @@ def _entries(graph: Any, layout: str, mapping: "dict[str, str] | None",
                                       f"state {key!r} of {node.label}", node=node, key=key,
                                       value=value)
     if mapping:
-        raise CheckpointError(f"weights {path!r}: mapping names {sorted(mapping)}, which this "
-                              f"model does not have.\nhelp: map gpuflow names "
-                              f"({', '.join(list(entries)[:6])}, ...) to the file's names.")
+        raise CheckpointProblem(f": mapping names {sorted(mapping)}, which this model does "
+                                f"not have.\nhelp: map gpuflow names "
+                                f"({', '.join(list(entries)[:6])}, ...) to the file's names.",
+                                before="weights ")
     return entries

@@ -226,3 +226,28 @@ def test_bench_gpt_variants_agree_in_float64(device):
     assert variants["miniflow"] is None
     assert len(check["losses"]) == 3 - (variants["torch"] is None)
     assert len(set(check["losses"]["floor"])) == 3
+
+
+def test_timing_steps_runs_plain_functions_through_the_one_loop(monkeypatch):
+    # benchmarks/*.py time through gpuflow.timing.Steps: prepare before each block, untimed;
+    # sync given the last step's result, inside the timed block (never before a first step).
+    from gpuflow import timing
+    now = [0.0]
+    monkeypatch.setattr(timing, "clock", lambda: now[0])
+    calls = []
+
+    def step():
+        now[0] += 0.5
+        calls.append("step")
+        return calls.count("step")
+
+    def sync(last):
+        now[0] += 1.0
+        calls.append(("sync", last))
+
+    v = timing.Steps(step, sync, prepare=lambda: calls.append("prepare"))
+    assert timing.time_block(v, 2)[0] == (2 * 0.5 + 1.0) / 2
+    assert calls == ["prepare", "step", "step", ("sync", 2)]
+    calls.clear()
+    assert timing.time_block(v, 1)[0] == 0.5 + 1.0
+    assert calls == ["prepare", ("sync", 2), "step", ("sync", 1)]

@@ -265,6 +265,33 @@ def test_bad_file_is_one_checkpoint_error_and_changes_nothing(tmp_path, case, fm
     assert_unchanged(graph, opt, before)
 
 
+def test_every_entry_point_names_the_file_once(tmp_path):
+    """The checks raise without the path; save, load, read_info, load_weights, export_weights
+    and the npz reader each put it in once: a plain CheckpointError, the path in it once."""
+    from gpuflow.checkpoint import export_weights, load_weights, read_info
+    graph, opt = trained("cpu", steps=1)
+    damaged = tmp_path / "d.safetensors"
+    rewrite(good(tmp_path, "safetensors"), damaged, lambda m, a: m.update(step=-1))
+    plain_npz, weights = tmp_path / "plain.npz", tmp_path / "weights.safetensors"
+    np.savez(plain_npz, W=np.ones(2))
+    weights.write_bytes(st_bytes({"0.weight": np.ones((2, 2))}))
+    target = tmp_path / "out.safetensors"
+    calls = {
+        "save": (target, lambda: save(target, graph, opt, state={"x": object()})),
+        "load": (damaged, lambda: load(damaged, graph, opt)),
+        "read_info": (damaged, lambda: read_info(damaged)),
+        "npz": (plain_npz, lambda: read_info(plain_npz)),
+        "load_weights": (weights, lambda: load_weights(graph, weights, layout="keras")),
+        "export_weights": (target, lambda: export_weights(graph, target, mapping={"no": "x"})),
+    }
+    for name, (path, call) in calls.items():
+        with pytest.raises(CheckpointError) as info:
+            call()
+        message = str(info.value)
+        assert type(info.value) is CheckpointError, (name, type(info.value))
+        assert message.count(repr(str(path))) == 1, (name, message)
+
+
 def test_brackets_inside_metadata_strings_are_not_nesting(tmp_path):
     """The nesting limit (item 8) counts JSON's arrays and objects, not brackets in strings."""
     graph, opt = trained("cpu", steps=1)

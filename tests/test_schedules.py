@@ -112,7 +112,7 @@ def test_load_state_dict_refuses_another_kind_and_changes_nothing():
     (lambda o: StepLR(o, 2.5), "step_size must be an integer"),
     (lambda o: StepLR(o, 3, gamma=-1), "gamma must be a finite number > 0"),
     (lambda o: ExponentialLR(o, float("nan")), "gamma must be a finite number"),
-    (lambda o: ExponentialLR(o, "0.9"), "gamma must be a finite number"),
+    (lambda o: ExponentialLR(o, "0.9"), "ExponentialLR: gamma must be a number, got '0.9'"),
     (lambda o: CosineAnnealingLR(o, 0), "T_max must be an integer >= 1"),
     (lambda o: CosineAnnealingLR(o, 10, eta_min=1.0), "eta_min .* is above the optimizer's lr"),
     (lambda o: LinearLR(o, start_factor=0), "start_factor must be a finite number > 0"),
@@ -249,10 +249,25 @@ def test_clipping_reads_nothing_back_to_the_host(monkeypatch):
         assert isinstance(norm, torch.Tensor) and norm.ndim == 0
 
 
+def test_schedules_take_numbers_as_the_optimizers_do():
+    """One number check (errors.check_int / check_hyperparameter) for optimizers, schedules and
+    clipping: NumPy scalars are numbers there too, stored as Python ints and floats."""
+    W, graph = _parameter()
+    opt = SGD([W], lr=np.float32(0.5))
+    schedule = StepLR(opt, np.int64(2), gamma=np.float32(0.5))
+    assert type(schedule.step_size) is int and type(schedule.gamma) is float
+    linear = LinearLR(SGD([W], lr=0.1), start_factor=np.float32(0.5), total_iters=np.int32(4))
+    assert (linear.start_factor, linear.total_iters) == (0.5, 4)
+    graph, params, grads = _two_parameters(gf.get_device("cpu"), 10.0)
+    clip_grad_value(graph, np.float32(0.5))
+    for p, g in zip(params, grads):
+        np.testing.assert_array_equal(host(graph.device, p.gradients[p]), np.clip(g, -0.5, 0.5))
+
+
 @pytest.mark.parametrize("call, error, message", [
     (lambda g: clip_grad_norm(g, 0.0), ValueError, "max_norm must be a finite number > 0"),
     (lambda g: clip_grad_norm(g, float("inf")), ValueError, "max_norm must be a finite"),
-    (lambda g: clip_grad_norm(g, "1"), ValueError, "max_norm must be a finite"),
+    (lambda g: clip_grad_norm(g, "1"), ValueError, "max_norm must be a number"),
     (lambda g: clip_grad_value(g, -1.0), ValueError, "clip_value must be a finite number > 0"),
     (lambda g: clip_grad_norm(3, 1.0), ValueError, "expected a Graph or a list of parameters"),
     (lambda g: clip_grad_norm([1.0], 1.0), ValueError, "not a gpuflow node"),
