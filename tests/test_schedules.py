@@ -360,7 +360,7 @@ def test_warmup_cosine_is_torchs_sequential_linear_then_cosine(options):
 def test_warmup_cosine_refuses_a_total_within_the_warmup():
     from gpuflow.optim import WarmupCosineLR
     W, _ = _parameter()
-    with pytest.raises(ValueError, match="T_max must be an integer > 5"):
+    with pytest.raises(ValueError, match="T_max must be an integer >= 6"):
         WarmupCosineLR(SGD([W], lr=0.1), warmup=5, T_max=5)
     with pytest.raises(ValueError, match="warmup must be an integer >= 1"):
         WarmupCosineLR(SGD([W], lr=0.1), warmup=0, T_max=5)
