@@ -271,8 +271,8 @@ def test_every_devices_float32_erf_is_accurate_to_float32_rounding(device):
     """float32 erf within 1.5 ulp of float32 (against mpmath's erf at float32 points: a dense
     grid over [-10, 10], both sides of the formula's joins at 1 and 4, tiny and subnormal x,
     infinities), in float32, with NaN kept. The float32
-    formula (special._ERF32_*) is measured at <= 1.37 ulp over all float32 x; the float64
-    formula rounded in float32 was up to 4 ulp off, and slow."""
+    formula (special._ERF32_*) measured 1.32 ulp at most over every 7th float32 in [0, 4]
+    (1.37 on this grid); the float64 formula run in float32, used before, was 2.8 ulp off."""
     mpmath = pytest.importorskip("mpmath")
     joins = np.array([1.0, 4.0, 3.92, 2.0], dtype=np.float32)
     # XLA flushes subnormal float32 to zero (JAX's own erf): subnormal x elsewhere only
