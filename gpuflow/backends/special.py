@@ -43,6 +43,41 @@ def erf(xp: Any, x: Any) -> Any:
     return xp.sign(x) * xp.where(a < 2.0, small, large)
 
 
+def _horner_into(lib: Any, coefficients: tuple, t: Any, out: Any) -> Any:
+    """`_horner` written into `out` (the same operations in the same order)."""
+    total = lib.multiply(t, coefficients[0], out=out)
+    total = lib.add(total, coefficients[1], out=total)
+    for c in coefficients[2:]:
+        total = lib.multiply(total, t, out=total)
+        total = lib.add(total, c, out=total)
+    return total
+
+
+def erf_into(lib: Any, x: Any, out: Any, work: Any) -> Any:
+    """`erf(x)` written into `out` (which must not be x) for a library whose functions take
+    `out=` (NumPy, CuPy): the same operations in the same order, so the same numbers, with no
+    temporary array. `work` ((4,) + x.shape, x's dtype) is overwritten."""
+    a, t, h, m = (work[i] for i in range(4))
+    a = lib.abs(x, out=a)
+    small = lib.minimum(a, 2.0, out=out)
+    t = lib.multiply(small, small, out=t)
+    t = lib.subtract(t, 2.0, out=t)
+    small = lib.multiply(small, _horner_into(lib, _ERF_SMALL, t, h), out=small)
+    large = lib.maximum(a, 2.0, out=t)
+    large = lib.minimum(large, 6.0, out=large)
+    e = lib.multiply(large, large, out=h)
+    e = lib.exp(lib.negative(e, out=e), out=e)
+    u = lib.divide(1.0, large, out=large)
+    u = lib.subtract(u, 1.0 / 3.0, out=u)
+    large = lib.multiply(e, _horner_into(lib, _ERFCX_LARGE, u, m), out=e)
+    large = lib.subtract(1.0, large, out=large)
+    # where(a < 2, small, large): large copied where not a < 2, the mask in m's memory
+    outside = m.reshape(-1).view(lib.bool_)[:a.size].reshape(a.shape)
+    outside = lib.logical_not(lib.less(a, 2.0, out=outside), out=outside)
+    lib.copyto(out, large, where=outside)
+    return lib.multiply(lib.sign(x, out=a), out, out=out)
+
+
 def scatter_add_rows(xp: Any, ids: Any, values: Any, rows: int) -> Any:
     """A (rows, dim) array whose row r is the sum of the rows values[i] with ids[i] == r (ids
     (M,) integers in [0, rows), values (M, dim)): one matmul with the one-hot (M, rows) matrix
