@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .errors import GraphError
 from .nodes import Node
-from .sequence import _between_zeros
+from .shapes import _between_zeros
 
 
 class Positions(Node):
