@@ -424,17 +424,36 @@ class Add(Node):
             raise GraphError(f"{self.label}: the inputs differ in shape ({listing}); Add sums "
                              "arrays of one shape.\nhelp: reduce each loss to a scalar, or "
                              "reshape the inputs alike.")
+        # arrays (a residual sum): into kept buffers; scalars (losses): new ones
+        shape, dtype = tuple(getattr(values[0], "shape", ())), getattr(values[0], "dtype", None)
+        same = shape and all(getattr(v, "dtype", None) == dtype for v in values)
+        ops, buffers = self.ops, self.buffers
         total = None
         for w, v in zip(self.weights, values):
-            term = v if w == 1.0 else w * v
-            total = term if total is None else total + term
+            if w == 1.0:
+                term = v
+            elif same:
+                term = ops.multiply(v, w, out=buffers["value" if total is None else "term",
+                                                      shape, dtype])
+            else:
+                term = w * v
+            if total is None:
+                total = term
+            elif same:  # into the value buffer once total is no longer an input's array
+                total = ops.add(total, term, out=buffers["value", shape, dtype])
+            else:
+                total = total + term
         self.value = total
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         grads: dict[Node, Any] = {}
-        for n, w, need in zip(self.inbound_nodes, self.weights, self.needs_grad):
+        array = bool(getattr(G, "ndim", 0))
+        for i, (n, w, need) in enumerate(zip(self.inbound_nodes, self.weights,
+                                             self.needs_grad)):
             if need:
-                g = G if w == 1.0 else w * G
+                g = G if w == 1.0 else (self.ops.multiply(
+                    G, w, out=self.buffers[f"grad{i}", tuple(G.shape), G.dtype])
+                    if array else w * G)
                 grads[n] = grads[n] + g if n in grads else g  # Add(l, l): both uses add up
         self.gradients.update(grads)

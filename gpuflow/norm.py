@@ -310,29 +310,46 @@ class LayerNorm(Node):
 
     def _normalise(self, x: Any, gamma: Any, beta: Any) -> Any:
         """The forward pass with x, gamma and beta all in one dtype; returns the value."""
-        xp = self.xp
+        ops, buffers, dtype = self.ops, self.buffers, x.dtype
         scale = 1.0 / x.shape[-1]  # sums times 1/D: means in one reduction each
-        mean = xp.sum(x, axis=-1, keepdims=True) * scale
-        centred = x - mean
-        self.inv_std = 1.0 / xp.sqrt(xp.sum(centred * centred, axis=-1, keepdims=True) * scale
-                                     + self.eps)
-        self.xhat = centred * self.inv_std
-        return self.xhat * gamma + beta
+        rows = tuple(x.shape[:-1]) + (1,)
+        mean = ops.sum(x, axis=-1, keepdims=True, out=buffers["mean", rows, dtype])
+        mean = ops.multiply(mean, scale, out=mean)
+        centred = ops.subtract(x, mean, out=buffers["xhat", tuple(x.shape), dtype])
+        square = ops.multiply(centred, centred, out=buffers["work", tuple(x.shape), dtype])
+        var = ops.sum(square, axis=-1, keepdims=True, out=buffers["inv_std", rows, dtype])
+        var = ops.add(ops.multiply(var, scale, out=var), self.eps, out=var)
+        self.inv_std = ops.divide(1.0, ops.sqrt(var, out=var), out=var)
+        self.xhat = ops.multiply(centred, self.inv_std, out=centred)
+        value = ops.multiply(self.xhat, gamma, out=buffers["value", tuple(x.shape), dtype])
+        return ops.add(value, beta, out=value)
 
     def backward(self) -> None:
         _normalisation_backward(self)
 
     def _gradients(self, G: Any, gamma: Any) -> list[Any]:
         """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
-        xp, xhat = self.xp, self.xhat
-        batch_axes = tuple(range(xhat.ndim - 1))
+        ops, buffers, xhat = self.ops, self.buffers, self.xhat
+        shape, dtype = tuple(xhat.shape), G.dtype
+        rows, batch_axes = shape[:-1] + (1,), tuple(range(xhat.ndim - 1))
         need_x, need_gamma, need_beta = self.needs_grad
-        dx = None
-        if need_x:
-            dxhat = G * gamma
+        dx = dgamma = dbeta = None
+        work = buffers["work", shape, dtype]
+        if need_x:  # dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) inv_std
+            dxhat = ops.multiply(G, gamma, out=buffers["dx", shape, dtype])
             scale = 1.0 / xhat.shape[-1]
-            dxhat = (dxhat - xp.sum(dxhat, axis=-1, keepdims=True) * scale
-                     - xhat * (xp.sum(dxhat * xhat, axis=-1, keepdims=True) * scale))
-            dx = dxhat * self.inv_std
-        return [dx, xp.sum(G * xhat, axis=batch_axes) if need_gamma else None,
-                xp.sum(G, axis=batch_axes) if need_beta else None]
+            mean = ops.sum(dxhat, axis=-1, keepdims=True, out=buffers["mean", rows, dtype])
+            mean = ops.multiply(mean, scale, out=mean)
+            product = ops.multiply(dxhat, xhat, out=work)
+            mean_product = ops.sum(product, axis=-1, keepdims=True,
+                                   out=buffers["mean_product", rows, dtype])
+            mean_product = ops.multiply(mean_product, scale, out=mean_product)
+            dxhat = ops.subtract(dxhat, mean, out=dxhat)
+            dxhat = ops.subtract(dxhat, ops.multiply(xhat, mean_product, out=work), out=dxhat)
+            dx = ops.multiply(dxhat, self.inv_std, out=dxhat)
+        if need_gamma:
+            dgamma = ops.sum(ops.multiply(G, xhat, out=work), axis=batch_axes,
+                             out=buffers["dgamma", shape[-1:], dtype])
+        if need_beta:
+            dbeta = ops.sum(G, axis=batch_axes, out=buffers["dbeta", shape[-1:], dtype])
+        return [dx, dgamma, dbeta]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .errors import GraphError
 from .nodes import Node
+from .shapes import _between_zeros
 
 
 class Positions(Node):
@@ -35,5 +36,10 @@ class Positions(Node):
         if self.needs_grad[1]:
             xp, w = self.xp, self.inbound_nodes[1].value
             rest = w.shape[0] - G.shape[0]
-            self.gradients[self.inbound_nodes[1]] = G if not rest else xp.concat(
-                [G, xp.zeros((rest, w.shape[1]), dtype=G.dtype, device=self.device.native)])
+            out = self.buffers["grad", tuple(w.shape), G.dtype] if rest else None
+            if out is not None:  # G over zeros, in a kept array
+                grad = _between_zeros(self.ops, G, out, 0, 0, G.shape[0])
+            else:
+                grad = G if not rest else xp.concat([G, xp.zeros(
+                    (rest, w.shape[1]), dtype=G.dtype, device=self.device.native)])
+            self.gradients[self.inbound_nodes[1]] = grad

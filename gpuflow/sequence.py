@@ -14,48 +14,12 @@ from typing import Any, Sequence
 
 from .errors import GraphError
 from .nodes import Input, Node
+from .shapes import _axis, _between_zeros, _broadcast, _send, _shape, _unbroadcast  # noqa: F401
 
 _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715  # the tanh approximation's cubic coefficient (torch's kKappa)
-
-
-def _shape(value: Any) -> tuple[int, ...]:
-    return tuple(value.shape)
-
-
-def _broadcast(node: Node, *shapes: tuple[int, ...], what: str = "") -> tuple[int, ...]:
-    """The broadcast of `shapes` (NumPy's rules); GraphError naming `node` if they do not."""
-    out: list[int] = []
-    for i in range(1, max(map(len, shapes), default=0) + 1):
-        sizes = {s[-i] for s in shapes if len(s) >= i} - {1}
-        if len(sizes) > 1:
-            listing = " and ".join(str(s) for s in shapes)
-            raise GraphError(f"{node.label}: {what or 'the inputs'} have shapes {listing}, which "
-                             "do not broadcast (each dimension must match or be 1).\nhelp: "
-                             "reshape the inputs, or check the layer before.")
-        out.append(sizes.pop() if sizes else 1)
-    return tuple(reversed(out))
-
-
-def _unbroadcast(xp: Any, grad: Any, shape: tuple[int, ...]) -> Any:
-    """`grad` summed over the dimensions broadcasting added to an input of `shape`."""
-    if _shape(grad) == shape:
-        return grad
-    lead = grad.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape)
-                                      if n == 1 and grad.shape[lead + i] != 1)
-    return xp.reshape(xp.sum(grad, axis=axes) if axes else grad, shape)
-
-
-def _send(node: Node, grads: Sequence[Any]) -> None:
-    """Store each needed gradient for its inbound node; one node met twice gets their sum."""
-    out: dict[Node, Any] = {}
-    for n, g, need in zip(node.inbound_nodes, grads, node.needs_grad):
-        if need and g is not None:
-            out[n] = out[n] + g if n in out else g
-    node.gradients.update(out)
 
 
 def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:
@@ -64,14 +28,6 @@ def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:
     e = xp.exp(-xp.abs(x))                  # exp(-|x|) <= 1
     positive = x >= 0
     return xp.where(positive, 1.0, e) / (1.0 + e), xp.where(positive, e, 1.0) / (1.0 + e)
-
-
-def _axis(node: Node, axis: Any, ndim: int) -> int:
-    """`axis` (negative counts from the end) as an index into `ndim` dimensions."""
-    if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
-        raise GraphError(f"{node.label}: axis {axis!r} is not an axis of a {ndim}-D input (-{ndim}"
-                         f" .. {ndim - 1}).\nhelp: pass an integer axis in that range.")
-    return axis % ndim
 
 
 class Embedding(Node):
@@ -195,12 +151,12 @@ class MatMul(Node):
         if need_a:
             da = ops.matmul(G2, xp.matrix_transpose(b2),
                             out=self.buffers["da", _shape(G2)[:-1] + (b2.shape[-2],), G.dtype])
-            da = xp.reshape(_unbroadcast(xp, da, _shape(a2)), _shape(a))
+            da = xp.reshape(_unbroadcast(self, da, _shape(a2), "da_sum"), _shape(a))
         if need_b:
             db = ops.matmul(xp.matrix_transpose(a2), G2,
                             out=self.buffers["db", _shape(G2)[:-2] + (a2.shape[-1],
                                                                       G2.shape[-1]), G.dtype])
-            db = xp.reshape(_unbroadcast(xp, db, _shape(b2)), _shape(b))
+            db = xp.reshape(_unbroadcast(self, db, _shape(b2), "db_sum"), _shape(b))
         _send(self, (da, db))
 
 
@@ -217,11 +173,17 @@ class Mul(Node):
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        xp = self.xp
+        ops, buffers = self.ops, self.buffers
         a, b = (n.value for n in self.inbound_nodes)
         need_a, need_b = self.needs_grad
-        _send(self, (_unbroadcast(xp, G * b, _shape(a)) if need_a else None,
-                     _unbroadcast(xp, G * a, _shape(b)) if need_b else None))
+        da = db = None
+        if need_a:
+            da = ops.multiply(G, b, out=buffers["da", _shape(G), G.dtype])
+            da = _unbroadcast(self, da, _shape(a), "da_sum")
+        if need_b:
+            db = ops.multiply(G, a, out=buffers["db", _shape(G), G.dtype])
+            db = _unbroadcast(self, db, _shape(b), "db_sum")
+        _send(self, (da, db))
 
 
 class BiasAdd(Node):
@@ -243,7 +205,7 @@ class BiasAdd(Node):
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        _send(self, (G, _unbroadcast(self.xp, G, _shape(self.inbound_nodes[1].value))))
+        _send(self, (G, _unbroadcast(self, G, _shape(self.inbound_nodes[1].value), "db")))
 
 
 class Scale(Node):
@@ -302,12 +264,17 @@ class Reshape(Node):
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        self.value = self.xp.reshape(x, self._target(x))
+        shape = self._target(x)
+        into = self.ops.reshape_into  # a view, or a copy into a kept buffer (a transposed x)
+        self.value = (self.xp.reshape(x, shape) if into is None
+                      else into(x, shape, self.buffers["value", shape, x.dtype]))
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         x = self.inbound_nodes[0]
-        self.gradients[x] = self.xp.reshape(G, _shape(x.value))
+        shape, into = _shape(x.value), self.ops.reshape_into
+        self.gradients[x] = (self.xp.reshape(G, shape) if into is None
+                             else into(G, shape, self.buffers["grad", shape, G.dtype]))
 
 
 class Transpose(Node):
@@ -406,7 +373,12 @@ class Slice(Node):
         G = self.upstream_gradient()
         x = self.inbound_nodes[0].value
         xp, shape = self.xp, _shape(x)
-        axis, _, start, stop = self._index(shape)
+        axis, index, start, stop = self._index(shape)
+        out = self.buffers["grad", shape, G.dtype]
+        if out is not None:  # G written between zeros, into a kept array
+            self.gradients[self.inbound_nodes[0]] = _between_zeros(self.ops, G, out, axis,
+                                                                   start, stop)
+            return
         parts = []
         for size in (start, None, shape[axis] - stop):  # G put back between zeros
             if size is None:
@@ -434,23 +406,41 @@ class GELU(Node):
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value
-        ops = self.ops
+        ops, buffers, shape, dtype = self.ops, self.buffers, _shape(x), x.dtype
+        value = buffers["value", shape, dtype]  # scratch until the last line
+        cdf = buffers["cdf", shape, dtype]
         if self.approximate == "none":
-            self.cdf = 0.5 * (1.0 + ops.erf(x * _SQRT1_2))
+            z = ops.multiply(x, _SQRT1_2, out=value)
+            e = ops.erf(z, out=cdf)  # in place on NumPy (kept scratch: backends/numpy.py)
+            cdf = ops.multiply(ops.add(e, 1.0, out=e), 0.5, out=e)
         else:
-            self.t = ops.tanh(_SQRT_2_OVER_PI * (x + _KAPPA * (x * x * x)))
-            self.cdf = 0.5 * (1.0 + self.t)
-        self.value = x * self.cdf
+            cube = ops.multiply(ops.multiply(x, x, out=value), x, out=value)
+            inner = ops.add(x, ops.multiply(cube, _KAPPA, out=cube), out=cube)
+            self.t = ops.tanh(ops.multiply(inner, _SQRT_2_OVER_PI, out=inner),
+                              out=buffers["t", shape, dtype])
+            cdf = ops.multiply(ops.add(self.t, 1.0, out=cdf), 0.5, out=cdf)
+        self.cdf = cdf
+        self.value = ops.multiply(x, cdf, out=value)
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        x, xp = self.inbound_nodes[0].value, self.xp
+        x, ops, buffers = self.inbound_nodes[0].value, self.ops, self.buffers
+        shape, dtype = _shape(x), x.dtype
+        slope = buffers["grad", shape, dtype]
         if self.approximate == "none":  # Phi(x) + x phi(x); exp underflows to 0 in the tails
-            slope = self.cdf + x * (xp.exp(-0.5 * (x * x)) * _INV_SQRT_2PI)
-        else:
-            slope = self.cdf + (0.5 * x) * (1.0 - self.t * self.t) * (
-                _SQRT_2_OVER_PI * (1.0 + 3.0 * _KAPPA * (x * x)))
-        self.gradients[self.inbound_nodes[0]] = G * slope
+            density = ops.multiply(ops.multiply(x, x, out=slope), -0.5, out=slope)
+            density = ops.multiply(ops.exp(density, out=density), _INV_SQRT_2PI, out=density)
+            slope = ops.add(self.cdf, ops.multiply(x, density, out=density), out=density)
+        else:  # cdf + (0.5 x) (1 - t^2) (sqrt(2/pi) (1 + 3 kappa x^2))
+            work = buffers["slope_work", (2,) + shape, dtype]
+            a, b = (None, None) if work is None else (work[0], work[1])
+            inner = ops.multiply(ops.multiply(x, x, out=a), 3.0 * _KAPPA, out=a)
+            inner = ops.multiply(ops.add(inner, 1.0, out=inner), _SQRT_2_OVER_PI, out=inner)
+            tt = ops.subtract(1.0, ops.multiply(self.t, self.t, out=slope), out=slope)
+            product = ops.multiply(ops.multiply(x, 0.5, out=b), tt, out=tt)
+            product = ops.multiply(product, inner, out=product)
+            slope = ops.add(self.cdf, product, out=product)
+        self.gradients[self.inbound_nodes[0]] = ops.multiply(G, slope, out=slope)
 
 
 class SiLU(Node):
@@ -504,6 +494,7 @@ class ScaledDotProductAttention(Node):
                              "or a boolean array.")
         self.causal, self.mask = causal, mask
         self._keep: Any = None  # (key, the mask on the device)
+        self._bias: Any = None  # (key, 0 / -inf where allowed / blocked, the mask)
 
     def _allowed(self, scores_shape: tuple[int, ...]) -> Any:
         """The boolean (…, T_q, T_k) array of allowed positions on the device, or None."""
@@ -543,31 +534,58 @@ class ScaledDotProductAttention(Node):
         batch = _broadcast(self, _shape(q)[:-2], _shape(k)[:-2], _shape(v)[:-2],
                            what="the leading dimensions of q, k and v")
         self.scale = 1.0 / math.sqrt(q.shape[-1])
-        scores = (q @ xp.matrix_transpose(k)) * self.scale
-        allowed = self._allowed(batch + (q.shape[-2], k.shape[-2]))
-        if allowed is not None:
-            scores = xp.where(allowed, scores, -math.inf)
-        top = xp.max(scores, axis=-1, keepdims=True)
-        if allowed is not None:  # a row blocked everywhere: exp(-inf - 0) = 0, no NaN
-            top = xp.where(top == -math.inf, 0.0, top)
-        e = xp.exp(scores - top)
-        total = xp.sum(e, axis=-1, keepdims=True)
-        if allowed is not None:
-            total = xp.where(total > 0.0, total, 1.0)
-        self.p = e / total
-        self.value = self.p @ v
+        ops, buffers, dtype = self.ops, self.buffers, q.dtype
+        shape = batch + (q.shape[-2], k.shape[-2])
+        scores = ops.matmul(q, xp.matrix_transpose(k), out=buffers["p", shape, dtype])
+        scores = ops.multiply(scores, self.scale, out=scores)
+        allowed = self._allowed(shape)
+        if allowed is not None:  # where(allowed, scores, -inf), as scores + (0 or -inf)
+            scores = ops.add(scores, self._blocking(allowed, dtype), out=scores)
+        top = ops.max(scores, axis=-1, keepdims=True, out=buffers["top", shape[:-1] + (1,),
+                                                                  dtype])
+        if allowed is not None:  # a row blocked everywhere: top -inf taken as the lowest
+            top = ops.maximum(top, float(xp.finfo(dtype).min), out=top)  # number: exp(-inf) = 0
+        e = ops.exp(ops.subtract(scores, top, out=scores), out=scores)
+        total = ops.sum(e, axis=-1, keepdims=True, out=top)
+        if allowed is not None:  # every row that is not blocked everywhere sums to >= 1
+            total = ops.maximum(total, 1.0, out=total)
+        self.p = ops.divide(e, total, out=e)
+        self.value = ops.matmul(self.p, v, out=buffers["value", shape[:-1] + v.shape[-1:],
+                                                       dtype])
+
+    def _blocking(self, allowed: Any, dtype: Any) -> Any:
+        """0 where `allowed`, -inf where not, in `dtype` (made once per mask and dtype)."""
+        key = (id(allowed), dtype)
+        if self._bias is None or self._bias[0] != key:
+            xp = self.xp
+            zero = xp.zeros(allowed.shape, dtype=dtype, device=self.device.native)
+            self._bias = (key, xp.where(allowed, zero, -math.inf), allowed)
+        return self._bias[1]
 
     def backward(self) -> None:
         G = self.upstream_gradient()
-        xp, p = self.xp, self.p
+        xp, ops, buffers, p = self.xp, self.ops, self.buffers, self.p
         q, k, v = (n.value for n in self.inbound_nodes)
         need_q, need_k, need_v = self.needs_grad
-        dv = _unbroadcast(xp, xp.matrix_transpose(p) @ G, _shape(v)) if need_v else None
-        dq = dk = None
+        batch, dtype = _shape(p)[:-2], G.dtype
+        dv = dq = dk = None
+        if need_v:
+            dv = ops.matmul(xp.matrix_transpose(p), G,
+                            out=buffers["dv", batch + _shape(v)[-2:], dtype])
+            dv = _unbroadcast(self, dv, _shape(v), "dv_sum")
         if need_q or need_k:
-            dp = G @ xp.matrix_transpose(v)
-            ds = p * (dp - xp.sum(dp * p, axis=-1, keepdims=True)) * self.scale  # softmax'
-            dq = _unbroadcast(xp, ds @ k, _shape(q)) if need_q else None
-            dk = _unbroadcast(xp, xp.matrix_transpose(ds) @ q, _shape(k)) if need_k else None
+            dp = ops.matmul(G, xp.matrix_transpose(v), out=buffers["ds", _shape(p), dtype])
+            # softmax': ds = p (dp - sum(dp p)) scale
+            rows = ops.sum(ops.multiply(dp, p, out=buffers["work", _shape(p), dtype]), axis=-1,
+                           keepdims=True, out=buffers["rows", batch + (p.shape[-2], 1), dtype])
+            ds = ops.multiply(p, ops.subtract(dp, rows, out=dp), out=dp)
+            ds = ops.multiply(ds, self.scale, out=ds)
+            if need_q:
+                dq = ops.matmul(ds, k, out=buffers["dq", batch + _shape(q)[-2:], dtype])
+                dq = _unbroadcast(self, dq, _shape(q), "dq_sum")
+            if need_k:
+                dk = ops.matmul(xp.matrix_transpose(ds), q,
+                                out=buffers["dk", batch + _shape(k)[-2:], dtype])
+                dk = _unbroadcast(self, dk, _shape(k), "dk_sum")
         _send(self, (dq, dk, dv))
 

@@ -48,6 +48,7 @@ def _fast_namespace() -> types.ModuleType:
 
 
 HALF = numpy.dtype(numpy.float16)
+_RESHAPE_COPY = tuple(int(v) for v in numpy.__version__.split(".")[:2]) >= (2, 1)
 xp = _fast_namespace()
 
 
@@ -233,7 +234,30 @@ class NumpyOps(UfuncOps):
         return erf(x, out)
 
     def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
-        return numpy.take(table, ids, axis=0, out=out)
+        if out is None:
+            return numpy.take(table, ids, axis=0)
+        # mode="raise" would copy `out` ("always buffered"): the range checked here instead
+        if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+            raise IndexError(f"take_rows: ids from {ids.min()} to {ids.max()} index a table "
+                             f"of {table.shape[0]} rows")
+        return numpy.take(table, ids, axis=0, out=out, mode="clip")
+
+    def copy(self, x: Any, out: Any = None) -> Any:
+        if out is None:
+            return numpy.array(x, copy=True)
+        numpy.copyto(out, x)
+        return out
+
+    def reshape_into(self, x: Any, shape: tuple[int, ...], out: Any) -> Any:
+        if out is None or x.flags.c_contiguous:
+            return x.reshape(shape)
+        if _RESHAPE_COPY:  # NumPy >= 2.1: a view where the strides allow one (a head split)
+            try:
+                return x.reshape(shape, copy=False)
+            except ValueError:
+                pass
+        numpy.copyto(out.reshape(x.shape), x)  # out is C-contiguous: a view of it
+        return out
 
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
         out = numpy.zeros((rows, values.shape[1]), values.dtype) if out is None else out

@@ -26,7 +26,8 @@ class Ops:
     Beyond the standard (portable versions in `special`, a library's own where it has one):
     erf (x, out=None); take_rows (table, ids, out=None), the rows table[ids] of a 2-D table
     for 1-D integer ids; scatter_add_rows (ids, values, rows, out=None), its adjoint: a
-    (rows, dim) array adding each row of values (M, dim) into row ids[i].
+    (rows, dim) array adding each row of values (M, dim) into row ids[i]; copy (x, out=None),
+    x's values written into `out` (a new array without one).
 
     Optional routes (`OPTIONAL`, declared below, each None here): a library's own kernel for
     work that nodes and optimizers otherwise do with the ops above. Code asks
@@ -48,7 +49,8 @@ class Ops:
 
     # Optional routes: None (the portable route runs) unless a backend defines one.
     OPTIONAL = ("matmul_add", "subtract_scaled", "stack", "col2im", "conv2d", "conv2d_backward",
-                "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward")
+                "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
+                "reshape_into")
     matmul_add: Callable[..., Any] | None = None
     """(x1, x2, x3, out=None) -> x1 @ x2 + x3 in one kernel (gpuflow.Linear; torch's addmm)."""
     subtract_scaled: Callable[..., Any] | None = None
@@ -69,6 +71,9 @@ class Ops:
     """(x, size, stride) -> gpuflow.AvgPool2D's value."""
     avg_pool2d_backward: Callable[..., Any] | None = None
     """(G, x, size, stride) -> dx of gpuflow.AvgPool2D."""
+    reshape_into: Callable[..., Any] | None = None
+    """(x, shape, out) -> xp.reshape(x, shape): a view where x's strides allow one, else x
+    copied into `out` (of `shape`: a head merge after a Transpose; gpuflow.Reshape)."""
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp
@@ -124,6 +129,9 @@ class Ops:
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
         return special.scatter_add_rows(self.xp, ids, values, rows)
 
+    def copy(self, x: Any, out: Any = None) -> Any:
+        return self.xp.asarray(x, copy=True)
+
 
 class UfuncOps(Ops):
     """`Ops` for a library `lib` whose functions take `out=` (NumPy, CuPy, torch).
@@ -161,6 +169,12 @@ class UfuncOps(Ops):
 
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
         return self._lib.amax(x, axis=axis, keepdims=keepdims, out=out)
+
+    def copy(self, x: Any, out: Any = None) -> Any:
+        if out is None:
+            return super().copy(x)
+        self._lib.copyto(out, x)  # NumPy and CuPy (TorchOps: copy_)
+        return out
 
     def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
         """xp.stack, into `out` (gpuflow.conv's im2col columns)."""

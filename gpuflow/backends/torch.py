@@ -64,6 +64,9 @@ class TorchOps(UfuncOps):
     def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
         return self._index_select(table, 0, ids, out=out)
 
+    def copy(self, x: Any, out: Any = None) -> Any:
+        return x.clone() if out is None else out.copy_(x)
+
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
         """torch.nn.functional.embedding's backward: index_add_ into zeros."""
         if out is None:
