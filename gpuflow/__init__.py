@@ -9,7 +9,7 @@
 
 from .backends import Device, LEDGER, available_devices, get_device
 from .backends.numpy_threads import get_num_threads, set_num_threads
-from .check import GradientCheckError, gradient_check
+from .gradcheck import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
 from .activations import ReLU, Sigmoid, Softmax, Tanh
@@ -26,7 +26,7 @@ from .recurrent import LSTM
 from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
-from .recomputation import recompute
+from .runtime.recomputation import recompute
 
 from .version import __version__  # noqa: F401
 

@@ -26,7 +26,7 @@ their results, as they do in PyTorch). The rules, stated here once (node docstri
   `Graph.step`'s loss, `Graph.run`'s output) and what a caller feeds an Input (one graph's
   output fed to the next, an RNN's state) is copied if it shares memory with a kept buffer,
   and handed over as it is otherwise.
-- **Borrow** (gpuflow/recomputation.py). The interior nodes of a recomputed segment
+- **Borrow** (gpuflow/runtime/recomputation.py). The interior nodes of a recomputed segment
   (`gf.recompute`) take their buffers from one pool per graph for one pass of the segment and
   give them back after it, so segments of one shape share one set of arrays.
 - **Copy a feed** (`copy_feed`). A value the caller gives when the graph is built is copied
@@ -35,7 +35,7 @@ their results, as they do in PyTorch). The rules, stated here once (node docstri
 
 Process-wide state: gpuflow's whole list. Everything else lives on a graph's `Plan` (its
 order, whether another graph took its nodes, whether it runs forward only, the training mode
-it last set: gpuflow/plan.py), on nodes and on optimizers. These stay global because what
+it last set: gpuflow/runtime/plan.py), on nodes and on optimizers. These stay global because what
 they track crosses graphs:
 
 - `_KEPT` (here): every live kept buffer by memory key. An array leaves one graph and enters
@@ -54,8 +54,8 @@ they track crosses graphs:
   before (two Python threads may run products at once).
 - `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
   and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
-- `gpuflow.placement.LIVE`: every optimizer made (held weakly), whose update
-  device='fastest' times as part of a step; `gpuflow.placement._SAID`: the devices already
+- `gpuflow.runtime.placement.LIVE`: every optimizer made (held weakly), whose update
+  device='fastest' times as part of a step; `gpuflow.runtime.placement._SAID`: the devices already
   told that `capture` changes nothing there (said once per device).
 - `gpuflow.amp._STEPPED`: the Graph whose step ran last (weakly): parameters shared between
   graphs record the one stepping now with one compare per step.

@@ -47,7 +47,7 @@ from .errors import GraphError, check_hyperparameter
 from .graph import Graph, _run_step
 from .nodes import Input
 from .norm import BatchNorm, Dropout, _mix
-from .plan import put_values, restore, set_mode, snapshot
+from .runtime.plan import put_values, restore, set_mode, snapshot
 from .schedules import clip_grad_norm
 
 

@@ -3,7 +3,7 @@
 
 `topological_sort` sorts the nodes, binds every one to one device and checks every fed value
 there before any compute. What a graph decides once (order, binding, backward plan) is a `Plan`
-(gpuflow/plan.py), held by both MiniFlow's `SortedGraph` and `Graph`; this module runs it.
+(gpuflow/runtime/plan.py), held by both MiniFlow's `SortedGraph` and `Graph`; this module runs it.
 Parameter updates live in gpuflow/optim.py.
 """
 
@@ -15,11 +15,12 @@ import math
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
-from . import amp, placement
+from . import amp
+from .runtime import placement
 from .buffers import copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
-from .plan import Plan, kahn_sort, reachable, set_mode, unbind
+from .runtime.plan import Plan, kahn_sort, reachable, set_mode, unbind
 
 
 class SortedGraph(list):
@@ -227,7 +228,7 @@ class Graph:
     device='fastest' (or 'fastest:cpu,torch:cpu') times whole steps of the first batch (the
     update of every optimizer already made over its parameters included) on each device, warmed
     until steady and in alternating rounds, keeps the fastest by the median and says how sure
-    that is (gpuflow/placement.py). capture: True or 'auto' asks for one captured
+    that is (gpuflow/runtime/placement.py). capture: True or 'auto' asks for one captured
     launch per step (CUDA graphs); devices without it run as usual and say so once.
 
     `step` runs forward and backward and returns the loss as a device scalar; `run` runs
@@ -429,7 +430,7 @@ class Graph:
         xp = self.device.xp
         arrays = []
         for n in self.plan.compute:
-            if n.value is not None:  # None: a recomputed segment's interior (recomputation.py)
+            if n.value is not None:  # None: a recomputed segment's interior (recomputation)
                 arrays.append((n, "value", n.value))
             arrays += [(n, f"state {name}", a) for name, a in n.state_arrays().items()]
         if self.amp is None:  # mixed precision: the loss scaler handles overflowing gradients

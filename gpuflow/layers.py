@@ -20,7 +20,7 @@ from .nodes import Add, Input, Linear, Node
 from .norm import BatchNorm, Dropout, LayerNorm
 from .positions import Positions
 from .recurrent import LSTM
-from .recomputation import recompute as _recompute
+from .runtime.recomputation import recompute as _recompute
 from .sequence import (GELU, BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention,
                        Slice, Transpose)
 
@@ -228,7 +228,7 @@ def mlp(x: Node, sizes: Sequence[int], *, activation: str = "relu", seed: int = 
 
     Every layer but the last applies `activation` (then Dropout(`dropout`) if > 0); the last
     returns raw outputs (logits). `recompute`: each hidden layer is a recomputed segment
-    (gpuflow/recomputation.py): the same numbers, less memory.
+    (gpuflow/runtime/recomputation.py): the same numbers, less memory.
     Returns (output node, {parameter name: Parameter}) in layer order. One `seed` gives the
     same weights on every device.
     """
@@ -473,8 +473,9 @@ def gpt(ids: Node, vocab: int, context: int, dim: int, layers: int, heads: int, 
     projection N(0, 0.02^2 / (2 layers)), biases zero, the attention as torch's
     MultiheadAttention. A T longer than `context` is a GraphError at the step; a head count
     that does not divide dim one here. One `rng` (a seed) gives the same weights everywhere.
-    `recompute`: each block is a recomputed segment (gf.recompute, gpuflow/recomputation.py):
-    only its output is kept after the forward pass; the same numbers, less memory.
+    `recompute`: each block is a recomputed segment (gf.recompute,
+    gpuflow/runtime/recomputation.py): only its output is kept after the forward pass; the same
+    numbers, less memory.
     """
     where = f"gpt '{name}'"
     vocab, context, layers = (check_int(v, k, 1, where=where, error=GraphError) for k, v in
@@ -516,7 +517,7 @@ def lenet(x: Node, image_shape: Sequence[int], n_classes: int, *,
     `batch_norm` (then the convolution has no bias), ReLU and 2x2 max pooling; then Flatten, a ReLU dense layer of `hidden` units, Dropout(`dropout`) if > 0,
     and a dense layer of `n_classes` logits. Returns (logits, {parameter name: Parameter});
     one `seed` gives the same weights on every device. `recompute`: each block is a
-    recomputed segment (gpuflow/recomputation.py): the same numbers, less memory.
+    recomputed segment (gpuflow/runtime/recomputation.py): the same numbers, less memory.
     """
     c, h, w = (int(s) for s in image_shape)
     rng = host_rng(seed)

@@ -21,7 +21,7 @@ from .errors import CheckpointError, GraphError, check_hyperparameter  # noqa: F
 from .graph import Graph
 from .layers import Parameter
 from .nodes import Node
-from .placement import LIVE
+from .runtime.placement import LIVE
 
 
 def check_learning_rate(learning_rate: float, name: str = "learning_rate") -> float:

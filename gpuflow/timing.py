@@ -1,5 +1,5 @@
 """The one timing loop: blocks of steps synchronised at both ends, and interleaved rounds of
-them with medians. The bench (gpuflow/bench/), `device="fastest"` (placement.py), the
+them with medians. The bench (gpuflow/bench/), `device="fastest"` (runtime/placement.py), the
 profiler (profiler.py) and the scripts in benchmarks/ (through `Steps`) all time through it.
 
 Variants are timed in interleaved rounds (blocks of steps, synchronised at the end of each

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import gpuflow as gf
-from gpuflow.check import Project, central_difference  # noqa: F401 - the tests' helpers
+from gpuflow.gradcheck import Project, central_difference  # noqa: F401 - the tests' helpers
 
 DEFAULT_SPECS = ["cpu", "array_api_strict", "array_api_strict:device1", "torch:cpu", "jax:cpu",
                  "cuda"]

@@ -16,7 +16,8 @@ import safetensors
 
 import gpuflow as gf
 from conftest import run_epochs
-from gpuflow import checkpoint, checkpoint_io
+from gpuflow import checkpoint
+from gpuflow.checkpoint import io as checkpoint_io
 from gpuflow.checkpoint import CHECKPOINT_FORMAT, load, save
 from gpuflow.data import Batches, load_digits
 from gpuflow.errors import CheckpointError

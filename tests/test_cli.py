@@ -747,7 +747,7 @@ def test_export_needs_the_run_settings_in_the_checkpoint(tmp_path, capsys):
     rebuilt from its parameters' shapes."""
     from gpuflow import checkpoint
     from gpuflow.cli import build_model
-    from gpuflow.runs import run_state
+    from gpuflow.cli.runs import run_state
     opts = TrainOptions(hidden=(6,))
     opts.check()
     X, y, logits, loss, _ = build_model(opts, (64,), 10)

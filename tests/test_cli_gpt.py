@@ -1,6 +1,7 @@
-"""`gpuflow train --model gpt` (gpuflow/textrun.py): a tiny character-level GPT prints its held-out
-loss in nats per character and a sample; --save / --resume continue bit for bit; --recompute
-changes no number; a bad --data is one line; `gpuflow export` writes its checkpoint's model."""
+"""`gpuflow train --model gpt` (gpuflow/cli/textrun.py): a tiny character-level GPT prints its
+held-out loss in nats per character and a sample; --save / --resume continue bit for bit;
+--recompute changes no number; a bad --data is one line; `gpuflow export` writes its
+checkpoint's model."""
 
 from __future__ import annotations
 

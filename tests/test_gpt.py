@@ -10,7 +10,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import host
-from gpuflow.weights import export_weights, load_weights
+from gpuflow.checkpoint import export_weights, load_weights
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")

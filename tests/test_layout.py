@@ -25,21 +25,21 @@ NUMPY_ALLOWED = {
     "gpuflow/bench/machine.py": "the bench's machine report: NumPy's version and BLAS library",
     "gpuflow/bench/variants.py": "the bench's host batches and initial weights",
     "gpuflow/bench/workloads.py": "the bench's host batches and initial weights",
-    "gpuflow/check.py": "gradient checks: central differences on float64 host copies",
-    "gpuflow/checkpoint.py": "checkpoint files are NumPy arrays on the host",
-    "gpuflow/checkpoint_graph.py": "checkpoint files are NumPy arrays on the host",
-    "gpuflow/checkpoint_io.py": "checkpoint files are NumPy arrays on the host",
-    "gpuflow/checkpoint_meta.py": "checkpoint files are NumPy arrays on the host",
-    "gpuflow/checkpoint_npz.py": "checkpoint files are NumPy arrays on the host",
-    "gpuflow/placement.py": "a graph moved between devices goes through host copies; compare "
-                            "checks both devices' numbers on the host in float64",
-    "gpuflow/weights.py": "weight files (safetensors) are NumPy arrays on the host",
-    "gpuflow/cli.py": "the run history saved in checkpoints; NumPy's warning switch for "
-                      "--check-finite",
+    "gpuflow/gradcheck.py": "gradient checks: central differences on float64 host copies",
+    "gpuflow/checkpoint/__init__.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/checkpoint/graph.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/checkpoint/io.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/checkpoint/meta.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/checkpoint/npz.py": "checkpoint files are NumPy arrays on the host",
+    "gpuflow/runtime/placement.py": "a graph moved between devices goes through host copies; "
+                                    "compare checks both devices' numbers on the host in float64",
+    "gpuflow/checkpoint/weights.py": "weight files (safetensors) are NumPy arrays on the host",
+    "gpuflow/cli/__init__.py": "the run history saved in checkpoints; NumPy's warning switch "
+                               "for --check-finite",
     "gpuflow/generate.py": "sampling: the prompt, the ids and their probabilities on the host",
     "gpuflow/export/checkpoints.py": "an example batch of host zeros for the exporters",
     "gpuflow/export/onnx_export.py": "ONNX initializers are made from host NumPy arrays",
-    "gpuflow/runs.py": "the run history saved in checkpoints",
+    "gpuflow/cli/runs.py": "the run history saved in checkpoints",
     "gpuflow/data/batches.py": "data loading: host arrays cut into batches",
     "gpuflow/data/digits.py": "data loading",
     "gpuflow/data/idx.py": "data loading (IDX files)",
@@ -48,7 +48,8 @@ NUMPY_ALLOWED = {
 }
 # Strings that look like a backend's name but name something else.
 NAME_SWITCH_ALLOWED = {
-    "gpuflow/weights.py": "layout == 'torch' names PyTorch's weight-file layout, not a backend",
+    "gpuflow/checkpoint/weights.py": "layout == 'torch' names PyTorch's weight-file layout, "
+                                     "not a backend",
 }
 # The bench's per-library floors (hand-written NumPy / torch loops) measure libraries directly.
 BENCH_FLOORS = "the bench's floors measure each library directly"
@@ -235,8 +236,8 @@ def test_the_cycle_check_finds_a_cycle():
 
 
 # A node's binding (device, xp, ops, buffers, plan, dtype rules) and the private attributes
-# the plan keeps on a node: gpuflow/plan.py alone writes them; node code only reads them.
-BINDING_OWNER = "gpuflow/plan.py"
+# the plan keeps on a node: gpuflow/runtime/plan.py alone writes them; node code only reads them.
+BINDING_OWNER = "gpuflow/runtime/plan.py"
 BINDING_ATTRIBUTES = {"_binding", "device", "xp", "ops", "buffers", "_plan", "_float_dtype",
                       "_keep_integers", "_private", "_grad_seed", "_senders", "_value"}
 
@@ -319,7 +320,7 @@ def test_the_binding_check_sees_what_it_looks_for():
 @pytest.mark.parametrize("rel", [r for r in _modules() if r != BINDING_OWNER])
 def test_only_the_plan_writes_a_nodes_binding(rel):
     """Binding a node (its device, xp, ops, buffers, plan, dtype rules, the loss's seed) and
-    releasing it is gpuflow/plan.py's: other modules call its `bind`, `unbind`, `detach`,
+    releasing it is gpuflow/runtime/plan.py's: other modules call its `bind`, `unbind`, `detach`,
     `snapshot`/`restore`, `put_values`, `Plan.set_buffers` and `Plan.seed_loss`."""
     tree = _tree(rel)
     others = _self_in_other_classes(tree, _node_classes())
@@ -329,7 +330,7 @@ def test_only_the_plan_writes_a_nodes_binding(rel):
                  and what.split(".")[1].split(" ")[0] in PUBLIC_BINDING)]
     assert not found, (f"{rel} writes a node's binding at line(s) "
                        f"{', '.join(f'{line} ({what})' for line, what in found)}.\nhelp: ask "
-                       "gpuflow/plan.py (a function or Plan method there) to do it.")
+                       "gpuflow/runtime/plan.py (a function or Plan method there) to do it.")
 
 
 def test_a_bound_nodes_attributes_are_its_bindings():
@@ -347,11 +348,11 @@ def test_a_bound_nodes_attributes_are_its_bindings():
 
 
 def test_placement_uses_only_the_graphs_public_methods():
-    """gpuflow/placement.py moves graphs through `Graph.move_to` and `Graph.trial`: it reads no
-    private attribute of a graph (nor of its plan or mixed precision) and assigns none of the
-    graph's attributes."""
+    """gpuflow/runtime/placement.py moves graphs through `Graph.move_to` and `Graph.trial`: it
+    reads no private attribute of a graph (nor of its plan or mixed precision) and assigns none
+    of the graph's attributes."""
     found = []
-    for node in ast.walk(_tree("gpuflow/placement.py")):
+    for node in ast.walk(_tree("gpuflow/runtime/placement.py")):
         if isinstance(node, ast.Attribute) and ast.unparse(node.value) in (
                 "graph", "self.graph", "graph.plan", "graph.amp") and (
                 node.attr.startswith("_") or isinstance(node.ctx, ast.Store)):
@@ -368,4 +369,4 @@ def test_modules_outside_backends_import_one_another_one_way():
     cycle = _cycle(edges)
     assert not cycle, (
         f"import circle: {' -> '.join(cycle)}; move what the lower module needs into a "
-        "module both can import (as checkpoint_io.py and checkpoint_meta.py are).")
+        "module both can import (as gpuflow/checkpoint/io.py and meta.py are).")

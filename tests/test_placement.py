@@ -10,7 +10,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import host
-from gpuflow import placement
+from gpuflow.runtime import placement
 from gpuflow.data import load_digits
 from gpuflow.optim import Adam
 

@@ -80,7 +80,7 @@ def test_the_fastest_message_is_the_one_choose_fastest_prints():
     # Regression: the README still quoted the old one-line `device='fastest'` message (no
     # optimizer, rounds, spread or sureness) after choose_fastest began printing them. The
     # quote now lives in docs/guide.md ("Which device, and where two differ").
-    from gpuflow.placement import FastestReport
+    from gpuflow.runtime.placement import FastestReport
 
     text = " ".join(GUIDE.read_text().split())
     quoted = re.search(r"`(gpuflow: device 'fastest' chose [^`]*)`", text).group(1)

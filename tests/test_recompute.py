@@ -1,6 +1,6 @@
-"""Activation recomputation (gpuflow/recomputation.py): `gf.recompute(block, h)` segments give
-the normal graph's numbers bit for bit, on every device, with Dropout and BatchNorm, and a
-training step holds much less memory."""
+"""Activation recomputation (gpuflow/runtime/recomputation.py): `gf.recompute(block, h)`
+segments give the normal graph's numbers bit for bit, on every device, with Dropout and
+BatchNorm, and a training step holds much less memory."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import gpuflow as gf
 from gpuflow.cli import TrainOptions, main, train
 from gpuflow.layers import batchnorm, dense, host_rng, lenet
-from gpuflow.recomputation import Borrowed
+from gpuflow.runtime.recomputation import Borrowed
 
 from conftest import host
 

@@ -4,7 +4,7 @@ Variants are timed in interleaved rounds (blocks of steps, synchronised at the e
 block) so machine noise hits all of them alike; the median per-step time is what is compared,
 and the spread of the rounds (slowest / fastest block) says how far to trust it.
 The rounds themselves (`time_variants`, `time_block`) live in gpuflow/timing.py, shared with
-`device="fastest"` (gpuflow/placement.py) and the profiler (gpuflow/profiler.py).
+`device="fastest"` (gpuflow/runtime/placement.py) and the profiler (gpuflow/profiler.py).
 """
 
 from __future__ import annotations

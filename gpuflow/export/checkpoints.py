@@ -18,7 +18,7 @@ def rebuild(path: str) -> tuple[Any, Any, tuple[int, ...], str]:
     sample is (context,) integer ids (any length up to it: the exported T is dynamic).
     CheckpointError for a checkpoint that does not say which model it holds."""
     from .. import checkpoint
-    from ..runs import _saved_settings, build_model
+    from ..cli.runs import _saved_settings, build_model
     from ..graph import Graph
 
     info = checkpoint.read_info(path)
@@ -48,7 +48,7 @@ def _rebuild_gpt(path: str, state: dict, saved: dict,
     """rebuild() for a checkpoint of `gpuflow train --model gpt`."""
     from .. import checkpoint
     from ..graph import Graph
-    from ..textrun import build
+    from ..cli.textrun import build
     names = ("layers", "width", "heads", "context")
     vocabulary = state.get("vocabulary")
     if not isinstance(vocabulary, str) or any(name not in saved for name in names):

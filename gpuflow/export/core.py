@@ -52,7 +52,7 @@ class Plan:
                  kind: str) -> None:
         from ..graph import Graph
         from ..host import to_numpy
-        from ..plan import reachable
+        from ..runtime.plan import reachable
 
         if not isinstance(graph, Graph):
             raise ExportError(f"export needs a gpuflow.Graph, got {type(graph).__name__}.\n"

@@ -159,7 +159,7 @@ def to_onnx(graph: Any, path: "str | os.PathLike[str]", outputs: Any, *, example
             continue
         exporter(node, "onnx")(node, ctx)
     model = ctx.model()
-    from ..checkpoint_io import write_atomically
+    from ..checkpoint.io import write_atomically
     from ..errors import CheckpointError
     try:
         write_atomically(str(target), model.SerializeToString())

@@ -84,7 +84,7 @@ def to_python(graph: Any, folder: "str | os.PathLike[str]", outputs: Any, *,
     source = _module(plan, ctx)
     compile(source, "model.py", "exec")  # a broken exporter fails here, before any write
     weights = to_bytes(dict(plan.weights), metadata={"format": "gpuflow-export"})
-    from ..checkpoint_io import write_atomically
+    from ..checkpoint.io import write_atomically
     made = not target.exists()
     try:
         target.mkdir(exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointProblem
+from ..errors import CheckpointProblem
 
 # gpuflow's own metadata nests 5 deep (meta -> schedule -> state -> key -> value list); a file
 # nested deeper is refused before json.loads, whose recursion (and that of every walk of the

@@ -40,12 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint_io
-from .backends import to_host
-from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
-from .checkpoint_io import fspath
-from .errors import CheckpointError, CheckpointProblem, checkpoint_path
-from .nodes import Input, Linear
+from . import io as checkpoint_io
+from ..backends import to_host
+from .graph import architecture, gpuflow_version, like, stateful_nodes
+from .io import fspath
+from ..errors import CheckpointError, CheckpointProblem, checkpoint_path
+from ..nodes import Input, Linear
 
 LAYOUTS = ("torch", "gpuflow")
 

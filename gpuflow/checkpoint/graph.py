@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CheckpointProblem
+from ..errors import CheckpointProblem
 
 
 def like(device: Any, host: np.ndarray, old: Any, what: str) -> Any:
@@ -58,5 +58,5 @@ def architecture(graph: Any) -> str:
 
 def gpuflow_version() -> str:
     """The version written into every file's metadata."""
-    from . import __version__  # lazily: gpuflow/__init__ may import the checkpoint modules
+    from .. import __version__  # lazily: gpuflow/__init__ may import the checkpoint modules
     return __version__

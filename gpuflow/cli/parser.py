@@ -9,7 +9,7 @@ import difflib
 import sys
 from typing import Any, NoReturn, Sequence
 
-from .errors import GpuflowError
+from ..errors import GpuflowError
 
 
 class CommandError(GpuflowError):

@@ -22,18 +22,18 @@ import math
 import time
 from typing import Any
 
-from . import checkpoint
-from .accumulate import split_batch
-from .commandline import CommandError
-from .data import SequenceBatches, load_text
-from .errors import CheckpointError, DataError, GpuflowError, check_int
-from .generate import generate
-from .graph import Graph
-from .layers import gpt
-from .losses import SoftmaxCrossEntropy
-from .nodes import Input
-from .optim import clip_grad_norm, make_optimizer
-from .placement import is_fastest
+from .. import checkpoint
+from ..accumulate import split_batch
+from .parser import CommandError
+from ..data import SequenceBatches, load_text
+from ..errors import CheckpointError, DataError, GpuflowError, check_int
+from ..generate import generate
+from ..graph import Graph
+from ..layers import gpt
+from ..losses import SoftmaxCrossEntropy
+from ..nodes import Input
+from ..optim import clip_grad_norm, make_optimizer
+from ..runtime.placement import is_fastest
 from .runs import follow_epochs, make_schedule, run_state
 
 # The GPT run's defaults where they differ from the classifier's (taken when not given).
@@ -128,7 +128,7 @@ def train_gpt(opts: Any, started: float, carried: str = "") -> dict[str, Any]:
     {"held_out": the last held-out loss (nats/char), "history": [(step, train loss, held-out
     loss), ...], "sample": the text sampled at the end, "device", "device_description",
     "seconds", "step", "start_step", "lr", "parameters": {name: NumPy array}}."""
-    from .backends import get_device
+    from ..backends import get_device
     say = not opts.quiet
     vocabulary = None
     if opts.resume is not None:  # the ids of the run: its own vocabulary

@@ -21,7 +21,7 @@ import numpy as np
 from .backends import Device, dtype_name, get_device, to_host
 from .errors import GpuflowError, GraphError
 from .graph import Graph, reachable
-from .plan import detach, restore
+from .runtime.plan import detach, restore
 from .host import to_numpy
 from .nodes import Input, Node
 

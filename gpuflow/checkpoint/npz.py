@@ -24,7 +24,7 @@ import zlib
 
 import numpy as np
 
-from .errors import CheckpointError, CheckpointProblem
+from ..errors import CheckpointError, CheckpointProblem
 
 ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
 META_KEY = "__gpuflow__"

@@ -11,7 +11,7 @@
     gpuflow train --batch-size 32 --accumulate 4     # one optimizer step per 4 batches of 32
     gpuflow export run.safetensors --onnx model.onnx    # or --python FOLDER (gpuflow.export)
     gpuflow train --model cnn --recompute            # recompute each block's values in backward
-    gpuflow train --model gpt --steps 1000           # a character-level GPT (gpuflow/textrun.py)
+    gpuflow train --model gpt --steps 1000           # a character-level GPT (cli/textrun.py)
     gpuflow devices                    # every backend and device, available or not, and why
     gpuflow bench ...                  # gpuflow.bench.main(...)
 
@@ -34,15 +34,17 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import checkpoint, distributed, placement, textrun
-from .backends import backend_report, get_device
-from .backends.numpy_threads import get_num_threads, set_num_threads
-from .commandline import CommandError, CommandParser, HelpFormatter, report_error
-from .data import Batches, load_digits, load_mnist, train_test_split
-from .errors import CheckpointError, DeviceError, GpuflowError, check_int
-from .accumulate import split_batch
-from .graph import Graph
-from .optim import OPTIMIZERS, check_learning_rate, clip_grad_norm, make_optimizer
+from . import textrun
+from .. import checkpoint, distributed
+from ..runtime import placement
+from ..backends import backend_report, get_device
+from ..backends.numpy_threads import get_num_threads, set_num_threads
+from .parser import CommandError, CommandParser, HelpFormatter, report_error
+from ..data import Batches, load_digits, load_mnist, train_test_split
+from ..errors import CheckpointError, DeviceError, GpuflowError, check_int
+from ..accumulate import split_batch
+from ..graph import Graph
+from ..optim import OPTIMIZERS, check_learning_rate, clip_grad_norm, make_optimizer
 from .plot import plot_curves, require_matplotlib
 from .runs import (SCHEDULES, another_model, build_model, checkpoint_state, follow_epochs,
                    make_schedule, model_state, resume_settings)
@@ -85,7 +87,7 @@ class TrainOptions:
     accumulate: int = 1          # batches of batch_size per optimizer step (Graph.accumulate_step)
     threads: int | None = None   # gf.set_num_threads for the run; None: as it is (default 1)
     recompute: bool = False      # each block (hidden layer) recomputed in the backward pass
-    # --model gpt only (gpuflow/textrun.py, which also has its other defaults): a run of steps
+    # --model gpt only (gpuflow/cli/textrun.py, which also has its other defaults): a run of steps
     steps: int = 1000
     eval_every: int = 100        # steps between held-out reports (and --save)
     layers: int = 2
@@ -439,7 +441,7 @@ def devices() -> int:
 # -- bench ---------------------------------------------------------------------------------------
 def bench(argv: list[str]) -> int:
     """Hand `gpuflow bench ...` to gpuflow.bench.main (a large module: imported only now)."""
-    return int(importlib.import_module(".bench", __package__).main(argv) or 0)
+    return int(importlib.import_module("..bench", __package__).main(argv) or 0)
 
 
 # -- argv ----------------------------------------------------------------------------------------
@@ -566,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "devices":
             return devices()
         if ns.command == "export":
-            from .export.checkpoints import export_checkpoint
+            from ..export.checkpoints import export_checkpoint
             return export_checkpoint(ns.checkpoint, onnx=ns.onnx, python=ns.python,
                                      opset=ns.opset)
         ns.given = given_options(parser.commands["train"], args[1:])
@@ -581,7 +583,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m gpuflow` goes through __main__.py
-    sys.exit(main())

@@ -56,9 +56,9 @@ import math
 import weakref
 from typing import Any, Callable, Sequence
 
-from .buffers import _KEPT, NO_BUFFERS, Buffers
-from .errors import GraphError
-from .nodes import Input, Node
+from ..buffers import _KEPT, NO_BUFFERS, Buffers
+from ..errors import GraphError
+from ..nodes import Input, Node
 
 __all__ = ["recompute", "Segment", "Arena"]
 

@@ -42,12 +42,12 @@ from typing import Any
 
 import numpy as np
 
-from . import checkpoint_io
-from .backends import dtype_name, to_host
-from .checkpoint_graph import architecture, gpuflow_version, like, stateful_nodes
-from .checkpoint_io import NPZ, fspath
-from .checkpoint_meta import bad_meta, check_depth, check_meta, pack, unpack
-from .errors import CheckpointError, CheckpointProblem, checkpoint_path
+from . import io as checkpoint_io
+from ..backends import dtype_name, to_host
+from .graph import architecture, gpuflow_version, like, stateful_nodes
+from .io import NPZ, fspath
+from .meta import bad_meta, check_depth, check_meta, pack, unpack
+from ..errors import CheckpointError, CheckpointProblem, checkpoint_path
 from .weights import export_weights, load_weights
 
 __all__ = ["save", "load", "read_info", "load_weights", "export_weights", "check_save_path",

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import checkpoint
-from .commandline import CommandError
-from .errors import CheckpointError
-from .layers import lenet, mlp
-from .losses import SoftmaxCrossEntropy
-from .nodes import Input
-from .optim import CosineAnnealingLR, ExponentialLR, StepLR, WarmupCosineLR
+from .. import checkpoint
+from .parser import CommandError
+from ..errors import CheckpointError
+from ..layers import lenet, mlp
+from ..losses import SoftmaxCrossEntropy
+from ..nodes import Input
+from ..optim import CosineAnnealingLR, ExponentialLR, StepLR, WarmupCosineLR
 
 # --schedule; make_schedule gives the settings
 SCHEDULES = ("step", "cosine", "exponential", "warmup-cosine")
@@ -54,7 +54,7 @@ def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
 RUN_SETTINGS = {"model": str, "hidden": list, "dropout": float, "optimizer": str, "lr": float,
                 "schedule": str, "clip": float, "epochs": int, "batch_size": int, "seed": int,
                 "test_size": float, "dtype": str, "data": str, "accumulate": int,
-                # --model gpt's (gpuflow/textrun.py), saved by its runs only
+                # --model gpt's (gpuflow/cli/textrun.py), saved by its runs only
                 "steps": int, "eval_every": int, "layers": int, "width": int, "heads": int,
                 "context": int}
 RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size",
@@ -251,7 +251,7 @@ def build_model(opts: Any, sample_shape: tuple[int, ...], n_classes: int
         logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout,
                         recompute=getattr(opts, "recompute", False))
         arch = "-".join(str(s) for s in sizes) + " MLP"
-    # --recompute: each block is built inside gf.recompute (gpuflow/recomputation.py), by
+    # --recompute: each block is built inside gf.recompute (gpuflow/runtime/recomputation.py), by
     # lenet's and mlp's recompute=True; a model added here (the GPT: each transformer block)
     # does the same. It changes no number, so it is not a run setting (--resume may change it).
     if getattr(opts, "recompute", False):

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .checkpoint_npz import ZIP_MAGIC, damaged, read_meta_text, read_npz
-from .errors import CheckpointError, CheckpointProblem, checkpoint_path
+from .npz import ZIP_MAGIC, damaged, read_meta_text, read_npz
+from ..errors import CheckpointError, CheckpointProblem, checkpoint_path
 
 SAFETENSORS = "safetensors"
 NPZ = "npz"

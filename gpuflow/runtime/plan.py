@@ -14,13 +14,13 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Iterable, Sequence
 
-from .backends import LEDGER, Device, dtype_name
-from .backends.numpy import host_copy
+from ..backends import LEDGER, Device, dtype_name
+from ..backends.numpy import host_copy
 from . import recomputation
-from .buffers import NO_BUFFERS, Buffers, copy_feed
-from .errors import GraphError
-from .host import to_numpy
-from .nodes import Binding, Input, Node
+from ..buffers import NO_BUFFERS, Buffers, copy_feed
+from ..errors import GraphError
+from ..host import to_numpy
+from ..nodes import Binding, Input, Node
 
 
 class Plan:
@@ -45,7 +45,7 @@ class Plan:
         self.fed = [n for n in self.nodes if type(n).forward is Input.forward]
         self.compute = [n for n in self.nodes if type(n).forward is not Input.forward]
         self.backward: list[Node] = []
-        self.segments: list = []  # the recomputed segments (gpuflow/recomputation.py)
+        self.segments: list = []  # the recomputed segments (gpuflow/runtime/recomputation.py)
         self.stale = True   # nothing bound yet
         self.keeping = True  # False while running forward only (see buffers.forward_only)
         self.mode: bool | None = None  # the training mode set_mode last gave these nodes
@@ -84,7 +84,7 @@ class Plan:
             self.build(fresh=False)
 
     def set_buffers(self, node: Node, buffers: Any) -> None:
-        """Give a node this plan binds other buffers (gpuflow/recomputation.py, as the plan
+        """Give a node this plan binds other buffers (gpuflow/runtime/recomputation.py, as the plan
         is built: a segment's interior nodes borrow from its arena)."""
         if node._plan is not self:
             raise GraphError(f"{node.label} is not bound by this plan.")

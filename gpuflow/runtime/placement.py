@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backends import LEDGER, Device, available_devices, dtype_name, get_device, to_host
-from .backends.numpy import host_copy
-from .errors import DeviceError, GraphError
-from .nodes import Node
+from ..backends import LEDGER, Device, available_devices, dtype_name, get_device, to_host
+from ..backends.numpy import host_copy
+from ..errors import DeviceError, GraphError
+from ..nodes import Node
 
 FASTEST = "fastest"
 # array_api_strict is a test library (slow on purpose): a candidate only when named.
@@ -214,7 +214,7 @@ def warm_until_steady(candidate: Any, max_steps: int = MAX_WARMUP) -> list[float
     """Untimed-for-the-choice steps of `candidate` until its step time is steady: the last
     STEADY_WINDOW steps within STEADY_FACTOR of each other, after at least one step before
     them (a compiling first step), at most `max_steps`. Returns the step times seen."""
-    from . import timing
+    from .. import timing
     times: list[float] = []
     for _ in range(max_steps):
         start = timing.clock()
@@ -239,7 +239,7 @@ def choose_fastest(graph: Any, batches: tuple, candidates: Sequence[str], *,
     their median; the report says how sure the choice is. Timing changes nothing the user
     sees: the weights, node state (BatchNorm's statistics, Dropout's counter), optimizer state
     and step count, and the loss scale are put back as they were before it."""
-    from .timing import time_variants
+    from ..timing import time_variants
     failed: dict[str, str] = {}
     states = node_states(graph)  # timing steps train BatchNorm's statistics: put back after
     weights = {p: _host_copy(graph.device, p.value) for p in graph.parameters}
@@ -350,7 +350,7 @@ def tolerances(dtype: Any, rtol: float | None = None, atol: float | None = None
                ) -> tuple[float, float]:
     """(rtol, atol) for comparing values of `dtype` (a name, a NumPy or namespace dtype):
     those given, else TOLERANCES' for that dtype (float64's for a dtype not listed)."""
-    from .backends import dtype_name
+    from ..backends import dtype_name
     name = dtype if isinstance(dtype, str) else dtype_name(dtype)
     default = TOLERANCES.get(str(name), TOLERANCES["float64"])
     return (default[0] if rtol is None else rtol, default[1] if atol is None else atol)

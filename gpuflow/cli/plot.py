@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .commandline import CommandError
+from .parser import CommandError
 
 
 def require_matplotlib() -> None:
