@@ -16,11 +16,11 @@ here the weighting is done for them. Clipping, the optimizer and the all-reduce 
 gradient, as after one `graph.step` on the whole batch.
 
 The sums are kept in one array per parameter (`p.buffers["accumulated gradient", ...]`, kept
-from step to step like every buffer, gpuflow/buffers.py: nothing is allocated after the first
+from step to step like every buffer, gpuflow/runtime/buffers.py: nothing is allocated after the first
 accumulated step). The graph's own gradient arrays are overwritten by each micro-batch's
 backward, as PyTorch's `.grad` would be without `+=`, so they are read, never written.
 
-Mixed precision (gpuflow/amp.py): each micro-batch's gradients are unscaled into float32 by its
+Mixed precision (gpuflow/runtime/amp.py): each micro-batch's gradients are unscaled into float32 by its
 `graph.step`, all with the same loss scale (it changes only at an optimizer step); an overflow
 in any micro-batch leaves an Inf or NaN in the accumulated gradient, and the optimizer's check
 skips the whole step (no parameter, optimizer state or step count changes; the scale halves).

@@ -13,7 +13,7 @@ multi_avg_fn=get_ema_multi_avg_fn(decay))` keeps one and Keras's `use_ema` does:
 `n_averaged == 0`), every later one moves the average towards them,
 `average += (1 - decay) * (value - average)` (torch's `lerp_`). The averages are copies on the
 graph's device, in the graph's dtype; a mixed-precision graph (float16/bfloat16) averages its
-float32 master weights (gpuflow/amp.py), as torch averages the float32 parameters under autocast.
+float32 master weights (gpuflow/runtime/amp.py), as torch averages the float32 parameters under autocast.
 
 Buffers (BatchNorm's running statistics) are not averaged: the averaged weights are evaluated
 with the graph's own running statistics, which is torch's default (`use_buffers=False`:

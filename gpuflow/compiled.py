@@ -20,7 +20,7 @@ What goes through the compiled function, step for step as the eager calls do it:
 - Dropout's masks: each Dropout's seed for the step (a hash of its seed and step counter, as
   the eager forward computes it) is an argument, so the masks are the eager step's masks
   and `Dropout.steps` counts on (checkpoints resume the sequence).
-- Mixed precision (`Graph(dtype='float16' | 'bfloat16')`, gpuflow/amp.py): the backward starts
+- Mixed precision (`Graph(dtype='float16' | 'bfloat16')`, gpuflow/runtime/amp.py): the backward starts
   from the loss scale, the gradients are unscaled into float32, the float32 master weights are
   updated and rounded into the parameters. Whether every gradient is finite is decided in the
   compiled function and read once per step (as eager reads it): an overflow skips the update

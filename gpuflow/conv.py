@@ -119,7 +119,7 @@ def _padded(node: Node, x: Any, ph: int, pw: int) -> Any:
 
 def _zero(node: Node, views: tuple) -> None:
     """Zeros written into each (non-empty) view of a kept buffer: x > x is false for every x,
-    NaN included (no `x[...] = 0`: see gpuflow/buffers.py)."""
+    NaN included (no `x[...] = 0`: see gpuflow/runtime/buffers.py)."""
     for view in views:
         if 0 not in view.shape:
             node.ops.greater(view, view, view.dtype, out=view)

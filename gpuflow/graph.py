@@ -15,9 +15,9 @@ import math
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
-from . import amp
+from .runtime import amp
 from .runtime import placement
-from .buffers import copy_if_kept, forward_only
+from .runtime.buffers import copy_if_kept, forward_only
 from .errors import GpuflowError, GraphError, TransferError
 from .nodes import Input, Node
 from .runtime.plan import Plan, kahn_sort, reachable, set_mode, unbind
@@ -97,7 +97,7 @@ def topological_sort(feed_dict: dict, device: "str | Device | None" = None,
     reuse_buffers: nodes write values and gradients into arrays kept from step to step (no
     allocation per step), so `node.value` and `node.gradients` hold this step's numbers only:
     copy what you keep across steps (`forward_pass` returns a copy). False makes new arrays
-    every step, as MiniFlow did (the rules: gpuflow/buffers.py).
+    every step, as MiniFlow did (the rules: gpuflow/runtime/buffers.py).
     Returns the sorted nodes (a list). Raises GraphError for a missing feed or a cycle, and
     DeviceError for a value on another device.
     """
@@ -221,8 +221,8 @@ class Graph:
     (NumPy, CuPy, torch): no allocation per step after the first. `node.value` and
     `p.gradients[p]` are then overwritten by the next step, as PyTorch's `.grad` is; `step`
     and `run` return arrays of the caller's own. False makes new arrays every step (the
-    rules: gpuflow/buffers.py).
-    dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/amp.py): computed in that dtype,
+    rules: gpuflow/runtime/buffers.py).
+    dtype 'float16' or 'bfloat16' is mixed precision (gpuflow/runtime/amp.py): computed in that dtype,
     float32 master weights and optimizer state, the loss scaled ('dynamic', or loss_scale=<n>
     for a static scale); `p.gradients[p]` are then the unscaled gradients, in float32.
     device='fastest' (or 'fastest:cpu,torch:cpu') times whole steps of the first batch (the

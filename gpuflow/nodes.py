@@ -15,7 +15,7 @@ import operator
 from typing import Any
 
 from .backends import Ops
-from .buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
+from .runtime.buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
 from .errors import GraphError
 
 
@@ -48,7 +48,7 @@ class Binding:
     dtype, None keeps the fed one; `keep_integers`: labels keep their integer dtype) and
     `private` (the value the plan copied in, not copied again at the next bind).
 
-    gpuflow/plan.py alone makes one (per node, at every bind), drops it (`plan.unbind`), and
+    gpuflow/runtime/plan.py alone makes one (per node, at every bind), drops it (`plan.unbind`), and
     sets its fields on the node as plain attributes, which node code reads: `self.device`,
     `self.xp`, `self.ops`, `self.buffers`, `self._plan` (an Input's `self._float_dtype`,
     `self._keep_integers`, `self._private`). Plain attributes, not properties over the
@@ -74,18 +74,18 @@ UNBOUND = Binding(ops=Ops(None))  # what a node not bound to any graph reads
 class Node:
     """Base class: keeps `inbound_nodes`, `outbound_nodes`, `value` and `gradients`."""
 
-    # The node's Binding, and its fields (set and dropped by gpuflow/plan.py only):
+    # The node's Binding, and its fields (set and dropped by gpuflow/runtime/plan.py only):
     _binding: Binding = UNBOUND
     xp: Any = UNBOUND.xp  # the array namespace of the graph's device
     ops: Any = UNBOUND.ops  # the device's operations that take out= (see backends.Ops)
     device: Any = UNBOUND.device  # the gpuflow Device the graph was built for
     # `self.buffers[name, shape, dtype]`: an array to pass as `out=` to `self.ops`, or None;
-    # always use what the op returns (the keep / alias / copy rules: gpuflow/buffers.py).
+    # always use what the op returns (the keep / alias / copy rules: gpuflow/runtime/buffers.py).
     buffers: "Buffers | _NoBuffers" = UNBOUND.buffers
     _plan: Any = UNBOUND.plan  # the plan.Plan that bound this node, if any
     _zeros: Any = None   # a dead end's zero gradient, kept like a buffer
-    _graph: Any = None   # a parameter's Graph (a weak reference; see gpuflow/amp.py), if any
-    # Set by the plan when a graph is built (gpuflow/plan.py):
+    _graph: Any = None   # a parameter's Graph (a weak reference; see gpuflow/runtime/amp.py), if any
+    # Set by the plan when a graph is built (gpuflow/runtime/plan.py):
     _senders: "tuple[Node, ...]" = ()  # outbound nodes that send a gradient back
     _grad_seed: Any = None  # the loss's gradient for itself (1.0, or amp's loss scale)
     is_loss = False      # a loss ends the graph: with no outbound node its upstream gradient is 1
@@ -238,14 +238,14 @@ class Input(Node):
             value = device.feed(value, self._float_dtype, self._keep_integers,
                                 what=f"{self.label}.value")
         # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
-        # .detach() of one) is copied: its owner overwrites it (gpuflow/buffers.py).
+        # .detach() of one) is copied: its owner overwrites it (gpuflow/runtime/buffers.py).
         value = copy_if_kept(value, device)
         if value.ndim and value.shape[0] == 0:
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
         self._value = value
 
-    # The binding's rules for fed values (gpuflow/plan.py sets them): the graph's dtype for
+    # The binding's rules for fed values (gpuflow/runtime/plan.py sets them): the graph's dtype for
     # floating data (None keeps the fed one); whether labels keep their integer dtype.
     _float_dtype: Any = UNBOUND.float_dtype
     _keep_integers: bool = UNBOUND.keep_integers

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .amp import low_precision_name
+from .runtime.amp import low_precision_name
 from .errors import GraphError
 from .nodes import Node
 

@@ -15,7 +15,7 @@ import math
 import weakref
 from typing import Any, Iterable, Mapping
 
-from . import amp
+from .runtime import amp
 from .backends import LEDGER
 from .errors import CheckpointError, GraphError, check_hyperparameter  # noqa: F401 - re-exported
 from .graph import Graph
@@ -119,7 +119,7 @@ class Optimizer:
     graph's float32 master weights and loss scaling, its `check_finite`. Over parameters
     that is the Graph whose step computed their gradients (so an optimizer made before its
     graph works too); parameters of two graphs, one of them mixed precision, are a GraphError
-    at `step()` (one optimizer per graph); see gpuflow/amp.py.
+    at `step()` (one optimizer per graph); see gpuflow/runtime/amp.py.
     """
 
     def __init__(self, params: "Graph | Iterable[Node] | Mapping[str, Node]", lr: float) -> None:
@@ -134,7 +134,7 @@ class Optimizer:
         # The Graph(s) whose settings apply: a float16/bfloat16 graph's float32 masters and
         # loss scale (`_amp`), check_finite. Optimizer(graph) follows that graph; over
         # parameters, the graph whose step computed their gradients, looked up again at a step
-        # when a parameter records another one (the rule: gpuflow/amp.py). Private: not
+        # when a parameter records another one (the rule: gpuflow/runtime/amp.py). Private: not
         # hyper-parameters.
         self._source: Any = None  # the weak reference every parameter recorded, if one
         self._graphs: list[Graph] = []
@@ -164,7 +164,7 @@ class Optimizer:
                 moved = True
         if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
             self._follow(self._active, strict=True)
-        if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/amp.py
+        if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/runtime/amp.py
             self._mixed.optimizer_step(self)
             return
         self.t += 1
@@ -231,7 +231,7 @@ class Optimizer:
     def scratch(self, like: Any, index: int = 0) -> Any:
         """Work array `index` shaped like `like` (the parameter being updated) for `self.ops`
         functions to write into; None where the graph makes new arrays every step (see
-        gpuflow/buffers.py). Kept from step to step, one set per parameter."""
+        gpuflow/runtime/buffers.py). Kept from step to step, one set per parameter."""
         return self._param.buffers[_SCRATCH[index], like.shape, like.dtype]
 
     # -- state, for checkpoints -----------------------------------------------------------------

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from . import amp
+from .runtime import amp
 from .errors import CheckpointError, GraphError, check_hyperparameter, check_int
 from .nodes import Node
 

@@ -526,7 +526,7 @@ def test_an_evaluation_batch_of_another_size_is_not_kept():
 
 def test_running_one_graph_forward_only_leaves_other_graphs_keeping_their_arrays():
     """The forward-only switch belongs to a graph's plan, not to the process."""
-    from gpuflow.buffers import forward_only
+    from gpuflow.runtime.buffers import forward_only
     X, y, logits, loss, params = _net((8, 16, 4))
     graph = gf.Graph(loss, device="cpu", dtype="float64", inputs=[X, y], outputs=[logits])
     X2, y2, logits2, loss2, params2 = _net((8, 16, 4), seed=1)

@@ -276,7 +276,7 @@ def _binding_writes(tree: ast.AST) -> list[tuple[int, str]]:
 
 # Writes the check cannot tell from a node's: (module, what) -> why they are not a node's.
 BINDING_ALLOWED = {
-    ("gpuflow/amp.py", "optimizer.ops ="): "an optimizer's ops (the parameter's it updates)",
+    ("gpuflow/runtime/amp.py", "optimizer.ops ="): "an optimizer's ops (the parameter's it updates)",
     ("gpuflow/compiled.py", "opt.ops ="): "an optimizer's ops (the parameter's it updates)",
     ("gpuflow/compiled.py", "vars(opt).clear"): "the optimizer, put back after tracing",
     ("gpuflow/compiled.py", "vars(opt).update"): "the optimizer, put back after tracing",

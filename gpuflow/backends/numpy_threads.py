@@ -30,7 +30,7 @@ net W6 takes 0.74x the time with 2 threads, but the MLPs W1-W3 and the small con
 operations are too small to gain); so it is for large convolutional networks on the CPU. Where
 NumPy's BLAS is not the bundled OpenBLAS, products cannot be held to one thread and that
 BLAS's threads compete with the pool. The threads are made on first use, and again in a
-child process after a fork. Process-wide state (see gpuflow/buffers.py).
+child process after a fork. Process-wide state (see gpuflow/runtime/buffers.py).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 from ..backends import LEDGER, Device, dtype_name
 from ..backends.numpy import host_copy
 from . import recomputation
-from ..buffers import NO_BUFFERS, Buffers, copy_feed
+from .buffers import NO_BUFFERS, Buffers, copy_feed
 from ..errors import GraphError
 from ..host import to_numpy
 from ..nodes import Binding, Input, Node
@@ -192,7 +192,7 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
                              f"help: add {node.label} to feed_dict with an array, or set its "
                              ".value before building the graph.")
         # A value from the caller (fed, or set before the graph was built) is copied once
-        # (gpuflow/buffers.py): training updates it, and the caller's array must not change.
+        # (gpuflow/runtime/buffers.py): training updates it, and the caller's array must not change.
         private = node in feed_dict or binding.private is not value
         node.value = copy_feed(value, device) if private else value
         _set(node, "private", node._value)

@@ -14,7 +14,7 @@ nodes (`Graph`, MiniFlow's `topological_sort`) then runs it recomputed; a model 
 the call is the normal graph, with the same weights for the same seed. A call inside another
 call's `fn` gives its nodes to the outer segment (one level of recomputation).
 
-How a segment runs, and how its arrays are held (the kept-buffer rules: gpuflow/buffers.py):
+How a segment runs, and how its arrays are held (the kept-buffer rules: gpuflow/runtime/buffers.py):
 
 - Its **outputs** (nodes a node outside the segment reads, the loss, a node nothing reads) keep
   their values and buffers as every node does: the rest of the graph reads them.
@@ -56,7 +56,7 @@ import math
 import weakref
 from typing import Any, Callable, Sequence
 
-from ..buffers import _KEPT, NO_BUFFERS, Buffers
+from .buffers import _KEPT, NO_BUFFERS, Buffers
 from ..errors import GraphError
 from ..nodes import Input, Node
 

@@ -43,8 +43,8 @@ import math
 import weakref
 from typing import Any, Iterable
 
-from .backends import LEDGER, NULL_SCOPE, Device, dtype_name
-from .errors import GraphError
+from ..backends import LEDGER, NULL_SCOPE, Device, dtype_name
+from ..errors import GraphError
 
 LOW_PRECISION = ("float16", "bfloat16")
 MIN_SCALE = 2.0 ** -24  # float16's smallest subnormal: below it, scaling cannot help

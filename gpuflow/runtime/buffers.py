@@ -57,7 +57,7 @@ they track crosses graphs:
 - `gpuflow.runtime.placement.LIVE`: every optimizer made (held weakly), whose update
   device='fastest' times as part of a step; `gpuflow.runtime.placement._SAID`: the devices already
   told that `capture` changes nothing there (said once per device).
-- `gpuflow.amp._STEPPED`: the Graph whose step ran last (weakly): parameters shared between
+- `gpuflow.runtime.amp._STEPPED`: the Graph whose step ran last (weakly): parameters shared between
   graphs record the one stepping now with one compare per step.
 
 Caches of answers that never change (no state a user sees): `gpuflow.nodes._ACCUMULATION`
@@ -70,7 +70,7 @@ from __future__ import annotations
 import weakref
 from typing import Any, Iterable
 
-from .backends.numpy import host_copy
+from ..backends.numpy import host_copy
 
 
 class _KeptTable(dict):
