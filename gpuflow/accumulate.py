@@ -9,7 +9,8 @@ concatenated batch (`Graph.accumulate_step`).
 
 `accumulate_step` runs `graph.step` on each micro-batch and leaves in `p.gradients[p]` the
 gradient of the mean loss over all their samples: the micro-batch of m_i samples, whose loss is
-a mean over them (every gpuflow loss is), counts with weight m_i / sum(m), so micro-batches of
+a mean over them (every gpuflow loss is, but for SoftmaxCrossEntropy's ignored
+positions: docs/guide.md), counts with weight m_i / sum(m), so micro-batches of
 unequal sizes give the whole batch's gradient too (to rounding: float64 agrees to 1e-12,
 tests/test_accumulate.py). PyTorch users write `(loss * m_i / m).backward()` per micro-batch;
 here the weighting is done for them. Clipping, the optimizer and the all-reduce then see one

@@ -364,3 +364,25 @@ def test_warmup_cosine_refuses_a_total_within_the_warmup():
         WarmupCosineLR(SGD([W], lr=0.1), warmup=5, T_max=5)
     with pytest.raises(ValueError, match="warmup must be an integer >= 1"):
         WarmupCosineLR(SGD([W], lr=0.1), warmup=0, T_max=5)
+
+
+def test_a_resumed_warmup_cosine_run_follows_a_new_total_of_steps():
+    """`gpuflow train --model gpt --resume CKPT --steps 3000` of a 1000-step run: the warm-up
+    (a tenth of the steps) and T_max follow the new total, so the rate at the saved position is
+    a fresh 3000-step run's there (the warm-up stayed 100 before: review finding)."""
+    from gpuflow.cli.runs import follow_epochs, make_schedule
+    W, _ = _parameter()
+    opt = SGD([W], lr=0.003)
+    schedule = make_schedule("warmup-cosine", opt, 1000)
+    for _ in range(50):
+        schedule.step()
+    resumed, said = follow_epochs("warmup-cosine", schedule, opt, 3000, unit="steps")
+    fresh_opt = SGD([W], lr=0.003)
+    fresh = make_schedule("warmup-cosine", fresh_opt, 3000)
+    for _ in range(50):
+        fresh.step()
+    assert (resumed.warmup, resumed.T_max) == (300, 3000) and "warmup 100" in said
+    assert resumed.start_factor == fresh.start_factor
+    assert opt.lr == pytest.approx(fresh_opt.lr, rel=1e-12)
+    for _ in range(400):
+        assert resumed.step() == pytest.approx(fresh.step(), rel=1e-12)

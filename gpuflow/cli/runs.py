@@ -31,7 +31,8 @@ def make_schedule(name: str | None, optimizer: Any, epochs: int) -> Any:
     return kind(optimizer, **_schedule_settings(name, epochs))
 
 
-_FOLLOWS_EPOCHS = ("step_size", "T_max")  # the settings that follow --epochs (follow_epochs)
+# the settings that follow --epochs / --steps (follow_epochs)
+_FOLLOWS_EPOCHS = ("step_size", "T_max", "warmup")
 
 
 def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
@@ -200,6 +201,8 @@ def follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int,
         return schedule, ""
     settings = {k: getattr(schedule, k) for k in type(schedule)._hyper}
     before = ", ".join(f"{k} {settings[k]}" for k in changed)
+    if "warmup" in changed and settings.get("start_factor") == 1.0 / (schedule.warmup + 1):
+        settings["start_factor"] = None  # the default, 1 / (warmup + 1), of the new warm-up
     settings.update(changed)
     position = schedule.last_epoch
     optimizer.lr = schedule.base_lr
