@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import GraphError
 from .nodes import Input, Node, accumulation_dtype
+from .sequence import _flush_subnormals
 
 
 class MSE(Node):
@@ -175,5 +176,7 @@ class SoftmaxCrossEntropy(Node):
             count = self.count + xp.astype(self.count == 0, self.count.dtype)
             grad *= self.ops.multiply(valid, xp.astype(g / count, exp.dtype),
                                       out=self.buffers["scale", valid.shape, valid.dtype])
+            # softmax / count is subnormal for a logit ~88 below its row's max (float32)
+            grad = _flush_subnormals(self, grad, "flush")
             shape = logits.value.shape
             self.gradients[logits] = grad if grad.ndim == len(shape) else xp.reshape(grad, shape)

@@ -22,6 +22,13 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715  # the tanh approximation's cubic coefficient (torch's kKappa)
 
 
+def _flush_subnormals(node: Node, a: Any, name: str) -> Any:  # a CPU BLAS runs them 100x slower
+    ops, finfo, out = node.ops, node.xp.finfo(a.dtype), node.buffers[name, _shape(a), a.dtype]
+    size = ops.maximum(a, ops.multiply(a, -1.0, out=out), out=out)  # |a|
+    return ops.multiply(a, ops.greater(size, float(finfo.smallest_normal) * (1.0 - float(
+        finfo.eps)), a.dtype, out=size), out=a)  # |a| > the largest subnormal; NaN * 0: NaN
+
+
 def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:
     """sigmoid(x) and 1 - sigmoid(x) in gpuflow.Sigmoid's split form: no exp of a positive
     number (no overflow in either tail), and the complement without cancelling."""
@@ -440,7 +447,8 @@ class GELU(Node):
             product = ops.multiply(ops.multiply(x, 0.5, out=b), tt, out=tt)
             product = ops.multiply(product, inner, out=product)
             slope = ops.add(self.cdf, product, out=product)
-        self.gradients[self.inbound_nodes[0]] = ops.multiply(G, slope, out=slope)
+        self.gradients[self.inbound_nodes[0]] = _flush_subnormals(  # x phi(x) past x = -13
+            self, ops.multiply(G, slope, out=slope), "flush")
 
 
 class SiLU(Node):
@@ -549,7 +557,7 @@ class ScaledDotProductAttention(Node):
         total = ops.sum(e, axis=-1, keepdims=True, out=top)
         if allowed is not None:  # every row that is not blocked everywhere sums to >= 1
             total = ops.maximum(total, 1.0, out=total)
-        self.p = ops.divide(e, total, out=e)
+        self.p = _flush_subnormals(self, ops.divide(e, total, out=e), "flush")  # 88 below the max
         self.value = ops.matmul(self.p, v, out=buffers["value", shape[:-1] + v.shape[-1:],
                                                        dtype])
 
@@ -579,7 +587,7 @@ class ScaledDotProductAttention(Node):
             rows = ops.sum(ops.multiply(dp, p, out=buffers["work", _shape(p), dtype]), axis=-1,
                            keepdims=True, out=buffers["rows", batch + (p.shape[-2], 1), dtype])
             ds = ops.multiply(p, ops.subtract(dp, rows, out=dp), out=dp)
-            ds = ops.multiply(ds, self.scale, out=ds)
+            ds = _flush_subnormals(self, ops.multiply(ds, self.scale, out=ds), "flush")
             if need_q:
                 dq = ops.matmul(ds, k, out=buffers["dq", batch + _shape(q)[-2:], dtype])
                 dq = _unbroadcast(self, dq, _shape(q), "dq_sum")
