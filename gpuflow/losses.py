@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import GraphError
 from .nodes import Input, Node, accumulation_dtype
-from .sequence import _flush_subnormals
+from .shapes import _flush_subnormals
 
 
 class MSE(Node):

@@ -14,19 +14,13 @@ from typing import Any, Sequence
 
 from .errors import GraphError
 from .nodes import Input, Node
-from .shapes import _axis, _between_zeros, _broadcast, _send, _shape, _unbroadcast  # noqa: F401
+from .shapes import (_axis, _between_zeros, _broadcast, _flush_subnormals,  # noqa: F401
+                     _send, _shape, _unbroadcast)
 
 _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _KAPPA = 0.044715  # the tanh approximation's cubic coefficient (torch's kKappa)
-
-
-def _flush_subnormals(node: Node, a: Any, name: str) -> Any:  # a CPU BLAS runs them 100x slower
-    ops, finfo, out = node.ops, node.xp.finfo(a.dtype), node.buffers[name, _shape(a), a.dtype]
-    size = ops.maximum(a, ops.multiply(a, -1.0, out=out), out=out)  # |a|
-    return ops.multiply(a, ops.greater(size, float(finfo.smallest_normal) * (1.0 - float(
-        finfo.eps)), a.dtype, out=size), out=a)  # |a| > the largest subnormal; NaN * 0: NaN
 
 
 def _sigmoid(xp: Any, x: Any) -> tuple[Any, Any]:

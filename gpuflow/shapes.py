@@ -1,6 +1,7 @@
 """Shape helpers of the sequence nodes (gpuflow/sequence.py, positions.py, recurrent.py):
 broadcasting and its adjoint (a gradient summed back to an input's shape, into a kept buffer),
-axes, a gradient put back between zeros, and gradients sent to inbound nodes."""
+axes, a gradient put back between zeros, gradients sent to inbound nodes, and float32
+subnormals flushed to zero."""
 
 from __future__ import annotations
 
@@ -70,3 +71,16 @@ def _between_zeros(ops: Any, G: Any, out: Any, axis: int, start: int, stop: int)
             ops.greater(part, part, out.dtype, out=part)
     ops.copy(G, out=out[lead + (slice(start, stop), ...)])
     return out
+
+
+def _flush_subnormals(node: Node, a: Any, name: str) -> Any:
+    """`a` with its float32 subnormal entries (|a| < 1.2e-38) set to 0, in place: a CPU BLAS
+    without flush-to-zero runs a matmul on them up to 100x slower (a GPT's steps on the cpu
+    device, once attention and GELU's tail made them). float16 keeps its subnormals (they
+    carry its small gradients), and float64's are never reached; other dtypes pass through."""
+    if a.dtype != node.xp.float32:
+        return a
+    ops, finfo, out = node.ops, node.xp.finfo(a.dtype), node.buffers[name, _shape(a), a.dtype]
+    size = ops.maximum(a, ops.multiply(a, -1.0, out=out), out=out)  # |a|
+    return ops.multiply(a, ops.greater(size, float(finfo.smallest_normal) * (1.0 - float(
+        finfo.eps)), a.dtype, out=size), out=a)  # |a| > the largest subnormal; NaN * 0: NaN
