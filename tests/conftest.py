@@ -87,3 +87,19 @@ def run_epochs(graph, opt, schedule, batches, epochs: int) -> list[float]:
             opt.step()
         schedule.step()
     return losses
+
+
+def keep_save(monkeypatch, key: str, value: int, kept) -> None:
+    """Patch gpuflow.checkpoint.save so that the save whose `key` keyword (epoch, step) is
+    `value` is also copied to `kept`: the checkpoint a run killed then would leave."""
+    import shutil
+
+    from gpuflow import checkpoint
+    save = checkpoint.save
+
+    def save_and_keep(path, *args, **kwargs):
+        save(path, *args, **kwargs)
+        if kwargs[key] == value:
+            shutil.copyfile(path, kept)
+
+    monkeypatch.setattr(checkpoint, "save", save_and_keep)

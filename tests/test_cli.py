@@ -21,6 +21,8 @@ import gpuflow as gf
 from gpuflow import LEDGER, Graph, Input, SoftmaxCrossEntropy, get_device, mlp
 from gpuflow.cli import TrainOptions, build_parser, held_out_accuracy, main, train
 
+from conftest import keep_save
+
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--hidden", "16"]   # keeps in-process runs to a fraction of a second
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -236,18 +238,8 @@ def test_clip_bounds_each_step_and_a_loose_clip_changes_nothing():
 def test_resume_with_a_schedule_and_clip_equals_uninterrupted_run(tmp_path, monkeypatch):
     """A 4-epoch cosine run whose epoch-2 checkpoint is kept, resumed to 4: bit-identical
     parameters, history and final rate (the schedule's state travels in the checkpoint)."""
-    import shutil
-
-    from gpuflow import checkpoint
     ckpt, kept = tmp_path / "run.ckpt", tmp_path / "epoch2.ckpt"
-    save = checkpoint.save
-
-    def save_and_keep_epoch_2(path, *args, **kwargs):
-        save(path, *args, **kwargs)
-        if kwargs["epoch"] == 2:
-            shutil.copyfile(path, kept)
-
-    monkeypatch.setattr(checkpoint, "save", save_and_keep_epoch_2)
+    keep_save(monkeypatch, "epoch", 2, kept)
     opts = {**SCHEDULED, "epochs": 4, "schedule": "cosine", "clip": 0.5}
     whole = train({**opts, "save": str(ckpt)})
     monkeypatch.undo()
@@ -266,18 +258,8 @@ def test_resume_takes_the_runs_settings_from_the_checkpoint(tmp_path, capsys, mo
     optimizer, rate, cosine schedule, --clip, total epochs): bit-identical to the run done at
     once, saying in one line what it took. Forgetting --clip trained without clipping, and
     the missing --schedule was refused."""
-    import shutil
-
-    from gpuflow import checkpoint
     ckpt, first = str(tmp_path / "run.safetensors"), str(tmp_path / "epoch1.safetensors")
-    save = checkpoint.save
-
-    def save_and_keep_epoch_1(path, *args, **kwargs):  # as a run killed after epoch 1 leaves
-        save(path, *args, **kwargs)
-        if kwargs["epoch"] == 1:
-            shutil.copyfile(path, first)
-
-    monkeypatch.setattr(checkpoint, "save", save_and_keep_epoch_1)
+    keep_save(monkeypatch, "epoch", 1, first)  # as a run killed after epoch 1 leaves
     run = ["--dtype", "float64", "--hidden", "16", "--optimizer", "momentum", "--lr", "0.05",
            "--schedule", "cosine", "--clip", "0.2", "--epochs", "3", "--seed", "3"]
     assert main(["train", "--device", "cpu", *run, "--quiet", "--save", ckpt]) == 0

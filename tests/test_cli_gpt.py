@@ -6,7 +6,6 @@ checkpoint's model."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ import pytest
 import gpuflow as gf
 from gpuflow import checkpoint
 from gpuflow.cli import main, train
+
+from conftest import keep_save
 
 TINY = ["--steps", "30", "--layers", "1", "--width", "16", "--heads", "2", "--context", "16",
         "--device", "cpu"]
@@ -59,14 +60,7 @@ def test_gpt_save_at_15_and_resume_to_30_equals_the_uninterrupted_run(tiny_text,
     """The checkpoint of step 15 of a 30-step run, resumed with --resume alone: the held-out
     and training losses, the weights and the rate equal the uninterrupted run's bit for bit."""
     ckpt, kept = tmp_path / "run.safetensors", tmp_path / "step15.safetensors"
-    save = checkpoint.save
-
-    def save_and_keep_step_15(path, *args, **kwargs):
-        save(path, *args, **kwargs)
-        if kwargs["step"] == 15:
-            shutil.copyfile(path, kept)
-
-    monkeypatch.setattr(checkpoint, "save", save_and_keep_step_15)
+    keep_save(monkeypatch, "step", 15, kept)
     whole = train({**OPTS, "data": tiny_text, "save": str(ckpt)})
     monkeypatch.undo()
     assert [row[0] for row in whole["history"]] == [15.0, 30.0]

@@ -154,12 +154,18 @@ def step_peak(recompute, steps=2):
     X, y, loss, _ = deep_model(recompute, blocks=8, width=64, n_in=16, classes=4)
     rng = np.random.default_rng(0)
     xb, yb = rng.standard_normal((512, 16)).astype(np.float32), rng.integers(0, 4, 512)
+    return traced_peak(loss, [X, y], (xb, yb),
+                       lambda graph: gf.optim.SGD(graph, lr=0.01, momentum=0.9), steps)
+
+
+def traced_peak(loss, inputs, batch, make_optimizer, steps):
+    """tracemalloc's peak over building loss's Graph on cpu, its optimizer and `steps` steps."""
     tracemalloc.start()
     try:
-        graph = gf.Graph(loss, device="cpu", inputs=[X, y])
-        opt = gf.optim.SGD(graph, lr=0.01, momentum=0.9)
+        graph = gf.Graph(loss, device="cpu", inputs=inputs)
+        opt = make_optimizer(graph)
         for _ in range(steps):
-            graph.step(xb, yb)
+            graph.step(*batch)
             opt.step()
         return tracemalloc.get_traced_memory()[1]
     finally:
@@ -203,16 +209,7 @@ def gpt_step_peak(recompute, steps=2):
     loss = gf.SoftmaxCrossEntropy(y, logits)
     rng = np.random.default_rng(0)
     x, t = rng.integers(0, 65, (16, 128)), rng.integers(0, 65, (16, 128))
-    tracemalloc.start()
-    try:
-        graph = gf.Graph(loss, device="cpu", inputs=[ids, y])
-        opt = gf.optim.AdamW(graph, 1e-3)
-        for _ in range(steps):
-            graph.step(x, t)
-            opt.step()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    return traced_peak(loss, [ids, y], (x, t), lambda graph: gf.optim.AdamW(graph, 1e-3), steps)
 
 
 def test_a_gpt_with_recomputed_blocks_trains_in_much_less_memory():
