@@ -12,18 +12,18 @@ from .backends.numpy_threads import get_num_threads, set_num_threads
 from .gradcheck import GradientCheckError, gradient_check
 from .errors import (CheckpointError, DataError, DeviceError, DistributedError, GpuflowError,
                      GraphError, TransferError)
-from .activations import ReLU, Sigmoid, Softmax, Tanh
-from .conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from .nodes.activations import ReLU, Sigmoid, Softmax, Tanh
+from .nodes.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from .generate import generate
 from .graph import Graph, SortedGraph, forward_and_backward, forward_pass, topological_sort
 from .host import to_numpy
 from .layers import (Parameter, attention, batchnorm, conv2d, dense, embedding, layernorm,
                      lstm, mlp, transformer_block)
-from .losses import MSE, SoftmaxCrossEntropy
+from .nodes.losses import MSE, SoftmaxCrossEntropy
 from .nodes import Add, Input, Linear, Node
-from .norm import BatchNorm, Dropout, LayerNorm
-from .recurrent import LSTM
-from .sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from .nodes.norm import BatchNorm, Dropout, LayerNorm
+from .nodes.recurrent import LSTM
+from .nodes.sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                        ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .optim import sgd_update
 from .runtime.recomputation import recompute

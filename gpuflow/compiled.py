@@ -46,7 +46,7 @@ from .backends import LEDGER
 from .errors import GraphError, check_hyperparameter
 from .graph import Graph, _run_step
 from .nodes import Input
-from .norm import BatchNorm, Dropout, _mix
+from .nodes.norm import BatchNorm, Dropout, _mix
 from .runtime.plan import put_values, restore, set_mode, snapshot
 from .schedules import clip_grad_norm
 

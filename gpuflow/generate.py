@@ -16,7 +16,7 @@ import numpy as np
 
 from .errors import GraphError, check_int
 from .host import to_numpy
-from .positions import Positions
+from .nodes.positions import Positions
 
 
 def generate(graph: Any, logits: Any, prompt: Any, n: int, *, temperature: float = 1.0,

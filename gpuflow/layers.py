@@ -13,15 +13,15 @@ from typing import Any, Callable, Sequence
 
 from .backends.numpy import host_copy, host_rng, host_zeros
 from .errors import GraphError, check_int
-from .conv import Conv2D, Flatten, MaxPool2D, _pair
+from .nodes.conv import Conv2D, Flatten, MaxPool2D, _pair
 from .host import to_numpy
-from .activations import ReLU, Sigmoid, Tanh
+from .nodes.activations import ReLU, Sigmoid, Tanh
 from .nodes import Add, Input, Linear, Node
-from .norm import BatchNorm, Dropout, LayerNorm
-from .positions import Positions
-from .recurrent import LSTM
+from .nodes.norm import BatchNorm, Dropout, LayerNorm
+from .nodes.positions import Positions
+from .nodes.recurrent import LSTM
 from .runtime.recomputation import recompute as _recompute
-from .sequence import (GELU, BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention,
+from .nodes.sequence import (GELU, BiasAdd, Embedding, MatMul, Reshape, ScaledDotProductAttention,
                        Slice, Transpose)
 
 

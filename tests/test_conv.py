@@ -306,7 +306,7 @@ def test_conv2d_layer_weights_are_he_and_laid_out_as_torch():
 def test_device_col2im_equals_the_portable_one(kh, kw, sh, sw, device):
     """Where a device adds the columns back in place (ops.col2im), it gives what the portable,
     write-free col2im gives."""
-    from gpuflow.conv import col2im
+    from gpuflow.nodes.conv import col2im
     if device.ops.col2im is None:
         pytest.skip(f"{device.name} has no ops.col2im: the portable one is all it runs")
     ho, wo = 3, 4

@@ -1,4 +1,4 @@
-"""The sequence nodes (gpuflow/sequence.py): central differences on every device, PyTorch
+"""The sequence nodes (gpuflow/nodes/sequence.py): central differences on every device, PyTorch
 autograd as the oracle (float64, rel 1e-9, forward and every input's gradient), float32 through
 gf.Graph, the tails of GELU and SiLU, the portable erf, and the errors for bad inputs."""
 
@@ -12,7 +12,7 @@ import pytest
 
 import gpuflow as gf
 from conftest import Project, host
-from gpuflow.positions import Positions
+from gpuflow.nodes.positions import Positions
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -58,7 +58,7 @@ class Ops:
     stack: Callable[..., Any] | None = None
     """(arrays, axis=0, out=None) -> xp.stack written into `out` (im2col's columns)."""
     col2im: Callable[..., Any] | None = None
-    """(parts, kh, kw, sh, sw, out) -> gpuflow.conv.col2im added in place into `out`."""
+    """(parts, kh, kw, sh, sw, out) -> gpuflow.nodes.conv.col2im added in place into `out`."""
     conv2d: Callable[..., Any] | None = None
     """(x, w, bias, stride, padding) -> gpuflow.Conv2D's value by the library's convolution."""
     conv2d_backward: Callable[..., Any] | None = None
@@ -177,11 +177,11 @@ class UfuncOps(Ops):
         return out
 
     def stack(self, arrays: list, axis: int = 0, out: Any = None) -> Any:
-        """xp.stack, into `out` (gpuflow.conv's im2col columns)."""
+        """xp.stack, into `out` (gpuflow.nodes.conv's im2col columns)."""
         return self._lib.stack(arrays, axis=axis, out=out)
 
     def col2im(self, parts: list, kh: int, kw: int, sh: int, sw: int, out: Any) -> Any:
-        """gpuflow.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
+        """gpuflow.nodes.conv.col2im, adding each part in place into `out` (N, C, Hp, Wp)."""
         from .windows import col2im_in_place
         return col2im_in_place(parts, kw, sh, sw, out)
 

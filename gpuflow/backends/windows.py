@@ -1,5 +1,5 @@
 """Window helpers for libraries whose arrays take slice assignment (NumPy, CuPy, torch): the
-in-place col2im their `Ops.col2im` runs (gpuflow.conv keeps the portable, write-free one)."""
+in-place col2im their `Ops.col2im` runs (gpuflow.nodes.conv keeps the portable, write-free one)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from .. import checkpoint
 from .parser import CommandError
 from ..errors import CheckpointError
 from ..layers import lenet, mlp
-from ..losses import SoftmaxCrossEntropy
+from ..nodes.losses import SoftmaxCrossEntropy
 from ..nodes import Input
 from ..optim import CosineAnnealingLR, ExponentialLR, StepLR, WarmupCosineLR
 

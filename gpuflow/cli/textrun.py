@@ -30,7 +30,7 @@ from ..errors import CheckpointError, DataError, GpuflowError, check_int
 from ..generate import generate
 from ..graph import Graph
 from ..layers import gpt
-from ..losses import SoftmaxCrossEntropy
+from ..nodes.losses import SoftmaxCrossEntropy
 from ..nodes import Input
 from ..optim import clip_grad_norm, make_optimizer
 from ..runtime.placement import is_fastest

@@ -10,8 +10,8 @@ from typing import Any, Callable, Sequence
 
 from ..errors import ExportError, GraphError
 from ..nodes import Input, Node
-from ..recurrent import LSTM
-from ..sequence import Embedding, ScaledDotProductAttention
+from ..nodes.recurrent import LSTM
+from ..nodes.sequence import Embedding, ScaledDotProductAttention
 
 # The nodes that make a graph a sequence model: its data Inputs are (N, T, ...), T dynamic.
 SEQUENCE_NODES = (Embedding, LSTM, ScaledDotProductAttention)

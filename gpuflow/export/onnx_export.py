@@ -11,14 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from ..nodes.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from ..errors import ExportError
-from ..activations import ReLU, Sigmoid, Softmax, Tanh
+from ..nodes.activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
-from ..norm import BatchNorm, Dropout, LayerNorm
-from ..recurrent import LSTM
-from ..positions import Positions
-from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from ..nodes.norm import BatchNorm, Dropout, LayerNorm
+from ..nodes.recurrent import LSTM
+from ..nodes.positions import Positions
+from ..nodes.sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                         ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
 
@@ -293,7 +293,7 @@ def _slice(node: Slice, ctx: OnnxContext) -> None:
 
 def _gelu(node: GELU, ctx: OnnxContext) -> None:
     """ONNX's Gelu from opset 20; before, gpuflow's formula (Erf, or Tanh) in its order."""
-    from ..sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
+    from ..nodes.sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
     x = ctx.input(node)
     if ctx.opset >= 20:
         ctx.add("Gelu", [x], [ctx.output(node)], approximate=node.approximate)

@@ -15,14 +15,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
+from ..nodes.conv import AvgPool2D, Conv2D, Flatten, MaxPool2D
 from ..errors import CheckpointError, ExportError
-from ..activations import ReLU, Sigmoid, Softmax, Tanh
+from ..nodes.activations import ReLU, Sigmoid, Softmax, Tanh
 from ..nodes import Add, Input, Linear, Node
-from ..norm import BatchNorm, Dropout, LayerNorm
-from ..recurrent import LSTM
-from ..positions import Positions
-from ..sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
+from ..nodes.norm import BatchNorm, Dropout, LayerNorm
+from ..nodes.recurrent import LSTM
+from ..nodes.positions import Positions
+from ..nodes.sequence import (GELU, BiasAdd, Concat, Embedding, MatMul, Mul, Reshape, Scale,
                         ScaledDotProductAttention, SiLU, Slice, Transpose)
 from .core import Plan, check_target, exporter, register
 
@@ -407,7 +407,7 @@ def _slice(node: Slice, ctx: PythonContext) -> None:
 
 
 def _gelu(node: GELU, ctx: PythonContext) -> None:
-    from ..sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
+    from ..nodes.sequence import _KAPPA, _SQRT1_2, _SQRT_2_OVER_PI
     x, out = ctx.input(node), ctx.output(node)
     if node.approximate == "none":
         ctx.line(f"{out} = {x} * (0.5 * (1.0 + {ctx.helper('erf')}(xp, {x} * {_SQRT1_2!r})))"

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-from .errors import GraphError
-from .nodes import Input, Node
+from ..errors import GraphError
+from .core import Input, Node
 from .shapes import (_axis, _between_zeros, _broadcast, _flush_subnormals,  # noqa: F401
                      _send, _shape, _unbroadcast)
 
@@ -87,7 +87,7 @@ class Embedding(Node):
 
     def _check_range(self, ids: Any, vocab: int) -> None:
         """The ids on the device, once per vocabulary (later host feeds: when fed)."""
-        from .backends import LEDGER
+        from ..backends import LEDGER
         if not math.prod(ids.shape):
             return
         xp = self.xp
@@ -485,7 +485,7 @@ class ScaledDotProductAttention(Node):
                              "help: fold the causal pattern into the mask (True where "
                              "allowed).")
         if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
-            from .backends.numpy import host_array
+            from ..backends.numpy import host_array
             try:
                 mask = host_array(mask, f"{self.label} mask")
             except GraphError as exc:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import GraphError
-from .nodes import Input, Node, accumulation_dtype
+from ..errors import GraphError
+from .core import Input, Node, accumulation_dtype
 from .shapes import _flush_subnormals
 
 
@@ -151,7 +151,7 @@ class SoftmaxCrossEntropy(Node):
             self.value = xp.astype(total / self.count, dtype)
 
     def _check_labels_on_device(self, y: Any, k: int) -> None:
-        from .backends import LEDGER
+        from ..backends import LEDGER
         xp = self.xp
         y = xp.where(y == self.ignore_index, xp.zeros_like(y), y)  # ignored labels are fine
         with LEDGER.allowed():  # once, at the first step

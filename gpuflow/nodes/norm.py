@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .runtime.amp import low_precision_name
-from .errors import GraphError
-from .nodes import Node
+from ..runtime.amp import low_precision_name
+from ..errors import GraphError
+from .core import Node
 
 
 def _check_vector(node: Node, which: Node, size: int, what: str) -> None:
@@ -257,7 +257,7 @@ class BatchNorm(Node):
         """{'running_mean': (C,), 'running_var': (C,)}: copies, on the graph's device (host
         arrays before the graph first runs)."""
         if self.running_mean is None:
-            from .backends.numpy import host_zeros
+            from ..backends.numpy import host_zeros
             channels = self.inbound_nodes[1].value.shape[0]
             return {"running_mean": host_zeros((channels,)),
                     "running_var": host_zeros((channels,)) + 1.0}

@@ -4,7 +4,7 @@ for what a node reads and writes)."""
 
 from __future__ import annotations
 
-from .nodes import Node
+from .core import Node
 
 
 class Sigmoid(Node):

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from .errors import GraphError
-from .nodes import Node
+from ..errors import GraphError
+from .core import Node
 from .shapes import _between_zeros
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import GraphError
-from .nodes import Node
+from ..errors import GraphError
+from .core import Node
 from .sequence import _send, _shape, _sigmoid
 
 

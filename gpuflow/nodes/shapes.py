@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .errors import GraphError
-from .nodes import Node
+from ..errors import GraphError
+from .core import Node
 
 
 def _shape(value: Any) -> tuple[int, ...]:

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import GraphError
-from .nodes import Node
+from ..errors import GraphError
+from .core import Node
 
 
 def _pair(value: Any, what: str, kind: str, *, minimum: int) -> tuple[int, int]:

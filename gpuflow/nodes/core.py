@@ -3,7 +3,7 @@
 Node code calls `self.xp`, the array namespace of the graph's device, and never imports NumPy or
 CuPy. A node's `backward` starts from `self.upstream_gradient()`, the sum of what every outbound
 node sent back to it, and stores one gradient per inbound node in `self.gradients`. The losses
-(MSE, SoftmaxCrossEntropy) are in gpuflow/losses.py.
+(MSE, SoftmaxCrossEntropy) are in gpuflow/nodes/losses.py.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 import operator
 from typing import Any
 
-from .backends import Ops
-from .runtime.buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
-from .errors import GraphError
+from ..backends import Ops
+from ..runtime.buffers import NO_BUFFERS, Buffers, _NoBuffers, copy_if_kept
+from ..errors import GraphError
 
 
 _ACCUMULATION: dict[Any, Any] = {}  # (xp, dtype) -> accumulation_dtype(xp, dtype)
@@ -257,7 +257,7 @@ class Input(Node):
 
     def _check_labels(self, value: Any) -> None:
         """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
-        from .backends.numpy import host_array, host_range
+        from ..backends.numpy import host_array, host_range
         host = host_array(value, f"{self.label}.value")
         if host.dtype.kind not in "iu":
             raise self._dtype_error(host.dtype)
