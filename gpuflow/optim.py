@@ -151,17 +151,14 @@ class Optimizer:
             self.lr = self._checked_lr = check_learning_rate(
                 self.lr, f"{type(self).__name__}: lr")
         source, moved = self._source, self._graph is None and self._source is _SEVERAL
-        active = []  # the parameters not frozen now, whoever froze what since the last step
-        for p in self.params:  # all checked first: a refusal updates nothing
-            if not getattr(p, "trainable", True):
-                continue
+        # the parameters not frozen now (trainable), whoever froze or thawed what since
+        self._active = active = [p for p in self.params if getattr(p, "trainable", True)]
+        for p in active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")
             if p._graph is not source:  # another graph stepped it (or several graphs did)
                 moved = True
-            active.append(p)
-        self._active = active
         if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
             self._follow(self._active, strict=True)
         if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/runtime/amp.py
