@@ -151,7 +151,7 @@ class Optimizer:
             self.lr = self._checked_lr = check_learning_rate(
                 self.lr, f"{type(self).__name__}: lr")
         source, moved = self._source, self._graph is None and self._source is _SEVERAL
-        # the parameters not frozen now (trainable), whatever was frozen or thawed since the last step
+        # the parameters not frozen now, whatever was frozen or thawed since the last step
         self._active = active = [p for p in self.params if getattr(p, "trainable", True)]
         for p in active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
