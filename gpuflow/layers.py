@@ -87,7 +87,6 @@ class Parameter(Input):
     # The name of this parameter in an equal torch module's state_dict, where a layer builder
     # knows it (gf.layers.gpt): export_weights / load_weights use it for layout="torch".
     torch_name: str | None = None
-    trainable_changes = 0  # counts every change of any Parameter's `trainable` (for optimizers)
 
     @property
     def trainable(self) -> bool:
@@ -103,7 +102,6 @@ class Parameter(Input):
                              "help: p.trainable = False freezes p; True trains it again.")
         if bool(value) != self._trainable:
             self._trainable = bool(value)
-            Parameter.trainable_changes += 1
             if self._plan is not None:
                 self._plan.stale = True  # plan again: compute this gradient or not
 

@@ -19,7 +19,6 @@ from .runtime import amp
 from .backends import LEDGER
 from .errors import CheckpointError, GraphError, check_hyperparameter  # noqa: F401 - re-exported
 from .graph import Graph
-from .layers import Parameter
 from .nodes import Node
 from .runtime.placement import LIVE
 
@@ -142,8 +141,7 @@ class Optimizer:
         self._follow(self.params, strict=False)
         self._param: Node = self.params[0]   # the parameter `update` is working on
         self.ops: Any = self._param.ops       # its array operations, which take out=
-        self._changes = -1  # Parameter.trainable_changes when `active` was last listed
-        self._active: list[Node] = self.params  # the parameters not frozen (trainable False)
+        self._active: list[Node] = self.params  # not frozen (trainable): listed at each step
         LIVE.add(self)
 
     def step(self) -> None:
@@ -152,11 +150,10 @@ class Optimizer:
         if self.lr is not self._checked_lr:  # someone set a new rate: check it once
             self.lr = self._checked_lr = check_learning_rate(
                 self.lr, f"{type(self).__name__}: lr")
-        if self._changes != Parameter.trainable_changes:  # one int compare per step
-            self._changes = Parameter.trainable_changes
-            self._active = [p for p in self.params if getattr(p, "trainable", True)]
         source, moved = self._source, self._graph is None and self._source is _SEVERAL
-        for p in self._active:  # all checked first: a refusal updates nothing
+        # the parameters not frozen now, whatever was frozen or thawed since the last step
+        self._active = active = [p for p in self.params if getattr(p, "trainable", True)]
+        for p in active:  # all checked first: a refusal updates nothing
             if p.gradients.get(p) is None:
                 raise GraphError(f"{p.label} has no gradient yet.\nhelp: run graph.step(...) "
                                  "(forward and backward) before optimizer.step().")

@@ -514,6 +514,34 @@ def test_freezing_a_parameter_after_the_graph_is_built_stops_its_training(device
     assert not np.allclose(host(device, W1.value), frozen)
 
 
+def test_freezing_is_the_parameters_own_state_across_graphs(device):
+    # Regression (issue 19, item 1): a freeze bumped a process-wide counter on the Parameter
+    # class, which every optimizer compared; now the optimizer reads `trainable` at its step.
+    X, y = gf.Input(name="X"), gf.Input(name="y")
+    out, params = gf.mlp(X, [3, 4, 1], seed=0)
+    opt = SGD(params, lr=0.1)  # made before the graphs
+    graphs = [gf.Graph(loss, device=device, dtype="float64", inputs=[X, y])
+              for loss in (gf.MSE(y, out), gf.MSE(y, out))]  # two graphs, one model
+    rng = np.random.default_rng(2)
+    xb, yb = rng.normal(size=(8, 3)), rng.normal(size=(8, 1))
+    graphs[0].step(xb, yb)
+    opt.step()
+    W1, W2 = params["layer1.W"], params["layer2.W"]
+    shared = dict(vars(gf.Parameter))
+    W1.trainable = False
+    assert dict(vars(gf.Parameter)) == shared, "a freeze changes only its parameter"
+    frozen, moving = host(device, W1.value).copy(), host(device, W2.value).copy()
+    for graph in graphs:  # the other graph steps it too: still frozen
+        graph.step(xb, yb)
+        opt.step()
+    np.testing.assert_array_equal(host(device, W1.value), frozen)
+    assert not np.allclose(host(device, W2.value), moving)
+    W1.trainable = True
+    graphs[1].step(xb, yb)
+    opt.step()
+    assert not np.allclose(host(device, W1.value), frozen)
+
+
 def test_a_parameter_frozen_before_the_graph_is_built_is_not_data():
     X, y = gf.Input(name="X"), gf.Input(name="y")
     out, params = gf.mlp(X, [3, 4, 1], seed=0)

@@ -239,7 +239,8 @@ def test_the_cycle_check_finds_a_cycle():
 # the plan keeps on a node: gpuflow/runtime/plan.py alone writes them; node code only reads them.
 BINDING_OWNER = "gpuflow/runtime/plan.py"
 BINDING_ATTRIBUTES = {"_binding", "device", "xp", "ops", "buffers", "_plan", "_float_dtype",
-                      "_keep_integers", "_private", "_grad_seed", "_senders", "_value"}
+                      "_keep_integers", "_private", "_grad_seed", "_senders", "_value",
+                      "_graph"}  # _graph: the Graph that steps a parameter (plan.record_graph)
 
 
 def _binding_writes(tree: ast.AST) -> list[tuple[int, str]]:
@@ -280,6 +281,7 @@ BINDING_ALLOWED = {
     ("gpuflow/compiled.py", "opt.ops ="): "an optimizer's ops (the parameter's it updates)",
     ("gpuflow/compiled.py", "vars(opt).clear"): "the optimizer, put back after tracing",
     ("gpuflow/compiled.py", "vars(opt).update"): "the optimizer, put back after tracing",
+    ("gpuflow/optim.py", "self._graph ="): "an optimizer's own Graph (Optimizer(graph))",
 }
 PUBLIC_BINDING = {"device", "xp", "ops", "buffers"}  # names other objects use too
 
@@ -313,15 +315,17 @@ def test_the_binding_check_sees_what_it_looks_for():
     sample = ast.parse("def f(n, kept):\n    n._plan = None\n    n.a, n._private = 1, 2\n"
                        "    setattr(n, '_binding', 0)\n    vars(n).clear()\n"
                        "    n.__dict__.update(kept)\n    vars(n).pop('_binding')\n"
-                       "    n._value = 1\n    self._value = 1\n    vars(n).pop('forward')\n")
-    assert [line for line, _ in _binding_writes(sample)] == [2, 3, 4, 5, 6, 7, 8]
+                       "    n._value = 1\n    self._value = 1\n    vars(n).pop('forward')\n"
+                       "    p._graph = ref\n")
+    assert [line for line, _ in _binding_writes(sample)] == [2, 3, 4, 5, 6, 7, 8, 11]
 
 
 @pytest.mark.parametrize("rel", [r for r in _modules() if r != BINDING_OWNER])
 def test_only_the_plan_writes_a_nodes_binding(rel):
     """Binding a node (its device, xp, ops, buffers, plan, dtype rules, the loss's seed) and
     releasing it is gpuflow/runtime/plan.py's: other modules call its `bind`, `unbind`, `detach`,
-    `snapshot`/`restore`, `put_values`, `Plan.set_buffers` and `Plan.seed_loss`."""
+    `snapshot`/`restore`, `put_values`, `record_graph` (the Graph that steps a parameter),
+    `Plan.set_buffers` and `Plan.seed_loss`."""
     tree = _tree(rel)
     others = _self_in_other_classes(tree, _node_classes())
     found = [(line, what) for line, what in _binding_writes(tree)

@@ -28,13 +28,14 @@ matmul and ufuncs would run on it emulated and slowly), which is said with a cle
 Which graph's mixed precision an optimizer follows: every way of passing parameters gives the
 same. `Adam(graph)` follows that graph. `Adam(graph.parameters)`, `Adam(params)` (the dict
 `gf.mlp` returns) or any list of parameters follow the Graph whose `step` computed their
-gradients: each `Graph.step` records itself on its parameters (`p._graph`, a weak reference;
-before any step, the first Graph built over a parameter holds it), and `optimizer.step()`
-reads that record, so an optimizer made before its graph, or over part of a graph's parameters,
-gets it too. Parameters that no Graph holds (MiniFlow's `topological_sort`) get plain updates.
-One optimizer over parameters whose gradients come from two graphs, one of them mixed
-precision, is a GraphError at its step: each such graph scales its gradients by its own loss
-scale (make one optimizer per graph).
+gradients: each `Graph.step` records itself on its parameters (`p._graph`, a weak reference,
+written by gpuflow/runtime/plan.py's `record_graph`, the one writer of a node's private
+attributes; before any step, the first Graph built over a parameter holds it), and
+`optimizer.step()` reads that record, so an optimizer made before its graph, or over part of
+a graph's parameters, gets it too. Parameters that no Graph holds (MiniFlow's
+`topological_sort`) get plain updates. One optimizer over parameters whose gradients come
+from two graphs, one of them mixed precision, is a GraphError at its step: each such graph
+scales its gradients by its own loss scale (make one optimizer per graph).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from typing import Any, Iterable
 
 from ..backends import LEDGER, NULL_SCOPE, Device, dtype_name
 from ..errors import GraphError
+from . import plan
 
 LOW_PRECISION = ("float16", "bfloat16")
 MIN_SCALE = 2.0 ** -24  # float16's smallest subnormal: below it, scaling cannot help
@@ -319,11 +321,8 @@ _STEPPED: list = [None]  # the weak reference of the Graph whose step ran last
 def claim(graph: Any) -> None:
     """At Graph(...): each of its parameters that no live Graph holds yet records this one
     (an optimizer made over them before any step finds this graph's mixed precision)."""
-    ref = graph._ref = weakref.ref(graph)  # one object per graph, compared by identity
-    for p in graph.parameters:
-        held = p._graph
-        if held is None or held() is None:
-            p._graph = ref
+    graph._ref = weakref.ref(graph)  # one object per graph, compared by identity
+    plan.record_graph(graph.parameters, graph._ref, unheld_only=True)
 
 
 def note_step(graph: Any) -> None:
@@ -332,8 +331,7 @@ def note_step(graph: Any) -> None:
     ref = graph._ref
     if _STEPPED[0] is ref:
         return
-    for p in graph.parameters:
-        p._graph = ref
+    plan.record_graph(graph.parameters, ref)
     _STEPPED[0] = ref
 
 

@@ -52,8 +52,6 @@ they track crosses graphs:
   `gpuflow.backends.numpy.OPS`, the CPU's one set of ops, whose routes follow that count; and
   `numpy_threads._HOLDERS`, the products now holding OpenBLAS to one thread and its count
   before (two Python threads may run products at once).
-- `gpuflow.layers.Parameter.trainable_changes`: counts `p.trainable` changes, so that a graph
-  and its optimizer re-plan a freeze with one integer compare per step, whoever froze what.
 - `gpuflow.runtime.placement.LIVE`: every optimizer made (held weakly), whose update
   device='fastest' times as part of a step; `gpuflow.runtime.placement._SAID`: the devices already
   told that `capture` changes nothing there (said once per device).

@@ -369,3 +369,13 @@ def put_values(nodes: Iterable[Input], values: Iterable[Any]) -> None:
     the graph's device (or traced), which are already right (gpuflow/compiled.py)."""
     for node, value in zip(nodes, values):
         node._value = value
+
+
+def record_graph(params: Iterable[Node], ref: Any, unheld_only: bool = False) -> None:
+    """Each parameter records `ref`, a weak reference to the Graph whose step computes its
+    gradients (`p._graph`, read by optimizers: gpuflow/runtime/amp.py); with `unheld_only`,
+    only a parameter that no live Graph holds yet (a Graph being built claims those)."""
+    for p in params:
+        if unheld_only and p._graph is not None and p._graph() is not None:
+            continue
+        p._graph = ref
