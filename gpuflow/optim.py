@@ -159,8 +159,10 @@ class Optimizer:
                                  "(forward and backward) before optimizer.step().")
             if p._graph is not source:  # another graph stepped it (or several graphs did)
                 moved = True
-        if moved or self._graph is not None:  # Optimizer(graph): the graph's own, now
-            self._follow(self._active, strict=True)
+        if self._graph is not None:  # Optimizer(graph): the graph's own mixed precision, now
+            self._mixed = self._graph.amp
+        elif moved:
+            self._follow(active, strict=True)
         if self._mixed is not None:  # float32 master weights, loss scaling: see gpuflow/runtime/amp.py
             self._mixed.optimizer_step(self)
             return
