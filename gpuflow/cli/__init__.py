@@ -39,7 +39,7 @@ from .. import checkpoint, distributed
 from ..runtime import placement
 from ..backends import backend_report, get_device
 from ..backends.numpy_threads import get_num_threads, set_num_threads
-from .parser import CommandError, CommandParser, HelpFormatter, report_error
+from ..commandline import CommandError, CommandParser, HelpFormatter, report_error
 from ..data import Batches, load_digits, load_mnist, train_test_split
 from ..errors import CheckpointError, DeviceError, GpuflowError, check_int
 from ..accumulate import split_batch

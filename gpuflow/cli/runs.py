@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import checkpoint
-from .parser import CommandError
+from ..commandline import CommandError
 from ..errors import CheckpointError
 from ..layers import lenet, mlp
 from ..nodes.losses import SoftmaxCrossEntropy

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import checkpoint
 from ..accumulate import split_batch
-from .parser import CommandError
+from ..commandline import CommandError
 from ..data import SequenceBatches, load_text
 from ..errors import CheckpointError, DataError, GpuflowError, check_int
 from ..generate import generate
