@@ -46,8 +46,9 @@ from ..accumulate import split_batch
 from ..graph import Graph
 from ..optim import OPTIMIZERS, check_learning_rate, clip_grad_norm, make_optimizer
 from .plot import plot_curves, require_matplotlib
-from .runs import (SCHEDULES, another_model, build_model, checkpoint_state, follow_epochs,
-                   make_schedule, model_state, resume_settings)
+from ..models import build_model
+from .runs import (SCHEDULES, another_model, checkpoint_state, follow_epochs, make_schedule,
+                   model_state, resume_settings)
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
