@@ -34,8 +34,7 @@ NUMPY_ALLOWED = {
     "gpuflow/runtime/placement.py": "a graph moved between devices goes through host copies; "
                                     "compare checks both devices' numbers on the host in float64",
     "gpuflow/checkpoint/weights.py": "weight files (safetensors) are NumPy arrays on the host",
-    "gpuflow/cli/__init__.py": "the run history saved in checkpoints; NumPy's warning switch "
-                               "for --check-finite",
+    "gpuflow/cli/classifier.py": "NumPy's warning switch for --check-finite",
     "gpuflow/generate.py": "sampling: the prompt, the ids and their probabilities on the host",
     "gpuflow/export/checkpoints.py": "an example batch of host zeros for the exporters",
     "gpuflow/export/onnx_export.py": "ONNX initializers are made from host NumPy arrays",
