@@ -36,6 +36,7 @@ from gpuflow.bench.floor_torch import TorchGPT  # noqa: E402
 from gpuflow.bench.workloads import GPTWorkload  # noqa: E402
 from gpuflow.checkpoint import export_weights  # noqa: E402
 from gpuflow.cli import TrainOptions, textrun  # noqa: E402
+from gpuflow.models import build_gpt  # noqa: E402
 from gpuflow.cli.runs import make_schedule  # noqa: E402
 from gpuflow.data import SequenceBatches, load_text  # noqa: E402
 from gpuflow.optim import clip_grad_norm, make_optimizer  # noqa: E402
@@ -43,7 +44,7 @@ from gpuflow.optim import clip_grad_norm, make_optimizer  # noqa: E402
 
 def gpuflow_run(opts: TrainOptions, vocab: int) -> tuple:
     """The CLI's graph, loss, optimizer and schedule (textrun.train_gpt's, without --resume)."""
-    ids, y, logits, loss, arch = textrun.build(opts, vocab)
+    ids, y, logits, loss, arch = build_gpt(opts, vocab)
     graph = gf.Graph(loss, device=opts.device, dtype=opts.dtype, inputs=[ids, y],
                      outputs=[logits])
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)

@@ -34,8 +34,7 @@ NUMPY_ALLOWED = {
     "gpuflow/runtime/placement.py": "a graph moved between devices goes through host copies; "
                                     "compare checks both devices' numbers on the host in float64",
     "gpuflow/checkpoint/weights.py": "weight files (safetensors) are NumPy arrays on the host",
-    "gpuflow/cli/__init__.py": "the run history saved in checkpoints; NumPy's warning switch "
-                               "for --check-finite",
+    "gpuflow/cli/classifier.py": "NumPy's warning switch for --check-finite",
     "gpuflow/generate.py": "sampling: the prompt, the ids and their probabilities on the host",
     "gpuflow/export/checkpoints.py": "an example batch of host zeros for the exporters",
     "gpuflow/export/onnx_export.py": "ONNX initializers are made from host NumPy arrays",
@@ -192,12 +191,13 @@ def _module_of(rel: str) -> str:
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 
 
-def _package_imports(rel: str, known: set[str]) -> set[str]:
-    """The gpuflow modules that `rel` imports, at any depth (function-level ones too)."""
+def _package_imports(rel: str, known: set[str], tree: ast.AST | None = None) -> set[str]:
+    """The gpuflow modules that `rel` (its source, or `tree`) imports, at any depth
+    (function-level ones too)."""
     here = _module_of(rel).split(".")
     base = here if rel.endswith("__init__.py") else here[:-1]
     found = set()
-    for node in ast.walk(_tree(rel)):
+    for node in ast.walk(tree or _tree(rel)):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name in known}
         elif isinstance(node, ast.ImportFrom):
@@ -374,3 +374,50 @@ def test_modules_outside_backends_import_one_another_one_way():
     assert not cycle, (
         f"import circle: {' -> '.join(cycle)}; move what the lower module needs into a "
         "module both can import (as gpuflow/checkpoint/io.py and meta.py are).")
+
+
+# The command line (gpuflow/cli/) sits on top: it imports the library, nothing imports it. The
+# one exception is the entry point that runs it.
+CLI = "gpuflow.cli"
+CLI_ENTRY_POINTS = {"gpuflow/__main__.py": "`python -m gpuflow` is the gpuflow command"}
+
+
+def _cli_imports(rel: str, known: set[str], tree: ast.AST | None = None) -> list[str]:
+    """The modules of gpuflow/cli/ that `rel` imports, at any depth (lazy ones too), also
+    through importlib.import_module('gpuflow.cli...')."""
+    tree = tree or _tree(rel)
+    found = _package_imports(rel, known, tree)
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module"):
+            found |= set(_strings(node.args[0])) if node.args else set()
+    return sorted(m for m in found if m == CLI or m.startswith(f"{CLI}."))
+
+
+def test_the_cli_check_sees_what_it_looks_for():
+    known = {CLI, f"{CLI}.runs", f"{CLI}.textrun", "gpuflow.export", "gpuflow.errors"}
+    lazy = ast.parse("from ..errors import ExportError\n"
+                     "def f():\n    from ..cli.runs import build_model\n")
+    assert _cli_imports("gpuflow/export/x.py", known, lazy) == [f"{CLI}.runs"]
+    absolute = ast.parse("import gpuflow as gf\nimport importlib\ndef f():\n"
+                         "    from gpuflow.cli import main\n"
+                         "    importlib.import_module('gpuflow.cli.textrun')\n")
+    assert _cli_imports("gpuflow/bench/__init__.py", known, absolute) == [
+        CLI, f"{CLI}.textrun"]
+    assert _cli_imports("gpuflow/export/x.py", known,
+                        ast.parse("from .. import errors\n")) == []
+
+
+@pytest.mark.parametrize("rel", [r for r in _all_modules() if not r.startswith("gpuflow/cli/")])
+def test_nothing_outside_the_cli_imports_it(rel):
+    """Data flows down: the command line parses argv and calls the library; the library (the
+    exporters, the bench) never reaches back up into gpuflow/cli/ (which imports all of it)."""
+    if rel in CLI_ENTRY_POINTS:
+        pytest.skip(CLI_ENTRY_POINTS[rel])
+    known = {_module_of(r) for r in _all_modules()}
+    found = _cli_imports(rel, known)
+    assert not found, (
+        f"{rel} imports {', '.join(found)}; the command line is the top layer and nothing "
+        "below it imports it.\nhelp: move what both need into a module below both "
+        "(gpuflow/models.py builds a run's model, gpuflow/commandline.py holds the parser "
+        "every command shares).")

@@ -46,7 +46,7 @@ import sys
 from typing import Any, Sequence
 
 import gpuflow as gf
-from gpuflow.cli.parser import CommandParser, report_error
+from gpuflow.commandline import CommandParser, report_error
 from gpuflow.errors import DeviceError
 from gpuflow.timing import UNSTEADY, time_variants
 

@@ -23,7 +23,6 @@ and turns user mistakes into one line on stderr (exit 2).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import importlib
 import math
@@ -35,25 +34,21 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import textrun
-from .. import checkpoint, distributed
-from ..runtime import placement
+from .. import checkpoint
 from ..backends import backend_report, get_device
 from ..backends.numpy_threads import get_num_threads, set_num_threads
-from .parser import CommandError, CommandParser, HelpFormatter, report_error
-from ..data import Batches, load_digits, load_mnist, train_test_split
+from ..commandline import CommandError, CommandParser, HelpFormatter, report_error
 from ..errors import CheckpointError, DeviceError, GpuflowError, check_int
-from ..accumulate import split_batch
-from ..graph import Graph
-from ..optim import OPTIMIZERS, check_learning_rate, clip_grad_norm, make_optimizer
-from .plot import plot_curves, require_matplotlib
-from .runs import (SCHEDULES, another_model, build_model, checkpoint_state, follow_epochs,
-                   make_schedule, model_state, resume_settings)
+from ..models import build_model  # noqa: F401 (gpuflow.cli.build_model, as tests import it)
+from ..optim import OPTIMIZERS, check_learning_rate
+from .classifier import held_out_accuracy, train_classifier  # noqa: F401 (held_out_accuracy)
+from .plot import require_matplotlib
+from .runs import SCHEDULES, resume_settings
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
 MODELS = ("mlp", "cnn", "gpt")
 DTYPES = ("float32", "float64", "float16", "bfloat16")  # 16-bit: mixed precision (amp.py)
-EVAL_CHUNK = 1024   # rows per forward pass when measuring accuracy
 
 
 @dataclasses.dataclass
@@ -225,203 +220,10 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     if opts.threads is not None:
         set_num_threads(opts.threads)
     try:
-        return (textrun.train_gpt if opts.model == "gpt" else _train)(opts, started, carried)
+        return (textrun.train_gpt if opts.model == "gpt" else train_classifier)(
+            opts, started, carried)
     finally:
         set_num_threads(threads)
-
-
-def _train(opts: TrainOptions, started: float, carried: str = "") -> dict[str, Any]:
-    """`train` after its options are checked (and, with --resume, completed from the
-    checkpoint: `carried` says what was taken)."""
-
-    # Data: host arrays (float32 in [0, 1], int64 labels).
-    if opts.data is None:
-        X, y = load_digits()
-        X_train, X_test, y_train, y_test = train_test_split(
-            X, y, test_size=opts.test_size, seed=opts.seed)
-        source = "bundled digits"
-    else:
-        X_train, y_train = load_mnist(opts.data, "train")
-        X_test, y_test = load_mnist(opts.data, "test")
-        source = str(opts.data)
-    n_classes = int(max(y_train.max(), y_test.max())) + 1
-    if opts.model == "cnn":  # one-channel square images: 1x8x8 digits, 1x28x28 MNIST
-        X_train, X_test = _as_images(X_train), _as_images(X_test)
-
-    # Under mpiexec: one rank per device, each a slice of every global batch (else a no-op).
-    ctx = distributed.init()
-    say = not opts.quiet and ctx.is_root
-    fastest = placement.is_fastest(opts.device)
-    if fastest and ctx.size > 1:
-        raise CommandError(f"--device {opts.device} under mpiexec: every rank needs its own "
-                           "device.\nhelp: pass --device cuda (each rank takes its GPU) or "
-                           "--device cpu.")
-    candidates = placement.fastest_candidates(opts.device) if fastest else []
-    device = get_device(candidates[0] if fastest else ctx.device_spec(opts.device))
-    X_in, y_in, logits, loss, arch = build_model(opts, X_train.shape[1:], n_classes)
-    graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[X_in, y_in], outputs=[logits],
-                  check_finite=opts.check_finite)
-    if fastest:  # as Graph(device='fastest') does at its first step, but before the optimizer
-        # and a checkpoint put their state on a device: time the first batch on each one
-        placement.choose_fastest(graph, (X_train[:opts.batch_size], y_train[:opts.batch_size]),
-                                 candidates)
-        device = graph.device
-    optimizer = make_optimizer(opts.optimizer, graph, opts.lr)
-    schedule = make_schedule(opts.schedule, optimizer, opts.epochs)
-    ctx.broadcast_parameters(graph)  # every rank starts from rank 0's weights
-    per_step = opts.batch_size * opts.accumulate  # --accumulate K: K micro-batches per step
-    batches = (ctx.batches(X_train, y_train, per_step, seed=opts.seed) if ctx.size > 1
-               else Batches(X_train, y_train, per_step, seed=opts.seed))
-
-    losses: list[float] = []
-    accuracies: list[float] = []
-    start_epoch = 0
-    if opts.resume is not None:
-        try:
-            restored = checkpoint.load(opts.resume, graph, optimizer, schedule=schedule)
-        except CheckpointError as exc:
-            raise another_model(opts, graph, arch, exc) or exc from None
-        if schedule is not None:
-            schedule, rebuilt = follow_epochs(opts.schedule, schedule, optimizer, opts.epochs)
-            carried = "\n".join(filter(None, [carried, rebuilt]))
-        start_epoch, state = int(restored["epoch"]), restored["state"] or {}
-        try:  # a checkpoint saved by another program may hold other state: one error, the file
-            batches.load_state_dict({"epoch": state.get("batches_epoch", start_epoch),
-                                     "seed": state.get("batches_seed", opts.seed)})
-            losses = [float(v) for v in state.get("losses", [])][:start_epoch]
-            accuracies = [float(v) for v in state.get("accuracies", [])][:start_epoch]
-        except (GpuflowError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {opts.resume!r} holds no state of gpuflow train "
-                                  f"({str(exc).splitlines()[0]}).\nhelp: resume from a file "
-                                  "written by gpuflow train --save.") from None
-
-    # The held-out set goes to the device once; accuracy is counted there.
-    X_test_dev = device.put(X_test, graph.dtype, what="test images")
-    y_test_dev = device.put(y_test, what="test labels")
-
-    def accuracy() -> float:
-        return held_out_accuracy(graph, logits, X_test_dev, y_test_dev)
-
-    devices = ctx.allgather(device.name)
-    if say:
-        # 'auto' without a GPU: said once, here, not as CuPy's import error on every run.
-        why = (" ('auto': no CUDA GPU found; 'gpuflow devices' says why)"
-               if opts.device.strip().lower() == "auto" and not device.is_gpu else "")
-        print(f"training a {arch} on {source} ({len(X_train)} train, {len(X_test)} test) "
-              f"on {device.name}{why}, {opts.dtype}, {opts.optimizer} lr {opts.lr:g}, "
-              f"batch {opts.batch_size}" + (f", {opts.accumulate} accumulated per step"
-                                             if opts.accumulate > 1 else ""))
-        if ctx.size > 1:
-            print(f"data-parallel over {ctx.size} MPI ranks, devices {', '.join(devices)}; "
-                  f"each rank takes a slice of every batch of {per_step}")
-        if opts.resume is not None:
-            print(f"resumed from {opts.resume} at epoch {start_epoch}")
-        if carried:
-            print(carried)
-        if schedule is not None or opts.clip is not None:
-            print(f"schedule: {schedule!r}" if schedule is not None else "schedule: none",
-                  f"clip: global gradient norm <= {opts.clip:g}" if opts.clip else "clip: off",
-                  sep="; ")
-    if start_epoch >= opts.epochs and say:
-        print(f"the checkpoint is already at epoch {start_epoch} >= --epochs {opts.epochs}; "
-              f"nothing to train (pass --epochs {start_epoch + 1} or more to train on)")
-    if say and device.compiles_first_step and start_epoch < opts.epochs:
-        print(f"compiling the step for {device.name} (first step only)...", flush=True)
-
-    step = optimizer.t
-    with _numpy_warnings_off(opts.check_finite):
-        for epoch in range(start_epoch, opts.epochs):
-            epoch_start = time.perf_counter()
-            total = None  # sum of batch losses weighted by batch size, kept on the device
-            bar = _progress(batches, f"epoch {epoch + 1}/{opts.epochs}", not say)
-            refresh = max(1, len(batches) // 10)
-            for i, (Xb, yb) in enumerate(bar):
-                value = (graph.step(Xb, yb) if opts.accumulate == 1 else  # the mean loss
-                         graph.accumulate_step(split_batch(opts.accumulate, Xb, yb)))
-                ctx.allreduce_gradients(graph)  # the whole batch's mean gradient, on every rank
-                if opts.clip is not None:  # the global norm of the whole batch's gradient
-                    clip_grad_norm(graph, opts.clip)
-                optimizer.step()
-                step += 1
-                weighted = value * len(yb)
-                total = weighted if total is None else total + weighted
-                if not bar.disable and i % refresh == 0:  # one sync now and then, for the bar
-                    bar.set_postfix(loss=f"{graph.item(value):.4f}", refresh=False)
-            bar.close()
-            if schedule is not None:  # once per epoch, as PyTorch's schedulers
-                schedule.step()
-            losses.append(ctx.sum_scalar(graph.item(total)) / batches.num_samples)
-            accuracies.append(accuracy())
-            if say:
-                seconds = time.perf_counter() - epoch_start
-                print(f"epoch {epoch + 1:3d}/{opts.epochs}  train loss {losses[-1]:.4f}  "
-                      f"test accuracy {accuracies[-1]:.4f}  ({seconds:.2f} s)")
-            if opts.save is not None and ctx.is_root:  # every rank holds the same state
-                checkpoint.save(opts.save, graph, optimizer, schedule=schedule, step=step,
-                                epoch=epoch + 1,
-                                state={**checkpoint_state(batches, losses, accuracies, opts),
-                                       **model_state(X_train.shape[1:], n_classes)})
-
-    final = accuracies[-1] if accuracies and start_epoch < opts.epochs else accuracy()
-    seconds = time.perf_counter() - started
-    if opts.plot is not None and ctx.is_root:
-        plot_curves(opts.plot, losses, accuracies)
-    ctx.print(f"final test accuracy: {final:.4f}")
-    ctx.print(f"device: {device.name} ({device.describe()})"
-              + (f"; {ctx.size} ranks on {', '.join(devices)}" if ctx.size > 1 else ""))
-    ctx.print(f"time: {seconds:.2f} s for {max(0, opts.epochs - start_epoch)} epoch(s)"
-              + (f"; curves saved to {opts.plot}" if opts.plot else ""))
-    return {
-        "accuracy": final, "losses": losses, "accuracies": accuracies,
-        "device": device.name, "device_description": device.describe(),
-        "seconds": seconds, "epoch": max(start_epoch, opts.epochs), "start_epoch": start_epoch,
-        "lr": float(optimizer.lr),
-        "parameters": {name: device.to_host(p.value, what=name)
-                       for name, p in graph.named_parameters().items()},
-    }
-
-
-def _as_images(X: Any) -> Any:
-    """(n, side * side) pixels as (n, 1, side, side) images; ValueError unless square."""
-    side = math.isqrt(X.shape[1])
-    if side * side != X.shape[1]:
-        raise ValueError(f"--model cnn needs square one-channel images; the data has "
-                         f"{X.shape[1]} pixels per example, not a square number.\n"
-                         "help: use --model mlp for this data.")
-    return X.reshape(-1, 1, side, side)
-
-
-def _numpy_warnings_off(off: bool) -> Any:
-    """With --check-finite the check reports the first NaN/Inf itself, naming the node: NumPy's
-    overflow warnings before it would only bury that one line."""
-    if not off:
-        return contextlib.nullcontext()
-    import numpy as np
-    return np.errstate(over="ignore", invalid="ignore", divide="ignore")
-
-
-def held_out_accuracy(graph: Any, logits: Any, X: Any, y: Any, chunk: int = EVAL_CHUNK) -> float:
-    """Fraction of rows of X (on the graph's device) whose argmax logit equals y.
-
-    Forward only, in chunks; argmax and the comparison run on the device, and the count is
-    read once as a single scalar.
-    """
-    xp = graph.device.xp
-    n = int(X.shape[0])
-    correct = None
-    for start in range(0, n, chunk):
-        stop = min(start + chunk, n)  # array_api_strict refuses out-of-range slice stops
-        scores = graph.run(logits, X[start:stop, ...])
-        hits = xp.sum(xp.astype(xp.argmax(scores, axis=1) == y[start:stop], xp.int64))
-        correct = hits if correct is None else correct + hits
-    return graph.item(correct) / n
-
-
-def _progress(batches: Any, desc: str, quiet: bool) -> Any:
-    """A tqdm bar over `batches` on stderr; off with --quiet or when stderr is not a terminal."""
-    from tqdm.auto import tqdm
-    return tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stderr,
-                disable=True if quiet else None, dynamic_ncols=True)
 
 
 # -- devices -------------------------------------------------------------------------------------

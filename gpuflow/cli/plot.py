@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .parser import CommandError
+from ..commandline import CommandError
 
 
 def require_matplotlib() -> None:

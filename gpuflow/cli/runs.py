@@ -7,11 +7,9 @@ from __future__ import annotations
 from typing import Any
 
 from .. import checkpoint
-from .parser import CommandError
+from ..commandline import CommandError
 from ..errors import CheckpointError
-from ..layers import lenet, mlp
-from ..nodes.losses import SoftmaxCrossEntropy
-from ..nodes import Input
+from ..models import RUN_SETTINGS, saved_settings
 from ..optim import CosineAnnealingLR, ExponentialLR, StepLR, WarmupCosineLR
 
 # --schedule; make_schedule gives the settings
@@ -47,22 +45,15 @@ def _schedule_settings(name: str, epochs: int) -> dict[str, Any]:
 
 
 # -- --resume: the run's settings from its checkpoint -------------------------------------------
-# The settings of a run that gpuflow train saves with its checkpoints (state "run.<name>") and
-# takes back on --resume where the command line does not give them. RUN_FIXED cannot change
-# within a run (the model, its optimizer and schedule, the held-out split): giving another value
-# is refused. The others may change on resume (a new total of --epochs, another --lr without a
-# schedule, --clip, --batch-size, --accumulate, --dtype, a --data folder that moved).
-RUN_SETTINGS = {"model": str, "hidden": list, "dropout": float, "optimizer": str, "lr": float,
-                "schedule": str, "clip": float, "epochs": int, "batch_size": int, "seed": int,
-                "test_size": float, "dtype": str, "data": str, "accumulate": int,
-                # --model gpt's (gpuflow/cli/textrun.py), saved by its runs only
-                "steps": int, "eval_every": int, "layers": int, "width": int, "heads": int,
-                "context": int}
+# The settings of a run that gpuflow train saves with its checkpoints (state "run.<name>",
+# gpuflow/models.py's RUN_SETTINGS) and takes back on --resume where the command line does not
+# give them. RUN_FIXED cannot change within a run (the model, its optimizer and schedule, the
+# held-out split): giving another value is refused. The others may change on resume (a new
+# total of --epochs, another --lr without a schedule, --clip, --batch-size, --accumulate,
+# --dtype, a --data folder that moved).
 RUN_FIXED = ("model", "hidden", "dropout", "optimizer", "schedule", "seed", "test_size",
              "layers", "width", "heads", "context")
 _GPT_ONLY = ("steps", "eval_every", "layers", "width", "heads", "context")
-_SCHEDULE_NAMES = {"StepLR": "step", "CosineAnnealingLR": "cosine", "ExponentialLR": "exponential",
-                   "WarmupCosineLR": "warmup-cosine"}
 
 
 def run_state(opts: Any) -> dict[str, Any]:
@@ -73,35 +64,6 @@ def run_state(opts: Any) -> dict[str, Any]:
                   clip=float(opts.clip or 0.0), data=opts.data or "",
                   dropout=float(opts.dropout), lr=float(opts.lr), test_size=float(opts.test_size))
     return {f"run.{name}": value for name, value in values.items()}
-
-
-def _saved_settings(path: str, info: dict[str, Any]) -> dict[str, Any]:
-    """The settings of the run that wrote the checkpoint: its "run.*" state (checked for type),
-    and its schedule's kind (also in checkpoints of gpuflow before 0.4, which had no "run.*")."""
-    state, saved = info["state"], {}
-    for name, kind in RUN_SETTINGS.items():
-        if f"run.{name}" not in state:
-            continue
-        value = state[f"run.{name}"]
-        ok = isinstance(value, kind) and not isinstance(value, bool) or (
-            kind is float and isinstance(value, int) and not isinstance(value, bool))
-        if ok and kind is list:
-            ok = all(isinstance(n, int) and not isinstance(n, bool) for n in value)
-        if not ok:
-            raise CheckpointError(f"checkpoint {path!r} has damaged run settings: run.{name} is "
-                                  f"{value!r:.40}, expected {kind.__name__}.\nhelp: pass "
-                                  f"--{name.replace('_', '-')} yourself, or resume from an "
-                                  "earlier checkpoint.")
-        saved[name] = tuple(value) if kind is list else value
-    for name in ("schedule", "data"):
-        if saved.get(name) == "":
-            saved[name] = None
-    if saved.get("clip") == 0.0:
-        saved["clip"] = None
-    schedule = info["meta"]["schedule"]
-    saved["schedule"] = (None if schedule is None
-                         else _SCHEDULE_NAMES.get(schedule["class"], schedule["class"]))
-    return saved
 
 
 def _flag(name: str, value: Any) -> str:
@@ -120,7 +82,7 @@ def resume_settings(opts: Any) -> str:
     which sets the rate), naming each with the fix."""
     path = opts.resume
     info = checkpoint.read_info(path)
-    saved = _saved_settings(path, info)
+    saved = saved_settings(path, info)
     given = opts.explicit()
     clashes, taken = [], []
     for name, value in saved.items():
@@ -216,8 +178,8 @@ def follow_epochs(name: str, schedule: Any, optimizer: Any, epochs: int,
 
 
 def model_state(sample_shape: tuple[int, ...], n_classes: int) -> dict[str, Any]:
-    """What build_model needs besides the run's settings, saved with them for `gpuflow export`:
-    {"run.sample_shape": [...], "run.classes": n}."""
+    """What models.build_model needs besides the run's settings, saved with them for `gpuflow
+    export`: {"run.sample_shape": [...], "run.classes": n}."""
     return {"run.sample_shape": [int(s) for s in sample_shape], "run.classes": int(n_classes)}
 
 
@@ -230,34 +192,3 @@ def checkpoint_state(batches: Any, losses: list[float], accuracies: list[float],
     return {"batches_epoch": order["epoch"], "batches_seed": order["seed"],
             "losses": np.asarray(losses, dtype=np.float64),
             "accuracies": np.asarray(accuracies, dtype=np.float64), **run_state(opts)}
-
-
-def build_model(opts: Any, sample_shape: tuple[int, ...], n_classes: int
-                ) -> tuple[Input, Input, Any, Any, str]:
-    """The one place the model is built: (X, y, logits, loss, description).
-
-    opts: the run's settings `model`, `hidden`, `dropout` and `seed` as attributes (a
-    cli.TrainOptions, or the settings a checkpoint saved: gpuflow.export rebuilds from those).
-
-    sample_shape: the shape of one sample, (n_features,) for the MLP, (1, H, W) for the CNN;
-    n_classes: the logits' width.
-    """
-    X_in, y_in = Input(name="X"), Input(name="y")
-    if opts.model == "cnn":
-        logits, _ = lenet(X_in, sample_shape, n_classes, hidden=opts.hidden[0],
-                          dropout=opts.dropout, batch_norm=True, seed=opts.seed,
-                          recompute=getattr(opts, "recompute", False))
-        arch = (f"LeNet-style CNN (conv 16-32 with BatchNorm, dense {opts.hidden[0]}, dropout "
-                f"{opts.dropout:g}; {'x'.join(str(s) for s in sample_shape)} images)")
-    else:
-        sizes = [int(sample_shape[0]), *opts.hidden, n_classes]
-        logits, _ = mlp(X_in, sizes, seed=opts.seed, dropout=opts.dropout,
-                        recompute=getattr(opts, "recompute", False))
-        arch = "-".join(str(s) for s in sizes) + " MLP"
-    # --recompute: each block is built inside gf.recompute (gpuflow/runtime/recomputation.py), by
-    # lenet's and mlp's recompute=True; a model added here (the GPT: each transformer block)
-    # does the same. It changes no number, so it is not a run setting (--resume may change it).
-    if getattr(opts, "recompute", False):
-        arch += ", each block recomputed in the backward pass"
-    loss = SoftmaxCrossEntropy(y_in, logits, name="loss")
-    return X_in, y_in, logits, loss, arch

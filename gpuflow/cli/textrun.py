@@ -24,14 +24,12 @@ from typing import Any
 
 from .. import checkpoint
 from ..accumulate import split_batch
-from .parser import CommandError
+from ..commandline import CommandError
 from ..data import SequenceBatches, load_text
 from ..errors import CheckpointError, DataError, GpuflowError, check_int
 from ..generate import generate
 from ..graph import Graph
-from ..layers import gpt
-from ..nodes.losses import SoftmaxCrossEntropy
-from ..nodes import Input
+from ..models import build_gpt
 from ..optim import clip_grad_norm, make_optimizer
 from ..runtime.placement import is_fastest
 from .runs import follow_epochs, make_schedule, run_state
@@ -100,20 +98,6 @@ def check(opts: Any) -> None:
                            "the device, e.g. --device cpu.")
 
 
-def build(opts: Any, vocab: int) -> tuple[Input, Input, Any, Any, str]:
-    """(ids, y, logits, loss, description) of the run's GPT over `vocab` characters
-    (gpuflow export rebuilds it from a checkpoint's settings)."""
-    ids, y = Input(name="ids"), Input(name="y")
-    recompute = bool(getattr(opts, "recompute", False))
-    logits, _ = gpt(ids, vocab, opts.context, opts.width, opts.layers, opts.heads,
-                    dropout=opts.dropout, rng=opts.seed, recompute=recompute)
-    arch = (f"GPT ({opts.layers} blocks, width {opts.width}, {opts.heads} heads, context "
-            f"{opts.context}, {vocab} characters"
-            + (f", dropout {opts.dropout:g}" if opts.dropout else "")
-            + (", each block recomputed in the backward pass" if recompute else "") + ")")
-    return ids, y, logits, SoftmaxCrossEntropy(y, logits, name="loss"), arch
-
-
 def held_out_loss(graph: Any, loss: Any, batches: SequenceBatches) -> float:
     """The mean loss over every position of the held-out tail, in nats per character."""
     total, count = 0.0, 0
@@ -148,7 +132,7 @@ def train_gpt(opts: Any, started: float, carried: str = "") -> dict[str, Any]:
     batches = SequenceBatches(text_ids, opts.context, per_step, seed=opts.seed,
                               held_out=HELD_OUT, drop_last=True)
     device = get_device(opts.device)
-    ids, y, logits, loss, arch = build(opts, len(vocabulary))
+    ids, y, logits, loss, arch = build_gpt(opts, len(vocabulary))
     graph = Graph(loss, device=device, dtype=opts.dtype, inputs=[ids, y], outputs=[logits],
                   check_finite=opts.check_finite)
     optimizer = make_optimizer(opts.optimizer, graph, opts.lr)

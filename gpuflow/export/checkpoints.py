@@ -18,7 +18,7 @@ def rebuild(path: str) -> tuple[Any, Any, tuple[int, ...], str]:
     sample is (context,) integer ids (any length up to it: the exported T is dynamic).
     CheckpointError for a checkpoint that does not say which model it holds."""
     from .. import checkpoint
-    from ..cli.runs import _saved_settings, build_model
+    from ..models import build_model, saved_settings
     from ..graph import Graph
 
     info = checkpoint.read_info(path)
@@ -29,7 +29,7 @@ def rebuild(path: str) -> tuple[Any, Any, tuple[int, ...], str]:
                               "by checkpoint.save directly).\nhelp: train it again with this "
                               "gpuflow's 'gpuflow train --save', or export the graph in Python "
                               "with gpuflow.export.to_onnx / to_python.")
-    saved = _saved_settings(path, info)
+    saved = saved_settings(path, info)
     dtype = "float64" if saved.get("dtype") == "float64" else "float32"
     if saved["model"] == "gpt":
         return _rebuild_gpt(path, state, saved, dtype)
@@ -48,7 +48,7 @@ def _rebuild_gpt(path: str, state: dict, saved: dict,
     """rebuild() for a checkpoint of `gpuflow train --model gpt`."""
     from .. import checkpoint
     from ..graph import Graph
-    from ..cli.textrun import build
+    from ..models import build_gpt
     names = ("layers", "width", "heads", "context")
     vocabulary = state.get("vocabulary")
     if not isinstance(vocabulary, str) or any(name not in saved for name in names):
@@ -58,7 +58,7 @@ def _rebuild_gpt(path: str, state: dict, saved: dict,
                               "--save'.")
     opts = types.SimpleNamespace(dropout=saved.get("dropout", 0.0), seed=saved.get("seed", 0),
                                  **{name: saved[name] for name in names})
-    ids, y, logits, loss, arch = build(opts, len(vocabulary))
+    ids, y, logits, loss, arch = build_gpt(opts, len(vocabulary))
     graph = Graph(loss, device="cpu", dtype=dtype, inputs=[ids, y], outputs=[logits])
     checkpoint.load(path, graph)
     return graph, logits, (opts.context,), arch

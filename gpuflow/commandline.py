@@ -1,6 +1,7 @@
 """The command line's shared pieces: the argument parser every `gpuflow` command uses and the
-one wording of its errors (`gpuflow train: error: <message>. help: <fix>`). Kept apart from
-cli.py so that `gpuflow bench` (gpuflow/bench/) uses them without importing the CLI."""
+one wording of its errors (`gpuflow train: error: <message>. help: <fix>`). A module below
+both gpuflow/cli/ and gpuflow/bench/, so that `gpuflow bench` (and `python -m gpuflow.bench`)
+parses its own options without importing the CLI, which imports the bench only to hand it argv."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import difflib
 import sys
 from typing import Any, NoReturn, Sequence
 
-from ..errors import GpuflowError
+from .errors import GpuflowError
 
 
 class CommandError(GpuflowError):
