@@ -76,6 +76,18 @@ def test_gpt_save_at_15_and_resume_to_30_equals_the_uninterrupted_run(tiny_text,
         assert np.array_equal(resumed["parameters"][name], value), name
 
 
+def test_resume_with_a_new_step_total_needs_no_model_option(tiny_text, tmp_path, capsys):
+    """textrun.py's own example, `gpuflow train --resume run.safetensors --steps 3000`: the
+    run's model comes from the checkpoint before its options are checked (--steps was refused
+    as "an option of --model gpt, not of --model mlp")."""
+    ckpt = tmp_path / "run.safetensors"
+    train({**OPTS, "data": tiny_text, "steps": 10, "eval_every": 10, "save": str(ckpt)})
+    assert main(["train", "--resume", str(ckpt), "--steps", "20", "--eval-every", "10",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt} at step 10" in out and "step    20/20" in out, out
+
+
 def test_gpt_recompute_gives_the_same_numbers_bit_for_bit(tiny_text):
     normal = train({**OPTS, "data": tiny_text, "steps": 20, "eval_every": 5})
     recomputed = train({**OPTS, "data": tiny_text, "steps": 20, "eval_every": 5,

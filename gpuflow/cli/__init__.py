@@ -43,7 +43,7 @@ from ..models import build_model  # noqa: F401 (gpuflow.cli.build_model, as test
 from ..optim import OPTIMIZERS, check_learning_rate
 from .classifier import held_out_accuracy, train_classifier  # noqa: F401 (held_out_accuracy)
 from .plot import require_matplotlib
-from .runs import SCHEDULES, resume_settings
+from .runs import SCHEDULES, resume_settings, resumed_model
 
 PROG = "gpuflow"
 OPTIMIZER_NAMES = tuple(OPTIMIZERS)   # the names make_optimizer takes
@@ -211,6 +211,7 @@ def train(options: "TrainOptions | Mapping[str, Any] | argparse.Namespace | None
     """
     opts = TrainOptions.from_any(options)
     opts.given = opts.explicit()  # before check() fills in defaults (--dropout)
+    resumed_model(opts)
     if opts.model == "gpt":
         textrun.take_defaults(opts)
     opts.check()

@@ -75,6 +75,14 @@ def _flag(name: str, value: Any) -> str:
     return f"--{name.replace('_', '-')} {shown}"
 
 
+def resumed_model(opts: Any) -> None:
+    """--resume without --model: the checkpoint's run's model, before the options are checked
+    (a GPT run's --steps is an option of --model gpt only)."""
+    if opts.resume is not None and "model" not in opts.given:
+        opts.model = saved_settings(opts.resume, checkpoint.read_info(opts.resume)).get(
+            "model", opts.model)
+
+
 def resume_settings(opts: Any) -> str:
     """Take the settings of the run that wrote `opts.resume` for those the user did not give;
     returns the line that says which ('' if none). CheckpointError for a given setting that
