@@ -79,6 +79,15 @@ def test_bench_split_threads_are_set_reported_and_checked(tmp_path, capsys):
     assert "--split-threads must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--rounds", "0"], ["--rounds", "-1"],
+                                    ["--min-time", "-1"]])
+def test_bench_refuses_rounds_below_one_before_running(option, capsys):
+    # Regression: --rounds 0 read as "not given" (args.rounds or 7) ran the full benchmark.
+    assert bench.main(["--quick", "--workloads", "W1", *option]) == 2
+    err = capsys.readouterr().err
+    assert "must be >= 1" in err and "help:" in err, err
+
+
 def test_bench_refuses_gpu_only_workload_on_cpu(capsys):
     assert bench.main(["--quick", "--workloads", "W4"]) == 2
     assert "only on GPU" in capsys.readouterr().err

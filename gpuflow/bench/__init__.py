@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """`gpuflow bench`: run the benchmark, print the tables; 0 if every loss cross-check passed,
     1 on a mismatch, 2 on a usage error."""
     args = _parser().parse_args(argv)
-    rounds = args.rounds or (2 if args.quick else 7)
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 7)
     min_time = args.min_time if args.min_time is not None else (0.0 if args.quick else 0.2)
     warmup = 1 if args.quick else 3
     if rounds < 1 or min_time < 0:
