@@ -3,7 +3,7 @@ the same batches in the same order, the same optimizer, schedule and clipping.
 
     python benchmarks/gpt_vs_torch.py [--steps 1000] [--eval-every 100] [--threads 1]
 
-gpuflow's side is the CLI's run, built by gpuflow/cli/textrun.py's own functions (its defaults:
+gpuflow's side is the CLI's run, built by gpuflow/models.py and cli/textrun.py (their defaults:
 2 blocks, width 128, 4 heads, context 64, float32, AdamW lr 3e-3, WarmupCosineLR stepped per
 step with a warm-up over the first tenth, global gradient norm clipped at 1.0, batch 32, the
 last tenth of the bundled corpus held out). PyTorch's side is gpuflow.bench's TorchGPT (an
@@ -11,10 +11,12 @@ nn.Module equal to gf.layers.gpt) loaded with gpuflow's initial weights through
 export_weights, trained with torch.optim.AdamW (the same betas, eps, weight decay 0.01),
 SequentialLR(LinearLR, CosineAnnealingLR) (equal to WarmupCosineLR, tests/test_schedules.py)
 and clip_grad_norm_(1.0). The steps alternate, one gpuflow step then one torch step on the
-same batch, so the machine's load falls on both alike. Fairness: both sides get the same
-thread count, --threads (default 1, gpuflow's own default; torch.set_num_threads and
-gf.set_num_threads). Every --eval-every steps it prints both held-out losses (nats/char, the
-same held-out windows) and each side's training time so far (held-out evaluation excluded).
+same batch, so the machine's load falls on both alike. Fairness: both sides get the same thread
+count, --threads (default 1): NumPy's OpenBLAS threads and torch.set_num_threads (an OpenBLAS
+left at all cores while torch gets one thread would not be the same run, and on a loaded
+machine its spinning threads slow gpuflow's products). Every --eval-every steps it prints both
+held-out losses (nats/char, the same held-out windows) and each side's training time so far
+(held-out evaluation excluded).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 import gpuflow as gf  # noqa: E402
 from gpuflow.bench.floor_torch import TorchGPT  # noqa: E402
+from gpuflow.bench.machine import set_threads  # noqa: E402
 from gpuflow.bench.workloads import GPTWorkload  # noqa: E402
 from gpuflow.checkpoint import export_weights  # noqa: E402
 from gpuflow.cli import TrainOptions, textrun  # noqa: E402
@@ -100,7 +103,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1,
-                        help="threads of each side (torch.set_num_threads, gf.set_num_threads)")
+                        help="threads of each side: NumPy's OpenBLAS and torch.set_num_threads "
+                             "(gpuflow's own split threads stay at 1, the CLI's default)")
     parser.add_argument("--device", default="cpu", choices=["cpu"],
                         help="gpuflow's device (torch runs on the CPU)")
     args = parser.parse_args()
@@ -109,8 +113,7 @@ def main() -> None:
     opts.given = opts.explicit()
     textrun.take_defaults(opts)
     opts.check()
-    torch.set_num_threads(args.threads)
-    gf.set_num_threads(args.threads)
+    set_threads(args.threads)  # NumPy's OpenBLAS and torch alike
 
     text_ids, vocabulary = load_text("python-docs")
     batches = SequenceBatches(text_ids, opts.context, opts.batch_size, seed=opts.seed,
