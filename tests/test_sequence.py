@@ -66,6 +66,10 @@ CASES = {
                             [np.array([2, 2, 2])], lambda W, ids: F.embedding(ids, W)),
     "MatMul-2d": (gf.MatMul, [_normal(3, 4), _normal(4, 2)], [], torch.matmul),
     "MatMul-broadcast": (gf.MatMul, [_normal(2, 1, 3, 4), _normal(3, 4, 5)], [], torch.matmul),
+    "MatMul-rows-2d-weight": (gf.MatMul, [_normal(2, 3, 4), _normal(4, 5)], [], torch.matmul),
+    "MatMul-rows-transposed": (lambda a, b: gf.MatMul(gf.Transpose(a, (1, 0, 2)), b),
+                               [_normal(3, 2, 4), _normal(4, 5)], [],
+                               lambda a, b: torch.matmul(a.permute(1, 0, 2), b)),
     "MatMul-vector-left": (gf.MatMul, [_normal(4), _normal(2, 4, 3)], [], torch.matmul),
     "MatMul-vector-right": (gf.MatMul, [_normal(2, 3, 4), _normal(4)], [], torch.matmul),
     "MatMul-same-input": (lambda x: gf.MatMul(x, x), [_normal(3, 3)], [],
@@ -188,7 +192,7 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 
 
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
-FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "BiasAdd", "Scale",
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "MatMul-rows-transposed", "Mul-broadcast-both", "BiasAdd", "Scale",
                  "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
                  "SDPA-causal", "SDPA-mask-broadcast", "LSTM", "Linear-3d", "SCE-3d-ignore"]
 
@@ -211,6 +215,25 @@ def test_float32_through_a_graph(name, device):
     for inp, want in zip(float_inputs, grads):
         np.testing.assert_allclose(host(device, inp.gradients[inp]), want, rtol=1e-4,
                                    atol=1e-5, err_msg=f"{name}: d/d {inp.label}")
+
+
+def test_matmul_with_a_2d_weight_multiplies_rows_as_one_matrix(device, monkeypatch):
+    """a (N, T, k) @ b (k, m), as attention's projections: each product one 2-D matmul over
+    the N*T rows (as Linear's N-D path and torch.matmul), b's gradient included: no batched
+    (N, k, m) product summed over the batch afterwards."""
+    a, b, R = gf.Input(name="a"), gf.Input(name="b"), gf.Input(name="R")
+    node = gf.MatMul(a, b)
+    feed = {a: _normal(2, 3, 4), b: _normal(4, 5), R: _normal(2, 3, 5)}
+    graph = gf.Graph(Project(node, R), device=device, dtype="float64", inputs=[R],
+                     parameters=[a, b])
+    graph.step(feed)  # bound: node.ops is the device's
+    shapes, matmul = [], node.ops.matmul
+    monkeypatch.setattr(node.ops, "matmul", lambda x1, x2, out=None: shapes.append(
+        (tuple(x1.shape), tuple(x2.shape))) or matmul(x1, x2, out=out))
+    graph.step(feed)
+    assert sorted(shapes) == sorted([((6, 4), (4, 5)), ((6, 5), (5, 4)), ((4, 6), (6, 5))])
+    want = torch.tensor(feed[a]).reshape(6, 4).T @ torch.tensor(feed[R]).reshape(6, 5)
+    np.testing.assert_allclose(host(device, b.gradients[b]), want.numpy(), rtol=1e-12)
 
 
 def test_embedding_repeated_ids_add_up(device):

@@ -136,15 +136,34 @@ class MatMul(Node):
         shape = batch + _shape(a)[-2:-1] + (_shape(b)[-1:] if b.ndim > 1 else ())
         return a2, b2, batch, shape
 
+    def _rows(self, x: Any, name: str) -> Any:
+        """x (..., k) as one (rows, k) matrix: a view where x's strides allow one, else x
+        copied into the kept buffer `name`."""
+        shape = (-1, x.shape[-1])
+        into = self.ops.reshape_into
+        if into is None:
+            return self.xp.reshape(x, shape)
+        shape = (math.prod(x.shape[:-1]), x.shape[-1])
+        return into(x, shape, self.buffers[name, shape, x.dtype])
+
     def forward(self) -> None:
         a, b = (n.value for n in self.inbound_nodes)
         shape = self._matrices(a, b)[3]
+        if a.ndim > 2 and b.ndim == 2:  # (..., k) @ (k, m): one (rows, k) @ (k, m) product
+            rows = self._rows(a, "a_rows")
+            value = self.ops.matmul(rows, b, out=self.buffers["value", (rows.shape[0],
+                                                                        b.shape[1]), a.dtype])
+            self.value = self.xp.reshape(value, shape)
+            return
         self.value = self.ops.matmul(a, b, out=self.buffers["value", shape, a.dtype])
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         xp, ops = self.xp, self.ops
         a, b = (n.value for n in self.inbound_nodes)
+        if a.ndim > 2 and b.ndim == 2:
+            self._rows_backward(G, a, b)
+            return
         a2, b2, batch, _ = self._matrices(a, b)
         G2 = xp.reshape(G, batch + (a2.shape[-2], b2.shape[-1]))
         need_a, need_b = self.needs_grad
@@ -158,6 +177,24 @@ class MatMul(Node):
                             out=self.buffers["db", _shape(G2)[:-2] + (a2.shape[-1],
                                                                       G2.shape[-1]), G.dtype])
             db = xp.reshape(_unbroadcast(self, db, _shape(b2), "db_sum"), _shape(b))
+        _send(self, (da, db))
+
+    def _rows_backward(self, G: Any, a: Any, b: Any) -> None:
+        """The gradients of a (..., k) @ b (k, m) as 2-D products over a's rows (as Linear's
+        N-D path, and torch.matmul): da = G b^T, and db = a^T G summed over every leading
+        axis by the one (k, rows) @ (rows, m) product, into its kept buffer."""
+        xp, ops, buffers = self.xp, self.ops, self.buffers
+        need_a, need_b = self.needs_grad
+        G2 = self._rows(G, "G_rows")
+        da = db = None
+        if need_a:
+            da = ops.matmul(G2, xp.matrix_transpose(b),
+                            out=buffers["da", (G2.shape[0], b.shape[0]), G.dtype])
+            da = xp.reshape(da, _shape(a))
+        if need_b:
+            rows = self._rows(a, "a_rows")  # the forward's copy, where it made one
+            db = ops.matmul(xp.matrix_transpose(rows), G2, out=buffers["db", _shape(b),
+                                                                        G.dtype])
         _send(self, (da, db))
 
 
