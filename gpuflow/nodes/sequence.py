@@ -433,7 +433,8 @@ class GELU(Node):
     `approximate="none"` as 0.5 (1 + erf(x / sqrt 2)) (the device's erf, `ops.erf`),
     "tanh" as 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). torch's formulas, value and
     gradient: 1 + erf and 1 + tanh cancel in the far negative tail, here as in torch (an error
-    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x)."""
+    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x). Where the
+    device's ops have `gelu` / `gelu_backward` (torch), that one kernel runs instead."""
 
     def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
         Node.__init__(self, [x], name=name)
@@ -446,6 +447,9 @@ class GELU(Node):
         x = self.inbound_nodes[0].value
         ops, buffers, shape, dtype = self.ops, self.buffers, _shape(x), x.dtype
         value = buffers["value", shape, dtype]  # scratch until the last line
+        if ops.gelu is not None:  # the library's one kernel (torch's gelu)
+            self.value = ops.gelu(x, self.approximate, out=value)
+            return
         cdf = buffers["cdf", shape, dtype]
         if self.approximate == "none":
             z = ops.multiply(x, _SQRT1_2, out=value)
@@ -465,6 +469,10 @@ class GELU(Node):
         x, ops, buffers = self.inbound_nodes[0].value, self.ops, self.buffers
         shape, dtype = _shape(x), x.dtype
         slope = buffers["grad", shape, dtype]
+        if ops.gelu_backward is not None:  # the library's one kernel (torch's gelu_backward)
+            self.gradients[self.inbound_nodes[0]] = _flush_subnormals(
+                self, ops.gelu_backward(G, x, self.approximate, out=slope), "flush")
+            return
         if self.approximate == "none":  # Phi(x) + x phi(x); exp underflows to 0 in the tails
             density = ops.multiply(ops.multiply(x, x, out=slope), -0.5, out=slope)
             density = ops.multiply(ops.exp(density, out=density), _INV_SQRT_2PI, out=density)
@@ -508,7 +516,9 @@ class ScaledDotProductAttention(Node):
     is_causal, aligned at the top left when T_q != T_k). mask: a boolean array broadcasting to
     (T_q, T_k) or (N, H, T_q, T_k), True where attention is allowed, False where blocked (not
     with causal). A row with every position blocked gives 0, as torch does. The softmax
-    subtracts each row's maximum (no overflow); the backward runs inside the node.
+    subtracts each row's maximum (no overflow); the backward runs inside the node. Where the
+    device's ops have `softmax` / `softmax_backward` (torch), those kernels run, without a
+    mask (causal or none: no row is blocked everywhere).
     """
 
     def __init__(self, q: Node, k: Node, v: Node, *, causal: bool = False, mask: Any = None,
@@ -580,6 +590,13 @@ class ScaledDotProductAttention(Node):
         allowed = self._allowed(shape)
         if allowed is not None:  # where(allowed, scores, -inf), as scores + (0 or -inf)
             scores = ops.add(scores, self._blocking(allowed, dtype), out=scores)
+        if ops.softmax is not None and self.mask is None:  # the library's softmax kernel (no
+            # row is blocked everywhere, where it would give NaN, not 0)
+            p = ops.softmax(scores, out=buffers["p_fused", shape, dtype])
+            self.p = _flush_subnormals(self, p, "flush")
+            self.value = ops.matmul(self.p, v, out=buffers["value", shape[:-1] + v.shape[-1:],
+                                                           dtype])
+            return
         top = ops.max(scores, axis=-1, keepdims=True, out=buffers["top", shape[:-1] + (1,),
                                                                   dtype])
         if allowed is not None:  # a row blocked everywhere: top -inf taken as the lowest
@@ -615,9 +632,13 @@ class ScaledDotProductAttention(Node):
         if need_q or need_k:
             dp = ops.matmul(G, xp.matrix_transpose(v), out=buffers["ds", _shape(p), dtype])
             # softmax': ds = p (dp - sum(dp p)) scale
-            rows = ops.sum(ops.multiply(dp, p, out=buffers["work", _shape(p), dtype]), axis=-1,
-                           keepdims=True, out=buffers["rows", batch + (p.shape[-2], 1), dtype])
-            ds = ops.multiply(p, ops.subtract(dp, rows, out=dp), out=dp)
+            if ops.softmax_backward is not None and self.mask is None:
+                ds = ops.softmax_backward(dp, p, out=buffers["work", _shape(p), dtype])
+            else:
+                rows = ops.sum(ops.multiply(dp, p, out=buffers["work", _shape(p), dtype]),
+                               axis=-1, keepdims=True,
+                               out=buffers["rows", batch + (p.shape[-2], 1), dtype])
+                ds = ops.multiply(p, ops.subtract(dp, rows, out=dp), out=dp)
             ds = _flush_subnormals(self, ops.multiply(ds, self.scale, out=ds), "flush")
             if need_q:
                 dq = ops.matmul(ds, k, out=buffers["dq", batch + _shape(q)[-2:], dtype])
