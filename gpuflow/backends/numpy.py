@@ -259,6 +259,14 @@ class NumpyOps(UfuncOps):
         numpy.copyto(out.reshape(x.shape), x)  # out is C-contiguous: a view of it
         return out
 
+    def flush_subnormals(self, a: Any, largest: float, work: Any = None) -> Any:
+        """a's entries with |a| <= largest set to 0 in place, in three passes (|a|, the 0/1
+        mask |a| > largest, a times it; NaN * 0 is NaN): the portable route makes |a| in two."""
+        work = numpy.empty_like(a) if work is None else work
+        numpy.absolute(a, out=work)
+        self._greater(work, largest, out=work)
+        return self.multiply(a, work, out=a)
+
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
         out = numpy.zeros((rows, values.shape[1]), values.dtype) if out is None else out
         out.fill(0)

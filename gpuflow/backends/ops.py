@@ -51,7 +51,7 @@ class Ops:
     OPTIONAL = ("matmul_add", "subtract_scaled", "stack", "col2im", "conv2d", "conv2d_backward",
                 "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
                 "reshape_into", "gelu", "gelu_backward", "layer_norm", "layer_norm_backward",
-                "softmax", "softmax_backward")
+                "softmax", "softmax_backward", "flush_subnormals")
     matmul_add: Callable[..., Any] | None = None
     """(x1, x2, x3, out=None) -> x1 @ x2 + x3 in one kernel (gpuflow.Linear; torch's addmm)."""
     subtract_scaled: Callable[..., Any] | None = None
@@ -88,6 +88,9 @@ class Ops:
     """(x, out=None) -> exp(x - max) / sum(exp(x - max)) over the last axis (torch's softmax)."""
     softmax_backward: Callable[..., Any] | None = None
     """(G, p, out=None) -> p (G - sum(G p)) over the last axis, p the softmax's value."""
+    flush_subnormals: Callable[..., Any] | None = None
+    """(a, largest, work) -> a with its entries |a| <= largest set to 0 in place, NaN kept
+    (`work`: scratch of a's shape and dtype, or None; gpuflow.nodes.shapes._flush_subnormals)."""
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp

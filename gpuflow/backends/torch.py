@@ -137,6 +137,11 @@ class TorchOps(UfuncOps):
             return self._aten._softmax_backward_data(G, p, -1, p.dtype)
         return self._aten._softmax_backward_data.out(G, p, -1, p.dtype, grad_input=out)
 
+    def flush_subnormals(self, a: Any, largest: float, work: Any = None) -> Any:
+        """a's entries with |a| <= largest set to 0 in one pass: torch's hardshrink (x where
+        |x| > lambd, else 0; NaN kept), written back into a."""
+        return self._aten.hardshrink.out(a, largest, out=a)
+
     # gpuflow.MaxPool2D / AvgPool2D by torch's own kernels, as torch's autograd calls them
     # (padding 0, dilation 1, floor mode).
     def max_pool2d(self, x: Any, size: tuple, stride: tuple) -> tuple:
