@@ -279,6 +279,82 @@ def test_gelu_and_silu_tails_equal_torch_without_nan_or_warning(device, dtype, k
     np.testing.assert_allclose(grad, x.grad.numpy(), rtol=rtol, atol=atol)
 
 
+FUSED_ROUTES = ("gelu", "gelu_backward", "layer_norm", "layer_norm_backward", "softmax",
+                "softmax_backward")
+
+
+def _fused_case(kind, device, dtype, monkeypatch, fused):
+    """(value, gradients) of one GELU / LayerNorm / causal attention step in `dtype`, with the
+    device's fused routes or (fused=False) with them set to None: the portable code."""
+    with monkeypatch.context() as patch:
+        if not fused:
+            for name in FUSED_ROUTES:
+                patch.setattr(device.ops, name, None)
+        rng = np.random.default_rng(5)
+        if kind == "attention":
+            shapes = [(2, 3, 5, 4)] * 3
+            inputs = [gf.Input(name=n) for n in "qkv"]
+            node = gf.ScaledDotProductAttention(*inputs, causal=True)
+        elif kind == "layer_norm":
+            shapes = [(2, 5, 6), (6,), (6,)]
+            inputs = [gf.Input(name=n) for n in ("x", "gamma", "beta")]
+            node = gf.LayerNorm(*inputs)
+        else:
+            shapes, inputs = [(3, 7)], [gf.Input(name="x")]
+            node = gf.GELU(inputs[0], approximate=kind)
+        feed = {n: rng.normal(size=s) * 3.0 for n, s in zip(inputs, shapes)}
+        R = gf.Input(name="R")
+        Project(node, R)  # MiniFlow's surface: no loss scaling in float16
+        feed[R] = rng.normal(size=(2, 3, 5, 4) if kind == "attention" else shapes[0])
+        gf.forward_and_backward(gf.topological_sort(feed, device=device, dtype=dtype))
+        return ([host(device, node.value).astype(np.float64)] +
+                [host(device, n.gradients[n]).astype(np.float64) for n in inputs])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["none", "tanh", "layer_norm", "attention"])
+def test_torch_fused_routes_equal_the_portable_code(device, dtype, kind, monkeypatch):
+    """On torch devices GELU, LayerNorm and the attention's softmax run torch's own kernels
+    (gelu, native_layer_norm, _softmax and their backward functions: one pass each where the
+    portable code makes several); value and every gradient equal the portable code's, in
+    every floating dtype (float16/bfloat16: torch computes inside in float32 and rounds once,
+    the portable code rounds at each step)."""
+    if device.backend != "torch":
+        pytest.skip(f"{device.name}: no fused routes (the portable code runs)")
+    assert all(getattr(device.ops, name) is not None for name in FUSED_ROUTES)
+    fused = _fused_case(kind, device, dtype, monkeypatch, True)
+    portable = _fused_case(kind, device, dtype, monkeypatch, False)
+    rtol, atol = {"float64": (1e-12, 1e-13), "float32": (2e-5, 2e-6), "float16": (1e-2, 1e-2),
+                  "bfloat16": (5e-2, 5e-2)}[dtype]  # atol: of the array's largest entry
+    for got, want in zip(fused, portable):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * np.abs(want).max())
+
+
+def test_the_subnormal_flush_route_equals_the_portable_one(device, monkeypatch):
+    """`ops.flush_subnormals` (torch: hardshrink, one pass; NumPy: three passes) sets exactly
+    the float32 subnormals to 0 and keeps NaN, inf and every normal number, as the four
+    portable passes do."""
+    from gpuflow.nodes.shapes import _flush_subnormals
+    if device.backend not in ("numpy", "torch"):
+        pytest.skip(f"{device.name}: the portable flush runs")
+    assert device.ops.flush_subnormals is not None
+    tiny = float(np.finfo(np.float32).smallest_normal)
+    values = np.array([np.nan, np.inf, -np.inf, tiny, -tiny, tiny * (1 - 2**-23),
+                       -tiny * (1 - 2**-23), 1e-40, -1e-45, 0.0, -3.0, 1e-30], np.float32)
+    X = gf.Input()
+    node = gf.Scale(X, 1.0)
+    gf.topological_sort({X: values}, device=device, dtype="float32")
+    results = []
+    for route in (device.ops.flush_subnormals, None):
+        with monkeypatch.context() as patch:
+            patch.setattr(device.ops, "flush_subnormals", route)
+            results.append(host(device, _flush_subnormals(node, device.put(values.copy()),
+                                                          "flush")))
+    expected = np.where(np.abs(values) < tiny, 0.0, values).astype(np.float32)
+    for got in results:
+        np.testing.assert_array_equal(got, expected)
+
+
 def _subnormals(device, array):
     a = np.abs(host(device, array))
     return int(((0 < a) & (a < np.finfo(a.dtype).smallest_normal)).sum())
