@@ -217,6 +217,32 @@ def test_float32_through_a_graph(name, device):
                                    atol=1e-5, err_msg=f"{name}: d/d {inp.label}")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scatter_add_rows_adds_repeated_ids_and_keeps_non_finite_rows_apart(device, dtype):
+    """Embedding's backward (`ops.scatter_add_rows`; NumPy: one onehot^T @ values product
+    for a small table, np.add.at otherwise) equals np.add.at; on NumPy and torch an inf or
+    NaN stays in its own row (the product would spread 0 inf = NaN: NumPy falls back)."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 7, 50)
+    ids[:3] = 2  # repeated ids
+    values = rng.normal(size=(50, 4)).astype(dtype)
+    want = np.zeros((9, 4), dtype)
+    np.add.at(want, ids, values)
+    put = lambda a: device.put(a, dtype=device.dtype(dtype) if a.dtype.kind == "f" else None)
+    got = device.ops.scatter_add_rows(device.put(ids), put(values), 9,
+                                      out=device.new_buffer((9, 4), device.dtype(dtype))
+                                      if device.mutable_arrays else None)
+    np.testing.assert_allclose(host(device, got), want, rtol=1e-5 if dtype == "float32" else
+                               1e-12, atol=1e-6)
+    if device.backend in ("numpy", "torch"):
+        values[ids == 2] = np.inf
+        values[ids == 5, 1] = np.nan
+        got = host(device, device.ops.scatter_add_rows(device.put(ids), put(values), 9))
+        assert np.isinf(got[2]).all() and np.isnan(got[5, 1])
+        others = [r for r in range(9) if r not in (2, 5)]
+        assert np.isfinite(got[others]).all() and (got[[7, 8]] == 0).all()
+
+
 def test_matmul_with_a_2d_weight_multiplies_rows_as_one_matrix(device, monkeypatch):
     """a (N, T, k) @ b (k, m), as attention's projections: each product one 2-D matmul over
     the N*T rows (as Linear's N-D path and torch.matmul), b's gradient included: no batched
