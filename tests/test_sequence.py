@@ -192,8 +192,9 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 
 
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
-FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "MatMul-rows-transposed", "Mul-broadcast-both", "BiasAdd", "Scale",
-                 "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "MatMul-rows-transposed", "Mul-broadcast-both",
+                 "BiasAdd", "Scale", "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU",
+                 "GELU-tanh", "SiLU",
                  "SDPA-causal", "SDPA-mask-broadcast", "LSTM", "Linear-3d", "SCE-3d-ignore"]
 
 
