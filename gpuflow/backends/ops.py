@@ -50,7 +50,8 @@ class Ops:
     # Optional routes: None (the portable route runs) unless a backend defines one.
     OPTIONAL = ("matmul_add", "subtract_scaled", "stack", "col2im", "conv2d", "conv2d_backward",
                 "max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward",
-                "reshape_into")
+                "reshape_into", "gelu", "gelu_backward", "layer_norm", "layer_norm_backward",
+                "softmax", "softmax_backward", "flush_subnormals")
     matmul_add: Callable[..., Any] | None = None
     """(x1, x2, x3, out=None) -> x1 @ x2 + x3 in one kernel (gpuflow.Linear; torch's addmm)."""
     subtract_scaled: Callable[..., Any] | None = None
@@ -74,6 +75,22 @@ class Ops:
     reshape_into: Callable[..., Any] | None = None
     """(x, shape, out) -> xp.reshape(x, shape): a view where x's strides allow one, else x
     copied into `out` (of `shape`: a head merge after a Transpose; gpuflow.Reshape)."""
+    gelu: Callable[..., Any] | None = None
+    """(x, approximate, out=None) -> gpuflow.GELU's value in one kernel (torch's gelu)."""
+    gelu_backward: Callable[..., Any] | None = None
+    """(G, x, approximate, out=None) -> G times GELU's slope at x (torch's gelu_backward)."""
+    layer_norm: Callable[..., Any] | None = None
+    """(x, gamma, beta, eps, out=None) -> (value, mean, rstd) of gpuflow.LayerNorm over the last
+    axis, `out` None or such a triple (torch's native_layer_norm; float32 and float64)."""
+    layer_norm_backward: Callable[..., Any] | None = None
+    """(G, x, mean, rstd, gamma, need) -> (dx, dgamma, dbeta), None where `need` says no."""
+    softmax: Callable[..., Any] | None = None
+    """(x, out=None) -> exp(x - max) / sum(exp(x - max)) over the last axis (torch's softmax)."""
+    softmax_backward: Callable[..., Any] | None = None
+    """(G, p, out=None) -> p (G - sum(G p)) over the last axis, p the softmax's value."""
+    flush_subnormals: Callable[..., Any] | None = None
+    """(a, largest, work) -> a with its entries |a| <= largest set to 0 in place, NaN kept
+    (`work`: scratch of a's shape and dtype, or None; gpuflow.nodes.shapes._flush_subnormals)."""
 
     def __init__(self, xp: Any) -> None:
         self.xp = xp

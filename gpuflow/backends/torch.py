@@ -99,6 +99,49 @@ class TorchOps(UfuncOps):
         where multiply-then-subtract has two (so within an ulp of that route)."""
         return x.sub_(y, alpha=alpha)
 
+    # gpuflow.GELU, LayerNorm and the attention's softmax by torch's own kernels, the ones its
+    # autograd runs (one pass where the portable route makes several; every floating dtype).
+    def gelu(self, x: Any, approximate: str, out: Any = None) -> Any:
+        if out is None:
+            return self._aten.gelu(x, approximate=approximate)
+        return self._aten.gelu.out(x, approximate=approximate, out=out)
+
+    def gelu_backward(self, G: Any, x: Any, approximate: str, out: Any = None) -> Any:
+        if out is None:
+            return self._aten.gelu_backward(G, x, approximate=approximate)
+        return self._aten.gelu_backward.grad_input(G, x, approximate=approximate,
+                                                   grad_input=out)
+
+    def layer_norm(self, x: Any, gamma: Any, beta: Any, eps: float, out: Any = None) -> tuple:
+        shape = [x.shape[-1]]
+        if out is None:
+            return self._aten.native_layer_norm(x, shape, gamma, beta, eps)
+        value, mean, rstd = out
+        return self._aten.native_layer_norm.out(x, shape, gamma, beta, eps, out0=value,
+                                                out1=mean, out2=rstd)
+
+    def layer_norm_backward(self, G: Any, x: Any, mean: Any, rstd: Any, gamma: Any,
+                            need: tuple) -> tuple:
+        dx, dgamma, dbeta = self._aten.native_layer_norm_backward(
+            G, x, [x.shape[-1]], mean, rstd, gamma, gamma, list(need))  # bias: its shape
+        return (dx if need[0] else None, dgamma if need[1] else None,
+                dbeta if need[2] else None)
+
+    def softmax(self, x: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._aten._softmax(x, -1, False)
+        return self._aten._softmax.out(x, -1, False, out=out)
+
+    def softmax_backward(self, G: Any, p: Any, out: Any = None) -> Any:
+        if out is None:
+            return self._aten._softmax_backward_data(G, p, -1, p.dtype)
+        return self._aten._softmax_backward_data.out(G, p, -1, p.dtype, grad_input=out)
+
+    def flush_subnormals(self, a: Any, largest: float, work: Any = None) -> Any:
+        """a's entries with |a| <= largest set to 0 in one pass: torch's hardshrink (x where
+        |x| > lambd, else 0; NaN kept), written back into a."""
+        return self._aten.hardshrink.out(a, largest, out=a)
+
     # gpuflow.MaxPool2D / AvgPool2D by torch's own kernels, as torch's autograd calls them
     # (padding 0, dilation 1, floor mode).
     def max_pool2d(self, x: Any, size: tuple, stride: tuple) -> tuple:

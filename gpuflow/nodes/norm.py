@@ -295,6 +295,7 @@ class LayerNorm(Node):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0.0:
             raise GraphError(f"{self.label}: eps={eps!r} must be > 0.\nhelp: use eps=1e-5.")
         self.eps = float(eps)
+        self._fused: Any = None  # (x, mean, rstd) where the library's kernel ran forward
 
     def forward(self) -> None:
         X, gamma, beta = self.inbound_nodes
@@ -309,10 +310,20 @@ class LayerNorm(Node):
             self.value = xp.astype(value, x.dtype)
 
     def _normalise(self, x: Any, gamma: Any, beta: Any) -> Any:
-        """The forward pass with x, gamma and beta all in one dtype; returns the value."""
+        """The forward pass with x, gamma and beta all in one dtype; returns the value. Where
+        the device's ops have `layer_norm` (torch's native_layer_norm), that one kernel runs,
+        and `layer_norm_backward` in the backward pass."""
         ops, buffers, dtype = self.ops, self.buffers, x.dtype
         scale = 1.0 / x.shape[-1]  # sums times 1/D: means in one reduction each
         rows = tuple(x.shape[:-1]) + (1,)
+        self._fused = None
+        if ops.layer_norm is not None:
+            out = (buffers["value", tuple(x.shape), dtype], buffers["mean", rows, dtype],
+                   buffers["inv_std", rows, dtype])
+            value, mean, rstd = ops.layer_norm(x, gamma, beta, self.eps,
+                                               out=None if any(o is None for o in out) else out)
+            self._fused = (x, mean, rstd)
+            return value
         mean = ops.sum(x, axis=-1, keepdims=True, out=buffers["mean", rows, dtype])
         mean = ops.multiply(mean, scale, out=mean)
         centred = ops.subtract(x, mean, out=buffers["xhat", tuple(x.shape), dtype])
@@ -329,6 +340,10 @@ class LayerNorm(Node):
 
     def _gradients(self, G: Any, gamma: Any) -> list[Any]:
         """[dx, dgamma, dbeta] (None where not needed) with G, gamma and xhat in one dtype."""
+        if self._fused is not None:
+            x, mean, rstd = self._fused
+            return list(self.ops.layer_norm_backward(G, x, mean, rstd, gamma,
+                                                     tuple(self.needs_grad)))
         ops, buffers, xhat = self.ops, self.buffers, self.xhat
         shape, dtype = tuple(xhat.shape), G.dtype
         rows, batch_axes = shape[:-1] + (1,), tuple(range(xhat.ndim - 1))

@@ -1,6 +1,6 @@
 """Sequence nodes, layouts and numbers as PyTorch's: Embedding, MatMul, Mul, BiasAdd, Scale,
-Reshape, Transpose, Concat, Slice, GELU, SiLU and ScaledDotProductAttention (the LSTM:
-gpuflow/recurrent.py).
+Reshape, Transpose, Concat, Slice, GELU, SiLU and ScaledDotProductAttention (in
+gpuflow/nodes/attention.py, exported here too; the LSTM: gpuflow/nodes/recurrent.py).
 
 Where an operation broadcasts (MatMul over leading dimensions, Mul both ways, the attention's
 batch dimensions), each input's gradient is summed back to that input's shape, as autograd
@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from ..errors import GraphError
 from .core import Input, Node
+from .attention import ScaledDotProductAttention  # noqa: F401 - gpuflow/nodes/attention.py
 from .shapes import (_axis, _between_zeros, _broadcast, _flush_subnormals,  # noqa: F401
                      _send, _shape, _unbroadcast)
 
@@ -136,15 +137,34 @@ class MatMul(Node):
         shape = batch + _shape(a)[-2:-1] + (_shape(b)[-1:] if b.ndim > 1 else ())
         return a2, b2, batch, shape
 
+    def _rows(self, x: Any, name: str) -> Any:
+        """x (..., k) as one (rows, k) matrix: a view where x's strides allow one, else x
+        copied into the kept buffer `name`."""
+        shape = (-1, x.shape[-1])
+        into = self.ops.reshape_into
+        if into is None:
+            return self.xp.reshape(x, shape)
+        shape = (math.prod(x.shape[:-1]), x.shape[-1])
+        return into(x, shape, self.buffers[name, shape, x.dtype])
+
     def forward(self) -> None:
         a, b = (n.value for n in self.inbound_nodes)
         shape = self._matrices(a, b)[3]
+        if a.ndim > 2 and b.ndim == 2:  # (..., k) @ (k, m): one (rows, k) @ (k, m) product
+            rows = self._rows(a, "a_rows")
+            value = self.ops.matmul(rows, b, out=self.buffers["value", (rows.shape[0],
+                                                                        b.shape[1]), a.dtype])
+            self.value = self.xp.reshape(value, shape)
+            return
         self.value = self.ops.matmul(a, b, out=self.buffers["value", shape, a.dtype])
 
     def backward(self) -> None:
         G = self.upstream_gradient()
         xp, ops = self.xp, self.ops
         a, b = (n.value for n in self.inbound_nodes)
+        if a.ndim > 2 and b.ndim == 2:
+            self._rows_backward(G, a, b)
+            return
         a2, b2, batch, _ = self._matrices(a, b)
         G2 = xp.reshape(G, batch + (a2.shape[-2], b2.shape[-1]))
         need_a, need_b = self.needs_grad
@@ -158,6 +178,24 @@ class MatMul(Node):
                             out=self.buffers["db", _shape(G2)[:-2] + (a2.shape[-1],
                                                                       G2.shape[-1]), G.dtype])
             db = xp.reshape(_unbroadcast(self, db, _shape(b2), "db_sum"), _shape(b))
+        _send(self, (da, db))
+
+    def _rows_backward(self, G: Any, a: Any, b: Any) -> None:
+        """The gradients of a (..., k) @ b (k, m) as 2-D products over a's rows (as Linear's
+        N-D path, and torch.matmul): da = G b^T, and db = a^T G summed over every leading
+        axis by the one (k, rows) @ (rows, m) product, into its kept buffer."""
+        xp, ops, buffers = self.xp, self.ops, self.buffers
+        need_a, need_b = self.needs_grad
+        G2 = self._rows(G, "G_rows")
+        da = db = None
+        if need_a:
+            da = ops.matmul(G2, xp.matrix_transpose(b),
+                            out=buffers["da", (G2.shape[0], b.shape[0]), G.dtype])
+            da = xp.reshape(da, _shape(a))
+        if need_b:
+            rows = self._rows(a, "a_rows")  # the forward's copy, where it made one
+            db = ops.matmul(xp.matrix_transpose(rows), G2, out=buffers["db", _shape(b),
+                                                                        G.dtype])
         _send(self, (da, db))
 
 
@@ -396,7 +434,8 @@ class GELU(Node):
     `approximate="none"` as 0.5 (1 + erf(x / sqrt 2)) (the device's erf, `ops.erf`),
     "tanh" as 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))). torch's formulas, value and
     gradient: 1 + erf and 1 + tanh cancel in the far negative tail, here as in torch (an error
-    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x)."""
+    of float64 rounding next to 1; exp underflows to 0 there, so no NaN at any x). Where the
+    device's ops have `gelu` / `gelu_backward` (torch), that one kernel runs instead."""
 
     def __init__(self, x: Node, approximate: str = "none", *, name: str | None = None):
         Node.__init__(self, [x], name=name)
@@ -409,6 +448,9 @@ class GELU(Node):
         x = self.inbound_nodes[0].value
         ops, buffers, shape, dtype = self.ops, self.buffers, _shape(x), x.dtype
         value = buffers["value", shape, dtype]  # scratch until the last line
+        if ops.gelu is not None:  # the library's one kernel (torch's gelu)
+            self.value = ops.gelu(x, self.approximate, out=value)
+            return
         cdf = buffers["cdf", shape, dtype]
         if self.approximate == "none":
             z = ops.multiply(x, _SQRT1_2, out=value)
@@ -428,6 +470,10 @@ class GELU(Node):
         x, ops, buffers = self.inbound_nodes[0].value, self.ops, self.buffers
         shape, dtype = _shape(x), x.dtype
         slope = buffers["grad", shape, dtype]
+        if ops.gelu_backward is not None:  # the library's one kernel (torch's gelu_backward)
+            self.gradients[self.inbound_nodes[0]] = _flush_subnormals(
+                self, ops.gelu_backward(G, x, self.approximate, out=slope), "flush")
+            return
         if self.approximate == "none":  # Phi(x) + x phi(x); exp underflows to 0 in the tails
             density = ops.multiply(ops.multiply(x, x, out=slope), -0.5, out=slope)
             density = ops.multiply(ops.exp(density, out=density), _INV_SQRT_2PI, out=density)
@@ -461,133 +507,3 @@ class SiLU(Node):
         G = self.upstream_gradient()
         x = self.inbound_nodes[0].value
         self.gradients[self.inbound_nodes[0]] = G * (self.sigmoid * (1.0 + x * self.complement))
-
-
-class ScaledDotProductAttention(Node):
-    """softmax(q k^T / sqrt(d)) v, as torch.nn.functional.scaled_dot_product_attention.
-
-    q (N, H, T_q, d), k (N, H, T_k, d), v (N, H, T_k, d_v) (any leading dimensions that
-    broadcast) give (N, H, T_q, d_v). causal: position i attends to j <= i (torch's
-    is_causal, aligned at the top left when T_q != T_k). mask: a boolean array broadcasting to
-    (T_q, T_k) or (N, H, T_q, T_k), True where attention is allowed, False where blocked (not
-    with causal). A row with every position blocked gives 0, as torch does. The softmax
-    subtracts each row's maximum (no overflow); the backward runs inside the node.
-    """
-
-    def __init__(self, q: Node, k: Node, v: Node, *, causal: bool = False, mask: Any = None,
-                 name: str | None = None):
-        Node.__init__(self, [q, k, v], name=name)
-        if not isinstance(causal, bool):
-            raise GraphError(f"{self.label}: causal={causal!r} must be True or False.\nhelp: "
-                             "causal=True for a decoder's self-attention.")
-        if causal and mask is not None:
-            raise GraphError(f"{self.label}: pass causal=True or a mask, not both (as torch).\n"
-                             "help: fold the causal pattern into the mask (True where "
-                             "allowed).")
-        if mask is not None and not hasattr(mask, "shape"):  # a list: a NumPy array
-            from ..backends.numpy import host_array
-            try:
-                mask = host_array(mask, f"{self.label} mask")
-            except GraphError as exc:
-                raise GraphError(str(exc)) from None
-        if mask is not None and getattr(mask.dtype, "kind", "b") != "b":
-            raise GraphError(f"{self.label}: mask has dtype {mask.dtype}; expected a boolean "
-                             "array (True where attention is allowed).\nhelp: pass mask != 0, "
-                             "or a boolean array.")
-        self.causal, self.mask = causal, mask
-        self._keep: Any = None  # (key, the mask on the device)
-        self._bias: Any = None  # (key, 0 / -inf where allowed / blocked, the mask)
-
-    def _allowed(self, scores_shape: tuple[int, ...]) -> Any:
-        """The boolean (…, T_q, T_k) array of allowed positions on the device, or None."""
-        if not self.causal and self.mask is None:
-            return None
-        tq, tk = scores_shape[-2:]
-        key = (self.device, tq, tk) if self.causal else (self.device,)
-        if self._keep is None or self._keep[0] != key:
-            xp, native = self.xp, self.device.native
-            if self.causal:
-                rows = xp.reshape(xp.arange(tq, device=native), (-1, 1))
-                keep = rows >= xp.arange(tk, device=native)
-            else:
-                keep = self.device.put(self.mask, what=f"{self.label} mask")
-                if not xp.isdtype(keep.dtype, "bool"):
-                    raise GraphError(f"{self.label}: mask has dtype {keep.dtype}; expected a "
-                                     "boolean array (True where attention is allowed).\nhelp: "
-                                     "pass mask != 0, or a boolean array.")
-            self._keep = (key, keep)
-        keep = self._keep[1]
-        if keep.ndim > len(scores_shape) or any(
-                m not in (1, s) for m, s in zip(_shape(keep)[::-1], scores_shape[::-1])):
-            raise GraphError(f"{self.label}: mask has shape {_shape(keep)}, which does not "
-                             f"broadcast to the attention scores {scores_shape} (N, H, T_q, "
-                             f"T_k).\nhelp: pass a ({tq}, {tk}) boolean mask, or one that "
-                             "broadcasts to the scores.")
-        return keep
-
-    def forward(self) -> None:
-        q, k, v = (n.value for n in self.inbound_nodes)
-        xp = self.xp
-        if (min(q.ndim, k.ndim, v.ndim) < 2 or q.shape[-1] != k.shape[-1]
-                or k.shape[-2] != v.shape[-2]):
-            raise GraphError(f"{self.label}: q {_shape(q)}, k {_shape(k)}, v {_shape(v)}; "
-                             "expected q (N, H, T_q, d), k (N, H, T_k, d), v (N, H, T_k, d_v)."
-                             "\nhelp: split the heads with Reshape and Transpose first.")
-        batch = _broadcast(self, _shape(q)[:-2], _shape(k)[:-2], _shape(v)[:-2],
-                           what="the leading dimensions of q, k and v")
-        self.scale = 1.0 / math.sqrt(q.shape[-1])
-        ops, buffers, dtype = self.ops, self.buffers, q.dtype
-        shape = batch + (q.shape[-2], k.shape[-2])
-        scores = ops.matmul(q, xp.matrix_transpose(k), out=buffers["p", shape, dtype])
-        scores = ops.multiply(scores, self.scale, out=scores)
-        allowed = self._allowed(shape)
-        if allowed is not None:  # where(allowed, scores, -inf), as scores + (0 or -inf)
-            scores = ops.add(scores, self._blocking(allowed, dtype), out=scores)
-        top = ops.max(scores, axis=-1, keepdims=True, out=buffers["top", shape[:-1] + (1,),
-                                                                  dtype])
-        if allowed is not None:  # a row blocked everywhere: top -inf taken as the lowest
-            top = ops.maximum(top, float(xp.finfo(dtype).min), out=top)  # number: exp(-inf) = 0
-        e = ops.exp(ops.subtract(scores, top, out=scores), out=scores)
-        total = ops.sum(e, axis=-1, keepdims=True, out=top)
-        if allowed is not None:  # every row that is not blocked everywhere sums to >= 1
-            total = ops.maximum(total, 1.0, out=total)
-        self.p = _flush_subnormals(self, ops.divide(e, total, out=e), "flush")  # 88 below the max
-        self.value = ops.matmul(self.p, v, out=buffers["value", shape[:-1] + v.shape[-1:],
-                                                       dtype])
-
-    def _blocking(self, allowed: Any, dtype: Any) -> Any:
-        """0 where `allowed`, -inf where not, in `dtype` (made once per mask and dtype)."""
-        key = (id(allowed), dtype)
-        if self._bias is None or self._bias[0] != key:
-            xp = self.xp
-            zero = xp.zeros(allowed.shape, dtype=dtype, device=self.device.native)
-            self._bias = (key, xp.where(allowed, zero, -math.inf), allowed)
-        return self._bias[1]
-
-    def backward(self) -> None:
-        G = self.upstream_gradient()
-        xp, ops, buffers, p = self.xp, self.ops, self.buffers, self.p
-        q, k, v = (n.value for n in self.inbound_nodes)
-        need_q, need_k, need_v = self.needs_grad
-        batch, dtype = _shape(p)[:-2], G.dtype
-        dv = dq = dk = None
-        if need_v:
-            dv = ops.matmul(xp.matrix_transpose(p), G,
-                            out=buffers["dv", batch + _shape(v)[-2:], dtype])
-            dv = _unbroadcast(self, dv, _shape(v), "dv_sum")
-        if need_q or need_k:
-            dp = ops.matmul(G, xp.matrix_transpose(v), out=buffers["ds", _shape(p), dtype])
-            # softmax': ds = p (dp - sum(dp p)) scale
-            rows = ops.sum(ops.multiply(dp, p, out=buffers["work", _shape(p), dtype]), axis=-1,
-                           keepdims=True, out=buffers["rows", batch + (p.shape[-2], 1), dtype])
-            ds = ops.multiply(p, ops.subtract(dp, rows, out=dp), out=dp)
-            ds = _flush_subnormals(self, ops.multiply(ds, self.scale, out=ds), "flush")
-            if need_q:
-                dq = ops.matmul(ds, k, out=buffers["dq", batch + _shape(q)[-2:], dtype])
-                dq = _unbroadcast(self, dq, _shape(q), "dq_sum")
-            if need_k:
-                dk = ops.matmul(xp.matrix_transpose(ds), q,
-                                out=buffers["dk", batch + _shape(k)[-2:], dtype])
-                dk = _unbroadcast(self, dk, _shape(k), "dk_sum")
-        _send(self, (dq, dk, dv))
-

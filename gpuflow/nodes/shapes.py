@@ -77,10 +77,16 @@ def _flush_subnormals(node: Node, a: Any, name: str) -> Any:
     """`a` with its float32 subnormal entries (|a| < 1.2e-38) set to 0, in place: a CPU BLAS
     without flush-to-zero runs a matmul on them up to 100x slower (a GPT's steps on the cpu
     device, once attention and GELU's tail made them). float16 keeps its subnormals (they
-    carry its small gradients), and float64's are never reached; other dtypes pass through."""
-    if a.dtype != node.xp.float32:
+    carry its small gradients), and float64's are never reached; other dtypes pass through,
+    as does every array of a device whose results are never subnormal (`flushes_subnormals`:
+    XLA). The device's `ops.flush_subnormals` where it has one (torch: one pass; NumPy: three),
+    else four portable passes."""
+    if a.dtype != node.xp.float32 or node.device.flushes_subnormals:
         return a
     ops, finfo, out = node.ops, node.xp.finfo(a.dtype), node.buffers[name, _shape(a), a.dtype]
+    largest = float(finfo.smallest_normal) * (1.0 - float(finfo.eps))  # subnormal: exact
+    if ops.flush_subnormals is not None:
+        return ops.flush_subnormals(a, largest, out)
     size = ops.maximum(a, ops.multiply(a, -1.0, out=out), out=out)  # |a|
-    return ops.multiply(a, ops.greater(size, float(finfo.smallest_normal) * (1.0 - float(
-        finfo.eps)), a.dtype, out=size), out=a)  # |a| > the largest subnormal; NaN * 0: NaN
+    return ops.multiply(a, ops.greater(size, largest, a.dtype, out=size),
+                        out=a)  # |a| > the largest subnormal; NaN * 0: NaN
