@@ -173,8 +173,8 @@ class SoftmaxCrossEntropy(Node):
             grad -= self.onehot
             # g / count on the counted rows, 0 on the ignored ones (and everywhere when every
             # label is ignored, as in torch: the count taken as 1 then)
-            count = self.count + xp.astype(self.count == 0, self.count.dtype)
-            grad *= self.ops.multiply(valid, xp.astype(g / count, exp.dtype),
+            count = xp.maximum(self.count, 1)  # the count is a whole number >= 0
+            grad *= self.ops.multiply(valid, xp.astype(g / count, exp.dtype, copy=False),
                                       out=self.buffers["scale", valid.shape, valid.dtype])
             # softmax / count is subnormal for a logit ~88 below its row's max (float32)
             grad = _flush_subnormals(self, grad, "flush")
