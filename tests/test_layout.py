@@ -186,7 +186,7 @@ def test_every_module_is_under_600_lines(rel):
 
 
 def _module_of(rel: str) -> str:
-    """'gpuflow/nodes/core.py' -> 'gpuflow.nodes'; 'gpuflow/data/__init__.py' -> 'gpuflow.data'."""
+    """'gpuflow/nodes/core.py' -> 'gpuflow.nodes.core'; 'gpuflow/data/__init__.py' -> 'gpuflow.data'."""
     name = rel[:-3].replace("/", ".")
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 

@@ -471,3 +471,21 @@ def test_float16_normalisation_of_large_activations_is_finite_with_float32_stati
         np.testing.assert_allclose(value, expected, atol=0.01)
         for key, v in node.state_dict().items():
             np.testing.assert_array_equal(host(device, v), state16[key])
+
+
+def test_layernorm_lets_go_of_its_fused_arrays_when_the_graph_moves(device):
+    """Regression: LayerNorm keeps (x, mean, rstd) for the backward of a device's fused
+    kernel (torch's native_layer_norm); a graph moved to another device left them behind,
+    holding activation-sized arrays of the old device."""
+    if device.ops.layer_norm is None:
+        pytest.skip(f"{device.name}: no fused LayerNorm route")
+    x, y = gf.Input(name="x"), gf.Input(name="y")
+    gamma = gf.Parameter(np.ones(6), name="gamma")
+    beta = gf.Parameter(np.zeros(6), name="beta")
+    norm = gf.LayerNorm(x, gamma, beta)
+    graph = gf.Graph(gf.MSE(y, norm), device=device, inputs=[x, y])
+    rng = np.random.default_rng(0)
+    graph.step(rng.normal(size=(4, 6)), rng.normal(size=(4, 6)))
+    assert norm._fused is not None
+    graph.move_to("cpu")
+    assert norm._fused is None

@@ -244,6 +244,38 @@ def test_scatter_add_rows_adds_repeated_ids_and_keeps_non_finite_rows_apart(devi
         assert np.isfinite(got[others]).all() and (got[[7, 8]] == 0).all()
 
 
+def test_embedding_gradient_with_uint8_ids_and_a_table_past_256_rows(device):
+    """Regression: NumPy's one-hot backward compared uint8 ids with arange(rows) made in
+    uint8, which wraps at 256, so rows 257-259 got the gradients of ids 1-3 too."""
+    ids, W, R = gf.Input(name="ids"), gf.Input(name="W"), gf.Input(name="R")
+    node = gf.Embedding(ids, W)
+    Project(node, R)
+    rng = np.random.default_rng(0)
+    feed = {ids: np.array([[1, 2, 3]], np.uint8), W: rng.normal(size=(300, 4)),
+            R: rng.normal(size=(1, 3, 4))}
+    gf.forward_and_backward(gf.topological_sort(feed, device=device, dtype="float64"))
+    grad = host(device, W.gradients[W])
+    assert list(np.flatnonzero(np.abs(grad).sum(axis=1))) == [1, 2, 3]
+    np.testing.assert_allclose(grad[1:4], feed[R][0], rtol=1e-12)
+
+
+def test_scatter_add_rows_of_no_rows_is_zeros(device):
+    """No ids (an empty batch): a table of zeros, as np.add.at gives (the NumPy one-hot path
+    took the max of an empty array)."""
+    values = device.put(np.zeros((0, 4)), dtype=device.dtype("float64"))
+    got = device.ops.scatter_add_rows(device.put(np.zeros(0, np.int64)), values, 5)
+    np.testing.assert_array_equal(host(device, got), np.zeros((5, 4)))
+
+
+def test_sum_over_no_axis_is_the_array_itself(device):
+    """ops.sum(x, axis=()) reduces nothing, as NumPy and the array API (torch's sum(dim=())
+    summed over every axis: a 1-D LayerNorm's gamma gradient on torch without its fused
+    route came out as one number)."""
+    x = np.arange(6.0).reshape(2, 3)
+    got = device.ops.sum(device.put(x, dtype=device.dtype("float64")), axis=())
+    np.testing.assert_array_equal(host(device, got), x)
+
+
 def test_matmul_with_a_2d_weight_multiplies_rows_as_one_matrix(device, monkeypatch):
     """a (N, T, k) @ b (k, m), as attention's projections: each product one 2-D matmul over
     the N*T rows (as Linear's N-D path and torch.matmul), b's gradient included: no batched
@@ -322,8 +354,8 @@ def _fused_case(kind, device, dtype, monkeypatch, fused):
             shapes = [(2, 3, 5, 4)] * 3
             inputs = [gf.Input(name=n) for n in "qkv"]
             node = gf.ScaledDotProductAttention(*inputs, causal=True)
-        elif kind == "layer_norm":
-            shapes = [(2, 5, 6), (6,), (6,)]
+        elif kind in ("layer_norm", "layer_norm_1d"):  # 1-D: no batch axis to sum over
+            shapes = [(2, 5, 6) if kind == "layer_norm" else (6,), (6,), (6,)]
             inputs = [gf.Input(name=n) for n in ("x", "gamma", "beta")]
             node = gf.LayerNorm(*inputs)
         else:
@@ -339,7 +371,7 @@ def _fused_case(kind, device, dtype, monkeypatch, fused):
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
-@pytest.mark.parametrize("kind", ["none", "tanh", "layer_norm", "attention"])
+@pytest.mark.parametrize("kind", ["none", "tanh", "layer_norm", "layer_norm_1d", "attention"])
 def test_torch_fused_routes_equal_the_portable_code(device, dtype, kind, monkeypatch):
     """On torch devices GELU, LayerNorm and the attention's softmax run torch's own kernels
     (gelu, native_layer_norm, _softmax and their backward functions: one pass each where the

@@ -284,14 +284,16 @@ class NumpyOps(UfuncOps):
     def scatter_add_rows(self, ids: Any, values: Any, rows: int, out: Any = None) -> Any:
         """np.add.at (repeated ids add up); for a small table of float32/float64 rows, the same
         sums as one product onehot(ids)^T @ values (4x faster than add.at: a GPT's token
-        embedding), exact since its products are 1 v or 0 v, where every value is finite (0
-        inf would be NaN)."""
+        embedding), where every value is finite (0 inf would be NaN): its products are exact
+        (1 v or 0 v), its sums of a repeated id's rows may be added in another order. Ids are
+        in range (Embedding checks them when fed)."""
         out = numpy.zeros((rows, values.shape[1]), values.dtype) if out is None else out
-        if (ids.ndim == 1 and values.dtype in _ONEHOT_DTYPES and ids.size * rows <= _ONEHOT_MAX
+        if (ids.ndim == 1 and values.size and values.dtype in _ONEHOT_DTYPES
+                and ids.size * rows <= _ONEHOT_MAX
                 and numpy.isfinite(numpy.maximum.reduce(values, axis=None))
                 and numpy.isfinite(numpy.minimum.reduce(values, axis=None))):  # NaN: not
             onehot = _onehot_scratch((ids.size, rows), values.dtype)
-            numpy.equal(ids[:, None], numpy.arange(rows, dtype=ids.dtype), out=onehot)
+            numpy.equal(ids[:, None], numpy.arange(rows), out=onehot)  # uint8 ids: no wrap
             return numpy.matmul(onehot.T, values, out=out)
         out.fill(0)
         numpy.add.at(out, ids, values)  # repeated ids add up

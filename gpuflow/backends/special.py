@@ -82,6 +82,6 @@ def scatter_add_rows(xp: Any, ids: Any, values: Any, rows: int) -> Any:
     """A (rows, dim) array whose row r is the sum of the rows values[i] with ids[i] == r (ids
     (M,) integers in [0, rows), values (M, dim)): one matmul with the one-hot (M, rows) matrix
     of the ids, exact since its products are 1 * v or 0."""
-    labels = xp.arange(rows, dtype=ids.dtype, device=getattr(ids, "device", None))
+    labels = xp.arange(rows, device=getattr(ids, "device", None))  # not ids' dtype: uint8 wraps
     onehot = xp.astype(xp.reshape(ids, (-1, 1)) == labels, values.dtype)
     return xp.matrix_transpose(onehot) @ values

@@ -25,6 +25,7 @@ class TorchOps(UfuncOps):
         self._maximum, self._clamp_min = torch.maximum, torch.clamp_min
         self._gt, self._eq, self._sum, self._amax = torch.gt, torch.eq, torch.sum, torch.amax
         self._stack = torch.stack
+        self._index_dtypes = (torch.int64, torch.int32)  # what torch's indexing kernels take
         self._conv2d = torch.nn.functional.conv2d
         self._conv_backward = torch.ops.aten.convolution_backward
         self._aten = torch.ops.aten
@@ -50,6 +51,8 @@ class TorchOps(UfuncOps):
         return self._eq(x1, x2, out=out)
 
     def sum(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
+        if axis == ():  # no axis: x itself (torch's sum(dim=()) sums over every axis)
+            return self.copy(x, out=out)
         return self._sum(x, dim=axis, keepdim=keepdims, out=out)
 
     def max(self, x: Any, axis: Any = None, keepdims: bool = False, out: Any = None) -> Any:
@@ -61,8 +64,13 @@ class TorchOps(UfuncOps):
     def erf(self, x: Any, out: Any = None) -> Any:
         return self._erf(x, out=out)
 
+    def _index(self, ids: Any) -> Any:
+        """ids as torch's indexing kernels take them: int64 or int32 (uint8, int8 and int16
+        ids, which NumPy and the array API index with, widened to int64)."""
+        return ids if ids.dtype in self._index_dtypes else ids.long()
+
     def take_rows(self, table: Any, ids: Any, out: Any = None) -> Any:
-        return self._index_select(table, 0, ids, out=out)
+        return self._index_select(table, 0, self._index(ids), out=out)
 
     def copy(self, x: Any, out: Any = None) -> Any:
         return x.clone() if out is None else out.copy_(x)
@@ -73,7 +81,7 @@ class TorchOps(UfuncOps):
             out = self._zeros((rows, values.shape[1]), dtype=values.dtype, device=values.device)
         else:
             out.zero_()
-        return out.index_add_(0, ids, values)
+        return out.index_add_(0, self._index(ids), values)
 
     def conv2d(self, x: Any, w: Any, bias: Any, stride: tuple, padding: tuple) -> Any:
         """gpuflow.Conv2D's value by torch's own convolution (oneDNN on CPUs, cuDNN on GPUs)."""

@@ -4,6 +4,7 @@ the checkpoint; a contradiction is refused with the fix). `opts` is a `cli.Train
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from .. import checkpoint
@@ -78,7 +79,8 @@ def _flag(name: str, value: Any) -> str:
 def resumed_model(opts: Any) -> None:
     """--resume without --model: the checkpoint's run's model, before the options are checked
     (a GPT run's --steps is an option of --model gpt only)."""
-    if opts.resume is not None and "model" not in opts.given:
+    if (opts.resume is not None and "model" not in opts.given
+            and os.path.isfile(opts.resume)):  # a missing file: check() says so
         opts.model = saved_settings(opts.resume, checkpoint.read_info(opts.resume)).get(
             "model", opts.model)
 

@@ -1,5 +1,5 @@
 """The activation nodes: Sigmoid, Tanh and ReLU of the MiniFlow lessons, and Softmax; each
-elementwise (Softmax over the last axis), its `backward` mirroring its `forward` (see nodes.py
+elementwise (Softmax over the last axis), its `backward` mirroring its `forward` (see nodes/core.py
 for what a node reads and writes)."""
 
 from __future__ import annotations

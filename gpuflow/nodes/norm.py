@@ -297,6 +297,11 @@ class LayerNorm(Node):
         self.eps = float(eps)
         self._fused: Any = None  # (x, mean, rstd) where the library's kernel ran forward
 
+    def release(self) -> None:
+        """Also let go of the fused kernel's saved arrays (on the device the graph leaves)."""
+        self._fused = None
+        Node.release(self)
+
     def forward(self) -> None:
         X, gamma, beta = self.inbound_nodes
         xp, x = self.xp, X.value

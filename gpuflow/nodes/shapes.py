@@ -1,4 +1,4 @@
-"""Shape helpers of the sequence nodes (gpuflow/sequence.py, positions.py, recurrent.py):
+"""Shape helpers of the sequence nodes (gpuflow/nodes/sequence.py, positions.py, recurrent.py):
 broadcasting and its adjoint (a gradient summed back to an input's shape, into a kept buffer),
 axes, a gradient put back between zeros, gradients sent to inbound nodes, and float32
 subnormals flushed to zero."""

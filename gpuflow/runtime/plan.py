@@ -147,7 +147,7 @@ def bind(order: Sequence[Node], device: Device, dtype: Any, feed_dict: dict,
     """Bind every node to `device`, and put every Input's value there, checked, in `dtype`.
 
     With `require_values=False` (a Graph, fed batch by batch) an Input may still be empty.
-    Every node gets a new `Binding` (nodes.py) recording `owner` (the Plan binding it) as
+    Every node gets a new `Binding` (nodes/core.py) recording `owner` (the Plan binding it) as
     `node._plan`; the plan that held it before is marked stale, to bind and plan again before it runs. With `reuse_buffers` (and a
     backend that writes into arrays) nodes keep their buffers across steps. Returns the
     floating dtype.
