@@ -115,3 +115,21 @@ def test_the_readmes_pointers_into_docs_exist():
         if section:
             headings = re.findall(r"^#+ (.+)$", doc.read_text(), re.M)
             assert any(section in h for h in headings), (path, section, headings)
+
+
+def test_sequence_snippet_trains_and_samples_the_same_text_for_the_same_seed():
+    """The README's GPT snippet (2 steps instead of 300): it trains, and gf.generate with the
+    same seed gives the same text again, printed from the corpus's own characters."""
+    block = next(b for b in _blocks() if "gf.generate" in b)
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(block.replace("range(300)", "range(2)"), namespace)
+    text, vocabulary = out.getvalue()[:-1], namespace["vocabulary"]  # print's own newline
+    assert text.startswith("The ") and len(text) == 4 + 60, text
+    assert set(text) <= set(vocabulary)
+    assert namespace["graph"].steps == 2 and namespace["opt"].t == 2
+    again = namespace["gf"].generate(namespace["graph"], namespace["logits"],
+                                     [vocabulary.index(c) for c in "The "], 60,
+                                     temperature=0.8, top_k=10, seed=0)
+    assert "".join(vocabulary[i] for i in again) == text
