@@ -47,7 +47,7 @@ from .errors import GraphError, check_hyperparameter
 from .graph import Graph, _run_step
 from .nodes import Input
 from .nodes.norm import BatchNorm, Dropout, _mix
-from .runtime.plan import put_values, restore, set_mode, snapshot
+from .runtime.plan import put_seeds, put_values, restore, set_mode, snapshot
 from .schedules import clip_grad_norm
 
 
@@ -167,8 +167,7 @@ class CompiledStep:
             put_values(self._held, values)
             for n, (mean, var) in zip(self._norms, norm_state):
                 n.running_mean, n.running_var = mean, var
-            for n, seed in zip((n for n in self._drops if n.p > 0.0), seeds):
-                n._seed_in = seed
+            put_seeds((n for n in self._drops if n.p > 0.0), seeds)
             if amp is not None:  # the backward starts from the loss scale (amp.before_step)
                 graph.plan.seed_loss(scale)
             _run_step(graph.plan.compute, graph.plan.backward)

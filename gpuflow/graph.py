@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import math
+import weakref
 from typing import Any, Iterable, Sequence
 
 from .backends import LEDGER, NULL_SCOPE, Device, TransferLedger, dtype_name, get_device
@@ -272,6 +273,7 @@ class Graph:
         self.strict = TransferLedger.strict_default() if strict is None else strict
         self.check_finite = check_finite
         self.steps = 0
+        self._ref = weakref.ref(self)  # one object per graph, compared by identity (amp reads it)
         amp.claim(self)  # optimizers over its parameters find its mixed precision
 
     # The plan holds what binding decides (it binds with them, and MiniFlow's SortedGraph has

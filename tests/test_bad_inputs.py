@@ -120,6 +120,20 @@ def test_labels_out_of_range_later_on_the_cpu_are_not_silently_used():
         expect(gf.GraphError, lambda: g.step(np.ones((2, 3)), labels), "Input 'y'", "0 .. 2")
 
 
+def test_a_node_sets_its_integer_inputs_check_through_expect_classes():
+    # Input.expect_classes is how a node reading integers (SoftmaxCrossEntropy, Embedding)
+    # sets an Input's feed-time check; an argument left out keeps its setting (issue #19)
+    loss, (y, _), graph = classifier("cpu")
+    gf.forward_and_backward(graph)  # the loss set 3 classes and its ignore_index, -100
+    y.expect_classes(words=("targets", "target classes", "check the targets"))
+    y.value = np.array([0, -100, 2])  # still 3 classes, -100 still allowed
+    expect(gf.GraphError, lambda: setattr(y, "value", np.array([0, 3])),
+           "targets range from 0 to 3", "0 .. 2 (or -100, the ignore_index)", "check the targets")
+    y.expect_classes(2)
+    expect(gf.GraphError, lambda: setattr(y, "value", np.array([0, 2])),
+           "targets range from 0 to 2", "0 .. 1 (or -100")
+
+
 @pytest.mark.parametrize("when", ["first", "later"])
 def test_non_integer_float_labels(device, when):
     bad = np.array([0.0, 1.5, 2.0])

@@ -337,6 +337,89 @@ def test_only_the_plan_writes_a_nodes_binding(rel):
                        "gpuflow/runtime/plan.py (a function or Plan method there) to do it.")
 
 
+# Another object's private attribute (`x._name = ...`, `x._name += ...`,
+# `setattr(x, '_name', ...)`, x neither `self` nor `cls`) is written in plan.py alone: a node's
+# private state is its own or its plan's. Writes that are not on another node, or that are a
+# node's own state written by a helper of its class: (module, what) -> why.
+PRIVATE_ALLOWED = {
+    ("gpuflow/nodes/conv.py", "node._zero_border"):
+        "_padded(node, ...) is Conv2D's own helper, called as _padded(self, ...): the node's "
+        "own kept-buffer mark",
+    ("gpuflow/nodes/core.py", "__init__._unlinks_on_error"):
+        "a mark on Node.__init__ (the function), not on a node",
+    ("gpuflow/compiled.py", "opt._param"):
+        "an optimizer's current parameter, set by the step that runs its update",
+    ("gpuflow/runtime/amp.py", "optimizer._param"):
+        "an optimizer's current parameter, set by the step that runs its update",
+    ("gpuflow/schedules.py", "self.optimizer._checked_lr"):
+        "a schedule's rate is checked by the schedule (0 allowed): the optimizer's lr check "
+        "is skipped for it",
+}
+
+
+def _all_modules() -> list[str]:
+    """Every .py file of gpuflow, gpuflow/backends/ included."""
+    return sorted({*_modules(), *(
+        f"gpuflow/backends/{name}" for name in os.listdir(os.path.join(PACKAGE, "backends"))
+        if name.endswith(".py"))})
+
+
+def _private_writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, what) of each write of a private attribute (`_name`, not `__name__`) of an object
+    other than `self` or `cls`: assigned (=, +=, annotated, in a tuple), or `setattr` with a
+    literal name."""
+    def private(name: str) -> bool:
+        return name.startswith("_") and not name.startswith("__")
+
+    def own(holder: ast.AST) -> bool:
+        return isinstance(holder, ast.Name) and holder.id in ("self", "cls")
+
+    out = []
+    for node in ast.walk(tree):
+        targets = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            for target in getattr(node, "targets", None) or [node.target]:
+                targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+        out += [(t.lineno, ast.unparse(t)) for t in targets
+                if isinstance(t, ast.Attribute) and private(t.attr) and not own(t.value)]
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id == "setattr" and len(node.args) >= 2 and not own(node.args[0]) \
+                and any(private(s) for s in _strings(node.args[1])):
+            out.append((node.lineno, f"{ast.unparse(node.args[0])}.{_strings(node.args[1])[0]}"))
+    return sorted(out)
+
+
+def test_the_private_write_check_sees_what_it_looks_for():
+    sample = ast.parse("def f(n, ids):\n    n._seed_in = 1\n    ids._classes += 1\n"
+                       "    self._x = cls._y = 1\n    n.a, n._b = 1, 2\n"
+                       "    setattr(n, '_kept', 0)\n    setattr(self, '_z', 0)\n"
+                       "    n.__doc__ = ''\n    n.public = 1\n    x: int = n._c\n"
+                       "    n.d._e: int = 1\n")
+    assert _private_writes(sample) == [(2, "n._seed_in"), (3, "ids._classes"), (5, "n._b"),
+                                       (6, "n._kept"), (11, "n.d._e")]
+
+
+@pytest.mark.parametrize("rel", [r for r in _all_modules() if r != BINDING_OWNER])
+def test_only_the_plan_writes_another_objects_private_attributes(rel):
+    """A node's private attributes are its own (or its plan's, gpuflow/runtime/plan.py): a
+    consumer configures an Input through `Input.expect_classes`, the runtimes keep their
+    per-node state in their own dicts or ask plan.py (`put_seeds`), a Graph makes its own
+    weak reference."""
+    found = [(line, what) for line, what in _private_writes(_tree(rel))
+             if (rel, what) not in PRIVATE_ALLOWED]
+    assert not found, (f"{rel} writes another object's private attribute at line(s) "
+                       f"{', '.join(f'{line} ({what})' for line, what in found)}.\nhelp: call "
+                       "a public method of its owner, or a function of gpuflow/runtime/plan.py "
+                       "for a node's runtime state; keep a runtime's own per-node state in "
+                       "its own dict keyed by node.")
+
+
+def test_private_allow_list_is_current():
+    """Every allowed write still exists (a stale entry would hide a new one)."""
+    found = {(rel, what) for rel in _all_modules() for _, what in _private_writes(_tree(rel))}
+    assert set(PRIVATE_ALLOWED) <= found, set(PRIVATE_ALLOWED) - found
+
+
 def test_a_bound_nodes_attributes_are_its_bindings():
     """plan.py sets a Binding's fields on the node (plain attributes, read in every op)."""
     import gpuflow as gf

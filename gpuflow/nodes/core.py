@@ -255,6 +255,21 @@ class Input(Node):
     value = property(operator.attrgetter("_value"), _set_value,
                      doc="The fed array, on the graph's device once the graph is built.")
 
+    def expect_classes(self, classes: int | None = None, *, ignore: int | None = None,
+                       words: tuple[str, str, str] | None = None) -> None:
+        """How the node reading this Input's integers checks them when fed (host feeds are
+        range-checked before any upload): `classes`, the number of classes (or an Embedding's
+        vocabulary), fed values in 0 .. classes - 1; `ignore`, one value allowed besides them
+        (SoftmaxCrossEntropy's ignore_index); `words`, how messages name the integers (noun,
+        what they are, the fix for a bad range; default: class labels). An argument left out
+        (None) keeps its current setting."""
+        if classes is not None:
+            self._classes = classes
+        if ignore is not None:
+            self._ignore = ignore
+        if words is not None:
+            self.integer_words = words
+
     def _check_labels(self, value: Any) -> None:
         """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
         from ..backends.numpy import host_array, host_range

@@ -85,7 +85,7 @@ class SoftmaxCrossEntropy(Node):
                              "\nhelp: the default -100 is PyTorch's.")
         self.ignore_index = ignore_index
         if isinstance(labels, Input):  # host feeds of this label may be ignore_index
-            labels._ignore = ignore_index
+            labels.expect_classes(ignore=ignore_index)
         self._class_range = None  # arange(classes) on the device, made once
         self._checked = None      # (classes, label dtype) the labels were last checked for
 
@@ -116,7 +116,7 @@ class SoftmaxCrossEntropy(Node):
                     "(e.g. y.astype('int64')).")
             self._checked = (k, y.dtype)
             if isinstance(labels, Input):  # later host labels are range-checked on feed
-                labels._classes = k
+                labels.expect_classes(k)
             self._check_labels_on_device(y, k)
         if (self._class_range is None or self._class_range.shape[0] != k
                 or self._class_range.dtype != y.dtype):

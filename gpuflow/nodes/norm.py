@@ -84,7 +84,7 @@ class Dropout(Node):
         self.seed = int(seed)
         self.steps = 0        # masks drawn so far
         self.mask: Any = None  # this step's mask, scaled (None: the identity)
-        self._seed_in: Any = None  # set only while a compiled step is traced
+        self._seed_in: Any = None  # set only while a compiled step is traced (plan.put_seeds)
 
     def forward(self) -> None:
         x = self.inbound_nodes[0].value

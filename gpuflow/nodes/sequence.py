@@ -48,7 +48,7 @@ class Embedding(Node):
         Node.__init__(self, [ids, W], name=name)
         self._checked = None  # (vocab, ids dtype) the ids were last checked for
         if isinstance(ids, Input):
-            ids.integer_words = ("ids", "token ids", "check the ids")
+            ids.expect_classes(words=("ids", "token ids", "check the ids"))
             table = W.value if isinstance(W, Input) else None
             if getattr(table, "ndim", 0) == 2:
                 self._vocabulary(table.shape[0])
@@ -62,9 +62,9 @@ class Embedding(Node):
         """Later feeds of the ids Input are checked against `vocab` rows."""
         ids, W = self.inbound_nodes
         if isinstance(ids, Input):
-            ids._classes = vocab
-            ids.integer_words = ("ids", "token ids", f"{self.label} has a vocabulary of {vocab} "
-                                 f"(the rows of {W.label}): check the ids, or give it more rows")
+            ids.expect_classes(vocab, words=(
+                "ids", "token ids", f"{self.label} has a vocabulary of {vocab} "
+                f"(the rows of {W.label}): check the ids, or give it more rows"))
 
     def forward(self) -> None:
         ids_node, W = self.inbound_nodes

@@ -41,7 +41,6 @@ scales its gradients by its own loss scale (make one optimizer per graph).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Any, Iterable
 
 from ..backends import LEDGER, NULL_SCOPE, Device, dtype_name
@@ -321,7 +320,6 @@ _STEPPED: list = [None]  # the weak reference of the Graph whose step ran last
 def claim(graph: Any) -> None:
     """At Graph(...): each of its parameters that no live Graph holds yet records this one
     (an optimizer made over them before any step finds this graph's mixed precision)."""
-    graph._ref = weakref.ref(graph)  # one object per graph, compared by identity
     plan.record_graph(graph.parameters, graph._ref, unheld_only=True)
 
 

@@ -371,6 +371,14 @@ def put_values(nodes: Iterable[Input], values: Iterable[Any]) -> None:
         node._value = value
 
 
+def put_seeds(nodes: Iterable[Node], seeds: Iterable[Any]) -> None:
+    """Give Dropout nodes the seeds a compiled step takes as arguments (`_seed_in`, traced
+    arrays: gpuflow/compiled.py), while it is traced; `restore` puts back the None they hold
+    otherwise (each then draws from its own seed and step count)."""
+    for node, seed in zip(nodes, seeds):
+        node._seed_in = seed
+
+
 def record_graph(params: Iterable[Node], ref: Any, unheld_only: bool = False) -> None:
     """Each parameter records `ref`, a weak reference to the Graph whose step computes its
     gradients (`p._graph`, read by optimizers: gpuflow/runtime/amp.py); with `unheld_only`,

@@ -62,9 +62,14 @@ from ..nodes import Input, Node
 
 __all__ = ["recompute", "Segment", "Arena"]
 
+# node -> the Segment `recompute` marked it with, read by `install` when a plan is built
+# (process-wide, weak: a node that is gone leaves it).
+_SEGMENTS: "weakref.WeakKeyDictionary[Node, Segment]" = weakref.WeakKeyDictionary()
+
 
 class Segment:
-    """The mark `recompute` gives every node of one segment (`node._segment`)."""
+    """The mark `recompute` gives every node of one segment (kept here, in `_SEGMENTS`: no
+    node reads it)."""
 
     def __init__(self, name: str | None) -> None:
         self.name = name
@@ -99,7 +104,7 @@ def recompute(fn: Callable[..., Any], *args: Any, name: str | None = None,
             continue
         seen.add(node)
         if not isinstance(node, Input):
-            node._segment = segment
+            _SEGMENTS[node] = segment
         stack.extend(node.inbound_nodes)
     return result
 
@@ -218,6 +223,7 @@ class Schedule:
         self.arena = arena
         self.device = plan.device
         self.states: dict[Node, Any] = {}
+        self.kept: dict[Node, Any] = {}  # interior node -> where its gradients sent out go
         self.before: dict[Node, dict] = {}
         backward = [n for n in plan.backward if n in inside and n not in weights] or [
             n for n in plan.backward if n in inside]
@@ -237,8 +243,8 @@ class Schedule:
             if self.arena is not None and node in self.inner:
                 plan.set_buffers(node, Borrowed(self.arena))
             if node in self.inner:  # where gradients sent out of the segment are copied
-                node._kept = (Buffers(node, self.device) if self.arena is not None
-                              else NO_BUFFERS)
+                self.kept[node] = (Buffers(node, self.device) if self.arena is not None
+                                   else NO_BUFFERS)
 
     def _forward_of(self, node: Node, forward: Callable, first: bool, last: bool) -> Callable:
         def run() -> None:
@@ -296,7 +302,7 @@ class Schedule:
         for node in self.interior:
             before, state = self.before.get(node, {}), node.state_arrays().values()
             for key, value in list(vars(node).items()):
-                if key in ("forward", "backward", "buffers", "_kept", "gradients"):
+                if key in ("forward", "backward", "buffers", "gradients"):
                     continue
                 if (key == "value" or before.get(key, _MISSING) is not value) and \
                         _arrays(value, self.device) and not any(value is s for s in state):
@@ -309,7 +315,7 @@ class Schedule:
         for i, (target, grad) in enumerate(list(node.gradients.items())):
             if target not in self.inner and getattr(grad, "shape", None) is not None \
                     and self.arena.holds(grad):
-                node.gradients[target] = _copy(node, node._kept, grad, ("recompute out", i))
+                node.gradients[target] = _copy(node, self.kept[node], grad, ("recompute out", i))
 
 
 class _Wrapped:
@@ -347,7 +353,7 @@ def install(plan: Any) -> list[Schedule]:
         if isinstance(node.buffers, Borrowed):
             node.buffers.give_back()
             plan.set_buffers(node, Buffers(node, device) if reuse else NO_BUFFERS)
-        segment = getattr(node, "_segment", None)
+        segment = _SEGMENTS.get(node)
         if segment is not None and not isinstance(node, Input):
             groups.setdefault(segment, []).append(node)
     if not groups:
