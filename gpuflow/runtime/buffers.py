@@ -57,8 +57,10 @@ they track crosses graphs:
   told that `capture` changes nothing there (said once per device).
 - `gpuflow.runtime.amp._STEPPED`: the Graph whose step ran last (weakly): parameters shared between
   graphs record the one stepping now with one compare per step.
+- `gpuflow.runtime.recomputation._SEGMENTS`: the segment `recompute` marked each node with
+  (weakly keyed), read when a plan is built.
 
-Caches of answers that never change (no state a user sees): `gpuflow.nodes._ACCUMULATION`
+Caches of answers that never change (no state a user sees): `gpuflow.nodes.core._ACCUMULATION`
 and `gpuflow.optim._NARROW` (per (namespace, dtype)), `numpy_threads._BLAS` (OpenBLAS's
 thread functions).
 """
