@@ -214,15 +214,15 @@ class Input(Node):
     def _set_value(self, value: Any) -> None:
         device = self.device
         if value is None or device is None:
-            self._value = value
+            self._value, self.ignore_absent = value, None
             return
-        adopted = False
+        adopted, absent = False, None
         if not device.owns(value):  # another library's array on this device: shared
             shared = device.adopt(value, what=f"{self.label}.value")
             if shared is not value:
                 adopted = True
                 if self._keep_integers and device.in_host_memory():  # labels: the host
-                    self._check_labels(value)  # checks, on the caller's array
+                    absent = self._check_labels(value)  # checks, on the caller's array
                 elif self._keep_integers and not device.xp.isdtype(shared.dtype, "integral"):
                     raise self._dtype_error(shared.dtype)  # the range: at the first step
                 value = shared
@@ -234,7 +234,7 @@ class Input(Node):
             # Labels already on a GPU are checked at the first step only (a check is a sync).
             if self._keep_integers and not adopted and (
                     device.is_host or not device.owns(value)):
-                self._check_labels(value)  # NumPy reads host memory, CPU tensors included
+                absent = self._check_labels(value)  # NumPy reads host memory, CPU tensors too
             value = device.feed(value, self._float_dtype, self._keep_integers,
                                 what=f"{self.label}.value")
         # Another node's buffer (an RNN's state, one graph's output fed to the next, a view or
@@ -244,6 +244,7 @@ class Input(Node):
             raise GraphError(f"{self.label}: empty batch (shape {tuple(value.shape)}).\n"
                              "help: feed at least one row; drop empty batches before the step.")
         self._value = value
+        self.ignore_absent = absent
 
     # The binding's rules for fed values (gpuflow/runtime/plan.py sets them): the graph's dtype for
     # floating data (None keeps the fed one); whether labels keep their integer dtype.
@@ -270,20 +271,24 @@ class Input(Node):
         if words is not None:
             self.integer_words = words
 
-    def _check_labels(self, value: Any) -> None:
-        """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload)."""
+    def _check_labels(self, value: Any) -> Any:
+        """Class labels on the host: integers in 0 .. classes - 1 (checked before the upload).
+        Returns the ignore value (`expect_classes(ignore=)`) when the labels hold none of it
+        and it lies outside 0 .. classes - 1 (so that the range tells), else None."""
         from ..backends.numpy import host_array, host_range
         host = host_array(value, f"{self.label}.value")
         if host.dtype.kind not in "iu":
             raise self._dtype_error(host.dtype)
+        classes, ignore, absent = self._classes, self._ignore, None
         if host.size:
             lo, hi = host_range(host)
-            classes, ignore = self._classes, self._ignore
             if ignore is not None and ignore in (lo, hi):  # SoftmaxCrossEntropy's ignore_index
                 rest = host[host != ignore]                # (-100): allowed, not a class
                 if not rest.size:
-                    return
+                    return None
                 lo, hi = host_range(rest)
+            elif ignore is not None and classes is not None and not 0 <= ignore < classes:
+                absent = ignore  # below the smallest label or above the largest: none of it
             if lo < 0 or (classes is not None and hi >= classes):
                 noun, _, fix = self.integer_words
                 limit = f"0 .. {classes - 1}" if classes is not None else ">= 0"
@@ -291,10 +296,14 @@ class Input(Node):
                     limit += f" (or {ignore}, the ignore_index)"
                 raise GraphError(f"{self.label}: {noun} range from {lo} to {hi}, but must be in "
                                  f"{limit}.\nhelp: {fix}.")
+        return absent
 
     # How messages name integer data: class labels, unless the node reading them says
     # otherwise (Embedding: token ids); (noun, what they are, the fix for a bad range).
     _ignore: Any = None  # a label value allowed besides 0 .. classes - 1 (an ignore_index)
+    # The ignore value the labels now fed were checked on the host not to hold (None: unknown,
+    # or they hold it): SoftmaxCrossEntropy then counts every row without a mask.
+    ignore_absent: Any = None
     integer_words = ("labels", "class indices",
                      "check the labels, or the number of outputs of the last layer")
 

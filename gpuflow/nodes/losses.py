@@ -88,10 +88,12 @@ class SoftmaxCrossEntropy(Node):
             labels.expect_classes(ignore=ignore_index)
         self._class_range = None  # arange(classes) on the device, made once
         self._checked = None      # (classes, label dtype) the labels were last checked for
+        self._count_cache: tuple = (None, None, None)  # (n, dtype, n as a device scalar)
 
     def release(self) -> None:
         """Also forget the labels' check (made again on the next device)."""
         self._class_range = self._checked = None
+        self._count_cache = (None, None, None)
         Node.release(self)
 
     def forward(self) -> None:
@@ -129,26 +131,39 @@ class SoftmaxCrossEntropy(Node):
         self.total = ops.sum(self.exp, axis=1, keepdims=True, out=buffers["total", (n, 1), dtype])
         y = xp.reshape(y, (-1, 1))
         self.onehot = ops.equal(y, self._class_range, dtype, out=buffers["onehot", (n, k), dtype])
-        # 1 for a counted row, 0 for an ignored one (whose one-hot row is 0 unless ignore_index
-        # names a class)
-        valid = ops.equal(y, self.ignore_index, dtype, out=buffers["valid", (n, 1), dtype])
-        self.valid = valid = ops.subtract(1.0, valid, out=valid)
-        if 0 <= self.ignore_index < k:
-            self.onehot = ops.multiply(self.onehot, valid, out=self.onehot)
         self.n = n
+        log_total = ops.log(self.total, out=column)
+        wide = accumulation_dtype(xp, dtype)
+        if getattr(labels, "ignore_absent", None) == self.ignore_index:
+            # labels checked on the host to hold no ignore_index: every row counts, no mask
+            # (the same numbers as the masked route, whose mask is then all ones)
+            self.valid, self.count = None, self._row_count(n, dtype if wide is None else wide)
+        else:
+            # 1 for a counted row, 0 for an ignored one (whose one-hot row is 0 unless
+            # ignore_index names a class)
+            valid = ops.equal(y, self.ignore_index, dtype, out=buffers["valid", (n, 1), dtype])
+            self.valid = valid = ops.subtract(1.0, valid, out=valid)
+            if 0 <= self.ignore_index < k:
+                self.onehot = ops.multiply(self.onehot, valid, out=self.onehot)
+            log_total = ops.multiply(log_total, valid, out=column)
+            self.count = xp.sum(valid) if wide is None else xp.sum(valid, dtype=wide)
         # -mean(log softmax[label]) = (sum of log-sum-exp - sum of the labels' logits) / count
         # over the counted rows, since each one-hot row sums to 1 (0 for an ignored row).
-        log_total = ops.multiply(ops.log(self.total, out=column), valid, out=column)
         picked = ops.multiply(self.onehot, shifted, out=shifted)  # shifted is not needed again
-        wide = accumulation_dtype(xp, dtype)
-        if wide is None:
-            self.count = xp.sum(valid)  # new scalars each step
+        if wide is None:  # new scalars each step
             self.value = (xp.sum(log_total) - xp.sum(picked)) / self.count
         else:  # float16: the sums in float32 (they overflow past 65504), the mean rounded to
             # the graph's dtype
-            self.count = xp.sum(valid, dtype=wide)
             total = xp.sum(log_total, dtype=wide) - xp.sum(picked, dtype=wide)
             self.value = xp.astype(total / self.count, dtype)
+
+    def _row_count(self, n: int, dtype: Any) -> Any:
+        """n as a 0-d array of `dtype` on the device, made once per (n, dtype): the count the
+        masked route sums, so that both routes divide by the same number."""
+        if self._count_cache[:2] != (n, dtype):
+            self._count_cache = (n, dtype, self.xp.asarray(n, dtype=dtype,
+                                                           device=self.device.native))
+        return self._count_cache[2]
 
     def _check_labels_on_device(self, y: Any, k: int) -> None:
         from ..backends import LEDGER
@@ -171,11 +186,14 @@ class SoftmaxCrossEntropy(Node):
             grad = self.ops.divide(exp, self.total,   # softmax
                                    out=self.buffers["grad", exp.shape, exp.dtype])
             grad -= self.onehot
-            # g / count on the counted rows, 0 on the ignored ones (and everywhere when every
-            # label is ignored, as in torch: the count taken as 1 then)
-            count = xp.maximum(self.count, 1)  # the count is a whole number >= 0
-            grad *= self.ops.multiply(valid, xp.astype(g / count, exp.dtype, copy=False),
-                                      out=self.buffers["scale", valid.shape, valid.dtype])
+            if valid is None:  # every row counted (n >= 1: an empty batch is refused)
+                grad *= xp.astype(g / self.count, exp.dtype, copy=False)
+            else:
+                # g / count on the counted rows, 0 on the ignored ones (and everywhere when
+                # every label is ignored, as in torch: the count taken as 1 then)
+                count = xp.maximum(self.count, 1)  # the count is a whole number >= 0
+                grad *= self.ops.multiply(valid, xp.astype(g / count, exp.dtype, copy=False),
+                                          out=self.buffers["scale", valid.shape, valid.dtype])
             # softmax / count is subnormal for a logit ~88 below its row's max (float32)
             grad = _flush_subnormals(self, grad, "flush")
             shape = logits.value.shape

@@ -73,6 +73,10 @@ def _between_zeros(ops: Any, G: Any, out: Any, axis: int, start: int, stop: int)
     return out
 
 
+# float32's largest subnormal number, 2^-126 (1 - 2^-23): its smallest normal one times 1 - eps
+_LARGEST_SUBNORMAL32 = 2.0 ** -126 * (1.0 - 2.0 ** -23)
+
+
 def _flush_subnormals(node: Node, a: Any, name: str) -> Any:
     """`a` with its float32 subnormal entries (|a| < 1.2e-38) set to 0, in place: a CPU BLAS
     without flush-to-zero runs a matmul on them up to 100x slower (a GPT's steps on the cpu
@@ -83,8 +87,7 @@ def _flush_subnormals(node: Node, a: Any, name: str) -> Any:
     else four portable passes."""
     if a.dtype != node.xp.float32 or node.device.flushes_subnormals:
         return a
-    ops, finfo, out = node.ops, node.xp.finfo(a.dtype), node.buffers[name, _shape(a), a.dtype]
-    largest = float(finfo.smallest_normal) * (1.0 - float(finfo.eps))  # subnormal: exact
+    ops, out, largest = node.ops, node.buffers[name, _shape(a), a.dtype], _LARGEST_SUBNORMAL32
     if ops.flush_subnormals is not None:
         return ops.flush_subnormals(a, largest, out)
     size = ops.maximum(a, ops.multiply(a, -1.0, out=out), out=out)  # |a|

@@ -368,7 +368,7 @@ def put_values(nodes: Iterable[Input], values: Iterable[Any]) -> None:
     """Set Inputs' values as they are, unchecked and uncopied: arrays a compiled step made on
     the graph's device (or traced), which are already right (gpuflow/compiled.py)."""
     for node, value in zip(nodes, values):
-        node._value = value
+        node._value, node.ignore_absent = value, None  # unchecked: may hold an ignore_index
 
 
 def put_seeds(nodes: Iterable[Node], seeds: Iterable[Any]) -> None:
