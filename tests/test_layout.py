@@ -243,16 +243,22 @@ BINDING_ATTRIBUTES = {"_binding", "device", "xp", "ops", "buffers", "_plan", "_f
                       "_graph"}  # _graph: the Graph that steps a parameter (plan.record_graph)
 
 
+def _assignment_targets(node: ast.AST) -> list[ast.AST]:
+    """What an assignment statement writes (a tuple target unpacked); [] for other nodes."""
+    targets: list[ast.AST] = []
+    if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+        for target in getattr(node, "targets", None) or [node.target]:
+            targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+    return targets
+
+
 def _binding_writes(tree: ast.AST) -> list[tuple[int, str]]:
     """(line, what) of each write of a node's binding attribute: `x.<name> = ...` (an Input's
     own `self._value = ...` aside), `setattr(x, '<name>', ...)`, `vars(x).pop('<name>')`, and
     `vars(x)` or `x.__dict__` cleared or updated (which replaces every attribute)."""
     out = []
     for node in ast.walk(tree):
-        targets = []
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            for target in getattr(node, "targets", None) or [node.target]:
-                targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+        targets = _assignment_targets(node)
         for target in targets:
             if isinstance(target, ast.Attribute) and target.attr in BINDING_ATTRIBUTES and not (
                     target.attr == "_value" and isinstance(target.value, ast.Name)
@@ -376,10 +382,7 @@ def _private_writes(tree: ast.AST) -> list[tuple[int, str]]:
 
     out = []
     for node in ast.walk(tree):
-        targets = []
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            for target in getattr(node, "targets", None) or [node.target]:
-                targets += target.elts if isinstance(target, (ast.Tuple, ast.List)) else [target]
+        targets = _assignment_targets(node)
         out += [(t.lineno, ast.unparse(t)) for t in targets
                 if isinstance(t, ast.Attribute) and private(t.attr) and not own(t.value)]
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
