@@ -293,9 +293,7 @@ def _linear(node: Node, ctx: PythonContext) -> None:
 
 
 def _sigmoid(node: Node, ctx: PythonContext) -> None:
-    x, out = ctx.input(node), ctx.output(node)
-    ctx.line(f"e = xp.exp(-xp.abs({x}))  # Sigmoid without overflow: e / (1 + e) for x < 0\n"
-             f"{out} = xp.where({x} >= 0, 1.0 / (1.0 + e), e / (1.0 + e))")
+    ctx.line(f"{ctx.output(node)} = {ctx.helper('sigmoid')}(xp, {ctx.input(node)})")
 
 
 def _relu(node: Node, ctx: PythonContext) -> None:
