@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import GraphError
 from .core import Input, Node, accumulation_dtype
-from .shapes import _flush_subnormals
+from .shapes import _device_range, _flush_subnormals
 
 
 class MSE(Node):
@@ -166,12 +166,9 @@ class SoftmaxCrossEntropy(Node):
         return self._count_cache[2]
 
     def _check_labels_on_device(self, y: Any, k: int) -> None:
-        from ..backends import LEDGER
         xp = self.xp
         y = xp.where(y == self.ignore_index, xp.zeros_like(y), y)  # ignored labels are fine
-        with LEDGER.allowed():  # once, at the first step
-            lo = self.device.item(xp.min(y), what="label check")
-            hi = self.device.item(xp.max(y), what="label check")
+        lo, hi = _device_range(self, y, "label check")  # once, at the first step
         if lo < 0 or hi >= k:
             raise GraphError(f"{self.label}: labels range from {lo:g} to {hi:g}, but the logits "
                              f"have {k} classes (0 .. {k - 1}) (labels equal to ignore_index "

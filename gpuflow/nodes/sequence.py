@@ -15,8 +15,8 @@ from typing import Any, Sequence
 from ..errors import GraphError
 from .core import Input, Node
 from .attention import ScaledDotProductAttention  # noqa: F401 - gpuflow/nodes/attention.py
-from .shapes import (_axis, _between_zeros, _broadcast, _flush_subnormals,  # noqa: F401
-                     _send, _shape, _unbroadcast)
+from .shapes import (_axis, _between_zeros, _broadcast, _device_range,  # noqa: F401
+                     _flush_subnormals, _send, _shape, _unbroadcast)
 
 _SQRT1_2 = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -88,13 +88,9 @@ class Embedding(Node):
 
     def _check_range(self, ids: Any, vocab: int) -> None:
         """The ids on the device, once per vocabulary (later host feeds: when fed)."""
-        from ..backends import LEDGER
         if not math.prod(ids.shape):
             return
-        xp = self.xp
-        with LEDGER.allowed():  # once, at the first step
-            lo = int(self.device.item(xp.min(ids), what="id check"))
-            hi = int(self.device.item(xp.max(ids), what="id check"))
+        lo, hi = (int(v) for v in _device_range(self, ids, "id check"))  # once, at the first step
         if lo < 0 or hi >= vocab:
             ids_node, W = self.inbound_nodes
             raise GraphError(f"{self.label}: {ids_node.label} has ids from {lo} to {hi}, but "

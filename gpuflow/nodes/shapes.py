@@ -52,6 +52,15 @@ def _send(node: Node, grads: Sequence[Any]) -> None:
     node.gradients.update(out)
 
 
+def _device_range(node: Node, a: Any, what: str) -> tuple[Any, Any]:
+    """(min, max) of a non-empty array on `node`'s device, read to the host: the first step's
+    check of fed labels or ids (an allowed transfer, once)."""
+    from ..backends import LEDGER
+    xp = node.xp
+    with LEDGER.allowed():
+        return (node.device.item(xp.min(a), what=what), node.device.item(xp.max(a), what=what))
+
+
 def _axis(node: Node, axis: Any, ndim: int) -> int:
     """`axis` (negative counts from the end) as an index into `ndim` dimensions."""
     if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
